@@ -1,0 +1,112 @@
+"""The harness settings: one dataclass, one docstring per field, validation in __post_init__.
+
+DeepSpeed's JSON owns ZeRO, precision, batch and optimizer settings; these are only what the harness itself
+decides (which model, which data, how many steps, where the log goes). ``parse_args`` builds the CLI from the
+dataclass, so the flags and their help can't drift apart.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_DATA = REPO / "data" / "sample_sft.jsonl"
+BENCH_DATA = REPO / "data" / "bench_10k.jsonl"
+
+
+class ArgsError(ValueError):
+    pass
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class HarnessArgs:
+    ds: str | None = _help("DeepSpeed JSON config, or 'none' for the plain PyTorch loop (DDP when several ranks).",
+                           default=None)
+    model: str | None = _help("Model preset (pangu-350m, pangu-2.6b, pangu-13b, pangu-tiny) or a checkpoint folder. "
+                              "Default: pangu-350m on GPU, pangu-tiny on CPU.", default=None)
+    tokenizer: str | None = _help("vocab.model or a folder holding it. Default: the checkpoint folder's vocab.model, "
+                                  "else the small tokenizer shipped in data/tokenizer/.", default=None)
+    data: str | None = _help("SFT JSONL file. Default: data/bench_10k.jsonl if generated, else data/sample_sft.jsonl.",
+                             default=None)
+    precision: str | None = _help("fp32, fp16 or bf16; overrides the config's fp16/bf16 blocks. Default: the "
+                                  "config's (for --ds none: bf16 on GPUs that have it, else fp32).", default=None)
+    max_steps: int = _help("Optimizer steps to run (each = grad_accum micro-batches per rank).", default=20)
+    warmup_steps: int = _help("First steps flagged warm-up in the log and left out of statistics.", default=3)
+    grad_accum: int = _help("Gradient accumulation for --ds none (DeepSpeed runs read it from the config).",
+                            default=8)
+    micro_batch: int = _help("Micro batch for --ds none (DeepSpeed runs read it from the config).", default=1)
+    lr: float = _help("Peak learning rate for --ds none (DeepSpeed runs read it from the config).", default=1e-5)
+    lr_warmup_steps: int = _help("Linear LR warm-up steps for --ds none (DeepSpeed runs: the config's scheduler).",
+                                 default=100)
+    seq_len: int = _help("Tokens per sample: truncated longest-first and padded to this.", default=512)
+    mask_prompt: bool = _help("Also leave the prompt tokens out of the loss (the reference did not).", default=False)
+    strict_data: bool = _help("Fail on the first broken JSONL line instead of skipping it.", default=False)
+    seed: int = _help("Seed for weights, data order and dropout.", default=1234)
+    run_dir: str | None = _help("Directory for rank<k>.jsonl. Default: runs/<model>__<config>__<precision>__<time>.",
+                                default=None)
+    cache_dir: str = _help("Where the pre-tokenised dataset is cached.", default=str(REPO / ".cache" / "data"))
+    pad_mask: str = _help("'auto': skip the attention padding mask when every sample is right-padded (the causal mask "
+                          "alone then gives real tokens exactly the same result, and the flash kernel applies); "
+                          "'always': always pass it.", default="auto")
+    compile: bool = _help("torch.compile the model (engine.compile() under DeepSpeed).", default=False)
+    save: str | None = _help("Save a DeepSpeed checkpoint here at the end.", default=None)
+    resume: str | None = _help("Resume from a DeepSpeed checkpoint folder written by --save.", default=None)
+    log_every: int = _help("Print a console line every N steps (rank 0).", default=1)
+    local_rank: int = _help("Set by the launcher.", default=-1)
+
+    def __post_init__(self) -> None:
+        if self.ds is not None and self.ds.lower() == "none":
+            self.ds = "none"
+        if self.precision is not None and self.precision not in ("fp32", "fp16", "bf16"):
+            raise ArgsError(f"--precision must be fp32, fp16 or bf16, got {self.precision!r}")
+        for name in ("max_steps", "grad_accum", "micro_batch", "seq_len", "log_every"):
+            if getattr(self, name) < 1:
+                raise ArgsError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ArgsError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if self.pad_mask not in ("auto", "always"):
+            raise ArgsError(f"--pad-mask must be auto or always, got {self.pad_mask!r}")
+        if self.data is not None and not os.path.isfile(self.data):
+            raise ArgsError(f"--data: file not found: {self.data}")
+        if self.data is None:
+            self.data = str(BENCH_DATA if BENCH_DATA.is_file() else SAMPLE_DATA)
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.ds != "none"
+
+    def default_run_dir(self, model: str, precision: str) -> str:
+        cfg = "none" if not self.deepspeed else Path(self.ds).stem
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        return str(REPO / "runs" / f"{Path(model).name}__{cfg}__{precision}__{stamp}")
+
+
+def parse_args(argv: list[str] | None = None) -> HarnessArgs:
+    p = argparse.ArgumentParser(description="Supervised fine-tuning of Pangu-alpha under DeepSpeed, measured.")
+    for f in dataclasses.fields(HarnessArgs):
+        flag = "--" + f.name.replace("_", "-")
+        names = [flag]
+        if f.name == "ds":
+            names += ["--deepspeed_config", "--deepspeed-config"]  # DeepSpeed's own flag name
+        if f.name == "local_rank":
+            names = ["--local_rank", "--local-rank"]
+        kw = {"dest": f.name, "help": f.metadata.get("help"), "default": f.default}
+        if f.type in ("bool", bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = {"int": int, "float": float}.get(str(f.type), str)
+        p.add_argument(*names, **kw)
+    ns = p.parse_args(argv)
+    try:
+        return HarnessArgs(**vars(ns))
+    except ArgsError as e:
+        p.error(str(e))
+        raise  # unreachable: p.error exits

@@ -1,0 +1,39 @@
+"""Keep DeepSpeed's JIT op builds out of known traps, and say what was changed.
+
+DeepSpeed 0.19.8 parses every entry of TORCH_CUDA_ARCH_LIST as ``major.minor`` integers, so an arch with a feature
+suffix such as ``9.0a`` (Hopper's arch-specific target, common in images built for H100) makes its fused-Adam build
+die with ``ValueError: invalid literal for int() with base 10: '0a'``. The suffix only unlocks arch-specific
+instructions that DeepSpeed's kernels don't use, so ``9.0`` builds the same kernels.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import MutableMapping
+
+_ARCH = re.compile(r"^(\d+)\.(\d+)([a-z]*)(\+PTX)?$")
+
+
+def sanitize_arch_list(value: str) -> str:
+    """'8.0;9.0a+PTX' -> '8.0;9.0+PTX'. Unknown tokens are kept as they are (let the builder report them)."""
+    out: list[str] = []
+    for tok in re.split(r"[;\s]+", value.strip()):
+        if not tok:
+            continue
+        m = _ARCH.match(tok)
+        fixed = f"{m.group(1)}.{m.group(2)}{m.group(4) or ''}" if m else tok
+        if fixed not in out:
+            out.append(fixed)
+    return ";".join(out)
+
+
+def fix_cuda_arch_list(env: MutableMapping[str, str] = os.environ) -> dict:
+    """Rewrite TORCH_CUDA_ARCH_LIST in place when DeepSpeed can't parse it. Returns what was used, for the log."""
+    before = env.get("TORCH_CUDA_ARCH_LIST")
+    if not before:
+        return {"TORCH_CUDA_ARCH_LIST": None, "changed_from": None}
+    after = sanitize_arch_list(before)
+    if after != before:
+        env["TORCH_CUDA_ARCH_LIST"] = after
+        return {"TORCH_CUDA_ARCH_LIST": after, "changed_from": before}
+    return {"TORCH_CUDA_ARCH_LIST": before, "changed_from": None}

@@ -1,0 +1,125 @@
+"""Load, check and resolve DeepSpeed JSON configs.
+
+The DeepSpeed JSON owns ZeRO, precision and batch settings; this module only reads it, refuses what DeepSpeed
+would silently drop or crash on, applies the one override the harness has (``--precision``) and describes the
+result for the log and the report. No torch or deepspeed import here (the report and the sweep use it).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+class DSConfigError(ValueError):
+    """A DeepSpeed config that cannot be used; the message names the file and the key."""
+
+
+def _find_auto(node: Any, path: str = "") -> list[str]:
+    found = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            found += _find_auto(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            found += _find_auto(v, f"{path}[{i}]")
+    elif isinstance(node, str) and node.strip().lower() == "auto":
+        found.append(path)
+    return found
+
+
+def load_ds_config(path: str | os.PathLike) -> dict:
+    """Read a DeepSpeed JSON file; raise DSConfigError naming the file (and line/key) when it can't be used."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DSConfigError(f"DeepSpeed config not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DSConfigError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    if not isinstance(cfg, dict):
+        raise DSConfigError(f"{path}: top level must be a JSON object, got {type(cfg).__name__}")
+    check_ds_config(cfg, path)
+    return cfg
+
+
+def check_ds_config(cfg: dict, source: str = "<config>") -> None:
+    auto = _find_auto(cfg)
+    if auto:
+        # "auto" is a transformers-Trainer convention: DeepSpeed itself either ignores it or fails deep inside.
+        raise DSConfigError(
+            f"{source}: key {auto[0]!r} is \"auto\"; \"auto\" is filled in only by the transformers Trainer and "
+            f"DeepSpeed does not understand it. Write an explicit value"
+            + (f" (also: {', '.join(auto[1:])})" if len(auto) > 1 else "")
+        )
+    if cfg.get("fp16", {}).get("enabled") and cfg.get("bf16", {}).get("enabled"):
+        raise DSConfigError(f"{source}: both fp16.enabled and bf16.enabled are true; enable at most one")
+    mb = cfg.get("train_micro_batch_size_per_gpu")
+    if mb is not None and (not isinstance(mb, int) or mb < 1):
+        raise DSConfigError(f"{source}: train_micro_batch_size_per_gpu must be a positive integer, got {mb!r}")
+    ga = cfg.get("gradient_accumulation_steps")
+    if ga is not None and (not isinstance(ga, int) or ga < 1):
+        raise DSConfigError(f"{source}: gradient_accumulation_steps must be a positive integer, got {ga!r}")
+    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise DSConfigError(f"{source}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+
+
+def config_precision(cfg: dict) -> str:
+    if cfg.get("bf16", {}).get("enabled") or cfg.get("bfloat16", {}).get("enabled"):
+        return "bf16"
+    if cfg.get("fp16", {}).get("enabled"):
+        return "fp16"
+    return "fp32"
+
+
+def apply_precision(cfg: dict, precision: str | None) -> dict:
+    """Return a copy with exactly one precision block enabled (``precision`` None keeps the config's own)."""
+    if precision is None:
+        return copy.deepcopy(cfg)
+    if precision not in PRECISIONS:
+        raise DSConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    out = copy.deepcopy(cfg)
+    out.pop("bfloat16", None)  # legacy alias of bf16; one spelling only in the resolved config
+    out.setdefault("fp16", {})["enabled"] = precision == "fp16"
+    out.setdefault("bf16", {})["enabled"] = precision == "bf16"
+    return out
+
+
+def _device(block: Any) -> str | None:
+    if isinstance(block, dict):
+        dev = block.get("device")
+        if dev and dev != "none":
+            return dev
+    return None
+
+
+def describe(cfg: dict | None) -> dict:
+    """The settings the reference table has columns for, read from a (resolved) config. None = no DeepSpeed."""
+    if cfg is None:
+        return {"zero_stage": None, "offload_optimizer": None, "offload_param": None, "pin_memory": None,
+                "overlap_comm": None, "allgather_bucket_size": None, "reduce_bucket_size": None,
+                "stage3_max_live_parameters": None, "contiguous_gradients": None, "precision": None}
+    zo = cfg.get("zero_optimization", {}) or {}
+    stage = zo.get("stage", 0)
+    off_opt, off_par = _device(zo.get("offload_optimizer")), _device(zo.get("offload_param"))
+    pin = None
+    if off_opt:
+        pin = bool(zo["offload_optimizer"].get("pin_memory", False))
+    return {
+        "zero_stage": stage,
+        "offload_optimizer": off_opt,
+        "offload_param": off_par,
+        "pin_memory": pin,
+        "overlap_comm": zo.get("overlap_comm") if stage > 0 else None,
+        "allgather_bucket_size": zo.get("allgather_bucket_size") if stage > 0 else None,
+        "reduce_bucket_size": zo.get("reduce_bucket_size") if stage > 0 else None,
+        "stage3_max_live_parameters": zo.get("stage3_max_live_parameters") if stage == 3 else None,
+        "contiguous_gradients": zo.get("contiguous_gradients") if stage > 0 else None,
+        "precision": config_precision(cfg),
+    }

@@ -1,0 +1,392 @@
+"""Memory prediction for one training run, made before the run starts (no torch, no deepspeed import).
+
+``predict(n_params, ds_config, world_size, precision, ...)`` returns the expected GPU memory per rank and host
+memory of the whole job, term by term, so the report can set each measured number beside its prediction and the
+sweep can say in advance which configurations will not fit.
+
+Notation: ``P`` parameters, ``W`` ranks (data parallel, one node), ``b`` bytes of a model-precision element (2 for
+fp16/bf16, 4 for fp32), ``LL`` parameters of the largest single module (for Pangu-α the tied word embedding,
+``vocab * hidden``), ``s`` sequence length, ``m`` micro batch, ``h`` hidden size, ``L`` blocks (the query layer
+included), ``a`` heads, ``V`` vocabulary. 1 MiB = 2**20 bytes.
+
+GPU terms, per rank (``gpu_breakdown_mib``)
+--------------------------------------------
+Model states follow DeepSpeed's own estimators (``estimate_zero2_model_states_mem_needs`` in
+``deepspeed/runtime/zero/stage_1_and_2.py`` and ``estimate_zero3_model_states_mem_needs`` in
+``deepspeed/runtime/zero/stage3.py``), re-implemented here in :func:`zero2_model_states` and
+:func:`zero3_model_states` and checked against DeepSpeed's functions by ``tests/test_memory.py``. Their totals are
+split into three terms (their sum equals DeepSpeed's number exactly for 16-bit training):
+
+``params``
+    16-bit (or fp32) weights on the GPU: ``b*P`` for stage 0-2 (replicated), ``b*P/W`` for stage 3 (partitioned,
+    0 with ``offload_param``), plus for stage 3 DeepSpeed's ``4*LL`` "largest layer" term (one module gathered
+    in full, with its gradient). ``--ds none`` with autocast: the fp32 weights ``4*P`` plus the low-precision
+    copies autocast makes of every weight during the forward and keeps for the backward (``2*P``).
+``grads``
+    Gradients. Stage 0: ``b*P`` plus, for 16-bit, the fp32 copy the fp16/bf16 optimizer wrapper makes at the
+    step (``4*P``). Stage 1: full 16-bit gradients ``b*P`` plus the fp32 gradient of the rank's partition
+    ``4*P/W``. Stage 2: partitioned ``b*P/W + 4*P/W`` (DeepSpeed's "2 grads_16bit + 4 grads_32bit").
+    Stage 3: the fp32 gradient partition ``4*P/W``. Offloaded optimizer: 0 on the GPU (they live on the host).
+    ``--ds none``: fp32 gradients ``4*P`` (autocast keeps fp32 weights, so fp32 gradients).
+``optimizer``
+    Adam(W) momentum and variance in fp32 ``8*P`` plus the fp32 master weights ``4*P`` when the model is not
+    fp32: ``12*P/W`` for stage 1-3, ``12*P`` for stage 0 16-bit, ``8*P`` for fp32 stage 0 and ``--ds none``
+    (torch AdamW on fp32 weights has no master copy). 0 when the optimizer is offloaded.
+
+Buffers and the rest (our additions; DeepSpeed's estimators leave them out):
+
+``buffers``
+    ZeRO communication buckets read from the config. Stage 1/2: the contiguous gradient ("ipg") bucket of
+    ``reduce_bucket_size`` elements in the gradient dtype, twice with ``overlap_comm`` (double buffering); it is
+    allocated at full size whatever the model size. The stage-1/2 ``allgather_bucket_size`` costs nothing in
+    DeepSpeed 0.19 (parameters are gathered in place with ``all_gather_into_tensor``); DeepSpeed 0.8, which the
+    reference used, staged them through a bucket of that size, which is why its memory grew with it. Stage 3:
+    one ipg bucket of ``reduce_bucket_size * b`` plus the gathered ("live") parameters DeepSpeed may keep between
+    uses, ``min(max(stage3_max_live_parameters, stage3_prefetch_bucket_size), P) * b`` (with the reference's
+    ``stage3_max_reuse_distance`` of 1e9 nothing is released before that limit). Stage 0 with ``W > 1``: the
+    all-reduce bucket ``min(reduce_bucket_size, P) * b``. ``--ds none`` with ``W > 1``: DDP's gradient buckets,
+    a second fp32 copy of the gradients ``4*P``.
+``activations``
+    Saved for the backward, one micro-batch (no activation checkpointing), per block ``s*m*h*(16*b_act + 2)``
+    bytes: the block input and both LayerNorm inputs/outputs, q, k, v and the attention output, the MLP's 4h
+    input and GELU output (16 elements of ``b_act`` bytes) and two 1-byte dropout masks. That is Korthikanti et
+    al.'s ``34*s*m*h`` for 16-bit activations, without the ``5*a*s^2*m`` attention-score term because the
+    flash/memory-efficient SDPA kernel keeps no score matrix (``flash_attention=False`` adds
+    ``a*s^2*m*(2*b_act + 1)``). Autocast (``--ds none`` with fp16/bf16) keeps the residual stream and the
+    LayerNorm inputs/outputs in fp32 (4 of the 16 elements at 4 bytes). Plus the embedding output
+    ``s*m*h*(b_act + 1)``.
+``logits``
+    The loss in fp32 over the vocabulary: the ``s*m*V`` logits in the model dtype, their fp32 upcast, the fp32
+    log-softmax saved by cross-entropy, and the fp32 gradient of the logits in the backward: ``14*s*m*V`` bytes
+    for 16-bit models, ``16*s*m*V`` for fp32 (the shifted view is copied instead of upcast).
+``cuda_context``
+    CUDA context, kernels and cuBLAS workspace as nvidia-smi counts them (``cuda_context_mib``, ~500 MiB), plus
+    ``nccl_mib`` (~256 MiB) of NCCL buffers when ``W > 1``.
+``allocator``
+    Caching-allocator slack: ``allocator_slack`` (10 %) of the transient terms (buffers, activations, logits),
+    which are freed and re-allocated every micro-batch and fragment the pool.
+
+Host terms, whole job (``host_breakdown_mib``)
+------------------------------------------------
+``offload_optimizer``
+    With ``offload_optimizer: cpu``: fp32 master weights ``4*P``, fp32 gradients ``4*P`` and Adam states
+    ``8*P`` of all ranks together (``16*P`` = DeepSpeed's "per CPU" figure before its buffer factor).
+``offload_params``
+    With ``offload_param: cpu`` (stage 3): the 16-bit parameters ``2*P`` (DeepSpeed's ``18`` vs ``16``).
+``init_copies``
+    DeepSpeed's ``max(4*W, 16)`` (stage 2) / ``max(4*W, 18)`` (stage 3 without ``zero.Init``): each rank holds
+    an fp32 model copy on the host while the engine is built, which exceeds the offloaded states for large W.
+``pinned_buffers``
+    DeepSpeed's ``additional_buffer_factor`` (1.5): pinned staging buffers for the gradient and parameter
+    transfers, 0.5 times the offloaded states.
+``base_rss``
+    Every rank's process without model states: Python, torch, DeepSpeed, transformers, CUDA libraries
+    (``base_rss_mib`` per rank: ~1500 MiB with CUDA, ~600 MiB on CPU).
+``dataset``
+    The tokenised set every rank keeps (input ids, labels, attention mask as int64): ``3*8*N*s`` per rank, when
+    ``dataset_samples`` is given.
+``device_tensors``
+    Only with ``cuda=False`` (CPU runs): the GPU terms above (except CUDA context and NCCL) live in host memory,
+    for every rank.
+
+Stage 1/2 non-offloaded runs: DeepSpeed's estimator also prints a host figure (``4*P*W*1.5``) for building an
+fp32 model on the host first; train.py creates the weights on the GPU, so it is not counted (it is returned as
+``model_states['ds_cpu_bytes']`` for reference).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+MIB = 2 ** 20
+PRECISION_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+# DeepSpeed's defaults where a config leaves a key out (deepspeed/runtime/zero/config.py).
+_DS_DEFAULTS = {
+    "reduce_bucket_size": 500_000_000,
+    "allgather_bucket_size": 500_000_000,
+    "overlap_comm": None,  # DeepSpeed: False for stage 1/2, True for stage 3
+    "contiguous_gradients": True,
+    "stage3_prefetch_bucket_size": 50_000_000,
+    "stage3_max_live_parameters": 1_000_000_000,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DeepSpeed's estimator formulas, re-implemented (same arguments, same integer rounding, same return order).
+
+def zero2_model_states(total_params: int, num_gpus_per_node: int = 1, num_nodes: int = 1, cpu_offload: bool = True,
+                       additional_buffer_factor: float = 1.5) -> tuple[int, int]:
+    """(cpu_bytes, gpu_bytes) as ``deepspeed.runtime.zero.stage_1_and_2.estimate_zero2_model_states_mem_needs``.
+
+    GPU: ``2P`` (16-bit params) with offload, else ``2P + 18P/W`` (18 = 2 grads16 + 4 grads32 + 4 params32 +
+    8 Adam). CPU (per node): ``P * max(4W, 16) * 1.5`` with offload, else ``4P * gpus_per_node * 1.5``.
+    """
+    total_gpus = num_nodes * num_gpus_per_node
+    if cpu_offload:
+        gpu_mem = 2 * total_params
+        cpu_mem = total_params * max(4 * total_gpus, 16) * additional_buffer_factor
+    else:
+        gpu_mem = 2 * total_params + int(18 * total_params / total_gpus)
+        cpu_mem = total_params * 4 * num_gpus_per_node * additional_buffer_factor
+    return int(cpu_mem), int(gpu_mem)
+
+
+def zero3_model_states(total_params: int, largest_layer_params: int, num_gpus_per_node: int = 1,
+                       num_nodes: int = 1, cpu_offload: bool = True, cpu_offload_params: bool = True,
+                       zero_init: bool = True, additional_buffer_factor: float = 1.5) -> tuple[int, int, int]:
+    """(cpu_bytes, gpu_bytes, largest_layer_bytes) as
+    ``deepspeed.runtime.zero.stage3.estimate_zero3_model_states_mem_needs``.
+
+    GPU: ``4*LL`` plus ``18P/W`` (nothing offloaded), ``2P/W`` (optimizer offloaded) or nothing (both offloaded).
+    CPU (per node): ``18P*1.5`` / ``16P*1.5`` with offload (``zero_init``; without it at least ``4P`` per GPU),
+    else the ``4*LL`` (``zero_init``) or ``4P`` per GPU staging copy, times 1.5.
+    """
+    total_gpus = num_nodes * num_gpus_per_node
+    gpus_factor = 1 / num_nodes
+    largest_layer_memory = 4 * largest_layer_params
+    if cpu_offload:
+        if cpu_offload_params:
+            gpu_mem = largest_layer_memory
+            if zero_init:
+                cpu_mem = total_params * 18 * gpus_factor * additional_buffer_factor
+            else:
+                cpu_mem = total_params * max(4 * num_gpus_per_node, 18 * gpus_factor) * additional_buffer_factor
+        else:
+            gpu_mem = largest_layer_memory + int(2 * total_params / total_gpus)
+            if zero_init:
+                cpu_mem = total_params * 16 * gpus_factor * additional_buffer_factor
+            else:
+                cpu_mem = total_params * max(4 * num_gpus_per_node, 16 * gpus_factor) * additional_buffer_factor
+    else:
+        gpu_mem = largest_layer_memory + int(18 * total_params / total_gpus)
+        if zero_init:
+            cpu_mem = largest_layer_params * 4 * num_gpus_per_node * additional_buffer_factor
+        else:
+            cpu_mem = total_params * 4 * num_gpus_per_node * additional_buffer_factor
+    return int(cpu_mem), int(gpu_mem), largest_layer_memory
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+def largest_layer_params(hidden: int, vocab: int, intermediate: int | None = None, max_positions: int = 1024) -> int:
+    """Parameters of the largest single module of a Pangu-α/GPT-2 model (DeepSpeed's ``largest_layer_params``):
+    the word embedding ``V*h`` (the tied LM head is the same tensor), or an MLP projection if that is larger."""
+    inter = intermediate or 4 * hidden
+    return max(vocab * hidden, hidden * inter + inter, max_positions * hidden, 3 * hidden * hidden)
+
+
+def _zero_section(ds_config: dict | None) -> dict:
+    if not ds_config:
+        return {}
+    zo = ds_config.get("zero_optimization") or {}
+    return zo if isinstance(zo, dict) else {}
+
+
+def _offload_device(block: Any) -> str | None:
+    if isinstance(block, dict):
+        dev = block.get("device")
+        if dev and dev != "none":
+            return str(dev)
+    return None
+
+
+def _mib(nbytes: float) -> float:
+    return round(nbytes / MIB, 1)
+
+
+def _load_config(ds_config: dict | str | os.PathLike | None) -> dict | None:
+    if ds_config is None or isinstance(ds_config, dict):
+        return ds_config
+    with open(ds_config, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def predict(n_params: int, ds_config: dict | str | os.PathLike | None, world_size: int, precision: str, *,
+            seq_len: int = 512, micro_batch: int = 1, hidden: int, n_layers: int, n_heads: int, vocab: int,
+            cuda: bool = True, gpu_total_mib: float | None = None, host_total_mib: float | None = None,
+            intermediate: int | None = None, flash_attention: bool = True, zero_init: bool = True,
+            dataset_samples: int | None = None, cuda_context_mib: float = 500.0, nccl_mib: float = 256.0,
+            base_rss_mib: float | None = None, allocator_slack: float = 0.10,
+            additional_buffer_factor: float = 1.5) -> dict:
+    """Predict per-GPU and host memory of one run (see the module docstring for every term).
+
+    ``ds_config`` is the resolved DeepSpeed config (dict or JSON path) or None for ``--ds none`` (torch AdamW,
+    fp32 weights, autocast for fp16/bf16). ``precision`` (fp32/fp16/bf16) is what runs, whatever the config's
+    precision blocks say. ``zero_init``: stage-3 models are built partitioned (train.py uses ``zero.Init``).
+    ``cuda=False`` predicts a CPU run: nothing on a GPU, every tensor in host memory.
+
+    Returns a JSON-ready dict: ``gpu_mib`` (per GPU), ``host_mib`` (whole job) and ``host_mib_per_rank``,
+    ``gpu_breakdown_mib`` / ``host_breakdown_mib`` (the terms), ``model_states`` (bytes, DeepSpeed's formulas),
+    ``fits`` (True/False against ``gpu_total_mib`` and, when given, ``host_total_mib``; None when no limit is
+    known) and the ``inputs``.
+    """
+    if precision not in PRECISION_BYTES:
+        raise ValueError(f"precision must be one of {tuple(PRECISION_BYTES)}, got {precision!r}")
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    cfg = _load_config(ds_config)
+    P, W = int(n_params), int(world_size)
+    b = PRECISION_BYTES[precision]
+    lowp = b == 2
+    LL = largest_layer_params(hidden, vocab, intermediate)
+    zo = _zero_section(cfg)
+    stage = int(zo.get("stage", 0)) if cfg is not None else None
+    off_opt = _offload_device(zo.get("offload_optimizer")) if stage else None
+    off_par = _offload_device(zo.get("offload_param")) if stage == 3 else None
+
+    def zget(key: str):
+        v = zo.get(key)
+        return _DS_DEFAULTS[key] if v is None else v
+
+    notes: list[str] = []
+    gpu = {"params": 0.0, "grads": 0.0, "optimizer": 0.0, "buffers": 0.0}
+    host = {"offload_optimizer": 0.0, "offload_params": 0.0, "init_copies": 0.0, "pinned_buffers": 0.0}
+    ds_cpu_bytes = None
+    formula = None
+
+    # ---- model states --------------------------------------------------------------------------------------
+    if stage is None:
+        formula = "torch AdamW, fp32 weights" + (" + autocast" if lowp else "")
+        gpu["params"] = 4 * P + (2 * P if lowp else 0)
+        gpu["grads"] = 4 * P
+        gpu["optimizer"] = 8 * P
+        if W > 1:
+            gpu["buffers"] += 4 * P  # DDP gradient buckets
+    elif stage == 0:
+        formula = "DeepSpeed stage 0 (no partitioning)"
+        gpu["params"] = b * P
+        if lowp:
+            gpu["grads"] = b * P + 4 * P
+            gpu["optimizer"] = 12 * P
+        else:
+            gpu["grads"] = 4 * P
+            gpu["optimizer"] = 8 * P
+        if W > 1:
+            gpu["buffers"] += min(int(zget("reduce_bucket_size")), P) * b
+    elif stage in (1, 2):
+        cpu_b, gpu_b = zero2_model_states(P, W, 1, cpu_offload=bool(off_opt),
+                                          additional_buffer_factor=additional_buffer_factor)
+        ds_cpu_bytes = cpu_b
+        formula = f"deepspeed estimate_zero2_model_states_mem_needs (cpu_offload={bool(off_opt)})"
+        if stage == 1 and not off_opt:
+            formula = "ZeRO-1: full 16-bit gradients, partitioned fp32 states"
+        gpu["params"] = b * P
+        if off_opt:
+            host["offload_optimizer"] = 16 * P
+            host["init_copies"] = (max(4 * W, 16) - 16) * P
+            host["pinned_buffers"] = (additional_buffer_factor - 1) * max(4 * W, 16) * P
+        else:
+            gpu["grads"] = (b * P if stage == 1 else b * P / W) + 4 * P / W
+            gpu["optimizer"] = 12 * P / W
+        ipg = int(zget("reduce_bucket_size")) * b if zget("contiguous_gradients") else 0
+        overlap = bool(zo.get("overlap_comm")) if zo.get("overlap_comm") is not None else False
+        gpu["buffers"] += ipg * (2 if overlap else 1)
+    elif stage == 3:
+        cpu_b, gpu_b, ll_b = zero3_model_states(P, LL, W, 1, cpu_offload=bool(off_opt),
+                                                cpu_offload_params=bool(off_par), zero_init=zero_init,
+                                                additional_buffer_factor=additional_buffer_factor)
+        ds_cpu_bytes = cpu_b
+        formula = (f"deepspeed estimate_zero3_model_states_mem_needs (cpu_offload={bool(off_opt)}, "
+                   f"cpu_offload_params={bool(off_par)}, zero_init={zero_init})")
+        gpu["params"] = 4 * LL + (0 if off_par else b * P / W)
+        if off_opt:
+            host["offload_optimizer"] = 16 * P
+            if off_par:
+                host["offload_params"] = 2 * P
+            states = 18 if off_par else 16
+            floor = states if zero_init else max(4 * W, states)
+            host["init_copies"] = (floor - states) * P
+            host["pinned_buffers"] = (additional_buffer_factor - 1) * floor * P
+        else:
+            gpu["grads"] = 4 * P / W
+            gpu["optimizer"] = 12 * P / W
+            if off_par:  # parameters offloaded, optimizer not: not covered by DeepSpeed's estimator
+                host["offload_params"] = b * P
+                host["pinned_buffers"] = (additional_buffer_factor - 1) * b * P
+                notes.append("offload_param without offload_optimizer: our own formula (no DeepSpeed estimate)")
+        gpu["buffers"] += int(zget("reduce_bucket_size")) * b if zget("contiguous_gradients") else 0
+        live = max(int(zget("stage3_max_live_parameters")), int(zget("stage3_prefetch_bucket_size")))
+        gpu["buffers"] += min(live, P) * b
+    else:
+        raise ValueError(f"zero_optimization.stage must be 0-3, got {stage!r}")
+
+    model_state_gpu = gpu["params"] + gpu["grads"] + gpu["optimizer"]
+
+    # ---- activations and logits (one micro-batch, no checkpointing) ----------------------------------------
+    tokens = seq_len * micro_batch
+    b_act = 2 if lowp else 4
+    if stage is None and lowp:
+        per_block = tokens * hidden * (4 * 4 + 12 * 2 + 2)  # autocast: residual + LayerNorms stay fp32
+    else:
+        per_block = tokens * hidden * (16 * b_act + 2)
+    if not flash_attention:
+        per_block += n_heads * seq_len * seq_len * micro_batch * (2 * b_act + 1)
+    activations = n_layers * per_block + tokens * hidden * (b_act + 1)
+    logits = tokens * vocab * (14 if lowp else 16)
+    gpu["activations"] = activations
+    gpu["logits"] = logits
+    gpu["allocator"] = allocator_slack * (gpu["buffers"] + activations + logits)
+
+    tensor_bytes = sum(gpu.values())
+    if base_rss_mib is None:
+        base_rss_mib = 1500.0 if cuda else 600.0
+    host["base_rss"] = base_rss_mib * MIB * W
+    host["dataset"] = 3 * 8 * dataset_samples * seq_len * W if dataset_samples else 0
+    if cuda:
+        gpu["cuda_context"] = (cuda_context_mib + (nccl_mib if W > 1 else 0)) * MIB
+        host["device_tensors"] = 0
+    else:
+        gpu_tensors = tensor_bytes
+        host["device_tensors"] = gpu_tensors * W
+        gpu = {k: 0.0 for k in gpu}
+        gpu["cuda_context"] = 0.0
+        notes.append("CPU run: the device terms are host memory of every rank (device_tensors)")
+
+    gpu_mib = _mib(sum(gpu.values()))
+    host_mib = _mib(sum(host.values()))
+    fits = None
+    checks = []
+    if cuda and gpu_total_mib:
+        checks.append(gpu_mib <= gpu_total_mib)
+    if host_total_mib:
+        checks.append(host_mib <= host_total_mib)
+    if checks:
+        fits = all(checks)
+
+    return {
+        "version": 1,
+        "gpu_mib": gpu_mib,
+        "host_mib": host_mib,
+        "host_mib_per_rank": _mib(sum(host.values()) / W),
+        "gpu_breakdown_mib": {k: _mib(v) for k, v in gpu.items()},
+        "host_breakdown_mib": {k: _mib(v) for k, v in host.items()},
+        "model_states": {
+            "formula": formula,
+            "gpu_bytes": int(round(model_state_gpu)),
+            "host_bytes": int(round(host["offload_optimizer"] + host["offload_params"] + host["init_copies"]
+                                    + host["pinned_buffers"])),
+            "ds_cpu_bytes": ds_cpu_bytes,
+            "largest_layer_params": LL,
+        },
+        "fits": fits,
+        "gpu_total_mib": gpu_total_mib,
+        "host_total_mib": host_total_mib,
+        "inputs": {
+            "n_params": P, "zero_stage": stage, "offload_optimizer": off_opt, "offload_param": off_par,
+            "world_size": W, "precision": precision, "seq_len": seq_len, "micro_batch": micro_batch,
+            "hidden": hidden, "n_layers": n_layers, "n_heads": n_heads, "vocab": vocab, "cuda": cuda,
+            "flash_attention": flash_attention, "zero_init": zero_init, "dataset_samples": dataset_samples,
+        },
+        "notes": notes,
+    }
+
+
+def summarize(pred: dict | None) -> str:
+    """One line for the console: 'GPU ~12345 MiB/rank (params .., ..), host ~.. MiB, fits'."""
+    if not pred:
+        return "no prediction"
+    parts = ", ".join(f"{k} {v:.0f}" for k, v in pred.get("gpu_breakdown_mib", {}).items() if v)
+    fit = {True: "fits", False: "does NOT fit", None: "fit unknown"}[pred.get("fits")]
+    return f"GPU ~{pred['gpu_mib']:.0f} MiB/rank ({parts}), host ~{pred['host_mib']:.0f} MiB, {fit}"

@@ -1,0 +1,188 @@
+"""Timing, FLOPs/MFU and memory probes (NVML, torch, psutil) for the training loop.
+
+FLOPs formula (the one used everywhere in sftbench): training FLOPs per token =
+    6 * N_matmul + 12 * L * d * S
+where N_matmul counts the weights of every matrix multiply a token goes through (the attention q/k/v/out and MLP
+projections of all L layers, the top query layer included, and the vocab x d output projection; embeddings lookups,
+LayerNorms and biases are not matmuls and are left out), d is the hidden size and S the sequence length. The second
+term is the attention score and value products (QK^T and AV: 2 * 2 * S * d multiply-adds per token per layer
+forward, x3 for forward+backward), counted without the causal half, as in the PaLM paper's appendix B. MFU =
+achieved FLOP/s / the device's dense peak for the precision run, from PEAK_TFLOPS below.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+from typing import Any
+
+MIB = 2 ** 20
+
+# Dense (no sparsity) peak TFLOPS by GPU name fragment, from the vendors' datasheets: bf16/fp16 on tensor cores,
+# fp32 on CUDA cores (TF32 off, as torch's default for matmuls). First matching fragment wins: order matters.
+PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
+    ("H200", {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9}),
+    ("H100 NVL", {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0}),
+    ("H100 PCIe", {"bf16": 756.5, "fp16": 756.5, "fp32": 51.2}),
+    ("H100", {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9}),   # SXM5 (e.g. "NVIDIA H100 80GB HBM3")
+    ("GH200", {"bf16": 989.4, "fp16": 989.4, "fp32": 66.9}),
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
+    ("L40S", {"bf16": 362.1, "fp16": 362.1, "fp32": 91.6}),
+    ("A10", {"bf16": 125.0, "fp16": 125.0, "fp32": 31.2}),
+    ("V100", {"bf16": 0.0, "fp16": 125.0, "fp32": 15.7}),
+]
+
+
+def peak_tflops(device_name: str | None, precision: str) -> float | None:
+    if not device_name:
+        return None
+    for frag, peaks in PEAK_TFLOPS:
+        if frag.lower() in device_name.lower():
+            return peaks.get(precision) or None
+    return None
+
+
+def _cfg(config: Any, *names: str) -> int:
+    for n in names:
+        v = getattr(config, n, None)
+        if v is not None:
+            return int(v)
+    raise AttributeError(f"config has none of {names}")
+
+
+def matmul_params(config: Any) -> int:
+    """Weights of the matmuls one token goes through (see module docstring)."""
+    d = _cfg(config, "hidden_size", "n_embd")
+    layers = _cfg(config, "num_layers", "n_layer", "num_hidden_layers")
+    inner = getattr(config, "intermediate_size", None) or 4 * d
+    vocab = _cfg(config, "vocab_size")
+    per_layer = 4 * d * d + 2 * d * inner
+    return layers * per_layer + vocab * d
+
+
+def flops_per_token(config: Any, seq_len: int) -> float:
+    """Training (forward + backward) FLOPs per token: 6 * N_matmul + 12 * L * d * S."""
+    d = _cfg(config, "hidden_size", "n_embd")
+    layers = _cfg(config, "num_layers", "n_layer", "num_hidden_layers")
+    return 6.0 * matmul_params(config) + 12.0 * layers * d * seq_len
+
+
+def median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def percentile(xs: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100) of a list."""
+    if not xs:
+        return None
+    s = sorted(xs)
+    k = max(0, min(len(s) - 1, int(round(q / 100.0 * len(s) + 0.5)) - 1))
+    return s[k]
+
+
+class HostProbe:
+    """Host memory of this process and of the machine (psutil)."""
+
+    def __init__(self) -> None:
+        import psutil
+        self._psutil = psutil
+        self._proc = psutil.Process(os.getpid())
+
+    def rss_mib(self) -> float:
+        return self._proc.memory_info().rss / MIB
+
+    def used_mib(self) -> float:
+        vm = self._psutil.virtual_memory()
+        return (vm.total - vm.available) / MIB
+
+
+class GpuProbe:
+    """NVML view of one GPU, found by its UUID (robust to CUDA_VISIBLE_DEVICES remapping and containers)."""
+
+    def __init__(self, uuid: str | None):
+        self.uuid, self.index, self.error = uuid, None, None
+        self._handle, self._nvml = None, None
+        if uuid is None:
+            self.error = "no GPU"
+            return
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            h = pynvml.nvmlDeviceGetHandleByUUID(uuid)
+            self._nvml, self._handle = pynvml, h
+            self.index = pynvml.nvmlDeviceGetIndex(h)
+        except ImportError as e:
+            self.error = f"nvidia-ml-py not installed: {e}"
+        except Exception as e:  # pynvml raises NVMLError subclasses built at run time; report, don't crash a run
+            self.error = f"NVML: {e}"
+
+    def used_mib(self) -> float | None:
+        if self._handle is None:
+            return None
+        return self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used / MIB
+
+    def total_mib(self) -> float | None:
+        if self._handle is None:
+            return None
+        return self._nvml.nvmlDeviceGetMemoryInfo(self._handle).total / MIB
+
+
+def cuda_uuid(device_index: int) -> str | None:
+    """NVML-style UUID ("GPU-xxxxxxxx-...") of a torch CUDA device."""
+    import torch
+    props = torch.cuda.get_device_properties(device_index)
+    u = getattr(props, "uuid", None)
+    if u is None:
+        return None
+    s = str(u)
+    return s if s.startswith("GPU-") else f"GPU-{s}"
+
+
+class StepStats:
+    """Collects step records of one rank and turns them into the summary fields (warm-up steps excluded)."""
+
+    def __init__(self, warmup_steps: int):
+        self.warmup_steps = warmup_steps
+        self.records: list[dict] = []
+
+    def add(self, rec: dict) -> None:
+        self.records.append(rec)
+
+    def summary_fields(self, world_size: int, steps_per_epoch: int) -> dict:
+        measured = [r for r in self.records if not r["warmup"]]
+        step_s = [r["step_s"] for r in measured]
+        med = median(step_s)
+
+        def peak(key: str) -> float | None:
+            vals = [r[key] for r in self.records if r.get(key) is not None]
+            return max(vals) if vals else None
+
+        def at_median(key: str) -> float | None:
+            # Rates from the median step, so one slow step (GC, a checkpoint) does not move them.
+            if med is None:
+                return None
+            vals = [r[key] for r in measured if r.get(key) is not None]
+            return median(vals) if vals else None
+
+        tok = at_median("tokens_per_s")
+        return {
+            "steps": len(self.records),
+            "measured_steps": len(measured),
+            "step_s_median": med,
+            "step_s_p90": percentile(step_s, 90),
+            "step_s_mean": sum(step_s) / len(step_s) if step_s else None,
+            "samples_per_s": at_median("samples_per_s"),
+            "tokens_per_s": tok,
+            "tokens_per_s_per_gpu": tok / world_size if tok is not None else None,
+            "real_tokens_per_s": at_median("real_tokens_per_s"),
+            "tflops": at_median("tflops"),
+            "mfu_pct": at_median("mfu_pct"),
+            "gpu_mem_used_mib_peak": peak("gpu_mem_used_mib"),
+            "torch_peak_alloc_mib": peak("torch_peak_alloc_mib"),
+            "torch_peak_reserved_mib": peak("torch_peak_reserved_mib"),
+            "host_rss_mib_peak": peak("host_rss_mib"),
+            "host_used_mib_peak": peak("host_used_mib"),
+            "steps_per_epoch": steps_per_epoch,
+            "epoch_s_est": steps_per_epoch * med if med is not None else None,
+            "first_loss": self.records[0]["loss"] if self.records else None,
+            "final_loss": self.records[-1]["loss"] if self.records else None,
+        }

@@ -1,0 +1,12 @@
+"""Live monitor for sftbench runs and sweeps (reads the JSONL run logs; never imports torch or deepspeed).
+
+Modules:
+
+* ``tail``     incremental readers: one rank file by byte offset, one run directory, cheap probes of many runs,
+               discovery of the newest run.
+* ``gpu``      GPU (NVML) and host (psutil) sources behind a small interface, with fakes for tests.
+* ``model``    pure state (ranks, runs, sweep entries) and every derived number and formatted row.
+* ``session``  glue: what to show (run / sweep / results / follow newest) and one poll per tick.
+* ``snapshot`` the plain-text ``--once`` rendering.
+* ``app``      the Textual application (imported only when the UI runs).
+"""

@@ -1,0 +1,67 @@
+"""Shared test helpers: where the repo is, how to launch train.py on CPU ranks, where the real vocab is."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def real_vocab() -> Path | None:
+    """The real PanGu-alpha vocab.model where it exists (env PANGU_VOCAB, or the shared folder beside the repo)."""
+    cands = [os.environ.get("PANGU_VOCAB"), REPO.parent / "shared" / "pangu-vocab" / "vocab.model"]
+    for c in cands:
+        if c and Path(c).is_file():
+            return Path(c)
+    return None
+
+
+@pytest.fixture
+def pangu_vocab() -> Path:
+    p = real_vocab()
+    if p is None:
+        pytest.skip("real PanGu vocab.model not available (set PANGU_VOCAB)")
+    return p
+
+
+def cpu_env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env.update({
+        "DS_ACCELERATOR": "cpu",
+        # Compiled DeepSpeed ops are cached inside the clone so CI compiles them once per run, not per test.
+        "TORCH_EXTENSIONS_DIR": env.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions")),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+    })
+    env.update(extra)
+    return env
+
+
+def launch_cmd(nranks: int, *train_args: str) -> list[str]:
+    """The real launcher, as a user types it."""
+    return [str(BIN / "deepspeed"), "--num_gpus", str(nranks), str(REPO / "train.py"), *train_args]
+
+
+def write_overfit_config(src: str, dst: Path, lr: float = 3e-3, ga: int = 2) -> Path:
+    """A shipped config with a learning rate high enough to see the loss fall within a few steps."""
+    cfg = json.loads((REPO / "ds_configs" / src).read_text())
+    cfg["gradient_accumulation_steps"] = ga
+    cfg["optimizer"]["params"]["lr"] = lr
+    cfg["scheduler"]["params"].update({"warmup_max_lr": lr, "warmup_num_steps": 1})
+    dst.write_text(json.dumps(cfg))
+    return dst
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run(cmd: list[str], env: dict, timeout: int = 600, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout, **kw)

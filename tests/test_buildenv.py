@@ -1,0 +1,33 @@
+from sftbench.buildenv import fix_cuda_arch_list, sanitize_arch_list
+
+
+def test_letter_suffix_is_dropped():
+    assert sanitize_arch_list("9.0a") == "9.0"
+    assert sanitize_arch_list("8.0;8.6 9.0a+PTX") == "8.0;8.6;9.0+PTX"
+    assert sanitize_arch_list("9.0;9.0a") == "9.0"
+    assert sanitize_arch_list("10.0a") == "10.0"
+
+
+def test_env_is_rewritten_and_reported():
+    env = {"TORCH_CUDA_ARCH_LIST": "9.0a"}
+    info = fix_cuda_arch_list(env)
+    assert env["TORCH_CUDA_ARCH_LIST"] == "9.0"
+    assert info == {"TORCH_CUDA_ARCH_LIST": "9.0", "changed_from": "9.0a"}
+    env = {"TORCH_CUDA_ARCH_LIST": "8.0;9.0"}
+    assert fix_cuda_arch_list(env)["changed_from"] is None
+    assert fix_cuda_arch_list({})["TORCH_CUDA_ARCH_LIST"] is None
+
+
+def test_deepspeed_parses_the_fixed_list(monkeypatch):
+    """The trap itself: DeepSpeed's JIT builder parses each arch as ints; '9.0a' fails, the fixed list builds."""
+    import pytest
+    from deepspeed.ops.op_builder.fused_adam import FusedAdamBuilder
+    b = FusedAdamBuilder()
+    b.jit_mode = True
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    with pytest.raises(ValueError, match="0a"):
+        b.compute_capability_args()
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", sanitize_arch_list("8.0;9.0a"))
+    b.compute_capability_args()
+    import os
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0+PTX"

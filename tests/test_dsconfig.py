@@ -1,0 +1,75 @@
+import json
+
+import pytest
+
+from sftbench.dsconfig import DSConfigError, apply_precision, config_precision, describe, load_ds_config
+from conftest import REPO
+
+CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
+
+
+def test_there_is_a_config_per_reference_setting():
+    names = {p.stem for p in CONFIGS}
+    readme = (REPO / "ds_configs" / "README.md").read_text()
+    for n in names:
+        assert f"{n}.json" in readme, f"{n}.json missing from ds_configs/README.md"
+    assert len(names) == 17
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_deepspeed_own_parser_accepts(path):
+    from deepspeed.runtime.config import DeepSpeedConfig
+    for precision in ("bf16", "fp16", "fp32"):
+        cfg = apply_precision(load_ds_config(path), precision)
+        parsed = DeepSpeedConfig(cfg)
+        assert parsed.gradient_accumulation_steps == 8
+        assert parsed.train_micro_batch_size_per_gpu == 1
+        assert parsed.gradient_clipping == 1.0
+        assert parsed.zero_optimization_stage == describe(cfg)["zero_stage"]
+        assert parsed.bfloat16_config.enabled == (precision == "bf16")
+        assert parsed.float16_config.enabled == (precision == "fp16")
+
+
+def test_names_match_contents():
+    for p in CONFIGS:
+        d = describe(load_ds_config(p))
+        assert p.stem.startswith(f"z{d['zero_stage']}")
+        assert ("offload" in p.stem) == (d["offload_optimizer"] == "cpu")
+        assert ("param" in p.stem) == (d["offload_param"] == "cpu")
+        assert ("overlap" in p.stem) == bool(d["overlap_comm"])
+
+
+def test_auto_is_refused_naming_file_and_key(tmp_path):
+    cfg = json.loads((REPO / "ds_configs" / "z2_offload_5e8.json").read_text())
+    cfg["zero_optimization"]["reduce_bucket_size"] = "auto"
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(cfg))
+    with pytest.raises(DSConfigError, match=r"bad\.json.*zero_optimization\.reduce_bucket_size.*auto"):
+        load_ds_config(p)
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(DSConfigError, match="not found: .*nope.json"):
+        load_ds_config(tmp_path / "nope.json")
+    p = tmp_path / "broken.json"
+    p.write_text('{"zero_optimization": {"stage": 2,}\n}')
+    with pytest.raises(DSConfigError, match=r"broken\.json: not valid JSON at line 1"):
+        load_ds_config(p)
+    p.write_text('{"zero_optimization": {"stage": 5}}')
+    with pytest.raises(DSConfigError, match="stage must be 0, 1, 2 or 3"):
+        load_ds_config(p)
+    p.write_text('{"fp16": {"enabled": true}, "bf16": {"enabled": true}}')
+    with pytest.raises(DSConfigError, match="both fp16.enabled and bf16.enabled"):
+        load_ds_config(p)
+
+
+def test_precision_override_is_exclusive():
+    cfg = load_ds_config(REPO / "ds_configs" / "z1.json")
+    assert config_precision(cfg) == "bf16"
+    for prec in ("fp16", "bf16", "fp32"):
+        out = apply_precision(cfg, prec)
+        assert config_precision(out) == prec
+        assert not (out["fp16"]["enabled"] and out["bf16"]["enabled"])
+    assert cfg["bf16"]["enabled"] is True  # the loaded dict is not modified
+    with pytest.raises(DSConfigError):
+        apply_precision(cfg, "int8")

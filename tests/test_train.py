@@ -1,0 +1,119 @@
+"""Recipe tests: the real launcher, 2 CPU ranks over gloo, the tiny model, assertions on the JSONL log."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import REPO, cpu_env, launch_cmd, read_jsonl, run, write_overfit_config
+from sftbench.runlog import META_KEYS, STEP_KEYS, SUMMARY_KEYS, parse_lines
+
+pytestmark = pytest.mark.slow
+
+SAMPLES = [
+    {"prompt": "床前明月光，", "answers": [{"answer": "疑是地上霜。", "score": 1}], "prefix": ""},
+    {"prompt": "What is the capital of France?", "answer": "Paris is the capital of France."},
+    {"prompt": "上联：春风得意", "answers": [{"answer": "下联：秋月生辉", "score": 2}, {"answer": "x", "score": 1}]},
+    {"prompt": "Translate: 学而时习之", "answers": [{"answer": "To learn and practise it in time.", "score": 1}],
+     "prefix": "Answer: "},
+]
+COMMON = ["--model", "pangu-tiny", "--seq-len", "64", "--max-steps", "8", "--warmup-steps", "2",
+          "--precision", "fp32", "--seed", "7"]
+
+
+@pytest.fixture(scope="module")
+def overfit_data(tmp_path_factory):
+    p = tmp_path_factory.mktemp("data") / "tiny.jsonl"
+    p.write_text("\n".join(json.dumps(s, ensure_ascii=False) for s in SAMPLES) + "\n")
+    return p
+
+
+def check_schema(recs: list[dict]) -> tuple[dict, list[dict], dict]:
+    assert recs[0]["type"] == "meta" and set(recs[0]) == set(META_KEYS)
+    steps = [r for r in recs if r["type"] == "step"]
+    assert all(set(r) == set(STEP_KEYS) for r in steps)
+    assert recs[-1]["type"] == "summary" and set(recs[-1]) == set(SUMMARY_KEYS)
+    return recs[0], steps, recs[-1]
+
+
+@pytest.mark.parametrize("cfg", ["z0", "z1", "z2_5e8", "z2_offload_5e8", "z3", "z3_offload_param", "none"])
+def test_two_rank_cpu_run(cfg, tmp_path, overfit_data):
+    ds = "none" if cfg == "none" else str(write_overfit_config(f"{cfg}.json", tmp_path / f"{cfg}.json"))
+    extra = ["--grad-accum", "2", "--lr", "3e-3", "--lr-warmup-steps", "1"] if cfg == "none" else []
+    run_dir = tmp_path / "run"
+    p = run(launch_cmd(2, "--ds", ds, "--data", str(overfit_data), "--run-dir", str(run_dir),
+                       "--cache-dir", str(tmp_path / "cache"), *COMMON, *extra), cpu_env())
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    for rank in (0, 1):
+        meta, steps, summary = check_schema(read_jsonl(run_dir / f"rank{rank}.jsonl"))
+        assert meta["rank"] == rank and meta["world_size"] == 2
+        assert meta["zero_stage"] == (None if cfg == "none" else int(cfg[1]))
+        assert meta["grad_accum"] == 2 and meta["micro_batch"] == 1 and meta["precision"] == "fp32"
+        assert meta["steps_per_epoch"] == 1  # ceil(4 / (1 * 2 * 2))
+        assert [s["step"] for s in steps] == list(range(1, 9))
+        assert [s["warmup"] for s in steps] == [True, True] + [False] * 6
+        assert all(s["step_s"] > 0 and s["gpu_mem_used_mib"] is None for s in steps)
+        assert summary["status"] == "ok" and summary["measured_steps"] == 6
+        # Overfitting four samples: the loss must fall clearly.
+        assert summary["final_loss"] < 0.7 * summary["first_loss"], (summary["first_loss"], summary["final_loss"])
+    if cfg != "none":
+        assert meta["ds_config"]["zero_optimization"]["stage"] == int(cfg[1])
+        if "offload" in cfg:
+            assert meta["offload_optimizer"] == "cpu"
+    # Rank 0 prints one line per step; rank 1 prints none of them.
+    assert p.stdout.count("step 8/8") == 1
+
+
+def test_killed_run_leaves_parseable_logs_without_summary(tmp_path, overfit_data):
+    run_dir = tmp_path / "run"
+    cmd = launch_cmd(2, "--ds", str(REPO / "ds_configs" / "z1.json"), "--data", str(overfit_data),
+                     "--run-dir", str(run_dir), "--cache-dir", str(tmp_path / "cache"), "--model", "pangu-tiny",
+                     "--seq-len", "64", "--max-steps", "100000", "--precision", "fp32")
+    proc = subprocess.Popen(cmd, env=cpu_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            f = run_dir / "rank1.jsonl"
+            if f.exists() and f.read_text().count('"type": "step"') >= 2:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("run produced no steps in time")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    for rank in (0, 1):
+        recs, bad = parse_lines((run_dir / f"rank{rank}.jsonl").read_text().splitlines())
+        assert bad == []
+        assert recs[0]["type"] == "meta"
+        assert not any(r["type"] == "summary" for r in recs)
+
+
+def _single(args: list[str]) -> subprocess.CompletedProcess:
+    return run([str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv").exists() else "python",
+                str(REPO / "train.py"), *args], cpu_env(), timeout=120)
+
+
+def test_auto_value_is_refused_naming_the_key(tmp_path):
+    cfg = json.loads((REPO / "ds_configs" / "z2_5e8.json").read_text())
+    cfg["train_micro_batch_size_per_gpu"] = "auto"
+    p = tmp_path / "auto.json"
+    p.write_text(json.dumps(cfg))
+    r = _single(["--ds", str(p), "--run-dir", str(tmp_path / "run")])
+    assert r.returncode != 0
+    assert "auto.json" in r.stderr and "train_micro_batch_size_per_gpu" in r.stderr and '"auto"' in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_config_and_data_are_clear(tmp_path):
+    r = _single(["--ds", str(tmp_path / "nope.json")])
+    assert r.returncode != 0 and "DeepSpeed config not found" in r.stderr and "nope.json" in r.stderr
+    r = _single(["--ds", "none", "--data", str(tmp_path / "missing.jsonl")])
+    assert r.returncode != 0 and "missing.jsonl" in r.stderr
+    r = _single(["--ds", "none", "--precision", "fp8"])
+    assert r.returncode != 0 and "--precision" in r.stderr

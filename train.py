@@ -1,0 +1,327 @@
+#!/usr/bin/env python
+"""Supervised fine-tuning of Pangu-alpha with a hand-written DeepSpeed loop, measured step by step.
+
+    deepspeed --num_gpus 3 train.py --ds ds_configs/z2_offload_5e8.json --model pangu-2.6b
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 train.py --ds ds_configs/z3_offload_param.json --model pangu-tiny
+    deepspeed --num_gpus 1 train.py --ds none --precision bf16          # plain PyTorch baseline
+
+Reads top to bottom: parse -> init -> build (data, model, engine) -> loop -> summary. Every rank writes
+runs/<run>/rank<k>.jsonl (schema: docs/log_schema.md); rank 0 prints.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sftbench.args import REPO, parse_args
+from sftbench.buildenv import fix_cuda_arch_list
+from sftbench.dsconfig import DSConfigError, apply_precision, config_precision, describe, load_ds_config
+from sftbench.runlog import RunLog
+
+# ---------------------------------------------------------------- parse
+args = parse_args()
+arch_env = fix_cuda_arch_list()  # before anything imports DeepSpeed's op builders
+try:
+    ds_cfg = load_ds_config(args.ds or REPO / "ds_configs" / "z1.json") if args.deepspeed else None
+except DSConfigError as e:
+    sys.exit(f"error: {e}")
+if ds_cfg is not None and args.ds is None:
+    args.ds = str(REPO / "ds_configs" / "z1.json")
+
+import torch  # noqa: E402  (after the arch-list fix on purpose)
+
+if args.deepspeed:
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+from sftbench import data as sftdata  # noqa: E402
+from sftbench import metrics  # noqa: E402
+from sftbench.pangu import build_model, count_params  # noqa: E402
+from sftbench.plain import PlainEngine, param_groups  # noqa: E402
+from sftbench.tokenizer import PanguTokenizer  # noqa: E402
+
+# ---------------------------------------------------------------- init distributed and device
+on_cpu = os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
+world_size = int(os.environ.get("WORLD_SIZE", "1"))
+rank = int(os.environ.get("RANK", "0"))
+local_rank = int(os.environ.get("LOCAL_RANK", max(args.local_rank, 0)))
+if on_cpu:
+    device = torch.device("cpu")
+else:
+    device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)
+if args.deepspeed:
+    deepspeed.init_distributed()
+elif world_size > 1:
+    torch.distributed.init_process_group("gloo" if on_cpu else "nccl", device_id=None if on_cpu else device)
+if torch.distributed.is_initialized():
+    world_size, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+
+
+def sync() -> None:
+    """Wait for the device to finish queued work, so the clock reads what the step really cost."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# Precision: the config's block, or the flag; --ds none defaults to bf16 where the GPU has it.
+if ds_cfg is not None:
+    ds_cfg = apply_precision(ds_cfg, args.precision)
+    precision = config_precision(ds_cfg)
+else:
+    precision = args.precision or ("bf16" if not on_cpu and torch.cuda.is_bf16_supported() else "fp32")
+if precision == "fp16" and on_cpu:
+    sys.exit("error: fp16 is not supported on CPU (DeepSpeed refuses it); use --precision bf16 or fp32")
+model_name = args.model or ("pangu-tiny" if on_cpu else "pangu-350m")
+run_dir = args.run_dir or args.default_run_dir(model_name, precision)
+if rank == 0:
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+log = RunLog(run_dir, rank)
+t_start = time.time()
+torch.manual_seed(args.seed)
+
+
+def say(msg: str) -> None:
+    if rank == 0:
+        print(msg, flush=True)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _on_sigterm(signum, frame):
+    raise Interrupted(f"terminated by signal {signum}")
+
+
+signal.signal(signal.SIGTERM, _on_sigterm)
+stats = metrics.StepStats(args.warmup_steps)
+summary_extra: dict = {"epoch_s_measured": None}
+steps_per_epoch = None
+try:
+    # ------------------------------------------------------------ build: tokenizer and data
+    model_dir = Path(model_name) if Path(model_name).is_dir() else None
+    tok_src = args.tokenizer or (str(model_dir) if model_dir and (model_dir / "vocab.model").exists() else None)
+    tok = PanguTokenizer.load(tok_src)
+    ds = sftdata.load_or_build_cache(args.data, tok, args.seq_len, args.cache_dir, mask_prompt=args.mask_prompt,
+                                     strict=args.strict_data, local_rank=local_rank)
+    say(f"data: {ds.n} samples from {args.data} ({'cache hit' if ds.cache_hit else 'tokenised'}), "
+        f"{ds.real_tokens} real + {ds.pad_tokens} padding tokens")
+
+    # ------------------------------------------------------------ build: model
+    zero_stage = (ds_cfg or {}).get("zero_optimization", {}).get("stage", 0)
+    t_build = time.time()
+    if args.deepspeed and zero_stage == 3:
+        # Construct partitioned: no rank ever holds the whole model (how 2.6B+ fits with ZeRO-3).
+        if model_dir is not None:
+            from transformers.integrations import HfDeepSpeedConfig
+            _hf_ds = HfDeepSpeedConfig(ds_cfg)  # must stay alive: from_pretrained then loads under zero.Init
+            model = build_model(model_name)
+        else:
+            with deepspeed.zero.Init(config_dict_or_path=ds_cfg):
+                model = build_model(model_name)
+    else:
+        with torch.device(device):  # weights created where they will live; no big CPU copy on GPU runs
+            model = build_model(model_name)
+    config = model.config
+    n_params = count_params(config)
+    flops_tok = metrics.flops_per_token(config, args.seq_len)
+    say(f"model: {model_name}, {n_params / 1e6:.1f}M parameters, built in {time.time() - t_build:.1f}s")
+
+    # Right-padded samples give real tokens identical results under the causal mask alone, which lets
+    # SDPA take the flash kernel; padded positions are -100 in the labels, so the loss is the same.
+    right_padded = bool((ds.attention_mask[:, 1:] <= ds.attention_mask[:, :-1]).all())
+    use_pad_mask = args.pad_mask == "always" or not right_padded
+
+    # ------------------------------------------------------------ build: engine
+    if args.deepspeed:
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds_cfg)
+        engine_name = "deepspeed"
+    else:
+        model.to(device)
+        engine = PlainEngine(model, device=device, precision=precision, grad_accum=args.grad_accum,
+                             micro_batch=args.micro_batch, lr=args.lr, lr_warmup_steps=args.lr_warmup_steps,
+                             world_size=world_size)
+        engine_name = "torch"
+    if args.compile:
+        if args.deepspeed:
+            engine.compile()
+        else:
+            engine.model = torch.compile(engine.model)
+    if args.resume:
+        engine.load_checkpoint(args.resume)
+    engine.train()
+    ga = engine.gradient_accumulation_steps()
+    mb = engine.train_micro_batch_size_per_gpu()
+    steps_per_epoch = sftdata.steps_per_epoch(ds.n, mb, world_size, ga)
+
+    # ------------------------------------------------------------ meta record
+    gpu_uuid = metrics.cuda_uuid(device.index) if device.type == "cuda" else None
+    gpu = metrics.GpuProbe(gpu_uuid)
+    host = metrics.HostProbe()
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = metrics.peak_tflops(device_name, precision) if device.type == "cuda" else None
+
+    def _git_commit() -> str | None:
+        try:
+            return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                  timeout=5).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    try:
+        from sftbench.memory import predict
+        predicted = predict(n_params, ds_cfg, world_size, precision, seq_len=args.seq_len, micro_batch=mb,
+                            hidden=config.hidden_size, n_layers=config.num_layers, n_heads=config.num_heads,
+                            vocab=config.vocab_size, cuda=device.type == "cuda")
+    except ImportError:
+        predicted = None
+    import transformers
+    desc = describe(ds_cfg)
+    log.meta(
+        run=Path(run_dir).name, time=t_start, argv=sys.argv, ds_config_path=args.ds if args.deepspeed else None,
+        ds_config=ds_cfg, harness=vars(args), model=model_name, n_params=n_params, flops_per_token=flops_tok,
+        world_size=world_size, rank=rank, local_rank=local_rank, host=socket.gethostname(), pid=os.getpid(),
+        device=str(device), device_name=device_name if device.type == "cuda" else None, device_uuid=gpu_uuid,
+        gpu_index=gpu.index, peak_tflops=peak, precision=precision, zero_stage=desc["zero_stage"],
+        offload_optimizer=desc["offload_optimizer"], offload_param=desc["offload_param"], micro_batch=mb,
+        grad_accum=ga, seq_len=args.seq_len, dataset_path=str(args.data), dataset_samples=ds.n,
+        real_tokens=ds.real_tokens, pad_tokens=ds.pad_tokens, steps_per_epoch=steps_per_epoch,
+        max_steps=args.max_steps, warmup_steps=args.warmup_steps,
+        optimizations={"engine": engine_name, "attention": "sdpa", "pad_mask": use_pad_mask,
+                       "compile": args.compile, "batches_on_device": True},
+        predicted=predicted,
+        versions={"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
+                  "deepspeed": deepspeed.__version__ if args.deepspeed else None,
+                  "transformers": transformers.__version__},
+        git_commit=_git_commit(),
+        env={**arch_env, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR"),
+             "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"), "gpu_probe_error": gpu.error},
+    )
+    say(f"engine: {engine_name}, ZeRO {desc['zero_stage']}, {precision}, world {world_size}, micro batch {mb}, "
+        f"grad accum {ga}, {steps_per_epoch} steps/epoch; log: {run_dir}")
+
+    # ------------------------------------------------------------ batches, on the device before the clock starts
+    per_step = mb * ga
+    need = args.max_steps * per_step
+
+    def step_indices(r: int) -> torch.Tensor:
+        """Rank r's samples as [max_steps, ga, mb]; epochs back to back so every step has ga full micro-batches."""
+        order, idx, epoch = sftdata.ShardedOrder(ds.n, r, world_size, args.seed), [], 0
+        while len(idx) < need:
+            idx += order.indices(epoch)
+            epoch += 1
+        return torch.tensor(idx[:need]).view(args.max_steps, ga, mb)
+
+    idx_t = step_indices(rank)
+    dev_ids = ds.input_ids[idx_t].to(device)
+    dev_labels = ds.labels[idx_t].to(device)
+    dev_mask = ds.attention_mask[idx_t].to(device) if use_pad_mask else None
+    # Non-padding tokens of the whole job per step: every rank's order is known here, no collective needed.
+    real_per_step = sum(ds.attention_mask[step_indices(r)].sum(dim=(1, 2, 3)) for r in range(world_size)).tolist()
+    skipped_before = getattr(engine, "skipped_steps", 0)
+
+    # ------------------------------------------------------------ loop
+    tokens_per_step = per_step * args.seq_len * world_size  # whole job
+    tty = sys.stdout.isatty()
+    sync()
+    t_loop = time.perf_counter()
+    for step in range(args.max_steps):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        sync()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(ga):
+            out = engine(input_ids=dev_ids[step, micro], labels=dev_labels[step, micro],
+                         attention_mask=dev_mask[step, micro] if dev_mask is not None else None)
+            engine.backward(out.loss)
+            engine.step()
+            loss_sum += out.loss.detach().float()
+        sync()
+        step_s = time.perf_counter() - t0
+        loss = (loss_sum / ga).item()  # one host read per optimizer step, after the clock stopped
+        warm = step < args.warmup_steps
+        tflops = flops_tok * per_step * args.seq_len / step_s / 1e12
+        skipped_now = getattr(engine, "skipped_steps", 0)
+        skipped, skipped_before = skipped_now > skipped_before, skipped_now
+        if args.deepspeed:
+            scale = getattr(engine.optimizer, "cur_scale", None) if precision == "fp16" else None
+        else:
+            scale = engine.loss_scale()
+        rec = log.step(
+            step=step + 1, time=time.time(), elapsed_s=time.perf_counter() - t_loop, step_s=step_s, warmup=warm,
+            samples_per_s=per_step * world_size / step_s, tokens_per_s=tokens_per_step / step_s,
+            real_tokens_per_s=real_per_step[step] / step_s, loss=loss, lr=engine.get_lr()[0],
+            loss_scale=scale, skipped=skipped, tflops=tflops, mfu_pct=100.0 * tflops / peak if peak else None,
+            gpu_mem_used_mib=gpu.used_mib(),
+            torch_peak_alloc_mib=(torch.cuda.max_memory_allocated(device) / metrics.MIB
+                                  if device.type == "cuda" else None),
+            torch_peak_reserved_mib=(torch.cuda.max_memory_reserved(device) / metrics.MIB
+                                     if device.type == "cuda" else None),
+            host_rss_mib=host.rss_mib(), host_used_mib=host.used_mib(),
+        )
+        stats.add(rec)
+        if step + 1 == steps_per_epoch:
+            summary_extra["epoch_s_measured"] = rec["elapsed_s"]
+        if rank == 0 and ((step + 1) % args.log_every == 0 or step + 1 == args.max_steps):
+            done = step + 1
+            eta = (args.max_steps - done) * (metrics.median([r["step_s"] for r in stats.records[-10:]]) or step_s)
+            bar = ""
+            if tty:
+                fill = int(20 * done / args.max_steps)
+                bar = "[" + "#" * fill + "." * (20 - fill) + "] "
+            mem = f" | gpu {rec['gpu_mem_used_mib']:.0f} MiB" if rec["gpu_mem_used_mib"] is not None else ""
+            mfu = f" | mfu {rec['mfu_pct']:.1f}%" if rec["mfu_pct"] is not None else ""
+            print(f"{bar}step {done}/{args.max_steps}{' (warm-up)' if warm else ''} | loss {loss:.4f} | "
+                  f"{step_s:.3f} s/it | {rec['tokens_per_s']:.0f} tok/s{mfu}{mem} | "
+                  f"rss {rec['host_rss_mib']:.0f} MiB | eta {eta:.0f}s", flush=True)
+
+    # ------------------------------------------------------------ summary
+    if args.save:
+        engine.save_checkpoint(args.save)
+        say(f"checkpoint saved to {args.save}")
+    status, error = "ok", None
+except Interrupted as e:
+    status, error = "interrupted", str(e)
+except KeyboardInterrupt:
+    status, error = "interrupted", "KeyboardInterrupt"
+except torch.OutOfMemoryError as e:
+    status, error = "oom", str(e).strip().splitlines()[0]
+except Exception as e:  # every failure still ends in a summary record, then a non-zero exit
+    import traceback
+    traceback.print_exc()
+    text = f"{type(e).__name__}: {e}".strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    if "out of memory" in text.lower():
+        status = "oom"
+    elif "CUDA" in text or "NCCL" in text or "cuda" in type(e).__module__:
+        status = "cuda_error"
+    else:
+        status = "error"
+    error = first
+
+fields = stats.summary_fields(world_size, steps_per_epoch or 0) if steps_per_epoch else {}
+log.summary(status=status, error=error, time=time.time(), wall_s=time.time() - t_start, synthesized=False,
+            **fields, **summary_extra)
+log.close()
+if status == "ok":
+    s = fields
+    say(f"done: {s['measured_steps']} measured steps, median {s['step_s_median']:.3f} s/it, "
+        f"{s['tokens_per_s']:.0f} tok/s, epoch ~{s['epoch_s_est'] / 60:.1f} min (estimated), "
+        f"peak GPU {s['gpu_mem_used_mib_peak'] or 0:.0f} MiB, peak RSS {s['host_rss_mib_peak']:.0f} MiB"
+        if s.get("step_s_median") is not None else "done (every step was warm-up: no statistics)")
+else:
+    print(f"error (rank {rank}): run ended with status {status}: {error}", file=sys.stderr, flush=True)
+if torch.distributed.is_initialized():
+    try:
+        torch.distributed.destroy_process_group()
+    except (RuntimeError, ValueError):
+        pass  # a dead peer can make teardown fail; the summary is already written
+sys.exit(0 if status == "ok" else 1)
