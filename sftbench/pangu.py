@@ -415,11 +415,11 @@ class PanguForCausalLM(PanguPreTrainedModel, GenerationMixin):
     ) -> dict[str, Any]:
         """Feed the whole sequence each step (no cache). Positions come from the attention mask, as in the
         original port, so left-padded prompts get positions starting at 0 at their first real token."""
+        if position_ids is not None and position_ids.shape[-1] != input_ids.shape[-1]:
+            position_ids = None  # given for the prompt only: derive them again for the grown sequence
         if attention_mask is not None and position_ids is None:
             position_ids = attention_mask.long().cumsum(-1) - 1
             position_ids = position_ids.masked_fill(attention_mask == 0, 1)
-        if position_ids is not None and position_ids.shape[-1] != input_ids.shape[-1]:
-            position_ids = None if attention_mask is None else position_ids[..., -input_ids.shape[-1] :]
         inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         if token_type_ids is not None and token_type_ids.shape[-1] == input_ids.shape[-1]:
             inputs["token_type_ids"] = token_type_ids

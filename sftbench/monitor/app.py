@@ -63,8 +63,10 @@ class TableSync:
             old = self.rows[key]
             for c in self.columns:
                 new = cells.get(c, M.Cell("-"))
-                if old.get(c) != new:
-                    t.update_cell(key, c, _cell(new), update_width=True)
+                prev = old.get(c)
+                if prev != new:
+                    grow = prev is None or len(new.text) > len(prev.text)
+                    t.update_cell(key, c, _cell(new), update_width=grow)
                     self.cell_updates += 1
             self.rows[key] = dict(cells)
 
@@ -119,8 +121,15 @@ class StepChart(Widget):
             t.append("  (dim = warm-up)", style="dim")
         for line in lines:
             t.append("\n")
-            for ch, w in zip(line, warm):
-                t.append(ch, style="grey50" if w else "cyan")
+            # one span per run of equal style (per-character spans make rendering ~50x dearer)
+            i, n = 0, len(line)
+            while i < n:
+                w = warm[i]
+                j = i + 1
+                while j < n and warm[j] == w:
+                    j += 1
+                t.append(line[i:j], style="grey50" if w else "cyan")
+                i = j
         return t
 
 
@@ -197,6 +206,7 @@ class MonitorApp(App[None]):
     #rank-table { height: auto; max-height: 18; }
     #charts { height: auto; padding: 0 1; }
     #gpu-brief { height: auto; padding: 0 1; margin-top: 1; }
+    #host-brief { height: auto; padding: 0 1; }
     #sweep-header, #gpu-status, #host-line { height: auto; padding: 0 1; }
     #sweep-table { height: 1fr; }
     #gpu-table { height: auto; max-height: 20; }
@@ -222,6 +232,8 @@ class MonitorApp(App[None]):
         self._seen_gpu_version = -1
         self._last_data = "-"
         self._static_cache: dict[str, Any] = {}
+        self._catchup_pending = False
+        self._was_catching_up = False
 
     # -- layout
     def compose(self) -> ComposeResult:
@@ -235,6 +247,7 @@ class MonitorApp(App[None]):
                     yield StepChart("loss", id="chart-loss")
                     yield StepChart("GPU mem (NVML, MiB)", id="chart-mem")
                 yield Static("", id="gpu-brief")
+                yield Static("", id="host-brief")
             with Vertical(id="sweep-view", classes="view"):
                 yield Static("", id="sweep-header")
                 yield DataTable(id="sweep-table", cursor_type="row", zebra_stripes=True)
@@ -250,19 +263,33 @@ class MonitorApp(App[None]):
         self.sweep_sync = TableSync(self.query_one("#sweep-table", DataTable), M.TABLE_COLUMNS)
         self.gpu_sync = TableSync(self.query_one("#gpu-table", DataTable), M.GPU_COLUMNS)
         self.rss_sync = TableSync(self.query_one("#rss-table", DataTable), M.RSS_COLUMNS)
-        self.session.poll(force_table=True)
+        # A long backlog (10k-step files) is read under a time budget: the UI shows at once and fills in over a
+        # few quick follow-up polls instead of blocking start-up.
+        self.session.poll(force_table=True, budget_s=self.CATCHUP_BUDGET_S)
         self.session.sample_gpu()
         self._last_data = datetime.now().strftime("%H:%M:%S")
         self._render_all(force=True)
         self.set_interval(self.refresh_s, self.tick)
         self.set_interval(self.gpu_interval, self.gpu_tick)
+        self._schedule_catchup()
 
     # -- periodic work
+    CATCHUP_BUDGET_S = 0.2
+
+    def _schedule_catchup(self) -> None:
+        if self.session.catching_up and not self._catchup_pending:
+            self._catchup_pending = True
+            self.set_timer(0.02, self._catchup)
+
+    def _catchup(self) -> None:
+        self._catchup_pending = False
+        self.tick()
+
     def tick(self) -> None:
         if self.paused:
             return
         self.ticks += 1
-        changed = self.session.poll()
+        changed = self.session.poll(budget_s=self.CATCHUP_BUDGET_S)
         if "switched" in changed:
             self.rank_sync.reset()
             self.chart_rank = None
@@ -270,6 +297,10 @@ class MonitorApp(App[None]):
         if changed:
             self._last_data = datetime.now().strftime("%H:%M:%S")
             self._render_all()
+        elif self._was_catching_up:
+            self._render_topbar()
+        self._was_catching_up = self.session.catching_up
+        self._schedule_catchup()
 
     def gpu_tick(self) -> None:
         if self.paused:
@@ -323,6 +354,9 @@ class MonitorApp(App[None]):
             t.append("  (pinned, f = follow)" if s.pinned else "  (following)", style="dim")
         if self.paused:
             t.append("  PAUSED", style="bold reverse yellow")
+        if s.catching_up and s.watcher is not None:
+            done, total = s.watcher.progress()
+            t.append(f"  reading logs {done / 2**20:.0f}/{total / 2**20:.0f} MiB", style="bold yellow")
         t.append(f"  |  refresh {self.refresh_s:g}s  last data {self._last_data}", style="dim")
         self._set_static("topbar", t)
 
@@ -361,6 +395,8 @@ class MonitorApp(App[None]):
                     (f" rank {rs.rank}" if rs is not None else "")
                 ch.set_data(vals, warm, steps)
         self._set_static("gpu-brief", self._gpu_brief())
+        text, style = M.host_line(s.host)
+        self._set_static("host-brief", Text(text, style=style))
 
     def _gpu_brief(self) -> Text:
         s = self.session
@@ -382,9 +418,6 @@ class MonitorApp(App[None]):
                 t.append(cells["procs"].text, style="dim")
             if not rows:
                 t.append("no GPUs", style="dim")
-        text, style = M.host_line(s.host)
-        t.append("\n")
-        t.append(text, style=style)
         return t
 
     def _render_sweep(self) -> None:

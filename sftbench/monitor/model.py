@@ -122,6 +122,18 @@ def quantile_sorted(xs: Sequence[float], q: float) -> float | None:
 # --------------------------------------------------------------------------------------------------------------
 # rank / run state
 
+_INF = float("inf")
+PEAK_KEYS = ("host_rss_mib", "host_used_mib")     # besides gpu_mem_used_mib
+
+
+def _fin(v: Any) -> float | int | None:
+    """A finite int/float (not bool) or None; the fast version of ``_num`` for the per-step path."""
+    c = v.__class__
+    if c is float:
+        return v if (v == v and v != _INF and v != -_INF) else None
+    return v if c is int else None
+
+
 class StepPoint(NamedTuple):
     step: int
     step_s: float | None
@@ -173,12 +185,14 @@ class RankState:
         st = _num(rec.get("step"))
         return ws is not None and st is not None and st <= ws
 
-    def _step(self, rec: Mapping[str, Any]) -> None:
-        self.last = dict(rec)
+    def _step(self, rec: dict) -> None:
+        # Hot path (a 10k-step file is replayed at start-up): no copies, few calls.
+        self.last = rec
         self.n_steps += 1
-        warm = self._is_warmup(rec)
-        s = _num(rec.get("step_s"))
-        loss = _num(rec.get("loss"))
+        w = rec.get("warmup")
+        warm = w if w.__class__ is bool else self._is_warmup(rec)
+        s = _fin(rec.get("step_s"))
+        loss = _fin(rec.get("loss"))
         if warm:
             self.n_warmup += 1
         elif s is not None:
@@ -186,15 +200,17 @@ class RankState:
             self.ema = s if self.ema is None else self.ema + EMA_ALPHA * (s - self.ema)
         if loss is not None and self.first_loss is None:
             self.first_loss = loss
-        for k in ("gpu_mem_used_mib", "torch_peak_reserved_mib", "torch_peak_alloc_mib", "host_rss_mib",
-                  "host_used_mib"):
-            v = _num(rec.get(k))
-            if v is not None and v > self.peaks.get(k, -1.0):
-                self.peaks[k] = v
+        peaks = self.peaks
+        mem = _fin(rec.get("gpu_mem_used_mib"))
+        if mem is not None and mem > peaks.get("gpu_mem_used_mib", -1.0):
+            peaks["gpu_mem_used_mib"] = mem
+        for k in PEAK_KEYS:
+            v = _fin(rec.get(k))
+            if v is not None and v > peaks.get(k, -1.0):
+                peaks[k] = v
         step = rec.get("step")
-        self.history.append(StepPoint(step if isinstance(step, int) else self.n_steps, s, loss,
-                                      _num(rec.get("gpu_mem_used_mib")), _num(rec.get("torch_peak_reserved_mib")),
-                                      warm))
+        self.history.append(StepPoint(step if step.__class__ is int else self.n_steps, s, loss, mem,
+                                      _fin(rec.get("torch_peak_reserved_mib")), warm))
 
     # -- derived
     @property

@@ -198,14 +198,19 @@ class Session:
         return self.table.set_entries(entries)
 
     # -- one tick
-    def poll(self, now: float | None = None, force_table: bool = False) -> set[str]:
+    @property
+    def catching_up(self) -> bool:
+        """A long backlog of the followed run is still being read (see ``RunWatcher.poll(budget_s)``)."""
+        return self.watcher is not None and self.watcher.behind
+
+    def poll(self, now: float | None = None, force_table: bool = False, budget_s: float | None = None) -> set[str]:
         """Read what is new. Returns what changed: subset of {"switched", "run", "table"}."""
         now = self.clock() if now is None else now
         changed = set()
         if self._pick_run(now):
             changed.add("switched")
             force_table = True
-        if self.watcher is not None and self.watcher.poll():
+        if self.watcher is not None and self.watcher.poll(budget_s):
             changed.add("run")
         if self._update_table(now, force_table):
             changed.add("table")

@@ -37,15 +37,23 @@ def _rank_of(name: str) -> int | None:
     return None
 
 
-def parse_line(line: bytes) -> dict | None:
+_scan_once = json.JSONDecoder().scan_once     # the C scanner: no per-line encoding detection
+
+
+def parse_line(line: bytes | str) -> dict | None:
     """One JSONL line -> record, or None when it is not a JSON object with a ``type``."""
-    try:
-        rec = json.loads(line)
-    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+    if isinstance(line, bytes):
+        line = line.decode("utf-8", "replace")
+    line = line.strip()
+    if not line.startswith("{"):
         return None
-    if isinstance(rec, dict) and "type" in rec:
-        return rec
-    return None
+    try:
+        rec, end = _scan_once(line, 0)
+    except (ValueError, StopIteration):
+        return None
+    if end != len(line) or not isinstance(rec, dict) or "type" not in rec:
+        return None
+    return rec
 
 
 @dataclass
@@ -66,6 +74,7 @@ class FileTailer:
         self.path = Path(path)
         self.max_read = max_read
         self.offset = 0
+        self.size = 0
         self.ident: tuple[int, int] | None = None
         self.partial = b""
         self.head = b""
@@ -83,7 +92,13 @@ class FileTailer:
     def pending_partial(self) -> bool:
         return bool(self.partial)
 
-    def poll(self) -> TailUpdate:
+    @property
+    def behind(self) -> bool:
+        """More bytes were on disk at the last poll than have been read (a capped read of a long backlog)."""
+        return self.size > self.offset
+
+    def poll(self, max_bytes: int | None = None) -> TailUpdate:
+        """Read what was appended since the last poll (at most ``max_bytes``, default ``max_read``)."""
         try:
             st = os.stat(self.path)
         except OSError:
@@ -98,6 +113,7 @@ class FileTailer:
             self._reset()
             reset = True
         self.ident = ident
+        self.size = st.st_size
         if st.st_size == self.offset:
             return TailUpdate(reset=reset)
         try:
@@ -109,7 +125,7 @@ class FileTailer:
                         reset = True
                 start = self.offset
                 f.seek(start)
-                data = f.read(min(st.st_size - start, self.max_read))
+                data = f.read(min(st.st_size - start, max_bytes or self.max_read))
         except OSError:
             return TailUpdate(reset=reset)
         if start < self.HEAD:
@@ -117,19 +133,24 @@ class FileTailer:
         self.offset = start + len(data)
         upd = TailUpdate(reset=reset)
         buf = self.partial + data if self.partial else data
-        lines = buf.split(b"\n")
-        self.partial = lines.pop()
+        cut = buf.rfind(b"\n")
+        if cut < 0:
+            complete, self.partial = b"", buf
+        else:
+            complete, self.partial = buf[:cut], buf[cut + 1:]
         if len(self.partial) > self.MAX_PARTIAL:
             self.partial = b""
             upd.bad += 1
-        for line in lines:
-            if not line.strip():
+        # Decode whole lines only (a newline byte never sits inside a UTF-8 sequence); bad bytes -> U+FFFD.
+        append = upd.records.append
+        for line in complete.decode("utf-8", "replace").split("\n"):
+            if not line or line.isspace():
                 continue
             rec = parse_line(line)
             if rec is None:
                 upd.bad += 1
             else:
-                upd.records.append(rec)
+                append(rec)
         self.bad_lines += upd.bad
         return upd
 
@@ -173,8 +194,23 @@ class RunWatcher:
         self.tailers: dict[int, FileTailer] = {}
         self._synth_sig: tuple | None = None
 
-    def poll(self) -> bool:
-        """Read what is new; return True when the state changed."""
+    CHUNK = 1 << 20     # bytes per file per round while catching up under a time budget
+
+    @property
+    def behind(self) -> bool:
+        return any(t.behind for t in self.tailers.values())
+
+    def progress(self) -> tuple[int, int]:
+        """(bytes read, bytes on disk at the last poll) over all rank files."""
+        return (sum(t.offset for t in self.tailers.values()),
+                sum(max(t.size, t.offset) for t in self.tailers.values()))
+
+    def poll(self, budget_s: float | None = None) -> bool:
+        """Read what is new; return True when the state changed.
+
+        With ``budget_s`` a long backlog is read in ``CHUNK``-sized rounds over all files until the budget is
+        spent; ``behind`` then tells that more is waiting (the app polls again at once, staying responsive).
+        """
         st = self.state
         before = st.version
         exists = self.run_dir.is_dir()
@@ -185,22 +221,40 @@ class RunWatcher:
         for rank, path in files.items():
             if rank not in self.tailers:
                 self.tailers[rank] = FileTailer(path)
-        for rank in list(self.tailers):
-            t = self.tailers[rank]
-            upd = t.poll()
-            if upd.reset:
-                st.reset_rank(rank)
-            if upd.gone:
-                del self.tailers[rank]
-                st.drop_rank(rank)
-                continue
-            if upd.records or upd.bad:
-                st.feed(rank, upd.records, bad=upd.bad)
-            partial = t.pending_partial
-            if st.ranks.get(rank) is not None and st.ranks[rank].partial != partial:
-                st.ranks[rank].partial = partial
+        if budget_s is None:
+            for rank in list(self.tailers):
+                self._poll_one(rank, None)
+        else:
+            end = time.perf_counter() + budget_s
+            ranks = list(self.tailers)
+            first = True
+            while ranks:
+                for rank in ranks:
+                    if first or self.tailers[rank].behind:
+                        self._poll_one(rank, self.CHUNK)
+                first = False
+                ranks = [r for r in ranks if r in self.tailers and self.tailers[r].behind]
+                if time.perf_counter() >= end:
+                    break
         self._poll_synth()
         return st.version != before
+
+    def _poll_one(self, rank: int, max_bytes: int | None) -> None:
+        st = self.state
+        t = self.tailers[rank]
+        upd = t.poll(max_bytes)
+        if upd.reset:
+            st.reset_rank(rank)
+        if upd.gone:
+            del self.tailers[rank]
+            st.drop_rank(rank)
+            return
+        if upd.records or upd.bad:
+            st.feed(rank, upd.records, bad=upd.bad)
+        rs = st.ranks.get(rank)
+        if rs is not None and rs.partial != t.pending_partial:
+            rs.partial = t.pending_partial
+            st.touch()
 
     def _poll_synth(self) -> None:
         p = self.run_dir / "summary.json"

@@ -1,0 +1,759 @@
+"""The results table: the reference's columns, our measurements, failures with their reasons, a plot.
+
+    python -m sftbench.report runs/<sweep> --out results/<sweep>/
+
+Reads only what the runs wrote: ``rank<k>.jsonl`` (schema: docs/log_schema.md), the sweep's ``summary.json``
+(synthesized for runs that died), ``plan.json`` / ``plan_entry.json``, ``predicted.json`` and ``sweep_info.json``.
+It never reads console output. Writes into the output folder:
+
+* ``results.md`` / ``results.html``: the reference table's columns in its order (Chinese headers as the reference
+  had them, English beside them in the Markdown), rows grouped by model and GPU, epoch time marked ``~`` when
+  estimated, failures as ``OOM`` / ``CUDA Error`` / ``Timeout`` / ``Error`` cells in the GPU-memory column with the
+  reason in a numbered footnote, then our columns (tokens/s per GPU, TFLOPS, MFU, predicted vs measured memory),
+  a preamble (hardware, versions, command) and a recommendation per model and GPU count.
+* ``results.csv``: every summary field, the plan entry and the config columns, one row per run.
+* ``results.png``: per model, step time against GPU memory per rank (CPU runs: host RSS), Pareto front marked,
+  failures apart on a labelled band.
+* ``summaries.jsonl``: rank 0's meta (minus bulky fields) and every rank's summary record of every run, each with
+  ``run`` (and ``rank``) added, so the results folder stands on its own.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import html
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sftbench import runlog
+from sftbench.dsconfig import apply_precision, describe
+
+REPO = Path(__file__).resolve().parent.parent
+
+# The reference's header row, left to right (its own spelling, "offloard" included), with English.
+REF_HEADERS = [
+    ("模型", "model"),
+    ("整体耗时/epoch", "epoch time"),
+    ("单条样本耗时", "s/it"),
+    (None, "s/sample"),
+    ("内存使用量", "host RAM"),
+    ("显存使用量", "GPU memory"),
+    ("GPU型号和数量", "GPU model and count"),
+    ("fp16", None),
+    ("bf16", None),
+    ("deepspeed stage", None),
+    ("offload optimizer", None),
+    ("pin memory", None),
+    ("offloard param", "offload param"),
+    ("overlap comm", None),
+    ("allgather bucket size", None),
+    ("stage3 max live parameters", None),
+]
+EXTRA_HEADERS = ["tokens/s/GPU", "TFLOPS/GPU", "MFU", "GPU MiB pred / meas", "host MiB pred / meas", "ref row", "run"]
+STATUS_LABEL = {"oom": "OOM", "cuda_error": "CUDA Error", "timeout": "Timeout", "error": "Error",
+                "interrupted": "Interrupted", None: "No summary"}
+MODEL_LABEL = {"pangu-350m": "Pangu-350M", "pangu-2.6b": "Pangu-2.6B", "pangu-13b": "Pangu-13B",
+               "pangu-tiny": "Pangu-tiny"}
+META_DROP = ("argv", "env", "host", "pid", "device_uuid")  # bulky or machine-specific; the rest goes to summaries
+
+
+def scrub(value):
+    """Paths inside the repo made relative (results/ is committed: no machine-specific absolute paths)."""
+    root = str(REPO) + os.sep
+    if isinstance(value, str):
+        return value.replace(root, "")
+    if isinstance(value, dict):
+        return {k: scrub(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub(v) for v in value]
+    return value
+
+
+# ================================================================================================ collect
+
+@dataclass
+class Row:
+    run: str
+    run_dir: Path
+    entry: dict
+    meta: dict
+    summary: dict | None
+    rank_summaries: dict[int, dict]
+    predicted: dict | None
+    desc: dict
+    order: int
+    steps: dict[int, list[dict]] = field(default_factory=dict)
+    fallback_gpu: str | None = None  # the sweep's GPU name, for runs that died before their meta record
+
+    # ---- identity
+    @property
+    def model(self) -> str:
+        return str(self.meta.get("model") or self.entry.get("model") or "?")
+
+    @property
+    def model_label(self) -> str:
+        return MODEL_LABEL.get(self.model, Path(self.model).name)
+
+    @property
+    def accelerator(self) -> str:
+        if self.entry.get("accelerator"):
+            return self.entry["accelerator"]
+        return "cpu" if str(self.meta.get("device", "")).startswith("cpu") else "cuda"
+
+    @property
+    def world(self) -> int:
+        return int(self.meta.get("world_size") or self.entry.get("num_gpus") or 1)
+
+    @property
+    def precision(self) -> str | None:
+        return self.meta.get("precision") or self.entry.get("precision")
+
+    @property
+    def config_name(self) -> str:
+        p = self.meta.get("ds_config_path") if self.meta else self.entry.get("ds_config")
+        return "none" if not p else Path(p).stem
+
+    @property
+    def device_name(self) -> str:
+        if self.accelerator == "cpu":
+            return "CPU"
+        name = self.meta.get("device_name") or self.fallback_gpu or "GPU"
+        return name.replace("NVIDIA ", "")
+
+    @property
+    def status(self) -> str | None:
+        return self.summary.get("status") if self.summary else None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok" and self.step_s is not None
+
+    # ---- numbers
+    @property
+    def step_s(self) -> float | None:
+        return (self.summary or {}).get("step_s_median")
+
+    @property
+    def micro_batch(self) -> int:
+        return int(self.meta.get("micro_batch") or (self.desc.get("_cfg") or {}).get("train_micro_batch_size_per_gpu")
+                   or 1)
+
+    @property
+    def grad_accum(self) -> int:
+        return int(self.meta.get("grad_accum") or (self.desc.get("_cfg") or {}).get("gradient_accumulation_steps")
+                   or 1)
+
+    @property
+    def s_per_sample(self) -> float | None:
+        s = self.step_s
+        return s / (self.micro_batch * self.grad_accum * self.world) if s is not None else None
+
+    def _per_rank(self, key_summary: str, key_step: str) -> dict[int, float]:
+        out: dict[int, float] = {}
+        for r in set(self.rank_summaries) | set(self.steps):
+            v = (self.rank_summaries.get(r) or {}).get(key_summary)
+            if v is None:
+                vals = [s.get(key_step) for s in self.steps.get(r, []) if s.get(key_step) is not None]
+                v = max(vals) if vals else None
+            if v is not None:
+                out[r] = float(v)
+        if not out and self.summary and self.summary.get(key_summary) is not None:
+            out[0] = float(self.summary[key_summary])
+        return out
+
+    @property
+    def gpu_mib(self) -> float | None:
+        vals = self._per_rank("gpu_mem_used_mib_peak", "gpu_mem_used_mib")
+        return max(vals.values()) if vals else None
+
+    @property
+    def host_rss_mib(self) -> float | None:
+        """Sum of every rank's peak RSS: the job's host memory."""
+        vals = self._per_rank("host_rss_mib_peak", "host_rss_mib")
+        if not vals:
+            return None
+        total = sum(vals.values())
+        missing = self.world - len(vals)
+        if missing > 0:  # ranks that logged nothing: assume like the others
+            total += missing * total / len(vals)
+        return total
+
+    @property
+    def epoch(self) -> tuple[float | None, bool]:
+        s = self.summary or {}
+        if s.get("epoch_s_measured") is not None:
+            return float(s["epoch_s_measured"]), False
+        if s.get("epoch_s_est") is not None:
+            return float(s["epoch_s_est"]), True
+        return None, True
+
+    @property
+    def pred_gpu(self) -> float | None:
+        return (self.predicted or {}).get("gpu_mib") if self.accelerator == "cuda" else None
+
+    @property
+    def pred_host(self) -> float | None:
+        return (self.predicted or {}).get("host_mib")
+
+    @property
+    def group(self) -> tuple:
+        return (self.model_label, self.device_name, self.world)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _config_from_entry(entry: dict) -> dict | None:
+    p = entry.get("ds_config")
+    if not p:
+        return None
+    path = Path(p) if os.path.isabs(p) else REPO / p
+    cfg = _read_json(path)
+    if cfg is None:
+        return None
+    try:
+        return apply_precision(cfg, entry.get("precision"))
+    except ValueError:
+        return cfg
+
+
+def collect(runs_dir: str | os.PathLike) -> tuple[list[Row], dict, dict]:
+    """All runs under runs_dir (plan order where plan.json has them), plan.json and sweep_info.json."""
+    root = Path(runs_dir)
+    plan = _read_json(root / "plan.json") or {}
+    info = _read_json(root / "sweep_info.json") or {}
+    plan_entries = {e.get("run"): e for e in plan.get("entries", []) if isinstance(e, dict)}
+    plan_order = {name: i for i, name in enumerate(plan_entries)}
+    gpus = (info.get("hardware") or {}).get("gpus") or []
+    fallback_gpu = gpus[0].get("name") if gpus and isinstance(gpus[0], dict) else None
+    dirs = [d for d in runlog.iter_run_dirs(root) if not any(part.startswith(".") for part in d.relative_to(root).parts)]
+    # plan entries that never produced a directory with logs are left out (not run yet)
+    rows: list[Row] = []
+    for d in dirs:
+        rr = runlog.load_run(d)
+        entry = _read_json(d / "plan_entry.json") or plan_entries.get(d.name) or {}
+        meta = rr.meta.get(0) or (rr.meta[min(rr.meta)] if rr.meta else {})
+        summary = rr.final_summary()
+        if summary is None and rr.summary:
+            summary = rr.summary[min(rr.summary)]
+        predicted = meta.get("predicted") if isinstance(meta.get("predicted"), dict) else None
+        if predicted is None or "gpu_mib" not in predicted:
+            p = _read_json(d / "predicted.json")
+            predicted = p if p and "gpu_mib" in p else predicted
+        cfg = meta.get("ds_config") if meta else _config_from_entry(entry)
+        desc = describe(cfg)
+        desc["_cfg"] = cfg
+        rows.append(Row(run=d.name, run_dir=d, entry=entry, meta=meta, summary=summary,
+                        rank_summaries=dict(rr.summary), predicted=predicted, desc=desc,
+                        order=plan_order.get(d.name, 10 ** 6), steps=rr.steps, fallback_gpu=fallback_gpu))
+    # group by model and GPU, keep plan order inside (and across groups by first appearance)
+    first: dict[tuple, int] = {}
+    for r in sorted(rows, key=lambda r: (r.order, r.run)):
+        first.setdefault(r.group, len(first))
+    rows.sort(key=lambda r: (first[r.group], r.order, r.run))
+    return rows, plan, info
+
+
+# ================================================================================================ formatting
+
+def fmt_e(n) -> str:
+    """500000000 -> '5e8', 1e9 -> '1e9', 150000000 -> '1.5e8'."""
+    if n is None:
+        return "-"
+    n = float(n)
+    if n == 0:
+        return "0"
+    exp = int(math.floor(math.log10(abs(n))))
+    mant = n / 10 ** exp
+    m = f"{mant:.2f}".rstrip("0").rstrip(".")
+    return f"{m}e{exp}"
+
+
+def fmt_duration(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s < 60:
+        return f"{s:.0f}s" if s >= 10 else f"{s:.1f}s"
+    if s < 3600:
+        return f"{s / 60:.1f}min"
+    return f"{s / 3600:.1f}h"
+
+
+def fmt_step(s: float | None) -> str:
+    if s is None:
+        return "-"
+    return f"{s:.2f}s/it" if s < 10 else f"{s:.1f}s/it"
+
+
+def fmt_num(v, nd: int = 0, suffix: str = "") -> str:
+    if v is None:
+        return "-"
+    return f"{v:,.{nd}f}{suffix}"
+
+
+def fmt_sig(v) -> str:
+    """1 decimal from 1 up, 3 significant digits below (CPU runs reach a few GFLOPS)."""
+    if v is None:
+        return "-"
+    return f"{v:,.1f}" if abs(v) >= 1 else f"{v:.3g}"
+
+
+def _tf(v) -> str:
+    return "-" if v is None else ("true" if v else "false")
+
+
+def config_cells(r: Row) -> list[str]:
+    """fp16, bf16, deepspeed stage, offload optimizer, pin memory, offload param, overlap comm, allgather bucket
+    size, stage3 max live parameters: as the reference filled them ('-' where a setting does not apply)."""
+    prec = r.precision
+    fp16, bf16 = _tf(prec == "fp16"), _tf(prec == "bf16")
+    d = r.desc
+    stage = d.get("zero_stage")
+    if stage is None:
+        return [fp16, bf16, "-", "-", "-", "-", "-", "-", "-"]
+    if stage < 2:
+        return [fp16, bf16, str(stage), "-", "-", "-", "-", "-", "-"]
+    off = d.get("offload_optimizer") is not None
+    pin = _tf(d.get("pin_memory")) if off else "-"
+    offp = _tf(d.get("offload_param") is not None) if stage == 3 else "-"
+    live = fmt_e(d.get("stage3_max_live_parameters")) if stage == 3 else "-"
+    return [fp16, bf16, str(stage), _tf(off), pin, offp, _tf(bool(d.get("overlap_comm"))),
+            fmt_e(d.get("allgather_bucket_size")), live]
+
+
+def gpu_cell(r: Row) -> str:
+    if r.accelerator == "cpu":
+        return f"{r.world}*CPU"
+    return f"{r.world}*{r.device_name}"
+
+
+def mem_cell(r: Row) -> str:
+    if r.accelerator == "cpu":
+        return "-"
+    v = r.gpu_mib
+    return f"{r.world}*{v:.0f}MB" if v is not None else "-"
+
+
+def pred_meas(pred: float | None, meas: float | None) -> str:
+    if pred is None and meas is None:
+        return "-"
+    return f"{fmt_num(pred)} / {fmt_num(meas)}"
+
+
+@dataclass
+class Table:
+    rows: list[list[str]]
+    groups: list[int]  # rows per group (for rowspan)
+    footnotes: list[str]
+    any_estimated: bool
+
+
+def build_table(rows: list[Row]) -> Table:
+    out, foot, groups = [], [], []
+    any_est = False
+    cur = None
+    for r in rows:
+        if r.group != cur:
+            groups.append(0)
+            cur = r.group
+        groups[-1] += 1
+        cfg = config_cells(r)
+        extra_tail = [",".join(str(x) for x in r.entry.get("ref_rows") or []) or "-", r.run]
+        if r.ok:
+            ep, est = r.epoch
+            any_est = any_est or (est and ep is not None)
+            epoch = ("~" if est and ep is not None else "") + fmt_duration(ep)
+            host = r.host_rss_mib
+            mfu = (r.summary or {}).get("mfu_pct")
+            cells = [r.model_label, epoch, fmt_step(r.step_s), fmt_num(r.s_per_sample, 3, "s"),
+                     f"{host / 1024:.1f}G" if host is not None else "-", mem_cell(r), gpu_cell(r), *cfg,
+                     fmt_num((r.summary or {}).get("tokens_per_s_per_gpu")),
+                     fmt_sig((r.summary or {}).get("tflops")), fmt_num(mfu, 1, "%") if mfu is not None else "-",
+                     pred_meas(r.pred_gpu, r.gpu_mib if r.accelerator == "cuda" else None),
+                     pred_meas(r.pred_host, r.host_rss_mib), *extra_tail]
+        else:
+            label = STATUS_LABEL.get(r.status, str(r.status))
+            if r.status == "ok":
+                label = "No statistics"
+            err = (r.summary or {}).get("error") or ("the run left no summary (still running, or killed "
+                                                      "before the sweep could record it)" if not r.summary else "")
+            synth = " (recorded by the sweep)" if (r.summary or {}).get("synthesized") else ""
+            foot.append(scrub(f"{r.run}: {label}{synth}: {err}".rstrip(": ")))
+            n = len(foot)
+            cells = [r.model_label, "-", "-", "-", "-", f"{label} [{n}]", gpu_cell(r), *cfg, "-", "-", "-",
+                     pred_meas(r.pred_gpu, None), pred_meas(r.pred_host, None), *extra_tail]
+        out.append(cells)
+    return Table(out, groups, foot, any_est)
+
+
+def hardware_lines(rows: list[Row], info: dict) -> list[str]:
+    lines = []
+    cpu_runs = [r for r in rows if r.accelerator == "cpu"]
+    gpu_runs = [r for r in rows if r.accelerator == "cuda"]
+    if gpu_runs:
+        seen = sorted({(r.device_name, r.world) for r in gpu_runs})
+        lines.append("GPU: " + "; ".join(f"{n} × {name}" for name, n in seen)
+                     + " (device name and world size from the runs' meta records)")
+    if cpu_runs:
+        ranks = sorted({r.world for r in cpu_runs})
+        lines.append(f"**Ran on CPU** (DS_ACCELERATOR=cpu, {'/'.join(map(str, ranks))} ranks over gloo): these "
+                     "numbers show the pipeline working; they say nothing about GPU speed or GPU memory.")
+    hw = info.get("hardware") or {}
+    cpu = hw.get("cpu_model")
+    if cpu:
+        lines.append(f"CPU: {cpu}" + (f", {hw['cpu_count']} logical cores" if hw.get("cpu_count") else "")
+                     + (f", {hw['host_mem_mib'] / 1024:.0f} GiB host memory" if hw.get("host_mem_mib") else "")
+                     + " (recorded by the sweep)")
+    else:
+        lines.append(f"CPU: {_cpu_model()} ({platform.platform()}; read when this report was written, "
+                     "not recorded by the runs)")
+    metas = [r.meta for r in rows if r.meta.get("versions")]
+    if metas:
+        v = metas[0]["versions"]
+        lines.append("Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val))
+        commits = sorted({m.get("git_commit") for m in metas if m.get("git_commit")})
+        if commits:
+            lines.append("Harness commit: " + ", ".join(c[:12] for c in commits))
+    if info.get("command"):
+        lines.append(f"Command: `{scrub(info['command'])}`")
+    ex = next((r.meta.get("argv") for r in rows if r.meta.get("argv")), None)
+    if ex:
+        args = [scrub(str(a)) for a in ex[1:] if not str(a).startswith("--local_rank")]
+        lines.append("Each run: `deepspeed --num_gpus N train.py " + " ".join(args) + "` (first run shown)")
+    return lines
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def recommendations(rows: list[Row]) -> list[str]:
+    """Per model and GPU count: the fastest configuration that ran, and the one with the least GPU memory."""
+    out = []
+    groups: dict[tuple, list[Row]] = {}
+    for r in rows:
+        groups.setdefault(r.group, []).append(r)
+    for (label, dev, world), rs in groups.items():
+        ok = [r for r in rs if r.ok]
+        where = f"{label} on {world} × {dev}" if dev != "CPU" else f"{label} on CPU ({world} ranks)"
+        if not ok:
+            out.append(f"**{where}**: no configuration finished.")
+            continue
+        fast = min(ok, key=lambda r: r.s_per_sample)
+        if dev == "CPU":
+            lean = min((r for r in ok if r.host_rss_mib is not None), key=lambda r: r.host_rss_mib, default=None)
+            mem_of = lambda r: f"{r.host_rss_mib / 1024:.1f} GiB host RSS"  # noqa: E731
+            what = "least host memory"
+        else:
+            lean = min((r for r in ok if r.gpu_mib is not None), key=lambda r: r.gpu_mib, default=None)
+            mem_of = lambda r: f"{r.gpu_mib:.0f} MiB per GPU"  # noqa: E731
+            what = "least GPU memory"
+
+        def desc(r: Row) -> str:
+            ep, est = r.epoch
+            mem = mem_of(r) if (r.gpu_mib is not None or dev == "CPU") and (
+                r.host_rss_mib is not None or dev != "CPU") else "memory not measured"
+            return (f"`{r.config_name}` {r.precision} ({fmt_step(r.step_s)}, {r.s_per_sample:.3f} s/sample, "
+                    f"{'~' if est else ''}{fmt_duration(ep)}/epoch, {mem})")
+
+        line = f"**{where}**: fastest {desc(fast)}"
+        if lean is not None:
+            line += f"; {what}: {desc(lean)}" if lean is not fast else f"; it also uses the {what}"
+        out.append(line + ".")
+    return out
+
+
+# ================================================================================================ writers
+
+def _md_escape(s: str) -> str:
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def md_headers() -> list[str]:
+    hs = []
+    for zh, en in REF_HEADERS:
+        if zh and en:
+            hs.append(f"{zh} ({en})")
+        else:
+            hs.append(zh or en)
+    return hs + EXTRA_HEADERS
+
+
+def html_headers() -> list[str]:
+    hs = []
+    for zh, en in REF_HEADERS:
+        if zh and en:
+            hs.append(f"{html.escape(zh)}<br><small>{html.escape(en)}</small>")
+        else:
+            hs.append(html.escape(zh or en))
+    return hs + [html.escape(h) for h in EXTRA_HEADERS]
+
+
+NOTES = [
+    "`~` = estimated epoch time: steps per epoch × median step time (`epoch_s_est`); without `~` it was measured "
+    "over a full epoch (`epoch_s_measured`).",
+    "单条样本耗时 is seconds per optimizer step (s/it), as the reference measured it; `s/sample` divides it by the "
+    "samples in one step (micro batch × gradient accumulation × GPUs).",
+    "内存使用量: sum over ranks of each process's peak RSS. 显存使用量: `N*` peak NVML used memory of each GPU in "
+    "MiB (what nvidia-smi shows), the largest over the ranks.",
+    "Predicted memory: `sftbench/memory.py` before the run (DeepSpeed's ZeRO formulas plus buffers, activations, "
+    "logits and CUDA context); measured: the NVML peak per GPU and the summed RSS.",
+]
+
+
+def write_md(path: Path, title: str, table: Table, hw: list[str], recs: list[str], n_runs: int) -> None:
+    hs = md_headers()
+    lines = [f"# {title}", ""]
+    lines += [f"- {h}" for h in hw]
+    lines += ["", f"{n_runs} runs.", "", "| " + " | ".join(hs) + " |", "|" + "---|" * len(hs)]
+    i = 0
+    for g in table.groups:
+        for k in range(g):
+            cells = list(table.rows[i])
+            if k > 0:
+                cells[0] = ""  # the model once per group, as the reference's rowspan
+            lines.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
+            i += 1
+    lines += [""] + [f"- {x}" for x in NOTES]
+    if table.footnotes:
+        lines += ["", "**Failures**", ""]
+        lines += [f"{n}. {_md_escape(f)}" for n, f in enumerate(table.footnotes, 1)]
+    lines += ["", "## Recommendation", ""] + [f"- {r}" for r in recs]
+    lines += ["", "![step time vs memory](results.png)", ""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def write_html(path: Path, title: str, table: Table, hw: list[str], recs: list[str], n_runs: int) -> None:
+    def inline(s: str) -> str:
+        s = html.escape(s)
+        # `code` and **bold** from the Markdown strings
+        import re
+        s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
+        return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", s)
+
+    out = ["<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\">", f"<title>{html.escape(title)}</title>",
+           "<style>body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;font-size:13px}"
+           "td,th{border:1px solid #bbb;padding:3px 6px;text-align:center}thead td{background:#eee;font-weight:bold}"
+           "td.fail{color:#b00;font-weight:bold}</style></head><body>",
+           f"<h1>{html.escape(title)}</h1>", "<ul>"] + [f"<li>{inline(h)}</li>" for h in hw] + [
+        "</ul>", f"<p>{n_runs} runs.</p>", "<table>", "    <thead>",
+        "        <tr> " + " ".join(f"<td>{h}</td>" for h in html_headers()) + " </tr>", "    </thead>", "   <tbody>"]
+    i = 0
+    for g in table.groups:
+        for k in range(g):
+            cells = table.rows[i]
+            tds = []
+            for j, c in enumerate(cells):
+                if j == 0:
+                    if k == 0:
+                        tds.append(f"<td rowspan=\"{g}\">{html.escape(c)}</td>")
+                    continue
+                cls = " class=\"fail\"" if j == 5 and "[" in c else ""
+                tds.append(f"<td{cls}>{html.escape(c)}</td>")
+            out.append("       <tr> " + " ".join(tds) + " </tr>")
+            i += 1
+    out += ["    </tbody>", "</table>", "<p>" + "<br>".join(inline(n) for n in NOTES) + "</p>"]
+    if table.footnotes:
+        out += ["<h3>Failures</h3>", "<ol>"] + [f"<li>{html.escape(f)}</li>" for f in table.footnotes] + ["</ol>"]
+    out += ["<h2>Recommendation</h2>", "<ul>"] + [f"<li>{inline(r)}</li>" for r in recs] + ["</ul>"]
+    out += ["<img src=\"results.png\" alt=\"step time vs memory\" style=\"max-width:100%\">", "</body></html>", ""]
+    path.write_text("\n".join(out), encoding="utf-8")
+
+
+CONFIG_COLUMNS = ("zero_stage", "offload_optimizer", "offload_param", "pin_memory", "overlap_comm",
+                  "allgather_bucket_size", "reduce_bucket_size", "stage3_max_live_parameters", "contiguous_gradients")
+PLAN_COLUMNS = ("run", "model", "ds_config", "precision", "num_gpus", "max_steps", "warmup_steps", "accelerator",
+                "data", "seq_len", "extra_args", "ref_rows")
+META_COLUMNS = ("device_name", "world_size", "micro_batch", "grad_accum", "seq_len", "n_params", "flops_per_token",
+                "peak_tflops", "dataset_samples", "real_tokens", "pad_tokens")
+DERIVED_COLUMNS = ("config", "s_per_sample", "gpu_mem_used_mib_max_over_ranks", "host_rss_mib_sum_over_ranks",
+                   "predicted_gpu_mib", "predicted_host_mib", "predicted_fits")
+
+
+def csv_columns() -> list[str]:
+    summ = [k for k in runlog.SUMMARY_KEYS if k != "type"]
+    cols = list(PLAN_COLUMNS) + list(DERIVED_COLUMNS) + [f"meta_{k}" for k in META_COLUMNS] + list(CONFIG_COLUMNS)
+    return cols + [k for k in summ if k not in cols]
+
+
+def write_csv(path: Path, rows: list[Row]) -> None:
+    cols = csv_columns()
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            d: dict = {}
+            for k in PLAN_COLUMNS:
+                v = r.entry.get(k)
+                d[k] = json.dumps(v) if isinstance(v, (list, dict)) else v
+            d["run"] = r.run
+            d["model"] = d.get("model") or r.model
+            d["precision"] = d.get("precision") or r.precision
+            d["config"] = r.config_name
+            d["s_per_sample"] = r.s_per_sample
+            d["gpu_mem_used_mib_max_over_ranks"] = r.gpu_mib
+            d["host_rss_mib_sum_over_ranks"] = r.host_rss_mib
+            d["predicted_gpu_mib"] = (r.predicted or {}).get("gpu_mib")
+            d["predicted_host_mib"] = (r.predicted or {}).get("host_mib")
+            d["predicted_fits"] = (r.predicted or {}).get("fits")
+            for k in META_COLUMNS:
+                d[f"meta_{k}"] = r.meta.get(k)
+            for k in CONFIG_COLUMNS:
+                d[k] = r.desc.get(k)
+            for k in runlog.SUMMARY_KEYS:
+                if k != "type":
+                    d[k] = (r.summary or {}).get(k)
+            w.writerow({k: scrub(v) for k, v in d.items()})
+
+
+def write_summaries(path: Path, rows: list[Row]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            if r.meta:
+                meta = scrub({k: v for k, v in r.meta.items() if k not in META_DROP})
+                meta["run"] = r.run
+                f.write(json.dumps(meta, ensure_ascii=False, default=str) + "\n")
+            sums = dict(r.rank_summaries)
+            if r.summary is not None and (not sums or r.summary.get("synthesized")):
+                sums = {**sums, (-1 if sums else 0): r.summary}
+            for rank, s in sorted(sums.items()):
+                rec = scrub(dict(s))
+                rec["run"] = r.run
+                rec["rank"] = rank if rank >= 0 else None
+                f.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
+
+
+def pareto(points: list[tuple[float, float, object]]) -> list[tuple[float, float, object]]:
+    """Points not dominated in (x, y), both lower-is-better, sorted by x."""
+    front = []
+    best_y = math.inf
+    for x, y, tag in sorted(points, key=lambda p: (p[0], p[1])):
+        if y < best_y:
+            front.append((x, y, tag))
+            best_y = y
+    return front
+
+
+def write_png(path: Path, rows: list[Row]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = []
+    for r in rows:
+        if r.model_label not in models:
+            models.append(r.model_label)
+    models = models or ["(no runs)"]
+    fig, axes = plt.subplots(1, len(models), figsize=(7.5 * len(models), 5.5), squeeze=False)
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown"]
+    for ax, label in zip(axes[0], models):
+        rs = [r for r in rows if r.model_label == label]
+        cpu = bool(rs) and all(r.accelerator == "cpu" for r in rs)
+        xname = "host RSS, all ranks (MiB)" if cpu else "GPU memory per rank, NVML peak (MiB)"
+
+        def xval(r: Row) -> float | None:
+            return r.host_rss_mib if cpu else r.gpu_mib
+
+        worlds = sorted({r.world for r in rs})
+        pts_all = []
+        for wi, w in enumerate(worlds):
+            pts = [(xval(r), r.step_s, r) for r in rs if r.ok and r.world == w and xval(r) is not None]
+            pts_all += pts
+            if not pts:
+                continue
+            c = colors[wi % len(colors)]
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=c, zorder=3,
+                       label=f"{w} {'rank' if cpu else 'GPU'}{'s' if w > 1 else ''}")
+            for x, y, r in pts:
+                ax.annotate(f"{r.config_name} {r.precision}", (x, y), fontsize=6.5, xytext=(3, 3),
+                            textcoords="offset points")
+            front = pareto(pts)
+            if len(front) > 0:
+                xs, ys = [p[0] for p in front], [p[1] for p in front]
+                ax.step(xs, ys, where="post", color=c, alpha=0.6, linestyle="--", zorder=2,
+                        label=f"Pareto front ({w})")
+        fails = [r for r in rs if not r.ok]
+        ys = [p[1] for p in pts_all]
+        if ys and max(ys) / max(min(ys), 1e-9) > 20:
+            ax.set_yscale("log")
+        if fails:
+            top = (max(ys) * (2.5 if ax.get_yscale() == "log" else 1.25)) if ys else 1.0
+            xs_known = [xval(r) or (r.pred_host if cpu else r.pred_gpu) for r in fails]
+            span = [x for x, _, _ in pts_all] or [1.0]
+            lo, hi = min(span), max(span)
+            for k, (r, x) in enumerate(zip(fails, xs_known)):
+                if x is None:
+                    x = lo + (hi - lo) * (k + 1) / (len(fails) + 1)
+                ax.scatter([x], [top], marker="x", color="tab:red", zorder=4)
+                ax.annotate(f"{r.config_name} {r.precision}: {STATUS_LABEL.get(r.status, r.status)}", (x, top),
+                            fontsize=6, rotation=60, xytext=(2, 4), textcoords="offset points", color="tab:red")
+            ax.axhline(top, color="tab:red", alpha=0.2, linewidth=8)
+            ax.text(0.01, top, " failed (x at predicted memory)", transform=ax.get_yaxis_transform(), fontsize=7,
+                    color="tab:red", va="bottom")
+        ax.set_xlabel(xname)
+        ax.set_ylabel("median step time (s/it)")
+        ax.set_title(f"{label}" + (" — CPU run" if cpu else ""))
+        ax.grid(True, alpha=0.3)
+        if pts_all:
+            ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ================================================================================================ main
+
+def make_report(runs_dir: str | os.PathLike, out_dir: str | os.PathLike, title: str | None = None) -> dict:
+    rows, plan, info = collect(runs_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = plan.get("sweep") or Path(runs_dir).resolve().name
+    title = title or f"sftbench results: {name}"
+    if rows and all(r.accelerator == "cpu" for r in rows):
+        title += " (CPU run)"
+    table = build_table(rows)
+    hw = hardware_lines(rows, info)
+    hw.append(f"Report written {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from {len(rows)} run directories.")
+    recs = recommendations(rows)
+    write_md(out / "results.md", title, table, hw, recs, len(rows))
+    write_html(out / "results.html", title, table, hw, recs, len(rows))
+    write_csv(out / "results.csv", rows)
+    write_summaries(out / "summaries.jsonl", rows)
+    write_png(out / "results.png", rows)
+    return {"rows": len(rows), "failures": len(table.footnotes), "out": str(out)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sftbench.report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs_dir", help="a sweep's run folder (runs/<sweep>) or any folder holding run directories")
+    ap.add_argument("--out", default=None, help="output folder (default results/<name of runs_dir>)")
+    ap.add_argument("--title", default=None)
+    a = ap.parse_args(argv)
+    if not Path(a.runs_dir).is_dir():
+        print(f"error: {a.runs_dir} is not a directory", file=sys.stderr)
+        return 2
+    out = a.out or str(REPO / "results" / Path(a.runs_dir).resolve().name)
+    res = make_report(a.runs_dir, out, a.title)
+    print(f"report: {res['rows']} runs ({res['failures']} failed) -> {res['out']}/results.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,961 @@
+"""The benchmark sweep: every model x DeepSpeed config x precision, one ``train.py`` process per run, resumable.
+
+    python -m sftbench.sweep plan   [options]      # print the plan (same as run --dry-run)
+    python -m sftbench.sweep run    [options]      # run what is not done yet
+    python -m sftbench.sweep report [options]      # write results/<sweep>/ from runs/<sweep>/
+    python -m sftbench.sweep name   [options]      # print the sweep name the options resolve to
+
+The plan (``build_plan``): every model (pangu-350m, pangu-2.6b) x every ``ds_configs/*.json`` plus ``--ds none`` x
+the precision(s) the reference table used for that model and file (parsed from the table in
+``ds_configs/README.md``, the source of truth) plus bf16 where the GPU supports it, on the visible GPU count. On a
+machine without a GPU the default plan is a small CPU sweep (2 ranks, ``DS_ACCELERATOR=cpu``, pangu-tiny, a few
+configs, fp32 and bf16, few steps) so the whole pipeline can be seen in a few minutes.
+
+Each run: ``runs/<sweep>/<run>/`` with ``plan_entry.json`` (the plan entry), ``predicted.json`` (the memory
+prediction, ``sftbench.memory``), ``console.log`` (launcher stdout+stderr) and train.py's ``rank<k>.jsonl``. A run
+that dies without a summary record gets ``summary.json`` (``synthesized: true``) classified from its exit code and
+console output (``classify_failure``). Runs whose plan entry matches and that ended ``ok`` are skipped on the next
+invocation (``--force`` re-runs them); failed ones are re-run only with ``--retry-failed``; interrupted or
+unfinished ones are always re-run. ``--max-minutes`` stops launching when the budget is spent (a later invocation
+resumes), so a long sweep can be cut into bounded batches.
+
+Every option also reads an environment variable ``SFTBENCH_<OPTION>`` (e.g. ``SFTBENCH_GPUS``, ``SFTBENCH_STEPS``)
+when the flag is not given. No torch import here.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import fnmatch
+import functools
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from sftbench import memory, runlog
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO / "ds_configs"
+CONFIG_README = CONFIG_DIR / "README.md"
+BENCH_DATA = "data/bench_10k.jsonl"
+SAMPLE_DATA = "data/sample_sft.jsonl"
+GPU_MODELS = ("pangu-350m", "pangu-2.6b")
+CPU_MODELS = ("pangu-tiny",)
+CPU_CONFIGS = ("none", "z0", "z2_offload_5e8", "z3_offload_param")
+CPU_RANKS = 2
+PRECISIONS = ("fp32", "fp16", "bf16")
+DEFAULTS = {
+    # steps, warm-up steps, per-run wall-clock limit (s), sequence length
+    "cuda": {"steps": 10, "warmup": 3, "timeout": 1200, "seq_len": 512},
+    "cpu": {"steps": 4, "warmup": 1, "timeout": 600, "seq_len": 128},
+}
+MIN_BUDGET_LEFT_S = 30  # don't start a run with less than this left of --max-minutes
+
+
+# ================================================================================================ hardware
+
+@dataclass
+class Gpu:
+    index: int
+    name: str
+    memory_mib: float | None = None
+    compute_cap: str | None = None
+    uuid: str | None = None
+
+
+def _visible_filter(gpus: list[Gpu], visible: str | None) -> list[Gpu]:
+    """Apply CUDA_VISIBLE_DEVICES (indices or UUIDs, in the order given) to the NVML list."""
+    if visible is None:
+        return gpus
+    out = []
+    for tok in [t.strip() for t in visible.split(",") if t.strip()]:
+        if tok.lstrip("-").isdigit():
+            if int(tok) < 0:
+                break  # CUDA stops at the first invalid index
+            out += [g for g in gpus if g.index == int(tok)]
+        else:
+            out += [g for g in gpus if g.uuid and g.uuid.startswith(tok)]
+    return out
+
+
+def detect_gpus(env: dict | None = None) -> list[Gpu]:
+    """The GPUs this process may use: nvidia-smi, else NVML (nvidia-ml-py), filtered by CUDA_VISIBLE_DEVICES."""
+    env = os.environ if env is None else env
+    gpus: list[Gpu] = []
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index,name,memory.total,compute_cap,uuid", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=30)
+        if out.returncode == 0:
+            for line in out.stdout.splitlines():
+                parts = [p.strip() for p in line.split(",")]
+                if len(parts) >= 5 and parts[0].isdigit():
+                    mem = float(parts[2]) if re.match(r"^[\d.]+$", parts[2]) else None
+                    cap = parts[3] if re.match(r"^\d+\.\d+$", parts[3]) else None
+                    gpus.append(Gpu(int(parts[0]), parts[1], mem, cap, parts[4]))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    if not gpus:
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            for i in range(pynvml.nvmlDeviceGetCount()):
+                h = pynvml.nvmlDeviceGetHandleByIndex(i)
+                name = pynvml.nvmlDeviceGetName(h)
+                name = name.decode() if isinstance(name, bytes) else name
+                uuid = pynvml.nvmlDeviceGetUUID(h)
+                uuid = uuid.decode() if isinstance(uuid, bytes) else uuid
+                major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
+                mem = pynvml.nvmlDeviceGetMemoryInfo(h).total / 2 ** 20
+                gpus.append(Gpu(i, name, mem, f"{major}.{minor}", uuid))
+        except Exception:  # no NVML library / no driver: a CPU machine
+            gpus = []
+    return _visible_filter(gpus, env.get("CUDA_VISIBLE_DEVICES"))
+
+
+def bf16_supported(gpus: list[Gpu]) -> bool:
+    """bf16 needs compute capability >= 8.0 (Ampere); by name when the driver does not report it. CPU: yes."""
+    if not gpus:
+        return True
+    for g in gpus:
+        if g.compute_cap:
+            if float(g.compute_cap) < 8.0:
+                return False
+        elif re.search(r"V100|P100|T4\b|K80|P40|P4\b|TITAN V|RTX 20", g.name, re.I):
+            return False
+    return True
+
+
+def gpu_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100', 'Tesla V100-SXM2-16GB' -> 'v100'."""
+    name = re.sub(r"(?i)\b(nvidia|tesla|geforce|quadro)\b", " ", name)
+    for tok in re.findall(r"[A-Za-z]+\d+[A-Za-z0-9]*", name):
+        if not re.match(r"(?i)^\d*gb$", tok) and not re.match(r"(?i)^(sxm|pcie|hbm)\d*", tok):
+            return tok.lower()
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return slug or "gpu"
+
+
+# ================================================================================================ reference map
+
+@dataclass
+class RefRow:
+    row: int
+    model: str
+    gpus: str
+    precision: str
+    file: str | None  # config name (file stem) or None for --ds none
+
+
+def read_reference_map(path: str | os.PathLike = CONFIG_README) -> list[RefRow]:
+    """Parse the 'Reference rows -> files' table of ds_configs/README.md (columns found by header name)."""
+    text = Path(path).read_text(encoding="utf-8")
+    rows: list[RefRow] = []
+    header: list[str] | None = None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("|"):
+            header = None if not rows and header is None else header
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if header is None:
+            low = [c.lower() for c in cells]
+            if "model" in low and "precision" in low and "file" in low:
+                header = low
+            continue
+        if all(re.fullmatch(r":?-+:?", c) for c in cells if c):
+            continue
+        if len(cells) != len(header):
+            continue
+        rec = dict(zip(header, cells))
+        num = rec.get("#", "")
+        if not num.isdigit():
+            continue
+        f = rec["file"].strip("` ")
+        f = None if f.lower() == "none" else Path(f).stem
+        rows.append(RefRow(int(num), rec["model"].lower(), rec.get("reference gpus", ""), rec["precision"].lower(), f))
+    if not rows:
+        raise ValueError(f"{path}: no 'Reference rows -> files' table found (columns #, model, precision, file)")
+    return rows
+
+
+def _cfg_name(ds_config: str | None) -> str:
+    return "none" if ds_config is None else Path(ds_config).stem
+
+
+def available_configs(config_dir: Path = CONFIG_DIR, ref: list[RefRow] | None = None) -> list[str]:
+    """Config names in plan order: 'none', then the files in the order the reference table first uses them, then
+    any other file in the folder, by name."""
+    names = sorted(p.stem for p in Path(config_dir).glob("*.json"))
+    order: list[str] = ["none"]
+    for r in ref or []:
+        n = r.file or "none"
+        if n not in order and (n in names):
+            order.append(n)
+    order += [n for n in names if n not in order]
+    return order
+
+
+def select_configs(spec: str | None, available: list[str], default: Iterable[str] | None = None) -> list[str]:
+    """--configs: comma-separated names, globs ('z3*') or JSON paths; keeps plan order for names."""
+    if not spec:
+        return list(default) if default is not None else list(available)
+    chosen: list[str] = []
+    for tok in [t.strip() for t in spec.split(",") if t.strip()]:
+        if tok.endswith(".json") and Path(tok).is_file() and Path(tok).resolve().parent != CONFIG_DIR.resolve():
+            chosen.append(str(Path(tok).resolve()))
+            continue
+        tok = Path(tok).stem if tok.endswith(".json") else tok
+        hits = [n for n in available if fnmatch.fnmatchcase(n, tok)]
+        if not hits:
+            raise SystemExit(f"--configs: {tok!r} matches no config (known: {', '.join(available)})")
+        chosen += [h for h in hits if h not in chosen]
+    named = [n for n in available if n in chosen]
+    return named + [c for c in chosen if c not in available]
+
+
+def reference_precisions(ref: list[RefRow], model: str, cfg: str) -> tuple[list[str], list[int]]:
+    """Precisions (in table order) and row numbers the reference used for this model and config. A model or
+    config the reference never combined falls back to the config's rows for any model (precisions only: no row
+    numbers are returned then, since no reference row measured that combination)."""
+    key = None if cfg == "none" else cfg
+    rows = [r for r in ref if r.model == model.lower() and r.file == key]
+    own = bool(rows)
+    if not rows:
+        rows = [r for r in ref if r.file == key]
+    precs: list[str] = []
+    for r in rows:
+        if r.precision not in precs:
+            precs.append(r.precision)
+    return precs, [r.row for r in rows] if own else []
+
+
+def resolve_precisions(spec: str, ref_precs: list[str], accelerator: str, bf16_ok: bool) -> list[str]:
+    """'ref', 'ref+bf16' (default), 'bf16', 'fp32,bf16', ... -> the list to run on this hardware.
+
+    fp16 does not run on CPU (DeepSpeed refuses it): it becomes fp32 there. bf16 on a GPU without it
+    (V100, T4) becomes fp16. Duplicates are dropped, order kept."""
+    out: list[str] = []
+    for tok in re.split(r"[+,\s]+", spec.strip().lower()):
+        if not tok:
+            continue
+        if tok in ("ref", "reference"):
+            items = ref_precs or ["bf16"]
+        elif tok in PRECISIONS:
+            items = [tok]
+        else:
+            raise SystemExit(f"--precisions: unknown {tok!r} (use ref, fp32, fp16, bf16, joined by + or ,)")
+        for p in items:
+            if accelerator == "cpu" and p == "fp16":
+                p = "fp32"
+            if accelerator == "cuda" and p == "bf16" and not bf16_ok:
+                p = "fp16"
+            if p not in out:
+                out.append(p)
+    return out
+
+
+# ================================================================================================ plan
+
+ENTRY_KEY_FIELDS = ("model", "ds_config", "ds_config_sha1", "precision", "num_gpus", "max_steps", "warmup_steps",
+                    "accelerator", "data", "seq_len", "extra_args")
+
+
+@dataclass
+class PlanEntry:
+    run: str
+    model: str
+    ds_config: str | None  # path as given to train.py (relative to the repo), None = --ds none
+    precision: str
+    num_gpus: int
+    max_steps: int
+    warmup_steps: int
+    accelerator: str  # "cuda" | "cpu"
+    data: str
+    seq_len: int
+    extra_args: list[str] = field(default_factory=list)
+    ref_rows: list[int] = field(default_factory=list)
+    ds_config_sha1: str | None = None
+
+    @property
+    def config_name(self) -> str:
+        return _cfg_name(self.ds_config)
+
+    def key(self) -> dict:
+        """What makes two entries the same run (resume compares this)."""
+        d = asdict(self)
+        return {k: d.get(k) for k in ENTRY_KEY_FIELDS}
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "PlanEntry":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def run_name(model: str, cfg: str, precision: str, num_gpus: int, accelerator: str) -> str:
+    m = Path(model).name if os.sep in model or "/" in model else model
+    return f"{m}__{cfg}__{precision}__{'cpu' if accelerator == 'cpu' else 'g'}{num_gpus}"
+
+
+def _sha1(path: Path) -> str | None:
+    try:
+        return hashlib.sha1(path.read_bytes()).hexdigest()[:12]
+    except OSError:
+        return None
+
+
+def config_path(cfg: str) -> str | None:
+    if cfg == "none":
+        return None
+    if cfg.endswith(".json"):
+        return cfg
+    return f"ds_configs/{cfg}.json"
+
+
+def build_plan(*, models: list[str], configs: list[str], precisions: str, gpu_counts: list[int], accelerator: str,
+               steps: int, warmup: int, data: str, seq_len: int, bf16_ok: bool, ref: list[RefRow],
+               extra_args: list[str] | None = None) -> list[PlanEntry]:
+    """Order: GPU count, model, config (reference order), precision (reference's first, then bf16)."""
+    entries: list[PlanEntry] = []
+    for n in gpu_counts:
+        for model in models:
+            for cfg in configs:
+                name = _cfg_name(cfg)
+                ref_precs, rows = reference_precisions(ref, model, name)
+                if name == "none" and not ref_precs:
+                    ref_precs = ["fp32", "fp16", "bf16"]
+                for prec in resolve_precisions(precisions, ref_precs, accelerator, bf16_ok):
+                    path = config_path(cfg)
+                    sha = _sha1(REPO / path) if path and not Path(path).is_absolute() else (
+                        _sha1(Path(path)) if path else None)
+                    entries.append(PlanEntry(
+                        run=run_name(model, name, prec, n, accelerator), model=model, ds_config=path,
+                        precision=prec, num_gpus=n, max_steps=steps, warmup_steps=warmup, accelerator=accelerator,
+                        data=data, seq_len=seq_len, extra_args=list(extra_args or []),
+                        ref_rows=[r for r in rows if _row_precision(ref, r) == prec], ds_config_sha1=sha))
+    return entries
+
+
+def _row_precision(ref: list[RefRow], row: int) -> str | None:
+    for r in ref:
+        if r.row == row:
+            return r.precision
+    return None
+
+
+# ================================================================================================ model shapes
+
+@functools.lru_cache(maxsize=4)
+def _presets_from_source(path: Path = REPO / "sftbench" / "pangu.py") -> dict[str, dict]:
+    """PRESETS of sftbench/pangu.py read with ast (importing the module would import torch and transformers)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        target = None
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            target, value = node.target.id, node.value
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            target, value = node.targets[0].id, node.value
+        if target != "PRESETS" or not isinstance(value, ast.Dict):
+            continue
+        out = {}
+        for k, v in zip(value.keys, value.values):
+            if isinstance(v, ast.Call) and getattr(v.func, "id", None) == "dict":
+                out[ast.literal_eval(k)] = {kw.arg: ast.literal_eval(kw.value) for kw in v.keywords}
+            else:
+                out[ast.literal_eval(k)] = ast.literal_eval(v)
+        return out
+    raise ValueError(f"no PRESETS dict in {path}")
+
+
+def pangu_param_count(hidden: int, n_layers: int, vocab: int, max_positions: int = 1024,
+                      intermediate: int | None = None, tied: bool = True) -> int:
+    """Mirrors sftbench.pangu.count_params (tests check they agree) without importing torch."""
+    i = intermediate or 4 * hidden
+    block = 4 * hidden * hidden + 2 * hidden * i + 9 * hidden + i
+    total = vocab * hidden + 2 * max_positions * hidden + n_layers * block + 2 * hidden
+    return int(total + (0 if tied else vocab * hidden))
+
+
+def model_shape(model: str) -> dict:
+    """hidden, n_layers, n_heads, vocab, intermediate, max_positions, n_params of a preset or checkpoint folder."""
+    p = Path(model) if os.path.isabs(model) else REPO / model
+    if p.is_dir() and (p / "config.json").is_file():
+        c = json.loads((p / "config.json").read_text(encoding="utf-8"))
+        d = {"hidden_size": c.get("hidden_size", c.get("n_embd")), "num_layers": c.get("num_layers", c.get("n_layer")),
+             "num_heads": c.get("num_heads", c.get("n_head")), "vocab_size": c.get("vocab_size"),
+             "max_position_embeddings": c.get("max_position_embeddings", 1024),
+             "intermediate_size": c.get("intermediate_size"),
+             "tie_word_embeddings": c.get("tie_word_embeddings", True)}
+    else:
+        presets = _presets_from_source()
+        if model not in presets:
+            raise ValueError(f"unknown model {model!r} (presets: {', '.join(presets)})")
+        d = dict(presets[model])
+    shape = {"hidden": int(d["hidden_size"]), "n_layers": int(d["num_layers"]), "n_heads": int(d["num_heads"]),
+             "vocab": int(d["vocab_size"]), "intermediate": d.get("intermediate_size"),
+             "max_positions": int(d.get("max_position_embeddings") or 1024)}
+    shape["n_params"] = pangu_param_count(shape["hidden"], shape["n_layers"], shape["vocab"], shape["max_positions"],
+                                          shape["intermediate"], bool(d.get("tie_word_embeddings", True)))
+    return shape
+
+
+def _count_lines(path: Path, cache: dict = {}) -> int | None:  # noqa: B006 (a deliberate per-process cache)
+    key = str(path)
+    if key not in cache:
+        try:
+            with open(path, "rb") as f:
+                cache[key] = sum(1 for line in f if line.strip())
+        except OSError:
+            cache[key] = None
+    return cache[key]
+
+
+def predict_entry(entry: PlanEntry, gpus: list[Gpu]) -> dict:
+    """The memory prediction for one plan entry (never raises: an error becomes {'error': ...})."""
+    try:
+        shape = model_shape(entry.model)
+        cfg = None
+        if entry.ds_config:
+            p = Path(entry.ds_config)
+            p = p if p.is_absolute() else REPO / p
+            cfg = json.loads(p.read_text(encoding="utf-8"))
+        micro = (cfg or {}).get("train_micro_batch_size_per_gpu", 1) or 1
+        gpu_total = gpus[0].memory_mib if (entry.accelerator == "cuda" and gpus) else None
+        host_total = _host_total_mib()
+        data = Path(entry.data) if os.path.isabs(entry.data) else REPO / entry.data
+        return memory.predict(
+            shape["n_params"], cfg, entry.num_gpus, entry.precision, seq_len=entry.seq_len, micro_batch=micro,
+            hidden=shape["hidden"], n_layers=shape["n_layers"], n_heads=shape["n_heads"], vocab=shape["vocab"],
+            intermediate=shape["intermediate"], cuda=entry.accelerator == "cuda", gpu_total_mib=gpu_total,
+            host_total_mib=host_total, dataset_samples=_count_lines(data))
+    except Exception as e:  # a prediction must never stop a sweep
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def _host_total_mib() -> float | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+# ================================================================================================ failures
+
+OOM_PATTERNS = ("CUDA out of memory", "OutOfMemoryError", "CUBLAS_STATUS_ALLOC_FAILED",
+                "DefaultCPUAllocator: can't allocate memory", "Cannot allocate memory")
+CUDA_ERROR_PATTERNS = ("CUDA error", "CUDA Error", "cudaError", "RuntimeError: CUDA", "NCCL error",
+                       "an illegal memory access", "invalid literal for int() with base 10: '0a'",
+                       "Error building extension", "CUDA_HOME does not exist", "no kernel image is available")
+_PREFIX = re.compile(r"^\s*(\[(?:default)?rank\d+\]:\s*)+")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _clean_lines(text: str) -> list[str]:
+    return [_PREFIX.sub("", _ANSI.sub("", line)).rstrip() for line in text.splitlines()]
+
+
+def first_traceback_error(lines: list[str]) -> str | None:
+    """The exception line that ends the first traceback ('ValueError: ...')."""
+    for i, line in enumerate(lines):
+        if line.strip().startswith("Traceback (most recent call last)"):
+            for nxt in lines[i + 1:]:
+                if not nxt.strip() or nxt.startswith((" ", "\t")) or nxt.startswith("Traceback"):
+                    continue
+                if re.match(r"^\[\d{4}-\d\d-\d\d ", nxt):  # a launcher log line interleaved
+                    continue
+                return nxt.strip()
+    return None
+
+
+def classify_failure(console: str, returncode: int | None, *, timed_out: bool = False, timeout_s: float | None = None,
+                     accelerator: str = "cuda") -> tuple[str, str]:
+    """(status, error line) of a run that left no summary: oom, cuda_error, timeout or error."""
+    lines = _clean_lines(console)
+
+    def first_with(patterns: Iterable[str]) -> str | None:
+        for line in lines:
+            if any(p in line for p in patterns):
+                return line.strip()[:500]
+        return None
+
+    hit = first_with(OOM_PATTERNS)
+    if hit:
+        return "oom", hit
+    hit = first_with(CUDA_ERROR_PATTERNS)
+    if hit:
+        # An op build failure on a CPU run is not a CUDA problem.
+        return ("cuda_error" if accelerator == "cuda" else "error"), hit
+    if timed_out:
+        return "timeout", f"no summary after {timeout_s:.0f} s: process group killed (--timeout)"
+    launcher_saw_kill = any("return code = -9" in line for line in lines)
+    if launcher_saw_kill or (returncode in (-9, 137, 247) and any(re.search(r"\bKilled\b", ln) for ln in lines)):
+        return "oom", "killed by SIGKILL (host out of memory: the kernel's OOM killer?)"
+    err = first_traceback_error(lines)
+    if err:
+        return "error", err[:500]
+    for line in reversed(lines):
+        if re.search(r"(?i)error|exception", line):
+            return "error", line.strip()[:500]
+    if returncode == 0:
+        return "error", "exited 0 without a summary record"
+    return "error", f"exit code {returncode}, no error message in console.log"
+
+
+def _empty_summary() -> dict:
+    rec = {k: None for k in runlog.SUMMARY_KEYS}
+    rec["type"] = "summary"
+    return rec
+
+
+def synthesize_summary(rr: runlog.RunRecords, status: str, error: str | None, wall_s: float) -> dict:
+    """A summary record for a run that died: status/error from the classifier, statistics from its step records."""
+    from sftbench.metrics import StepStats  # no torch import in metrics at module level
+    rec = _empty_summary()
+    meta = rr.meta.get(0) or next(iter(rr.meta.values()), None) or {}
+    rank = 0 if 0 in rr.steps else (min(rr.steps) if rr.steps else None)
+    if rank is not None and rr.steps.get(rank):
+        st = StepStats(int(meta.get("warmup_steps") or 0))
+        for s in rr.steps[rank]:
+            st.records.append(s)
+        try:
+            rec.update(st.summary_fields(int(meta.get("world_size") or 1), int(meta.get("steps_per_epoch") or 0)))
+        except (KeyError, TypeError, ValueError):
+            pass
+    else:
+        rec["steps"] = 0
+        rec["measured_steps"] = 0
+    if meta.get("steps_per_epoch") is not None and rec.get("steps_per_epoch") is None:
+        rec["steps_per_epoch"] = meta.get("steps_per_epoch")
+    rec.update(status=status, error=error, time=time.time(), wall_s=wall_s, synthesized=True)
+    return {k: runlog._clean(rec.get(k)) for k in runlog.SUMMARY_KEYS}
+
+
+# ================================================================================================ running
+
+@dataclass
+class Outcome:
+    run: str
+    action: str  # "ran", "skipped-ok", "skipped-failed", "queued"
+    status: str | None = None
+    error: str | None = None
+    wall_s: float | None = None
+    step_s: float | None = None
+
+
+def entry_state(run_dir: Path, entry: PlanEntry) -> tuple[str, dict | None]:
+    """('ok'|'failed'|'interrupted'|'unfinished'|'missing'|'changed', summary) of a run directory."""
+    if not run_dir.is_dir():
+        return "missing", None
+    pe = run_dir / "plan_entry.json"
+    try:
+        old = PlanEntry.from_json(json.loads(pe.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return "changed", None
+    if old.key() != entry.key():
+        return "changed", None
+    summ = runlog.load_run(run_dir).final_summary()
+    if summ is None:
+        return "unfinished", None
+    st = summ.get("status")
+    if st == "ok":
+        return "ok", summ
+    if st == "interrupted":
+        return "interrupted", summ
+    return "failed", summ
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_command(entry: PlanEntry, run_dir: Path, env: dict) -> list[str]:
+    """deepspeed launcher -> train.py. Honours CUDA_VISIBLE_DEVICES (the launcher ignores it with --num_gpus)."""
+    cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--master_port", str(free_port())]
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    ids = [t.strip() for t in (visible or "").split(",") if t.strip()]
+    if entry.accelerator == "cuda" and ids and all(t.isdigit() for t in ids):
+        cmd += ["--include", f"localhost:{','.join(ids[:entry.num_gpus])}"]
+    else:
+        cmd += ["--num_gpus", str(entry.num_gpus)]
+    cmd += ["train.py", "--ds", entry.ds_config or "none", "--model", entry.model, "--precision", entry.precision,
+            "--max-steps", str(entry.max_steps), "--warmup-steps", str(entry.warmup_steps),
+            "--run-dir", _rel(run_dir), "--data", entry.data, "--seq-len", str(entry.seq_len), *entry.extra_args]
+    return cmd
+
+
+def _rel(path: Path) -> str:
+    """A path inside the repo as a relative one (train.py runs with the repo as working directory), so logs and
+    results carry no machine-specific absolute paths."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def run_env(entry: PlanEntry, base: dict | None = None) -> dict:
+    env = dict(os.environ if base is None else base)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # ninja for op builds
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    if entry.accelerator == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+        env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+class _Stop(Exception):
+    pass
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the run's whole process group (launcher and every rank). No SIGTERM first on purpose: train.py
+    would write an 'interrupted' summary, and the sweep's own classification (timeout, budget) must win."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def launch(cmd: list[str], env: dict, run_dir: Path, timeout_s: float) -> tuple[int | None, bool, float, str]:
+    """Run one command in its own session, console to run_dir/console.log. (rc, timed_out, wall_s, reason)."""
+    t0 = time.time()
+    with open(run_dir / "console.log", "ab") as log:
+        log.write(("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n").encode())
+        log.flush()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        reason = ""
+        old = {}
+
+        def on_signal(signum, frame):
+            raise _Stop(f"sweep received signal {signum}")
+
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            try:
+                old[s] = signal.signal(s, on_signal)
+            except (ValueError, OSError):  # not the main thread
+                pass
+        try:
+            try:
+                rc = proc.wait(timeout=max(1.0, timeout_s))
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                reason = "timeout"
+                _kill_group(proc)
+                rc, timed_out = proc.returncode, True
+        except (_Stop, KeyboardInterrupt) as e:
+            _kill_group(proc)
+            rc, timed_out, reason = proc.returncode, True, f"stopped: {e or 'KeyboardInterrupt'}"
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+    return rc, timed_out, time.time() - t0, reason
+
+
+def _merge_plan(path: Path, sweep: str, entries: list[PlanEntry]) -> None:
+    """plan.json: this invocation's entries, plus earlier entries of other runs (a filtered later batch keeps them)."""
+    created, old_entries = time.time(), []
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+            created = old.get("created", created)
+            old_entries = old.get("entries", [])
+        except (OSError, ValueError):
+            pass
+    new_names = {e.run for e in entries}
+    merged = [e.to_json() for e in entries] + [o for o in old_entries if o.get("run") not in new_names]
+    path.write_text(json.dumps({"sweep": sweep, "created": created, "updated": time.time(), "entries": merged},
+                               indent=1, ensure_ascii=False), encoding="utf-8")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def write_sweep_info(sweep_dir: Path, sweep: str, gpus: list[Gpu], accelerator: str, command: str | None) -> None:
+    """sweep_info.json: the hardware and the command, for the report's preamble (the runs' meta lacks the CPU)."""
+    import platform
+    info = {"sweep": sweep, "time": time.time(), "command": command, "accelerator": accelerator,
+            "hardware": {"gpus": [asdict(g) for g in gpus], "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+                         "host_mem_mib": _host_total_mib(), "platform": platform.platform(),
+                         "python": platform.python_version()}}
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "sweep_info.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
+
+
+def ensure_data(entries: list[PlanEntry], say: Callable[[str], None]) -> None:
+    """Generate the 10,000-sample benchmark file when the plan needs it and it is missing."""
+    if any(e.data == BENCH_DATA for e in entries) and not (REPO / BENCH_DATA).is_file():
+        say(f"generating {BENCH_DATA} ...")
+        subprocess.run([sys.executable, "data/make_bench.py", "--out", BENCH_DATA, "--n", "10000", "--seed", "0"],
+                       cwd=REPO, check=True)
+
+
+def run_sweep(entries: list[PlanEntry], sweep_dir: Path, *, sweep: str, timeout_s: float,
+              max_minutes: float | None = None, force: bool = False, retry_failed: bool = False,
+              gpus: list[Gpu] | None = None, command_fn: Callable[[PlanEntry, Path, dict], list[str]] | None = None,
+              base_env: dict | None = None, say: Callable[[str], None] = print) -> list[Outcome]:
+    """Run the plan in order; returns what happened to every entry. Failures never stop the sweep."""
+    command_fn = command_fn or train_command
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    _merge_plan(sweep_dir / "plan.json", sweep, entries)
+    t_start = time.time()
+    deadline = t_start + max_minutes * 60 if max_minutes else None
+    outcomes: list[Outcome] = []
+    total = len(entries)
+    for i, entry in enumerate(entries, 1):
+        tag = f"[{i}/{total}] {entry.run}"
+        rd = sweep_dir / entry.run
+        state, summ = entry_state(rd, entry)
+        if state == "ok" and not force:
+            outcomes.append(Outcome(entry.run, "skipped-ok", "ok", None, None, summ.get("step_s_median")))
+            say(f"{tag}: done before (ok), skipped")
+            continue
+        if state == "failed" and not (force or retry_failed):
+            outcomes.append(Outcome(entry.run, "skipped-failed", summ.get("status"), summ.get("error")))
+            say(f"{tag}: failed before ({summ.get('status')}), skipped (--retry-failed re-runs it)")
+            continue
+        left = deadline - time.time() if deadline else None
+        if left is not None and left < MIN_BUDGET_LEFT_S:
+            outcomes += [Outcome(e.run, "queued") for e in entries[i - 1:]]
+            say(f"budget of --max-minutes {max_minutes:g} spent: {total - i + 1} entries left queued; "
+                f"run the same command again to resume")
+            break
+        if rd.exists():
+            shutil.rmtree(rd)
+        rd.mkdir(parents=True)
+        (rd / "plan_entry.json").write_text(json.dumps(entry.to_json(), indent=1), encoding="utf-8")
+        pred = predict_entry(entry, gpus or [])
+        (rd / "predicted.json").write_text(json.dumps(pred, indent=1), encoding="utf-8")
+        env = run_env(entry, base_env)
+        cmd = command_fn(entry, rd, env)
+        limit = timeout_s if left is None else min(timeout_s, left)
+        hint = "" if "error" in pred else f" (predicted {memory.summarize(pred)})"
+        say(f"{tag}: running{hint}")
+        rc, timed_out, wall, reason = launch(cmd, env, rd, limit)
+        out = finish_run(rd, entry, rc, timed_out, wall, reason, timeout_s=limit,
+                         budget_cut=timed_out and left is not None and limit < timeout_s and reason == "timeout")
+        outcomes.append(out)
+        shown = f"{out.step_s:.3f} s/it" if out.step_s else (out.error or "")
+        say(f"{tag}: {out.status} in {wall:.0f} s, {shown}" + ("" if out.status == "ok" else
+                                                                f" (console: {rd / 'console.log'})"))
+        if reason.startswith("stopped"):
+            outcomes += [Outcome(e.run, "queued") for e in entries[i:]]
+            say("sweep stopped by a signal; run the same command again to resume")
+            break
+    return outcomes
+
+
+def finish_run(rd: Path, entry: PlanEntry, rc: int | None, timed_out: bool, wall: float, reason: str, *,
+               timeout_s: float, budget_cut: bool = False) -> Outcome:
+    """Keep train.py's own summary; else write summary.json (synthesized) classified from exit code and console."""
+    rr = runlog.load_run(rd)
+    if 0 in rr.summary:
+        s = rr.summary[0]
+        return Outcome(entry.run, "ran", s.get("status"), s.get("error"), wall, s.get("step_s_median"))
+    console = (rd / "console.log").read_text(encoding="utf-8", errors="replace") if (rd / "console.log").exists() else ""
+    other = [s for r, s in sorted(rr.summary.items()) if s.get("status") not in (None, "ok", "interrupted")]
+    if reason.startswith("stopped"):
+        status, error = "interrupted", f"sweep {reason}; re-run the sweep to resume"
+    elif budget_cut:
+        status, error = "interrupted", ("the sweep's --max-minutes budget ran out during the run; "
+                                        "re-run the sweep to resume")
+    elif other:
+        status, error = other[0]["status"], other[0].get("error")
+    else:
+        status, error = classify_failure(console, rc, timed_out=timed_out, timeout_s=timeout_s,
+                                         accelerator=entry.accelerator)
+    summ = synthesize_summary(rr, status, error, wall)
+    (rd / "summary.json").write_text(json.dumps(summ, indent=1, ensure_ascii=False), encoding="utf-8")
+    return Outcome(entry.run, "ran", status, error, wall, summ.get("step_s_median"))
+
+
+# ================================================================================================ CLI
+
+def _env(name: str, default=None):
+    v = os.environ.get(f"SFTBENCH_{name}")
+    return v if v not in (None, "") else default
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sftbench.sweep", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", nargs="?", default="run", choices=("run", "plan", "report", "name"))
+    g = p.add_argument_group("plan")
+    g.add_argument("--gpus", default=_env("GPUS"),
+                   help="GPUs per run, e.g. 1 or '1,3' (a run per count); default all visible. On CPU: ranks (2).")
+    g.add_argument("--models", default=_env("MODELS"),
+                   help=f"comma list; default {','.join(GPU_MODELS)} (CPU: {','.join(CPU_MODELS)})")
+    g.add_argument("--configs", default=_env("CONFIGS"),
+                   help="comma list of config names, globs ('z3*') or JSON paths, 'none' = no DeepSpeed; "
+                        f"default all of ds_configs/ (CPU: {','.join(CPU_CONFIGS)})")
+    g.add_argument("--precisions", default=_env("PRECISIONS", "ref+bf16"),
+                   help="'ref' (the reference table's precision for that row), 'ref+bf16' (default), 'bf16', "
+                        "'fp32,bf16', ...; fp16 becomes fp32 on CPU, bf16 becomes fp16 on GPUs without bf16")
+    g.add_argument("--steps", type=int, default=_env("STEPS"), help="optimizer steps per run (GPU 10, CPU 4)")
+    g.add_argument("--warmup", type=int, default=_env("WARMUP"), help="warm-up steps (GPU 3, CPU 1)")
+    g.add_argument("--seq-len", type=int, default=_env("SEQ_LEN"), help="tokens per sample (GPU 512, CPU 128)")
+    g.add_argument("--data", default=_env("DATA"),
+                   help=f"SFT JSONL (GPU: {BENCH_DATA}, generated if missing; CPU: {SAMPLE_DATA})")
+    g.add_argument("--extra-args", default=_env("EXTRA_ARGS", ""),
+                   help="more train.py arguments, one shell-quoted string (write --extra-args='--compile')")
+    g.add_argument("--cpu", action="store_true", default=bool(_env("CPU")),
+                   help="the CPU plan even where GPUs are visible")
+    r = p.add_argument_group("run")
+    r.add_argument("--timeout", type=float, default=_env("TIMEOUT"),
+                   help="wall-clock limit per run in seconds (GPU 1200, CPU 600); the run's process group is killed")
+    r.add_argument("--max-minutes", type=float, default=_env("MAX_MINUTES"),
+                   help="stop launching runs after this many minutes (and cut the last one); the rest stays "
+                        "queued for the next invocation")
+    r.add_argument("--sweep-name", default=_env("SWEEP_NAME"),
+                   help="runs go to <runs-dir>/<name>/; default <gpu>x<count> (e.g. h100x1), 'cpu' on CPU")
+    r.add_argument("--runs-dir", default=_env("RUNS_DIR", "runs"))
+    r.add_argument("--results-dir", default=_env("RESULTS_DIR", "results"))
+    r.add_argument("--force", action="store_true", default=bool(_env("FORCE")), help="re-run finished runs too")
+    r.add_argument("--retry-failed", action="store_true", default=bool(_env("RETRY_FAILED")),
+                   help="re-run runs that failed (oom, cuda_error, error, timeout)")
+    r.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    return p
+
+
+@dataclass
+class Resolved:
+    entries: list[PlanEntry]
+    sweep: str
+    sweep_dir: Path
+    results_dir: Path
+    accelerator: str
+    gpus: list[Gpu]
+    timeout: float
+
+
+def resolve(args: argparse.Namespace, gpus: list[Gpu] | None = None) -> Resolved:
+    gpus = detect_gpus() if gpus is None else gpus
+    accelerator = "cpu" if (args.cpu or not gpus) else "cuda"
+    d = DEFAULTS[accelerator]
+    if args.gpus:
+        counts = [int(x) for x in re.split(r"[,\s]+", str(args.gpus).strip()) if x]
+    else:
+        counts = [CPU_RANKS] if accelerator == "cpu" else [len(gpus)]
+    if accelerator == "cuda" and not args.dry_run:
+        too_many = [c for c in counts if c > len(gpus)]
+        if too_many:
+            raise SystemExit(f"--gpus {too_many[0]}: only {len(gpus)} GPU(s) visible")
+    try:
+        ref = read_reference_map()
+    except (OSError, ValueError) as e:
+        print(f"warning: {e}; using bf16 for every config", file=sys.stderr)
+        ref = []
+    models = [m.strip() for m in args.models.split(",")] if args.models else list(
+        CPU_MODELS if accelerator == "cpu" else GPU_MODELS)
+    avail = available_configs(CONFIG_DIR, ref)
+    configs = select_configs(args.configs, avail, CPU_CONFIGS if accelerator == "cpu" else None)
+    data = args.data or (SAMPLE_DATA if accelerator == "cpu" else BENCH_DATA)
+    steps = int(args.steps) if args.steps is not None else d["steps"]
+    warmup = int(args.warmup) if args.warmup is not None else min(d["warmup"], max(0, steps - 1))
+    entries = build_plan(models=models, configs=configs, precisions=args.precisions, gpu_counts=counts,
+                         accelerator=accelerator, steps=steps, warmup=warmup, data=data,
+                         seq_len=int(args.seq_len) if args.seq_len else d["seq_len"], bf16_ok=bf16_supported(gpus),
+                         ref=ref, extra_args=shlex.split(args.extra_args or ""))
+    if args.sweep_name:
+        sweep = args.sweep_name
+    elif accelerator == "cpu":
+        sweep = "cpu"
+    else:
+        sweep = f"{gpu_slug(gpus[0].name)}x{'-'.join(str(c) for c in counts)}"
+    runs_dir = Path(args.runs_dir)
+    runs_dir = runs_dir if runs_dir.is_absolute() else REPO / runs_dir
+    results = Path(args.results_dir)
+    results = results if results.is_absolute() else REPO / results
+    timeout = float(args.timeout) if args.timeout is not None else d["timeout"]
+    return Resolved(entries, sweep, runs_dir / sweep, results / sweep, accelerator, gpus, timeout)
+
+
+def print_plan(res: Resolved, say: Callable[[str], None] = print) -> None:
+    hw = (f"{len(res.gpus)} x {res.gpus[0].name}" if res.accelerator == "cuda"
+          else f"CPU ({CPU_RANKS} ranks, DS_ACCELERATOR=cpu)")
+    say(f"sweep {res.sweep}: {len(res.entries)} runs on {hw} -> {res.sweep_dir}")
+    say(f"{'#':>3}  {'run':<52} {'ref rows':<10} {'predicted GPU/rank':>18} {'host':>9}  fits  state")
+    for i, e in enumerate(res.entries, 1):
+        pred = predict_entry(e, res.gpus)
+        gpu = f"{pred['gpu_mib']:.0f} MiB" if "gpu_mib" in pred and e.accelerator == "cuda" else "-"
+        host = f"{pred['host_mib'] / 1024:.1f} GiB" if "host_mib" in pred else "-"
+        fits = {True: "yes", False: "NO", None: "?"}[pred.get("fits")]
+        state, summ = entry_state(res.sweep_dir / e.run, e)
+        if summ:
+            state = f"{state} ({summ.get('status')})" if state != "ok" else "done"
+        rows = ",".join(str(r) for r in e.ref_rows) or "-"
+        say(f"{i:>3}  {e.run:<52} {rows:<10} {gpu:>18} {host:>9}  {fits:<4}  {state}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "plan":
+        args.dry_run = True
+    res = resolve(args)
+    if args.command == "name":
+        print(res.sweep)
+        return 0
+    if args.command == "report":
+        if args.dry_run:
+            return 0
+        from sftbench import report
+        if not res.sweep_dir.is_dir():
+            print(f"no runs in {res.sweep_dir}", file=sys.stderr)
+            return 1
+        return report.main([str(res.sweep_dir), "--out", str(res.results_dir)])
+    if args.dry_run:
+        print_plan(res)
+        return 0
+    print_plan(res)
+    ensure_data(res.entries, print)
+    write_sweep_info(res.sweep_dir, res.sweep, res.gpus, res.accelerator,
+                     "python -m sftbench.sweep " + shlex.join(sys.argv[1:] if argv is None else argv))
+    outcomes = run_sweep(res.entries, res.sweep_dir, sweep=res.sweep, timeout_s=res.timeout,
+                         max_minutes=args.max_minutes, force=args.force, retry_failed=args.retry_failed,
+                         gpus=res.gpus)
+    ran = [o for o in outcomes if o.action == "ran"]
+    queued = [o for o in outcomes if o.action == "queued"]
+    by_status: dict[str, int] = {}
+    for o in outcomes:
+        if o.status:
+            by_status[o.status] = by_status.get(o.status, 0) + 1
+    print(f"sweep {res.sweep}: ran {len(ran)}, skipped {len(outcomes) - len(ran) - len(queued)}, "
+          f"queued {len(queued)}; status counts {by_status}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

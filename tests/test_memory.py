@@ -1,0 +1,170 @@
+"""sftbench.memory: DeepSpeed's ZeRO estimator formulas re-implemented exactly, and the prediction built on them."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from sftbench import memory
+from sftbench.sweep import model_shape, pangu_param_count
+
+SHAPE_350M = model_shape("pangu-350m")
+SHAPE_26B = model_shape("pangu-2.6b")
+P_350M = SHAPE_350M["n_params"]
+P_26B = SHAPE_26B["n_params"]
+LL_26B = memory.largest_layer_params(SHAPE_26B["hidden"], SHAPE_26B["vocab"])
+
+
+def _cfg(name: str) -> dict:
+    return json.loads((REPO / "ds_configs" / f"{name}.json").read_text())
+
+
+def _predict(shape: dict, cfg, world: int, precision: str = "bf16", **kw) -> dict:
+    return memory.predict(shape["n_params"], cfg, world, precision, hidden=shape["hidden"], n_layers=shape["n_layers"],
+                          n_heads=shape["n_heads"], vocab=shape["vocab"], **kw)
+
+
+@pytest.fixture(scope="module")
+def ds_estimators():
+    """DeepSpeed's own functions (imported only here: memory.py itself never imports deepspeed)."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+    return estimate_zero2_model_states_mem_needs, estimate_zero3_model_states_mem_needs
+
+
+def test_param_counts_match_the_model_code():
+    """The sweep counts parameters without torch; the count must be the model's (pangu.count_params)."""
+    from sftbench.pangu import PRESETS, count_params, preset_config
+    for name in PRESETS:
+        s = model_shape(name)
+        assert s["n_params"] == count_params(preset_config(name)), name
+    assert pangu_param_count(1024, 24, 40000) == P_350M
+    assert 340e6 < P_350M < 370e6 and 2.5e9 < P_26B < 2.7e9
+
+
+@pytest.mark.parametrize("params", [P_350M, P_26B, 1_000_003])
+@pytest.mark.parametrize("gpus", [1, 2, 3, 8])
+@pytest.mark.parametrize("offload", [True, False])
+def test_zero2_formula_equals_deepspeed(ds_estimators, params, gpus, offload):
+    z2, _ = ds_estimators
+    assert memory.zero2_model_states(params, gpus, 1, cpu_offload=offload) == z2(params, gpus, 1, cpu_offload=offload)
+
+
+@pytest.mark.parametrize("params,largest", [(P_350M, 40000 * 1024), (P_26B, LL_26B), (1_000_003, 12_345)])
+@pytest.mark.parametrize("gpus", [1, 3, 8])
+@pytest.mark.parametrize("offload,offload_params", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("zero_init", [True, False])
+def test_zero3_formula_equals_deepspeed(ds_estimators, params, largest, gpus, offload, offload_params, zero_init):
+    _, z3 = ds_estimators
+    ours = memory.zero3_model_states(params, largest, gpus, 1, cpu_offload=offload, cpu_offload_params=offload_params,
+                                     zero_init=zero_init)
+    theirs = z3(params, largest, gpus, 1, cpu_offload=offload, cpu_offload_params=offload_params, zero_init=zero_init)
+    assert ours == tuple(theirs)
+
+
+@pytest.mark.parametrize("cfg_name", ["z2_5e8", "z2_offload_5e8", "z3", "z3_offload", "z3_offload_param"])
+@pytest.mark.parametrize("gpus", [1, 3])
+@pytest.mark.parametrize("shape", [SHAPE_350M, SHAPE_26B], ids=["350m", "2.6b"])
+def test_prediction_model_states_equal_deepspeed(ds_estimators, cfg_name, gpus, shape):
+    """For 16-bit training the params+grads+optimizer terms sum to DeepSpeed's GPU estimate, and the offloaded
+    host terms to its CPU estimate (stage 3: with zero.Init, as train.py builds stage-3 models)."""
+    z2, z3 = ds_estimators
+    cfg = _cfg(cfg_name)
+    zo = cfg["zero_optimization"]
+    off = zo.get("offload_optimizer", {}).get("device") == "cpu"
+    offp = zo.get("offload_param", {}).get("device") == "cpu"
+    pred = _predict(shape, cfg, gpus, "bf16")
+    ms = pred["model_states"]
+    P = shape["n_params"]
+    if zo["stage"] == 2:
+        cpu, gpu = z2(P, gpus, 1, cpu_offload=off)
+    else:
+        cpu, gpu, _ = z3(P, ms["largest_layer_params"], gpus, 1, cpu_offload=off, cpu_offload_params=offp,
+                         zero_init=True)
+    assert abs(ms["gpu_bytes"] - gpu) <= 2  # DeepSpeed truncates 18*P/W to an integer
+    assert ms["ds_cpu_bytes"] == cpu
+    if off:
+        assert abs(ms["host_bytes"] - cpu) <= 2
+    bd = pred["gpu_breakdown_mib"]
+    assert abs(bd["params"] + bd["grads"] + bd["optimizer"] - gpu / 2 ** 20) < 0.5
+
+
+def test_breakdown_sums_and_documented_terms():
+    pred = _predict(SHAPE_350M, _cfg("z2_offload_5e8"), 3, "fp16", dataset_samples=10000)
+    assert set(pred["gpu_breakdown_mib"]) == {"params", "grads", "optimizer", "buffers", "activations", "logits",
+                                              "allocator", "cuda_context"}
+    assert abs(sum(pred["gpu_breakdown_mib"].values()) - pred["gpu_mib"]) < 1
+    assert abs(sum(pred["host_breakdown_mib"].values()) - pred["host_mib"]) < 1
+    for term in list(pred["gpu_breakdown_mib"]) + list(pred["host_breakdown_mib"]):
+        assert f"``{term}``" in memory.__doc__, f"term {term} is not documented"
+    # the ipg bucket: reduce_bucket_size 5e8 x 2 bytes, once (overlap_comm false)
+    assert pred["gpu_breakdown_mib"]["buffers"] == pytest.approx(5e8 * 2 / 2 ** 20, abs=0.1)
+    overlap = _predict(SHAPE_350M, _cfg("z2_offload_overlap_5e8"), 3, "fp16")
+    assert overlap["gpu_breakdown_mib"]["buffers"] == pytest.approx(2 * 5e8 * 2 / 2 ** 20, abs=0.1)
+    assert pred["gpu_breakdown_mib"]["cuda_context"] == 500 + 256
+    assert pred["host_breakdown_mib"]["dataset"] == pytest.approx(3 * 8 * 10000 * 512 * 3 / 2 ** 20, abs=0.1)
+
+
+def test_orderings_that_must_hold():
+    for shape in (SHAPE_350M, SHAPE_26B):
+        g = {name: _predict(shape, None if name == "none" else _cfg(name), 3, "bf16")["gpu_mib"]
+             for name in ("none", "z0", "z1", "z2_5e8", "z2_offload_5e8", "z3", "z3_offload", "z3_offload_param")}
+        assert g["z1"] < g["z0"] and g["z2_5e8"] < g["z1"]
+        assert g["z2_offload_5e8"] < g["z2_5e8"]
+        assert g["z3_offload_param"] < g["z3_offload"] < g["z3"]
+    # more ranks, less per rank under partitioning; the same under plain data parallelism
+    assert _predict(SHAPE_26B, _cfg("z3"), 4)["gpu_mib"] < _predict(SHAPE_26B, _cfg("z3"), 2)["gpu_mib"]
+    # fp32 weights cost more than 16-bit ones in DeepSpeed stage 0
+    assert _predict(SHAPE_350M, _cfg("z0"), 1, "fp32")["gpu_breakdown_mib"]["params"] > \
+        _predict(SHAPE_350M, _cfg("z0"), 1, "bf16")["gpu_breakdown_mib"]["params"]
+    # stage 3 live parameters follow stage3_max_live_parameters
+    assert _predict(SHAPE_26B, _cfg("z3_offload_param_overlap_live2e8"), 1)["gpu_mib"] < \
+        _predict(SHAPE_26B, _cfg("z3_offload_param_overlap_live5e8"), 1)["gpu_mib"] < \
+        _predict(SHAPE_26B, _cfg("z3_offload_param_overlap"), 1)["gpu_mib"]
+
+
+def test_fits_against_the_reference_outcomes():
+    """The reference's V100 16 GB rows: 2.6B without partitioned states went OOM, offloaded stage 2/3 ran."""
+    v100 = 16 * 1024
+    for name in ("none", "z0", "z1", "z2_5e8", "z3"):
+        pred = _predict(SHAPE_26B, None if name == "none" else _cfg(name), 3 if name != "none" else 1, "fp16",
+                        gpu_total_mib=v100)
+        assert pred["fits"] is False, name
+    for name in ("z2_offload_5e8", "z3_offload", "z3_offload_param"):
+        assert _predict(SHAPE_26B, _cfg(name), 3, "fp16", gpu_total_mib=v100)["fits"] is True, name
+    for name in ("none", "z0", "z2_5e8", "z3", "z3_offload_param"):
+        assert _predict(SHAPE_350M, None if name == "none" else _cfg(name), 3, "fp16",
+                        gpu_total_mib=v100)["fits"] is True, name
+    assert _predict(SHAPE_350M, None, 1, "fp16")["fits"] is None  # no limit given
+
+
+def test_cpu_prediction_puts_everything_on_the_host():
+    shape = model_shape("pangu-tiny")
+    pred = memory.predict(shape["n_params"], _cfg("z0"), 2, "bf16", hidden=shape["hidden"],
+                          n_layers=shape["n_layers"], n_heads=shape["n_heads"], vocab=shape["vocab"], cuda=False,
+                          seq_len=128)
+    assert pred["gpu_mib"] == 0
+    assert pred["host_breakdown_mib"]["device_tensors"] > 0
+    assert pred["host_mib"] == pytest.approx(pred["host_mib_per_rank"] * 2, abs=0.2)
+
+
+def test_config_path_and_bad_input():
+    path = REPO / "ds_configs" / "z3.json"
+    a = _predict(SHAPE_350M, str(path), 1)
+    b = _predict(SHAPE_350M, _cfg("z3"), 1)
+    assert a["gpu_mib"] == b["gpu_mib"]
+    with pytest.raises(ValueError):
+        _predict(SHAPE_350M, None, 1, "int8")
+    json.dumps(a)  # JSON-ready
+    assert memory.summarize(a).startswith("GPU ~")
+
+
+def test_no_torch_or_deepspeed_import():
+    code = ("import sys, sftbench.memory, sftbench.sweep, sftbench.report; "
+            "bad = [m for m in ('torch', 'deepspeed', 'matplotlib') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)

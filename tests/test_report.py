@@ -1,0 +1,195 @@
+"""sftbench.report from fixture logs written with runlog.RunLog (no training)."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from sftbench import report, runlog
+from sftbench.dsconfig import apply_precision, load_ds_config
+
+GPU = "NVIDIA H100 80GB HBM3"
+
+
+def _entry(run, model, cfg, precision, n, accel="cuda", rows=()):
+    return {"run": run, "model": model, "ds_config": f"ds_configs/{cfg}.json" if cfg != "none" else None,
+            "precision": precision, "num_gpus": n, "max_steps": 10, "warmup_steps": 3, "accelerator": accel,
+            "data": "data/bench_10k.jsonl", "seq_len": 512, "extra_args": [], "ref_rows": list(rows)}
+
+
+def write_ok_run(root: Path, run: str, model: str, cfg: str, precision: str, world: int, step_s: float,
+                 gpu_mib: float, rss_mib: float, *, accel="cuda", measured_epoch=None, rows=()):
+    rd = root / run
+    ds = None if cfg == "none" else apply_precision(load_ds_config(REPO / "ds_configs" / f"{cfg}.json"), precision)
+    pred = {"gpu_mib": gpu_mib * 0.9, "host_mib": rss_mib * world * 1.1, "fits": True}
+    for rank in range(world):
+        log = runlog.RunLog(rd, rank)
+        log.meta(run=run, time=1.0, argv=["train.py", "--ds", cfg, "--run-dir", str(REPO / "runs" / run)],
+                 ds_config_path=None if cfg == "none" else f"ds_configs/{cfg}.json", ds_config=ds,
+                 model=model, n_params=345_000_000, world_size=world, rank=rank, local_rank=rank, host="somehost",
+                 pid=123, device="cpu" if accel == "cpu" else f"cuda:{rank}",
+                 device_name=None if accel == "cpu" else GPU, precision=precision, micro_batch=1, grad_accum=8,
+                 seq_len=512, steps_per_epoch=1250 // world, max_steps=10, warmup_steps=3, predicted=pred,
+                 versions={"python": "3.11", "torch": "2.13.0", "deepspeed": "0.19.8"}, git_commit="abc123def4567")
+        for i in range(10):
+            log.step(step=i + 1, step_s=step_s, warmup=i < 3, loss=2.0, tokens_per_s=8 * 512 * world / step_s,
+                     gpu_mem_used_mib=None if accel == "cpu" else gpu_mib + rank, host_rss_mib=rss_mib)
+        log.summary(status="ok", steps=10, measured_steps=7, step_s_median=step_s, step_s_p90=step_s,
+                    step_s_mean=step_s, tokens_per_s=8 * 512 * world / step_s,
+                    tokens_per_s_per_gpu=8 * 512 / step_s, tflops=123.4, mfu_pct=12.5,
+                    gpu_mem_used_mib_peak=None if accel == "cpu" else gpu_mib + rank, host_rss_mib_peak=rss_mib,
+                    steps_per_epoch=1250 // world, epoch_s_est=(1250 // world) * step_s,
+                    epoch_s_measured=measured_epoch, synthesized=False)
+        log.close()
+    (rd / "plan_entry.json").write_text(json.dumps(_entry(run, model, cfg, precision, world, accel, rows)))
+    return rd
+
+
+@pytest.fixture
+def sweep_dir(tmp_path):
+    root = tmp_path / "runs" / "h100x1"
+    entries = []
+    # two runs that worked
+    write_ok_run(root, "pangu-350m__z0__bf16__g1", "pangu-350m", "z0", "bf16", 1, 0.52, 12345.0, 2100.0)
+    write_ok_run(root, "pangu-350m__z3_offload_param__bf16__g1", "pangu-350m", "z3_offload_param", "bf16", 1, 3.1,
+                 4321.0, 9000.0, rows=(12,))
+    # died without a summary: the sweep synthesized one (no meta: it died before)
+    rd = root / "pangu-2.6b__z0__fp16__g1"
+    rd.mkdir(parents=True)
+    e = _entry(rd.name, "pangu-2.6b", "z0", "fp16", 1, rows=(18,))
+    (rd / "plan_entry.json").write_text(json.dumps(e))
+    (rd / "predicted.json").write_text(json.dumps({"gpu_mib": 52374.4, "host_mib": 1500.0, "fits": True}))
+    synth = {k: None for k in runlog.SUMMARY_KEYS}
+    synth.update(type="summary", status="oom", error="torch.OutOfMemoryError: CUDA out of memory. Tried to "
+                 "allocate 1.2 GiB", synthesized=True, steps=0)
+    (rd / "summary.json").write_text(json.dumps(synth))
+    (rd / "console.log").write_text("whatever the console says, the report does not read it\n")
+    # train.py caught a CUDA error itself: a rank file with only a summary
+    rd2 = root / "pangu-2.6b__z1__bf16__g1"
+    log = runlog.RunLog(rd2, 0)
+    log.summary(status="cuda_error", error="ValueError: invalid literal for int() with base 10: '0a'",
+                synthesized=False)
+    log.close()
+    (rd2 / "plan_entry.json").write_text(json.dumps(_entry(rd2.name, "pangu-2.6b", "z1", "bf16", 1)))
+    # an ok run whose console is full of alarming text: must stay ok
+    rd3 = write_ok_run(root, "pangu-2.6b__z2_offload_5e8__bf16__g1", "pangu-2.6b", "z2_offload_5e8", "bf16", 1,
+                       9.0, 13539.0, 40000.0, measured_epoch=11000.0, rows=(33,))
+    (rd3 / "console.log").write_text("RuntimeError: CUDA out of memory\n")
+    for d in sorted(root.iterdir()):
+        entries.append(json.loads((d / "plan_entry.json").read_text()))
+    order = ["pangu-350m__z0__bf16__g1", "pangu-350m__z3_offload_param__bf16__g1", "pangu-2.6b__z0__fp16__g1",
+             "pangu-2.6b__z1__bf16__g1", "pangu-2.6b__z2_offload_5e8__bf16__g1"]
+    entries.sort(key=lambda x: order.index(x["run"]))
+    (root / "plan.json").write_text(json.dumps({"sweep": "h100x1", "created": 0, "entries": entries}))
+    (root / "sweep_info.json").write_text(json.dumps({
+        "command": "python -m sftbench.sweep run --gpus 1", "hardware": {
+            "gpus": [{"index": 0, "name": GPU, "memory_mib": 81559}], "cpu_model": "Some CPU 9000",
+            "cpu_count": 16, "host_mem_mib": 131072}}))
+    return root
+
+
+def test_markdown_table_headers_cells_and_footnotes(sweep_dir, tmp_path):
+    out = tmp_path / "results" / "h100x1"
+    res = report.make_report(sweep_dir, out)
+    assert res == {"rows": 5, "failures": 2, "out": str(out)}
+    md = (out / "results.md").read_text(encoding="utf-8")
+    header = next(line for line in md.splitlines() if line.startswith("| 模型"))
+    cells = [c.strip() for c in header.strip("|").split("|")]
+    # the reference's header row, in its order, with English beside it
+    assert cells[:16] == ["模型 (model)", "整体耗时/epoch (epoch time)", "单条样本耗时 (s/it)", "s/sample",
+                          "内存使用量 (host RAM)", "显存使用量 (GPU memory)", "GPU型号和数量 (GPU model and count)",
+                          "fp16", "bf16", "deepspeed stage", "offload optimizer", "pin memory",
+                          "offloard param (offload param)", "overlap comm", "allgather bucket size",
+                          "stage3 max live parameters"]
+    rows = {line.split("|")[-2].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in md.splitlines() if line.startswith("| ") and "__" in line}
+    z0 = rows["pangu-350m__z0__bf16__g1"]
+    assert z0[0] == "Pangu-350M" and z0[1] == "~5.4min" and z0[2] == "0.52s/it" and z0[3] == "0.065s"
+    assert z0[4] == "2.1G" and z0[5] == "1*12345MB" and z0[6] == "1*H100 80GB HBM3"
+    assert z0[7:16] == ["false", "true", "0", "-", "-", "-", "-", "-", "-"]
+    z3 = rows["pangu-350m__z3_offload_param__bf16__g1"]
+    assert z3[0] == "" and z3[9:16] == ["3", "true", "true", "true", "false", "1e9", "1e9"]
+    assert z3[-2] == "12"
+    oom = rows["pangu-2.6b__z0__fp16__g1"]
+    assert oom[0] == "Pangu-2.6B" and oom[5] == "OOM [1]" and oom[1] == "-" and oom[7:10] == ["true", "false", "0"]
+    assert oom[6] == "1*H100 80GB HBM3"  # GPU name from the sweep's record: the run died before its meta
+    cuda = rows["pangu-2.6b__z1__bf16__g1"]
+    assert cuda[5] == "CUDA Error [2]"
+    ok = rows["pangu-2.6b__z2_offload_5e8__bf16__g1"]
+    assert ok[5] == "1*13539MB" and ok[1] == "3.1h"  # measured epoch: no ~
+    assert ok[9:15] == ["2", "true", "true", "-", "false", "5e8"]
+    assert "1. pangu-2.6b__z0__fp16__g1: OOM (recorded by the sweep): torch.OutOfMemoryError: CUDA out of memory" in md
+    assert "2. pangu-2.6b__z1__bf16__g1: CUDA Error: ValueError: invalid literal for int() with base 10: '0a'" in md
+    assert "`~` = estimated" in md
+    # preamble: hardware, versions, command; recommendation per model and GPU count
+    assert "1 × H100 80GB HBM3" in md and "Some CPU 9000" in md and "deepspeed 0.19.8" in md
+    assert "python -m sftbench.sweep run --gpus 1" in md
+    rec = md[md.index("## Recommendation"):]
+    assert "Pangu-350M on 1 × H100 80GB HBM3**: fastest `z0` bf16 (0.52s/it" in rec
+    assert "least GPU memory: `z3_offload_param` bf16" in rec and "4321 MiB per GPU" in rec
+    assert "Pangu-2.6B on 1 × H100 80GB HBM3**: fastest `z2_offload_5e8` bf16" in rec
+    assert str(REPO) not in md and "somehost" not in md
+
+
+def test_html_csv_png_and_summaries(sweep_dir, tmp_path):
+    out = tmp_path / "res"
+    report.make_report(sweep_dir, out)
+    page = (out / "results.html").read_text(encoding="utf-8")
+    for zh in ("模型", "整体耗时/epoch", "单条样本耗时", "内存使用量", "显存使用量", "GPU型号和数量", "offloard param",
+               "stage3 max live parameters"):
+        assert zh in page
+    assert '<td rowspan="2">Pangu-350M</td>' in page and "OOM [1]" in page and "CUDA Error [2]" in page
+    with open(out / "results.csv", newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert len(rows) == 5
+    for k in runlog.SUMMARY_KEYS:
+        if k != "type":
+            assert k in reader.fieldnames, k
+    for k in ("run", "model", "ds_config", "precision", "num_gpus", "zero_stage", "offload_optimizer",
+              "predicted_gpu_mib", "s_per_sample"):
+        assert k in reader.fieldnames
+    by = {r["run"]: r for r in rows}
+    assert by["pangu-2.6b__z0__fp16__g1"]["status"] == "oom"
+    assert by["pangu-350m__z0__bf16__g1"]["step_s_median"] == "0.52"
+    assert by["pangu-350m__z3_offload_param__bf16__g1"]["offload_param"] == "cpu"
+    png = (out / "results.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    recs = [json.loads(line) for line in (out / "summaries.jsonl").read_text(encoding="utf-8").splitlines()]
+    metas = [r for r in recs if r["type"] == "meta"]
+    sums = [r for r in recs if r["type"] == "summary"]
+    assert len(metas) == 3 and {s["run"] for s in sums} == {r["run"] for r in rows}
+    assert all("host" not in m and "argv" not in m for m in metas)
+    assert not any(str(REPO) in json.dumps(r) for r in recs)
+
+
+def test_cpu_runs_say_so(tmp_path):
+    root = tmp_path / "cpu"
+    write_ok_run(root, "pangu-tiny__z0__bf16__cpu2", "pangu-tiny", "z0", "bf16", 2, 0.6, 0.0, 550.0, accel="cpu")
+    write_ok_run(root, "pangu-tiny__none__fp32__cpu2", "pangu-tiny", "none", "fp32", 2, 0.4, 0.0, 500.0,
+                 accel="cpu")
+    report.make_report(root, tmp_path / "out")
+    md = (tmp_path / "out" / "results.md").read_text(encoding="utf-8")
+    assert md.splitlines()[0].endswith("(CPU run)") and "**Ran on CPU**" in md
+    row = next(line for line in md.splitlines() if "pangu-tiny__z0__bf16__cpu2" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[5] == "-" and cells[6] == "2*CPU" and cells[4] == "1.1G"
+    assert "least host memory" in md or "also uses the least host memory" in md
+    assert (tmp_path / "out" / "results.png").stat().st_size > 5_000
+
+
+def test_helpers():
+    assert report.fmt_e(500_000_000) == "5e8" and report.fmt_e(1e9) == "1e9" and report.fmt_e(150_000_000) == "1.5e8"
+    assert report.fmt_duration(45) == "45s" and report.fmt_duration(738) == "12.3min"
+    assert report.fmt_duration(5400) == "1.5h"
+    pts = [(1, 5, "a"), (2, 4, "b"), (3, 6, "c"), (4, 1, "d")]
+    assert [t for _, _, t in report.pareto(pts)] == ["a", "b", "d"]
+
+
+def test_cli(sweep_dir, tmp_path, capsys):
+    assert report.main([str(sweep_dir), "--out", str(tmp_path / "o")]) == 0
+    assert "5 runs (2 failed)" in capsys.readouterr().out
+    assert report.main([str(tmp_path / "missing")]) == 2

@@ -1,0 +1,349 @@
+"""sftbench.sweep: the plan, failure classification, timeouts, resume, the time budget; one real CPU epoch (slow)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from sftbench import runlog, sweep
+
+H100 = [sweep.Gpu(0, "NVIDIA H100 80GB HBM3", 81559.0, "9.0", "GPU-aaaa")]
+V100x3 = [sweep.Gpu(i, "Tesla V100-SXM2-16GB", 16384.0, "7.0", f"GPU-v{i}") for i in range(3)]
+REF = sweep.read_reference_map()
+
+
+def plan(gpus, argv=()):
+    args = sweep.build_parser().parse_args(["plan", *argv])
+    return sweep.resolve(args, gpus=gpus)
+
+
+# ============================================================================================== reference map
+
+def test_reference_map_is_read_from_the_readme():
+    assert len(REF) == 41
+    by_row = {r.row: r for r in REF}
+    assert (by_row[1].model, by_row[1].precision, by_row[1].file) == ("pangu-350m", "fp32", None)
+    assert (by_row[3].model, by_row[3].precision, by_row[3].file) == ("pangu-350m", "fp16", "z0")
+    assert (by_row[28].model, by_row[28].precision, by_row[28].file) == ("pangu-2.6b", "bf16", None)
+    assert (by_row[41].precision, by_row[41].file) == ("bf16", "z3_offload_param_overlap_live2e8")
+    files = {p.stem for p in (REPO / "ds_configs").glob("*.json")}
+    assert {r.file for r in REF if r.file} == files  # every shipped config is some reference row
+
+
+def test_reference_precisions():
+    assert sweep.reference_precisions(REF, "pangu-350m", "none") == (["fp32", "fp16"], [1, 2])
+    assert sweep.reference_precisions(REF, "pangu-2.6b", "z0") == (["fp16", "bf16"], [18, 29])
+    # a combination the reference never ran: the config's precisions, no row numbers
+    assert sweep.reference_precisions(REF, "pangu-350m", "z3_ag5e8") == (["bf16"], [])
+    assert sweep.resolve_precisions("ref+bf16", ["fp16"], "cuda", True) == ["fp16", "bf16"]
+    assert sweep.resolve_precisions("ref", ["fp16"], "cpu", True) == ["fp32"]
+    assert sweep.resolve_precisions("ref+bf16", ["bf16"], "cuda", False) == ["fp16"]
+    assert sweep.resolve_precisions("bf16", ["fp16"], "cuda", True) == ["bf16"]
+    assert sweep.resolve_precisions("fp32,bf16", [], "cuda", True) == ["fp32", "bf16"]
+    with pytest.raises(SystemExit):
+        sweep.resolve_precisions("int8", [], "cuda", True)
+
+
+# ============================================================================================== plans
+
+def test_plan_one_gpu():
+    res = plan(H100)
+    es = res.entries
+    assert res.accelerator == "cuda" and res.sweep == "h100x1"
+    assert all(e.num_gpus == 1 and e.accelerator == "cuda" and e.data == sweep.BENCH_DATA for e in es)
+    assert all(e.run.endswith("__g1") for e in es)
+    names = [e.run for e in es]
+    assert len(names) == len(set(names))
+    assert names[:4] == ["pangu-350m__none__fp32__g1", "pangu-350m__none__fp16__g1", "pangu-350m__none__bf16__g1",
+                         "pangu-350m__z0__fp16__g1"]
+    # model-major order, every config of ds_configs/ for both models, reference precision first then bf16
+    models = [e.model for e in es]
+    assert models == sorted(models, key=["pangu-350m", "pangu-2.6b"].index)
+    cfgs = {p.stem for p in (REPO / "ds_configs").glob("*.json")} | {"none"}
+    for m in ("pangu-350m", "pangu-2.6b"):
+        assert {e.config_name for e in es if e.model == m} == cfgs
+        for c in cfgs:
+            precs = [e.precision for e in es if e.model == m and e.config_name == c]
+            ref, _ = sweep.reference_precisions(REF, m, c)
+            assert precs[:len(ref)] == ref and "bf16" in precs and len(precs) == len(set(precs))
+    e = next(x for x in es if x.run == "pangu-2.6b__z2_offload_5e8__bf16__g1")
+    assert e.ref_rows == [33] and e.ds_config == "ds_configs/z2_offload_5e8.json" and e.ds_config_sha1
+    e = next(x for x in es if x.run == "pangu-350m__z2_offload_5e8__fp16__g1")
+    assert e.ref_rows == [7]
+    assert (e.max_steps, e.warmup_steps, e.seq_len) == (10, 3, 512)
+
+
+def test_plan_three_gpus_without_bf16():
+    res = plan(V100x3)
+    es = res.entries
+    assert res.sweep == "v100x3"
+    assert all(e.num_gpus == 3 and e.run.endswith("__g3") for e in es)
+    assert not any(e.precision == "bf16" for e in es)  # V100: bf16 becomes fp16
+    # bf16-only reference rows run in fp16 there, once
+    live = [e for e in es if e.config_name == "z3_offload_param_overlap_live2e8" and e.model == "pangu-2.6b"]
+    assert [e.precision for e in live] == ["fp16"]
+    none = [e.precision for e in es if e.config_name == "none" and e.model == "pangu-350m"]
+    assert none == ["fp32", "fp16"]
+
+
+def test_plan_overrides_and_env(monkeypatch):
+    monkeypatch.setenv("SFTBENCH_STEPS", "7")
+    monkeypatch.setenv("SFTBENCH_GPUS", "1,3")
+    res = plan(V100x3, ["--models", "pangu-350m", "--configs", "z2_offload*,none", "--precisions", "ref",
+                        "--extra-args=--compile --seed 3"])
+    es = res.entries
+    assert res.sweep == "v100x1-3"
+    assert {e.max_steps for e in es} == {7} and {e.warmup_steps for e in es} == {3}
+    assert [e.num_gpus for e in es] == sorted(e.num_gpus for e in es) and {e.num_gpus for e in es} == {1, 3}
+    assert [e.config_name for e in es if e.num_gpus == 1] == [
+        "none", "none", "z2_offload_2e8", "z2_offload_5e8", "z2_offload_1e9", "z2_offload_5e9",
+        "z2_offload_overlap_5e8"]
+    assert es[0].extra_args == ["--compile", "--seed", "3"]
+    with pytest.raises(SystemExit):
+        plan(V100x3, ["--configs", "z9*"])
+
+
+def test_cpu_default_plan():
+    res = plan([])
+    es = res.entries
+    assert res.accelerator == "cpu" and res.sweep == "cpu"
+    assert {e.model for e in es} == {"pangu-tiny"}
+    assert [e.config_name for e in es][::2] == list(sweep.CPU_CONFIGS)
+    assert all(e.precision in ("fp32", "bf16") for e in es)  # fp16 is refused on CPU
+    assert all(e.num_gpus == 2 and e.run.endswith("__cpu2") and e.data == sweep.SAMPLE_DATA for e in es)
+    assert all(e.max_steps <= 5 and e.seq_len == 128 for e in es)
+
+
+def test_train_command(monkeypatch):
+    e = plan(H100).entries[4]
+    cmd = sweep.train_command(e, REPO / "runs" / "s" / e.run, {})
+    assert cmd[1:4] == ["-u", "-m", "deepspeed.launcher.runner"]
+    assert cmd[cmd.index("--num_gpus") + 1] == "1"
+    i = cmd.index("train.py")
+    assert cmd[i + 1:i + 5] == ["--ds", "ds_configs/z0.json", "--model", "pangu-350m"]
+    assert cmd[cmd.index("--run-dir") + 1] == f"runs/s/{e.run}"  # relative: no machine paths in the logs
+    # the launcher ignores CUDA_VISIBLE_DEVICES when --num_gpus is given: the sweep passes --include instead
+    cmd = sweep.train_command(e, REPO / "x", {"CUDA_VISIBLE_DEVICES": "2,3"})
+    assert "--num_gpus" not in cmd and cmd[cmd.index("--include") + 1] == "localhost:2"
+    cpu = plan([]).entries[0]
+    assert sweep.run_env(cpu, {})["DS_ACCELERATOR"] == "cpu"
+    none = sweep.train_command(cpu, REPO / "x", {})
+    assert none[none.index("--ds") + 1] == "none"
+
+
+def test_visible_devices_filter():
+    gpus = [sweep.Gpu(i, "NVIDIA H100", 80000.0, "9.0", f"GPU-{i}abc") for i in range(4)]
+    assert [g.index for g in sweep._visible_filter(gpus, "2,0")] == [2, 0]
+    assert [g.index for g in sweep._visible_filter(gpus, "GPU-1")] == [1]
+    assert sweep._visible_filter(gpus, "") == []
+    assert len(sweep._visible_filter(gpus, None)) == 4
+    assert sweep.gpu_slug("NVIDIA A100-SXM4-80GB") == "a100"
+    assert sweep.bf16_supported(gpus) and not sweep.bf16_supported(V100x3)
+
+
+def test_model_shape_without_torch():
+    s = sweep.model_shape("pangu-2.6b")
+    assert (s["hidden"], s["n_layers"], s["n_heads"], s["vocab"]) == (2560, 32, 32, 40000)
+    with pytest.raises(ValueError):
+        sweep.model_shape("no-such-model")
+
+
+# ============================================================================================== classification
+
+@pytest.mark.parametrize("console,rc,status,needle", [
+    ("Traceback (most recent call last):\n  File \"x\"\ntorch.OutOfMemoryError: CUDA out of memory. Tried 2 GiB\n",
+     1, "oom", "CUDA out of memory"),
+    ("[rank0]: RuntimeError: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate\n", 1, "oom", "CUBLAS"),
+    ("  File \"builder.py\"\nValueError: invalid literal for int() with base 10: '0a'\n", 1, "cuda_error", "'0a'"),
+    ("RuntimeError: CUDA error: an illegal memory access was encountered\n", 1, "cuda_error", "illegal memory"),
+    ("torch.distributed.DistBackendError: NCCL error in: ProcessGroupNCCL.cpp\n", 1, "cuda_error", "NCCL error"),
+    ("[launch.py:259:sigkill_handler] ['python', 'train.py'] exits with return code = -9\n", 247, "oom", "SIGKILL"),
+    ("Killed\n", 137, "oom", "SIGKILL"),
+    ("Traceback (most recent call last):\n  File \"a.py\", line 1\n    x()\nKeyError: 'foo'\nTraceback (most recent "
+     "call last):\n  File \"b\"\nValueError: later\n", 1, "error", "KeyError: 'foo'"),
+    ("", 2, "error", "exit code 2"),
+])
+def test_classify_failure(console, rc, status, needle):
+    st, err = sweep.classify_failure(console, rc)
+    assert st == status and needle in err
+
+
+def test_classify_timeout_and_cpu_build_failure():
+    assert sweep.classify_failure("step 3/10\n", -9, timed_out=True, timeout_s=5)[0] == "timeout"
+    # an OOM seen before the hang names the cause, not the timeout
+    assert sweep.classify_failure("CUDA out of memory\n", -9, timed_out=True, timeout_s=5)[0] == "oom"
+    assert sweep.classify_failure("RuntimeError: Error building extension 'cpu_adam'\n", 1,
+                                  accelerator="cpu")[0] == "error"
+
+
+# ============================================================================================== running (fake train)
+
+OK_SCRIPT = """
+import sys
+from sftbench.runlog import RunLog
+d = sys.argv[1]
+for rank in (0, 1):
+    log = RunLog(d, rank)
+    log.meta(run="fake", world_size=2, rank=rank, precision="fp32", micro_batch=1, grad_accum=8, steps_per_epoch=10,
+             warmup_steps=1, device="cpu", model="pangu-tiny")
+    for i in range(3):
+        log.step(step=i + 1, step_s=0.5, warmup=i < 1, loss=1.0, host_rss_mib=100.0)
+    log.summary(status="ok", steps=3, measured_steps=2, step_s_median=0.5, epoch_s_est=5.0, host_rss_mib_peak=100.0)
+print("fake train: ok")
+"""
+OOM_SCRIPT = ("import sys; print('step 1/4'); print('torch.OutOfMemoryError: CUDA out of memory. Tried to allocate "
+              "20.00 MiB', file=sys.stderr); sys.exit(1)")
+HANG_SCRIPT = """
+import subprocess, sys, time
+from sftbench.runlog import RunLog
+log = RunLog(sys.argv[1], 0)
+log.meta(run="hang", world_size=1, rank=0, warmup_steps=0, steps_per_epoch=100)
+log.step(step=1, step_s=0.25, warmup=False, loss=2.0, host_rss_mib=50.0)
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+open(sys.argv[1] + "/child.pid", "w").write(str(child.pid))
+print("hanging", flush=True)
+time.sleep(120)
+"""
+
+
+def fake(scripts: dict[str, str]):
+    """command_fn for run_sweep: the script by config name (default OK)."""
+    def command(entry, run_dir, env):
+        return [sys.executable, "-c", scripts.get(entry.config_name, OK_SCRIPT), str(run_dir)]
+    return command
+
+
+def cpu_entries(n: int = 3, steps: int = 4) -> list[sweep.PlanEntry]:
+    args = sweep.build_parser().parse_args(["plan", "--configs", "none,z0,z2_offload_5e8", "--precisions", "fp32",
+                                            "--steps", str(steps)])
+    return sweep.resolve(args, gpus=[]).entries[:n]
+
+
+def quiet(*_a, **_k):
+    pass
+
+
+def _status(rd: Path) -> dict:
+    return runlog.load_run(rd).final_summary()
+
+
+def _dead(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.startswith("State:") and "Z" in line for line in f)
+    except FileNotFoundError:
+        return True
+
+
+def test_failure_becomes_oom_and_the_sweep_goes_on(tmp_path):
+    es = cpu_entries()
+    out = sweep.run_sweep(es, tmp_path, sweep="t", timeout_s=60, command_fn=fake({"none": OOM_SCRIPT}), say=quiet)
+    assert [o.status for o in out] == ["oom", "ok", "ok"]
+    rd = tmp_path / es[0].run
+    s = json.loads((rd / "summary.json").read_text())
+    assert s["status"] == "oom" and s["synthesized"] is True and "CUDA out of memory" in s["error"]
+    assert set(s) == set(runlog.SUMMARY_KEYS)
+    assert "CUDA out of memory" in (rd / "console.log").read_text()
+    assert json.loads((rd / "plan_entry.json").read_text())["run"] == es[0].run
+    assert "gpu_mib" in json.loads((rd / "predicted.json").read_text())
+    # train.py's own summary is kept, no summary.json beside it
+    assert not (tmp_path / es[1].run / "summary.json").exists()
+    plan_json = json.loads((tmp_path / "plan.json").read_text())
+    assert plan_json["sweep"] == "t" and [e["run"] for e in plan_json["entries"]] == [e.run for e in es]
+    for k in ("run", "model", "ds_config", "precision", "num_gpus", "max_steps", "warmup_steps", "accelerator"):
+        assert k in plan_json["entries"][0]
+
+
+def test_timeout_kills_the_process_group(tmp_path):
+    es = cpu_entries(1)
+    t0 = time.time()
+    out = sweep.run_sweep(es, tmp_path, sweep="t", timeout_s=3, command_fn=fake({"none": HANG_SCRIPT}), say=quiet)
+    assert time.time() - t0 < 60
+    assert out[0].status == "timeout"
+    rd = tmp_path / es[0].run
+    s = _status(rd)
+    assert s["status"] == "timeout" and s["synthesized"] and "3 s" in s["error"]
+    assert s["steps"] == 1 and s["step_s_median"] == 0.25  # statistics from the steps it logged
+    child = int((rd / "child.pid").read_text())
+    for _ in range(50):
+        if _dead(child):
+            break
+        time.sleep(0.1)
+    assert _dead(child), "a grandchild of the timed-out run survived"
+
+
+def test_resume_force_and_retry(tmp_path):
+    es = cpu_entries()
+    cmd = fake({"z0": OOM_SCRIPT})
+    sweep.run_sweep(es, tmp_path, sweep="t", timeout_s=60, command_fn=cmd, say=quiet)
+    mtime = (tmp_path / es[0].run / "rank0.jsonl").stat().st_mtime_ns
+    out = sweep.run_sweep(es, tmp_path, sweep="t", timeout_s=60, command_fn=cmd, say=quiet)
+    assert [o.action for o in out] == ["skipped-ok", "skipped-failed", "skipped-ok"]
+    assert (tmp_path / es[0].run / "rank0.jsonl").stat().st_mtime_ns == mtime
+    out = sweep.run_sweep(es, tmp_path, sweep="t", timeout_s=60, command_fn=fake({}), say=quiet, retry_failed=True)
+    assert [o.action for o in out] == ["skipped-ok", "ran", "skipped-ok"] and out[1].status == "ok"
+    assert not (tmp_path / es[1].run / "summary.json").exists()  # the old synthesized summary went with the retry
+    out = sweep.run_sweep(es, tmp_path, sweep="t", timeout_s=60, command_fn=fake({}), say=quiet, force=True)
+    assert [o.action for o in out] == ["ran"] * 3
+    # a changed plan entry (other step count) is a different run: re-run without --force
+    changed = cpu_entries(steps=6)
+    assert changed[0].run == es[0].run
+    out = sweep.run_sweep(changed, tmp_path, sweep="t", timeout_s=60, command_fn=fake({}), say=quiet)
+    assert [o.action for o in out] == ["ran"] * 3
+
+
+def test_budget_leaves_the_rest_queued_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "MIN_BUDGET_LEFT_S", 0.5)
+    es = cpu_entries()
+    slow = "import time; time.sleep(30)"
+    out = sweep.run_sweep(es, tmp_path, sweep="t", timeout_s=60, max_minutes=2 / 60,
+                          command_fn=fake({"none": slow}), say=quiet)
+    assert out[0].status == "interrupted" and [o.action for o in out[1:]] == ["queued", "queued"]
+    assert "max-minutes" in _status(tmp_path / es[0].run)["error"]
+    out = sweep.run_sweep(es, tmp_path, sweep="t", timeout_s=60, command_fn=fake({}), say=quiet)
+    assert [(o.action, o.status) for o in out] == [("ran", "ok")] * 3  # interrupted runs are simply re-run
+
+
+def test_cli_name_and_dry_run(capsys):
+    assert sweep.main(["name", "--cpu"]) == 0
+    assert capsys.readouterr().out.strip() == "cpu"
+    assert sweep.main(["run", "--cpu", "--dry-run", "--sweep-name", "x", "--runs-dir", "/nonexistent-dir"]) == 0
+    txt = capsys.readouterr().out
+    assert "pangu-tiny__z0__bf16__cpu2" in txt and "CPU" in txt
+    assert not Path("/nonexistent-dir").exists()
+
+
+# ============================================================================================== real train.py
+
+@pytest.mark.slow
+def test_epoch_estimate_matches_a_measured_epoch(tmp_path):
+    """A full epoch on CPU (pangu-tiny, z0, 2 ranks, grad accum 8, seq 64): epoch_s_est (steps per epoch x median
+    step) within 10% of the measured epoch. Goes through the sweep with the real launcher, then the report."""
+    if not (REPO / "train.py").is_file():
+        pytest.skip("train.py not there yet")
+    lines = [ln for ln in (REPO / "data" / "sample_sft.jsonl").read_text(encoding="utf-8").splitlines() if ln.strip()]
+    data = tmp_path / "d320.jsonl"
+    data.write_text("\n".join(lines[i % len(lines)] for i in range(320)) + "\n", encoding="utf-8")
+    # 320 samples / (micro batch 1 x 2 ranks x grad accum 8) = 20 steps per epoch
+    e = sweep.PlanEntry(run="pangu-tiny__z0__fp32__cpu2", model="pangu-tiny", ds_config="ds_configs/z0.json",
+                        precision="fp32", num_gpus=2, max_steps=20, warmup_steps=2, accelerator="cpu",
+                        data=str(data), seq_len=64)
+    out = sweep.run_sweep([e], tmp_path / "runs", sweep="epoch", timeout_s=400, say=quiet)
+    rd = tmp_path / "runs" / e.run
+    console = (rd / "console.log").read_text(errors="replace")
+    assert out[0].status == "ok", console[-3000:]
+    s = runlog.load_run(rd).summary[0]
+    assert s["steps_per_epoch"] == 20
+    assert s["epoch_s_measured"] is not None, "train.py did not record the measured epoch"
+    err = abs(s["epoch_s_est"] - s["epoch_s_measured"]) / s["epoch_s_measured"]
+    assert err < 0.10, (s["epoch_s_est"], s["epoch_s_measured"])
+    from sftbench import report
+    res = report.make_report(tmp_path / "runs", tmp_path / "results")
+    assert res["rows"] == 1 and res["failures"] == 0
+    md = (tmp_path / "results" / "results.md").read_text()
+    assert "CPU" in md and "1*CPU" not in md and "2*CPU" in md
