@@ -87,7 +87,8 @@ Host terms, whole job (``host_breakdown_mib``)
     ``dataset_samples`` is given.
 ``device_tensors``
     Only with ``cuda=False`` (CPU runs): the GPU terms above (except CUDA context and NCCL) live in host memory,
-    for every rank.
+    for every rank. Buckets count only up to the model's size there: host pages are committed when first
+    written, and a 5e8-element bucket for a small model is never filled (cudaMalloc commits all of it on a GPU).
 
 Stage 1/2 non-offloaded runs: DeepSpeed's estimator also prints a host figure (``4*P*W*1.5``) for building an
 fp32 model on the host first; train.py creates the weights on the GPU, so it is not counted (it is returned as
@@ -190,6 +191,18 @@ def _offload_device(block: Any) -> str | None:
         if dev and dev != "none":
             return str(dev)
     return None
+
+
+def _touched_buffer_cap(stage, P: int, b: int, zo: dict, zget) -> float:
+    """Upper bound of the bucket bytes a CPU run actually writes: each bucket at most the model's size."""
+    if stage is None:
+        return 4 * P
+    n = 1
+    if stage in (1, 2) and zo.get("overlap_comm"):
+        n = 2
+    if stage == 3:
+        n = 2  # the ipg bucket and the gathered parameters
+    return n * P * b
 
 
 def _mib(nbytes: float) -> float:
@@ -313,6 +326,10 @@ def predict(n_params: int, ds_config: dict | str | os.PathLike | None, world_siz
         raise ValueError(f"zero_optimization.stage must be 0-3, got {stage!r}")
 
     model_state_gpu = gpu["params"] + gpu["grads"] + gpu["optimizer"]
+    if not cuda:
+        # Host pages are committed when first written: a bucket larger than the model is never touched beyond
+        # the model's size (cudaMalloc, by contrast, commits the whole bucket on a GPU).
+        gpu["buffers"] = min(gpu["buffers"], _touched_buffer_cap(stage, P, b, zo, zget))
 
     # ---- activations and logits (one micro-batch, no checkpointing) ----------------------------------------
     tokens = seq_len * micro_batch
@@ -387,6 +404,9 @@ def summarize(pred: dict | None) -> str:
     """One line for the console: 'GPU ~12345 MiB/rank (params .., ..), host ~.. MiB, fits'."""
     if not pred:
         return "no prediction"
-    parts = ", ".join(f"{k} {v:.0f}" for k, v in pred.get("gpu_breakdown_mib", {}).items() if v)
     fit = {True: "fits", False: "does NOT fit", None: "fit unknown"}[pred.get("fits")]
+    if not (pred.get("inputs") or {}).get("cuda", True):
+        parts = ", ".join(f"{k} {v:.0f}" for k, v in pred.get("host_breakdown_mib", {}).items() if v)
+        return f"host ~{pred['host_mib']:.0f} MiB ({parts}), {fit}"
+    parts = ", ".join(f"{k} {v:.0f}" for k, v in pred.get("gpu_breakdown_mib", {}).items() if v)
     return f"GPU ~{pred['gpu_mib']:.0f} MiB/rank ({parts}), host ~{pred['host_mib']:.0f} MiB, {fit}"

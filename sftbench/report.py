@@ -419,8 +419,12 @@ def hardware_lines(rows: list[Row], info: dict) -> list[str]:
                      "not recorded by the runs)")
     metas = [r.meta for r in rows if r.meta.get("versions")]
     if metas:
-        v = metas[0]["versions"]
-        lines.append("Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val))
+        v: dict = {}
+        for m in metas:  # --ds none runs have no deepspeed version: take each key from the first run that has it
+            for k, val in m["versions"].items():
+                if val and k not in v:
+                    v[k] = val
+        lines.append("Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()))
         commits = sorted({m.get("git_commit") for m in metas if m.get("git_commit")})
         if commits:
             lines.append("Harness commit: " + ", ".join(c[:12] for c in commits))
@@ -694,25 +698,30 @@ def write_png(path: Path, rows: list[Row]) -> None:
         if ys and max(ys) / max(min(ys), 1e-9) > 20:
             ax.set_yscale("log")
         if fails:
-            top = (max(ys) * (2.5 if ax.get_yscale() == "log" else 1.25)) if ys else 1.0
+            log = ax.get_yscale() == "log"
+            top = (max(ys) * (2.5 if log else 1.2)) if ys else 1.0
             xs_known = [xval(r) or (r.pred_host if cpu else r.pred_gpu) for r in fails]
-            span = [x for x, _, _ in pts_all] or [1.0]
+            span = [x for x, _, _ in pts_all] + [x for x in xs_known if x is not None] or [1.0]
             lo, hi = min(span), max(span)
             for k, (r, x) in enumerate(zip(fails, xs_known)):
-                if x is None:
+                if x is None:  # no prediction either: spread along the band
                     x = lo + (hi - lo) * (k + 1) / (len(fails) + 1)
                 ax.scatter([x], [top], marker="x", color="tab:red", zorder=4)
                 ax.annotate(f"{r.config_name} {r.precision}: {STATUS_LABEL.get(r.status, r.status)}", (x, top),
-                            fontsize=6, rotation=60, xytext=(2, 4), textcoords="offset points", color="tab:red")
-            ax.axhline(top, color="tab:red", alpha=0.2, linewidth=8)
-            ax.text(0.01, top, " failed (x at predicted memory)", transform=ax.get_yaxis_transform(), fontsize=7,
-                    color="tab:red", va="bottom")
+                            fontsize=6, rotation=35, xytext=(2, 5), textcoords="offset points", color="tab:red",
+                            annotation_clip=False)
+            ax.axhline(top, color="tab:red", alpha=0.15, linewidth=10)
+            ax.text(0.01, 0.995, "failed runs (x at their predicted memory)", transform=ax.transAxes, fontsize=7,
+                    color="tab:red", va="top")
+            ax.set_ylim(top=top * (3 if log else 1.25))
+            if not log:
+                ax.set_ylim(bottom=0)
         ax.set_xlabel(xname)
         ax.set_ylabel("median step time (s/it)")
         ax.set_title(f"{label}" + (" — CPU run" if cpu else ""))
         ax.grid(True, alpha=0.3)
         if pts_all:
-            ax.legend(fontsize=7, loc="upper right")
+            ax.legend(fontsize=7, loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -810,9 +810,11 @@ def _env(name: str, default=None):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sftbench.sweep", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m sftbench.sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", default="run", choices=("run", "plan", "report", "name"))
+    p.add_argument("command", nargs="?", default="run", choices=("run", "plan", "report", "name"),
+                   help="run (default): run what is not done; plan: print the plan; report: write "
+                        "results/<sweep>/; name: print the sweep name")
     g = p.add_argument_group("plan")
     g.add_argument("--gpus", default=_env("GPUS"),
                    help="GPUs per run, e.g. 1 or '1,3' (a run per count); default all visible. On CPU: ranks (2).")

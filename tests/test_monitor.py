@@ -194,6 +194,20 @@ def test_run_watcher_resets_rank_on_truncation(tmp_path):
     assert w.state.ranks[0].n_steps == 3 and w.state.ranks[1].n_steps == 10
 
 
+def test_run_watcher_budgeted_catch_up(tmp_path):
+    d = make_run(tmp_path / "r", steps=300)
+    w = RunWatcher(d)
+    w.CHUNK = 4096                                        # a few records per round
+    w.poll(budget_s=0.0)                                  # one round only
+    assert w.behind and 0 < w.progress()[0] < w.progress()[1]
+    rounds = 1
+    while w.behind:
+        w.poll(budget_s=0.0)
+        rounds += 1
+    assert rounds > 5 and w.state.ranks[0].n_steps == 300 and w.state.ranks[1].n_steps == 300
+    assert w.state.bad_lines == 0                         # chunk borders never split a record into garbage
+
+
 # ------------------------------------------------------------------------------------------------------------
 # model
 
@@ -421,6 +435,9 @@ def test_app_run_view_numbers_keys_and_live_append(tmp_path):
         assert isinstance(app.screen, HelpScreen)
         await pilot.press("tab")                     # view keys do nothing under the help screen
         assert app.view == "run"
+        with _Append(d, 1) as log:                   # updates go on under the help screen
+            write_step(log, 21, 1)
+        await wait_for(pilot, lambda: text(rt.get_cell("1", "step")) == "21")
         await pilot.press("escape")
         assert not isinstance(app.screen, HelpScreen)
 

@@ -107,7 +107,7 @@ def test_markdown_table_headers_cells_and_footnotes(sweep_dir, tmp_path):
     rows = {line.split("|")[-2].strip(): [c.strip() for c in line.strip("|").split("|")]
             for line in md.splitlines() if line.startswith("| ") and "__" in line}
     z0 = rows["pangu-350m__z0__bf16__g1"]
-    assert z0[0] == "Pangu-350M" and z0[1] == "~5.4min" and z0[2] == "0.52s/it" and z0[3] == "0.065s"
+    assert z0[0] == "Pangu-350M" and z0[1] == "~10.8min" and z0[2] == "0.52s/it" and z0[3] == "0.065s"
     assert z0[4] == "2.1G" and z0[5] == "1*12345MB" and z0[6] == "1*H100 80GB HBM3"
     assert z0[7:16] == ["false", "true", "0", "-", "-", "-", "-", "-", "-"]
     z3 = rows["pangu-350m__z3_offload_param__bf16__g1"]

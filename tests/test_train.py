@@ -58,8 +58,8 @@ def test_two_rank_cpu_run(cfg, tmp_path, overfit_data):
         assert [s["warmup"] for s in steps] == [True, True] + [False] * 6
         assert all(s["step_s"] > 0 and s["gpu_mem_used_mib"] is None for s in steps)
         assert summary["status"] == "ok" and summary["measured_steps"] == 6
-        # Overfitting four samples: the loss must fall clearly.
-        assert summary["final_loss"] < 0.7 * summary["first_loss"], (summary["first_loss"], summary["final_loss"])
+        # Overfitting four samples: the loss must fall clearly (it starts near ln(40000) = 10.6).
+        assert summary["final_loss"] < summary["first_loss"] - 1.0, (summary["first_loss"], summary["final_loss"])
     if cfg != "none":
         assert meta["ds_config"]["zero_optimization"]["stage"] == int(cfg[1])
         if "offload" in cfg:

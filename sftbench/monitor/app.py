@@ -226,7 +226,8 @@ class MonitorApp(App[None]):
         self.chart_rank: int | None = None
         self.ticks = 0
         self.last_export: Path | None = None
-        self._dirty: set[str] = set(VIEWS)
+        self._dirty: dict[str, set[str]] = {}
+        self._rss_shown: dict[int, float] | None = None
         self._seen_run_version = -1
         self._seen_table_version = -1
         self._seen_gpu_version = -1
@@ -259,6 +260,9 @@ class MonitorApp(App[None]):
         yield Footer()
 
     def on_mount(self) -> None:
+        # Widgets are looked up once: App.query_one searches the *active* screen, which is the help screen or the
+        # command palette while those are open.
+        self._w: dict[str, Widget] = {w.id: w for w in self.screen.query("*") if w.id}
         self.rank_sync = TableSync(self.query_one("#rank-table", DataTable), M.RANK_COLUMNS)
         self.sweep_sync = TableSync(self.query_one("#sweep-table", DataTable), M.TABLE_COLUMNS)
         self.gpu_sync = TableSync(self.query_one("#gpu-table", DataTable), M.GPU_COLUMNS)
@@ -286,7 +290,7 @@ class MonitorApp(App[None]):
         self.tick()
 
     def tick(self) -> None:
-        if self.paused:
+        if self.paused or self._exit:
             return
         self.ticks += 1
         changed = self.session.poll(budget_s=self.CATCHUP_BUDGET_S)
@@ -303,7 +307,7 @@ class MonitorApp(App[None]):
         self._schedule_catchup()
 
     def gpu_tick(self) -> None:
-        if self.paused:
+        if self.paused or self._exit:
             return
         self.session.sample_gpu()
         self._render_all()
@@ -321,26 +325,36 @@ class MonitorApp(App[None]):
         if self._static_cache.get(wid) == k:
             return
         self._static_cache[wid] = k
-        self.query_one(f"#{wid}", Static).update(content)
+        self._w[wid].update(content)
+
+    def _mark(self, views, part: str) -> None:
+        for v in views:
+            self._dirty.setdefault(v, set()).add(part)
 
     def _render_all(self, force: bool = False) -> None:
+        """Render what changed, for the visible view only; hidden views catch up when shown.
+
+        Parts: "data" (logs: header, tables, charts) and "hw" (GPU/host samples), so the once-a-second GPU sample
+        does not redo the log-derived widgets.
+        """
         s = self.session
         run = s.run
         if run is not None and run.version != self._seen_run_version:
             self._seen_run_version = run.version
-            self._dirty |= {"run", "gpu"}
+            self._mark(("run", "gpu"), "data")
         if s.table is not None and s.table.version != self._seen_table_version:
             self._seen_table_version = s.table.version
-            self._dirty.add("sweep")
+            self._mark(("sweep",), "data")
         if s.gpu_version != self._seen_gpu_version:
             self._seen_gpu_version = s.gpu_version
-            self._dirty |= {"run", "gpu"}
+            self._mark(("run", "gpu"), "hw")
         if force:
-            self._dirty |= set(VIEWS)
+            self._mark(VIEWS, "data")
+            self._mark(("run", "gpu"), "hw")
         self._render_topbar()
-        if self.view in self._dirty:
-            self._dirty.discard(self.view)
-            getattr(self, f"_render_{self.view}")()
+        parts = self._dirty.pop(self.view, None)
+        if parts:
+            getattr(self, f"_render_{self.view}")(parts)
 
     def _render_topbar(self) -> None:
         s = self.session
@@ -360,14 +374,23 @@ class MonitorApp(App[None]):
         t.append(f"  |  refresh {self.refresh_s:g}s  last data {self._last_data}", style="dim")
         self._set_static("topbar", t)
 
-    def _render_run(self) -> None:
+    def _render_run(self, parts: set[str] = frozenset({"data", "hw"})) -> None:
         s = self.session
         run = s.run
+        if "hw" in parts:
+            self._set_static("gpu-brief", self._gpu_brief())
+            text, style = M.host_line(s.host)
+            self._set_static("host-brief", Text(text, style=style))
+            if "data" not in parts and run is not None and s.live_rss != self._rss_shown:
+                self._rss_shown = dict(s.live_rss)
+                self.rank_sync.sync(M.rank_rows(run, s.live_rss))
+        if "data" not in parts:
+            return
         if run is None:
             self._set_static("run-header", Text(f"no run found under {s.target.path} yet (waiting)", style="dim"))
             self.rank_sync.sync([])
             for cid in ("chart-s", "chart-loss", "chart-mem"):
-                self.query_one(f"#{cid}", StepChart).set_data([], [], [])
+                self._w[cid].set_data([], [], [])
         else:
             h = run.header()
             lines = M.header_lines(h)
@@ -386,17 +409,15 @@ class MonitorApp(App[None]):
                 else:
                     t.append(line)
             self._set_static("run-header", t)
+            self._rss_shown = dict(s.live_rss)
             self.rank_sync.sync(M.rank_rows(run, s.live_rss))
             rs = run.ranks.get(self.chart_rank) if self.chart_rank is not None else run.primary
             for cid, field_name in (("chart-s", "step_s"), ("chart-loss", "loss"), ("chart-mem", "gpu_mem_mib")):
                 vals, warm, steps = M.series(rs, field_name)
-                ch = self.query_one(f"#{cid}", StepChart)
+                ch = self._w[cid]
                 ch.title = {"chart-s": "s/it", "chart-loss": "loss", "chart-mem": "GPU mem (NVML, MiB)"}[cid] + \
                     (f" rank {rs.rank}" if rs is not None else "")
                 ch.set_data(vals, warm, steps)
-        self._set_static("gpu-brief", self._gpu_brief())
-        text, style = M.host_line(s.host)
-        self._set_static("host-brief", Text(text, style=style))
 
     def _gpu_brief(self) -> Text:
         s = self.session
@@ -420,7 +441,7 @@ class MonitorApp(App[None]):
                 t.append("no GPUs", style="dim")
         return t
 
-    def _render_sweep(self) -> None:
+    def _render_sweep(self, parts: set[str] = frozenset({"data"})) -> None:
         tbl = self.session.table
         if tbl is None:
             self._set_static("sweep-header", Text("no sweep or run list for this target (a single run)",
@@ -433,7 +454,7 @@ class MonitorApp(App[None]):
         entries = M.sort_entries(tbl.entries, self.sort_index)
         self.sweep_sync.sync([(e.key, M.entry_row(e)) for e in entries])
 
-    def _render_gpu(self) -> None:
+    def _render_gpu(self, parts: set[str] = frozenset({"data", "hw"})) -> None:
         s = self.session
         g = s.gpu
         if g is None:
@@ -455,10 +476,10 @@ class MonitorApp(App[None]):
             r = int(event.row_key.value)
             if r != self.chart_rank:
                 self.chart_rank = r
-                self._dirty.add("run")
                 if self.view == "run":
-                    self._dirty.discard("run")
-                    self._render_run()
+                    self._render_run({"data"})
+                else:
+                    self._mark(("run",), "data")
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         if event.data_table.id != "sweep-table" or event.row_key is None or event.row_key.value is None:
@@ -481,10 +502,10 @@ class MonitorApp(App[None]):
 
     def set_view(self, view: str) -> None:
         self.view = view
-        self.query_one("#views", ContentSwitcher).current = f"{view}-view"
+        self._w["views"].current = f"{view}-view"
         self._render_all()
-        tid = {"run": "#rank-table", "sweep": "#sweep-table", "gpu": "#gpu-table"}[view]
-        self.query_one(tid, DataTable).focus()
+        tid = {"run": "rank-table", "sweep": "sweep-table", "gpu": "gpu-table"}[view]
+        self._w[tid].focus()
 
     def action_next_view(self) -> None:
         self.set_view(VIEWS[(VIEWS.index(self.view) + 1) % len(VIEWS)])
@@ -499,10 +520,10 @@ class MonitorApp(App[None]):
 
     def action_sort(self) -> None:
         self.sort_index = (self.sort_index + 1) % len(M.SORTS)
-        self._dirty.add("sweep")
         if self.view == "sweep":
-            self._dirty.discard("sweep")
             self._render_sweep()
+        else:
+            self._mark(("sweep",), "data")
         self.notify(f"sweep table sorted by {M.SORTS[self.sort_index][0]}", timeout=2)
 
     def action_follow(self) -> None:
