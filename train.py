@@ -118,14 +118,12 @@ try:
     zero_stage = (ds_cfg or {}).get("zero_optimization", {}).get("stage", 0)
     t_build = time.time()
     if args.deepspeed and zero_stage == 3:
-        # Construct partitioned: no rank ever holds the whole model (how 2.6B+ fits with ZeRO-3).
-        if model_dir is not None:
-            from transformers.integrations import HfDeepSpeedConfig
-            _hf_ds = HfDeepSpeedConfig(ds_cfg)  # must stay alive: from_pretrained then loads under zero.Init
-            model = build_model(model_name)
-        else:
-            with deepspeed.zero.Init(config_dict_or_path=ds_cfg):
-                model = build_model(model_name)
+        # Construct partitioned: no rank ever holds the whole model (how 2.6B+ fits with ZeRO-3). Through
+        # transformers' ZeRO-3 hook, so from_pretrained loads shards into partitions and the model's own init
+        # runs on gathered parameters (a bare zero.Init would leave torch's default init on every weight).
+        from transformers.integrations import HfDeepSpeedConfig
+        _hf_ds = HfDeepSpeedConfig(ds_cfg)  # must stay alive while the model is built
+        model = build_model(model_name)
     else:
         with torch.device(device):  # weights created where they will live; no big CPU copy on GPU runs
             model = build_model(model_name)
@@ -170,18 +168,20 @@ try:
 
     def _git_commit() -> str | None:
         try:
-            return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                  timeout=5).stdout.strip() or None
+            if os.environ.get("SFTBENCH_GIT_COMMIT"):  # a copy of the tree without its history
+                return os.environ["SFTBENCH_GIT_COMMIT"]
+            p = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5)
+            return p.stdout.strip() if p.returncode == 0 else None
         except (OSError, subprocess.SubprocessError):
             return None
 
-    try:
-        from sftbench.memory import predict
-        predicted = predict(n_params, ds_cfg, world_size, precision, seq_len=args.seq_len, micro_batch=mb,
-                            hidden=config.hidden_size, n_layers=config.num_layers, n_heads=config.num_heads,
-                            vocab=config.vocab_size, cuda=device.type == "cuda")
-    except ImportError:
-        predicted = None
+    import psutil
+    from sftbench.memory import predict
+    predicted = predict(n_params, ds_cfg, world_size, precision, seq_len=args.seq_len, micro_batch=mb,
+                        hidden=config.hidden_size, n_layers=config.num_layers, n_heads=config.num_heads,
+                        vocab=config.vocab_size, cuda=device.type == "cuda", gpu_total_mib=gpu.total_mib(),
+                        host_total_mib=psutil.virtual_memory().total / metrics.MIB, dataset_samples=ds.n,
+                        flash_attention=not use_pad_mask)
     import transformers
     desc = describe(ds_cfg)
     log.meta(

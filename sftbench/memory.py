@@ -23,9 +23,10 @@ split into three terms (their sum equals DeepSpeed's number exactly for 16-bit t
     in full, with its gradient). ``--ds none`` with autocast: the fp32 weights ``4*P`` plus the low-precision
     copies autocast makes of every weight during the forward and keeps for the backward (``2*P``).
 ``grads``
-    Gradients. Stage 0: ``b*P`` plus, for 16-bit, the fp32 copy the fp16/bf16 optimizer wrapper makes at the
-    step (``4*P``). Stage 1: full 16-bit gradients ``b*P`` plus the fp32 gradient of the rank's partition
-    ``4*P/W``. Stage 2: partitioned ``b*P/W + 4*P/W`` (DeepSpeed's "2 grads_16bit + 4 grads_32bit").
+    Gradients. Stage 0: ``b*P`` plus, for 16-bit, the two fp32 copies DeepSpeed's fused fp16/bf16 wrapper makes
+    at the step (every gradient ``.to(fp32)``, then flattened: ``8*P``; activations are freed by then, so this
+    term and ``activations`` overlap in time and their sum is an upper bound). Stage 1: full 16-bit gradients
+    ``b*P`` plus the fp32 gradient of the rank's partition ``4*P/W``. Stage 2: partitioned ``b*P/W + 4*P/W`` (DeepSpeed's "2 grads_16bit + 4 grads_32bit").
     Stage 3: the fp32 gradient partition ``4*P/W``. Offloaded optimizer: 0 on the GPU (they live on the host).
     ``--ds none``: fp32 gradients ``4*P`` (autocast keeps fp32 weights, so fp32 gradients).
 ``optimizer``
@@ -60,11 +61,14 @@ Buffers and the rest (our additions; DeepSpeed's estimators leave them out):
     log-softmax saved by cross-entropy, and the fp32 gradient of the logits in the backward: ``14*s*m*V`` bytes
     for 16-bit models, ``16*s*m*V`` for fp32 (the shifted view is copied instead of upcast).
 ``cuda_context``
-    CUDA context, kernels and cuBLAS workspace as nvidia-smi counts them (``cuda_context_mib``, ~500 MiB), plus
-    ``nccl_mib`` (~256 MiB) of NCCL buffers when ``W > 1``.
+    What nvidia-smi counts beyond torch's reserved pool: CUDA context, loaded kernels, cuBLAS workspaces
+    (``cuda_context_mib``, 1400 MiB) plus NCCL's communicator buffers (``nccl_mib``, 560 MiB) whenever a NCCL
+    process group exists: every DeepSpeed run (DeepSpeed creates one even for a single GPU) and ``--ds none``
+    with ``W > 1``. Both measured as NVML used minus ``torch.cuda.max_memory_reserved`` on an H200 with torch
+    2.11 / CUDA 13 (1380 MiB plain, 1950 MiB under DeepSpeed); older stacks need less (~500 MiB context).
 ``allocator``
-    Caching-allocator slack: ``allocator_slack`` (10 %) of the transient terms (buffers, activations, logits),
-    which are freed and re-allocated every micro-batch and fragment the pool.
+    Caching-allocator slack (reserved minus allocated): ``allocator_slack`` (25 %) of the transient terms
+    (buffers, activations, logits), which are freed and re-allocated every micro-batch and fragment the pool.
 
 Host terms, whole job (``host_breakdown_mib``)
 ------------------------------------------------
@@ -220,8 +224,8 @@ def predict(n_params: int, ds_config: dict | str | os.PathLike | None, world_siz
             seq_len: int = 512, micro_batch: int = 1, hidden: int, n_layers: int, n_heads: int, vocab: int,
             cuda: bool = True, gpu_total_mib: float | None = None, host_total_mib: float | None = None,
             intermediate: int | None = None, flash_attention: bool = True, zero_init: bool = True,
-            dataset_samples: int | None = None, cuda_context_mib: float = 500.0, nccl_mib: float = 256.0,
-            base_rss_mib: float | None = None, allocator_slack: float = 0.10,
+            dataset_samples: int | None = None, cuda_context_mib: float = 1400.0, nccl_mib: float = 560.0,
+            base_rss_mib: float | None = None, allocator_slack: float = 0.25,
             additional_buffer_factor: float = 1.5) -> dict:
     """Predict per-GPU and host memory of one run (see the module docstring for every term).
 
@@ -271,7 +275,7 @@ def predict(n_params: int, ds_config: dict | str | os.PathLike | None, world_siz
         formula = "DeepSpeed stage 0 (no partitioning)"
         gpu["params"] = b * P
         if lowp:
-            gpu["grads"] = b * P + 4 * P
+            gpu["grads"] = b * P + 8 * P
             gpu["optimizer"] = 12 * P
         else:
             gpu["grads"] = 4 * P
@@ -352,7 +356,8 @@ def predict(n_params: int, ds_config: dict | str | os.PathLike | None, world_siz
     host["base_rss"] = base_rss_mib * MIB * W
     host["dataset"] = 3 * 8 * dataset_samples * seq_len * W if dataset_samples else 0
     if cuda:
-        gpu["cuda_context"] = (cuda_context_mib + (nccl_mib if W > 1 else 0)) * MIB
+        nccl = stage is not None or W > 1
+        gpu["cuda_context"] = (cuda_context_mib + (nccl_mib if nccl else 0)) * MIB
         host["device_tensors"] = 0
     else:
         gpu_tensors = tensor_bytes

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -236,7 +237,8 @@ def collect(runs_dir: str | os.PathLike) -> tuple[list[Row], dict, dict]:
     plan_order = {name: i for i, name in enumerate(plan_entries)}
     gpus = (info.get("hardware") or {}).get("gpus") or []
     fallback_gpu = gpus[0].get("name") if gpus and isinstance(gpus[0], dict) else None
-    dirs = [d for d in runlog.iter_run_dirs(root) if not any(part.startswith(".") for part in d.relative_to(root).parts)]
+    dirs = [d for d in runlog.iter_run_dirs(root)
+            if not any(part.startswith(".") for part in d.relative_to(root).parts)]
     # plan entries that never produced a directory with logs are left out (not run yet)
     rows: list[Row] = []
     for d in dirs:
@@ -425,7 +427,8 @@ def hardware_lines(rows: list[Row], info: dict) -> list[str]:
                 if val and k not in v:
                     v[k] = val
         lines.append("Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()))
-        commits = sorted({m.get("git_commit") for m in metas if m.get("git_commit")})
+        commits = sorted({m["git_commit"] for m in metas
+                          if re.fullmatch(r"[0-9a-f]{7,40}", str(m.get("git_commit") or ""))})
         if commits:
             lines.append("Harness commit: " + ", ".join(c[:12] for c in commits))
     if info.get("command"):
@@ -548,7 +551,6 @@ def write_html(path: Path, title: str, table: Table, hw: list[str], recs: list[s
     def inline(s: str) -> str:
         s = html.escape(s)
         # `code` and **bold** from the Markdown strings
-        import re
         s = re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
         return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", s)
 

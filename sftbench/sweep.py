@@ -677,7 +677,7 @@ def launch(cmd: list[str], env: dict, run_dir: Path, timeout_s: float) -> tuple[
 
 
 def _merge_plan(path: Path, sweep: str, entries: list[PlanEntry]) -> None:
-    """plan.json: this invocation's entries, plus earlier entries of other runs (a filtered later batch keeps them)."""
+    """plan.json: earlier invocations' entries (a filtered later batch keeps them) merged with this one's."""
     created, old_entries = time.time(), []
     if path.is_file():
         try:
@@ -686,8 +686,9 @@ def _merge_plan(path: Path, sweep: str, entries: list[PlanEntry]) -> None:
             old_entries = old.get("entries", [])
         except (OSError, ValueError):
             pass
-    new_names = {e.run for e in entries}
-    merged = [e.to_json() for e in entries] + [o for o in old_entries if o.get("run") not in new_names]
+    # earlier entries keep their place (updated in place when planned again); new ones go at the end
+    new = {e.run: e.to_json() for e in entries}
+    merged = [new.pop(o.get("run"), o) for o in old_entries if isinstance(o, dict)] + list(new.values())
     path.write_text(json.dumps({"sweep": sweep, "created": created, "updated": time.time(), "entries": merged},
                                indent=1, ensure_ascii=False), encoding="utf-8")
 
@@ -785,13 +786,15 @@ def finish_run(rd: Path, entry: PlanEntry, rc: int | None, timed_out: bool, wall
     if 0 in rr.summary:
         s = rr.summary[0]
         return Outcome(entry.run, "ran", s.get("status"), s.get("error"), wall, s.get("step_s_median"))
-    console = (rd / "console.log").read_text(encoding="utf-8", errors="replace") if (rd / "console.log").exists() else ""
+    log = rd / "console.log"
+    console = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
     other = [s for r, s in sorted(rr.summary.items()) if s.get("status") not in (None, "ok", "interrupted")]
     if reason.startswith("stopped"):
         status, error = "interrupted", f"sweep {reason}; re-run the sweep to resume"
     elif budget_cut:
-        status, error = "interrupted", ("the sweep's --max-minutes budget ran out during the run; "
-                                        "re-run the sweep to resume")
+        status, error = "interrupted", ("the sweep's --max-minutes budget ran out during the run; re-run the "
+                                        "sweep to resume (a run longer than one whole budget never finishes: "
+                                        "lower --steps or raise --max-minutes)")
     elif other:
         status, error = other[0]["status"], other[0].get("error")
     else:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -347,3 +346,11 @@ def test_epoch_estimate_matches_a_measured_epoch(tmp_path):
     assert res["rows"] == 1 and res["failures"] == 0
     md = (tmp_path / "results" / "results.md").read_text()
     assert "CPU" in md and "1*CPU" not in md and "2*CPU" in md
+
+
+def test_plan_json_merges_batches_in_order(tmp_path):
+    es = cpu_entries()
+    sweep._merge_plan(tmp_path / "plan.json", "t", es[:2])
+    sweep._merge_plan(tmp_path / "plan.json", "t", [es[2], es[0]])
+    runs = [e["run"] for e in json.loads((tmp_path / "plan.json").read_text())["entries"]]
+    assert runs == [es[0].run, es[1].run, es[2].run]

@@ -1,0 +1,196 @@
+#!/usr/bin/env python
+"""The bare loop: train.py's DeepSpeed engine, model and batches with none of its harness, to measure the harness's
+own cost (logging, probes, per-step synchronisation).
+
+    deepspeed --num_gpus 1 bench/bare_engine.py --ds ds_configs/z1.json --model pangu-350m --steps 20 \\
+        --warmup-steps 3 --out bare.json
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 1 bench/bare_engine.py --ds ds_configs/z1.json --model pangu-tiny \\
+        --seq-len 64 --steps 3 --warmup-steps 1
+
+Prepared exactly as train.py prepares a DeepSpeed run: the config through ``load_ds_config`` / ``apply_precision``,
+``torch.manual_seed(seed)`` then the model built on the device (ZeRO-3: under ``deepspeed.zero.Init``),
+``deepspeed.initialize(model, model_parameters=sftbench.plain.param_groups(model), config)``, the same samples in the
+same order (``ShardedOrder`` epochs back to back) preloaded on the device as [steps, grad_accum, micro_batch, seq],
+and ``attention_mask=None`` when every sample is right-padded (``--pad-mask auto``, train.py's default).
+
+The loop is only ``engine(**batch)``, ``engine.backward(loss)``, ``engine.step()``: no loss read, no log, no probe
+and no per-step host synchronisation. Per-step times come from CUDA events recorded at every optimizer-step boundary
+(wall clock on CPU); ``step_s_wall`` is the wall time of all measured steps (synchronised at both ends) divided by
+their number. Same result fields as bench/peer_torch.py; ``--out FILE.json`` writes them (rank 0).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sftbench.buildenv import fix_cuda_arch_list  # noqa: E402
+
+fix_cuda_arch_list()  # as train.py: before anything imports DeepSpeed's op builders
+
+import torch  # noqa: E402
+
+from peer_torch import report, summarize  # noqa: E402
+from sftbench.args import BENCH_DATA, SAMPLE_DATA  # noqa: E402
+from sftbench.dsconfig import DSConfigError, apply_precision, config_precision, load_ds_config  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ds", default=str(REPO / "ds_configs" / "z1.json"), help="DeepSpeed JSON (as for train.py)")
+    p.add_argument("--model", default=None, help="Pangu-α preset or checkpoint folder "
+                                                 "(default: pangu-350m on GPU, pangu-tiny on CPU)")
+    p.add_argument("--steps", "--max-steps", dest="steps", type=int, default=20,
+                   help="optimizer steps, warm-up included")
+    p.add_argument("--warmup-steps", type=int, default=3, help="first steps left out of the statistics")
+    p.add_argument("--data", default=None)
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="override the JSON's fp16/bf16 blocks, as train.py --precision")
+    p.add_argument("--pad-mask", choices=("auto", "always"), default="auto", help="as train.py --pad-mask")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--cache-dir", default=str(REPO / ".cache" / "data"))
+    p.add_argument("--out", default=None, help="write the summary JSON here (rank 0)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the launcher")
+    a = p.parse_args(argv)
+    if a.steps < 1 or a.warmup_steps < 0:
+        p.error("need --steps >= 1 and --warmup-steps >= 0")
+    if a.warmup_steps >= a.steps:
+        p.error(f"--warmup-steps ({a.warmup_steps}) must be < --steps ({a.steps}): no step would be measured")
+    return a
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = apply_precision(load_ds_config(args.ds), args.precision)
+    except DSConfigError as e:
+        sys.exit(f"error: {e}")
+    precision = config_precision(cfg)
+
+    import deepspeed
+
+    from sftbench import data as sftdata
+    from sftbench import metrics
+    from sftbench.pangu import build_model
+    from sftbench.plain import param_groups
+    from sftbench.tokenizer import PanguTokenizer
+
+    on_cpu = os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", max(args.local_rank, 0)))
+    if on_cpu:
+        device = torch.device("cpu")
+    else:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if precision == "fp16" and on_cpu:
+        sys.exit("error: fp16 is not supported on CPU (DeepSpeed refuses it); use --precision bf16 or fp32")
+    deepspeed.init_distributed()
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    model_name = args.model or ("pangu-tiny" if on_cpu else "pangu-350m")
+    data_path = args.data or str(BENCH_DATA if BENCH_DATA.is_file() else SAMPLE_DATA)
+    torch.manual_seed(args.seed)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    # ---- data and model, as train.py builds them
+    model_dir = Path(model_name) if Path(model_name).is_dir() else None
+    tok_src = args.tokenizer or (str(model_dir) if model_dir and (model_dir / "vocab.model").exists() else None)
+    tok = PanguTokenizer.load(tok_src)
+    enc = sftdata.load_or_build_cache(data_path, tok, args.seq_len, args.cache_dir, local_rank=local_rank)
+    zero_stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    if zero_stage == 3:
+        if model_dir is not None:
+            from transformers.integrations import HfDeepSpeedConfig
+            _hf_ds = HfDeepSpeedConfig(cfg)  # noqa: F841  (keeps zero.Init active for from_pretrained)
+            model = build_model(model_name)
+        else:
+            with deepspeed.zero.Init(config_dict_or_path=cfg):
+                model = build_model(model_name)
+    else:
+        with torch.device(device):
+            model = build_model(model_name)
+    flops_tok = metrics.flops_per_token(model.config, args.seq_len)
+    right_padded = bool((enc.attention_mask[:, 1:] <= enc.attention_mask[:, :-1]).all())
+    use_pad_mask = args.pad_mask == "always" or not right_padded
+
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=cfg)
+    engine.train()
+    ga = engine.gradient_accumulation_steps()
+    mb = engine.train_micro_batch_size_per_gpu()
+
+    # ---- batches on the device before the clock starts (train.py's step_indices)
+    need = args.steps * mb * ga
+    order, idx, epoch = sftdata.ShardedOrder(enc.n, rank, world, args.seed), [], 0
+    while len(idx) < need:
+        idx += order.indices(epoch)
+        epoch += 1
+    idx_t = torch.tensor(idx[:need]).view(args.steps, ga, mb)
+    dev_ids = enc.input_ids[idx_t].to(device)
+    dev_labels = enc.labels[idx_t].to(device)
+    dev_mask = enc.attention_mask[idx_t].to(device) if use_pad_mask else None
+    if rank == 0:
+        print(f"bare_engine: {model_name}, {args.ds} (ZeRO {zero_stage}, {precision}), world {world}, micro batch "
+              f"{mb}, grad accum {ga}, seq {args.seq_len}, pad mask {'on' if use_pad_mask else 'off'}", flush=True)
+
+    # ---- the bare loop
+    w = args.warmup_steps
+    cuda = device.type == "cuda"
+    marks: list = []  # one per step boundary: CUDA events on GPU, perf_counter on CPU
+
+    def mark() -> None:
+        if cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            marks.append(ev)
+        else:
+            marks.append(time.perf_counter())
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    sync()
+    t_meas = time.perf_counter() if w == 0 else None
+    mark()
+    for step in range(args.steps):
+        if step == w and w > 0:
+            sync()
+            t_meas = time.perf_counter()
+        for micro in range(ga):
+            out = engine(input_ids=dev_ids[step, micro], labels=dev_labels[step, micro],
+                         attention_mask=dev_mask[step, micro] if dev_mask is not None else None)
+            engine.backward(out.loss)
+            engine.step()
+        mark()
+    sync()
+    wall = time.perf_counter() - t_meas
+    if cuda:
+        step_times = [a.elapsed_time(b) / 1000.0 for a, b in zip(marks, marks[1:])]
+    else:
+        step_times = [b - a for a, b in zip(marks, marks[1:])]
+    final_loss = float(out.loss.detach().float().item())
+
+    if rank == 0:
+        device_name = torch.cuda.get_device_name(device) if cuda else "cpu"
+        args.precision = precision
+        host = metrics.HostProbe()
+        res = summarize("bare_engine", model_name, args.ds, args, device, device_name, flops_tok, step_times,
+                        step_times, [], [host.rss_mib()], mb, ga, world,
+                        extra={"step_s_wall": wall / (args.steps - w), "pad_mask": use_pad_mask,
+                               "zero_stage": zero_stage, "dataset_path": data_path, "dataset_samples": enc.n})
+        res["final_loss"] = final_loss
+        report(res, args.out)
+    torch.distributed.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

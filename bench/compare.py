@@ -1,0 +1,410 @@
+#!/usr/bin/env python
+"""Ours against the peers, one after another, on the same model, batches and DeepSpeed configs; a ratio table.
+
+    python bench/compare.py --models pangu-350m,pangu-2.6b --configs z1,z2_offload_5e8 --steps 20 \\
+        --warmup-steps 5 --out results/compare.md
+    python bench/compare.py --models pangu-tiny --configs z1 --seq-len 64 --steps 3 --warmup-steps 1   # on CPU
+
+For every model: ``bench/peer_torch.py`` (the plain PyTorch loop; it does not depend on the DeepSpeed config, so it
+runs once per model). For every (model, config), one after another, each through ``deepspeed --num_gpus 1``:
+
+* ours: ``train.py --ds <cfg> --model <m> --max-steps S --warmup-steps W --run-dir <dir>``; its rank-0 summary
+  (``sftbench.runlog.load_run``) gives ``step_s_median`` and ``tokens_per_s``;
+* bare: ``bench/bare_engine.py``, the same engine and batches without the harness (harness overhead = ours'
+  median step time over the bare loop's, minus one);
+* peer_trainer: ``bench/peer_trainer.py``, the transformers Trainer with the same JSON.
+
+``--tokenizer``, ``--data``, ``--seq-len``, ``--seed`` and ``--precision`` go to all of them. MFU =
+``flops_per_token(config, seq_len)`` x tokens/s per GPU / ``peak_tflops(device, precision)``. The table (markdown)
+is printed and written to ``--out`` (``X.md`` and ``X.json``); every command's console output is kept in the work
+directory (``--work-dir``, default ``runs/compare-<time>/``). ``--dry-run`` prints the commands and runs nothing.
+Without a GPU the children get ``DS_ACCELERATOR=cpu`` (use ``--models pangu-tiny --seq-len 64``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+TOOLS = ("ours", "bare", "peer_torch", "peer_trainer")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=None, help="comma-separated presets or checkpoint folders "
+                                                  "(default: pangu-350m on GPU, pangu-tiny on CPU)")
+    p.add_argument("--configs", default="z1", help="comma-separated ds_configs/ names (z1) or JSON paths")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps per run, warm-up included")
+    p.add_argument("--warmup-steps", type=int, default=3, help="first steps left out of the statistics")
+    p.add_argument("--seq-len", type=int, default=None, help="default: 512 on GPU, 64 on CPU")
+    p.add_argument("--data", default=None)
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="override the configs' precision (default: theirs; bf16 for peer_torch)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--tools", default=",".join(TOOLS), help=f"which to run, of {','.join(TOOLS)}")
+    p.add_argument("--work-dir", default=None, help="run logs and result JSONs (default: runs/compare-<time>)")
+    p.add_argument("--out", default=None, help="write the table here: X.md and X.json (default: "
+                                               "<work-dir>/compare.md)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per command before it is killed")
+    p.add_argument("--cpu", action="store_true", help="run on CPU (DS_ACCELERATOR=cpu) even if a GPU is visible")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    a = p.parse_args(argv)
+    a.tools = [t.strip() for t in a.tools.split(",") if t.strip()]
+    bad = [t for t in a.tools if t not in TOOLS]
+    if bad:
+        p.error(f"--tools: unknown {bad}; choose from {','.join(TOOLS)}")
+    if a.steps < 1 or a.warmup_steps < 0 or a.warmup_steps >= a.steps:
+        p.error("need --steps >= 1 and 0 <= --warmup-steps < --steps")
+    return a
+
+
+def cuda_visible() -> bool:
+    """Whether a CUDA GPU is usable, without importing torch in this process (children do the real work)."""
+    try:
+        out = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                             capture_output=True, text=True, timeout=120)
+        return out.stdout.strip().endswith("True")
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rel(path) -> str:
+    """A path inside the repo as a relative one: commands and results carry no machine-specific paths."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def config_path(name: str) -> str:
+    p = Path(name)
+    if p.suffix == ".json" or p.exists():
+        return rel(p)
+    return rel(REPO / "ds_configs" / f"{name}.json")
+
+
+def config_label(name: str) -> str:
+    return Path(name).stem
+
+
+def launcher(gpu: bool) -> list[str]:
+    """The deepspeed launcher for one rank. Honours CUDA_VISIBLE_DEVICES (the launcher ignores it with --num_gpus)."""
+    cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--master_port", str(free_port())]
+    ids = [t.strip() for t in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if t.strip()]
+    if gpu and ids and all(t.isdigit() for t in ids):
+        return cmd + ["--include", f"localhost:{ids[0]}"]
+    return cmd + ["--num_gpus", "1"]
+
+
+def plan(args, gpu: bool, work: Path) -> list[dict]:
+    """Every command to run, in order: [{tool, model, config, cmd, out, log}]."""
+    models = [m.strip() for m in (args.models or ("pangu-350m" if gpu else "pangu-tiny")).split(",") if m.strip()]
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    common = ["--seq-len", str(args.seq_len), "--seed", str(args.seed)]
+    if args.data:
+        common += ["--data", args.data]
+    if args.tokenizer:
+        common += ["--tokenizer", args.tokenizer]
+    prec = ["--precision", args.precision] if args.precision else []
+    steps = ["--warmup-steps", str(args.warmup_steps)]
+    jobs = []
+    for m in models:
+        mtag = Path(m).name
+        if "peer_torch" in args.tools:
+            out = work / f"{mtag}__peer_torch.json"
+            cmd = [sys.executable, "-u", "bench/peer_torch.py", "--model", m, "--steps", str(args.steps), *steps,
+                   *common, *prec, "--out", rel(out)]
+            jobs.append({"tool": "peer_torch", "model": m, "config": None, "cmd": cmd, "out": out,
+                         "log": work / f"{mtag}__peer_torch.log"})
+        for c in configs:
+            cpath, ctag = config_path(c), config_label(c)
+            base = work / f"{mtag}__{ctag}"
+            if "ours" in args.tools:
+                run_dir = Path(f"{base}__ours")
+                cmd = [*launcher(gpu), "train.py", "--ds", cpath, "--model", m, "--max-steps", str(args.steps),
+                       *steps, "--run-dir", rel(run_dir), *common, *prec]
+                jobs.append({"tool": "ours", "model": m, "config": ctag, "cmd": cmd, "out": run_dir,
+                             "log": Path(f"{base}__ours.log")})
+            if "bare" in args.tools:
+                out = Path(f"{base}__bare.json")
+                cmd = [*launcher(gpu), "bench/bare_engine.py", "--ds", cpath, "--model", m, "--steps",
+                       str(args.steps), *steps, *common, *prec, "--out", rel(out)]
+                jobs.append({"tool": "bare", "model": m, "config": ctag, "cmd": cmd, "out": out,
+                             "log": Path(f"{base}__bare.log")})
+            if "peer_trainer" in args.tools:
+                out = Path(f"{base}__peer_trainer.json")
+                cmd = [*launcher(gpu), "bench/peer_trainer.py", "--ds", cpath, "--model", m, "--steps",
+                       str(args.steps), *steps, *common, *prec, "--output-dir", rel(f"{base}__peer_trainer_out"),
+                       "--out", rel(out)]
+                jobs.append({"tool": "peer_trainer", "model": m, "config": ctag, "cmd": cmd, "out": out,
+                             "log": Path(f"{base}__peer_trainer.log")})
+    return jobs
+
+
+def shown(cmd: list[str]) -> str:
+    """A command as a user would type it (the interpreter shown as `python`)."""
+    return shlex.join(["python" if cmd[0] == sys.executable else cmd[0], *cmd[1:]])
+
+
+def child_env(gpu: bool) -> dict:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # ninja for op builds
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    if not gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+        env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def run_job(job: dict, env: dict, timeout: float) -> tuple[int, str]:
+    """Run one command in its own process group (killed whole on timeout); console output to job['log']."""
+    job["log"].parent.mkdir(parents=True, exist_ok=True)
+    with open(job["log"], "w", encoding="utf-8") as log:
+        log.write("$ " + shown(job["cmd"]) + "\n")
+        log.flush()
+        proc = subprocess.Popen(job["cmd"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    proc.wait(timeout=30)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+            return 124, f"timed out after {timeout:.0f}s"
+    if rc == 0:
+        return 0, ""
+    lines = [ln.strip() for ln in job["log"].read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    errs = [ln for ln in lines if "Error" in ln or "error" in ln]
+    return rc, (errs[-1] if errs else (lines[-1] if lines else f"exit code {rc}"))[:300]
+
+
+def read_ours(run_dir: Path) -> dict:
+    from sftbench.runlog import load_run
+
+    rr = load_run(run_dir)
+    s = rr.final_summary()
+    if s is None:
+        return {"status": "error", "error": "no summary record"}
+    meta = rr.meta.get(0, {})
+    steps = [r for r in rr.steps.get(0, []) if not r.get("warmup")]
+    el = [r["elapsed_s"] for r in rr.steps.get(0, [])]
+    periods = [b - a for a, b in zip(el, el[1:])][max(0, len(el) - 1 - len(steps)):]
+    tokens_per_step = (meta.get("micro_batch") or 1) * (meta.get("grad_accum") or 1) * (meta.get("seq_len") or 0) \
+        * (meta.get("world_size") or 1)
+    return {"status": s.get("status"), "error": s.get("error"), "step_s_median": s.get("step_s_median"),
+            "tokens_per_s": s.get("tokens_per_s"), "tokens_per_s_per_gpu": s.get("tokens_per_s_per_gpu"),
+            "mfu_pct_logged": s.get("mfu_pct"), "torch_peak_alloc_mib": s.get("torch_peak_alloc_mib"),
+            "torch_peak_reserved_mib": s.get("torch_peak_reserved_mib"), "host_rss_mib_peak": s.get("host_rss_mib_peak"),
+            "gpu_mem_used_mib_peak": s.get("gpu_mem_used_mib_peak"), "first_loss": s.get("first_loss"),
+            "final_loss": s.get("final_loss"), "device_name": meta.get("device_name"),
+            "precision": meta.get("precision"), "world_size": meta.get("world_size"),
+            "period_s_median": statistics.median(periods) if periods else None,
+            "tokens_per_step": tokens_per_step, "run_dir": rel(run_dir)}
+
+
+def model_config(model: str):
+    """The model's config for the FLOPs formula: a preset's, or a checkpoint folder's config.json."""
+    folder = Path(model)
+    if folder.is_dir():
+        from types import SimpleNamespace
+        return SimpleNamespace(**json.loads((folder / "config.json").read_text(encoding="utf-8")))
+    from sftbench.pangu import preset_config
+    return preset_config(model)
+
+
+def mfu(res: dict | None, flops_tok: float | None, default_precision: str | None) -> float | None:
+    from sftbench.metrics import peak_tflops
+
+    if not res or res.get("status") != "ok" or not flops_tok:
+        return None
+    per_gpu = res.get("tokens_per_s_per_gpu") or res.get("tokens_per_s")
+    peak = peak_tflops(res.get("device_name"), res.get("precision") or default_precision or "bf16")
+    if not per_gpu or not peak:
+        return None
+    return 100.0 * flops_tok * per_gpu / (peak * 1e12)
+
+
+def _ok(res: dict | None, key: str):
+    return res.get(key) if res and res.get("status") == "ok" else None
+
+
+def build_rows(args, jobs: list[dict], results: dict) -> list[dict]:
+    from sftbench.metrics import flops_per_token
+
+    rows = []
+    pairs = []
+    for j in jobs:
+        if j["config"] is not None and (j["model"], j["config"]) not in pairs:
+            pairs.append((j["model"], j["config"]))
+    if not pairs:  # only peer_torch was run
+        pairs = [(j["model"], None) for j in jobs]
+    for m, c in pairs:
+        try:
+            flops_tok = flops_per_token(model_config(m), args.seq_len)
+        except Exception:  # noqa: BLE001  (an unreadable folder: the table shows MFU as n/a)
+            flops_tok = None
+        ours, bare = results.get(("ours", m, c)), results.get(("bare", m, c))
+        pt, tr = results.get(("peer_torch", m, None)), results.get(("peer_trainer", m, c))
+        for r in (ours, bare, pt, tr):
+            if r and r.get("status") == "ok":
+                r["mfu_pct"] = mfu(r, flops_tok, args.precision)
+        o_tok, o_step = _ok(ours, "tokens_per_s"), _ok(ours, "step_s_median")
+        b_step = _ok(bare, "step_s_median")
+
+        def ratio(peer):
+            t = _ok(peer, "tokens_per_s")
+            return o_tok / t if o_tok and t else None
+
+        rows.append({
+            "model": m, "config": c, "flops_per_token": flops_tok,
+            "ours_step_s": o_step, "ours_tokens_per_s": o_tok, "ours_mfu_pct": _ok(ours, "mfu_pct"),
+            "bare_step_s": b_step, "bare_tokens_per_s": _ok(bare, "tokens_per_s"),
+            "harness_overhead_pct": 100.0 * (o_step / b_step - 1.0) if o_step and b_step else None,
+            "peer_torch_tokens_per_s": _ok(pt, "tokens_per_s"),
+            "peer_trainer_tokens_per_s": _ok(tr, "tokens_per_s"),
+            "ours_over_peer_torch": ratio(pt), "ours_over_peer_trainer": ratio(tr),
+            "results": {"ours": ours, "bare": bare, "peer_torch": pt, "peer_trainer": tr},
+        })
+    return rows
+
+
+def _f(v, fmt: str, na: str = "n/a") -> str:
+    return na if v is None else format(v, fmt)
+
+
+def _cell(res: dict | None, v, fmt: str) -> str:
+    if res is None:
+        return "—"
+    if res.get("status") != "ok":
+        return res.get("status") or "failed"
+    return _f(v, fmt)
+
+
+def markdown(args, rows: list[dict], device: str) -> str:
+    head = ["model", "config", "ours s/step", "ours tok/s", "ours MFU", "bare tok/s", "harness overhead",
+            "peer_torch tok/s", "peer_trainer tok/s", "ours / peer_torch", "ours / peer_trainer"]
+    lines = [f"# train.py against its peers ({device})", "",
+             f"{args.steps} steps ({args.warmup_steps} warm-up, left out), micro batch 1 x grad accum 8, "
+             f"seq {args.seq_len}, precision {args.precision or 'of the config (peer_torch: bf16 autocast)'}; "
+             f"medians over the measured steps; tok/s counts padded tokens; ratios > 1 mean ours is faster.",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        res = r["results"]
+        lines.append("| " + " | ".join([
+            Path(r["model"]).name, r["config"] or "—",
+            _cell(res["ours"], r["ours_step_s"], ".3f"), _cell(res["ours"], r["ours_tokens_per_s"], ",.0f"),
+            _cell(res["ours"], r["ours_mfu_pct"], ".1f") + ("%" if r["ours_mfu_pct"] is not None else ""),
+            _cell(res["bare"], r["bare_tokens_per_s"], ",.0f"),
+            _f(r["harness_overhead_pct"], "+.1f") + ("%" if r["harness_overhead_pct"] is not None else ""),
+            _cell(res["peer_torch"], r["peer_torch_tokens_per_s"], ",.0f"),
+            _cell(res["peer_trainer"], r["peer_trainer_tokens_per_s"], ",.0f"),
+            _f(r["ours_over_peer_torch"], ".2f") + ("x" if r["ours_over_peer_torch"] is not None else ""),
+            _f(r["ours_over_peer_trainer"], ".2f") + ("x" if r["ours_over_peer_trainer"] is not None else ""),
+        ]) + " |")
+    fails = [(t, r["model"], r["config"], v.get("error")) for r in rows for t, v in r["results"].items()
+             if v and v.get("status") != "ok"]
+    if fails:
+        lines += ["", "Failed runs:"] + [f"- {t} {Path(m).name} {c or ''}: {e}" for t, m, c, e in fails]
+    lines += ["", "harness overhead = ours' median step time / the bare loop's (same engine and batches, no "
+                  "logging, probes or per-step synchronisation) - 1. peer_torch: plain PyTorch loop (fp32 weights, "
+                  "bf16 autocast, fused AdamW, attention mask passed); peer_trainer: transformers Trainer with the "
+                  "same DeepSpeed JSON. peer_torch does not use the DeepSpeed config: the same run is shown on "
+                  "every row of a model."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.cpu or os.environ.get("DS_ACCELERATOR") == "cpu":
+        gpu = False
+    else:
+        gpu = _has_nvidia() if args.dry_run else cuda_visible()
+    if args.seq_len is None:
+        args.seq_len = 512 if gpu else 64
+    work = Path(args.work_dir) if args.work_dir else REPO / "runs" / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    jobs = plan(args, gpu, work)
+    env = child_env(gpu)
+    if args.dry_run:
+        if not gpu:
+            print("# environment: DS_ACCELERATOR=cpu")
+        for j in jobs:
+            print(shown(j["cmd"]))
+        return 0
+
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict = {}
+    t_all = time.time()
+    for i, j in enumerate(jobs, 1):
+        tag = f"[{i}/{len(jobs)}] {j['tool']} {Path(j['model']).name} {j['config'] or ''}".rstrip()
+        print(f"{tag}: {shown(j['cmd'])}", flush=True)
+        t0 = time.time()
+        rc, err = run_job(j, env, args.timeout)
+        key = (j["tool"], j["model"], j["config"])
+        if j["tool"] == "ours":
+            res = read_ours(j["out"]) if j["out"].is_dir() else {"status": "error", "error": err or "no run dir"}
+            if rc != 0 and res.get("status") == "ok":
+                res = {"status": "error", "error": err}
+        elif rc == 0 and j["out"].is_file():
+            res = json.loads(j["out"].read_text(encoding="utf-8"))
+        else:
+            res = {"status": "timeout" if rc == 124 else "error", "error": err or f"exit code {rc}, no result"}
+        res["log"] = rel(j["log"])
+        results[key] = res
+        st = (f"{res['step_s_median']:.4f} s/step, {res['tokens_per_s']:.0f} tok/s" if res.get("status") == "ok"
+              and res.get("step_s_median") else f"{res.get('status')}: {res.get('error')}")
+        print(f"{tag}: {st} ({time.time() - t0:.0f}s)", flush=True)
+
+    rows = build_rows(args, jobs, results)
+    devices = {v.get("device_name") for v in results.values() if v.get("status") == "ok" and v.get("device_name")}
+    device = ", ".join(sorted(devices)) or ("GPU" if gpu else "CPU")
+    md = markdown(args, rows, device)
+    print()
+    print(md, end="")
+    out = Path(args.out) if args.out else work / "compare.md"
+    out_md, out_json = out.with_suffix(".md"), out.with_suffix(".json")
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    out_md.write_text(md, encoding="utf-8")
+    settings = {k: getattr(args, k) for k in ("steps", "warmup_steps", "seq_len", "data", "tokenizer", "precision",
+                                              "seed", "tools")}
+    out_json.write_text(json.dumps({"created": time.time(), "device": device, "accelerator": "cuda" if gpu else "cpu",
+                                    "wall_s": time.time() - t_all, "settings": settings, "rows": rows},
+                                   indent=1, default=str) + "\n", encoding="utf-8")
+    print(f"\nwritten: {rel(out_md)}, {rel(out_json)}; logs in {rel(work)}")
+    ok = all(v.get("status") == "ok" for v in results.values())
+    return 0 if ok else 1
+
+
+def _has_nvidia() -> bool:
+    """For --dry-run: a cheap guess whether this machine has an NVIDIA GPU (no torch import)."""
+    import shutil
+    return shutil.which("nvidia-smi") is not None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

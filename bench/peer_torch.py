@@ -1,0 +1,241 @@
+#!/usr/bin/env python
+"""Peer benchmark: the plain PyTorch SFT loop a typical user writes, on sftbench's Pangu-α model and batches.
+
+    python bench/peer_torch.py --model pangu-350m --steps 20 --warmup-steps 3 --out peer_torch.json
+    DS_ACCELERATOR=cpu python bench/peer_torch.py --model pangu-tiny --seq-len 64 --steps 3 --warmup-steps 1
+
+What it does, as a user would: fp32 model on the GPU, ``torch.optim.AdamW(fused=True)`` (betas 0.9/0.95, weight
+decay 0.01, lr 1e-5, linear LR warm-up), ``torch.autocast(bfloat16)``, a ``DataLoader`` over the encoded samples
+(batches moved to the GPU per micro-batch, ``attention_mask`` passed to the model), loss / grad-accum and
+``backward()`` per micro-batch, clipping at 1.0 and an optimizer step every ``--grad-accum`` micro-batches.
+
+What it shares with train.py, so the comparison is like for like: the model class and its initialisation
+(``sftbench.pangu.build_model`` after ``torch.manual_seed(seed)``), the tokenizer, the data file and its cache
+(``sftbench.data.load_or_build_cache``), and the sample order (``sftbench.data.ShardedOrder(n, 0, 1, seed)``,
+epochs back to back), micro batch 1, sequence length and accumulation.
+
+Timing: each optimizer step (all its micro-batches, data loading included) between two ``torch.cuda.synchronize()``;
+the loss is read after the clock stopped. ``--steps`` counts every step, the first ``--warmup-steps`` are left out
+of the statistics. Prints one line per step and a summary; ``--out FILE.json`` writes the summary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from sftbench import data as sftdata  # noqa: E402
+from sftbench import metrics  # noqa: E402
+from sftbench.args import BENCH_DATA, SAMPLE_DATA  # noqa: E402
+from sftbench.pangu import build_model  # noqa: E402
+from sftbench.tokenizer import PanguTokenizer  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="Pangu-α preset or checkpoint folder "
+                                                 "(default: pangu-350m on GPU, pangu-tiny on CPU)")
+    p.add_argument("--steps", "--max-steps", dest="steps", type=int, default=20,
+                   help="optimizer steps to run, warm-up included")
+    p.add_argument("--warmup-steps", type=int, default=3, help="first steps left out of the statistics")
+    p.add_argument("--data", default=None, help="SFT JSONL (default: data/bench_10k.jsonl if generated, "
+                                                "else data/sample_sft.jsonl)")
+    p.add_argument("--tokenizer", default=None, help="vocab.model or a folder holding it (default: the checkpoint "
+                                                     "folder's, else the shipped small tokenizer)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--grad-accum", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--lr-warmup-steps", type=int, default=100)
+    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16",
+                   help="autocast dtype (fp32: no autocast); fp16 uses a GradScaler")
+    p.add_argument("--attention-mask", action=argparse.BooleanOptionalAction, default=True,
+                   help="pass attention_mask to the model, as users do (--no-attention-mask: what train.py does "
+                        "for right-padded samples, to tell that lever's share of a speed difference)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--cache-dir", default=str(REPO / ".cache" / "data"))
+    p.add_argument("--out", default=None, help="write the summary JSON here")
+    a = p.parse_args(argv)
+    if a.steps < 1 or a.warmup_steps < 0 or a.grad_accum < 1:
+        p.error("need --steps >= 1, --warmup-steps >= 0, --grad-accum >= 1")
+    if a.warmup_steps >= a.steps:
+        p.error(f"--warmup-steps ({a.warmup_steps}) must be < --steps ({a.steps}): no step would be measured")
+    return a
+
+
+def sample_order(n: int, need: int, seed: int) -> list[int]:
+    """train.py's order on one rank: ShardedOrder epochs back to back, cut at `need` samples."""
+    order, idx, epoch = sftdata.ShardedOrder(n, 0, 1, seed), [], 0
+    while len(idx) < need:
+        idx += order.indices(epoch)
+        epoch += 1
+    return idx[:need]
+
+
+class SFTDataset(torch.utils.data.Dataset):
+    def __init__(self, enc):
+        self.input_ids, self.attention_mask, self.labels = enc.input_ids, enc.attention_mask, enc.labels
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i], "labels": self.labels[i]}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    on_cpu = os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
+    device = torch.device("cpu") if on_cpu else torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if args.precision == "fp16" and on_cpu:
+        sys.exit("error: fp16 autocast is not supported on CPU here; use --precision bf16 or fp32")
+    model_name = args.model or ("pangu-tiny" if on_cpu else "pangu-350m")
+    data_path = args.data or str(BENCH_DATA if BENCH_DATA.is_file() else SAMPLE_DATA)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    # ---- data: the same tokenizer, file, cache and order as train.py
+    model_dir = Path(model_name) if Path(model_name).is_dir() else None
+    tok_src = args.tokenizer or (str(model_dir) if model_dir and (model_dir / "vocab.model").exists() else None)
+    tok = PanguTokenizer.load(tok_src)
+    enc = sftdata.load_or_build_cache(data_path, tok, args.seq_len, args.cache_dir)
+    ga, mb = args.grad_accum, 1
+    order = sample_order(enc.n, args.steps * ga * mb, args.seed)
+    loader = torch.utils.data.DataLoader(SFTDataset(enc), batch_size=mb, sampler=order, num_workers=0,
+                                         pin_memory=device.type == "cuda", drop_last=False)
+
+    # ---- model and optimizer, fp32 weights on the device
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+    model = build_model(model_name, dtype=torch.float32, device=device)
+    model.train()
+    try:
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01,
+                                fused=True)
+        fused = True
+    except (RuntimeError, ValueError):  # a torch build without the fused kernel for this device
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
+        fused = False
+    warm = max(1, args.lr_warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
+    flops_tok = metrics.flops_per_token(model.config, args.seq_len)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"peer_torch: {model_name} on {device_name} ({args.precision} autocast, fused AdamW={fused}), "
+          f"{enc.n} samples, seq {args.seq_len}, micro batch {mb}, grad accum {ga}; built in {time.time() - t0:.1f}s",
+          flush=True)
+
+    # ---- the loop
+    host = metrics.HostProbe()
+    step_times, periods, losses, rss = [], [], [], []
+    tokens_per_step = mb * ga * args.seq_len
+    it = iter(loader)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync()
+    t_prev = time.perf_counter()
+    for step in range(args.steps):
+        sync()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(ga):
+            batch = next(it)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()
+                     if k != "attention_mask" or args.attention_mask}
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                out = model(**batch)
+            loss = out.loss / ga
+            if scaler is not None:
+                scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            loss_sum += out.loss.detach().float()
+        if scaler is not None:
+            scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        t1 = time.perf_counter()
+        step_s = t1 - t0
+        loss_v = (loss_sum / ga).item()
+        step_times.append(step_s)
+        losses.append(loss_v)
+        rss.append(host.rss_mib())
+        print(f"step {step + 1}/{args.steps}{' (warm-up)' if step < args.warmup_steps else ''} | loss {loss_v:.4f} "
+              f"| {step_s:.3f} s/it | {tokens_per_step / step_s:.0f} tok/s", flush=True)
+        periods.append(time.perf_counter() - t_prev)  # end to end, printing included
+        t_prev = time.perf_counter()
+
+    res = summarize("peer_torch", model_name, None, args, device, device_name, flops_tok, step_times, periods,
+                    losses, rss, mb, ga, 1, extra={"fused_adamw": fused, "attention_mask": args.attention_mask,
+                                                    "dataset_path": data_path, "dataset_samples": enc.n})
+    report(res, args.out)
+    return 0
+
+
+def summarize(tool, model_name, ds_config, args, device, device_name, flops_tok, step_times, periods, losses, rss,
+              mb, ga, world, extra=None) -> dict:
+    """The result record every bench script writes (same keys in peer_torch, peer_trainer and bare_engine)."""
+    w = args.warmup_steps
+    meas = step_times[w:]
+    med = statistics.median(meas) if meas else None
+    tokens_per_step = mb * ga * args.seq_len * world
+    peak = metrics.peak_tflops(device_name, args.precision) if device.type == "cuda" else None
+    tflops = statistics.median(flops_tok * tokens_per_step / world / s / 1e12 for s in meas) if meas else None
+    return {
+        "tool": tool, "status": "ok", "model": model_name, "ds_config": ds_config, "precision": args.precision,
+        "device": str(device), "device_name": device_name if device.type == "cuda" else None, "world_size": world,
+        "micro_batch": mb, "grad_accum": ga, "seq_len": args.seq_len, "steps": len(step_times),
+        "warmup_steps": w, "measured_steps": len(meas),
+        "step_s_median": med, "step_s_mean": statistics.fmean(meas) if meas else None,
+        "step_s_min": min(meas) if meas else None,
+        "period_s_median": statistics.median(periods[w:]) if periods[w:] else None,
+        # as train.py's summary: the median of the per-step rates
+        "tokens_per_s": statistics.median(tokens_per_step / s for s in meas) if meas else None,
+        "tokens_per_s_per_gpu": statistics.median(tokens_per_step / world / s for s in meas) if meas else None,
+        "flops_per_token": flops_tok, "tflops": tflops, "peak_tflops": peak,
+        "mfu_pct": 100.0 * tflops / peak if tflops and peak else None,
+        "torch_peak_alloc_mib": torch.cuda.max_memory_allocated(device) / metrics.MIB
+        if device.type == "cuda" else None,
+        "torch_peak_reserved_mib": torch.cuda.max_memory_reserved(device) / metrics.MIB
+        if device.type == "cuda" else None,
+        "host_rss_mib_peak": max(rss) if rss else None,
+        "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+        "step_times_s": step_times,
+        **(extra or {}),
+    }
+
+
+def report(res: dict, out: str | None) -> None:
+    med = res["step_s_median"]
+    mem = (f", peak alloc {res['torch_peak_alloc_mib']:.0f} MiB / reserved {res['torch_peak_reserved_mib']:.0f} MiB"
+           if res.get("torch_peak_alloc_mib") is not None else f", peak RSS {res['host_rss_mib_peak']:.0f} MiB")
+    mfu = f", MFU {res['mfu_pct']:.1f}%" if res.get("mfu_pct") is not None else ""
+    print(f"{res['tool']} done: {res['measured_steps']} measured steps, median {med:.4f} s/it, "
+          f"{res['tokens_per_s']:.0f} tok/s{mfu}{mem}", flush=True)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
