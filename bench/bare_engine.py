@@ -8,10 +8,11 @@ own cost (logging, probes, per-step synchronisation).
         --seq-len 64 --steps 3 --warmup-steps 1
 
 Prepared exactly as train.py prepares a DeepSpeed run: the config through ``load_ds_config`` / ``apply_precision``,
-``torch.manual_seed(seed)`` then the model built on the device (ZeRO-3: under ``deepspeed.zero.Init``),
-``deepspeed.initialize(model, model_parameters=sftbench.plain.param_groups(model), config)``, the same samples in the
-same order (``ShardedOrder`` epochs back to back) preloaded on the device as [steps, grad_accum, micro_batch, seq],
-and ``attention_mask=None`` when every sample is right-padded (``--pad-mask auto``, train.py's default).
+``torch.manual_seed(seed)`` then the model built on the device (ZeRO-3: partitioned, through transformers'
+``HfDeepSpeedConfig`` hook), ``deepspeed.initialize(model, model_parameters=sftbench.plain.param_groups(model),
+config)``, the same samples in the same order (``ShardedOrder`` epochs back to back) preloaded on the device as
+[steps, grad_accum, micro_batch, seq], and ``attention_mask=None`` when every sample is right-padded
+(``--pad-mask auto``, train.py's default).
 
 The loop is only ``engine(**batch)``, ``engine.backward(loss)``, ``engine.step()``: no loss read, no log, no probe
 and no per-step host synchronisation. Per-step times come from CUDA events recorded at every optimizer-step boundary
@@ -109,13 +110,10 @@ def main(argv=None) -> int:
     enc = sftdata.load_or_build_cache(data_path, tok, args.seq_len, args.cache_dir, local_rank=local_rank)
     zero_stage = cfg.get("zero_optimization", {}).get("stage", 0)
     if zero_stage == 3:
-        if model_dir is not None:
-            from transformers.integrations import HfDeepSpeedConfig
-            _hf_ds = HfDeepSpeedConfig(cfg)  # noqa: F841  (keeps zero.Init active for from_pretrained)
-            model = build_model(model_name)
-        else:
-            with deepspeed.zero.Init(config_dict_or_path=cfg):
-                model = build_model(model_name)
+        # as train.py: partitioned construction through transformers' ZeRO-3 hook
+        from transformers.integrations import HfDeepSpeedConfig
+        _hf_ds = HfDeepSpeedConfig(cfg)  # noqa: F841  (must stay alive while the model is built)
+        model = build_model(model_name)
     else:
         with torch.device(device):
             model = build_model(model_name)

@@ -53,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None,
                    help="override the configs' precision (default: theirs; bf16 for peer_torch)")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--cache-dir", default=None, help="pre-tokenised data cache for all (default: theirs, .cache/data)")
     p.add_argument("--tools", default=",".join(TOOLS), help=f"which to run, of {','.join(TOOLS)}")
     p.add_argument("--work-dir", default=None, help="run logs and result JSONs (default: runs/compare-<time>)")
     p.add_argument("--out", default=None, help="write the table here: X.md and X.json (default: "
@@ -123,6 +124,8 @@ def plan(args, gpu: bool, work: Path) -> list[dict]:
         common += ["--data", args.data]
     if args.tokenizer:
         common += ["--tokenizer", args.tokenizer]
+    if args.cache_dir:
+        common += ["--cache-dir", args.cache_dir]
     prec = ["--precision", args.precision] if args.precision else []
     steps = ["--warmup-steps", str(args.warmup_steps)]
     jobs = []
@@ -220,7 +223,8 @@ def read_ours(run_dir: Path) -> dict:
     return {"status": s.get("status"), "error": s.get("error"), "step_s_median": s.get("step_s_median"),
             "tokens_per_s": s.get("tokens_per_s"), "tokens_per_s_per_gpu": s.get("tokens_per_s_per_gpu"),
             "mfu_pct_logged": s.get("mfu_pct"), "torch_peak_alloc_mib": s.get("torch_peak_alloc_mib"),
-            "torch_peak_reserved_mib": s.get("torch_peak_reserved_mib"), "host_rss_mib_peak": s.get("host_rss_mib_peak"),
+            "torch_peak_reserved_mib": s.get("torch_peak_reserved_mib"),
+            "host_rss_mib_peak": s.get("host_rss_mib_peak"),
             "gpu_mem_used_mib_peak": s.get("gpu_mem_used_mib_peak"), "first_loss": s.get("first_loss"),
             "final_loss": s.get("final_loss"), "device_name": meta.get("device_name"),
             "precision": meta.get("precision"), "world_size": meta.get("world_size"),
@@ -391,7 +395,7 @@ def main(argv=None) -> int:
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text(md, encoding="utf-8")
     settings = {k: getattr(args, k) for k in ("steps", "warmup_steps", "seq_len", "data", "tokenizer", "precision",
-                                              "seed", "tools")}
+                                              "seed", "tools", "cache_dir")}
     out_json.write_text(json.dumps({"created": time.time(), "device": device, "accelerator": "cuda" if gpu else "cpu",
                                     "wall_s": time.time() - t_all, "settings": settings, "rows": rows},
                                    indent=1, default=str) + "\n", encoding="utf-8")

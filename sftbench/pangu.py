@@ -381,6 +381,9 @@ class PanguForCausalLM(PanguPreTrainedModel, GenerationMixin):
     """Pangu-α with the tied language-model head (``lm_head.weight`` is ``transformer.wte.weight``)."""
 
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+    # forward() takes **kwargs but returns the plain mean loss: tell the Trainer it must still divide by the
+    # accumulation steps (otherwise it assumes the model normalises and gradients come out GA times too large).
+    accepts_loss_kwargs = False
 
     def __init__(self, config: PanguConfig):
         super().__init__(config)

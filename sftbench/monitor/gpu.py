@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
+from sftbench.metrics import nvml_memory
+
 MIB = 1 << 20
 NO_NVML_ENV = "SFTBENCH_NO_NVML"
 
@@ -158,7 +160,7 @@ class NvmlSource:
             for i, h in enumerate(self._handles):
                 name, uuid, lim = self._static[i]
                 g = GpuInfo(i, name, uuid, power_limit_w=lim)
-                mem = _try(nv.nvmlDeviceGetMemoryInfo, h)
+                mem = _try(nvml_memory, nv, h)
                 if mem is not None:
                     g.mem_used_mib, g.mem_total_mib = mem.used / MIB, mem.total / MIB
                 util = _try(nv.nvmlDeviceGetUtilizationRates, h)

@@ -1,0 +1,140 @@
+"""The peer benchmark scripts in bench/: the commands compare.py plans, its table, the Trainer peer's sample order
+and config handling; one real CPU run of the whole comparison (slow)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, cpu_env, run
+
+BENCH = REPO / "bench"
+
+
+def load(name: str):
+    """Import a bench/ script as a module (bench/ is not a package)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_compare_dry_run_prints_every_command():
+    p = run([sys.executable, "bench/compare.py", "--cpu", "--dry-run", "--models", "pangu-tiny",
+             "--configs", "z1,z2_offload_5e8", "--seq-len", "64", "--steps", "3", "--warmup-steps", "1",
+             "--data", "data/sample_sft.jsonl", "--tokenizer", "data/tokenizer/spm.model",
+             "--work-dir", "runs/compare-test"], cpu_env(), timeout=120)
+    assert p.returncode == 0, p.stderr
+    cmds = [ln for ln in p.stdout.splitlines() if ln and not ln.startswith("#")]
+    assert len(cmds) == 1 + 3 * 2  # peer_torch once per model; ours, bare, peer_trainer per config
+    assert "bench/peer_torch.py" in cmds[0]
+    for cfg, block in (("z1", cmds[1:4]), ("z2_offload_5e8", cmds[4:7])):
+        ours, bare, trainer = block
+        assert "train.py" in ours and f"--ds ds_configs/{cfg}.json" in ours and "--max-steps 3" in ours
+        assert "--run-dir runs/compare-test/" in ours
+        assert "bench/bare_engine.py" in bare and "bench/peer_trainer.py" in trainer
+        for c in block:
+            assert "deepspeed.launcher.runner" in c and "--num_gpus 1" in c
+    for c in cmds:  # same data, tokenizer, length and seed for every tool
+        for flag in ("--data data/sample_sft.jsonl", "--tokenizer data/tokenizer/spm.model", "--seq-len 64",
+                     "--seed 1234", "--warmup-steps 1"):
+            assert flag in c, (flag, c)
+        assert str(REPO) not in c  # no machine-specific paths
+    assert "DS_ACCELERATOR=cpu" in p.stdout
+
+
+def test_compare_table_ratios_and_overhead(tmp_path):
+    cmp = load("compare")
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"hidden_size": 64, "num_layers": 2, "vocab_size": 1000}))
+    args = cmp.parse_args(["--models", str(folder), "--configs", "z1", "--seq-len", "64", "--steps", "4",
+                           "--warmup-steps", "1"])
+    jobs = cmp.plan(args, gpu=True, work=tmp_path)
+    assert [j["tool"] for j in jobs] == ["peer_torch", "ours", "bare", "peer_trainer"]
+    h100 = "NVIDIA H100 80GB HBM3"
+    m = str(folder)
+    results = {
+        ("ours", m, "z1"): {"status": "ok", "step_s_median": 1.1, "tokens_per_s": 4000.0,
+                            "tokens_per_s_per_gpu": 4000.0, "device_name": h100, "precision": "bf16"},
+        ("bare", m, "z1"): {"status": "ok", "step_s_median": 1.0, "tokens_per_s": 4400.0, "device_name": h100},
+        ("peer_torch", m, None): {"status": "ok", "step_s_median": 2.0, "tokens_per_s": 2000.0,
+                                  "device_name": h100},
+        ("peer_trainer", m, "z1"): {"status": "error", "error": "boom"},
+    }
+    rows = cmp.build_rows(args, jobs, results)
+    assert len(rows) == 1
+    r = rows[0]
+    assert r["harness_overhead_pct"] == pytest.approx(10.0)
+    assert r["ours_over_peer_torch"] == pytest.approx(2.0)
+    assert r["ours_over_peer_trainer"] is None
+    from sftbench.metrics import flops_per_token, peak_tflops
+    from types import SimpleNamespace
+    f = flops_per_token(SimpleNamespace(hidden_size=64, num_layers=2, vocab_size=1000), 64)
+    assert r["ours_mfu_pct"] == pytest.approx(100 * f * 4000 / (peak_tflops(h100, "bf16") * 1e12))
+    md = cmp.markdown(args, rows, h100)
+    line = next(ln for ln in md.splitlines() if ln.startswith("| m |"))
+    assert "2.00x" in line and "+10.0%" in line and "error" in line
+    assert "boom" in md
+
+
+def test_trainer_sampler_gives_each_rank_trains_order():
+    pt = load("peer_trainer")
+    from sftbench.data import ShardedOrder
+
+    n, world, per_rank, mb = 10, 3, 9, 1
+    s = pt.OrderSampler(n, world, per_rank, mb, seed=5)
+    seq = list(s)
+    assert len(seq) == len(s) == world * per_rank
+    for r in range(world):
+        # accelerate hands batches of micro_batch round-robin to the ranks
+        got = seq[r::world]
+        order = ShardedOrder(n, r, world, 5)  # 4 a rank per epoch: epochs 0, 1, 2 back to back
+        want = order.indices(0) + order.indices(1) + order.indices(2)
+        assert got == want[:per_rank]
+
+
+def test_trainer_args_match_every_shipped_config():
+    """The Trainer refuses a DeepSpeed JSON that disagrees with its arguments: the ones peer_trainer derives from
+    each shipped config must pass the Trainer's own check."""
+    pytest.importorskip("accelerate")
+    pt = load("peer_trainer")
+    from types import SimpleNamespace
+
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    from sftbench.dsconfig import load_ds_config
+
+    for path in sorted((REPO / "ds_configs").glob("*.json")):
+        cfg = load_ds_config(path)
+        ta = pt.ds_trainer_args(cfg)
+        args = SimpleNamespace(world_size=1, save_on_each_node=False, fp16_full_eval=False, bf16_full_eval=False,
+                               get_warmup_steps=lambda n, w=ta["warmup_steps"]: w, **ta)
+        hf = HfTrainerDeepSpeedConfig(cfg)
+        hf.trainer_config_process(args)
+        hf.trainer_config_finalize(args, SimpleNamespace(config=SimpleNamespace(hidden_size=64)), 20)
+        assert hf.mismatches == [], (path.name, hf.mismatches)
+
+
+@pytest.mark.slow
+def test_compare_cpu_smoke(tmp_path):
+    """All four tools for real on CPU (tiny model, 2 steps): the table and JSON come out, every run ok."""
+    pytest.importorskip("accelerate")
+    out = tmp_path / "cmp.md"
+    p = run([sys.executable, "bench/compare.py", "--cpu", "--models", "pangu-tiny", "--configs", "z1",
+             "--seq-len", "32", "--steps", "2", "--warmup-steps", "1", "--data", "data/sample_sft.jsonl",
+             "--cache-dir", str(tmp_path / "cache"), "--work-dir", str(tmp_path / "work"), "--out", str(out)],
+            cpu_env(), timeout=900)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    res = json.loads(out.with_suffix(".json").read_text())
+    (row,) = res["rows"]
+    assert all(v["status"] == "ok" for v in row["results"].values())
+    assert row["results"]["peer_trainer"]["order_matches"] is True
+    for k in ("ours_tokens_per_s", "bare_tokens_per_s", "peer_torch_tokens_per_s", "peer_trainer_tokens_per_s"):
+        assert row[k] > 0
+    assert "| pangu-tiny | z1 |" in out.read_text()
