@@ -138,6 +138,19 @@ class GpuProbe:
         return nvml_memory(self._nvml, self._handle).total / MIB
 
 
+def cpu_model() -> str:
+    """The CPU's model name (for the report's hardware line)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
 def cuda_uuid(device_index: int) -> str | None:
     """NVML-style UUID ("GPU-xxxxxxxx-...") of a torch CUDA device."""
     import torch

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from sftbench import runlog
 from sftbench.dsconfig import apply_precision, describe
+from sftbench.metrics import cpu_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -417,7 +418,7 @@ def hardware_lines(rows: list[Row], info: dict) -> list[str]:
                      + (f", {hw['host_mem_mib'] / 1024:.0f} GiB host memory" if hw.get("host_mem_mib") else "")
                      + " (recorded by the sweep)")
     else:
-        lines.append(f"CPU: {_cpu_model()} ({platform.platform()}; read when this report was written, "
+        lines.append(f"CPU: {cpu_model()} ({platform.platform()}; read when this report was written, "
                      "not recorded by the runs)")
     metas = [r.meta for r in rows if r.meta.get("versions")]
     if metas:
@@ -438,17 +439,6 @@ def hardware_lines(rows: list[Row], info: dict) -> list[str]:
         args = [scrub(str(a)) for a in ex[1:] if not str(a).startswith("--local_rank")]
         lines.append("Each run: `deepspeed --num_gpus N train.py " + " ".join(args) + "` (first run shown)")
     return lines
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def recommendations(rows: list[Row]) -> list[str]:

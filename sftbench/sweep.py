@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from sftbench import memory, runlog
+from sftbench.metrics import cpu_model
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO / "ds_configs"
@@ -691,18 +692,6 @@ def _merge_plan(path: Path, sweep: str, entries: list[PlanEntry]) -> None:
     merged = [new.pop(o.get("run"), o) for o in old_entries if isinstance(o, dict)] + list(new.values())
     path.write_text(json.dumps({"sweep": sweep, "created": created, "updated": time.time(), "entries": merged},
                                indent=1, ensure_ascii=False), encoding="utf-8")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine()
 
 
 def write_sweep_info(sweep_dir: Path, sweep: str, gpus: list[Gpu], accelerator: str, command: str | None) -> None:

@@ -119,3 +119,18 @@ def test_missing_config_and_data_are_clear(tmp_path):
     assert r.returncode != 0 and "missing.jsonl" in r.stderr
     r = _single(["--ds", "none", "--precision", "fp8"])
     assert r.returncode != 0 and "--precision" in r.stderr
+
+
+def test_save_then_resume(tmp_path, overfit_data):
+    ds = str(write_overfit_config("z2_offload_5e8.json", tmp_path / "cfg.json"))
+    ckpt = tmp_path / "ckpt"
+    base = ["--ds", ds, "--data", str(overfit_data), "--cache-dir", str(tmp_path / "cache"), *COMMON]
+    first = run(launch_cmd(2, *base, "--run-dir", str(tmp_path / "a"), "--save", str(ckpt)), cpu_env())
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (ckpt / "latest").exists()
+    second = run(launch_cmd(2, *base, "--run-dir", str(tmp_path / "b"), "--resume", str(ckpt)), cpu_env())
+    assert second.returncode == 0, second.stderr[-3000:]
+    a = read_jsonl(tmp_path / "a" / "rank0.jsonl")[-1]
+    b = read_jsonl(tmp_path / "b" / "rank0.jsonl")[-1]
+    # The resumed run starts from the trained weights: its first loss is where the first run ended, not ln(V).
+    assert b["first_loss"] < a["first_loss"] - 1.0, (a["first_loss"], a["final_loss"], b["first_loss"])
