@@ -134,3 +134,19 @@ def test_save_then_resume(tmp_path, overfit_data):
     b = read_jsonl(tmp_path / "b" / "rank0.jsonl")[-1]
     # The resumed run starts from the trained weights: its first loss is where the first run ended, not ln(V).
     assert b["first_loss"] < a["first_loss"] - 1.0, (a["first_loss"], a["final_loss"], b["first_loss"])
+
+
+def test_dropping_the_pad_mask_keeps_the_loss_curve(tmp_path, overfit_data):
+    """The default speed lever (no padding mask on right-padded batches, so SDPA can use flash) must not change
+    what is computed: the same fixed-seed run with the mask gives the same losses step by step."""
+    ds = str(write_overfit_config("z0.json", tmp_path / "cfg.json"))
+    losses = {}
+    for mode in ("auto", "always"):
+        run_dir = tmp_path / mode
+        p = run(launch_cmd(2, "--ds", ds, "--data", str(overfit_data), "--run-dir", str(run_dir),
+                           "--cache-dir", str(tmp_path / "cache"), "--pad-mask", mode, *COMMON), cpu_env())
+        assert p.returncode == 0, p.stderr[-3000:]
+        recs = read_jsonl(run_dir / "rank0.jsonl")
+        assert recs[0]["optimizations"]["pad_mask"] is (mode == "always")
+        losses[mode] = [r["loss"] for r in recs if r["type"] == "step"]
+    assert losses["auto"] == pytest.approx(losses["always"], rel=1e-4, abs=1e-4)
