@@ -313,9 +313,11 @@ log.summary(status=status, error=error, time=time.time(), wall_s=time.time() - t
 log.close()
 if status == "ok":
     s = fields
+    gpu_peak = s.get("gpu_mem_used_mib_peak")
     say(f"done: {s['measured_steps']} measured steps, median {s['step_s_median']:.3f} s/it, "
         f"{s['tokens_per_s']:.0f} tok/s, epoch ~{s['epoch_s_est'] / 60:.1f} min (estimated), "
-        f"peak GPU {s['gpu_mem_used_mib_peak'] or 0:.0f} MiB, peak RSS {s['host_rss_mib_peak']:.0f} MiB"
+        + (f"peak GPU {gpu_peak:.0f} MiB, " if gpu_peak is not None else "")
+        + f"peak RSS {s['host_rss_mib_peak']:.0f} MiB"
         if s.get("step_s_median") is not None else "done (every step was warm-up: no statistics)")
 else:
     print(f"error (rank {rank}): run ended with status {status}: {error}", file=sys.stderr, flush=True)

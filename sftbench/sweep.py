@@ -899,7 +899,8 @@ def resolve(args: argparse.Namespace, gpus: list[Gpu] | None = None) -> Resolved
 
 def print_plan(res: Resolved, say: Callable[[str], None] = print) -> None:
     hw = (f"{len(res.gpus)} x {res.gpus[0].name}" if res.accelerator == "cuda"
-          else f"CPU ({CPU_RANKS} ranks, DS_ACCELERATOR=cpu)")
+          else f"CPU ({'/'.join(str(n) for n in sorted({e.num_gpus for e in res.entries})) or CPU_RANKS} ranks, "
+               f"DS_ACCELERATOR=cpu)")
     say(f"sweep {res.sweep}: {len(res.entries)} runs on {hw} -> {res.sweep_dir}")
     say(f"{'#':>3}  {'run':<52} {'ref rows':<10} {'predicted GPU/rank':>18} {'host':>9}  fits  state")
     for i, e in enumerate(res.entries, 1):
