@@ -150,3 +150,17 @@ def test_dropping_the_pad_mask_keeps_the_loss_curve(tmp_path, overfit_data):
         assert recs[0]["optimizations"]["pad_mask"] is (mode == "always")
         losses[mode] = [r["loss"] for r in recs if r["type"] == "step"]
     assert losses["auto"] == pytest.approx(losses["always"], rel=1e-4, abs=1e-4)
+
+
+def test_three_ranks_like_the_reference(tmp_path, overfit_data):
+    """The reference ran most rows on 3 GPUs: ZeRO-2 with offload over 3 CPU ranks, uneven 4-sample shards."""
+    ds = str(write_overfit_config("z2_offload_5e8.json", tmp_path / "cfg.json"))
+    run_dir = tmp_path / "run"
+    p = run(launch_cmd(3, "--ds", ds, "--data", str(overfit_data), "--run-dir", str(run_dir),
+                       "--cache-dir", str(tmp_path / "cache"), *COMMON), cpu_env())
+    assert p.returncode == 0, p.stderr[-3000:]
+    for rank in range(3):
+        meta, steps, summary = check_schema(read_jsonl(run_dir / f"rank{rank}.jsonl"))
+        assert meta["world_size"] == 3 and meta["rank"] == rank
+        assert meta["steps_per_epoch"] == 1  # ceil(4 / (1 * 3 * 2))
+        assert summary["status"] == "ok" and len(steps) == 8
