@@ -42,7 +42,7 @@ if args.deepspeed:
 
 from sftbench import data as sftdata  # noqa: E402
 from sftbench import metrics  # noqa: E402
-from sftbench.pangu import build_model, count_params  # noqa: E402
+from sftbench.pangu import CheckpointError, build_model, count_params  # noqa: E402
 from sftbench.plain import PlainEngine, param_groups  # noqa: E402
 from sftbench.tokenizer import PanguTokenizer  # noqa: E402
 
@@ -294,6 +294,9 @@ except KeyboardInterrupt:
     status, error = "interrupted", "KeyboardInterrupt"
 except torch.OutOfMemoryError as e:
     status, error = "oom", str(e).strip().splitlines()[0]
+except (sftdata.DataError, CheckpointError, FileNotFoundError, TimeoutError) as e:
+    # Bad input: the message names the file/key/line; a traceback would only bury it.
+    status, error = "error", str(e)
 except Exception as e:  # every failure still ends in a summary record, then a non-zero exit
     import traceback
     traceback.print_exc()
