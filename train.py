@@ -106,9 +106,7 @@ summary_extra: dict = {"epoch_s_measured": None}
 steps_per_epoch = None
 try:
     # ------------------------------------------------------------ build: tokenizer and data
-    model_dir = Path(model_name) if Path(model_name).is_dir() else None
-    tok_src = args.tokenizer or (str(model_dir) if model_dir and (model_dir / "vocab.model").exists() else None)
-    tok = PanguTokenizer.load(tok_src)
+    tok = PanguTokenizer.for_model(model_name, args.tokenizer)
     ds = sftdata.load_or_build_cache(args.data, tok, args.seq_len, args.cache_dir, mask_prompt=args.mask_prompt,
                                      strict=args.strict_data, local_rank=local_rank)
     say(f"data: {ds.n} samples from {args.data} ({'cache hit' if ds.cache_hit else 'tokenised'}), "

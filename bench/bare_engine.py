@@ -104,9 +104,7 @@ def main(argv=None) -> int:
             torch.cuda.synchronize(device)
 
     # ---- data and model, as train.py builds them
-    model_dir = Path(model_name) if Path(model_name).is_dir() else None
-    tok_src = args.tokenizer or (str(model_dir) if model_dir and (model_dir / "vocab.model").exists() else None)
-    tok = PanguTokenizer.load(tok_src)
+    tok = PanguTokenizer.for_model(model_name, args.tokenizer)
     enc = sftdata.load_or_build_cache(data_path, tok, args.seq_len, args.cache_dir, local_rank=local_rank)
     zero_stage = cfg.get("zero_optimization", {}).get("stage", 0)
     if zero_stage == 3:

@@ -107,9 +107,7 @@ def main(argv=None) -> int:
             torch.cuda.synchronize(device)
 
     # ---- data: the same tokenizer, file, cache and order as train.py
-    model_dir = Path(model_name) if Path(model_name).is_dir() else None
-    tok_src = args.tokenizer or (str(model_dir) if model_dir and (model_dir / "vocab.model").exists() else None)
-    tok = PanguTokenizer.load(tok_src)
+    tok = PanguTokenizer.for_model(model_name, args.tokenizer)
     enc = sftdata.load_or_build_cache(data_path, tok, args.seq_len, args.cache_dir)
     ga, mb = args.grad_accum, 1
     order = sample_order(enc.n, args.steps * ga * mb, args.seed)

@@ -176,9 +176,7 @@ def main(argv=None) -> int:
     mb, ga = targs.per_device_train_batch_size, targs.gradient_accumulation_steps
 
     # ---- data: the same tokenizer, file, cache and order as train.py
-    model_dir = Path(model_name) if Path(model_name).is_dir() else None
-    tok_src = args.tokenizer or (str(model_dir) if model_dir and (model_dir / "vocab.model").exists() else None)
-    tok = PanguTokenizer.load(tok_src)
+    tok = PanguTokenizer.for_model(model_name, args.tokenizer)
     enc = sftdata.load_or_build_cache(data_path, tok, args.seq_len, args.cache_dir, local_rank=local_rank)
     sampler = OrderSampler(enc.n, world, args.steps * ga * mb, mb, args.seed)
     train_ds = RecordingDataset(enc)

@@ -150,6 +150,14 @@ class PanguTokenizer:
         self._split_re = re.compile("(" + "|".join(re.escape(p) for p in alternatives) + ")")
 
     @classmethod
+    def for_model(cls, model: str, tokenizer: Union[str, Path, None] = None) -> "PanguTokenizer":
+        """The tokenizer a run uses: ``tokenizer`` if given, else the checkpoint folder's ``vocab.model``, else
+        the shipped small model (a preset has no vocabulary of its own)."""
+        if tokenizer is None and Path(model).is_dir() and (Path(model) / "vocab.model").exists():
+            tokenizer = model
+        return cls.load(tokenizer)
+
+    @classmethod
     def load(cls, path_or_dir: Union[str, Path, None] = None) -> "PanguTokenizer":
         """Load a model file, a folder holding ``vocab.model`` (or ``spm.model``), or with None the shipped
         small model ``data/tokenizer/spm.model``. Raises FileNotFoundError naming what is missing."""

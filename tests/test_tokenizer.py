@@ -238,3 +238,16 @@ def test_sample_file(shipped):
         long_ += len(shipped.encode_pair(rec["prompt"], answer)) > 512
     assert zh >= 100 and en >= 30
     assert plain >= 5 and multi >= 20 and long_ >= 3
+
+
+def test_for_model_picks_the_checkpoint_vocab(tmp_path):
+    import shutil
+    from sftbench.tokenizer import PanguTokenizer
+    shipped = PanguTokenizer.load(None)
+    assert PanguTokenizer.for_model("pangu-350m").fingerprint == shipped.fingerprint
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    assert PanguTokenizer.for_model(str(ckpt)).fingerprint == shipped.fingerprint  # folder without a vocab
+    shutil.copy(shipped.vocab_file, ckpt / "vocab.model")
+    assert PanguTokenizer.for_model(str(ckpt)).vocab_file == str(ckpt / "vocab.model")
+    assert PanguTokenizer.for_model(str(ckpt), shipped.vocab_file).vocab_file == shipped.vocab_file
