@@ -113,9 +113,9 @@ try:
         f"{ds.real_tokens} real + {ds.pad_tokens} padding tokens")
 
     # ------------------------------------------------------------ build: model
-    zero_stage = (ds_cfg or {}).get("zero_optimization", {}).get("stage", 0)
+    desc = describe(ds_cfg)  # ZeRO stage, offload devices (None for --ds none)
     t_build = time.time()
-    if args.deepspeed and zero_stage == 3:
+    if desc["zero_stage"] == 3:
         # Construct partitioned: no rank ever holds the whole model (how 2.6B+ fits with ZeRO-3). Through
         # transformers' ZeRO-3 hook, so from_pretrained loads shards into partitions and the model's own init
         # runs on gathered parameters (a bare zero.Init would leave torch's default init on every weight).
@@ -181,7 +181,6 @@ try:
                         host_total_mib=psutil.virtual_memory().total / metrics.MIB, dataset_samples=ds.n,
                         flash_attention=not use_pad_mask)
     import transformers
-    desc = describe(ds_cfg)
     log.meta(
         run=Path(run_dir).name, time=t_start, argv=sys.argv, ds_config_path=args.ds if args.deepspeed else None,
         ds_config=ds_cfg, harness=vars(args), model=model_name, n_params=n_params, flops_per_token=flops_tok,
@@ -211,11 +210,8 @@ try:
 
     def step_indices(r: int) -> torch.Tensor:
         """Rank r's samples as [max_steps, ga, mb]; epochs back to back so every step has ga full micro-batches."""
-        order, idx, epoch = sftdata.ShardedOrder(ds.n, r, world_size, args.seed), [], 0
-        while len(idx) < need:
-            idx += order.indices(epoch)
-            epoch += 1
-        return torch.tensor(idx[:need]).view(args.max_steps, ga, mb)
+        idx = sftdata.ShardedOrder(ds.n, r, world_size, args.seed).take(need)
+        return torch.tensor(idx).view(args.max_steps, ga, mb)
 
     idx_t = step_indices(rank)
     dev_ids = ds.input_ids[idx_t].to(device)
@@ -308,7 +304,7 @@ except Exception as e:  # every failure still ends in a summary record, then a n
         status = "error"
     error = first
 
-fields = stats.summary_fields(world_size, steps_per_epoch or 0) if steps_per_epoch else {}
+fields = stats.summary_fields(world_size, steps_per_epoch) if steps_per_epoch else {}
 log.summary(status=status, error=error, time=time.time(), wall_s=time.time() - t_start, synthesized=False,
             **fields, **summary_extra)
 log.close()

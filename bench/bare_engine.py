@@ -126,11 +126,7 @@ def main(argv=None) -> int:
 
     # ---- batches on the device before the clock starts (train.py's step_indices)
     need = args.steps * mb * ga
-    order, idx, epoch = sftdata.ShardedOrder(enc.n, rank, world, args.seed), [], 0
-    while len(idx) < need:
-        idx += order.indices(epoch)
-        epoch += 1
-    idx_t = torch.tensor(idx[:need]).view(args.steps, ga, mb)
+    idx_t = torch.tensor(sftdata.ShardedOrder(enc.n, rank, world, args.seed).take(need)).view(args.steps, ga, mb)
     dev_ids = enc.input_ids[idx_t].to(device)
     dev_labels = enc.labels[idx_t].to(device)
     dev_mask = enc.attention_mask[idx_t].to(device) if use_pad_mask else None

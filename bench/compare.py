@@ -27,7 +27,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from sftbench.sweep import free_port  # noqa: E402  (no torch import: the children do the real work)
 
 TOOLS = ("ours", "bare", "peer_torch", "peer_trainer")
 
@@ -79,12 +80,6 @@ def cuda_visible() -> bool:
         return out.stdout.strip().endswith("True")
     except (OSError, subprocess.SubprocessError):
         return False
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rel(path) -> str:

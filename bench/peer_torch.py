@@ -73,11 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def sample_order(n: int, need: int, seed: int) -> list[int]:
     """train.py's order on one rank: ShardedOrder epochs back to back, cut at `need` samples."""
-    order, idx, epoch = sftdata.ShardedOrder(n, 0, 1, seed), [], 0
-    while len(idx) < need:
-        idx += order.indices(epoch)
-        epoch += 1
-    return idx[:need]
+    return sftdata.ShardedOrder(n, 0, 1, seed).take(need)
 
 
 class SFTDataset(torch.utils.data.Dataset):

@@ -80,13 +80,7 @@ class OrderSampler(torch.utils.data.Sampler):
     exactly train.py's ``ShardedOrder(n, rank, world, seed)`` order, epochs back to back, ``need`` per rank."""
 
     def __init__(self, n: int, world: int, per_rank: int, micro_batch: int, seed: int):
-        shards = []
-        for r in range(world):
-            order, idx, epoch = sftdata.ShardedOrder(n, r, world, seed), [], 0
-            while len(idx) < per_rank:
-                idx += order.indices(epoch)
-                epoch += 1
-            shards.append(idx[:per_rank])
+        shards = [sftdata.ShardedOrder(n, r, world, seed).take(per_rank) for r in range(world)]
         seq = []
         for b in range(0, per_rank, micro_batch):  # batch b of rank 0, of rank 1, ...
             for r in range(world):

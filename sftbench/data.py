@@ -70,10 +70,11 @@ after ``timeout_s``. A cache that cannot be read, fails its checksum, has wrong 
 (stale) is reported in one log line and rebuilt. ``cache_dir=None`` builds in memory on every rank and writes nothing.
 
 ``EncodedSet`` keeps the compact arrays (about 20 MB for 10,000 x 512) and hands out int64 tensors:
-``batch(indices)`` -> ``{"input_ids", "attention_mask", "labels"}`` each int64 [B, seq_len] (what the training loop
-should call per micro-batch); the properties ``input_ids``, ``attention_mask``, ``labels`` give the full int64
-[N, seq_len] tensors (built on first use and kept). ``real_tokens``/``pad_tokens`` are totals over the set;
-``token_stats()`` gives those plus length percentiles and the truncated count.
+``batch(indices)`` -> ``{"input_ids", "attention_mask", "labels"}`` each int64 [B, seq_len] (for a loop that builds
+its micro-batches as it goes; train.py indexes the full tensors once, before its clock starts); the properties
+``input_ids``, ``attention_mask``, ``labels`` give the full int64 [N, seq_len] tensors (built on first use and kept).
+``real_tokens``/``pad_tokens`` are totals over the set; ``token_stats()`` gives those plus length percentiles and the
+truncated count.
 
 Order and sharding (``ShardedOrder``)
 -------------------------------------
@@ -83,14 +84,16 @@ its first ``ceil(n / world_size) * world_size - n`` entries (fewer than ``world_
 epoch; for n < world_size the permutation is repeated), then split round-robin: rank r takes positions
 r, r + world, r + 2*world, ... Every rank gets exactly ``num_samples = ceil(n / world_size)`` indices, the shards
 cover every sample, and they are disjoint when ``world_size`` divides ``n`` (this is torch's ``DistributedSampler``
-with ``drop_last=False``). The training loop walks its shard in micro-batches of ``micro_batch`` consecutive indices
-(``micro_batches(epoch, micro_batch)``); the last micro-batch is short when ``micro_batch`` does not divide
-``num_samples``. An optimizer step is taken every ``grad_accum`` micro-batches and once more after the last
-micro-batch of the epoch if the count is not a multiple of ``grad_accum`` (a partial final accumulation, as the HF
-Trainer behind the reference table did), so every rank runs the same number of micro-batches and optimizer steps,
-namely ``steps_per_epoch(n, micro_batch, world_size, grad_accum) = ceil(n / (micro_batch * world_size *
-grad_accum))`` (equal to ``ceil(ceil(num_samples / micro_batch) / grad_accum)``). Reference: 10,000 samples, micro
-batch 1, accumulation 8: 1,250 steps on 1 GPU, 417 on 3 GPUs.
+with ``drop_last=False``). An epoch walked in micro-batches of ``micro_batch`` consecutive indices
+(``micro_batches(epoch, micro_batch)``; the last one is short when ``micro_batch`` does not divide ``num_samples``),
+with an optimizer step every ``grad_accum`` micro-batches and once more for a partial final accumulation (as the HF
+Trainer behind the reference table did), has the same number of optimizer steps on every rank, namely
+``steps_per_epoch(n, micro_batch, world_size, grad_accum) = ceil(n / (micro_batch * world_size * grad_accum))``
+(equal to ``ceil(ceil(num_samples / micro_batch) / grad_accum)``). Reference: 10,000 samples, micro batch 1,
+accumulation 8: 1,250 steps on 1 GPU, 417 on 3 GPUs. train.py runs a fixed number of full steps instead:
+``take(max_steps * grad_accum * micro_batch)`` runs epochs back to back, so every step has ``grad_accum`` full
+micro-batches, and ``steps_per_epoch`` gives the epoch estimate (and the step at which ``epoch_s_measured`` is
+read).
 """
 from __future__ import annotations
 
@@ -586,6 +589,15 @@ class ShardedOrder:
         if self.total > self.n:
             perm = (perm * (-(-self.total // self.n)))[:self.total]
         return perm[self.rank:self.total:self.world_size]
+
+    def take(self, count: int) -> list[int]:
+        """The first ``count`` indices of this rank's order over epochs 0, 1, 2, ... back to back (how train.py and
+        the bench scripts fill a fixed number of steps with full micro-batches)."""
+        idx, epoch = [], 0
+        while len(idx) < count:
+            idx += self.indices(epoch)
+            epoch += 1
+        return idx[:count]
 
     def micro_batches(self, epoch: int, micro_batch: int) -> list[list[int]]:
         if micro_batch < 1:

@@ -91,11 +91,12 @@ def apply_precision(cfg: dict, precision: str | None) -> dict:
     return out
 
 
-def _device(block: Any) -> str | None:
+def offload_device(block: Any) -> str | None:
+    """The device of an ``offload_optimizer`` / ``offload_param`` block ("cpu", "nvme"); None when it is off."""
     if isinstance(block, dict):
         dev = block.get("device")
         if dev and dev != "none":
-            return dev
+            return str(dev)
     return None
 
 
@@ -107,7 +108,7 @@ def describe(cfg: dict | None) -> dict:
                 "stage3_max_live_parameters": None, "contiguous_gradients": None, "precision": None}
     zo = cfg.get("zero_optimization", {}) or {}
     stage = zo.get("stage", 0)
-    off_opt, off_par = _device(zo.get("offload_optimizer")), _device(zo.get("offload_param"))
+    off_opt, off_par = offload_device(zo.get("offload_optimizer")), offload_device(zo.get("offload_param"))
     pin = None
     if off_opt:
         pin = bool(zo["offload_optimizer"].get("pin_memory", False))

@@ -102,7 +102,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+
+from sftbench.dsconfig import offload_device
 
 MIB = 2 ** 20
 PRECISION_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -189,14 +190,6 @@ def _zero_section(ds_config: dict | None) -> dict:
     return zo if isinstance(zo, dict) else {}
 
 
-def _offload_device(block: Any) -> str | None:
-    if isinstance(block, dict):
-        dev = block.get("device")
-        if dev and dev != "none":
-            return str(dev)
-    return None
-
-
 def _touched_buffer_cap(stage, P: int, b: int, zo: dict, zget) -> float:
     """Upper bound of the bucket bytes a CPU run actually writes: each bucket at most the model's size."""
     if stage is None:
@@ -250,8 +243,8 @@ def predict(n_params: int, ds_config: dict | str | os.PathLike | None, world_siz
     LL = largest_layer_params(hidden, vocab, intermediate)
     zo = _zero_section(cfg)
     stage = int(zo.get("stage", 0)) if cfg is not None else None
-    off_opt = _offload_device(zo.get("offload_optimizer")) if stage else None
-    off_par = _offload_device(zo.get("offload_param")) if stage == 3 else None
+    off_opt = offload_device(zo.get("offload_optimizer")) if stage else None
+    off_par = offload_device(zo.get("offload_param")) if stage == 3 else None
 
     def zget(key: str):
         v = zo.get(key)

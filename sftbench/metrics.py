@@ -11,6 +11,7 @@ achieved FLOP/s / the device's dense peak for the precision run, from PEAK_TFLOP
 """
 from __future__ import annotations
 
+import math
 import os
 import statistics
 from typing import Any
@@ -71,11 +72,13 @@ def median(xs: list[float]) -> float | None:
 
 
 def percentile(xs: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100) of a list."""
+    """Nearest-rank percentile (q in 0..100) of a list: the ceil(q/100 * n)-th smallest value."""
     if not xs:
         return None
     s = sorted(xs)
-    k = max(0, min(len(s) - 1, int(round(q / 100.0 * len(s) + 0.5)) - 1))
+    # q * n / 100 keeps exact products exact (0.9 * 30 would not be); ceil, not round(x + 0.5), which rounds
+    # half to even and so skipped one rank up whenever q * n / 100 was an odd integer.
+    k = max(0, min(len(s) - 1, math.ceil(q * len(s) / 100.0) - 1))
     return s[k]
 
 
@@ -182,7 +185,8 @@ class StepStats:
             return max(vals) if vals else None
 
         def at_median(key: str) -> float | None:
-            # Rates from the median step, so one slow step (GC, a checkpoint) does not move them.
+            # Medians of the per-step rates (the median step's rate when tokens per step are constant), so one
+            # slow step (GC, a checkpoint) does not move them.
             if med is None:
                 return None
             vals = [r[key] for r in measured if r.get(key) is not None]

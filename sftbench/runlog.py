@@ -142,12 +142,11 @@ class RunRecords:
         if 0 in self.summary:
             return self.summary[0]
         synth = self.run_dir / "summary.json"
-        if synth.exists():
-            try:
-                return json.loads(synth.read_text(encoding="utf-8"))
-            except json.JSONDecodeError:
-                return None
-        return None
+        try:
+            data = json.loads(synth.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # missing, unreadable, not UTF-8 or not JSON
+            return None
+        return data if isinstance(data, dict) else None
 
 
 def rank_files(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:

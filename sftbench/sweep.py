@@ -535,7 +535,7 @@ def synthesize_summary(rr: runlog.RunRecords, status: str, error: str | None, wa
     if rank is not None and rr.steps.get(rank):
         st = StepStats(int(meta.get("warmup_steps") or 0))
         for s in rr.steps[rank]:
-            st.records.append(s)
+            st.add(s)
         try:
             rec.update(st.summary_fields(int(meta.get("world_size") or 1), int(meta.get("steps_per_epoch") or 0)))
         except (KeyError, TypeError, ValueError):
@@ -670,11 +670,23 @@ def launch(cmd: list[str], env: dict, run_dir: Path, timeout_s: float) -> tuple[
                 rc, timed_out = proc.returncode, True
         except (_Stop, KeyboardInterrupt) as e:
             _kill_group(proc)
-            rc, timed_out, reason = proc.returncode, True, f"stopped: {e or 'KeyboardInterrupt'}"
+            rc, timed_out, reason = proc.returncode, True, f"stopped: {str(e) or 'KeyboardInterrupt'}"
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
     return rc, timed_out, time.time() - t0, reason
+
+
+def write_json(path: Path, obj) -> None:
+    """Write a JSON file whole or not at all (temporary file, then os.replace): a sweep killed mid-write never
+    leaves a half-written plan.json or summary.json for the resume logic, the report or the monitor to trip on."""
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _merge_plan(path: Path, sweep: str, entries: list[PlanEntry]) -> None:
@@ -690,8 +702,7 @@ def _merge_plan(path: Path, sweep: str, entries: list[PlanEntry]) -> None:
     # earlier entries keep their place (updated in place when planned again); new ones go at the end
     new = {e.run: e.to_json() for e in entries}
     merged = [new.pop(o.get("run"), o) for o in old_entries if isinstance(o, dict)] + list(new.values())
-    path.write_text(json.dumps({"sweep": sweep, "created": created, "updated": time.time(), "entries": merged},
-                               indent=1, ensure_ascii=False), encoding="utf-8")
+    write_json(path, {"sweep": sweep, "created": created, "updated": time.time(), "entries": merged})
 
 
 def write_sweep_info(sweep_dir: Path, sweep: str, gpus: list[Gpu], accelerator: str, command: str | None) -> None:
@@ -702,7 +713,7 @@ def write_sweep_info(sweep_dir: Path, sweep: str, gpus: list[Gpu], accelerator: 
                          "host_mem_mib": _host_total_mib(), "platform": platform.platform(),
                          "python": platform.python_version()}}
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / "sweep_info.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
+    write_json(sweep_dir / "sweep_info.json", info)
 
 
 def ensure_data(entries: list[PlanEntry], say: Callable[[str], None]) -> None:
@@ -746,9 +757,9 @@ def run_sweep(entries: list[PlanEntry], sweep_dir: Path, *, sweep: str, timeout_
         if rd.exists():
             shutil.rmtree(rd)
         rd.mkdir(parents=True)
-        (rd / "plan_entry.json").write_text(json.dumps(entry.to_json(), indent=1), encoding="utf-8")
+        write_json(rd / "plan_entry.json", entry.to_json())
         pred = predict_entry(entry, gpus or [])
-        (rd / "predicted.json").write_text(json.dumps(pred, indent=1), encoding="utf-8")
+        write_json(rd / "predicted.json", pred)
         env = run_env(entry, base_env)
         cmd = command_fn(entry, rd, env)
         limit = timeout_s if left is None else min(timeout_s, left)
@@ -790,7 +801,7 @@ def finish_run(rd: Path, entry: PlanEntry, rc: int | None, timed_out: bool, wall
         status, error = classify_failure(console, rc, timed_out=timed_out, timeout_s=timeout_s,
                                          accelerator=entry.accelerator)
     summ = synthesize_summary(rr, status, error, wall)
-    (rd / "summary.json").write_text(json.dumps(summ, indent=1, ensure_ascii=False), encoding="utf-8")
+    write_json(rd / "summary.json", summ)
     return Outcome(entry.run, "ran", status, error, wall, summ.get("step_s_median"))
 
 

@@ -292,6 +292,13 @@ def test_order_deterministic_and_depends_on_seed_and_epoch():
     assert a.indices(3) == x
 
 
+def test_take_runs_epochs_back_to_back():
+    o = ShardedOrder(7, 1, 2, seed=4)  # 4 samples per rank and epoch
+    assert o.take(0) == []
+    assert o.take(3) == o.indices(0)[:3]
+    assert o.take(10) == o.indices(0) + o.indices(1) + o.indices(2)[:2]
+
+
 def test_steps_per_epoch_and_micro_batches():
     assert steps_per_epoch(10000, 1, 1, 8) == 1250
     assert steps_per_epoch(10000, 1, 3, 8) == 417

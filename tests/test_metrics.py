@@ -59,3 +59,11 @@ def test_step_stats_exclude_warmup():
     assert out["tokens_per_s"] == 50.0 and out["tokens_per_s_per_gpu"] == 25.0
     assert out["gpu_mem_used_mib_peak"] == 104 and out["torch_peak_alloc_mib"] is None
     assert out["first_loss"] == 10 and out["final_loss"] == 6
+
+
+@pytest.mark.parametrize("n,q,rank", [(10, 90, 9), (7, 90, 7), (20, 90, 18), (30, 90, 27), (2, 50, 1), (1, 90, 1),
+                                      (4, 100, 4), (4, 0, 1)])
+def test_percentile_is_nearest_rank(n, q, rank):
+    # nearest rank: the ceil(q/100 * n)-th smallest value (values 1..n in shuffled order)
+    xs = [float(v) for v in range(n, 0, -1)]
+    assert metrics.percentile(xs, q) == rank

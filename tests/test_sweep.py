@@ -354,3 +354,13 @@ def test_plan_json_merges_batches_in_order(tmp_path):
     sweep._merge_plan(tmp_path / "plan.json", "t", [es[2], es[0]])
     runs = [e["run"] for e in json.loads((tmp_path / "plan.json").read_text())["entries"]]
     assert runs == [es[0].run, es[1].run, es[2].run]
+
+
+def test_json_files_are_written_whole_and_garbage_summary_reads_as_none(tmp_path):
+    sweep.write_json(tmp_path / "summary.json", {"status": "oom", "note": "显存"})
+    assert json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))["note"] == "显存"
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary file left behind
+    assert runlog.load_run(tmp_path).final_summary()["status"] == "oom"
+    for garbage in ('["not", "an", "object"]', '{"status": "o', "\udcff"):
+        (tmp_path / "summary.json").write_text(garbage, encoding="utf-8", errors="surrogateescape")
+        assert runlog.load_run(tmp_path).final_summary() is None
