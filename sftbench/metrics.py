@@ -133,7 +133,12 @@ class GpuProbe:
     def used_mib(self) -> float | None:
         if self._handle is None:
             return None
-        return nvml_memory(self._nvml, self._handle).used / MIB
+        try:
+            return nvml_memory(self._nvml, self._handle).used / MIB
+        except self._nvml.NVMLError as e:
+            # A probe must never end a training run: the step is logged with a null reading instead.
+            self.error = f"NVML: {e}"
+            return None
 
     def total_mib(self) -> float | None:
         if self._handle is None:

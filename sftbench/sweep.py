@@ -812,6 +812,16 @@ def _env(name: str, default=None):
     return v if v not in (None, "") else default
 
 
+def _env_flag(name: str) -> bool:
+    """SFTBENCH_<name> as a switch: 1/true/yes/on turn it on; 0/false/no/off/empty leave it off."""
+    v = (_env(name, "") or "").strip().lower()
+    if v in ("", "0", "false", "no", "off"):
+        return False
+    if v in ("1", "true", "yes", "on"):
+        return True
+    raise SystemExit(f"error: SFTBENCH_{name}={v!r}: use 1 or 0")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sftbench.sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -836,7 +846,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"SFT JSONL (GPU: {BENCH_DATA}, generated if missing; CPU: {SAMPLE_DATA})")
     g.add_argument("--extra-args", default=_env("EXTRA_ARGS", ""),
                    help="more train.py arguments, one shell-quoted string (write --extra-args='--compile')")
-    g.add_argument("--cpu", action="store_true", default=bool(_env("CPU")),
+    g.add_argument("--cpu", action="store_true", default=_env_flag("CPU"),
                    help="the CPU plan even where GPUs are visible")
     r = p.add_argument_group("run")
     r.add_argument("--timeout", type=float, default=_env("TIMEOUT"),
@@ -848,8 +858,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs go to <runs-dir>/<name>/; default <gpu>x<count> (e.g. h100x1), 'cpu' on CPU")
     r.add_argument("--runs-dir", default=_env("RUNS_DIR", "runs"))
     r.add_argument("--results-dir", default=_env("RESULTS_DIR", "results"))
-    r.add_argument("--force", action="store_true", default=bool(_env("FORCE")), help="re-run finished runs too")
-    r.add_argument("--retry-failed", action="store_true", default=bool(_env("RETRY_FAILED")),
+    r.add_argument("--force", action="store_true", default=_env_flag("FORCE"), help="re-run finished runs too")
+    r.add_argument("--retry-failed", action="store_true", default=_env_flag("RETRY_FAILED"),
                    help="re-run runs that failed (oom, cuda_error, error, timeout)")
     r.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     return p

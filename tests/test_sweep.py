@@ -364,3 +364,11 @@ def test_json_files_are_written_whole_and_garbage_summary_reads_as_none(tmp_path
     for garbage in ('["not", "an", "object"]', '{"status": "o', "\udcff"):
         (tmp_path / "summary.json").write_text(garbage, encoding="utf-8", errors="surrogateescape")
         assert runlog.load_run(tmp_path).final_summary() is None
+
+
+def test_env_switches_read_zero_as_off(monkeypatch):
+    from sftbench import sweep
+    monkeypatch.setenv("SFTBENCH_FORCE", "0")
+    assert sweep.build_parser().parse_args(["plan"]).force is False
+    monkeypatch.setenv("SFTBENCH_FORCE", "1")
+    assert sweep.build_parser().parse_args(["plan"]).force is True
