@@ -10,7 +10,6 @@ runs/<run>/rank<k>.jsonl (schema: docs/log_schema.md); rank 0 prints.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -38,7 +37,6 @@ import torch  # noqa: E402  (after the arch-list fix on purpose)
 
 if args.deepspeed:
     import deepspeed
-    from deepspeed.accelerator import get_accelerator
 
 from sftbench import data as sftdata  # noqa: E402
 from sftbench import metrics  # noqa: E402
