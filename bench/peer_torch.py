@@ -40,18 +40,35 @@ from sftbench.pangu import build_model  # noqa: E402
 from sftbench.tokenizer import PanguTokenizer  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_parser(description: str, steps_help: str) -> argparse.ArgumentParser:
+    """The flags every bench script shares, with train.py's names and defaults."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", default=None, help="Pangu-α preset or checkpoint folder "
                                                  "(default: pangu-350m on GPU, pangu-tiny on CPU)")
-    p.add_argument("--steps", "--max-steps", dest="steps", type=int, default=20,
-                   help="optimizer steps to run, warm-up included")
+    p.add_argument("--steps", "--max-steps", dest="steps", type=int, default=20, help=steps_help)
     p.add_argument("--warmup-steps", type=int, default=3, help="first steps left out of the statistics")
     p.add_argument("--data", default=None, help="SFT JSONL (default: data/bench_10k.jsonl if generated, "
                                                 "else data/sample_sft.jsonl)")
     p.add_argument("--tokenizer", default=None, help="vocab.model or a folder holding it (default: the checkpoint "
                                                      "folder's, else the shipped small tokenizer)")
     p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--cache-dir", default=str(REPO / ".cache" / "data"))
+    return p
+
+
+def parse_checked(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse, and refuse step counts that would leave nothing to measure."""
+    a = p.parse_args(argv)
+    if a.steps < 1 or a.warmup_steps < 0 or getattr(a, "grad_accum", 1) < 1:
+        p.error("need --steps >= 1, --warmup-steps >= 0, --grad-accum >= 1")
+    if a.warmup_steps >= a.steps:
+        p.error(f"--warmup-steps ({a.warmup_steps}) must be < --steps ({a.steps}): no step would be measured")
+    return a
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = run_parser(__doc__.splitlines()[0], "optimizer steps to run, warm-up included")
     p.add_argument("--grad-accum", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--lr-warmup-steps", type=int, default=100)
@@ -60,15 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attention-mask", action=argparse.BooleanOptionalAction, default=True,
                    help="pass attention_mask to the model, as users do (--no-attention-mask: what train.py does "
                         "for right-padded samples, to tell that lever's share of a speed difference)")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--cache-dir", default=str(REPO / ".cache" / "data"))
     p.add_argument("--out", default=None, help="write the summary JSON here")
-    a = p.parse_args(argv)
-    if a.steps < 1 or a.warmup_steps < 0 or a.grad_accum < 1:
-        p.error("need --steps >= 1, --warmup-steps >= 0, --grad-accum >= 1")
-    if a.warmup_steps >= a.steps:
-        p.error(f"--warmup-steps ({a.warmup_steps}) must be < --steps ({a.steps}): no step would be measured")
-    return a
+    return parse_checked(p, argv)
 
 
 def sample_order(n: int, need: int, seed: int) -> list[int]:

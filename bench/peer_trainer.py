@@ -41,7 +41,7 @@ fix_cuda_arch_list()  # before DeepSpeed's op builders are imported (an environm
 
 import torch  # noqa: E402
 
-from peer_torch import SFTDataset, report, summarize  # noqa: E402
+from peer_torch import SFTDataset, parse_checked, report, run_parser, summarize  # noqa: E402
 from sftbench import data as sftdata  # noqa: E402
 from sftbench import metrics  # noqa: E402
 from sftbench.args import BENCH_DATA, SAMPLE_DATA  # noqa: E402
@@ -50,29 +50,14 @@ from sftbench.tokenizer import PanguTokenizer  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = run_parser(__doc__.splitlines()[0], "optimizer steps (Trainer max_steps), warm-up included")
     p.add_argument("--ds", default=str(REPO / "ds_configs" / "z1.json"), help="DeepSpeed JSON (as for train.py)")
-    p.add_argument("--model", default=None, help="Pangu-α preset or checkpoint folder "
-                                                 "(default: pangu-350m on GPU, pangu-tiny on CPU)")
-    p.add_argument("--steps", "--max-steps", dest="steps", type=int, default=20,
-                   help="optimizer steps (Trainer max_steps), warm-up included")
-    p.add_argument("--warmup-steps", type=int, default=3, help="first steps left out of the statistics")
-    p.add_argument("--data", default=None)
-    p.add_argument("--tokenizer", default=None)
-    p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None,
                    help="override the JSON's fp16/bf16 blocks (default: the JSON's)")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--cache-dir", default=str(REPO / ".cache" / "data"))
     p.add_argument("--output-dir", default=None, help="Trainer output_dir (nothing is saved; default: a temp dir)")
     p.add_argument("--out", default=None, help="write the summary JSON here (rank 0)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the launcher")
-    a = p.parse_args(argv)
-    if a.steps < 1 or a.warmup_steps < 0:
-        p.error("need --steps >= 1 and --warmup-steps >= 0")
-    if a.warmup_steps >= a.steps:
-        p.error(f"--warmup-steps ({a.warmup_steps}) must be < --steps ({a.steps}): no step would be measured")
-    return a
+    return parse_checked(p, argv)
 
 
 class OrderSampler(torch.utils.data.Sampler):
