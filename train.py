@@ -40,6 +40,7 @@ if args.deepspeed:
 
 from sftbench import data as sftdata  # noqa: E402
 from sftbench import metrics  # noqa: E402
+from sftbench import speed  # noqa: E402
 from sftbench.pangu import CheckpointError, build_model, count_params  # noqa: E402
 from sftbench.plain import PlainEngine, param_groups  # noqa: E402
 from sftbench.tokenizer import PanguTokenizer  # noqa: E402
@@ -134,6 +135,8 @@ try:
     use_pad_mask = args.pad_mask == "always" or not right_padded
 
     # ------------------------------------------------------------ build: engine
+    if args.compile == "blocks":  # in place, before the engine wraps the model: names and hooks stay as they are
+        speed.compile_blocks(model, args.compile_mode)
     if args.deepspeed:
         engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds_cfg)
         engine_name = "deepspeed"
@@ -143,11 +146,7 @@ try:
                              micro_batch=args.micro_batch, lr=args.lr, lr_warmup_steps=args.lr_warmup_steps,
                              world_size=world_size)
         engine_name = "torch"
-    if args.compile:
-        if args.deepspeed:
-            engine.compile()
-        else:
-            engine.model = torch.compile(engine.model)
+    speed.compile_engine(engine, args.compile, args.compile_mode, args.deepspeed)
     if args.resume:
         engine.load_checkpoint(args.resume)
     engine.train()
@@ -190,7 +189,9 @@ try:
         real_tokens=ds.real_tokens, pad_tokens=ds.pad_tokens, steps_per_epoch=steps_per_epoch,
         max_steps=args.max_steps, warmup_steps=args.warmup_steps,
         optimizations={"engine": engine_name, "attention": "sdpa", "pad_mask": use_pad_mask,
-                       "compile": args.compile, "batches_on_device": True},
+                       "compile": args.compile,
+                       "compile_mode": args.compile_mode if args.compile != "off" else None,
+                       "batches_on_device": True},
         predicted=predicted,
         versions={"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
                   "deepspeed": deepspeed.__version__ if args.deepspeed else None,

@@ -48,6 +48,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None,
                    help="override the JSON's fp16/bf16 blocks, as train.py --precision")
     p.add_argument("--pad-mask", choices=("auto", "always"), default="auto", help="as train.py --pad-mask")
+    p.add_argument("--compile", nargs="?", const="blocks", default="off", choices=("off", "blocks", "model"),
+                   help="as train.py --compile")
+    p.add_argument("--compile-mode", default="default", help="as train.py --compile-mode")
+    p.add_argument("--profile", default=None, metavar="FILE",
+                   help="profile the first measured step (torch.profiler, CPU + CUDA) and write its tables here "
+                        "(rank 0); the step's time then includes the profiler's own cost")
     p.add_argument("--out", default=None, help="write the summary JSON here (rank 0)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the launcher")
     return parse_checked(p, argv)
@@ -104,7 +110,11 @@ def main(argv=None) -> int:
     right_padded = bool((enc.attention_mask[:, 1:] <= enc.attention_mask[:, :-1]).all())
     use_pad_mask = args.pad_mask == "always" or not right_padded
 
+    from sftbench import speed
+    if args.compile == "blocks":
+        speed.compile_blocks(model, args.compile_mode)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=cfg)
+    speed.compile_engine(engine, args.compile, args.compile_mode, deepspeed=True)
     engine.train()
     ga = engine.gradient_accumulation_steps()
     mb = engine.train_micro_batch_size_per_gpu()
@@ -137,16 +147,26 @@ def main(argv=None) -> int:
     sync()
     t_meas = time.perf_counter() if w == 0 else None
     mark()
+    prof = None
     for step in range(args.steps):
         if step == w and w > 0:
             sync()
             t_meas = time.perf_counter()
+        if args.profile and step == w and rank == 0:
+            prof = start_profiler(cuda)
         for micro in range(ga):
             out = engine(input_ids=dev_ids[step, micro], labels=dev_labels[step, micro],
                          attention_mask=dev_mask[step, micro] if dev_mask is not None else None)
             engine.backward(out.loss)
             engine.step()
         mark()
+        if prof is not None:
+            sync()
+            prof.stop()
+            write_profile(prof, args.profile, cuda, f"{model_name} {args.ds} ZeRO {zero_stage} {precision} "
+                                                    f"compile={args.compile}/{args.compile_mode}, one optimizer step "
+                                                    f"({ga} micro-batches)")
+            prof = None
     sync()
     wall = time.perf_counter() - t_meas
     if cuda:
@@ -167,6 +187,46 @@ def main(argv=None) -> int:
         report(res, args.out)
     torch.distributed.barrier()
     return 0
+
+
+def start_profiler(cuda: bool):
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    prof = torch.profiler.profile(activities=acts)
+    prof.start()
+    return prof
+
+
+def write_profile(prof, path: str, cuda: bool, title: str) -> None:
+    """Where one step's time goes: device busy time by kernel family (GEMM, attention, elementwise...), against the
+    step's wall time, then the top operators by device time and by host time."""
+    events = prof.key_averages()
+    lines = [f"# profile: {title}", ""]
+    if cuda:
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy_us = sum(e.device_time for e in kernels) if kernels and hasattr(kernels[0], "device_time") else \
+            sum(e.cuda_time for e in kernels)
+        fams: dict[str, float] = {}
+        for e in kernels:
+            n = e.name.lower()
+            fam = ("gemm" if any(k in n for k in ("gemm", "cutlass", "sm90", "cublas", "nvjet", "matmul")) else
+                   "attention" if any(k in n for k in ("flash", "fmha", "attention", "sdpa")) else
+                   "memcpy/memset" if "memcpy" in n or "memset" in n else
+                   "optimizer" if any(k in n for k in ("adam", "multi_tensor", "foreach")) else
+                   "triton (compiled)" if "triton" in n else
+                   "reduce/norm" if any(k in n for k in ("reduce", "norm")) else "elementwise/other")
+            fams[fam] = fams.get(fam, 0.0) + (e.device_time if hasattr(e, "device_time") else e.cuda_time)
+        lines += [f"device busy (sum of kernel times): {busy_us / 1e3:.1f} ms, {len(kernels)} kernels", "",
+                  "| kernel family | ms | share of busy |", "|---|---|---|"]
+        for fam, us in sorted(fams.items(), key=lambda kv: -kv[1]):
+            lines.append(f"| {fam} | {us / 1e3:.2f} | {100 * us / max(busy_us, 1):.1f}% |")
+        lines += ["", "## top operators by device time", "",
+                  events.table(sort_by="self_cuda_time_total" if not hasattr(events[0], "self_device_time_total")
+                               else "self_device_time_total", row_limit=25, max_name_column_width=70)]
+    lines += ["", "## top operators by host time", "",
+              events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70)]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"profile written to {path}", flush=True)
 
 
 if __name__ == "__main__":

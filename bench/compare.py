@@ -55,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="override the configs' precision (default: theirs; bf16 for peer_torch)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--cache-dir", default=None, help="pre-tokenised data cache for all (default: theirs, .cache/data)")
+    p.add_argument("--ours-args", default="", help="more train.py arguments for ours and the bare loop, one "
+                                                   "shell-quoted string (e.g. --ours-args='--compile')")
     p.add_argument("--tools", default=",".join(TOOLS), help=f"which to run, of {','.join(TOOLS)}")
     p.add_argument("--work-dir", default=None, help="run logs and result JSONs (default: runs/compare-<time>)")
     p.add_argument("--out", default=None, help="write the table here: X.md and X.json (default: "
@@ -138,13 +140,13 @@ def plan(args, gpu: bool, work: Path) -> list[dict]:
             if "ours" in args.tools:
                 run_dir = Path(f"{base}__ours")
                 cmd = [*launcher(gpu), "train.py", "--ds", cpath, "--model", m, "--max-steps", str(args.steps),
-                       *steps, "--run-dir", rel(run_dir), *common, *prec]
+                       *steps, "--run-dir", rel(run_dir), *common, *prec, *shlex.split(args.ours_args)]
                 jobs.append({"tool": "ours", "model": m, "config": ctag, "cmd": cmd, "out": run_dir,
                              "log": Path(f"{base}__ours.log")})
             if "bare" in args.tools:
                 out = Path(f"{base}__bare.json")
                 cmd = [*launcher(gpu), "bench/bare_engine.py", "--ds", cpath, "--model", m, "--steps",
-                       str(args.steps), *steps, *common, *prec, "--out", rel(out)]
+                       str(args.steps), *steps, *common, *prec, *shlex.split(args.ours_args), "--out", rel(out)]
                 jobs.append({"tool": "bare", "model": m, "config": ctag, "cmd": cmd, "out": out,
                              "log": Path(f"{base}__bare.log")})
             if "peer_trainer" in args.tools:
@@ -390,7 +392,7 @@ def main(argv=None) -> int:
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text(md, encoding="utf-8")
     settings = {k: getattr(args, k) for k in ("steps", "warmup_steps", "seq_len", "data", "tokenizer", "precision",
-                                              "seed", "tools", "cache_dir")}
+                                              "seed", "tools", "cache_dir", "ours_args")}
     out_json.write_text(json.dumps({"created": time.time(), "device": device, "accelerator": "cuda" if gpu else "cpu",
                                     "wall_s": time.time() - t_all, "settings": settings, "rows": rows},
                                    indent=1, default=str) + "\n", encoding="utf-8")

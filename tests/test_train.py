@@ -164,3 +164,23 @@ def test_three_ranks_like_the_reference(tmp_path, overfit_data):
         assert meta["world_size"] == 3 and meta["rank"] == rank
         assert meta["steps_per_epoch"] == 1  # ceil(4 / (1 * 3 * 2))
         assert summary["status"] == "ok" and len(steps) == 8
+
+
+def test_compiled_blocks_under_deepspeed(tmp_path, overfit_data):
+    """--compile (blocks) runs under the real engine, is recorded in the log, and starts from the same loss as
+    eager (same weights; only dropout masks come from inductor's RNG, hence the 2% tolerance)."""
+    ds = str(write_overfit_config("z1.json", tmp_path / "cfg.json"))
+    first = {}
+    for mode in ("off", "blocks"):
+        run_dir = tmp_path / mode
+        p = run(launch_cmd(2, "--ds", ds, "--data", str(overfit_data), "--run-dir", str(run_dir),
+                           "--cache-dir", str(tmp_path / "cache"), "--compile", mode, *COMMON[:-6],
+                           "--max-steps", "3", "--warmup-steps", "1", "--precision", "fp32", "--seed", "7"),
+                cpu_env())
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+        meta, steps, summary = check_schema(read_jsonl(run_dir / "rank0.jsonl"))
+        assert meta["optimizations"]["compile"] == mode
+        assert meta["optimizations"]["compile_mode"] == (None if mode == "off" else "default")
+        assert summary["status"] == "ok"
+        first[mode] = steps[0]["loss"]
+    assert first["blocks"] == pytest.approx(first["off"], rel=0.02)

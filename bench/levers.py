@@ -1,0 +1,197 @@
+#!/usr/bin/env python
+"""One lever at a time: train.py on one GPU with variants of flags, config keys and environment, one after another;
+a table of step time, tokens/s, MFU, speed-up over the plain variant, and the loss at the first and last step.
+
+    python bench/levers.py --models pangu-2.6b --steps 8 --warmup-steps 3 --out results/levers \\
+        "z1" "z1 --compile" "z1 --compile --compile-mode reduce-overhead" \\
+        "z2_offload_5e8" "z2_offload_5e8 set:data_types.grad_accum_dtype=fp32"
+    python bench/levers.py --models pangu-tiny --seq-len 64 --steps 3 --warmup-steps 1 "z1" "z1 --compile"  # CPU
+
+A variant is one string: a ``ds_configs/`` name (``z1``), ``none`` or a JSON path first, then any of
+``--train-py-flag [value]``, ``set:dotted.key=VALUE`` (VALUE read as JSON, else as a string; the changed config is
+written to the work directory and logged in the run's meta record as every config is) and ``env:NAME=VALUE``.
+The baseline of a variant is the first variant of the same model and config without changes; "x base" is its step
+time over the variant's. The loss columns show whether a lever changed what is computed (same seed, same batches:
+a speed lever must leave them equal within bf16 noise).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from compare import child_env, config_path, cuda_visible, launcher, mfu, model_config, read_ours, rel, run_job, shown  # noqa: E402,I001
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("variants", nargs="+", help='e.g. "z1" "z1 --compile" "z2_offload_5e8 set:key=value env:K=V"')
+    p.add_argument("--models", default=None, help="comma-separated presets (default: pangu-350m on GPU, "
+                                                  "pangu-tiny on CPU)")
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps per run, warm-up included")
+    p.add_argument("--warmup-steps", type=int, default=3)
+    p.add_argument("--seq-len", type=int, default=None, help="default: 512 on GPU, 64 on CPU")
+    p.add_argument("--data", default=None)
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per run before it is killed")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop starting variants when this budget is spent (each run is cut at it); the table "
+                        "lists what did not run as 'not run'")
+    p.add_argument("--work-dir", default=None, help="run logs (default: runs/levers-<time>)")
+    p.add_argument("--out", default=None, help="write the table here: X.md and X.json")
+    p.add_argument("--cpu", action="store_true", help="run on CPU (DS_ACCELERATOR=cpu)")
+    a = p.parse_args(argv)
+    if a.steps < 1 or a.warmup_steps < 0 or a.warmup_steps >= a.steps:
+        p.error("need --steps >= 1 and 0 <= --warmup-steps < --steps")
+    try:
+        a.parsed = [parse_variant(v) for v in a.variants]
+    except ValueError as e:
+        p.error(str(e))
+    return a
+
+
+def parse_variant(text: str) -> dict:
+    toks = shlex.split(text)
+    if not toks:
+        raise ValueError("empty variant")
+    v = {"text": text, "config": toks[0], "flags": [], "sets": {}, "env": {}}
+    for t in toks[1:]:
+        if t.startswith("set:"):
+            key, sep, val = t[4:].partition("=")
+            if not sep or not key:
+                raise ValueError(f"variant {text!r}: {t!r} must be set:dotted.key=VALUE")
+            try:
+                v["sets"][key] = json.loads(val)
+            except json.JSONDecodeError:
+                v["sets"][key] = val
+        elif t.startswith("env:"):
+            key, sep, val = t[4:].partition("=")
+            if not sep or not key:
+                raise ValueError(f"variant {text!r}: {t!r} must be env:NAME=VALUE")
+            v["env"][key] = val
+        else:
+            v["flags"].append(t)
+    if v["sets"] and v["config"] == "none":
+        raise ValueError(f"variant {text!r}: set: needs a DeepSpeed config, not none")
+    v["plain"] = not (v["flags"] or v["sets"] or v["env"])
+    return v
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=_-]+", "_", text).strip("_")[:80]
+
+
+def derived_config(name: str, sets: dict, dest: Path) -> str:
+    """The config with the variant's set: keys changed, written to dest; returns its path for train.py."""
+    src = config_path(name)
+    cfg = json.loads((REPO / src if not Path(src).is_absolute() else Path(src)).read_text(encoding="utf-8"))
+    out = copy.deepcopy(cfg)
+    for key, val in sets.items():
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"set:{key}: {part!r} is not an object in {src}")
+        node[parts[-1]] = val
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    return rel(dest)
+
+
+def _f(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    gpu = False if args.cpu else cuda_visible()
+    seq = args.seq_len or (512 if gpu else 64)
+    models = [m.strip() for m in (args.models or ("pangu-350m" if gpu else "pangu-tiny")).split(",") if m.strip()]
+    work = Path(args.work_dir) if args.work_dir else REPO / "runs" / f"levers-{time.strftime('%Y%m%d-%H%M%S')}"
+    work.mkdir(parents=True, exist_ok=True)
+    common = ["--seq-len", str(seq), "--seed", str(args.seed), "--max-steps", str(args.steps),
+              "--warmup-steps", str(args.warmup_steps)]
+    for flag in ("data", "tokenizer"):
+        if getattr(args, flag):
+            common += [f"--{flag}", getattr(args, flag)]
+    rows = []
+    deadline = time.time() + 60 * args.max_minutes if args.max_minutes else None
+    from sftbench.metrics import flops_per_token
+    for m in models:
+        flops_tok = flops_per_token(model_config(m), seq)
+        base_of: dict[str, dict] = {}
+        for i, v in enumerate(args.parsed):
+            name = f"{Path(m).name}__{i:02d}_{slug(v['text'])}"
+            ds = "none" if v["config"] == "none" else (
+                derived_config(v["config"], v["sets"], work / f"{name}.json") if v["sets"] else config_path(v["config"]))
+            run_dir = work / name
+            cmd = [*launcher(gpu), "train.py", "--ds", ds, "--model", m, "--run-dir", rel(run_dir), *common,
+                   *v["flags"]]
+            env = {**child_env(gpu), **v["env"]}
+            job = {"cmd": cmd, "log": work / f"{name}.log"}
+            left = deadline - time.time() if deadline else None
+            if left is not None and left < 30:
+                rows.append({"model": Path(m).name, "variant": v["text"], "config": v["config"], "status": "not run",
+                             "error": "--max-minutes spent"})
+                continue
+            print(f"[{Path(m).name}] {v['text']}: {shown(cmd)}", flush=True)
+            t0 = time.time()
+            rc, err = run_job(job, env, args.timeout if left is None else min(args.timeout, left))
+            res = read_ours(run_dir) if run_dir.is_dir() else {"status": "error", "error": err or "no run dir"}
+            if rc != 0 and res.get("status") == "ok":
+                res = {"status": "error", "error": err}
+            if rc == 124:
+                res = {"status": "timeout", "error": err}
+            res["mfu_pct"] = mfu(res, flops_tok, "bf16")
+            res.update(model=Path(m).name, variant=v["text"], config=v["config"], wall_s=time.time() - t0,
+                       log=rel(job["log"]))
+            if v["config"] not in base_of and (v["plain"] or not any(
+                    u["config"] == v["config"] and u["plain"] for u in args.parsed)):
+                base_of[v["config"]] = res
+            base = base_of.get(v["config"])
+            ok = res.get("status") == "ok" and res.get("step_s_median")
+            res["x_base"] = (base["step_s_median"] / res["step_s_median"]
+                             if ok and base and base.get("status") == "ok" and base.get("step_s_median") else None)
+            rows.append(res)
+            st = (f"{res['step_s_median']:.4f} s/step, {res['tokens_per_s']:.0f} tok/s, MFU "
+                  f"{_f(res['mfu_pct'], '.1f')}%" if ok else f"{res.get('status')}: {res.get('error')}")
+            print(f"[{Path(m).name}] {v['text']}: {st} ({res['wall_s']:.0f}s)", flush=True)
+
+    devices = sorted({r.get("device_name") for r in rows if r.get("device_name")}) or ["GPU" if gpu else "CPU"]
+    lines = [f"Levers on {', '.join(devices)}: {args.steps} steps ({args.warmup_steps} warm-up) of 8 x {seq} tokens "
+             f"per GPU, seed {args.seed}; medians of the measured steps.", "",
+             "| model | variant | status | s/step | tokens/s | MFU % | x base | loss first | loss last | "
+             "GPU peak MiB | host RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ok = r.get("status") == "ok"
+        lines.append(
+            f"| {r['model']} | `{r['variant']}` | {r.get('status')}{'' if ok else ': ' + str(r.get('error'))[:80]} | "
+            f"{_f(r.get('step_s_median'), '.4f')} | {_f(r.get('tokens_per_s'), ',.0f')} | {_f(r.get('mfu_pct'), '.1f')} | "
+            f"{_f(r.get('x_base'), '.2f')} | {_f(r.get('first_loss'), '.4f')} | {_f(r.get('final_loss'), '.4f')} | "
+            f"{_f(r.get('gpu_mem_used_mib_peak'), ',.0f')} | {_f(r.get('host_rss_mib_peak'), ',.0f')} |")
+    md = "\n".join(lines) + "\n"
+    print()
+    print(md, end="")
+    out = Path(args.out) if args.out else work / "levers"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(md, encoding="utf-8")
+    out.with_suffix(".json").write_text(json.dumps({"created": time.time(), "devices": devices, "seq_len": seq,
+                                                    "steps": args.steps, "warmup_steps": args.warmup_steps,
+                                                    "rows": rows}, indent=1, default=str) + "\n", encoding="utf-8")
+    return 0 if all(r.get("status") == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

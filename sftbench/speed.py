@@ -1,0 +1,58 @@
+"""Speed levers that change how the model runs, not what it computes: torch.compile of the model.
+
+``--compile blocks`` compiles each transformer block in place (``nn.Module.compile``): the 24-40 identical blocks
+share one compiled graph, so compilation takes seconds, the parameter names and the module tree that DeepSpeed,
+checkpoints and hooks see stay exactly as they were, and ZeRO's gradient hooks run between blocks as in eager mode.
+``--compile model`` compiles the whole model (``engine.compile()`` under DeepSpeed, which is DeepSpeed's own
+supported way), one graph with the embedding, loss and every block. ``--compile-mode`` is torch.compile's ``mode``:
+``reduce-overhead`` adds CUDA graphs (the step's shapes are static: micro batch x seq_len), which removes the
+per-kernel launch cost that dominates at micro batch 1.
+
+Whether a lever pays is measured (bench/levers.py, docs/performance.md); the run log records which were on.
+"""
+from __future__ import annotations
+
+import torch
+
+COMPILE_TARGETS = ("off", "blocks", "model")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+
+
+class SpeedError(ValueError):
+    pass
+
+
+def check_compile(target: str, mode: str) -> None:
+    if target not in COMPILE_TARGETS:
+        raise SpeedError(f"--compile must be one of {', '.join(COMPILE_TARGETS)}, got {target!r}")
+    if mode not in COMPILE_MODES:
+        raise SpeedError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+
+
+def blocks_of(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks (the last one is the query layer): the units compiled by ``--compile blocks``."""
+    core = getattr(model, "transformer", model)
+    blocks = list(getattr(core, "h", []))
+    if not blocks:
+        raise SpeedError(f"{type(model).__name__} has no transformer blocks (expected .transformer.h)")
+    return blocks
+
+
+def compile_blocks(model: torch.nn.Module, mode: str = "default") -> int:
+    """Compile every block in place before the engine wraps the model; returns how many were compiled."""
+    kwargs = {} if mode == "default" else {"mode": mode}
+    blocks = blocks_of(model)
+    for b in blocks:
+        b.compile(dynamic=False, **kwargs)
+    return len(blocks)
+
+
+def compile_engine(engine, target: str, mode: str, deepspeed: bool) -> None:
+    """``--compile model`` after the engine exists (blocks are compiled before, see ``compile_blocks``)."""
+    if target != "model":
+        return
+    kwargs = {"dynamic": False} if mode == "default" else {"dynamic": False, "mode": mode}
+    if deepspeed:
+        engine.compile(compile_kwargs=kwargs)
+    else:
+        engine.model = torch.compile(engine.model, **kwargs)
