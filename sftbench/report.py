@@ -361,6 +361,26 @@ class Table:
     any_estimated: bool
 
 
+def ref_rows(r: "Row") -> list[int]:
+    """The reference rows this run compares with, by the one rule in ``sweep.reference_rows`` (applied now, so
+    older sweep folders follow it too); the plan entry's own list where the map cannot be read."""
+    from sftbench import sweep
+    if r.accelerator == "cpu":
+        return []  # the reference measured GPUs only
+    try:
+        ref = _reference_map()
+    except (OSError, ValueError):
+        return list(r.entry.get("ref_rows") or [])
+    return sweep.reference_rows(ref, Path(r.model).name, r.config_name, r.precision, r.world)
+
+
+def _reference_map(cache: dict = {}):  # noqa: B006 (a deliberate per-process cache)
+    from sftbench import sweep
+    if "ref" not in cache:
+        cache["ref"] = sweep.read_reference_map()
+    return cache["ref"]
+
+
 def build_table(rows: list[Row]) -> Table:
     out, foot, groups = [], [], []
     any_est = False
@@ -371,7 +391,7 @@ def build_table(rows: list[Row]) -> Table:
             cur = r.group
         groups[-1] += 1
         cfg = config_cells(r)
-        extra_tail = [",".join(str(x) for x in r.entry.get("ref_rows") or []) or "-", r.run]
+        extra_tail = [",".join(str(x) for x in ref_rows(r)) or "-", r.run]
         if r.ok:
             ep, est = r.epoch
             any_est = any_est or (est and ep is not None)
@@ -512,6 +532,9 @@ NOTES = [
     "MiB (what nvidia-smi shows), the largest over the ranks.",
     "Predicted memory: `sftbench/memory.py` before the run (DeepSpeed's ZeRO formulas plus buffers, activations, "
     "logits and CUDA context); measured: the NVML peak per GPU and the summed RSS.",
+    "ref row: the row of the reference table (`ds_configs/README.md`) with the same model, config and GPU count, "
+    "of the same precision where it has one; otherwise of its precision (the reference's 3-GPU rows are fp16 on "
+    "V100), so compare the fp16/bf16 columns too.",
 ]
 
 

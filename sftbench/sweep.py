@@ -242,6 +242,22 @@ def reference_precisions(ref: list[RefRow], model: str, cfg: str) -> tuple[list[
     return precs, [r.row for r in rows] if own else []
 
 
+def _ref_gpu_count(r: RefRow) -> int | None:
+    m = re.match(r"\s*(\d+)", r.gpus)
+    return int(m.group(1)) if m else None
+
+
+def reference_rows(ref: list[RefRow], model: str, cfg: str, precision: str | None, num_gpus: int) -> list[int]:
+    """The reference rows a run is compared with: same model, config and GPU count; of those, the ones with the
+    same precision if any, else all of them (the reference's 3-GPU rows are fp16 on V100: a bf16 run on 3 GPUs is
+    shown against them, and the table's fp16/bf16 columns say the precision differs). No row with the same GPU
+    count: none (a 1-GPU run is not the reference's 3-GPU measurement)."""
+    key = None if cfg == "none" else cfg
+    rows = [r for r in ref if r.model == model.lower() and r.file == key and _ref_gpu_count(r) == num_gpus]
+    same = [r for r in rows if r.precision == (precision or "").lower()]
+    return [r.row for r in (same or rows)]
+
+
 def resolve_precisions(spec: str, ref_precs: list[str], accelerator: str, bf16_ok: bool) -> list[str]:
     """'ref', 'ref+bf16' (default), 'bf16', 'fp32,bf16', ... -> the list to run on this hardware.
 
@@ -347,15 +363,9 @@ def build_plan(*, models: list[str], configs: list[str], precisions: str, gpu_co
                         run=run_name(model, name, prec, n, accelerator), model=model, ds_config=path,
                         precision=prec, num_gpus=n, max_steps=steps, warmup_steps=warmup, accelerator=accelerator,
                         data=data, seq_len=seq_len, extra_args=list(extra_args or []),
-                        ref_rows=[r for r in rows if _row_precision(ref, r) == prec], ds_config_sha1=sha))
+                        ref_rows=reference_rows(ref, model, name, prec, n) if accelerator == "cuda" else [],
+                        ds_config_sha1=sha))
     return entries
-
-
-def _row_precision(ref: list[RefRow], row: int) -> str | None:
-    for r in ref:
-        if r.row == row:
-            return r.precision
-    return None
 
 
 # ================================================================================================ model shapes

@@ -112,7 +112,7 @@ def test_markdown_table_headers_cells_and_footnotes(sweep_dir, tmp_path):
     assert z0[7:16] == ["false", "true", "0", "-", "-", "-", "-", "-", "-"]
     z3 = rows["pangu-350m__z3_offload_param__bf16__g1"]
     assert z3[0] == "" and z3[9:16] == ["3", "true", "true", "true", "false", "1e9", "1e9"]
-    assert z3[-2] == "12"
+    assert z3[-2] == "-"  # the reference ran this config on 3 V100s only: no 1-GPU row to compare with
     oom = rows["pangu-2.6b__z0__fp16__g1"]
     assert oom[0] == "Pangu-2.6B" and oom[5] == "OOM [1]" and oom[1] == "-" and oom[7:10] == ["true", "false", "0"]
     assert oom[6] == "1*H100 80GB HBM3"  # GPU name from the sweep's record: the run died before its meta

@@ -73,7 +73,7 @@ def test_plan_one_gpu():
     e = next(x for x in es if x.run == "pangu-2.6b__z2_offload_5e8__bf16__g1")
     assert e.ref_rows == [33] and e.ds_config == "ds_configs/z2_offload_5e8.json" and e.ds_config_sha1
     e = next(x for x in es if x.run == "pangu-350m__z2_offload_5e8__fp16__g1")
-    assert e.ref_rows == [7]
+    assert e.ref_rows == []  # the reference ran this config on 3 GPUs only: no 1-GPU row to compare with
     assert (e.max_steps, e.warmup_steps, e.seq_len) == (10, 3, 512)
 
 
@@ -88,6 +88,21 @@ def test_plan_three_gpus_without_bf16():
     assert [e.precision for e in live] == ["fp16"]
     none = [e.precision for e in es if e.config_name == "none" and e.model == "pangu-350m"]
     assert none == ["fp32", "fp16"]
+    e = next(x for x in es if x.run == "pangu-350m__z2_offload_5e8__fp16__g3")
+    assert e.ref_rows == [7]
+
+
+def test_reference_rows_match_gpu_count_then_precision():
+    # 3 GPUs: the reference's 3xV100 fp16 row, also for a bf16 run (the precision columns show the difference)
+    assert sweep.reference_rows(REF, "pangu-2.6b", "z1", "bf16", 3) == [19]
+    assert sweep.reference_rows(REF, "pangu-2.6b", "z1", "fp16", 3) == [19]
+    # 1 GPU: the 1xA100 bf16 row, never the 3-GPU one
+    assert sweep.reference_rows(REF, "pangu-2.6b", "z1", "bf16", 1) == [30]
+    assert sweep.reference_rows(REF, "pangu-2.6b", "none", "fp16", 1) == [17, 27]
+    assert sweep.reference_rows(REF, "pangu-2.6b", "none", "bf16", 1) == [28]
+    # no reference row with that GPU count, or a config it never ran for that model
+    assert sweep.reference_rows(REF, "pangu-2.6b", "z1", "bf16", 2) == []
+    assert sweep.reference_rows(REF, "pangu-350m", "z3_ag5e8", "bf16", 3) == []
 
 
 def test_plan_overrides_and_env(monkeypatch):
