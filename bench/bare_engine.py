@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None,
                    help="override the JSON's fp16/bf16 blocks, as train.py --precision")
     p.add_argument("--pad-mask", choices=("auto", "always"), default="auto", help="as train.py --pad-mask")
-    p.add_argument("--compile", nargs="?", const="blocks", default="off", choices=("off", "blocks", "model"),
+    p.add_argument("--compile", nargs="?", const="model", default="off", choices=("off", "blocks", "model"),
                    help="as train.py --compile")
     p.add_argument("--compile-mode", default="default", help="as train.py --compile-mode")
     p.add_argument("--profile", default=None, metavar="FILE",
@@ -61,9 +61,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from sftbench.speed import SpeedError, check_compile
     try:
+        check_compile(args.compile, args.compile_mode)
         cfg = apply_precision(load_ds_config(args.ds), args.precision)
-    except DSConfigError as e:
+    except (DSConfigError, SpeedError) as e:
         sys.exit(f"error: {e}")
     precision = config_precision(cfg)
 

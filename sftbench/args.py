@@ -56,11 +56,11 @@ class HarnessArgs:
     pad_mask: str = _help("'auto': skip the attention padding mask when every sample is right-padded (the causal mask "
                           "alone then gives real tokens exactly the same result, and the flash kernel applies); "
                           "'always': always pass it.", default="auto")
-    compile: str = _help("torch.compile: 'off'; 'blocks' (each transformer block in place, one shared graph, seconds "
-                         "to compile; a bare --compile means this); 'model' (the whole model; engine.compile() under "
-                         "DeepSpeed).", default="off")
-    compile_mode: str = _help("torch.compile mode for --compile: default, reduce-overhead (adds CUDA graphs), "
-                              "max-autotune-no-cudagraphs, max-autotune.", default="default")
+    compile: str = _help("torch.compile: 'off'; 'model' (the whole model, engine.compile() under DeepSpeed; a bare "
+                         "--compile means this); 'blocks' (each transformer block in place, one shared graph).",
+                         default="off")
+    compile_mode: str = _help("torch.compile mode for --compile: default or max-autotune-no-cudagraphs (the CUDA-graph "
+                              "modes are refused: they fail with gradient accumulation).", default="default")
     save: str | None = _help("Save a DeepSpeed checkpoint here at the end.", default=None)
     resume: str | None = _help("Resume from a DeepSpeed checkpoint folder written by --save.", default=None)
     log_every: int = _help("Print a console line every N steps (rank 0).", default=1)
@@ -110,8 +110,8 @@ def parse_args(argv: list[str] | None = None) -> HarnessArgs:
         kw = {"dest": f.name, "help": f.metadata.get("help"), "default": f.default}
         if f.type in ("bool", bool):
             kw["action"] = argparse.BooleanOptionalAction
-        elif f.name == "compile":  # a bare --compile means the recommended target
-            kw.update(nargs="?", const="blocks")
+        elif f.name == "compile":  # a bare --compile means the faster target measured (docs/performance.md)
+            kw.update(nargs="?", const="model")
         else:
             kw["type"] = {"int": int, "float": float}.get(str(f.type), str)
         p.add_argument(*names, **kw)

@@ -755,6 +755,10 @@ def make_report(runs_dir: str | os.PathLike, out_dir: str | os.PathLike, title: 
     table = build_table(rows)
     hw = hardware_lines(rows, info)
     hw.append(f"Report written {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from {len(rows)} run directories.")
+    have = {r.run for r in rows}
+    missing = [e.get("run") for e in plan.get("entries", []) if isinstance(e, dict) and e.get("run") not in have]
+    if missing:  # a sweep cut into batches: say what the table does not have yet, by name
+        hw.append(f"Planned but not run yet ({len(missing)}): " + ", ".join(f"`{m}`" for m in missing) + ".")
     recs = recommendations(rows)
     write_md(out / "results.md", title, table, hw, recs, len(rows))
     write_html(out / "results.html", title, table, hw, recs, len(rows))

@@ -5,8 +5,9 @@ share one compiled graph, so compilation takes seconds, the parameter names and 
 checkpoints and hooks see stay exactly as they were, and ZeRO's gradient hooks run between blocks as in eager mode.
 ``--compile model`` compiles the whole model (``engine.compile()`` under DeepSpeed, which is DeepSpeed's own
 supported way), one graph with the embedding, loss and every block. ``--compile-mode`` is torch.compile's ``mode``:
-``reduce-overhead`` adds CUDA graphs (the step's shapes are static: micro batch x seq_len), which removes the
-per-kernel launch cost that dominates at micro batch 1.
+The CUDA-graph modes (``reduce-overhead``, ``max-autotune``) are refused: in this loop gradients accumulate over
+micro-batches into tensors that the next graph replay overwrites, and torch stops with "accessing tensor output of
+CUDAGraphs that has been overwritten" (measured on an H200 with both targets, docs/performance.md).
 
 Whether a lever pays is measured (bench/levers.py, docs/performance.md); the run log records which were on.
 """
@@ -22,11 +23,19 @@ class SpeedError(ValueError):
     pass
 
 
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
 def check_compile(target: str, mode: str) -> None:
     if target not in COMPILE_TARGETS:
         raise SpeedError(f"--compile must be one of {', '.join(COMPILE_TARGETS)}, got {target!r}")
     if mode not in COMPILE_MODES:
         raise SpeedError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    if mode in CUDAGRAPH_MODES:
+        raise SpeedError(f"--compile-mode {mode} uses CUDA graphs, which fail in this loop: gradients accumulate "
+                         f"over micro-batches into tensors the next graph replay overwrites (torch: 'accessing "
+                         f"tensor output of CUDAGraphs that has been overwritten'); use default or "
+                         f"max-autotune-no-cudagraphs")
 
 
 def blocks_of(model: torch.nn.Module) -> list[torch.nn.Module]:

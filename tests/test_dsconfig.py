@@ -13,7 +13,17 @@ def test_there_is_a_config_per_reference_setting():
     readme = (REPO / "ds_configs" / "README.md").read_text()
     for n in names:
         assert f"{n}.json" in readme, f"{n}.json missing from ds_configs/README.md"
-    assert len(names) == 17
+    assert len(names) == 18  # the reference's 17 settings + z2_offload_5e8_acc32 (a speed variant)
+    ref_files = {line.split("|")[-2].strip() for line in readme.splitlines()
+                 if line.startswith("| ") and line.split("|")[1].strip().isdigit()}
+    assert {n for n in names if f"{n}.json" in ref_files} == names - {"z2_offload_5e8_acc32"}
+
+
+def test_acc32_variant_changes_only_the_gradient_accumulation_dtype():
+    base = load_ds_config(REPO / "ds_configs" / "z2_offload_5e8.json")
+    var = load_ds_config(REPO / "ds_configs" / "z2_offload_5e8_acc32.json")
+    assert var.pop("data_types") == {"grad_accum_dtype": "fp32"}
+    assert var == base
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)

@@ -193,3 +193,18 @@ def test_cli(sweep_dir, tmp_path, capsys):
     assert report.main([str(sweep_dir), "--out", str(tmp_path / "o")]) == 0
     assert "5 runs (2 failed)" in capsys.readouterr().out
     assert report.main([str(tmp_path / "missing")]) == 2
+
+
+def test_planned_runs_without_a_directory_are_named(sweep_dir, tmp_path):
+    plan = json.loads((sweep_dir / "plan.json").read_text())
+    plan["entries"].append(_entry("pangu-2.6b__z3__bf16__g1", "pangu-2.6b", "z3", "bf16", 1))
+    (sweep_dir / "plan.json").write_text(json.dumps(plan))
+    out = tmp_path / "r"
+    report.make_report(sweep_dir, out)
+    md = (out / "results.md").read_text(encoding="utf-8")
+    assert "Planned but not run yet (1): `pangu-2.6b__z3__bf16__g1`." in md
+    out2 = tmp_path / "r2"
+    plan["entries"].pop()
+    (sweep_dir / "plan.json").write_text(json.dumps(plan))
+    report.make_report(sweep_dir, out2)
+    assert "Planned but not run" not in (out2 / "results.md").read_text(encoding="utf-8")
