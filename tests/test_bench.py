@@ -138,3 +138,38 @@ def test_compare_cpu_smoke(tmp_path):
     for k in ("ours_tokens_per_s", "bare_tokens_per_s", "peer_torch_tokens_per_s", "peer_trainer_tokens_per_s"):
         assert row[k] > 0
     assert "| pangu-tiny | z1 |" in out.read_text()
+
+
+def test_lever_variants_parse_and_derive_configs(tmp_path):
+    lv = load("levers")
+    v = lv.parse_variant("z2_offload_5e8 --compile set:data_types.grad_accum_dtype=fp32 "
+                         "set:zero_optimization.reduce_bucket_size=2e8 env:OMP_NUM_THREADS=8")
+    assert v["config"] == "z2_offload_5e8" and v["flags"] == ["--compile"] and not v["plain"]
+    assert v["sets"] == {"data_types.grad_accum_dtype": "fp32", "zero_optimization.reduce_bucket_size": 2e8}
+    assert v["env"] == {"OMP_NUM_THREADS": "8"}
+    assert lv.parse_variant("z1")["plain"]
+    for bad in ("", "z1 set:novalue", "z1 env:=1", "none set:a.b=1"):
+        with pytest.raises(ValueError):
+            lv.parse_variant(bad)
+    path = Path(lv.derived_config("z2_offload_5e8", v["sets"], tmp_path / "d.json"))
+    cfg = json.loads(path.read_text())
+    base = json.loads((REPO / "ds_configs" / "z2_offload_5e8.json").read_text())
+    assert cfg["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert cfg["zero_optimization"]["reduce_bucket_size"] == 2e8
+    assert cfg["zero_optimization"]["offload_optimizer"] == base["zero_optimization"]["offload_optimizer"]
+
+
+@pytest.mark.slow
+def test_levers_cpu_smoke(tmp_path):
+    """Two variants for real on CPU: the table has both, the changed config is the one the run logged."""
+    out = tmp_path / "lev"
+    p = run([sys.executable, "bench/levers.py", "--cpu", "--models", "pangu-tiny", "--seq-len", "32", "--steps", "2",
+             "--warmup-steps", "1", "--data", "data/sample_sft.jsonl", "--work-dir", str(tmp_path / "work"),
+             "--out", str(out), "z1", "z1 set:zero_optimization.reduce_bucket_size=2e8"], cpu_env(), timeout=900)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["status"] for r in rows] == ["ok", "ok"] and rows[0]["x_base"] == 1.0 and rows[1]["x_base"] > 0
+    meta = json.loads((tmp_path / "work" / "pangu-tiny__01_z1_set_zero_optimization.reduce_bucket_size=2e8"
+                       / "rank0.jsonl").read_text().splitlines()[0])
+    assert meta["ds_config"]["zero_optimization"]["reduce_bucket_size"] == 2e8
+    assert "| pangu-tiny | `z1 set:zero_optimization.reduce_bucket_size=2e8` | ok |" in out.with_suffix(".md").read_text()
