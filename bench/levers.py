@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare import child_env, config_path, cuda_visible, launcher, mfu, model_config, read_ours, rel, run_job, shown  # noqa: E402,I001
+from compare import (child_env, config_path, cuda_visible, launcher, mfu, model_config,  # noqa: E402
+                     read_ours, rel, run_job, shown)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -133,8 +134,12 @@ def main(argv=None) -> int:
         base_of: dict[str, dict] = {}
         for i, v in enumerate(args.parsed):
             name = f"{Path(m).name}__{i:02d}_{slug(v['text'])}"
-            ds = "none" if v["config"] == "none" else (
-                derived_config(v["config"], v["sets"], work / f"{name}.json") if v["sets"] else config_path(v["config"]))
+            if v["config"] == "none":
+                ds = "none"
+            elif v["sets"]:
+                ds = derived_config(v["config"], v["sets"], work / f"{name}.json")
+            else:
+                ds = config_path(v["config"])
             run_dir = work / name
             cmd = [*launcher(gpu), "train.py", "--ds", ds, "--model", m, "--run-dir", rel(run_dir), *common,
                    *v["flags"]]
@@ -178,7 +183,8 @@ def main(argv=None) -> int:
         ok = r.get("status") == "ok"
         lines.append(
             f"| {r['model']} | `{r['variant']}` | {r.get('status')}{'' if ok else ': ' + str(r.get('error'))[:80]} | "
-            f"{_f(r.get('step_s_median'), '.4f')} | {_f(r.get('tokens_per_s'), ',.0f')} | {_f(r.get('mfu_pct'), '.1f')} | "
+            f"{_f(r.get('step_s_median'), '.4f')} | {_f(r.get('tokens_per_s'), ',.0f')} | "
+            f"{_f(r.get('mfu_pct'), '.1f')} | "
             f"{_f(r.get('x_base'), '.2f')} | {_f(r.get('first_loss'), '.4f')} | {_f(r.get('final_loss'), '.4f')} | "
             f"{_f(r.get('gpu_mem_used_mib_peak'), ',.0f')} | {_f(r.get('host_rss_mib_peak'), ',.0f')} |")
     md = "\n".join(lines) + "\n"
