@@ -13,7 +13,10 @@ Whether a lever pays is measured (bench/levers.py, docs/performance.md); the run
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # importing this module (argument checks) must not import torch
+    import torch
 
 COMPILE_TARGETS = ("off", "blocks", "model")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
@@ -64,4 +67,5 @@ def compile_engine(engine, target: str, mode: str, deepspeed: bool) -> None:
     if deepspeed:
         engine.compile(compile_kwargs=kwargs)
     else:
+        import torch
         engine.model = torch.compile(engine.model, **kwargs)

@@ -61,3 +61,15 @@ def test_compiled_blocks_train_like_eager(monkeypatch):
         curves.append(losses)
     assert curves[0][-1] < curves[0][0]  # it trains
     assert curves[1] == pytest.approx(curves[0], rel=1e-4)
+
+
+def test_checking_the_flags_does_not_import_torch():
+    """train.py parses its flags before importing torch (the CUDA arch fix comes first); the check must stay light."""
+    import subprocess
+    import sys
+    code = ("import sys; from sftbench.args import parse_args; parse_args(['--compile', 'blocks']); "
+            "print('torch' in sys.modules)")
+    from conftest import REPO
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
