@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from sftbench.args import REPO, parse_args
-from sftbench.buildenv import fix_cuda_arch_list
+from sftbench.buildenv import fix_cuda_arch_list, rank_device
 from sftbench.dsconfig import DSConfigError, apply_precision, config_precision, describe, load_ds_config
 from sftbench.runlog import RunLog
 
@@ -46,15 +46,9 @@ from sftbench.plain import PlainEngine, param_groups  # noqa: E402
 from sftbench.tokenizer import PanguTokenizer  # noqa: E402
 
 # ---------------------------------------------------------------- init distributed and device
-on_cpu = os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
+on_cpu, local_rank, device = rank_device(args.local_rank)
 world_size = int(os.environ.get("WORLD_SIZE", "1"))
 rank = int(os.environ.get("RANK", "0"))
-local_rank = int(os.environ.get("LOCAL_RANK", max(args.local_rank, 0)))
-if on_cpu:
-    device = torch.device("cpu")
-else:
-    device = torch.device("cuda", local_rank)
-    torch.cuda.set_device(device)
 if args.deepspeed:
     deepspeed.init_distributed()
 elif world_size > 1:

@@ -22,7 +22,6 @@ their number. Same result fields as bench/peer_torch.py; ``--out FILE.json`` wri
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sftbench.buildenv import fix_cuda_arch_list  # noqa: E402
+from sftbench.buildenv import fix_cuda_arch_list, rank_device  # noqa: E402
 
 fix_cuda_arch_list()  # as train.py: before anything imports DeepSpeed's op builders
 
@@ -77,13 +76,7 @@ def main(argv=None) -> int:
     from sftbench.plain import param_groups
     from sftbench.tokenizer import PanguTokenizer
 
-    on_cpu = os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", max(args.local_rank, 0)))
-    if on_cpu:
-        device = torch.device("cpu")
-    else:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
+    on_cpu, local_rank, device = rank_device(args.local_rank)
     if precision == "fp16" and on_cpu:
         sys.exit("error: fp16 is not supported on CPU (DeepSpeed refuses it); use --precision bf16 or fp32")
     deepspeed.init_distributed()

@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sftbench.sweep import free_port  # noqa: E402  (no torch import: the children do the real work)
+from sftbench.sweep import launcher_command  # noqa: E402  (no torch import: the children do the real work)
 
 TOOLS = ("ours", "bare", "peer_torch", "peer_trainer")
 
@@ -104,12 +104,8 @@ def config_label(name: str) -> str:
 
 
 def launcher(gpu: bool) -> list[str]:
-    """The deepspeed launcher for one rank. Honours CUDA_VISIBLE_DEVICES (the launcher ignores it with --num_gpus)."""
-    cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--master_port", str(free_port())]
-    ids = [t.strip() for t in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if t.strip()]
-    if gpu and ids and all(t.isdigit() for t in ids):
-        return cmd + ["--include", f"localhost:{ids[0]}"]
-    return cmd + ["--num_gpus", "1"]
+    """The deepspeed launcher for one rank (on the first visible GPU)."""
+    return launcher_command(1, gpu, os.environ)
 
 
 def plan(args, gpu: bool, work: Path) -> list[dict]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -36,6 +35,7 @@ import torch  # noqa: E402
 from sftbench import data as sftdata  # noqa: E402
 from sftbench import metrics  # noqa: E402
 from sftbench.args import BENCH_DATA, SAMPLE_DATA  # noqa: E402
+from sftbench.buildenv import rank_device  # noqa: E402
 from sftbench.pangu import build_model  # noqa: E402
 from sftbench.tokenizer import PanguTokenizer  # noqa: E402
 
@@ -99,10 +99,7 @@ class SFTDataset(torch.utils.data.Dataset):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    on_cpu = os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
-    device = torch.device("cpu") if on_cpu else torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    on_cpu, _, device = rank_device()
     if args.precision == "fp16" and on_cpu:
         sys.exit("error: fp16 autocast is not supported on CPU here; use --precision bf16 or fp32")
     model_name = args.model or ("pangu-tiny" if on_cpu else "pangu-350m")

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sftbench.buildenv import fix_cuda_arch_list  # noqa: E402
+from sftbench.buildenv import fix_cuda_arch_list, rank_device  # noqa: E402
 
 fix_cuda_arch_list()  # before DeepSpeed's op builders are imported (an environment fix, not a speed lever)
 
@@ -120,11 +120,9 @@ def rel_to_repo(path: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    on_cpu = os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
+    on_cpu, local_rank, device = rank_device(args.local_rank)  # the device the Trainer will use too
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", max(args.local_rank, 0)))
-    device = torch.device("cpu") if on_cpu else torch.device("cuda", local_rank)
     try:
         cfg = apply_precision(load_ds_config(args.ds), args.precision)
     except DSConfigError as e:

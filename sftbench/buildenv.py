@@ -1,4 +1,5 @@
-"""Keep DeepSpeed's JIT op builds out of known traps, and say what was changed.
+"""The process's environment: keep DeepSpeed's JIT op builds out of known traps (and say what was changed), and pick
+this rank's device the way the launcher means it.
 
 DeepSpeed 0.19.8 parses every entry of TORCH_CUDA_ARCH_LIST as ``major.minor`` integers, so an arch with a feature
 suffix such as ``9.0a`` (Hopper's arch-specific target, common in images built for H100) makes its fused-Adam build
@@ -37,3 +38,19 @@ def fix_cuda_arch_list(env: MutableMapping[str, str] = os.environ) -> dict:
         env["TORCH_CUDA_ARCH_LIST"] = after
         return {"TORCH_CUDA_ARCH_LIST": after, "changed_from": before}
     return {"TORCH_CUDA_ARCH_LIST": before, "changed_from": None}
+
+
+def rank_device(local_rank_arg: int = -1):
+    """(on_cpu, local_rank, device) for this process; makes a CUDA device the current one.
+
+    CPU when ``DS_ACCELERATOR=cpu`` or no CUDA device is usable; else ``cuda:<LOCAL_RANK>`` (the launcher's variable,
+    then the ``--local_rank`` argument, then 0). Shared by train.py and the bench scripts so all pick alike."""
+    import torch  # here, not at import time: train.py fixes the arch list before torch is imported
+
+    on_cpu = os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", max(local_rank_arg, 0)))
+    if on_cpu:
+        return True, local_rank, torch.device("cpu")
+    device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)
+    return False, local_rank, device

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import html
 import json
 import math
@@ -374,11 +375,10 @@ def ref_rows(r: "Row") -> list[int]:
     return sweep.reference_rows(ref, Path(r.model).name, r.config_name, r.precision, r.world)
 
 
-def _reference_map(cache: dict = {}):  # noqa: B006 (a deliberate per-process cache)
+@functools.lru_cache(maxsize=1)
+def _reference_map():
     from sftbench import sweep
-    if "ref" not in cache:
-        cache["ref"] = sweep.read_reference_map()
-    return cache["ref"]
+    return sweep.read_reference_map()
 
 
 def build_table(rows: list[Row]) -> Table:

@@ -41,7 +41,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 from sftbench import memory, runlog
 from sftbench.metrics import cpu_model
@@ -599,15 +599,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_command(entry: PlanEntry, run_dir: Path, env: dict) -> list[str]:
-    """deepspeed launcher -> train.py. Honours CUDA_VISIBLE_DEVICES (the launcher ignores it with --num_gpus)."""
+def launcher_command(num_gpus: int, cuda: bool, env: Mapping[str, str]) -> list[str]:
+    """The deepspeed launcher for num_gpus ranks on this host, on a free port. Honours CUDA_VISIBLE_DEVICES (the
+    launcher itself ignores it once --num_gpus is given)."""
     cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--master_port", str(free_port())]
-    visible = env.get("CUDA_VISIBLE_DEVICES")
-    ids = [t.strip() for t in (visible or "").split(",") if t.strip()]
-    if entry.accelerator == "cuda" and ids and all(t.isdigit() for t in ids):
-        cmd += ["--include", f"localhost:{','.join(ids[:entry.num_gpus])}"]
-    else:
-        cmd += ["--num_gpus", str(entry.num_gpus)]
+    ids = [t.strip() for t in (env.get("CUDA_VISIBLE_DEVICES") or "").split(",") if t.strip()]
+    if cuda and ids and all(t.isdigit() for t in ids):
+        return cmd + ["--include", f"localhost:{','.join(ids[:num_gpus])}"]
+    return cmd + ["--num_gpus", str(num_gpus)]
+
+
+def train_command(entry: PlanEntry, run_dir: Path, env: dict) -> list[str]:
+    """deepspeed launcher -> train.py."""
+    cmd = launcher_command(entry.num_gpus, entry.accelerator == "cuda", env)
     cmd += ["train.py", "--ds", entry.ds_config or "none", "--model", entry.model, "--precision", entry.precision,
             "--max-steps", str(entry.max_steps), "--warmup-steps", str(entry.warmup_steps),
             "--run-dir", _rel(run_dir), "--data", entry.data, "--seq-len", str(entry.seq_len), *entry.extra_args]

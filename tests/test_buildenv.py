@@ -31,3 +31,13 @@ def test_deepspeed_parses_the_fixed_list(monkeypatch):
     b.compute_capability_args()
     import os
     assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0+PTX"
+
+
+def test_rank_device_on_cpu_takes_the_launchers_local_rank(monkeypatch):
+    from sftbench.buildenv import rank_device
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    on_cpu, local_rank, device = rank_device(-1)
+    assert (on_cpu, local_rank, device.type) == (True, 1, "cpu")
+    monkeypatch.delenv("LOCAL_RANK")
+    assert rank_device(3)[1] == 3 and rank_device()[1] == 0
