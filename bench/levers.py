@@ -137,7 +137,10 @@ def main(argv=None) -> int:
             if v["config"] == "none":
                 ds = "none"
             elif v["sets"]:
-                ds = derived_config(v["config"], v["sets"], work / f"{name}.json")
+                try:
+                    ds = derived_config(v["config"], v["sets"], work / f"{name}.json")
+                except (OSError, ValueError) as e:  # a missing config file or a set: through a non-object key
+                    sys.exit(f"error: variant {v['text']!r}: {e}")
             else:
                 ds = config_path(v["config"])
             run_dir = work / name

@@ -157,6 +157,8 @@ def test_lever_variants_parse_and_derive_configs(tmp_path):
     assert cfg["data_types"] == {"grad_accum_dtype": "fp32"}
     assert cfg["zero_optimization"]["reduce_bucket_size"] == 2e8
     assert cfg["zero_optimization"]["offload_optimizer"] == base["zero_optimization"]["offload_optimizer"]
+    with pytest.raises(ValueError, match="'type' is not an object in ds_configs/z1.json"):
+        lv.derived_config("z1", {"optimizer.type.x": 1}, tmp_path / "e.json")
 
 
 @pytest.mark.slow
