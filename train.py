@@ -129,7 +129,8 @@ try:
     use_pad_mask = args.pad_mask == "always" or not right_padded
 
     # ------------------------------------------------------------ build: engine
-    if args.compile == "blocks":  # in place, before the engine wraps the model: names and hooks stay as they are
+    compile_target, compile_why = speed.resolve_compile(args.compile, on_cpu, ds_cfg)
+    if compile_target == "blocks":  # in place, before the engine wraps the model: names and hooks stay as they are
         speed.compile_blocks(model, args.compile_mode)
     if args.deepspeed:
         engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds_cfg)
@@ -140,7 +141,7 @@ try:
                              micro_batch=args.micro_batch, lr=args.lr, lr_warmup_steps=args.lr_warmup_steps,
                              world_size=world_size)
         engine_name = "torch"
-    speed.compile_engine(engine, args.compile, args.compile_mode, args.deepspeed)
+    speed.compile_engine(engine, compile_target, args.compile_mode, args.deepspeed)
     if args.resume:
         engine.load_checkpoint(args.resume)
     engine.train()
@@ -183,8 +184,8 @@ try:
         real_tokens=ds.real_tokens, pad_tokens=ds.pad_tokens, steps_per_epoch=steps_per_epoch,
         max_steps=args.max_steps, warmup_steps=args.warmup_steps,
         optimizations={"engine": engine_name, "attention": "sdpa", "pad_mask": use_pad_mask,
-                       "compile": args.compile,
-                       "compile_mode": args.compile_mode if args.compile != "off" else None,
+                       "compile": compile_target, "compile_why": compile_why,
+                       "compile_mode": args.compile_mode if compile_target != "off" else None,
                        "batches_on_device": True},
         predicted=predicted,
         versions={"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,

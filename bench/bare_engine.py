@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None,
                    help="override the JSON's fp16/bf16 blocks, as train.py --precision")
     p.add_argument("--pad-mask", choices=("auto", "always"), default="auto", help="as train.py --pad-mask")
-    p.add_argument("--compile", nargs="?", const="model", default="off", choices=("off", "blocks", "model"),
+    p.add_argument("--compile", nargs="?", const="model", default="auto", choices=("auto", "off", "blocks", "model"),
                    help="as train.py --compile")
     p.add_argument("--compile-mode", default="default", help="as train.py --compile-mode")
     p.add_argument("--profile", default=None, metavar="FILE",
@@ -106,10 +106,11 @@ def main(argv=None) -> int:
     use_pad_mask = args.pad_mask == "always" or not right_padded
 
     from sftbench import speed
-    if args.compile == "blocks":
+    target, _ = speed.resolve_compile(args.compile, device.type != "cuda", cfg)  # as train.py decides
+    if target == "blocks":
         speed.compile_blocks(model, args.compile_mode)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=cfg)
-    speed.compile_engine(engine, args.compile, args.compile_mode, deepspeed=True)
+    speed.compile_engine(engine, target, args.compile_mode, deepspeed=True)
     engine.train()
     ga = engine.gradient_accumulation_steps()
     mb = engine.train_micro_batch_size_per_gpu()
@@ -159,7 +160,7 @@ def main(argv=None) -> int:
             sync()
             prof.stop()
             write_profile(prof, args.profile, cuda, f"{model_name} {args.ds} ZeRO {zero_stage} {precision} "
-                                                    f"compile={args.compile}/{args.compile_mode}, one optimizer step "
+                                                    f"compile={target}/{args.compile_mode}, one optimizer step "
                                                     f"({ga} micro-batches)")
             prof = None
     sync()

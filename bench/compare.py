@@ -92,6 +92,15 @@ def rel(path) -> str:
         return str(path)
 
 
+def table_paths(out: str | Path) -> tuple[Path, Path]:
+    """--out X writes X.md and X.json. The suffix is added, not swapped: "levers_2.6b" must not become "levers_2.md"
+    (Path.with_suffix would take ".6b" for a suffix); an explicit .md or .json ending is dropped first."""
+    out = Path(out)
+    if out.suffix in (".md", ".json"):
+        out = out.with_suffix("")
+    return out.parent / (out.name + ".md"), out.parent / (out.name + ".json")
+
+
 def config_path(name: str) -> str:
     p = Path(name)
     if p.suffix == ".json" or p.exists():
@@ -383,8 +392,7 @@ def main(argv=None) -> int:
     md = markdown(args, rows, device)
     print()
     print(md, end="")
-    out = Path(args.out) if args.out else work / "compare.md"
-    out_md, out_json = out.with_suffix(".md"), out.with_suffix(".json")
+    out_md, out_json = table_paths(args.out or work / "compare")
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text(md, encoding="utf-8")
     settings = {k: getattr(args, k) for k in ("steps", "warmup_steps", "seq_len", "data", "tokenizer", "precision",

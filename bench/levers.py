@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compare import (child_env, config_path, cuda_visible, launcher, mfu, model_config,  # noqa: E402
-                     read_ours, rel, run_job, shown)
+                     read_ours, rel, run_job, shown, table_paths)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -193,10 +193,10 @@ def main(argv=None) -> int:
     md = "\n".join(lines) + "\n"
     print()
     print(md, end="")
-    out = Path(args.out) if args.out else work / "levers"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(md, encoding="utf-8")
-    out.with_suffix(".json").write_text(json.dumps({"created": time.time(), "devices": devices, "seq_len": seq,
+    out_md, out_json = table_paths(args.out or work / "levers")
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    out_md.write_text(md, encoding="utf-8")
+    out_json.write_text(json.dumps({"created": time.time(), "devices": devices, "seq_len": seq,
                                                     "steps": args.steps, "warmup_steps": args.warmup_steps,
                                                     "rows": rows}, indent=1, default=str) + "\n", encoding="utf-8")
     return 0 if all(r.get("status") == "ok" for r in rows) else 1

@@ -134,6 +134,11 @@ class Row:
         return self.summary.get("status") if self.summary else None
 
     @property
+    def compile(self) -> str:
+        """The torch.compile target the run used ("off" for logs older than the field)."""
+        return str(((self.meta or {}).get("optimizations") or {}).get("compile") or "off")
+
+    @property
     def ok(self) -> bool:
         return self.status == "ok" and self.step_s is not None
 
@@ -360,6 +365,11 @@ class Table:
     groups: list[int]  # rows per group (for rowspan)
     footnotes: list[str]
     any_estimated: bool
+    any_compiled: bool = False
+
+    @property
+    def notes(self) -> list[str]:
+        return [n for n in NOTES if self.any_compiled or not n.startswith(COMPILED_NOTE)]
 
 
 def ref_rows(r: "Row") -> list[int]:
@@ -398,7 +408,8 @@ def build_table(rows: list[Row]) -> Table:
             epoch = ("~" if est and ep is not None else "") + fmt_duration(ep)
             host = r.host_rss_mib
             mfu = (r.summary or {}).get("mfu_pct")
-            cells = [r.model_label, epoch, fmt_step(r.step_s), fmt_num(r.s_per_sample, 3, "s"),
+            step = fmt_step(r.step_s) + ("" if r.compile == "off" else f" (compiled: {r.compile})")
+            cells = [r.model_label, epoch, step, fmt_num(r.s_per_sample, 3, "s"),
                      f"{host / 1024:.1f}G" if host is not None else "-", mem_cell(r), gpu_cell(r), *cfg,
                      fmt_num((r.summary or {}).get("tokens_per_s_per_gpu")),
                      fmt_sig((r.summary or {}).get("tflops")), fmt_num(mfu, 1, "%") if mfu is not None else "-",
@@ -416,7 +427,7 @@ def build_table(rows: list[Row]) -> Table:
             cells = [r.model_label, "-", "-", "-", "-", f"{label} [{n}]", gpu_cell(r), *cfg, "-", "-", "-",
                      pred_meas(r.pred_gpu, None), pred_meas(r.pred_host, None), *extra_tail]
         out.append(cells)
-    return Table(out, groups, foot, any_est)
+    return Table(out, groups, foot, any_est, any(r.ok and r.compile != "off" for r in rows))
 
 
 def hardware_lines(rows: list[Row], info: dict) -> list[str]:
@@ -523,6 +534,7 @@ def html_headers() -> list[str]:
     return hs + [html.escape(h) for h in EXTRA_HEADERS]
 
 
+COMPILED_NOTE = "`(compiled: model)`"
 NOTES = [
     "`~` = estimated epoch time: steps per epoch × median step time (`epoch_s_est`); without `~` it was measured "
     "over a full epoch (`epoch_s_measured`).",
@@ -532,6 +544,8 @@ NOTES = [
     "MiB (what nvidia-smi shows), the largest over the ranks.",
     "Predicted memory: `sftbench/memory.py` before the run (DeepSpeed's ZeRO formulas plus buffers, activations, "
     "logits and CUDA context); measured: the NVML peak per GPU and the summed RSS.",
+    COMPILED_NOTE + " after s/it: the run used torch.compile (`train.py --compile`, by default on for bf16 ZeRO-1 on a "
+    "GPU, where it was measured faster); every other row ran eager.",
     "ref row: the row of the reference table (`ds_configs/README.md`) with the same model, config and GPU count, "
     "of the same precision where it has one; otherwise of its precision (the reference's 3-GPU rows are fp16 on "
     "V100), so compare the fp16/bf16 columns too.",
@@ -551,7 +565,7 @@ def write_md(path: Path, title: str, table: Table, hw: list[str], recs: list[str
                 cells[0] = ""  # the model once per group, as the reference's rowspan
             lines.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
             i += 1
-    lines += [""] + [f"- {x}" for x in NOTES]
+    lines += [""] + [f"- {x}" for x in table.notes]
     if table.footnotes:
         lines += ["", "**Failures**", ""]
         lines += [f"{n}. {_md_escape(f)}" for n, f in enumerate(table.footnotes, 1)]
@@ -588,7 +602,7 @@ def write_html(path: Path, title: str, table: Table, hw: list[str], recs: list[s
                 tds.append(f"<td{cls}>{html.escape(c)}</td>")
             out.append("       <tr> " + " ".join(tds) + " </tr>")
             i += 1
-    out += ["    </tbody>", "</table>", "<p>" + "<br>".join(inline(n) for n in NOTES) + "</p>"]
+    out += ["    </tbody>", "</table>", "<p>" + "<br>".join(inline(n) for n in table.notes) + "</p>"]
     if table.footnotes:
         out += ["<h3>Failures</h3>", "<ol>"] + [f"<li>{html.escape(f)}</li>" for f in table.footnotes] + ["</ol>"]
     out += ["<h2>Recommendation</h2>", "<ul>"] + [f"<li>{inline(r)}</li>" for r in recs] + ["</ul>"]
@@ -602,7 +616,7 @@ PLAN_COLUMNS = ("run", "model", "ds_config", "precision", "num_gpus", "max_steps
                 "data", "seq_len", "extra_args", "ref_rows")
 META_COLUMNS = ("device_name", "world_size", "micro_batch", "grad_accum", "seq_len", "n_params", "flops_per_token",
                 "peak_tflops", "dataset_samples", "real_tokens", "pad_tokens")
-DERIVED_COLUMNS = ("config", "s_per_sample", "gpu_mem_used_mib_max_over_ranks", "host_rss_mib_sum_over_ranks",
+DERIVED_COLUMNS = ("config", "compile", "s_per_sample", "gpu_mem_used_mib_max_over_ranks", "host_rss_mib_sum_over_ranks",
                    "predicted_gpu_mib", "predicted_host_mib", "predicted_fits")
 
 
@@ -626,6 +640,7 @@ def write_csv(path: Path, rows: list[Row]) -> None:
             d["model"] = d.get("model") or r.model
             d["precision"] = d.get("precision") or r.precision
             d["config"] = r.config_name
+            d["compile"] = r.compile
             d["s_per_sample"] = r.s_per_sample
             d["gpu_mem_used_mib_max_over_ranks"] = r.gpu_mib
             d["host_rss_mib_sum_over_ranks"] = r.host_rss_mib

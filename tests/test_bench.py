@@ -161,6 +161,14 @@ def test_lever_variants_parse_and_derive_configs(tmp_path):
         lv.derived_config("z1", {"optimizer.type.x": 1}, tmp_path / "e.json")
 
 
+def test_table_paths_add_the_suffix_to_dotted_names():
+    """--out results/levers_2.6b must write levers_2.6b.md, not levers_2.md (a model name has a dot in it)."""
+    cmp = load("compare")
+    assert cmp.table_paths("r/levers_2.6b") == (Path("r/levers_2.6b.md"), Path("r/levers_2.6b.json"))
+    assert cmp.table_paths("r/cmp.md") == (Path("r/cmp.md"), Path("r/cmp.json"))
+    assert cmp.table_paths(Path("cmp")) == (Path("cmp.md"), Path("cmp.json"))
+
+
 @pytest.mark.slow
 def test_levers_cpu_smoke(tmp_path):
     """Two variants for real on CPU: the table has both, the changed config is the one the run logged."""

@@ -21,7 +21,7 @@ def _entry(run, model, cfg, precision, n, accel="cuda", rows=()):
 
 
 def write_ok_run(root: Path, run: str, model: str, cfg: str, precision: str, world: int, step_s: float,
-                 gpu_mib: float, rss_mib: float, *, accel="cuda", measured_epoch=None, rows=()):
+                 gpu_mib: float, rss_mib: float, *, accel="cuda", measured_epoch=None, rows=(), compile="off"):
     rd = root / run
     ds = None if cfg == "none" else apply_precision(load_ds_config(REPO / "ds_configs" / f"{cfg}.json"), precision)
     pred = {"gpu_mib": gpu_mib * 0.9, "host_mib": rss_mib * world * 1.1, "fits": True}
@@ -33,7 +33,8 @@ def write_ok_run(root: Path, run: str, model: str, cfg: str, precision: str, wor
                  pid=123, device="cpu" if accel == "cpu" else f"cuda:{rank}",
                  device_name=None if accel == "cpu" else GPU, precision=precision, micro_batch=1, grad_accum=8,
                  seq_len=512, steps_per_epoch=1250 // world, max_steps=10, warmup_steps=3, predicted=pred,
-                 versions={"python": "3.11", "torch": "2.13.0", "deepspeed": "0.19.8"}, git_commit="abc123def4567")
+                 versions={"python": "3.11", "torch": "2.13.0", "deepspeed": "0.19.8"}, git_commit="abc123def4567",
+                 optimizations={"compile": compile})
         for i in range(10):
             log.step(step=i + 1, step_s=step_s, warmup=i < 3, loss=2.0, tokens_per_s=8 * 512 * world / step_s,
                      gpu_mem_used_mib=None if accel == "cpu" else gpu_mib + rank, host_rss_mib=rss_mib)
@@ -164,6 +165,27 @@ def test_html_csv_png_and_summaries(sweep_dir, tmp_path):
     assert len(metas) == 3 and {s["run"] for s in sums} == {r["run"] for r in rows}
     assert all("host" not in m and "argv" not in m for m in metas)
     assert not any(str(REPO) in json.dumps(r) for r in recs)
+
+
+def test_compiled_runs_are_marked(tmp_path):
+    """A run that used torch.compile says so next to its s/it (md) and in the csv's compile column."""
+    root = tmp_path / "runs" / "h100x1"
+    write_ok_run(root, "pangu-2.6b__z1__bf16__g1", "pangu-2.6b", "z1", "bf16", 1, 0.4585, 73587.0, 2300.0,
+                 compile="model")
+    write_ok_run(root, "pangu-2.6b__z0__bf16__g1", "pangu-2.6b", "z0", "bf16", 1, 0.443, 62000.0, 2300.0)
+    out = tmp_path / "res"
+    report.make_report(root, out)
+    md = (out / "results.md").read_text(encoding="utf-8")
+    assert "| 0.46s/it (compiled: model) |" in md and "| 0.44s/it |" in md
+    assert "- `(compiled: model)` after s/it: the run used torch.compile" in md
+    with open(out / "results.csv", newline="", encoding="utf-8") as f:
+        by = {r["run"]: r["compile"] for r in csv.DictReader(f)}
+    assert by == {"pangu-2.6b__z1__bf16__g1": "model", "pangu-2.6b__z0__bf16__g1": "off"}
+
+
+def test_the_compile_note_only_where_a_row_compiled(sweep_dir, tmp_path):
+    report.make_report(sweep_dir, tmp_path / "res")
+    assert "(compiled" not in (tmp_path / "res" / "results.md").read_text(encoding="utf-8")
 
 
 def test_cpu_runs_say_so(tmp_path):

@@ -2,18 +2,19 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 
-from sftbench.args import ArgsError, HarnessArgs, parse_args
+from sftbench.args import REPO, ArgsError, HarnessArgs, parse_args
 from sftbench.pangu import build_model
-from sftbench.speed import SpeedError, blocks_of, check_compile, compile_blocks
+from sftbench.speed import SpeedError, blocks_of, check_compile, compile_blocks, resolve_compile
 
 
 def test_bare_compile_flag_means_model_and_bad_values_are_refused():
     assert parse_args(["--compile"]).compile == "model"
-    assert parse_args([]).compile == "off"
+    assert parse_args([]).compile == "auto"
     a = parse_args(["--compile", "blocks", "--compile-mode", "max-autotune-no-cudagraphs"])
     assert (a.compile, a.compile_mode) == ("blocks", "max-autotune-no-cudagraphs")
     for mode in ("reduce-overhead", "max-autotune"):  # CUDA graphs: measured to fail with gradient accumulation
@@ -23,6 +24,27 @@ def test_bare_compile_flag_means_model_and_bad_values_are_refused():
         HarnessArgs(compile="everything")
     with pytest.raises(SpeedError, match="--compile-mode"):
         check_compile("blocks", "fastest")
+
+
+def test_auto_compiles_only_where_measured_faster():
+    """auto = the whole model for GPU ZeRO-1 without offload (measured faster); off for the rest; a named target
+    is used as asked."""
+    z1 = json.loads((REPO / "ds_configs" / "z1.json").read_text())
+    assert resolve_compile("auto", on_cpu=False, ds_cfg=z1)[0] == "model"
+    assert resolve_compile("auto", on_cpu=True, ds_cfg=z1) == ("off", "auto: CPU run")
+    assert resolve_compile("auto", on_cpu=False, ds_cfg=None)[0] == "off"
+    for name in ("z0", "z2_5e8", "z2_offload_5e8", "z3", "z3_offload_param"):
+        cfg = json.loads((REPO / "ds_configs" / f"{name}.json").read_text())
+        assert resolve_compile("auto", on_cpu=False, ds_cfg=cfg)[0] == "off", name
+    off1 = json.loads(json.dumps(z1))
+    off1["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    target, why = resolve_compile("auto", on_cpu=False, ds_cfg=off1)
+    assert target == "off" and "offload_optimizer" in why
+    fp16 = json.loads(json.dumps(z1))
+    fp16["bf16"]["enabled"], fp16["fp16"]["enabled"] = False, True
+    assert resolve_compile("auto", on_cpu=False, ds_cfg=fp16)[0] == "off"
+    assert resolve_compile("blocks", on_cpu=True, ds_cfg=None) == ("blocks", "asked for")
+    assert resolve_compile("off", on_cpu=False, ds_cfg=z1) == ("off", "asked for")
 
 
 def test_blocks_are_the_transformer_layers_including_the_query_layer():

@@ -166,12 +166,13 @@ def test_three_ranks_like_the_reference(tmp_path, overfit_data):
         assert summary["status"] == "ok" and len(steps) == 8
 
 
-def test_compiled_blocks_under_deepspeed(tmp_path, overfit_data):
-    """--compile (blocks) runs under the real engine, is recorded in the log, and starts from the same loss as
-    eager (same weights; only dropout masks come from inductor's RNG, hence the 2% tolerance)."""
+def test_compiled_under_deepspeed(tmp_path, overfit_data):
+    """--compile blocks and --compile model (engine.compile(), what auto picks for ZeRO-1 on a GPU) run under the
+    real engine on 2 ranks, are recorded in the log, and start from the same loss as eager (same weights; only
+    dropout masks come from inductor's RNG, hence the 2% tolerance). The default, auto, stays eager on CPU."""
     ds = str(write_overfit_config("z1.json", tmp_path / "cfg.json"))
     first = {}
-    for mode in ("off", "blocks"):
+    for mode in ("auto", "blocks", "model"):
         run_dir = tmp_path / mode
         p = run(launch_cmd(2, "--ds", ds, "--data", str(overfit_data), "--run-dir", str(run_dir),
                            "--cache-dir", str(tmp_path / "cache"), "--compile", mode, *COMMON[:-6],
@@ -179,8 +180,11 @@ def test_compiled_blocks_under_deepspeed(tmp_path, overfit_data):
                 cpu_env())
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
         meta, steps, summary = check_schema(read_jsonl(run_dir / "rank0.jsonl"))
-        assert meta["optimizations"]["compile"] == mode
-        assert meta["optimizations"]["compile_mode"] == (None if mode == "off" else "default")
+        target = "off" if mode == "auto" else mode
+        assert meta["optimizations"]["compile"] == target
+        assert meta["optimizations"]["compile_why"] == ("auto: CPU run" if mode == "auto" else "asked for")
+        assert meta["optimizations"]["compile_mode"] == (None if target == "off" else "default")
         assert summary["status"] == "ok"
         first[mode] = steps[0]["loss"]
-    assert first["blocks"] == pytest.approx(first["off"], rel=0.02)
+    assert first["blocks"] == pytest.approx(first["auto"], rel=0.02)
+    assert first["model"] == pytest.approx(first["auto"], rel=0.02)
