@@ -1,18 +1,21 @@
 #!/usr/bin/env python
 """One lever at a time: train.py on one GPU with variants of flags, config keys and environment, one after another;
-a table of step time, tokens/s, MFU, speed-up over the plain variant, and the loss at the first and last step.
+a table of step time, tokens/s, MFU, speed-up over the first variant of the same config, and the first and last
+loss.
 
     python bench/levers.py --models pangu-2.6b --steps 8 --warmup-steps 3 --out results/levers \\
-        "z1" "z1 --compile" "z1 --compile --compile-mode reduce-overhead" \\
+        "z1 --compile off" "z1" "z1 set:timers.throughput.enabled=false" \\
         "z2_offload_5e8" "z2_offload_5e8 set:data_types.grad_accum_dtype=fp32"
     python bench/levers.py --models pangu-tiny --seq-len 64 --steps 3 --warmup-steps 1 "z1" "z1 --compile"  # CPU
 
 A variant is one string: a ``ds_configs/`` name (``z1``), ``none`` or a JSON path first, then any of
 ``--train-py-flag [value]``, ``set:dotted.key=VALUE`` (VALUE read as JSON, else as a string; the changed config is
 written to the work directory and logged in the run's meta record as every config is) and ``env:NAME=VALUE``.
-The baseline of a variant is the first variant of the same model and config without changes; "x base" is its step
-time over the variant's. The loss columns show whether a lever changed what is computed (same seed, same batches:
-a speed lever must leave them equal within bf16 noise).
+A variant without flags runs train.py's defaults, so on a GPU "z1" is compiled (``--compile auto``); write
+"z1 --compile off" for the eager run. The baseline of a variant is the first variant of the same model and config in
+the order given (put the unchanged or eager one first); "x base" is its step time over the variant's. The loss
+columns show whether a lever changed what is computed (same seed, same batches: a speed lever must leave them equal
+within bf16 noise).
 """
 from __future__ import annotations
 
@@ -164,8 +167,7 @@ def main(argv=None) -> int:
             res["mfu_pct"] = mfu(res, flops_tok, "bf16")
             res.update(model=Path(m).name, variant=v["text"], config=v["config"], wall_s=time.time() - t0,
                        log=rel(job["log"]))
-            if v["config"] not in base_of and (v["plain"] or not any(
-                    u["config"] == v["config"] and u["plain"] for u in args.parsed)):
+            if v["config"] not in base_of:  # the first variant of a config is its baseline
                 base_of[v["config"]] = res
             base = base_of.get(v["config"])
             ok = res.get("status") == "ok" and res.get("step_s_median")

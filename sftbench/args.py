@@ -57,9 +57,9 @@ class HarnessArgs:
                           "alone then gives real tokens exactly the same result, and the flash kernel applies); "
                           "'always': always pass it.", default="auto")
     compile: str = _help("torch.compile: 'auto' (default: 'model' where it was measured faster, i.e. bf16 "
-                         "DeepSpeed ZeRO-1 on a GPU without offload; 'off' elsewhere); 'off'; 'model' (the whole model, "
-                         "engine.compile() under DeepSpeed; a bare --compile means this); 'blocks' (each transformer "
-                         "block in place, one shared graph).", default="auto")
+                         "DeepSpeed ZeRO-1 on a GPU without offload; 'off' elsewhere); 'off'; 'model' (the whole "
+                         "model, engine.compile() under DeepSpeed; a bare --compile means this); 'blocks' (each "
+                         "transformer block in place, one shared graph).", default="auto")
     compile_mode: str = _help("torch.compile mode for --compile: default or max-autotune-no-cudagraphs (the CUDA-graph "
                               "modes are refused: they fail with gradient accumulation).", default="default")
     save: str | None = _help("Save a DeepSpeed checkpoint here at the end.", default=None)
