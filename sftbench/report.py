@@ -463,7 +463,21 @@ def hardware_lines(rows: list[Row], info: dict) -> list[str]:
                           if re.fullmatch(r"[0-9a-f]{7,40}", str(m.get("git_commit") or ""))})
         if commits:
             lines.append("Harness commit: " + ", ".join(c[:12] for c in commits))
-    if info.get("command"):
+    cmds = [c for c in info.get("commands") or [] if isinstance(c, dict) and c.get("command")]
+    distinct: list[dict] = []
+    for c in cmds:  # the same command resumed again and again is one line
+        if not any(d["command"] == c["command"] and d.get("gpus") == c.get("gpus") for d in distinct):
+            distinct.append(c)
+    if len(distinct) > 1:  # e.g. two sweeps sharing one host, or batches resumed with other filters
+        for i, c in enumerate(distinct, 1):
+            where = []
+            if c.get("gpus"):
+                where.append("GPUs " + ",".join(str(g) for g in c["gpus"]))
+            if c.get("cores"):
+                where.append(f"{c['cores']} cores")
+            lines.append(f"Command {i} of {len(distinct)}" + (f" ({'; '.join(where)})" if where else "")
+                         + f": `{scrub(c['command'])}`")
+    elif info.get("command"):
         lines.append(f"Command: `{scrub(info['command'])}`")
     ex = next((r.meta.get("argv") for r in rows if r.meta.get("argv")), None)
     if ex:

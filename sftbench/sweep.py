@@ -719,15 +719,61 @@ def _merge_plan(path: Path, sweep: str, entries: list[PlanEntry]) -> None:
     write_json(path, {"sweep": sweep, "created": created, "updated": time.time(), "entries": merged})
 
 
+def _affinity() -> int | None:
+    """How many cores this process may run on (a taskset split shows here); None where the OS cannot say."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+
+
 def write_sweep_info(sweep_dir: Path, sweep: str, gpus: list[Gpu], accelerator: str, command: str | None) -> None:
-    """sweep_info.json: the hardware and the command, for the report's preamble (the runs' meta lacks the CPU)."""
+    """sweep_info.json: the hardware and the commands, for the report's preamble (the runs' meta lacks the CPU).
+
+    ``command`` is the latest invocation; ``commands`` keeps every invocation that wrote into this folder, with the
+    GPUs and the number of cores it had, so two sweeps sharing one host (each on its own GPUs and half of the cores)
+    are both on record. The read-modify-write holds a lock: such sweeps start seconds apart."""
     import platform
-    info = {"sweep": sweep, "time": time.time(), "command": command, "accelerator": accelerator,
-            "hardware": {"gpus": [asdict(g) for g in gpus], "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
-                         "host_mem_mib": _host_total_mib(), "platform": platform.platform(),
-                         "python": platform.python_version()}}
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    write_json(sweep_dir / "sweep_info.json", info)
+    path = sweep_dir / "sweep_info.json"
+    with _locked(sweep_dir / ".sweep_info.lock"):
+        history: list = []
+        if path.is_file():
+            try:
+                old = json.loads(path.read_text(encoding="utf-8"))
+                history = [c for c in old.get("commands") or [] if isinstance(c, dict)]
+                if not history and old.get("command"):  # a file written before the history existed
+                    history = [{"command": old["command"], "time": old.get("time")}]
+            except (OSError, ValueError):
+                pass
+        now = time.time()
+        history.append({"command": command, "time": now, "gpus": [g.index for g in gpus], "cores": _affinity()})
+        info = {"sweep": sweep, "time": now, "command": command, "commands": history, "accelerator": accelerator,
+                "hardware": {"gpus": [asdict(g) for g in gpus], "cpu_model": cpu_model(),
+                             "cpu_count": os.cpu_count(), "host_mem_mib": _host_total_mib(),
+                             "platform": platform.platform(), "python": platform.python_version()}}
+        write_json(path, info)
+
+
+class _locked:
+    """An exclusive advisory lock on a file for the ``with`` block (no-op where fcntl is missing)."""
+
+    def __init__(self, path: Path):
+        self.path, self.fh = path, None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        self.fh = open(self.path, "a")
+        fcntl.flock(self.fh, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fh is not None:
+            self.fh.close()  # closing releases the lock
+        return False
 
 
 def ensure_data(entries: list[PlanEntry], say: Callable[[str], None]) -> None:

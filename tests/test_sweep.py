@@ -388,3 +388,29 @@ def test_env_switches_read_zero_as_off(monkeypatch):
     assert sweep.build_parser().parse_args(["plan"]).force is False
     monkeypatch.setenv("SFTBENCH_FORCE", "1")
     assert sweep.build_parser().parse_args(["plan"]).force is True
+
+
+def test_sweep_info_keeps_every_command_and_the_report_lists_them(tmp_path):
+    """Two sweeps on one host (each its own GPUs) and a resume: sweep_info.json keeps all three invocations, the
+    report names the two different commands with their GPUs; a file from before the history is carried over."""
+    from sftbench import report
+    d = tmp_path / "h100x2"
+    d.mkdir()
+    (d / "sweep_info.json").write_text(json.dumps({"sweep": "h100x2", "time": 1.0, "command": "old command"}))
+    h100 = "NVIDIA H100 80GB HBM3"
+    a = [sweep.Gpu(0, h100), sweep.Gpu(1, h100)]
+    b = [sweep.Gpu(2, h100), sweep.Gpu(3, h100)]
+    sweep.write_sweep_info(d, "h100x2", a, "cuda", "sweep --models pangu-350m")
+    sweep.write_sweep_info(d, "h100x2", b, "cuda", "sweep --models pangu-2.6b")
+    sweep.write_sweep_info(d, "h100x2", a, "cuda", "sweep --models pangu-350m")
+    info = json.loads((d / "sweep_info.json").read_text())
+    assert [c["command"] for c in info["commands"]] == ["old command", "sweep --models pangu-350m",
+                                                        "sweep --models pangu-2.6b", "sweep --models pangu-350m"]
+    assert info["commands"][2]["gpus"] == [2, 3] and info["command"] == "sweep --models pangu-350m"
+    assert info["hardware"]["gpus"][0]["index"] == 0
+    lines = report.hardware_lines([], info)
+    cmds = [x for x in lines if x.startswith("Command")]
+    assert len(cmds) == 3, lines  # "old command" has no GPUs recorded, so it differs from the other two
+    assert any(x.startswith("Command 3 of 3 (GPUs 2,3") and "pangu-2.6b" in x for x in cmds)
+    one = {"command": "just one", "commands": [{"command": "just one", "gpus": [0]}] * 3}
+    assert "Command: `just one`" in report.hardware_lines([], one)
