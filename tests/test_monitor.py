@@ -238,6 +238,11 @@ def test_status_waiting_then_ok(tmp_path):
     d.mkdir()
     w.poll()
     assert w.state.status() == "waiting"
+    (d / "rank0.jsonl").write_text("")  # train.py opened its log; the model is still being built
+    w.poll()
+    assert w.state.status() == "starting"
+    assert "starting: 1 rank file(s) open, no record yet" in M.header_lines(w.state.header())[1]
+    (d / "rank0.jsonl").unlink()
     make_run(d, steps=5, summary="ok", median=0.55)
     w.read_all()
     assert w.state.status() == "ok"

@@ -22,9 +22,11 @@ EMA_ALPHA = 0.1         # smoothing of s/it (about a 10-step window)
 STATUS_LABELS = {
     "ok": "done", "oom": "OOM", "cuda_error": "CUDA error", "timeout": "timeout", "error": "error",
     "interrupted": "interrupted", "running": "running", "queued": "queued", "waiting": "waiting",
+    "starting": "starting",
 }
 STATUS_STYLES = {
-    "done": "green", "ok": "green", "running": "cyan", "queued": "dim", "waiting": "dim", "OOM": "bold red",
+    "done": "green", "ok": "green", "running": "cyan", "queued": "dim", "waiting": "dim", "starting": "cyan",
+    "OOM": "bold red",
     "oom": "bold red", "CUDA error": "bold red", "cuda_error": "bold red", "timeout": "yellow", "error": "red",
     "interrupted": "yellow",
 }
@@ -245,6 +247,7 @@ class RunState:
         self.ranks: dict[int, RankState] = {}
         self.synth: dict | None = None
         self.exists = False
+        self.rank_files = 0  # rank<k>.jsonl files seen, empty ones included (set by the watcher)
         self.version = 0
 
     def touch(self) -> None:
@@ -321,7 +324,9 @@ class RunState:
         if s is not None:
             return str(s.get("status") or "error")
         if not self.has_logs:
-            return "waiting"
+            # train.py opens its rank files first and writes the meta record only once the model and the engine
+            # are built (a minute or more for 2.6B, more with --compile): the run is starting, not missing
+            return "starting" if self.rank_files else "waiting"
         return "running"
 
     def header(self) -> dict[str, Any]:
@@ -371,15 +376,18 @@ class RunState:
             "in_warmup": bool(p and p.in_warmup), "s_it_ema": ema, "s_it_last": last_s, "s_it_median": median,
             "measured_steps": len(p.measured) if p else 0, "eta_s": eta, "steps_per_epoch": m.get("steps_per_epoch"),
             "epoch_s_est": epoch, "tokens_per_s": tps, "mfu_pct": mfu,
-            "ranks_seen": len(self.ranks), "bad_lines": self.bad_lines,
+            "ranks_seen": len(self.ranks), "rank_files": self.rank_files, "bad_lines": self.bad_lines,
             "partial_lines": sum(1 for r in self.ranks.values() if r.partial),
         }
 
 
 def header_lines(h: Mapping[str, Any]) -> list[str]:
     """The run header as plain lines (the app styles the status word)."""
-    if h["status"] == "waiting":
-        lines = [f"run {h['run']}  [waiting]  {h['run_dir']}", "waiting: no logs in this run directory yet"]
+    if h["status"] in ("waiting", "starting"):
+        lines = [f"run {h['run']}  [{h['status']}]  {h['run_dir']}",
+                 "waiting: no logs in this run directory yet" if h["status"] == "waiting" else
+                 f"starting: {h['rank_files']} rank file(s) open, no record yet (building the model and the engine; "
+                 f"the meta record comes next)"]
         if h["bad_lines"]:
             lines.append(f"garbage lines skipped: {h['bad_lines']}")
         return lines

@@ -5,7 +5,7 @@ Targets:
 * ``follow``  (no argument): the newest run under the runs root; moves on when a new run appears (a sweep starting
   its next run) or the followed one has ended and another is newer. Its table is the run's sweep (``plan.json``
   in the parent) or every run under the root.
-* ``run``     a run directory (rank files, ``summary.json``, or nothing yet: "waiting").
+* ``run``     a run directory (rank files, ``summary.json``; empty rank files: "starting"; nothing yet: "waiting").
 * ``sweep``   a directory with ``plan.json``: the table lists every plan entry; the run view follows the sweep's
   newest run.
 * ``results`` any other directory: the table lists the run directories found beneath it; the run view follows the

@@ -221,6 +221,9 @@ class RunWatcher:
         for rank, path in files.items():
             if rank not in self.tailers:
                 self.tailers[rank] = FileTailer(path)
+        if len(files) != st.rank_files:
+            st.rank_files = len(files)
+            st.touch()
         if budget_s is None:
             for rank in list(self.tailers):
                 self._poll_one(rank, None)
