@@ -6,6 +6,7 @@
 #   ./run_all.sh --max-minutes 9          # batch a long sweep into bounded commands; re-run to resume
 #   ./run_all.sh --models pangu-350m --configs 'z2*,none' --precisions bf16 --steps 20
 #   SFTBENCH_GPUS=1 SFTBENCH_STEPS=5 ./run_all.sh
+#   ./run_all.sh --epoch --models pangu-350m --configs z0   # one full epoch: checks the table's epoch estimate
 #
 # Every option: python -m sftbench.sweep --help. The logic lives in sftbench/sweep.py and sftbench/report.py.
 set -euo pipefail

@@ -148,6 +148,7 @@ try:
     ga = engine.gradient_accumulation_steps()
     mb = engine.train_micro_batch_size_per_gpu()
     steps_per_epoch = sftdata.steps_per_epoch(ds.n, mb, world_size, ga)
+    max_steps = args.max_steps or steps_per_epoch  # --max-steps 0: one full epoch, its time measured
 
     # ------------------------------------------------------------ meta record
     gpu_uuid = metrics.cuda_uuid(device.index) if device.type == "cuda" else None
@@ -182,7 +183,7 @@ try:
         offload_optimizer=desc["offload_optimizer"], offload_param=desc["offload_param"], micro_batch=mb,
         grad_accum=ga, seq_len=args.seq_len, dataset_path=str(args.data), dataset_samples=ds.n,
         real_tokens=ds.real_tokens, pad_tokens=ds.pad_tokens, steps_per_epoch=steps_per_epoch,
-        max_steps=args.max_steps, warmup_steps=args.warmup_steps,
+        max_steps=max_steps, warmup_steps=args.warmup_steps,
         optimizations={"engine": engine_name, "attention": "sdpa", "pad_mask": use_pad_mask,
                        "compile": compile_target, "compile_why": compile_why,
                        "compile_mode": args.compile_mode if compile_target != "off" else None,
@@ -200,12 +201,12 @@ try:
 
     # ------------------------------------------------------------ batches, on the device before the clock starts
     per_step = mb * ga
-    need = args.max_steps * per_step
+    need = max_steps * per_step
 
     def step_indices(r: int) -> torch.Tensor:
         """Rank r's samples as [max_steps, ga, mb]; epochs back to back so every step has ga full micro-batches."""
         idx = sftdata.ShardedOrder(ds.n, r, world_size, args.seed).take(need)
-        return torch.tensor(idx).view(args.max_steps, ga, mb)
+        return torch.tensor(idx).view(max_steps, ga, mb)
 
     idx_t = step_indices(rank)
     dev_ids = ds.input_ids[idx_t].to(device)
@@ -220,7 +221,7 @@ try:
     tty = sys.stdout.isatty()
     sync()
     t_loop = time.perf_counter()
-    for step in range(args.max_steps):
+    for step in range(max_steps):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         sync()
@@ -258,16 +259,16 @@ try:
         stats.add(rec)
         if step + 1 == steps_per_epoch:
             summary_extra["epoch_s_measured"] = rec["elapsed_s"]
-        if rank == 0 and ((step + 1) % args.log_every == 0 or step + 1 == args.max_steps):
+        if rank == 0 and ((step + 1) % args.log_every == 0 or step + 1 == max_steps):
             done = step + 1
-            eta = (args.max_steps - done) * (metrics.median([r["step_s"] for r in stats.records[-10:]]) or step_s)
+            eta = (max_steps - done) * (metrics.median([r["step_s"] for r in stats.records[-10:]]) or step_s)
             bar = ""
             if tty:
-                fill = int(20 * done / args.max_steps)
+                fill = int(20 * done / max_steps)
                 bar = "[" + "#" * fill + "." * (20 - fill) + "] "
             mem = f" | gpu {rec['gpu_mem_used_mib']:.0f} MiB" if rec["gpu_mem_used_mib"] is not None else ""
             mfu = f" | mfu {rec['mfu_pct']:.1f}%" if rec["mfu_pct"] is not None else ""
-            print(f"{bar}step {done}/{args.max_steps}{' (warm-up)' if warm else ''} | loss {loss:.4f} | "
+            print(f"{bar}step {done}/{max_steps}{' (warm-up)' if warm else ''} | loss {loss:.4f} | "
                   f"{step_s:.3f} s/it | {rec['tokens_per_s']:.0f} tok/s{mfu}{mem} | "
                   f"rss {rec['host_rss_mib']:.0f} MiB | eta {eta:.0f}s", flush=True)
 

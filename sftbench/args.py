@@ -38,7 +38,8 @@ class HarnessArgs:
                              default=None)
     precision: str | None = _help("fp32, fp16 or bf16; overrides the config's fp16/bf16 blocks. Default: the "
                                   "config's (for --ds none: bf16 on GPUs that have it, else fp32).", default=None)
-    max_steps: int = _help("Optimizer steps to run (each = grad_accum micro-batches per rank).", default=20)
+    max_steps: int = _help("Optimizer steps to run (each = grad_accum micro-batches per rank); 0 = one full epoch "
+                           "(its time is then measured, not estimated).", default=20)
     warmup_steps: int = _help("First steps flagged warm-up in the log and left out of statistics.", default=3)
     grad_accum: int = _help("Gradient accumulation for --ds none (DeepSpeed runs read it from the config).",
                             default=8)
@@ -72,9 +73,11 @@ class HarnessArgs:
             self.ds = "none"
         if self.precision is not None and self.precision not in ("fp32", "fp16", "bf16"):
             raise ArgsError(f"--precision must be fp32, fp16 or bf16, got {self.precision!r}")
-        for name in ("max_steps", "grad_accum", "micro_batch", "seq_len", "log_every"):
+        for name in ("grad_accum", "micro_batch", "seq_len", "log_every"):
             if getattr(self, name) < 1:
                 raise ArgsError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps < 0:
+            raise ArgsError(f"--max-steps must be >= 1, or 0 for one epoch, got {self.max_steps}")
         if self.warmup_steps < 0:
             raise ArgsError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         if self.pad_mask not in ("auto", "always"):

@@ -36,6 +36,7 @@ from pathlib import Path
 from sftbench import runlog
 from sftbench.dsconfig import apply_precision, describe
 from sftbench.metrics import cpu_model
+from sftbench.sweep import EPOCH_SUFFIX  # sweep --epoch: one full epoch of the run named without the suffix
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -486,11 +487,43 @@ def hardware_lines(rows: list[Row], info: dict) -> list[str]:
     return lines
 
 
+def epoch_checks(rows: list[Row]) -> list[str]:
+    """For every full-epoch run (``sweep --epoch``): the short run's estimate against the measured epoch."""
+    by_run = {r.run: r for r in rows}
+    out = []
+    for r in rows:
+        if not r.run.endswith(EPOCH_SUFFIX):
+            continue
+        measured = (r.summary or {}).get("epoch_s_measured")
+        what = f"`{r.run[:-len(EPOCH_SUFFIX)]}`"
+        if not r.ok or measured is None:
+            out.append(f"{what}: the full-epoch run did not finish ({r.status or 'no summary'}); nothing to compare.")
+            continue
+        own = (r.summary or {}).get("epoch_s_est")
+        line = (f"{what}: one full epoch ({(r.summary or {}).get('steps_per_epoch')} steps) took "
+                f"**{fmt_duration(measured)}** ({measured:.0f} s)")
+        short = by_run.get(r.run[:-len(EPOCH_SUFFIX)])
+        s_est = (short.summary or {}).get("epoch_s_est") if short is not None and short.ok else None
+        if s_est is not None:
+            n = (short.summary or {}).get("measured_steps")
+            line += (f"; the short run estimated ~{fmt_duration(s_est)} ({s_est:.0f} s, from {n} measured steps): "
+                     f"**{(s_est / measured - 1) * 100:+.1f}%**")
+        else:
+            line += "; no finished short run of the same name to compare with"
+        if own is not None:
+            line += (f"; the epoch run's own median step × steps gives {own:.0f} s "
+                     f"({(own / measured - 1) * 100:+.1f}%: warm-up and drift)")
+        out.append(line + ".")
+    return out
+
+
 def recommendations(rows: list[Row]) -> list[str]:
     """Per model and GPU count: the fastest configuration that ran, and the one with the least GPU memory."""
     out = []
     groups: dict[tuple, list[Row]] = {}
     for r in rows:
+        if r.run.endswith(EPOCH_SUFFIX):  # the same configuration again, run longer
+            continue
         groups.setdefault(r.group, []).append(r)
     for (label, dev, world), rs in groups.items():
         ok = [r for r in rs if r.ok]
@@ -566,7 +599,8 @@ NOTES = [
 ]
 
 
-def write_md(path: Path, title: str, table: Table, hw: list[str], recs: list[str], n_runs: int) -> None:
+def write_md(path: Path, title: str, table: Table, hw: list[str], recs: list[str], n_runs: int,
+             checks: list[str] | None = None) -> None:
     hs = md_headers()
     lines = [f"# {title}", ""]
     lines += [f"- {h}" for h in hw]
@@ -583,12 +617,15 @@ def write_md(path: Path, title: str, table: Table, hw: list[str], recs: list[str
     if table.footnotes:
         lines += ["", "**Failures**", ""]
         lines += [f"{n}. {_md_escape(f)}" for n, f in enumerate(table.footnotes, 1)]
+    if checks:
+        lines += ["", "## Epoch check", ""] + [f"- {c}" for c in checks]
     lines += ["", "## Recommendation", ""] + [f"- {r}" for r in recs]
     lines += ["", "![step time vs memory](results.png)", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
-def write_html(path: Path, title: str, table: Table, hw: list[str], recs: list[str], n_runs: int) -> None:
+def write_html(path: Path, title: str, table: Table, hw: list[str], recs: list[str], n_runs: int,
+               checks: list[str] | None = None) -> None:
     def inline(s: str) -> str:
         s = html.escape(s)
         # `code` and **bold** from the Markdown strings
@@ -619,6 +656,8 @@ def write_html(path: Path, title: str, table: Table, hw: list[str], recs: list[s
     out += ["    </tbody>", "</table>", "<p>" + "<br>".join(inline(n) for n in table.notes) + "</p>"]
     if table.footnotes:
         out += ["<h3>Failures</h3>", "<ol>"] + [f"<li>{html.escape(f)}</li>" for f in table.footnotes] + ["</ol>"]
+    if checks:
+        out += ["<h2>Epoch check</h2>", "<ul>"] + [f"<li>{inline(c)}</li>" for c in checks] + ["</ul>"]
     out += ["<h2>Recommendation</h2>", "<ul>"] + [f"<li>{inline(r)}</li>" for r in recs] + ["</ul>"]
     out += ["<img src=\"results.png\" alt=\"step time vs memory\" style=\"max-width:100%\">", "</body></html>", ""]
     path.write_text("\n".join(out), encoding="utf-8")
@@ -789,8 +828,9 @@ def make_report(runs_dir: str | os.PathLike, out_dir: str | os.PathLike, title: 
     if missing:  # a sweep cut into batches: say what the table does not have yet, by name
         hw.append(f"Planned but not run yet ({len(missing)}): " + ", ".join(f"`{m}`" for m in missing) + ".")
     recs = recommendations(rows)
-    write_md(out / "results.md", title, table, hw, recs, len(rows))
-    write_html(out / "results.html", title, table, hw, recs, len(rows))
+    checks = epoch_checks(rows)
+    write_md(out / "results.md", title, table, hw, recs, len(rows), checks)
+    write_html(out / "results.html", title, table, hw, recs, len(rows), checks)
     write_csv(out / "results.csv", rows)
     write_summaries(out / "summaries.jsonl", rows)
     write_png(out / "results.png", rows)

@@ -285,6 +285,8 @@ def resolve_precisions(spec: str, ref_precs: list[str], accelerator: str, bf16_o
 
 # ================================================================================================ plan
 
+EPOCH_SUFFIX = "__epoch"  # sweep --epoch: <run>__epoch is one full epoch of <run> (the report compares them)
+EPOCH_TIMEOUT_S = 12 * 3600.0
 ENTRY_KEY_FIELDS = ("model", "ds_config", "ds_config_sha1", "precision", "num_gpus", "max_steps", "warmup_steps",
                     "accelerator", "data", "seq_len", "extra_args")
 
@@ -906,6 +908,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"SFT JSONL (GPU: {BENCH_DATA}, generated if missing; CPU: {SAMPLE_DATA})")
     g.add_argument("--extra-args", default=_env("EXTRA_ARGS", ""),
                    help="more train.py arguments, one shell-quoted string (write --extra-args='--compile')")
+    g.add_argument("--epoch", action="store_true", default=_env_flag("EPOCH"),
+                   help="one full epoch per run (train.py --max-steps 0) in run directories named <run>__epoch, to "
+                        "check the short runs' epoch estimate: the report compares the two (pick one config per "
+                        "model: --models pangu-350m --configs z0). The default --timeout becomes 12 h")
     g.add_argument("--cpu", action="store_true", default=_env_flag("CPU"),
                    help="the CPU plan even where GPUs are visible")
     r = p.add_argument_group("run")
@@ -960,10 +966,16 @@ def resolve(args: argparse.Namespace, gpus: list[Gpu] | None = None) -> Resolved
     data = args.data or (SAMPLE_DATA if accelerator == "cpu" else BENCH_DATA)
     steps = int(args.steps) if args.steps is not None else d["steps"]
     warmup = int(args.warmup) if args.warmup is not None else min(d["warmup"], max(0, steps - 1))
+    epoch = bool(getattr(args, "epoch", False))
+    if epoch:
+        steps = 0  # train.py: one full epoch
     entries = build_plan(models=models, configs=configs, precisions=args.precisions, gpu_counts=counts,
                          accelerator=accelerator, steps=steps, warmup=warmup, data=data,
                          seq_len=int(args.seq_len) if args.seq_len else d["seq_len"], bf16_ok=bf16_supported(gpus),
                          ref=ref, extra_args=shlex.split(args.extra_args or ""))
+    if epoch:
+        for e in entries:
+            e.run += EPOCH_SUFFIX
     if args.sweep_name:
         sweep = args.sweep_name
     elif accelerator == "cpu":
@@ -974,7 +986,7 @@ def resolve(args: argparse.Namespace, gpus: list[Gpu] | None = None) -> Resolved
     runs_dir = runs_dir if runs_dir.is_absolute() else REPO / runs_dir
     results = Path(args.results_dir)
     results = results if results.is_absolute() else REPO / results
-    timeout = float(args.timeout) if args.timeout is not None else d["timeout"]
+    timeout = float(args.timeout) if args.timeout is not None else (EPOCH_TIMEOUT_S if epoch else d["timeout"])
     return Resolved(entries, sweep, runs_dir / sweep, results / sweep, accelerator, gpus, timeout)
 
 

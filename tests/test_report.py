@@ -188,6 +188,24 @@ def test_the_compile_note_only_where_a_row_compiled(sweep_dir, tmp_path):
     assert "(compiled" not in (tmp_path / "res" / "results.md").read_text(encoding="utf-8")
 
 
+def test_epoch_check_compares_the_short_estimate_with_the_full_epoch(tmp_path):
+    """A <run>__epoch run beside <run>: the report's epoch check gives both and the error; recommendations and the
+    failure list ignore the longer twin."""
+    root = tmp_path / "runs" / "h100x1"
+    write_ok_run(root, "pangu-350m__z0__bf16__g1", "pangu-350m", "z0", "bf16", 1, 0.30, 10000.0, 2000.0)
+    write_ok_run(root, "pangu-350m__z0__bf16__g1__epoch", "pangu-350m", "z0", "bf16", 1, 0.31, 10100.0, 2000.0,
+                 measured_epoch=400.0)
+    report.make_report(root, tmp_path / "res")
+    md = (tmp_path / "res" / "results.md").read_text(encoding="utf-8")
+    check = md.split("## Epoch check")[1].split("## Recommendation")[0]
+    # short estimate 1250 x 0.30 = 375 s against 400 s measured: -6.2%; the epoch run's own 1250 x 0.31 = 388 s
+    assert "one full epoch (1250 steps) took **6.7min** (400 s)" in check
+    assert "estimated ~6.2min (375 s, from 7 measured steps): **-6.2%**" in check
+    assert "gives 388 s (-3.1%" in check
+    assert md.count("pangu-350m__z0__bf16__g1__epoch") == 1  # its table row only
+    assert "<h2>Epoch check</h2>" in (tmp_path / "res" / "results.html").read_text(encoding="utf-8")
+
+
 def test_cpu_runs_say_so(tmp_path):
     root = tmp_path / "cpu"
     write_ok_run(root, "pangu-tiny__z0__bf16__cpu2", "pangu-tiny", "z0", "bf16", 2, 0.6, 0.0, 550.0, accel="cpu")

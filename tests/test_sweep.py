@@ -35,6 +35,19 @@ def test_reference_map_is_read_from_the_readme():
     assert {r.file for r in REF if r.file} == files - {"z2_offload_5e8_acc32"}
 
 
+def test_epoch_plan_runs_one_full_epoch_under_its_own_name():
+    """--epoch: every entry runs train.py --max-steps 0 (one epoch) in <run>__epoch, with a long default timeout."""
+    short = plan(H100, ["--models", "pangu-350m", "--configs", "z0", "--precisions", "bf16"])
+    res = plan(H100, ["--models", "pangu-350m", "--configs", "z0", "--precisions", "bf16", "--epoch"])
+    assert [e.run for e in res.entries] == [short.entries[0].run + "__epoch"]
+    e = res.entries[0]
+    assert e.max_steps == 0 and e.warmup_steps == short.entries[0].warmup_steps
+    assert res.timeout == sweep.EPOCH_TIMEOUT_S and short.timeout < res.timeout
+    cmd = sweep.train_command(e, Path("/tmp/x"), {})
+    assert cmd[cmd.index("--max-steps") + 1] == "0"
+    assert plan(H100, ["--configs", "z0", "--epoch", "--timeout", "60"]).timeout == 60
+
+
 def test_reference_precisions():
     assert sweep.reference_precisions(REF, "pangu-350m", "none") == (["fp32", "fp16"], [1, 2])
     assert sweep.reference_precisions(REF, "pangu-2.6b", "z0") == (["fp16", "bf16"], [18, 29])
@@ -345,23 +358,28 @@ def test_epoch_estimate_matches_a_measured_epoch(tmp_path):
     data = tmp_path / "d320.jsonl"
     data.write_text("\n".join(lines[i % len(lines)] for i in range(320)) + "\n", encoding="utf-8")
     # 320 samples / (micro batch 1 x 2 ranks x grad accum 8) = 20 steps per epoch
-    e = sweep.PlanEntry(run="pangu-tiny__z0__fp32__cpu2", model="pangu-tiny", ds_config="ds_configs/z0.json",
-                        precision="fp32", num_gpus=2, max_steps=20, warmup_steps=2, accelerator="cpu",
-                        data=str(data), seq_len=64)
-    out = sweep.run_sweep([e], tmp_path / "runs", sweep="epoch", timeout_s=400, say=quiet)
+    # a short run, then the same run for one full epoch (--max-steps 0, as sweep --epoch plans it)
+    kw = dict(model="pangu-tiny", ds_config="ds_configs/z0.json", precision="fp32", num_gpus=2, warmup_steps=2,
+              accelerator="cpu", data=str(data), seq_len=64)
+    short = sweep.PlanEntry(run="pangu-tiny__z0__fp32__cpu2", max_steps=5, **kw)
+    e = sweep.PlanEntry(run=short.run + sweep.EPOCH_SUFFIX, max_steps=0, **kw)
+    out = sweep.run_sweep([short, e], tmp_path / "runs", sweep="epoch", timeout_s=400, say=quiet)
     rd = tmp_path / "runs" / e.run
     console = (rd / "console.log").read_text(errors="replace")
-    assert out[0].status == "ok", console[-3000:]
+    assert [o.status for o in out] == ["ok", "ok"], console[-3000:]
     s = runlog.load_run(rd).summary[0]
-    assert s["steps_per_epoch"] == 20
+    assert s["steps_per_epoch"] == 20 and s["steps"] == 20
     assert s["epoch_s_measured"] is not None, "train.py did not record the measured epoch"
     err = abs(s["epoch_s_est"] - s["epoch_s_measured"]) / s["epoch_s_measured"]
     assert err < 0.10, (s["epoch_s_est"], s["epoch_s_measured"])
     from sftbench import report
     res = report.make_report(tmp_path / "runs", tmp_path / "results")
-    assert res["rows"] == 1 and res["failures"] == 0
+    assert res["rows"] == 2 and res["failures"] == 0
     md = (tmp_path / "results" / "results.md").read_text()
     assert "CPU" in md and "1*CPU" not in md and "2*CPU" in md
+    check = md.split("## Epoch check")[1].split("##")[0]
+    assert "`pangu-tiny__z0__fp32__cpu2`: one full epoch (20 steps) took" in check
+    assert "the short run estimated" in check and "%" in check
 
 
 def test_plan_json_merges_batches_in_order(tmp_path):
