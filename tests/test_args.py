@@ -1,0 +1,31 @@
+"""sftbench.args: the harness dataclass refuses bad values with the flag's name; --max-steps 0 means one epoch."""
+from __future__ import annotations
+
+import pytest
+
+from sftbench.args import ArgsError, HarnessArgs, parse_args
+
+
+def test_max_steps_zero_is_one_epoch_and_negatives_are_refused():
+    assert parse_args(["--max-steps", "0"]).max_steps == 0
+    with pytest.raises(ArgsError, match=r"--max-steps must be >= 1, or 0 for one epoch, got -1"):
+        HarnessArgs(max_steps=-1)
+
+
+@pytest.mark.parametrize("name", ["grad_accum", "micro_batch", "seq_len", "log_every"])
+def test_counts_below_one_are_refused_by_flag_name(name):
+    with pytest.raises(ArgsError, match=f"--{name.replace('_', '-')} must be >= 1, got 0"):
+        HarnessArgs(**{name: 0})
+
+
+def test_bad_precision_and_warmup_are_refused():
+    with pytest.raises(ArgsError, match="--precision must be fp32, fp16 or bf16"):
+        HarnessArgs(precision="int8")
+    with pytest.raises(ArgsError, match="--warmup-steps must be >= 0"):
+        HarnessArgs(warmup_steps=-1)
+
+
+def test_the_parser_exits_with_the_message(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--max-steps", "-3"])
+    assert "--max-steps must be >= 1, or 0 for one epoch, got -3" in capsys.readouterr().err
