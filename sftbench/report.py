@@ -833,7 +833,7 @@ def make_report(runs_dir: str | os.PathLike, out_dir: str | os.PathLike, title: 
     write_html(out / "results.html", title, table, hw, recs, len(rows), checks)
     write_csv(out / "results.csv", rows)
     write_summaries(out / "summaries.jsonl", rows)
-    write_png(out / "results.png", rows)
+    write_png(out / "results.png", [r for r in rows if not r.run.endswith(EPOCH_SUFFIX)])  # no twin points
     return {"rows": len(rows), "failures": len(table.footnotes), "out": str(out)}
 
 
