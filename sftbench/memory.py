@@ -290,6 +290,10 @@ def predict(n_params: int, ds_config: dict | str | os.PathLike | None, world_siz
         else:
             gpu["grads"] = (b * P if stage == 1 else b * P / W) + 4 * P / W
             gpu["optimizer"] = 12 * P / W
+            if cuda:  # measured, not modelled: it depends on the allocator's history, not on tensor sizes
+                notes.append(f"ZeRO-{stage} without offload: torch's caching allocator can reserve well beyond these "
+                             "tensors (measured on Pangu-2.6B: 9.7-14.9 GB for ZeRO-1, 4.4-4.9 GB for ZeRO-2 on "
+                             "1-3 GPUs; docs/performance.md), so NVML may read that much higher")
         ipg = int(zget("reduce_bucket_size")) * b if zget("contiguous_gradients") else 0
         overlap = bool(zo.get("overlap_comm")) if zo.get("overlap_comm") is not None else False
         gpu["buffers"] += ipg * (2 if overlap else 1)
@@ -407,4 +411,6 @@ def summarize(pred: dict | None) -> str:
         parts = ", ".join(f"{k} {v:.0f}" for k, v in pred.get("host_breakdown_mib", {}).items() if v)
         return f"host ~{pred['host_mib']:.0f} MiB ({parts}), {fit}"
     parts = ", ".join(f"{k} {v:.0f}" for k, v in pred.get("gpu_breakdown_mib", {}).items() if v)
-    return f"GPU ~{pred['gpu_mib']:.0f} MiB/rank ({parts}), host ~{pred['host_mib']:.0f} MiB, {fit}"
+    more = (" (NVML may read more: allocator caching)" if any("caching allocator" in n for n in pred.get("notes", []))
+            else "")
+    return f"GPU ~{pred['gpu_mib']:.0f} MiB/rank ({parts}){more}, host ~{pred['host_mib']:.0f} MiB, {fit}"
