@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sftbench.buildenv import fix_cuda_arch_list, rank_device  # noqa: E402
+from sftbench import speed  # noqa: E402  (torch-free at import)
 
 fix_cuda_arch_list()  # as train.py: before anything imports DeepSpeed's op builders
 
@@ -47,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None,
                    help="override the JSON's fp16/bf16 blocks, as train.py --precision")
     p.add_argument("--pad-mask", choices=("auto", "always"), default="auto", help="as train.py --pad-mask")
-    p.add_argument("--compile", nargs="?", const="model", default="auto", choices=("auto", "off", "blocks", "model"),
+    p.add_argument("--compile", nargs="?", const="model", default="auto", choices=speed.COMPILE_TARGETS,
                    help="as train.py --compile")
     p.add_argument("--compile-mode", default="default", help="as train.py --compile-mode")
     p.add_argument("--profile", default=None, metavar="FILE",
@@ -60,11 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from sftbench.speed import SpeedError, check_compile
     try:
-        check_compile(args.compile, args.compile_mode)
+        speed.check_compile(args.compile, args.compile_mode)
         cfg = apply_precision(load_ds_config(args.ds), args.precision)
-    except (DSConfigError, SpeedError) as e:
+    except (DSConfigError, speed.SpeedError) as e:
         sys.exit(f"error: {e}")
     precision = config_precision(cfg)
 
@@ -105,7 +105,6 @@ def main(argv=None) -> int:
     right_padded = bool((enc.attention_mask[:, 1:] <= enc.attention_mask[:, :-1]).all())
     use_pad_mask = args.pad_mask == "always" or not right_padded
 
-    from sftbench import speed
     target, _ = speed.resolve_compile(args.compile, device.type != "cuda", cfg)  # as train.py decides
     if target == "blocks":
         speed.compile_blocks(model, args.compile_mode)

@@ -135,6 +135,11 @@ class Row:
         return self.summary.get("status") if self.summary else None
 
     @property
+    def epoch_twin_of(self) -> str | None:
+        """For a ``sweep --epoch`` run (``<run>__epoch``): the short run it measures an epoch for; else None."""
+        return self.run[:-len(EPOCH_SUFFIX)] if self.run.endswith(EPOCH_SUFFIX) else None
+
+    @property
     def compile(self) -> str:
         """The torch.compile target the run used ("off" for logs older than the field)."""
         return str(((self.meta or {}).get("optimizations") or {}).get("compile") or "off")
@@ -492,17 +497,17 @@ def epoch_checks(rows: list[Row]) -> list[str]:
     by_run = {r.run: r for r in rows}
     out = []
     for r in rows:
-        if not r.run.endswith(EPOCH_SUFFIX):
+        if r.epoch_twin_of is None:
             continue
         measured = (r.summary or {}).get("epoch_s_measured")
-        what = f"`{r.run[:-len(EPOCH_SUFFIX)]}`"
+        what = f"`{r.epoch_twin_of}`"
         if not r.ok or measured is None:
             out.append(f"{what}: the full-epoch run did not finish ({r.status or 'no summary'}); nothing to compare.")
             continue
         own = (r.summary or {}).get("epoch_s_est")
         line = (f"{what}: one full epoch ({(r.summary or {}).get('steps_per_epoch')} steps) took "
                 f"**{fmt_duration(measured)}** ({measured:.0f} s)")
-        short = by_run.get(r.run[:-len(EPOCH_SUFFIX)])
+        short = by_run.get(r.epoch_twin_of)
         s_est = (short.summary or {}).get("epoch_s_est") if short is not None and short.ok else None
         if s_est is not None:
             n = (short.summary or {}).get("measured_steps")
@@ -522,7 +527,7 @@ def recommendations(rows: list[Row]) -> list[str]:
     out = []
     groups: dict[tuple, list[Row]] = {}
     for r in rows:
-        if r.run.endswith(EPOCH_SUFFIX):  # the same configuration again, run longer
+        if r.epoch_twin_of is not None:  # the same configuration again, run longer
             continue
         groups.setdefault(r.group, []).append(r)
     for (label, dev, world), rs in groups.items():
@@ -833,7 +838,7 @@ def make_report(runs_dir: str | os.PathLike, out_dir: str | os.PathLike, title: 
     write_html(out / "results.html", title, table, hw, recs, len(rows), checks)
     write_csv(out / "results.csv", rows)
     write_summaries(out / "summaries.jsonl", rows)
-    write_png(out / "results.png", [r for r in rows if not r.run.endswith(EPOCH_SUFFIX)])  # no twin points
+    write_png(out / "results.png", [r for r in rows if r.epoch_twin_of is None])  # no twin points
     return {"rows": len(rows), "failures": len(table.footnotes), "out": str(out)}
 
 

@@ -966,7 +966,7 @@ def resolve(args: argparse.Namespace, gpus: list[Gpu] | None = None) -> Resolved
     data = args.data or (SAMPLE_DATA if accelerator == "cpu" else BENCH_DATA)
     steps = int(args.steps) if args.steps is not None else d["steps"]
     warmup = int(args.warmup) if args.warmup is not None else min(d["warmup"], max(0, steps - 1))
-    epoch = bool(getattr(args, "epoch", False))
+    epoch = args.epoch
     if epoch:
         steps = 0  # train.py: one full epoch
     entries = build_plan(models=models, configs=configs, precisions=args.precisions, gpu_counts=counts,
