@@ -22,6 +22,7 @@ from sftbench.args import REPO, parse_args
 from sftbench.buildenv import fix_cuda_arch_list, rank_device
 from sftbench.dsconfig import DSConfigError, apply_precision, config_precision, describe, load_ds_config
 from sftbench.runlog import RunLog
+from sftbench.shm import release_own_buffer as release_shm_buffer
 
 # ---------------------------------------------------------------- parse
 args = parse_args()
@@ -55,6 +56,8 @@ elif world_size > 1:
     torch.distributed.init_process_group("gloo" if on_cpu else "nccl", device_id=None if on_cpu else device)
 if torch.distributed.is_initialized():
     world_size, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+if args.deepspeed and on_cpu:
+    release_shm_buffer(rank, world_size)  # DeepSpeed never frees its 66 MB shm file per CPU rank (sftbench/shm.py)
 
 
 def sync() -> None:

@@ -74,6 +74,7 @@ def main(argv=None) -> int:
     from sftbench import metrics
     from sftbench.pangu import build_model
     from sftbench.plain import param_groups
+    from sftbench.shm import release_own_buffer
     from sftbench.tokenizer import PanguTokenizer
 
     on_cpu, local_rank, device = rank_device(args.local_rank)
@@ -81,6 +82,8 @@ def main(argv=None) -> int:
         sys.exit("error: fp16 is not supported on CPU (DeepSpeed refuses it); use --precision bf16 or fp32")
     deepspeed.init_distributed()
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    if on_cpu:
+        release_own_buffer(rank, world)  # as train.py: DeepSpeed leaves its shm file behind on CPU
     model_name = args.model or ("pangu-tiny" if on_cpu else "pangu-350m")
     data_path = args.data or str(BENCH_DATA if BENCH_DATA.is_file() else SAMPLE_DATA)
     torch.manual_seed(args.seed)

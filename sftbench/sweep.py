@@ -1028,6 +1028,12 @@ def main(argv: list[str] | None = None) -> int:
         print_plan(res)
         return 0
     print_plan(res)
+    if res.accelerator == "cpu":
+        # Runs from before train.py released DeepSpeed's CPU shm buffers each left 66 MB per rank in RAM.
+        from sftbench import shm
+        n, size = shm.remove_stale()
+        if n:
+            print(f"removed {n} stale DeepSpeed shm buffer(s) left by earlier CPU runs ({size / 2**30:.1f} GiB)")
     ensure_data(res.entries, print)
     write_sweep_info(res.sweep_dir, res.sweep, res.gpus, res.accelerator,
                      "python -m sftbench.sweep " + shlex.join(sys.argv[1:] if argv is None else argv))

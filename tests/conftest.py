@@ -63,5 +63,12 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def leftover_shm(nranks: int, port: int = 29500) -> list[str]:
+    """DeepSpeed CPU shm buffers of a launcher run (default address and port) still in /dev/shm after it ended."""
+    from sftbench.shm import buffer_path
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    return [str(p) for r in range(nranks) if (p := buffer_path(r, env)).exists()]
+
+
 def run(cmd: list[str], env: dict, timeout: int = 600, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout, **kw)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import REPO, cpu_env, launch_cmd, read_jsonl, run, write_overfit_config
+from conftest import REPO, cpu_env, launch_cmd, leftover_shm, read_jsonl, run, write_overfit_config
 from sftbench.runlog import META_KEYS, STEP_KEYS, SUMMARY_KEYS, parse_lines
 
 pytestmark = pytest.mark.slow
@@ -68,6 +68,8 @@ def test_two_rank_cpu_run(cfg, tmp_path, overfit_data):
             assert meta["offload_optimizer"] == "cpu"
     # Rank 0 prints one line per step; rank 1 prints none of them.
     assert p.stdout.count("step 8/8") == 1
+    # DeepSpeed's 66 MB shm file per CPU rank is released, not left in RAM (sftbench/shm.py).
+    assert leftover_shm(2) == []
 
 
 def test_killed_run_leaves_parseable_logs_without_summary(tmp_path, overfit_data):
@@ -94,6 +96,8 @@ def test_killed_run_leaves_parseable_logs_without_summary(tmp_path, overfit_data
         assert bad == []
         assert recs[0]["type"] == "meta"
         assert not any(r["type"] == "summary" for r in recs)
+    # Released right after init, so even SIGKILLed ranks leave no shm file behind.
+    assert leftover_shm(2) == []
 
 
 def _single(args: list[str]) -> subprocess.CompletedProcess:
@@ -164,6 +168,7 @@ def test_three_ranks_like_the_reference(tmp_path, overfit_data):
         assert meta["world_size"] == 3 and meta["rank"] == rank
         assert meta["steps_per_epoch"] == 1  # ceil(4 / (1 * 3 * 2))
         assert summary["status"] == "ok" and len(steps) == 8
+    assert leftover_shm(3) == []
 
 
 def test_compiled_under_deepspeed(tmp_path, overfit_data):
