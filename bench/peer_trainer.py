@@ -142,6 +142,7 @@ def main(argv=None) -> int:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from sftbench.pangu import build_model
+    from sftbench.shm import release_own_buffer
 
     ta = ds_trainer_args(cfg)
     out_dir = args.output_dir or tempfile.mkdtemp(prefix="peer_trainer_")
@@ -175,6 +176,10 @@ def main(argv=None) -> int:
             self.t_begin = None
             self.t_last_end = None
             self.step_times, self.periods, self.rss = [], [], []
+
+        def on_train_begin(self, targs_, state, control, **kw):
+            if on_cpu:  # the Trainer has run DeepSpeed's init_distributed by now, on every rank
+                release_own_buffer(rank, world)  # as train.py: DeepSpeed leaves its shm file behind on CPU
 
         def on_step_begin(self, targs_, state, control, **kw):
             sync()

@@ -70,5 +70,10 @@ def leftover_shm(nranks: int, port: int = 29500) -> list[str]:
     return [str(p) for r in range(nranks) if (p := buffer_path(r, env)).exists()]
 
 
+def ds_shm_names() -> set[str]:
+    """Every DeepSpeed CPU shm buffer of this user in /dev/shm (to check that runs on fresh ports add none)."""
+    return {p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")}
+
+
 def run(cmd: list[str], env: dict, timeout: int = 600, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout, **kw)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, cpu_env, run
+from conftest import REPO, cpu_env, ds_shm_names, run
 
 BENCH = REPO / "bench"
 
@@ -126,6 +126,7 @@ def test_compare_cpu_smoke(tmp_path):
     """All four tools for real on CPU (tiny model, 2 steps): the table and JSON come out, every run ok."""
     pytest.importorskip("accelerate")
     out = tmp_path / "cmp.md"
+    shm_before = ds_shm_names()
     p = run([sys.executable, "bench/compare.py", "--cpu", "--models", "pangu-tiny", "--configs", "z1",
              "--seq-len", "32", "--steps", "2", "--warmup-steps", "1", "--data", "data/sample_sft.jsonl",
              "--cache-dir", str(tmp_path / "cache"), "--work-dir", str(tmp_path / "work"), "--out", str(out)],
@@ -138,6 +139,8 @@ def test_compare_cpu_smoke(tmp_path):
     for k in ("ours_tokens_per_s", "bare_tokens_per_s", "peer_torch_tokens_per_s", "peer_trainer_tokens_per_s"):
         assert row[k] > 0
     assert "| pangu-tiny | z1 |" in out.read_text()
+    # Each tool ran on a fresh port: none of them left DeepSpeed's CPU shm buffer behind.
+    assert ds_shm_names() - shm_before == set()
 
 
 def test_lever_variants_parse_and_derive_configs(tmp_path):
