@@ -173,15 +173,25 @@ def test_three_ranks_like_the_reference(tmp_path, overfit_data):
 
 def test_compiled_under_deepspeed(tmp_path, overfit_data):
     """--compile blocks and --compile model (engine.compile(), what auto picks for ZeRO-1 on a GPU) run under the
-    real engine on 2 ranks, are recorded in the log, and start from the same loss as eager (same weights; only
-    dropout masks come from inductor's RNG, hence the 2% tolerance). The default, auto, stays eager on CPU."""
+    real engine on 2 ranks and are recorded in the log; the default, auto, stays eager on CPU. Numerics: on a
+    dropout-free checkpoint of the tiny model (dropout masks are the one thing inductor draws differently) the
+    fixed-seed loss curve of each compiled mode matches eager's step by step, within 1e-4 relative (fp32; fusion
+    only reorders floating-point sums)."""
+    import torch
+    from sftbench.pangu import PanguForCausalLM, preset_config
+
+    ckpt = tmp_path / "tiny-nodropout"
+    torch.manual_seed(7)
+    PanguForCausalLM._from_config(preset_config("pangu-tiny", attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+                                  ).save_pretrained(ckpt)
     ds = str(write_overfit_config("z1.json", tmp_path / "cfg.json"))
-    first = {}
+    curves = {}
     for mode in ("auto", "blocks", "model"):
         run_dir = tmp_path / mode
         p = run(launch_cmd(2, "--ds", ds, "--data", str(overfit_data), "--run-dir", str(run_dir),
-                           "--cache-dir", str(tmp_path / "cache"), "--compile", mode, *COMMON[:-6],
-                           "--max-steps", "3", "--warmup-steps", "1", "--precision", "fp32", "--seed", "7"),
+                           "--cache-dir", str(tmp_path / "cache"), "--compile", mode, "--model", str(ckpt),
+                           "--seq-len", "64", "--max-steps", "4", "--warmup-steps", "1", "--precision", "fp32",
+                           "--seed", "7"),
                 cpu_env())
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
         meta, steps, summary = check_schema(read_jsonl(run_dir / "rank0.jsonl"))
@@ -190,6 +200,9 @@ def test_compiled_under_deepspeed(tmp_path, overfit_data):
         assert meta["optimizations"]["compile_why"] == ("auto: CPU run" if mode == "auto" else "asked for")
         assert meta["optimizations"]["compile_mode"] == (None if target == "off" else "default")
         assert summary["status"] == "ok"
-        first[mode] = steps[0]["loss"]
-    assert first["blocks"] == pytest.approx(first["auto"], rel=0.02)
-    assert first["model"] == pytest.approx(first["auto"], rel=0.02)
+        curves[mode] = [s["loss"] for s in steps]
+    # The curve moves (the check compares trained steps, not four copies of the initial loss) ...
+    assert curves["auto"][-1] < curves["auto"][0] - 0.1, curves["auto"]
+    # ... and compiling does not change it.
+    assert curves["blocks"] == pytest.approx(curves["auto"], rel=1e-4)
+    assert curves["model"] == pytest.approx(curves["auto"], rel=1e-4)
