@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from sftbench.args import REPO, parse_args
-from sftbench.buildenv import fix_cuda_arch_list, rank_device
+from sftbench.buildenv import fix_cuda_arch_list, rank_device, single_process_env
 from sftbench.dsconfig import DSConfigError, apply_precision, config_precision, describe, load_ds_config
 from sftbench.runlog import RunLog
 from sftbench.shm import release_own_buffer as release_shm_buffer
@@ -47,6 +47,8 @@ from sftbench.plain import PlainEngine, param_groups  # noqa: E402
 from sftbench.tokenizer import PanguTokenizer  # noqa: E402
 
 # ---------------------------------------------------------------- init distributed and device
+if args.deepspeed:
+    single_process_env()  # `python train.py` without a launcher: one rank, not DeepSpeed's MPI discovery
 on_cpu, local_rank, device = rank_device(args.local_rank)
 world_size = int(os.environ.get("WORLD_SIZE", "1"))
 rank = int(os.environ.get("RANK", "0"))

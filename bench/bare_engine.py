@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sftbench.buildenv import fix_cuda_arch_list, rank_device  # noqa: E402
+from sftbench.buildenv import fix_cuda_arch_list, rank_device, single_process_env  # noqa: E402
 from sftbench import speed  # noqa: E402  (torch-free at import)
 
 fix_cuda_arch_list()  # as train.py: before anything imports DeepSpeed's op builders
@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     from sftbench.shm import release_own_buffer
     from sftbench.tokenizer import PanguTokenizer
 
+    single_process_env()  # as train.py: without a launcher, one rank
     on_cpu, local_rank, device = rank_device(args.local_rank)
     if precision == "fp16" and on_cpu:
         sys.exit("error: fp16 is not supported on CPU (DeepSpeed refuses it); use --precision bf16 or fp32")

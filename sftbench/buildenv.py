@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from typing import MutableMapping
 
 _ARCH = re.compile(r"^(\d+)\.(\d+)([a-z]*)(\+PTX)?$")
@@ -54,3 +55,28 @@ def rank_device(local_rank_arg: int = -1):
     device = torch.device("cuda", local_rank)
     torch.cuda.set_device(device)
     return False, local_rank, device
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a rendezvous on this host."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Set by the deepspeed launcher and torchrun (RANK, WORLD_SIZE), or by mpirun / a PMI launcher.
+_LAUNCHED = ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "SLURM_PROCID")
+
+
+def single_process_env(env: MutableMapping[str, str] = os.environ) -> bool:
+    """Make ``python train.py --ds ...`` (no launcher) a 1-rank job. Returns True when it set the variables.
+
+    Without a launcher's variables, ``deepspeed.init_distributed()`` falls back to MPI discovery and dies on
+    ``import mpi4py``. A process that no launcher started is one rank on this host, as torchrun's standalone mode
+    would make it; a process started by mpirun (or another launcher) is left alone."""
+    if any(k in env for k in _LAUNCHED):
+        return False
+    env.update({"RANK": "0", "LOCAL_RANK": env.get("LOCAL_RANK", "0"), "WORLD_SIZE": "1", "LOCAL_SIZE": "1",
+                "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"),
+                "MASTER_PORT": env.get("MASTER_PORT", str(free_port()))})
+    return True

@@ -35,7 +35,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -44,6 +43,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 from sftbench import memory, runlog
+from sftbench.buildenv import free_port
 from sftbench.metrics import cpu_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -593,12 +593,6 @@ def entry_state(run_dir: Path, entry: PlanEntry) -> tuple[str, dict | None]:
     if st == "interrupted":
         return "interrupted", summ
     return "failed", summ
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launcher_command(num_gpus: int, cuda: bool, env: Mapping[str, str]) -> list[str]:

@@ -41,3 +41,22 @@ def test_rank_device_on_cpu_takes_the_launchers_local_rank(monkeypatch):
     assert (on_cpu, local_rank, device.type) == (True, 1, "cpu")
     monkeypatch.delenv("LOCAL_RANK")
     assert rank_device(3)[1] == 3 and rank_device()[1] == 0
+
+
+def test_single_process_env_fills_in_one_rank():
+    from sftbench.buildenv import single_process_env
+    env = {"PATH": "/bin"}
+    assert single_process_env(env) is True
+    assert {k: env[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR")} == {
+        "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    assert 0 < int(env["MASTER_PORT"]) < 65536
+
+
+def test_single_process_env_leaves_launched_processes_alone():
+    from sftbench.buildenv import single_process_env
+    for launched in ({"RANK": "1", "WORLD_SIZE": "2"}, {"OMPI_COMM_WORLD_SIZE": "4"}, {"SLURM_PROCID": "0"}):
+        env = dict(launched)
+        assert single_process_env(env) is False and env == launched
+    env = {"MASTER_PORT": "29999", "LOCAL_RANK": "1"}  # a user's own choices are kept
+    single_process_env(env)
+    assert env["MASTER_PORT"] == "29999" and env["LOCAL_RANK"] == "1"

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import REPO, cpu_env, launch_cmd, leftover_shm, read_jsonl, run, write_overfit_config
+from conftest import REPO, cpu_env, ds_shm_names, launch_cmd, leftover_shm, read_jsonl, run, write_overfit_config
 from sftbench.runlog import META_KEYS, STEP_KEYS, SUMMARY_KEYS, parse_lines
 
 pytestmark = pytest.mark.slow
@@ -103,6 +103,19 @@ def test_killed_run_leaves_parseable_logs_without_summary(tmp_path, overfit_data
 def _single(args: list[str]) -> subprocess.CompletedProcess:
     return run([str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv").exists() else "python",
                 str(REPO / "train.py"), *args], cpu_env(), timeout=120)
+
+
+def test_single_process_without_launcher(tmp_path, overfit_data):
+    """`python train.py --ds ...` with no launcher is one rank (DeepSpeed alone would try MPI and need mpi4py)."""
+    shm_before = ds_shm_names()
+    run_dir = tmp_path / "run"
+    p = _single(["--ds", str(REPO / "ds_configs" / "z1.json"), "--data", str(overfit_data), "--run-dir", str(run_dir),
+                 "--cache-dir", str(tmp_path / "cache"), *COMMON[:2], "--seq-len", "64", "--max-steps", "2",
+                 "--warmup-steps", "1", "--precision", "fp32"])
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    meta, steps, summary = check_schema(read_jsonl(run_dir / "rank0.jsonl"))
+    assert meta["world_size"] == 1 and meta["zero_stage"] == 1 and summary["status"] == "ok" and len(steps) == 2
+    assert ds_shm_names() - shm_before == set()
 
 
 def test_auto_value_is_refused_naming_the_key(tmp_path):
