@@ -21,6 +21,7 @@ from pathlib import Path
 from sftbench.args import REPO, parse_args
 from sftbench.buildenv import fix_cuda_arch_list, rank_device, single_process_env
 from sftbench.dsconfig import DSConfigError, apply_precision, config_precision, describe, load_ds_config
+from sftbench.ops import check_locks as check_build_locks
 from sftbench.runlog import RunLog
 from sftbench.shm import release_own_buffer as release_shm_buffer
 
@@ -49,6 +50,8 @@ from sftbench.tokenizer import PanguTokenizer  # noqa: E402
 # ---------------------------------------------------------------- init distributed and device
 if args.deepspeed:
     single_process_env()  # `python train.py` without a launcher: one rank, not DeepSpeed's MPI discovery
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        check_build_locks(say=lambda m: print(m, file=sys.stderr, flush=True))  # a killed op build hangs runs
 on_cpu, local_rank, device = rank_device(args.local_rank)
 world_size = int(os.environ.get("WORLD_SIZE", "1"))
 rank = int(os.environ.get("RANK", "0"))
