@@ -3,8 +3,9 @@
 On the CPU accelerator, ``deepspeed.init_distributed()`` builds the shm comm op, and each rank creates a 66 MB POSIX
 shared-memory file ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>`` and maps every
 peer's file. DeepSpeed 0.19.8 never unlinks them, so each CPU run leaves ``ranks x 66 MB`` of RAM-backed files behind
-(a sweep picks a new port per run: a CPU ``./run_all.sh`` left about 1 GB, and a day of test runs left 19 GB on a
-24 GB machine, after which new runs failed and hung).
+(a sweep picks a new port per run, so the default CPU ``./run_all.sh``, 8 runs of 2 ranks, leaves about 1 GB; a day
+of sweeps, bench runs and tests left 284 such files, 19 GB, on a 24 GB machine, after which new runs crawled and
+failed).
 
 :func:`release_own_buffer` unlinks this rank's file right after initialisation, once every rank is past it (a
 barrier): all peers have mapped it by then, the mappings stay valid after the unlink, and the kernel frees the memory
@@ -69,16 +70,18 @@ def mapped_files(proc: Path = Path("/proc")) -> set[str]:
     return out
 
 
+def own_buffers(shm_dir: Path = SHM_DIR) -> list[Path]:
+    """This user's DeepSpeed shm buffers, live or stale."""
+    return sorted(shm_dir.glob(f"{PREFIX}_{os.getuid()}_*")) if shm_dir.is_dir() else []
+
+
 def stale_buffers(shm_dir: Path = SHM_DIR, min_age_s: float = 60.0, now: float | None = None,
                   mapped: set[str] | None = None) -> list[Path]:
     """This user's DeepSpeed buffers that no process maps and nobody has written for ``min_age_s``."""
-    if not shm_dir.is_dir():
-        return []
     now = time.time() if now is None else now
     mapped = mapped_files() if mapped is None else mapped
-    mine = f"{PREFIX}_{os.getuid()}_"
     out = []
-    for p in sorted(shm_dir.glob(mine + "*")):
+    for p in own_buffers(shm_dir):
         try:
             age = now - p.stat().st_mtime
         except FileNotFoundError:

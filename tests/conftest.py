@@ -74,7 +74,8 @@ def leftover_shm(nranks: int, port: int = 29500) -> list[str]:
 
 def ds_shm_names() -> set[str]:
     """Every DeepSpeed CPU shm buffer of this user in /dev/shm (to check that runs on fresh ports add none)."""
-    return {p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")}
+    from sftbench.shm import own_buffers
+    return {p.name for p in own_buffers()}
 
 
 def run(cmd: list[str], env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
