@@ -99,7 +99,10 @@ def build(names: tuple[str, ...] | None = None, say: Callable[[str], None] = pri
             say(f"{name}: not available for accelerator {acc.device_name()!r}")
             continue
         t0 = time.time()
-        builder.load(verbose=False)
+        try:
+            builder.load(verbose=False)
+        except (RuntimeError, ValueError) as e:  # DeepSpeed's messages don't say which op failed
+            raise type(e)(f"{name}: {e}") from e
         took[name] = time.time() - t0
         say(f"{builder.absolute_name()}: ready in {took[name]:.1f} s")
     return took

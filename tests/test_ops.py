@@ -75,3 +75,10 @@ def test_stale_lock_does_not_hang_the_build(tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert f"removed {lock}" in p.stdout and "ready in" in p.stdout
     assert not lock.exists()
+
+
+def test_unknown_op_fails_naming_it():
+    p = run([sys.executable, "-m", "sftbench.ops", "build", "NopeBuilder"], cpu_env(), timeout=120)
+    assert p.returncode == 1
+    assert "error: building DeepSpeed's ops failed" in p.stderr and "NopeBuilder" in p.stderr
+    assert "Traceback" not in p.stderr
