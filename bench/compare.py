@@ -217,8 +217,9 @@ def read_ours(run_dir: Path) -> dict:
     if s is None:
         return {"status": "error", "error": "no summary record"}
     meta = rr.meta.get(0, {})
-    steps = [r for r in rr.steps.get(0, []) if not r.get("warmup")]
-    el = [r["elapsed_s"] for r in rr.steps.get(0, [])]
+    all_steps = rr.steps.get(0, [])
+    steps = [r for r in all_steps if not r.get("warmup")]
+    el = [r["elapsed_s"] for r in all_steps]
     periods = [b - a for a, b in zip(el, el[1:])][max(0, len(el) - 1 - len(steps)):]
     tokens_per_step = (meta.get("micro_batch") or 1) * (meta.get("grad_accum") or 1) * (meta.get("seq_len") or 0) \
         * (meta.get("world_size") or 1)
@@ -231,7 +232,9 @@ def read_ours(run_dir: Path) -> dict:
             "final_loss": s.get("final_loss"), "device_name": meta.get("device_name"),
             "precision": meta.get("precision"), "world_size": meta.get("world_size"),
             "period_s_median": statistics.median(periods) if periods else None,
-            "tokens_per_step": tokens_per_step, "run_dir": rel(run_dir)}
+            "tokens_per_step": tokens_per_step, "run_dir": rel(run_dir),
+            # the same two keys as the peers' JSON, so every tool's measured steps are read alike (measured_steps)
+            "step_times_s": [r.get("step_s") for r in all_steps], "warmup_steps": len(all_steps) - len(steps)}
 
 
 def model_config(model: str):
@@ -258,6 +261,25 @@ def mfu(res: dict | None, flops_tok: float | None, default_precision: str | None
 
 def _ok(res: dict | None, key: str):
     return res.get(key) if res and res.get("status") == "ok" else None
+
+
+def measured_steps(res: dict | None) -> list[float]:
+    """The step times of a tool's measured (non-warm-up) steps; [] where the run failed or kept none."""
+    if not res or res.get("status") != "ok":
+        return []
+    times = res.get("step_times_s") or []
+    return [t for t in times[res.get("warmup_steps") or 0:] if isinstance(t, (int, float))]
+
+
+def resolved(a: dict | None, b: dict | None) -> bool | None:
+    """Whether two runs' measured step times do not overlap, so a ratio of their medians is decided by these steps.
+
+    None where either run has no step times. A few measured steps on a shared host spread by 10-50%
+    (docs/performance.md), so a median ratio whose ranges overlap can flip on the next call."""
+    ta, tb = measured_steps(a), measured_steps(b)
+    if not ta or not tb:
+        return None
+    return max(ta) < min(tb) or max(tb) < min(ta)
 
 
 def build_rows(args, jobs: list[dict], results: dict) -> list[dict]:
@@ -295,6 +317,8 @@ def build_rows(args, jobs: list[dict], results: dict) -> list[dict]:
             "peer_torch_tokens_per_s": _ok(pt, "tokens_per_s"),
             "peer_trainer_tokens_per_s": _ok(tr, "tokens_per_s"),
             "ours_over_peer_torch": ratio(pt), "ours_over_peer_trainer": ratio(tr),
+            "overhead_resolved": resolved(ours, bare), "peer_torch_resolved": resolved(ours, pt),
+            "peer_trainer_resolved": resolved(ours, tr),
             "results": {"ours": ours, "bare": bare, "peer_torch": pt, "peer_trainer": tr},
         })
     return rows
@@ -312,26 +336,41 @@ def _cell(res: dict | None, v, fmt: str) -> str:
     return _f(v, fmt)
 
 
+def _range(res: dict | None) -> str:
+    t = measured_steps(res)
+    return f" ({min(t):.3f}-{max(t):.3f})" if len(t) > 1 else ""
+
+
+def _approx(ok: bool | None) -> str:
+    return "~" if ok is False else ""
+
+
 def markdown(args, rows: list[dict], device: str) -> str:
     head = ["model", "config", "ours s/step", "ours tok/s", "ours MFU", "bare tok/s", "harness overhead",
             "peer_torch tok/s", "peer_trainer tok/s", "ours / peer_torch", "ours / peer_trainer"]
     lines = [f"# train.py against its peers ({device})", "",
              f"{args.steps} steps ({args.warmup_steps} warm-up, left out), micro batch 1 x grad accum 8, "
              f"seq {args.seq_len}, precision {args.precision or 'of the config (peer_torch: bf16 autocast)'}; "
-             f"medians over the measured steps; tok/s counts padded tokens; ratios > 1 mean ours is faster.",
+             f"medians over the measured steps, (fastest-slowest) measured step beside ours; tok/s counts padded "
+             f"tokens; ratios > 1 mean ours is faster; ~ marks a ratio or overhead whose two runs' measured steps "
+             f"overlap in time: these steps do not decide it, and the next call may reverse it.",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         res = r["results"]
         lines.append("| " + " | ".join([
             Path(r["model"]).name, r["config"] or "—",
-            _cell(res["ours"], r["ours_step_s"], ".3f"), _cell(res["ours"], r["ours_tokens_per_s"], ",.0f"),
+            _cell(res["ours"], r["ours_step_s"], ".3f") + _range(res["ours"]),
+            _cell(res["ours"], r["ours_tokens_per_s"], ",.0f"),
             _cell(res["ours"], r["ours_mfu_pct"], ".1f") + ("%" if r["ours_mfu_pct"] is not None else ""),
             _cell(res["bare"], r["bare_tokens_per_s"], ",.0f"),
-            _f(r["harness_overhead_pct"], "+.1f") + ("%" if r["harness_overhead_pct"] is not None else ""),
+            _approx(r.get("overhead_resolved")) + _f(r["harness_overhead_pct"], "+.1f")
+            + ("%" if r["harness_overhead_pct"] is not None else ""),
             _cell(res["peer_torch"], r["peer_torch_tokens_per_s"], ",.0f"),
             _cell(res["peer_trainer"], r["peer_trainer_tokens_per_s"], ",.0f"),
-            _f(r["ours_over_peer_torch"], ".2f") + ("x" if r["ours_over_peer_torch"] is not None else ""),
-            _f(r["ours_over_peer_trainer"], ".2f") + ("x" if r["ours_over_peer_trainer"] is not None else ""),
+            _approx(r.get("peer_torch_resolved")) + _f(r["ours_over_peer_torch"], ".2f")
+            + ("x" if r["ours_over_peer_torch"] is not None else ""),
+            _approx(r.get("peer_trainer_resolved")) + _f(r["ours_over_peer_trainer"], ".2f")
+            + ("x" if r["ours_over_peer_trainer"] is not None else ""),
         ]) + " |")
     fails = [(t, r["model"], r["config"], v.get("error")) for r in rows for t, v in r["results"].items()
              if v and v.get("status") != "ok"]

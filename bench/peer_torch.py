@@ -223,7 +223,15 @@ def summarize(tool, model_name, ds_config, args, device, device_name, flops_tok,
         "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
         "step_times_s": step_times,
         **(extra or {}),
-    }
+    } | ({"dataset_path": repo_relative(extra["dataset_path"])} if extra and extra.get("dataset_path") else {})
+
+
+def repo_relative(path) -> str:
+    """A path inside the repo as a relative one: results are committed and name no machine's folders."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO.resolve()))
+    except ValueError:
+        return str(path)
 
 
 def report(res: dict, out: str | None) -> None:

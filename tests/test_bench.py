@@ -83,6 +83,68 @@ def test_compare_table_ratios_and_overhead(tmp_path):
     assert "boom" in md
 
 
+def test_compare_marks_ratios_its_steps_do_not_decide(tmp_path):
+    """A ratio of medians whose runs' measured steps overlap in time is marked ~ (not decided by these steps);
+    ranges apart are not; warm-up steps are left out of the ranges; ours' steps come from its step records."""
+    cmp = load("compare")
+    args = cmp.parse_args(["--models", "pangu-tiny", "--configs", "z1", "--steps", "4", "--warmup-steps", "1"])
+    jobs = cmp.plan(args, gpu=True, work=tmp_path)
+    h100 = "NVIDIA H100 80GB HBM3"
+
+    def res(times, warm=1):
+        meas = sorted(times[warm:])
+        return {"status": "ok", "step_s_median": meas[len(meas) // 2], "tokens_per_s": 4096 / meas[len(meas) // 2],
+                "device_name": h100, "precision": "bf16", "step_times_s": times, "warmup_steps": warm}
+
+    results = {
+        ("ours", "pangu-tiny", "z1"): res([9.0, 0.50, 0.52, 0.55]),
+        ("bare", "pangu-tiny", "z1"): res([9.0, 0.49, 0.51, 0.60]),      # overlaps ours: overhead not decided
+        ("peer_torch", "pangu-tiny", None): res([0.1, 0.70, 0.75, 0.80]),  # apart: decided (its warm-up left out)
+        ("peer_trainer", "pangu-tiny", "z1"): {"status": "error", "error": "boom"},
+    }
+    r = cmp.build_rows(args, jobs, results)[0]
+    assert r["overhead_resolved"] is False and r["peer_torch_resolved"] is True
+    assert r["peer_trainer_resolved"] is None
+    line = next(ln for ln in cmp.markdown(args, [r], h100).splitlines() if ln.startswith("| pangu-tiny |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[2] == "0.520 (0.500-0.550)"
+    assert cells[6].startswith("~") and not cells[9].startswith("~") and cells[9].endswith("x")
+    # the warm-up step of 0.1 s would have made the peer's range overlap ours
+    assert cmp.resolved(results[("ours", "pangu-tiny", "z1")], dict(results[("peer_torch", "pangu-tiny", None)],
+                                                                     warmup_steps=0)) is False
+
+
+def test_bench_results_name_no_machine_folder():
+    """The bench JSON is committed as results: the default dataset (an absolute path inside the repo) is recorded
+    relative to the repo; a path outside it stays as given."""
+    pt = load("peer_torch")
+    from types import SimpleNamespace
+
+    import torch
+
+    args = SimpleNamespace(warmup_steps=1, seq_len=8, precision="bf16")
+    res = pt.summarize("peer_torch", "m", None, args, torch.device("cpu"), None, 1.0, [1.0, 0.5], [], [], [], 1, 1,
+                       1, {"dataset_path": str(REPO / "data" / "bench_10k.jsonl"), "dataset_samples": 3})
+    assert res["dataset_path"] == "data/bench_10k.jsonl" and res["dataset_samples"] == 3
+    assert pt.repo_relative("/elsewhere/x.jsonl") == "/elsewhere/x.jsonl"
+
+
+def test_read_ours_keeps_each_step_time(tmp_path):
+    """ours' per-step times and warm-up count are read from its rank-0 step records, as the peers' JSON has them."""
+    cmp = load("compare")
+    from sftbench.runlog import RunLog
+
+    log = RunLog(tmp_path, rank=0)
+    log.meta(micro_batch=1, grad_accum=8, seq_len=64, world_size=1, device_name="cpu")
+    for i, (t, w) in enumerate([(2.0, True), (0.5, False), (0.6, False)], start=1):
+        log.step(step=i, step_s=t, warmup=w, elapsed_s=float(i))
+    log.summary(status="ok", step_s_median=0.55, tokens_per_s=900.0)
+    log.close()
+    got = cmp.read_ours(tmp_path)
+    assert got["step_times_s"] == [2.0, 0.5, 0.6] and got["warmup_steps"] == 1
+    assert cmp.measured_steps(got) == [0.5, 0.6]
+
+
 def test_trainer_sampler_gives_each_rank_trains_order():
     pt = load("peer_trainer")
     from sftbench.data import ShardedOrder
@@ -136,6 +198,9 @@ def test_compare_cpu_smoke(tmp_path):
     (row,) = res["rows"]
     assert all(v["status"] == "ok" for v in row["results"].values())
     assert row["results"]["peer_trainer"]["order_matches"] is True
+    ours = row["results"]["ours"]
+    assert len(ours["step_times_s"]) == 2 and ours["warmup_steps"] == 1  # every tool's steps, read alike
+    assert all(row[k] in (True, False) for k in ("overhead_resolved", "peer_torch_resolved", "peer_trainer_resolved"))
     for k in ("ours_tokens_per_s", "bare_tokens_per_s", "peer_torch_tokens_per_s", "peer_trainer_tokens_per_s"):
         assert row[k] > 0
     assert "| pangu-tiny | z1 |" in out.read_text()
