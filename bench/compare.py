@@ -36,6 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from sftbench.args import repo_relative as rel  # noqa: E402
 from sftbench.sweep import launcher_command  # noqa: E402  (no torch import: the children do the real work)
 
 TOOLS = ("ours", "bare", "peer_torch", "peer_trainer")
@@ -82,14 +83,6 @@ def cuda_visible() -> bool:
         return out.stdout.strip().endswith("True")
     except (OSError, subprocess.SubprocessError):
         return False
-
-
-def rel(path) -> str:
-    """A path inside the repo as a relative one: commands and results carry no machine-specific paths."""
-    try:
-        return str(Path(path).resolve().relative_to(REPO.resolve()))
-    except ValueError:
-        return str(path)
 
 
 def table_paths(out: str | Path) -> tuple[Path, Path]:

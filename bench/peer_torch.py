@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 from sftbench import data as sftdata  # noqa: E402
 from sftbench import metrics  # noqa: E402
-from sftbench.args import BENCH_DATA, SAMPLE_DATA  # noqa: E402
+from sftbench.args import BENCH_DATA, SAMPLE_DATA, repo_relative  # noqa: E402
 from sftbench.buildenv import rank_device  # noqa: E402
 from sftbench.pangu import build_model  # noqa: E402
 from sftbench.tokenizer import PanguTokenizer  # noqa: E402
@@ -224,14 +224,6 @@ def summarize(tool, model_name, ds_config, args, device, device_name, flops_tok,
         "step_times_s": step_times,
         **(extra or {}),
     } | ({"dataset_path": repo_relative(extra["dataset_path"])} if extra and extra.get("dataset_path") else {})
-
-
-def repo_relative(path) -> str:
-    """A path inside the repo as a relative one: results are committed and name no machine's folders."""
-    try:
-        return str(Path(path).resolve().relative_to(REPO.resolve()))
-    except ValueError:
-        return str(path)
 
 
 def report(res: dict, out: str | None) -> None:

@@ -44,7 +44,7 @@ import torch  # noqa: E402
 from peer_torch import SFTDataset, parse_checked, report, run_parser, summarize  # noqa: E402
 from sftbench import data as sftdata  # noqa: E402
 from sftbench import metrics  # noqa: E402
-from sftbench.args import BENCH_DATA, SAMPLE_DATA  # noqa: E402
+from sftbench.args import BENCH_DATA, SAMPLE_DATA, repo_relative  # noqa: E402
 from sftbench.dsconfig import DSConfigError, apply_precision, config_precision, load_ds_config  # noqa: E402
 from sftbench.tokenizer import PanguTokenizer  # noqa: E402
 
@@ -109,13 +109,6 @@ def ds_trainer_args(cfg: dict) -> dict:
         "warmup_steps": sch.get("warmup_num_steps", 0),
         "bf16": prec == "bf16", "fp16": prec == "fp16",
     }
-
-
-def rel_to_repo(path: str) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(REPO))
-    except ValueError:
-        return path
 
 
 def main(argv=None) -> int:
@@ -230,7 +223,7 @@ def main(argv=None) -> int:
     if rank == 0:
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         args.precision = precision
-        ds_label = rel_to_repo(args.ds)
+        ds_label = repo_relative(args.ds)
         res = summarize("peer_trainer", model_name, ds_label, args, device, device_name, flops_tok,
                         timer.step_times, timer.periods, losslog.losses, timer.rss, mb, ga, world,
                         extra={"transformers": transformers.__version__, "attention_mask": True,

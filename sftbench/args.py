@@ -18,6 +18,15 @@ SAMPLE_DATA = REPO / "data" / "sample_sft.jsonl"
 BENCH_DATA = REPO / "data" / "bench_10k.jsonl"
 
 
+def repo_relative(path) -> str:
+    """A path inside the repo as a relative one (the tools run with the repo as working directory), so commands,
+    logs and committed results name no machine's folders; a path outside the repo stays as given."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO.resolve()))
+    except ValueError:
+        return str(path)
+
+
 class ArgsError(ValueError):
     pass
 

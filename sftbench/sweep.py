@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 from sftbench import memory, runlog
+from sftbench.args import repo_relative
 from sftbench.buildenv import free_port
 from sftbench.metrics import cpu_model
 
@@ -610,17 +611,8 @@ def train_command(entry: PlanEntry, run_dir: Path, env: dict) -> list[str]:
     cmd = launcher_command(entry.num_gpus, entry.accelerator == "cuda", env)
     cmd += ["train.py", "--ds", entry.ds_config or "none", "--model", entry.model, "--precision", entry.precision,
             "--max-steps", str(entry.max_steps), "--warmup-steps", str(entry.warmup_steps),
-            "--run-dir", _rel(run_dir), "--data", entry.data, "--seq-len", str(entry.seq_len), *entry.extra_args]
+            "--run-dir", repo_relative(run_dir), "--data", entry.data, "--seq-len", str(entry.seq_len), *entry.extra_args]
     return cmd
-
-
-def _rel(path: Path) -> str:
-    """A path inside the repo as a relative one (train.py runs with the repo as working directory), so logs and
-    results carry no machine-specific absolute paths."""
-    try:
-        return str(Path(path).resolve().relative_to(REPO.resolve()))
-    except ValueError:
-        return str(path)
 
 
 def run_env(entry: PlanEntry, base: dict | None = None) -> dict:

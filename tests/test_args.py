@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from sftbench.args import ArgsError, HarnessArgs, parse_args
+from sftbench.args import REPO, ArgsError, HarnessArgs, parse_args, repo_relative
 
 
 def test_max_steps_zero_is_one_epoch_and_negatives_are_refused():
@@ -29,3 +29,11 @@ def test_the_parser_exits_with_the_message(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--max-steps", "-3"])
     assert "--max-steps must be >= 1, or 0 for one epoch, got -3" in capsys.readouterr().err
+
+
+def test_repo_relative_names_no_machine_folder(tmp_path, monkeypatch):
+    """Paths inside the repo are written relative to it, however they were given; others stay as given."""
+    assert repo_relative(REPO / "data" / "bench_10k.jsonl") == "data/bench_10k.jsonl"
+    monkeypatch.chdir(REPO)
+    assert repo_relative("runs/x/../y") == "runs/y"
+    assert repo_relative(tmp_path / "z.jsonl") == str(tmp_path / "z.jsonl")
