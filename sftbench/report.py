@@ -436,6 +436,12 @@ def build_table(rows: list[Row]) -> Table:
     return Table(out, groups, foot, any_est, any(r.ok and r.compile != "off" for r in rows))
 
 
+def _cpu_text(hw: dict) -> str:
+    return (str(hw.get("cpu_model") or "unknown CPU")
+            + (f", {hw['cpu_count']} logical cores" if hw.get("cpu_count") else "")
+            + (f", {hw['host_mem_mib'] / 1024:.0f} GiB host memory" if hw.get("host_mem_mib") else ""))
+
+
 def hardware_lines(rows: list[Row], info: dict) -> list[str]:
     lines = []
     cpu_runs = [r for r in rows if r.accelerator == "cpu"]
@@ -449,11 +455,19 @@ def hardware_lines(rows: list[Row], info: dict) -> list[str]:
         lines.append(f"**Ran on CPU** (DS_ACCELERATOR=cpu, {'/'.join(map(str, ranks))} ranks over gloo): these "
                      "numbers show the pipeline working; they say nothing about GPU speed or GPU memory.")
     hw = info.get("hardware") or {}
+    cmds = [c for c in info.get("commands") or [] if isinstance(c, dict) and c.get("command")]
+    hosts: list[str] = []  # the machines the commands ran on, in order (entries before host tags have none)
+    for c in cmds:
+        if c.get("host") and c["host"] not in hosts:
+            hosts.append(c["host"])
+    label = {h: f"host {chr(ord('A') + i)}" if i < 26 else f"host {h}" for i, h in enumerate(hosts)}
     cpu = hw.get("cpu_model")
-    if cpu:
-        lines.append(f"CPU: {cpu}" + (f", {hw['cpu_count']} logical cores" if hw.get("cpu_count") else "")
-                     + (f", {hw['host_mem_mib'] / 1024:.0f} GiB host memory" if hw.get("host_mem_mib") else "")
-                     + " (recorded by the sweep)")
+    if len(hosts) > 1:  # one folder filled on several machines: each one's CPU, from its first command
+        for h in hosts:
+            c = next(c for c in cmds if c.get("host") == h)
+            lines.append(f"CPU ({label[h]}): {_cpu_text(c)} (recorded by the sweep)")
+    elif cpu:
+        lines.append(f"CPU: {_cpu_text(hw)} (recorded by the sweep)")
     else:
         lines.append(f"CPU: {cpu_model()} ({platform.platform()}; read when this report was written, "
                      "not recorded by the runs)")
@@ -469,14 +483,14 @@ def hardware_lines(rows: list[Row], info: dict) -> list[str]:
                           if re.fullmatch(r"[0-9a-f]{7,40}", str(m.get("git_commit") or ""))})
         if commits:
             lines.append("Harness commit: " + ", ".join(c[:12] for c in commits))
-    cmds = [c for c in info.get("commands") or [] if isinstance(c, dict) and c.get("command")]
     distinct: list[dict] = []
-    for c in cmds:  # the same command resumed again and again is one line
-        if not any(d["command"] == c["command"] and d.get("gpus") == c.get("gpus") for d in distinct):
+    for c in cmds:  # the same command resumed again and again on the same GPUs of one machine is one line
+        if not any(d["command"] == c["command"] and d.get("gpus") == c.get("gpus") and d.get("host") == c.get("host")
+                   for d in distinct):
             distinct.append(c)
     if len(distinct) > 1:  # e.g. two sweeps sharing one host, or batches resumed with other filters
         for i, c in enumerate(distinct, 1):
-            where = []
+            where = [label[c["host"]]] if len(hosts) > 1 and c.get("host") in label else []
             if c.get("gpus"):
                 where.append("GPUs " + ",".join(str(g) for g in c["gpus"]))
             if c.get("cores"):

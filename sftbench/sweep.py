@@ -715,6 +715,16 @@ def _affinity() -> int | None:
         return None
 
 
+def host_tag() -> str | None:
+    """A short tag that differs between machines and names none: a hash of the kernel's boot id (each VM or host
+    boots its own kernel; containers on one host share it). A folder resumed on another machine then says so."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+    except OSError:
+        return None
+    return hashlib.sha1(boot.encode()).hexdigest()[:8] if boot else None
+
+
 def write_sweep_info(sweep_dir: Path, sweep: str, gpus: list[Gpu], accelerator: str, command: str | None) -> None:
     """sweep_info.json: the hardware and the commands, for the report's preamble (the runs' meta lacks the CPU).
 
@@ -735,7 +745,10 @@ def write_sweep_info(sweep_dir: Path, sweep: str, gpus: list[Gpu], accelerator: 
             except (OSError, ValueError):
                 pass
         now = time.time()
-        history.append({"command": command, "time": now, "gpus": [g.index for g in gpus], "cores": _affinity()})
+        # each invocation's own machine: a folder filled over several device sessions mixes hosts
+        history.append({"command": command, "time": now, "gpus": [g.index for g in gpus], "cores": _affinity(),
+                        "host": host_tag(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+                        "host_mem_mib": _host_total_mib()})
         info = {"sweep": sweep, "time": now, "command": command, "commands": history, "accelerator": accelerator,
                 "hardware": {"gpus": [asdict(g) for g in gpus], "cpu_model": cpu_model(),
                              "cpu_count": os.cpu_count(), "host_mem_mib": _host_total_mib(),

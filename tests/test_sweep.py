@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -432,3 +433,30 @@ def test_sweep_info_keeps_every_command_and_the_report_lists_them(tmp_path):
     assert any(x.startswith("Command 3 of 3 (GPUs 2,3") and "pangu-2.6b" in x for x in cmds)
     one = {"command": "just one", "commands": [{"command": "just one", "gpus": [0]}] * 3}
     assert "Command: `just one`" in report.hardware_lines([], one)
+
+
+def test_a_folder_filled_on_two_machines_names_each_ones_cpu(tmp_path, monkeypatch):
+    """Each invocation records its machine (a tag that names none) and CPU; a folder resumed on another machine
+    gets one CPU line per machine and each command says where it ran; one machine keeps the single CPU line."""
+    from sftbench import report
+    d = tmp_path / "h100x2"
+    d.mkdir()
+    h100 = "NVIDIA H100 80GB HBM3"
+    gpus = [sweep.Gpu(0, h100), sweep.Gpu(1, h100)]
+    sweep.write_sweep_info(d, "h100x2", gpus, "cuda", "sweep --models pangu-350m")
+    first = json.loads((d / "sweep_info.json").read_text())["commands"][0]
+    assert first["cpu_count"] == os.cpu_count() and first["cpu_model"]
+    assert first["host"] == sweep.host_tag() and (first["host"] is None or len(first["host"]) == 8)
+    one_host = json.loads((d / "sweep_info.json").read_text())
+    assert [x for x in report.hardware_lines([], one_host) if x.startswith("CPU")] == [
+        f"CPU: {one_host['hardware']['cpu_model']}, {os.cpu_count()} logical cores, "
+        f"{one_host['hardware']['host_mem_mib'] / 1024:.0f} GiB host memory (recorded by the sweep)"]
+    monkeypatch.setattr(sweep, "host_tag", lambda: "0ther000")
+    monkeypatch.setattr(sweep, "cpu_model", lambda: "Other Xeon")
+    sweep.write_sweep_info(d, "h100x2", gpus, "cuda", "sweep --models pangu-350m")  # the same command, resumed
+    lines = report.hardware_lines([], json.loads((d / "sweep_info.json").read_text()))
+    cpus = [x for x in lines if x.startswith("CPU")]
+    if first["host"] is not None:
+        assert len(cpus) == 2 and cpus[1].startswith("CPU (host B): Other Xeon"), lines
+        cmds = [x for x in lines if x.startswith("Command")]
+        assert [c.split("; GPUs")[0] for c in cmds] == ["Command 1 of 2 (host A", "Command 2 of 2 (host B"], cmds
