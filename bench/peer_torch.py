@@ -196,6 +196,9 @@ def main(argv=None) -> int:
 def summarize(tool, model_name, ds_config, args, device, device_name, flops_tok, step_times, periods, losses, rss,
               mb, ga, world, extra=None) -> dict:
     """The result record every bench script writes (same keys in peer_torch, peer_trainer and bare_engine)."""
+    extra = dict(extra or {})
+    if extra.get("dataset_path"):  # committed as results: no machine's folders in it
+        extra["dataset_path"] = repo_relative(extra["dataset_path"])
     w = args.warmup_steps
     meas = step_times[w:]
     med = statistics.median(meas) if meas else None
@@ -222,8 +225,8 @@ def summarize(tool, model_name, ds_config, args, device, device_name, flops_tok,
         "host_rss_mib_peak": max(rss) if rss else None,
         "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
         "step_times_s": step_times,
-        **(extra or {}),
-    } | ({"dataset_path": repo_relative(extra["dataset_path"])} if extra and extra.get("dataset_path") else {})
+        **extra,
+    }
 
 
 def report(res: dict, out: str | None) -> None:

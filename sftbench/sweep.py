@@ -611,7 +611,8 @@ def train_command(entry: PlanEntry, run_dir: Path, env: dict) -> list[str]:
     cmd = launcher_command(entry.num_gpus, entry.accelerator == "cuda", env)
     cmd += ["train.py", "--ds", entry.ds_config or "none", "--model", entry.model, "--precision", entry.precision,
             "--max-steps", str(entry.max_steps), "--warmup-steps", str(entry.warmup_steps),
-            "--run-dir", repo_relative(run_dir), "--data", entry.data, "--seq-len", str(entry.seq_len), *entry.extra_args]
+            "--run-dir", repo_relative(run_dir), "--data", entry.data, "--seq-len", str(entry.seq_len),
+            *entry.extra_args]
     return cmd
 
 
