@@ -276,7 +276,9 @@ try:
                 bar = "[" + "#" * fill + "." * (20 - fill) + "] "
             mem = f" | gpu {rec['gpu_mem_used_mib']:.0f} MiB" if rec["gpu_mem_used_mib"] is not None else ""
             mfu = f" | mfu {rec['mfu_pct']:.1f}%" if rec["mfu_pct"] is not None else ""
-            print(f"{bar}step {done}/{max_steps}{' (warm-up)' if warm else ''} | loss {loss:.4f} | "
+            flag = " (warm-up)" if warm else ""
+            flag += " (fp16 overflow: update skipped)" if skipped else ""
+            print(f"{bar}step {done}/{max_steps}{flag} | loss {loss:.4f} | "
                   f"{step_s:.3f} s/it | {rec['tokens_per_s']:.0f} tok/s{mfu}{mem} | "
                   f"rss {rec['host_rss_mib']:.0f} MiB | eta {eta:.0f}s", flush=True)
 
@@ -318,7 +320,12 @@ if status == "ok":
         f"{s['tokens_per_s']:.0f} tok/s, epoch ~{s['epoch_s_est'] / 60:.1f} min (estimated), "
         + (f"peak GPU {gpu_peak:.0f} MiB, " if gpu_peak is not None else "")
         + f"peak RSS {s['host_rss_mib_peak']:.0f} MiB"
-        if s.get("step_s_median") is not None else "done (every step was warm-up: no statistics)")
+        if s.get("step_s_median") is not None else
+        f"done (every step was warm-up or an fp16 overflow step, {s.get('skipped_steps', 0)} of them skipped: no "
+        "statistics; run more steps, the loss scale comes down by half per overflow)")
+    if s.get("step_s_median") is not None and s.get("skipped_steps"):
+        say(f"note: {s['skipped_steps']} fp16 overflow step(s) skipped their optimizer update and are left out of "
+            "the statistics")
 else:
     print(f"error (rank {rank}): run ended with status {status}: {error}", file=sys.stderr, flush=True)
 if torch.distributed.is_initialized():

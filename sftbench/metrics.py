@@ -171,7 +171,13 @@ def cuda_uuid(device_index: int) -> str | None:
 
 
 class StepStats:
-    """Collects step records of one rank and turns them into the summary fields (warm-up steps excluded)."""
+    """Collects step records of one rank and turns them into the summary fields.
+
+    Warm-up steps and fp16 overflow steps are left out of the statistics: an overflow step (``skipped``) runs no
+    optimizer update, so it is shorter than a real step. DeepSpeed's dynamic loss scale starts at
+    2^initial_scale_power (32 in the reference configs) and halves per overflow, so an fp16 run's first ~20 steps
+    can all be overflow steps; ``skipped_steps`` counts them.
+    """
 
     def __init__(self, warmup_steps: int):
         self.warmup_steps = warmup_steps
@@ -181,7 +187,7 @@ class StepStats:
         self.records.append(rec)
 
     def summary_fields(self, world_size: int, steps_per_epoch: int) -> dict:
-        measured = [r for r in self.records if not r["warmup"]]
+        measured = [r for r in self.records if not r["warmup"] and not r.get("skipped")]
         step_s = [r["step_s"] for r in measured]
         med = median(step_s)
 
@@ -201,6 +207,7 @@ class StepStats:
         return {
             "steps": len(self.records),
             "measured_steps": len(measured),
+            "skipped_steps": sum(1 for r in self.records if r.get("skipped")),
             "step_s_median": med,
             "step_s_p90": percentile(step_s, 90),
             "step_s_mean": sum(step_s) / len(step_s) if step_s else None,

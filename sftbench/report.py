@@ -372,10 +372,11 @@ class Table:
     footnotes: list[str]
     any_estimated: bool
     any_compiled: bool = False
+    remarks: list[str] = field(default_factory=list)  # per-run notes (fp16 overflow steps left out)
 
     @property
     def notes(self) -> list[str]:
-        return [n for n in NOTES if self.any_compiled or not n.startswith(COMPILED_NOTE)]
+        return [n for n in NOTES if self.any_compiled or not n.startswith(COMPILED_NOTE)] + self.remarks
 
 
 def ref_rows(r: "Row") -> list[int]:
@@ -398,7 +399,7 @@ def _reference_map():
 
 
 def build_table(rows: list[Row]) -> Table:
-    out, foot, groups = [], [], []
+    out, foot, groups, remarks = [], [], [], []
     any_est = False
     cur = None
     for r in rows:
@@ -408,6 +409,11 @@ def build_table(rows: list[Row]) -> Table:
         groups[-1] += 1
         cfg = config_cells(r)
         extra_tail = [",".join(str(x) for x in ref_rows(r)) or "-", r.run]
+        skipped = (r.summary or {}).get("skipped_steps") or 0
+        if r.ok and skipped:
+            remarks.append(f"`{r.run}`: {skipped} fp16 overflow step(s) skipped the optimizer update while "
+                           "DeepSpeed's loss scale came down; like warm-up they are left out, "
+                           f"{(r.summary or {}).get('measured_steps')} step(s) measured.")
         if r.ok:
             ep, est = r.epoch
             any_est = any_est or (est and ep is not None)
@@ -427,13 +433,16 @@ def build_table(rows: list[Row]) -> Table:
                 label = "No statistics"
             err = (r.summary or {}).get("error") or ("the run left no summary (still running, or killed "
                                                       "before the sweep could record it)" if not r.summary else "")
+            if r.status == "ok" and skipped:
+                err = (f"every step after warm-up was an fp16 overflow step ({skipped} skipped the optimizer update "
+                       "while the loss scale came down): run more steps")
             synth = " (recorded by the sweep)" if (r.summary or {}).get("synthesized") else ""
             foot.append(scrub(f"{r.run}: {label}{synth}: {err}".rstrip(": ")))
             n = len(foot)
             cells = [r.model_label, "-", "-", "-", "-", f"{label} [{n}]", gpu_cell(r), *cfg, "-", "-", "-",
                      pred_meas(r.pred_gpu, None), pred_meas(r.pred_host, None), *extra_tail]
         out.append(cells)
-    return Table(out, groups, foot, any_est, any(r.ok and r.compile != "off" for r in rows))
+    return Table(out, groups, foot, any_est, any(r.ok and r.compile != "off" for r in rows), remarks)
 
 
 def _cpu_text(hw: dict) -> str:

@@ -38,11 +38,11 @@ STEP_KEYS = (
     "torch_peak_alloc_mib", "torch_peak_reserved_mib", "host_rss_mib", "host_used_mib",
 )
 SUMMARY_KEYS = (
-    "type", "status", "error", "time", "wall_s", "steps", "measured_steps", "step_s_median", "step_s_p90",
-    "step_s_mean", "samples_per_s", "tokens_per_s", "tokens_per_s_per_gpu", "real_tokens_per_s", "tflops",
-    "mfu_pct", "gpu_mem_used_mib_peak", "torch_peak_alloc_mib", "torch_peak_reserved_mib", "host_rss_mib_peak",
-    "host_used_mib_peak", "steps_per_epoch", "epoch_s_est", "epoch_s_measured", "final_loss", "first_loss",
-    "synthesized",
+    "type", "status", "error", "time", "wall_s", "steps", "measured_steps", "skipped_steps", "step_s_median",
+    "step_s_p90", "step_s_mean", "samples_per_s", "tokens_per_s", "tokens_per_s_per_gpu", "real_tokens_per_s",
+    "tflops", "mfu_pct", "gpu_mem_used_mib_peak", "torch_peak_alloc_mib", "torch_peak_reserved_mib",
+    "host_rss_mib_peak", "host_used_mib_peak", "steps_per_epoch", "epoch_s_est", "epoch_s_measured", "final_loss",
+    "first_loss", "synthesized",
 )
 STATUSES = ("ok", "oom", "cuda_error", "error", "interrupted", "timeout")
 

@@ -61,6 +61,24 @@ def test_step_stats_exclude_warmup():
     assert out["first_loss"] == 10 and out["final_loss"] == 6
 
 
+def test_step_stats_exclude_fp16_overflow_steps():
+    # An overflow step runs no optimizer update (shorter than a real step): out of the statistics, counted.
+    st = metrics.StepStats(warmup_steps=1)
+    for i, (s, skipped) in enumerate([(9.0, True), (0.5, True), (0.6, True), (2.0, False), (4.0, False)]):
+        st.add({"step": i + 1, "warmup": i < 1, "step_s": s, "skipped": skipped, "tokens_per_s": 100 / s,
+                "loss": 1.0})
+    out = st.summary_fields(world_size=1, steps_per_epoch=10)
+    assert out["skipped_steps"] == 3 and out["measured_steps"] == 2
+    assert out["step_s_median"] == 3.0 and out["step_s_p90"] == 4.0 and out["tokens_per_s"] == 37.5
+    # every step after warm-up skipped: no statistics rather than a median of steps that updated nothing
+    st = metrics.StepStats(warmup_steps=1)
+    for i in range(3):
+        st.add({"step": i + 1, "warmup": i < 1, "step_s": 0.5, "skipped": True, "loss": 1.0})
+    out = st.summary_fields(world_size=1, steps_per_epoch=10)
+    assert out["measured_steps"] == 0 and out["skipped_steps"] == 3
+    assert out["step_s_median"] is None and out["epoch_s_est"] is None
+
+
 @pytest.mark.parametrize("n,q,rank", [(10, 90, 9), (7, 90, 7), (20, 90, 18), (30, 90, 27), (2, 50, 1), (1, 90, 1),
                                       (4, 100, 4), (4, 0, 1)])
 def test_percentile_is_nearest_rank(n, q, rank):

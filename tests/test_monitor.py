@@ -44,11 +44,12 @@ def step_s_of(step: int, warmup: int = 2) -> float:
     return 2.0 if step <= warmup else 0.5 + 0.01 * step
 
 
-def write_step(log: RunLog, step: int, rank: int, warmup: int = 2, step_s: float | None = None) -> None:
+def write_step(log: RunLog, step: int, rank: int, warmup: int = 2, step_s: float | None = None,
+               skipped: bool = False) -> None:
     s = step_s if step_s is not None else step_s_of(step, warmup)
     log.step(step=step, time=time.time(), elapsed_s=float(step), step_s=s, warmup=step <= warmup,
              samples_per_s=16 / s, tokens_per_s=16384 / s, real_tokens_per_s=10_000 / s, loss=3.0 - 0.05 * step,
-             lr=1e-5, loss_scale=None, skipped=False, tflops=100.0, mfu_pct=40.0,
+             lr=1e-5, loss_scale=None, skipped=skipped, tflops=100.0, mfu_pct=40.0,
              gpu_mem_used_mib=30_000 + 10 * step + rank, torch_peak_alloc_mib=20_000.0,
              torch_peak_reserved_mib=25_000.0, host_rss_mib=4000.0 + rank, host_used_mib=60_000.0)
 
@@ -228,6 +229,23 @@ def test_rank_stats_exclude_warmup_and_header(tmp_path):
     assert h["epoch_s_est"] == pytest.approx(625 * r0.median_s)
     lines = M.header_lines(h)
     assert "step 20 of 50" in lines[2] and "zero2_offload.json" in lines[1] and "ZeRO 2" in lines[1]
+
+
+def test_rank_stats_exclude_fp16_overflow_steps(tmp_path):
+    # Steps 3-6 overflow (fp16 loss scale coming down): shown and counted, not in the EMA or the median.
+    d = tmp_path / "fp16run"
+    log = RunLog(d, 0)
+    write_meta(log, d.name, 0, world=1)
+    for s in range(1, 11):
+        write_step(log, s, 0, step_s=0.1 if 3 <= s <= 6 else None, skipped=3 <= s <= 6)
+    log.close()
+    st = RunWatcher(d).read_all()
+    r0 = st.ranks[0]
+    assert r0.n_warmup == 2 and r0.n_skipped == 4 and r0.measured == sorted(step_s_of(s) for s in range(7, 11))
+    assert r0.ema is not None and r0.ema > 0.5
+    h = st.header()
+    assert h["skipped_steps"] == 4 and h["measured_steps"] == 4
+    assert "fp16 overflow steps (no update, not measured): 4" in M.header_lines(h)[-1]
 
 
 def test_status_waiting_then_ok(tmp_path):

@@ -21,7 +21,8 @@ def _entry(run, model, cfg, precision, n, accel="cuda", rows=()):
 
 
 def write_ok_run(root: Path, run: str, model: str, cfg: str, precision: str, world: int, step_s: float,
-                 gpu_mib: float, rss_mib: float, *, accel="cuda", measured_epoch=None, rows=(), compile="off"):
+                 gpu_mib: float, rss_mib: float, *, accel="cuda", measured_epoch=None, rows=(), compile="off",
+                 skipped: int = 0):
     rd = root / run
     ds = None if cfg == "none" else apply_precision(load_ds_config(REPO / "ds_configs" / f"{cfg}.json"), precision)
     pred = {"gpu_mib": gpu_mib * 0.9, "host_mib": rss_mib * world * 1.1, "fits": True}
@@ -37,12 +38,17 @@ def write_ok_run(root: Path, run: str, model: str, cfg: str, precision: str, wor
                  optimizations={"compile": compile})
         for i in range(10):
             log.step(step=i + 1, step_s=step_s, warmup=i < 3, loss=2.0, tokens_per_s=8 * 512 * world / step_s,
-                     gpu_mem_used_mib=None if accel == "cpu" else gpu_mib + rank, host_rss_mib=rss_mib)
-        log.summary(status="ok", steps=10, measured_steps=7, step_s_median=step_s, step_s_p90=step_s,
-                    step_s_mean=step_s, tokens_per_s=8 * 512 * world / step_s,
-                    tokens_per_s_per_gpu=8 * 512 / step_s, tflops=123.4, mfu_pct=12.5,
+                     gpu_mem_used_mib=None if accel == "cpu" else gpu_mib + rank, host_rss_mib=rss_mib,
+                     skipped=i < skipped)
+        # Overflow steps are out of the statistics (sftbench.metrics.StepStats): none left, no numbers.
+        measured = 10 - max(3, skipped)
+        med = step_s if measured else None
+        log.summary(status="ok", steps=10, measured_steps=measured, skipped_steps=skipped, step_s_median=med,
+                    step_s_p90=med, step_s_mean=med, tokens_per_s=8 * 512 * world / step_s if med else None,
+                    tokens_per_s_per_gpu=8 * 512 / step_s if med else None, tflops=123.4 if med else None,
+                    mfu_pct=12.5 if med else None,
                     gpu_mem_used_mib_peak=None if accel == "cpu" else gpu_mib + rank, host_rss_mib_peak=rss_mib,
-                    steps_per_epoch=1250 // world, epoch_s_est=(1250 // world) * step_s,
+                    steps_per_epoch=1250 // world, epoch_s_est=(1250 // world) * step_s if med else None,
                     epoch_s_measured=measured_epoch, synthesized=False)
         log.close()
     (rd / "plan_entry.json").write_text(json.dumps(_entry(run, model, cfg, precision, world, accel, rows)))
@@ -181,6 +187,26 @@ def test_compiled_runs_are_marked(tmp_path):
     with open(out / "results.csv", newline="", encoding="utf-8") as f:
         by = {r["run"]: r["compile"] for r in csv.DictReader(f)}
     assert by == {"pangu-2.6b__z1__bf16__g1": "model", "pangu-2.6b__z0__bf16__g1": "off"}
+
+
+def test_fp16_overflow_steps_are_named(tmp_path):
+    """fp16 runs whose first steps overflowed: a note with the count; none left measured: no numbers, and why."""
+    root = tmp_path / "runs" / "h100x3"
+    write_ok_run(root, "pangu-350m__z0__fp16__g3", "pangu-350m", "z0", "fp16", 3, 0.45, 10000.0, 2000.0, skipped=5)
+    write_ok_run(root, "pangu-350m__z1__fp16__g3", "pangu-350m", "z1", "fp16", 3, 0.30, 9000.0, 2000.0, skipped=10)
+    write_ok_run(root, "pangu-350m__z1__bf16__g3", "pangu-350m", "z1", "bf16", 3, 0.44, 9000.0, 2000.0)
+    out = tmp_path / "res"
+    report.make_report(root, out)
+    md = (out / "results.md").read_text(encoding="utf-8")
+    assert ("- `pangu-350m__z0__fp16__g3`: 5 fp16 overflow step(s) skipped the optimizer update while DeepSpeed's "
+            "loss scale came down; like warm-up they are left out, 5 step(s) measured.") in md
+    assert "| 0.45s/it |" in md and "0.30s/it" not in md
+    assert ("pangu-350m__z1__fp16__g3: No statistics: every step after warm-up was an fp16 overflow step (10 skipped "
+            "the optimizer update while the loss scale came down): run more steps") in md
+    assert "pangu-350m__z1__bf16__g3`: " not in md
+    with open(out / "results.csv", newline="", encoding="utf-8") as f:
+        by = {r["run"]: r["skipped_steps"] for r in csv.DictReader(f)}
+    assert by == {"pangu-350m__z0__fp16__g3": "5", "pangu-350m__z1__fp16__g3": "10", "pangu-350m__z1__bf16__g3": "0"}
 
 
 def test_the_compile_note_only_where_a_row_compiled(sweep_dir, tmp_path):

@@ -2,8 +2,8 @@
 row. No I/O, no Textual, no torch: fed records by ``tail`` and GPU/host samples by ``session``; read by ``app``
 (Textual) and ``snapshot`` (plain text), which therefore show the same numbers.
 
-Statistics follow the log schema: warm-up steps (``warmup: true``) are shown but excluded from the smoothed (EMA)
-and median s/it; histories for charts are bounded.
+Statistics follow the log schema: warm-up steps (``warmup: true``) and fp16 overflow steps (``skipped: true``, no
+optimizer update) are shown but excluded from the smoothed (EMA) and median s/it; histories for charts are bounded.
 """
 from __future__ import annotations
 
@@ -161,6 +161,7 @@ class RankState:
         self.last: dict | None = None          # last step record
         self.n_steps = 0
         self.n_warmup = 0
+        self.n_skipped = 0                     # fp16 overflow steps after warm-up
         self.ema: float | None = None          # EMA of measured step_s
         self.measured: list[float] = []        # sorted measured step_s (for the median)
         self.history: deque[StepPoint] = deque(maxlen=self.history_len)
@@ -197,6 +198,8 @@ class RankState:
         loss = _fin(rec.get("loss"))
         if warm:
             self.n_warmup += 1
+        elif rec.get("skipped") is True:
+            self.n_skipped += 1
         elif s is not None:
             bisect.insort(self.measured, s)
             self.ema = s if self.ema is None else self.ema + EMA_ALPHA * (s - self.ema)
@@ -374,7 +377,7 @@ class RunState:
             "micro_batch": m.get("micro_batch"), "grad_accum": m.get("grad_accum"), "seq_len": m.get("seq_len"),
             "step": step, "max_steps": m.get("max_steps"), "warmup_steps": m.get("warmup_steps"),
             "in_warmup": bool(p and p.in_warmup), "s_it_ema": ema, "s_it_last": last_s, "s_it_median": median,
-            "measured_steps": len(p.measured) if p else 0, "eta_s": eta, "steps_per_epoch": m.get("steps_per_epoch"),
+            "measured_steps": len(p.measured) if p else 0, "skipped_steps": p.n_skipped if p else 0, "eta_s": eta, "steps_per_epoch": m.get("steps_per_epoch"),
             "epoch_s_est": epoch, "tokens_per_s": tps, "mfu_pct": mfu,
             "ranks_seen": len(self.ranks), "rank_files": self.rank_files, "bad_lines": self.bad_lines,
             "partial_lines": sum(1 for r in self.ranks.values() if r.partial),
@@ -424,6 +427,8 @@ def header_lines(h: Mapping[str, Any]) -> list[str]:
         notes.append(f"error: {str(h['error']).splitlines()[0][:160]}")
     if h["synthesized"]:
         notes.append("summary synthesized by the sweep")
+    if h.get("skipped_steps"):
+        notes.append(f"fp16 overflow steps (no update, not measured): {h['skipped_steps']}")
     if h["bad_lines"]:
         notes.append(f"garbage lines skipped: {h['bad_lines']}")
     if h["partial_lines"]:
