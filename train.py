@@ -41,6 +41,7 @@ if args.deepspeed:
     import deepspeed
 
 from sftbench import data as sftdata  # noqa: E402
+from sftbench import engine_checks  # noqa: E402
 from sftbench import metrics  # noqa: E402
 from sftbench import speed  # noqa: E402
 from sftbench.pangu import CheckpointError, build_model, count_params  # noqa: E402
@@ -150,6 +151,7 @@ try:
                              world_size=world_size)
         engine_name = "torch"
     speed.compile_engine(engine, compile_target, args.compile_mode, args.deepspeed)
+    warnings = [w for w in [engine_checks.fp16_zero0_scale_defect(engine) if args.deepspeed else None] if w]
     if args.resume:
         engine.load_checkpoint(args.resume)
     engine.train()
@@ -200,12 +202,14 @@ try:
         versions={"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
                   "deepspeed": deepspeed.__version__ if args.deepspeed else None,
                   "transformers": transformers.__version__},
-        git_commit=_git_commit(),
+        git_commit=_git_commit(), warnings=warnings,
         env={**arch_env, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR"),
              "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"), "gpu_probe_error": gpu.error},
     )
     say(f"engine: {engine_name}, ZeRO {desc['zero_stage']}, {precision}, world {world_size}, micro batch {mb}, "
         f"grad accum {ga}, {steps_per_epoch} steps/epoch; log: {run_dir}")
+    for w in warnings:
+        say(f"warning: {w}")
 
     # ------------------------------------------------------------ batches, on the device before the clock starts
     per_step = mb * ga
@@ -249,7 +253,7 @@ try:
         skipped_now = getattr(engine, "skipped_steps", 0)
         skipped, skipped_before = skipped_now > skipped_before, skipped_now
         if args.deepspeed:
-            scale = getattr(engine.optimizer, "cur_scale", None) if precision == "fp16" else None
+            scale = engine_checks.loss_scale(engine) if precision == "fp16" else None
         else:
             scale = engine.loss_scale()
         rec = log.step(

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sftbench import runlog
+from sftbench import engine_checks, runlog
 from sftbench.dsconfig import apply_precision, describe
 from sftbench.metrics import cpu_model
 from sftbench.sweep import EPOCH_SUFFIX  # sweep --epoch: one full epoch of the run named without the suffix
@@ -409,6 +409,8 @@ def build_table(rows: list[Row]) -> Table:
         groups[-1] += 1
         cfg = config_cells(r)
         extra_tail = [",".join(str(x) for x in ref_rows(r)) or "-", r.run]
+        for w in engine_checks.warnings_of(r.meta or {}):
+            remarks.append(f"`{r.run}`: warning: {w}")
         skipped = (r.summary or {}).get("skipped_steps") or 0
         if r.ok and skipped:
             remarks.append(f"`{r.run}`: {skipped} fp16 overflow step(s) skipped the optimizer update while "
@@ -546,7 +548,8 @@ def epoch_checks(rows: list[Row]) -> list[str]:
 
 
 def recommendations(rows: list[Row]) -> list[str]:
-    """Per model and GPU count: the fastest configuration that ran, and the one with the least GPU memory."""
+    """Per model and GPU count: the fastest configuration that ran, and the one with the least GPU memory. Runs with
+    an engine warning (``engine_checks``: the model does not learn) are not recommended."""
     out = []
     groups: dict[tuple, list[Row]] = {}
     for r in rows:
@@ -554,10 +557,12 @@ def recommendations(rows: list[Row]) -> list[str]:
             continue
         groups.setdefault(r.group, []).append(r)
     for (label, dev, world), rs in groups.items():
-        ok = [r for r in rs if r.ok]
+        ok = [r for r in rs if r.ok and not engine_checks.warnings_of(r.meta or {})]
         where = f"{label} on {world} × {dev}" if dev != "CPU" else f"{label} on CPU ({world} ranks)"
         if not ok:
-            out.append(f"**{where}**: no configuration finished.")
+            flagged = any(r.ok for r in rs)
+            out.append(f"**{where}**: no configuration finished" + (" that trains (see the warnings above)." if flagged
+                                                                    else "."))
             continue
         fast = min(ok, key=lambda r: r.s_per_sample)
         if dev == "CPU":

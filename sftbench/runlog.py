@@ -30,7 +30,7 @@ META_KEYS = (
     "flops_per_token", "world_size", "rank", "local_rank", "host", "pid", "device", "device_name", "device_uuid",
     "gpu_index", "peak_tflops", "precision", "zero_stage", "offload_optimizer", "offload_param", "micro_batch",
     "grad_accum", "seq_len", "dataset_path", "dataset_samples", "real_tokens", "pad_tokens", "steps_per_epoch",
-    "max_steps", "warmup_steps", "optimizations", "predicted", "versions", "git_commit", "env",
+    "max_steps", "warmup_steps", "optimizations", "predicted", "versions", "git_commit", "warnings", "env",
 )
 STEP_KEYS = (
     "type", "step", "time", "elapsed_s", "step_s", "warmup", "samples_per_s", "tokens_per_s",

@@ -1,0 +1,73 @@
+"""What the harness reads from, and checks in, a DeepSpeed engine after ``deepspeed.initialize``.
+
+* ``loss_scale(engine)``: the fp16 dynamic loss scale now. DeepSpeed's ZeRO optimizers expose it as ``cur_scale``;
+  its ZeRO-0 ``FP16_Optimizer`` (0.19) keeps it in ``loss_scale_config`` behind a ``loss_scale`` property.
+* ``fp16_zero0_scale_defect(engine)``: a message when the engine is known not to train. In DeepSpeed 0.19.x,
+  ``engine.backward`` multiplies the loss by the loss scale only for ZeRO optimizers (and torch autocast); with fp16
+  and ZeRO stage 0 it calls ``loss.backward()`` on the unscaled loss, while ``FP16_Optimizer.step`` still divides
+  the gradients by the scale (2^initial_scale_power). The updates are that many times too small and the loss stays
+  flat (measured: 30 steps of Pangu-350M on 3 GPUs, loss 10.82 -> 10.83; bf16 drops to ~9 by then). Upstream:
+  DeepSpeed pull request 8393. The step still does all its work, so its time and memory are the step's cost; the
+  run is flagged rather than patched, because the harness runs the engine as configured.
+"""
+from __future__ import annotations
+
+import inspect
+import numbers
+from typing import Any
+
+
+def loss_scale(engine: Any) -> float | None:
+    """The optimizer's current fp16 loss scale, or None where it has none (bf16, fp32, no scaler)."""
+    opt = getattr(engine, "optimizer", None)
+    for name in ("cur_scale", "loss_scale"):
+        v = getattr(opt, name, None)
+        if hasattr(v, "item"):  # a 0-d tensor in some optimizers
+            v = v.item()
+        if isinstance(v, numbers.Real) and not isinstance(v, bool):
+            return float(v)
+    return None
+
+
+def _backward_scales_fp16_optimizer(engine_cls: type) -> bool:
+    """Whether the engine class's ``backward`` hands the loss to the optimizer (which scales it), as older DeepSpeed
+    did and as the upstream fix does; 0.19.x's backward never calls ``optimizer.backward``."""
+    try:
+        src = inspect.getsource(engine_cls.backward)
+    except (OSError, TypeError, AttributeError):
+        return True  # source not available: nothing to say
+    return "optimizer.backward(" in src
+
+
+def fp16_zero0_scale_defect(engine: Any) -> str | None:
+    """A warning when this engine is fp16 with ZeRO stage 0 and its backward drops the loss scale (see the module
+    docstring), else None."""
+    try:
+        fp16 = bool(engine.fp16_enabled())
+        zero = bool(engine.zero_optimization())
+    except AttributeError:
+        return None  # not a DeepSpeed engine
+    if not fp16 or zero or loss_scale(engine) is None or _backward_scales_fp16_optimizer(type(engine)):
+        return None
+    if getattr(engine, "torch_autocast_z0_gradscaler", None) is not None:
+        return None  # torch autocast brings its own GradScaler, which engine.backward applies
+    return (f"fp16 with ZeRO stage 0: this DeepSpeed's engine.backward does not apply the loss scale "
+            f"({loss_scale(engine):g}) that its FP16_Optimizer.step divides the gradients by, so the model does not "
+            "learn (upstream DeepSpeed pull request 8393). Step time and memory are still the step's cost; to train, "
+            "use bf16 or ZeRO stage 1 or more.")
+
+
+def warnings_of(meta: dict) -> list[str]:
+    """A run's engine warnings from its meta record. For logs written before the meta had ``warnings`` (no key, or
+    null), the ZeRO-0 fp16 defect is inferred from the record: fp16, ZeRO stage 0, DeepSpeed 0.19.x (measured on
+    0.19.8)."""
+    if meta.get("warnings") is not None:  # train.py writes a list, empty when the checks found nothing
+        return [str(w) for w in meta["warnings"]]
+    ds_version = str((meta.get("versions") or {}).get("deepspeed") or "")
+    engine = (meta.get("optimizations") or {}).get("engine")
+    if meta.get("precision") == "fp16" and meta.get("zero_stage") == 0 and engine == "deepspeed" \
+            and ds_version.startswith("0.19."):
+        return [f"fp16 with ZeRO stage 0 on DeepSpeed {ds_version}: engine.backward does not apply the loss scale "
+                "that FP16_Optimizer.step divides the gradients by, so the model does not learn (upstream DeepSpeed "
+                "pull request 8393). Step time and memory are still the step's cost."]
+    return []
