@@ -9,7 +9,9 @@ The plan (``build_plan``): every model (pangu-350m, pangu-2.6b) x every ``ds_con
 the precision(s) the reference table used for that model and file (parsed from the table in
 ``ds_configs/README.md``, the source of truth) plus bf16 where the GPU supports it, on the visible GPU count. On a
 machine without a GPU the default plan is a small CPU sweep (2 ranks, ``DS_ACCELERATOR=cpu``, pangu-tiny, a few
-configs, fp32 and bf16, few steps) so the whole pipeline can be seen in a few minutes.
+configs, fp32 and bf16, few steps) so the whole pipeline can be seen in a few minutes. An fp16 DeepSpeed run gets
+``loss_scale_warmup_steps`` more steps: its first steps overflow and update nothing while the loss scale comes down,
+and those are never measured.
 
 Each run: ``runs/<sweep>/<run>/`` with ``plan_entry.json`` (the plan entry), ``predicted.json`` (the memory
 prediction, ``sftbench.memory``), ``console.log`` (launcher stdout+stderr) and train.py's ``rank<k>.jsonl``. A run
@@ -346,10 +348,34 @@ def config_path(cfg: str) -> str | None:
     return f"ds_configs/{cfg}.json"
 
 
+def loss_scale_warmup_steps(ds_config: str | None, precision: str) -> int:
+    """Optimizer steps an fp16 DeepSpeed run is expected to skip while its dynamic loss scale comes down, added to
+    the run's steps so the measured ones update the model (skipped steps are never in the statistics,
+    ``sftbench.metrics.StepStats``). The scale starts at 2^initial_scale_power; the first overflow only uses up the
+    hysteresis, each later one halves it. Measured: from 2^32 (the reference configs) Pangu-350M skipped 15 steps and
+    settled at 2^18; counting down to 2^16 leaves a margin (17 steps for the reference configs). A static scale, bf16,
+    fp32 and ``--ds none`` (torch's GradScaler starts at 2^16) skip ~nothing."""
+    if precision != "fp16" or not ds_config:
+        return 0
+    path = Path(ds_config) if Path(ds_config).is_absolute() else REPO / ds_config
+    try:
+        fp = json.loads(path.read_text(encoding="utf-8")).get("fp16") or {}
+    except (OSError, ValueError, AttributeError):
+        return 0  # an unreadable config fails in train.py with a message naming it
+    if fp.get("loss_scale", 0) not in (0, None):
+        return 0
+    try:
+        power, hysteresis = int(fp.get("initial_scale_power", 16)), int(fp.get("hysteresis", 2))
+    except (TypeError, ValueError):
+        return 0
+    return max(0, hysteresis - 1) + max(0, power - 16)
+
+
 def build_plan(*, models: list[str], configs: list[str], precisions: str, gpu_counts: list[int], accelerator: str,
                steps: int, warmup: int, data: str, seq_len: int, bf16_ok: bool, ref: list[RefRow],
                extra_args: list[str] | None = None) -> list[PlanEntry]:
-    """Order: GPU count, model, config (reference order), precision (reference's first, then bf16)."""
+    """Order: GPU count, model, config (reference order), precision (reference's first, then bf16). fp16 DeepSpeed
+    runs get ``loss_scale_warmup_steps`` on top of ``steps``."""
     entries: list[PlanEntry] = []
     for n in gpu_counts:
         for model in models:
@@ -364,7 +390,8 @@ def build_plan(*, models: list[str], configs: list[str], precisions: str, gpu_co
                         _sha1(Path(path)) if path else None)
                     entries.append(PlanEntry(
                         run=run_name(model, name, prec, n, accelerator), model=model, ds_config=path,
-                        precision=prec, num_gpus=n, max_steps=steps, warmup_steps=warmup, accelerator=accelerator,
+                        precision=prec, num_gpus=n, accelerator=accelerator, warmup_steps=warmup,
+                        max_steps=steps + loss_scale_warmup_steps(path, prec) if steps else steps,
                         data=data, seq_len=seq_len, extra_args=list(extra_args or []),
                         ref_rows=reference_rows(ref, model, name, prec, n) if accelerator == "cuda" else [],
                         ds_config_sha1=sha))
@@ -901,7 +928,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precisions", default=_env("PRECISIONS", "ref+bf16"),
                    help="'ref' (the reference table's precision for that row), 'ref+bf16' (default), 'bf16', "
                         "'fp32,bf16', ...; fp16 becomes fp32 on CPU, bf16 becomes fp16 on GPUs without bf16")
-    g.add_argument("--steps", type=int, default=_env("STEPS"), help="optimizer steps per run (GPU 10, CPU 4)")
+    g.add_argument("--steps", type=int, default=_env("STEPS"), help="optimizer steps per run (GPU 10, CPU 4); fp16 DeepSpeed runs add the steps their loss "
+                   "scale is expected to skip (17 for the reference configs)")
     g.add_argument("--warmup", type=int, default=_env("WARMUP"), help="warm-up steps (GPU 3, CPU 1)")
     g.add_argument("--seq-len", type=int, default=_env("SEQ_LEN"), help="tokens per sample (GPU 512, CPU 128)")
     g.add_argument("--data", default=_env("DATA"),

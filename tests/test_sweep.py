@@ -89,6 +89,8 @@ def test_plan_one_gpu():
     assert e.ref_rows == [33] and e.ds_config == "ds_configs/z2_offload_5e8.json" and e.ds_config_sha1
     e = next(x for x in es if x.run == "pangu-350m__z2_offload_5e8__fp16__g1")
     assert e.ref_rows == []  # the reference ran this config on 3 GPUs only: no 1-GPU row to compare with
+    assert (e.max_steps, e.warmup_steps, e.seq_len) == (10 + 17, 3, 512)  # fp16: plus the loss-scale warm-up
+    e = next(x for x in es if x.run == "pangu-350m__z2_offload_5e8__bf16__g1")
     assert (e.max_steps, e.warmup_steps, e.seq_len) == (10, 3, 512)
 
 
@@ -105,6 +107,26 @@ def test_plan_three_gpus_without_bf16():
     assert none == ["fp32", "fp16"]
     e = next(x for x in es if x.run == "pangu-350m__z2_offload_5e8__fp16__g3")
     assert e.ref_rows == [7]
+    # fp16 DeepSpeed runs get the loss-scale warm-up (2^32 down to 2^16, plus the hysteresis step) on top
+    assert e.max_steps == 10 + 17 and e.warmup_steps == 3
+    assert [x.max_steps for x in es if x.config_name == "none" and x.model == "pangu-350m"] == [10, 10]
+
+
+def test_loss_scale_warmup_steps(tmp_path):
+    def cfg(**fp16):
+        p = tmp_path / f"c{len(list(tmp_path.iterdir()))}.json"
+        p.write_text(json.dumps({"fp16": {"enabled": True, **fp16}}))
+        return str(p)
+    assert sweep.loss_scale_warmup_steps("ds_configs/z0.json", "fp16") == 17
+    assert sweep.loss_scale_warmup_steps("ds_configs/z0.json", "bf16") == 0
+    assert sweep.loss_scale_warmup_steps(None, "fp16") == 0                       # --ds none: torch's GradScaler
+    assert sweep.loss_scale_warmup_steps(cfg(), "fp16") == 1                      # DeepSpeed's defaults: 2^16, 2
+    assert sweep.loss_scale_warmup_steps(cfg(initial_scale_power=20, hysteresis=1), "fp16") == 4
+    assert sweep.loss_scale_warmup_steps(cfg(loss_scale=128, initial_scale_power=32), "fp16") == 0  # static
+    assert sweep.loss_scale_warmup_steps(str(tmp_path / "missing.json"), "fp16") == 0
+    es = sweep.build_plan(models=["pangu-350m"], configs=["z0"], precisions="fp16", gpu_counts=[3],
+                          accelerator="cuda", steps=0, warmup=2, data="d.jsonl", seq_len=512, bf16_ok=True, ref=REF)
+    assert [e.max_steps for e in es] == [0]  # 0 = one full epoch: nothing to add
 
 
 def test_reference_rows_match_gpu_count_then_precision():
@@ -127,7 +149,9 @@ def test_plan_overrides_and_env(monkeypatch):
                         "--extra-args=--compile --seed 3"])
     es = res.entries
     assert res.sweep == "v100x1-3"
-    assert {e.max_steps for e in es} == {7} and {e.warmup_steps for e in es} == {3}
+    assert {e.max_steps for e in es if e.config_name == "none" or e.precision != "fp16"} == {7}
+    assert {e.max_steps for e in es if e.config_name != "none" and e.precision == "fp16"} == {7 + 17}
+    assert {e.warmup_steps for e in es} == {3}
     assert [e.num_gpus for e in es] == sorted(e.num_gpus for e in es) and {e.num_gpus for e in es} == {1, 3}
     assert [e.config_name for e in es if e.num_gpus == 1] == [
         "none", "none", "z2_offload_2e8", "z2_offload_5e8", "z2_offload_1e9", "z2_offload_5e9",
