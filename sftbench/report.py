@@ -473,10 +473,16 @@ def hardware_lines(rows: list[Row], info: dict) -> list[str]:
             hosts.append(c["host"])
     label = {h: f"host {chr(ord('A') + i)}" if i < 26 else f"host {h}" for i, h in enumerate(hosts)}
     cpu = hw.get("cpu_model")
-    if len(hosts) > 1:  # one folder filled on several machines: each one's CPU, from its first command
+    # Commands from before the sweep recorded its machine may have run elsewhere: the top-level hardware is the
+    # latest command's, so it only stands for the whole folder when every command is of that one machine.
+    untagged = hosts and any(not c.get("host") for c in cmds)
+    per_host = len(hosts) > 1 or untagged
+    if per_host:  # one folder filled on several machines: each one's CPU, from its first command
         for h in hosts:
             c = next(c for c in cmds if c.get("host") == h)
             lines.append(f"CPU ({label[h]}): {_cpu_text(c)} (recorded by the sweep)")
+        if untagged:
+            lines.append("CPU of the commands without a host: not recorded (they predate the sweep's machine record)")
     elif cpu:
         lines.append(f"CPU: {_cpu_text(hw)} (recorded by the sweep)")
     else:
@@ -501,7 +507,7 @@ def hardware_lines(rows: list[Row], info: dict) -> list[str]:
             distinct.append(c)
     if len(distinct) > 1:  # e.g. two sweeps sharing one host, or batches resumed with other filters
         for i, c in enumerate(distinct, 1):
-            where = [label[c["host"]]] if len(hosts) > 1 and c.get("host") in label else []
+            where = [label[c["host"]]] if per_host and c.get("host") in label else []
             if c.get("gpus"):
                 where.append("GPUs " + ",".join(str(g) for g in c["gpus"]))
             if c.get("cores"):

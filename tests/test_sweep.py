@@ -484,3 +484,22 @@ def test_a_folder_filled_on_two_machines_names_each_ones_cpu(tmp_path, monkeypat
         assert len(cpus) == 2 and cpus[1].startswith("CPU (host B): Other Xeon"), lines
         cmds = [x for x in lines if x.startswith("Command")]
         assert [c.split("; GPUs")[0] for c in cmds] == ["Command 1 of 2 (host A", "Command 2 of 2 (host B"], cmds
+
+
+def test_commands_from_before_the_machine_record_do_not_borrow_a_later_cpu(tmp_path, monkeypatch):
+    """A folder whose first commands predate the host record, resumed on a tagged machine: the tagged machine's CPU
+    is named for its own commands only, and the older ones say their CPU was not recorded."""
+    from sftbench import report
+    monkeypatch.setattr(sweep, "host_tag", lambda: "abcd1234")
+    d = tmp_path / "h100x1"
+    d.mkdir()
+    gpus = [sweep.Gpu(0, "NVIDIA H100 80GB HBM3")]
+    sweep.write_sweep_info(d, "h100x1", gpus, "cuda", "sweep --configs z1")
+    info = json.loads((d / "sweep_info.json").read_text())
+    info["commands"].insert(0, {"command": "sweep --configs none", "time": 1.0})  # written by an older harness
+    lines = report.hardware_lines([], info)
+    cpus = [x for x in lines if x.startswith("CPU")]
+    assert cpus[0].startswith("CPU (host A): ") and len(cpus) == 2
+    assert cpus[1] == "CPU of the commands without a host: not recorded (they predate the sweep's machine record)"
+    cmds = [x for x in lines if x.startswith("Command")]
+    assert cmds[0] == "Command 1 of 2: `sweep --configs none`" and cmds[1].startswith("Command 2 of 2 (host A; GPUs 0")
