@@ -246,6 +246,20 @@ def test_rank_stats_exclude_fp16_overflow_steps(tmp_path):
     h = st.header()
     assert h["skipped_steps"] == 4 and h["measured_steps"] == 4
     assert "fp16 overflow steps (no update, not measured): 4" in M.header_lines(h)[-1]
+    assert "warning:" not in M.header_lines(h)[-1]
+
+
+def test_engine_warnings_from_the_meta_are_shown(tmp_path):
+    d = tmp_path / "z0fp16"
+    log = RunLog(d, 0)
+    write_meta(log, d.name, 0, world=1)
+    log.close()
+    lines = (d / "rank0.jsonl").read_text().splitlines()
+    meta = json.loads(lines[0])
+    meta["warnings"] = ["fp16 with ZeRO stage 0: the model does not learn"]
+    (d / "rank0.jsonl").write_text(json.dumps(meta) + "\n")
+    h = RunWatcher(d).read_all().header()
+    assert "warning: fp16 with ZeRO stage 0: the model does not learn" in M.header_lines(h)[-1]
 
 
 def test_status_waiting_then_ok(tmp_path):

@@ -381,6 +381,7 @@ class RunState:
             "epoch_s_est": epoch, "tokens_per_s": tps, "mfu_pct": mfu,
             "ranks_seen": len(self.ranks), "rank_files": self.rank_files, "bad_lines": self.bad_lines,
             "partial_lines": sum(1 for r in self.ranks.values() if r.partial),
+            "warnings": [str(w) for w in (m.get("warnings") or [])],  # engine defects train.py found
         }
 
 
@@ -427,6 +428,8 @@ def header_lines(h: Mapping[str, Any]) -> list[str]:
         notes.append(f"error: {str(h['error']).splitlines()[0][:160]}")
     if h["synthesized"]:
         notes.append("summary synthesized by the sweep")
+    for w in h.get("warnings") or []:
+        notes.append(f"warning: {w}")
     if h.get("skipped_steps"):
         notes.append(f"fp16 overflow steps (no update, not measured): {h['skipped_steps']}")
     if h["bad_lines"]:
