@@ -39,6 +39,13 @@ def _backward_scales_fp16_optimizer(engine_cls: type) -> bool:
     return "optimizer.backward(" in src
 
 
+def _zero0_fp16_message(what: str) -> str:
+    """The warning, whichever way the defect was found (``what`` says which DeepSpeed, or the scale it dropped)."""
+    return (f"fp16 with ZeRO stage 0 {what}: engine.backward does not apply the loss scale that FP16_Optimizer.step "
+            "divides the gradients by, so the model does not learn (upstream DeepSpeed pull request 8393). Step time "
+            "and memory are still the step's cost; to train, use bf16 or ZeRO stage 1 or more.")
+
+
 def fp16_zero0_scale_defect(engine: Any) -> str | None:
     """A warning when this engine is fp16 with ZeRO stage 0 and its backward drops the loss scale (see the module
     docstring), else None."""
@@ -47,14 +54,12 @@ def fp16_zero0_scale_defect(engine: Any) -> str | None:
         zero = bool(engine.zero_optimization())
     except AttributeError:
         return None  # not a DeepSpeed engine
-    if not fp16 or zero or loss_scale(engine) is None or _backward_scales_fp16_optimizer(type(engine)):
+    scale = loss_scale(engine)
+    if not fp16 or zero or scale is None or _backward_scales_fp16_optimizer(type(engine)):
         return None
     if getattr(engine, "torch_autocast_z0_gradscaler", None) is not None:
         return None  # torch autocast brings its own GradScaler, which engine.backward applies
-    return (f"fp16 with ZeRO stage 0: this DeepSpeed's engine.backward does not apply the loss scale "
-            f"({loss_scale(engine):g}) that its FP16_Optimizer.step divides the gradients by, so the model does not "
-            "learn (upstream DeepSpeed pull request 8393). Step time and memory are still the step's cost; to train, "
-            "use bf16 or ZeRO stage 1 or more.")
+    return _zero0_fp16_message(f"(loss scale {scale:g})")
 
 
 def warnings_of(meta: dict) -> list[str]:
@@ -67,7 +72,5 @@ def warnings_of(meta: dict) -> list[str]:
     engine = (meta.get("optimizations") or {}).get("engine")
     if meta.get("precision") == "fp16" and meta.get("zero_stage") == 0 and engine == "deepspeed" \
             and ds_version.startswith("0.19."):
-        return [f"fp16 with ZeRO stage 0 on DeepSpeed {ds_version}: engine.backward does not apply the loss scale "
-                "that FP16_Optimizer.step divides the gradients by, so the model does not learn (upstream DeepSpeed "
-                "pull request 8393). Step time and memory are still the step's cost."]
+        return [_zero0_fp16_message(f"on DeepSpeed {ds_version}")]
     return []

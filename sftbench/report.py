@@ -144,6 +144,11 @@ class Row:
         """The torch.compile target the run used ("off" for logs older than the field)."""
         return str(((self.meta or {}).get("optimizations") or {}).get("compile") or "off")
 
+    @functools.cached_property
+    def warnings(self) -> list[str]:
+        """Engine defects of this run (``engine_checks``): the table names them, the recommendation skips the run."""
+        return engine_checks.warnings_of(self.meta or {})
+
     @property
     def ok(self) -> bool:
         return self.status == "ok" and self.step_s is not None
@@ -409,7 +414,7 @@ def build_table(rows: list[Row]) -> Table:
         groups[-1] += 1
         cfg = config_cells(r)
         extra_tail = [",".join(str(x) for x in ref_rows(r)) or "-", r.run]
-        for w in engine_checks.warnings_of(r.meta or {}):
+        for w in r.warnings:
             remarks.append(f"`{r.run}`: warning: {w}")
         skipped = (r.summary or {}).get("skipped_steps") or 0
         if r.ok and skipped:
@@ -563,7 +568,7 @@ def recommendations(rows: list[Row]) -> list[str]:
             continue
         groups.setdefault(r.group, []).append(r)
     for (label, dev, world), rs in groups.items():
-        ok = [r for r in rs if r.ok and not engine_checks.warnings_of(r.meta or {})]
+        ok = [r for r in rs if r.ok and not r.warnings]
         where = f"{label} on {world} × {dev}" if dev != "CPU" else f"{label} on CPU ({world} ranks)"
         if not ok:
             flagged = any(r.ok for r in rs)

@@ -47,6 +47,7 @@ from typing import Callable, Iterable, Mapping
 from sftbench import memory, runlog
 from sftbench.args import repo_relative
 from sftbench.buildenv import free_port
+from sftbench.dsconfig import DSConfigError, load_ds_config
 from sftbench.metrics import cpu_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -359,9 +360,9 @@ def loss_scale_warmup_steps(ds_config: str | None, precision: str) -> int:
         return 0
     path = Path(ds_config) if Path(ds_config).is_absolute() else REPO / ds_config
     try:
-        fp = json.loads(path.read_text(encoding="utf-8")).get("fp16") or {}
-    except (OSError, ValueError, AttributeError):
-        return 0  # an unreadable config fails in train.py with a message naming it
+        fp = load_ds_config(path).get("fp16") or {}
+    except DSConfigError:
+        return 0  # a config that can't be used fails in train.py with the same message, naming it
     if fp.get("loss_scale", 0) not in (0, None):
         return 0
     try:
@@ -774,12 +775,11 @@ def write_sweep_info(sweep_dir: Path, sweep: str, gpus: list[Gpu], accelerator: 
                 pass
         now = time.time()
         # each invocation's own machine: a folder filled over several device sessions mixes hosts
+        machine = {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "host_mem_mib": _host_total_mib()}
         history.append({"command": command, "time": now, "gpus": [g.index for g in gpus], "cores": _affinity(),
-                        "host": host_tag(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
-                        "host_mem_mib": _host_total_mib()})
+                        "host": host_tag(), **machine})
         info = {"sweep": sweep, "time": now, "command": command, "commands": history, "accelerator": accelerator,
-                "hardware": {"gpus": [asdict(g) for g in gpus], "cpu_model": cpu_model(),
-                             "cpu_count": os.cpu_count(), "host_mem_mib": _host_total_mib(),
+                "hardware": {"gpus": [asdict(g) for g in gpus], **machine,
                              "platform": platform.platform(), "python": platform.python_version()}}
         write_json(path, info)
 
@@ -928,8 +928,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precisions", default=_env("PRECISIONS", "ref+bf16"),
                    help="'ref' (the reference table's precision for that row), 'ref+bf16' (default), 'bf16', "
                         "'fp32,bf16', ...; fp16 becomes fp32 on CPU, bf16 becomes fp16 on GPUs without bf16")
-    g.add_argument("--steps", type=int, default=_env("STEPS"), help="optimizer steps per run (GPU 10, CPU 4); fp16 DeepSpeed runs add the steps their loss "
-                   "scale is expected to skip (17 for the reference configs)")
+    g.add_argument("--steps", type=int, default=_env("STEPS"),
+                   help="optimizer steps per run (GPU 10, CPU 4); fp16 DeepSpeed runs add the steps their loss "
+                        "scale is expected to skip (17 for the reference configs)")
     g.add_argument("--warmup", type=int, default=_env("WARMUP"), help="warm-up steps (GPU 3, CPU 1)")
     g.add_argument("--seq-len", type=int, default=_env("SEQ_LEN"), help="tokens per sample (GPU 512, CPU 128)")
     g.add_argument("--data", default=_env("DATA"),
