@@ -46,9 +46,17 @@ def cpu_env(**extra: str) -> dict:
     return env
 
 
+# The rendezvous port of the last launch_cmd: each launch takes a free port, so test runs that overlap on one
+# machine (two checkouts, two sessions) never meet on DeepSpeed's default 29500.
+LAST_PORT = {"port": 29500}
+
+
 def launch_cmd(nranks: int, *train_args: str) -> list[str]:
-    """The real launcher, as a user types it."""
-    return [str(BIN / "deepspeed"), "--num_gpus", str(nranks), str(REPO / "train.py"), *train_args]
+    """The real launcher, as a user types it (with a free rendezvous port)."""
+    from sftbench.buildenv import free_port
+    LAST_PORT["port"] = free_port()
+    return [str(BIN / "deepspeed"), "--num_gpus", str(nranks), "--master_port", str(LAST_PORT["port"]),
+            str(REPO / "train.py"), *train_args]
 
 
 def write_overfit_config(src: str, dst: Path, lr: float = 3e-3, ga: int = 2) -> Path:
@@ -65,9 +73,10 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def leftover_shm(nranks: int, port: int = 29500) -> list[str]:
-    """DeepSpeed CPU shm buffers of a launcher run (default address and port) still in /dev/shm after it ended."""
+def leftover_shm(nranks: int, port: int | None = None) -> list[str]:
+    """DeepSpeed CPU shm buffers of a launcher run (the last launch_cmd's port by default) left in /dev/shm."""
     from sftbench.shm import buffer_path
+    port = LAST_PORT["port"] if port is None else port
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     return [str(p) for r in range(nranks) if (p := buffer_path(r, env)).exists()]
 
