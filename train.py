@@ -42,6 +42,7 @@ if args.deepspeed:
 
 from sftbench import data as sftdata  # noqa: E402
 from sftbench import engine_checks  # noqa: E402
+from sftbench import graphs  # noqa: E402
 from sftbench import metrics  # noqa: E402
 from sftbench import speed  # noqa: E402
 from sftbench.pangu import CheckpointError, build_model, count_params  # noqa: E402
@@ -81,6 +82,14 @@ else:
 if precision == "fp16" and on_cpu:
     sys.exit("error: fp16 is not supported on CPU (DeepSpeed refuses it); use --precision bf16 or fp32")
 model_name = args.model or ("pangu-tiny" if on_cpu else "pangu-350m")
+compile_target, compile_why = speed.resolve_compile(args.compile, on_cpu)
+try:
+    use_graphs, graphs_why = graphs.resolve(args.cuda_graphs, on_cuda=device.type == "cuda", ds_cfg=ds_cfg,
+                                            world_size=world_size, precision=precision, compile_target=compile_target)
+except graphs.GraphError as e:
+    sys.exit(f"error: {e}")
+if use_graphs:
+    graphs.use_side_stream(device)  # before the model and engine exist: capture needs them on the capture stream
 run_dir = args.run_dir or args.default_run_dir(model_name, precision)
 if rank == 0:
     Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -138,7 +147,6 @@ try:
     use_pad_mask = args.pad_mask == "always" or not right_padded
 
     # ------------------------------------------------------------ build: engine
-    compile_target, compile_why = speed.resolve_compile(args.compile, on_cpu, ds_cfg)
     if compile_target == "blocks":  # in place, before the engine wraps the model: names and hooks stay as they are
         speed.compile_blocks(model, args.compile_mode)
     if args.deepspeed:
@@ -158,6 +166,17 @@ try:
     engine.train()
     ga = engine.gradient_accumulation_steps()
     mb = engine.train_micro_batch_size_per_gpu()
+    graphs_pool_mib = None
+    if use_graphs:  # after initialize (ZeRO re-points the weights into its flat buffers) and after any resume
+        sample = {"input_ids": ds.input_ids[:mb].to(device), "labels": ds.labels[:mb].to(device),
+                  "attention_mask": ds.attention_mask[:mb].to(device) if use_pad_mask else None}
+        try:
+            graphs_pool_mib = graphs.graph_model(engine.module, sample, getattr(engine, "amp_dtype", None)).pool_mib
+        except graphs.GraphError as e:
+            if args.cuda_graphs == "on":
+                raise
+            use_graphs, graphs_why = False, f"auto: capture refused, eager ({e})"
+            warnings.append(f"CUDA graphs not used: {e}")
     steps_per_epoch = sftdata.steps_per_epoch(ds.n, mb, world_size, ga)
     max_steps = args.max_steps or steps_per_epoch  # --max-steps 0: one full epoch, its time measured
 
@@ -183,7 +202,7 @@ try:
                         hidden=config.hidden_size, n_layers=config.num_layers, n_heads=config.num_heads,
                         vocab=config.vocab_size, cuda=device.type == "cuda", gpu_total_mib=gpu.total_mib(),
                         host_total_mib=psutil.virtual_memory().total / metrics.MIB, dataset_samples=ds.n,
-                        flash_attention=not use_pad_mask)
+                        flash_attention=not use_pad_mask, cuda_graphs=use_graphs)
     import transformers
     log.meta(
         run=Path(run_dir).name, time=t_start, argv=sys.argv, ds_config_path=args.ds if args.deepspeed else None,
@@ -198,7 +217,8 @@ try:
         optimizations={"engine": engine_name, "attention": "sdpa", "pad_mask": use_pad_mask,
                        "compile": compile_target, "compile_why": compile_why,
                        "compile_mode": args.compile_mode if compile_target != "off" else None,
-                       "batches_on_device": True},
+                       "cuda_graphs": use_graphs, "cuda_graphs_why": graphs_why,
+                       "cuda_graphs_pool_mib": graphs_pool_mib, "batches_on_device": True},
         predicted=predicted,
         versions={"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
                   "deepspeed": deepspeed.__version__ if args.deepspeed else None,
@@ -209,6 +229,8 @@ try:
     )
     say(f"engine: {engine_name}, ZeRO {desc['zero_stage']}, {precision}, world {world_size}, micro batch {mb}, "
         f"grad accum {ga}, {steps_per_epoch} steps/epoch; log: {run_dir}")
+    say(f"speed: compile {compile_target} ({compile_why}); cuda graphs {'on' if use_graphs else 'off'} ({graphs_why})"
+        + (f", graphs hold {graphs_pool_mib:.0f} MiB" if graphs_pool_mib is not None else ""))
     for w in warnings:
         say(f"warning: {w}")
 
@@ -298,7 +320,7 @@ except KeyboardInterrupt:
     status, error = "interrupted", "KeyboardInterrupt"
 except torch.OutOfMemoryError as e:
     status, error = "oom", str(e).strip().splitlines()[0]
-except (sftdata.DataError, CheckpointError, FileNotFoundError, TimeoutError) as e:
+except (sftdata.DataError, CheckpointError, FileNotFoundError, TimeoutError, graphs.GraphError) as e:
     # Bad input: the message names the file/key/line; a traceback would only bury it.
     status, error = "error", str(e)
 except Exception as e:  # every failure still ends in a summary record, then a non-zero exit

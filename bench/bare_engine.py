@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sftbench.buildenv import fix_cuda_arch_list, rank_device, single_process_env  # noqa: E402
-from sftbench import speed  # noqa: E402  (torch-free at import)
+from sftbench import graphs, speed  # noqa: E402  (torch-free at import)
 
 fix_cuda_arch_list()  # as train.py: before anything imports DeepSpeed's op builders
 
@@ -51,6 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", nargs="?", const="model", default="auto", choices=speed.COMPILE_TARGETS,
                    help="as train.py --compile")
     p.add_argument("--compile-mode", default="default", help="as train.py --compile-mode")
+    p.add_argument("--cuda-graphs", default="auto", choices=graphs.GRAPH_MODES, help="as train.py --cuda-graphs")
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="profile the first measured step (torch.profiler, CPU + CUDA) and write its tables here "
                         "(rank 0); the step's time then includes the profiler's own cost")
@@ -86,6 +87,14 @@ def main(argv=None) -> int:
     if on_cpu:
         release_own_buffer(rank, world)  # as train.py: DeepSpeed leaves its shm file behind on CPU
     model_name = args.model or ("pangu-tiny" if on_cpu else "pangu-350m")
+    target, _ = speed.resolve_compile(args.compile, device.type != "cuda")  # as train.py decides
+    try:
+        use_graphs, graphs_why = graphs.resolve(args.cuda_graphs, on_cuda=device.type == "cuda", ds_cfg=cfg,
+                                                world_size=world, precision=precision, compile_target=target)
+    except graphs.GraphError as e:
+        sys.exit(f"error: {e}")
+    if use_graphs:
+        graphs.use_side_stream(device)  # as train.py: before the model and engine are built
     data_path = args.data or str(BENCH_DATA if BENCH_DATA.is_file() else SAMPLE_DATA)
     torch.manual_seed(args.seed)
 
@@ -109,7 +118,6 @@ def main(argv=None) -> int:
     right_padded = bool((enc.attention_mask[:, 1:] <= enc.attention_mask[:, :-1]).all())
     use_pad_mask = args.pad_mask == "always" or not right_padded
 
-    target, _ = speed.resolve_compile(args.compile, device.type != "cuda", cfg)  # as train.py decides
     if target == "blocks":
         speed.compile_blocks(model, args.compile_mode)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=cfg)
@@ -117,6 +125,11 @@ def main(argv=None) -> int:
     engine.train()
     ga = engine.gradient_accumulation_steps()
     mb = engine.train_micro_batch_size_per_gpu()
+    if use_graphs:  # as train.py: captured after initialize, on the first samples' shapes
+        graphs.graph_model(engine.module, {"input_ids": enc.input_ids[:mb].to(device),
+                                           "labels": enc.labels[:mb].to(device),
+                                           "attention_mask": enc.attention_mask[:mb].to(device) if use_pad_mask
+                                           else None})
 
     # ---- batches on the device before the clock starts (train.py's step_indices)
     need = args.steps * mb * ga
@@ -126,7 +139,8 @@ def main(argv=None) -> int:
     dev_mask = enc.attention_mask[idx_t].to(device) if use_pad_mask else None
     if rank == 0:
         print(f"bare_engine: {model_name}, {args.ds} (ZeRO {zero_stage}, {precision}), world {world}, micro batch "
-              f"{mb}, grad accum {ga}, seq {args.seq_len}, pad mask {'on' if use_pad_mask else 'off'}", flush=True)
+              f"{mb}, grad accum {ga}, seq {args.seq_len}, pad mask {'on' if use_pad_mask else 'off'}, cuda graphs "
+              f"{'on' if use_graphs else 'off'} ({graphs_why})", flush=True)
 
     # ---- the bare loop
     w = args.warmup_steps
@@ -181,6 +195,7 @@ def main(argv=None) -> int:
         res = summarize("bare_engine", model_name, args.ds, args, device, device_name, flops_tok, step_times,
                         step_times, [], [host.rss_mib()], mb, ga, world,
                         extra={"step_s_wall": wall / (args.steps - w), "pad_mask": use_pad_mask,
+                               "cuda_graphs": use_graphs,
                                "zero_stage": zero_stage, "dataset_path": data_path, "dataset_samples": enc.n})
         res["final_loss"] = final_loss
         report(res, args.out)

@@ -72,6 +72,11 @@ class HarnessArgs:
                          "transformer block in place, one shared graph).", default="auto")
     compile_mode: str = _help("torch.compile mode for --compile: default or max-autotune-no-cudagraphs (the CUDA-graph "
                               "modes are refused: they fail with gradient accumulation).", default="default")
+    cuda_graphs: str = _help("CUDA graphs for the micro-batch (the model's forward and backward captured once, then "
+                             "replayed; DeepSpeed's per-parameter gradient hooks still run): 'auto' (default: on "
+                             "where measured faster, bf16 ZeRO-0/1/2 or --ds none on one GPU), 'on' (wherever the "
+                             "parameters stay resident: refused for ZeRO-3, parameter offload, --compile, CPU), "
+                             "'off'.", default="auto")
     save: str | None = _help("Save a DeepSpeed checkpoint here at the end.", default=None)
     resume: str | None = _help("Resume from a DeepSpeed checkpoint folder written by --save.", default=None)
     log_every: int = _help("Print a console line every N steps (rank 0).", default=1)
@@ -95,6 +100,11 @@ class HarnessArgs:
         try:
             check_compile(self.compile, self.compile_mode)
         except SpeedError as e:
+            raise ArgsError(str(e)) from None
+        from sftbench.graphs import check_mode
+        try:
+            check_mode(self.cuda_graphs)
+        except ValueError as e:
             raise ArgsError(str(e)) from None
         if self.data is not None and not os.path.isfile(self.data):
             raise ArgsError(f"--data: file not found: {self.data}")

@@ -67,6 +67,11 @@ Buffers and the rest (our additions; DeepSpeed's estimators leave them out):
     process group exists: every DeepSpeed run (DeepSpeed creates one even for a single GPU) and ``--ds none``
     with ``W > 1``. Both measured as NVML used minus ``torch.cuda.max_memory_reserved`` on an H200 with torch
     2.11 / CUDA 13 (1380 MiB plain, 1950 MiB under DeepSpeed); older stacks need less (~500 MiB context).
+``cuda_graphs``
+    With ``cuda_graphs=True`` (train.py ``--cuda-graphs``, sftbench/graphs.py): the static gradient buffers the
+    captured backward writes, one per parameter in the weights' dtype (``b*P``; ``4*P`` for ``--ds none``, whose
+    weights are fp32). The graphs' private pool also keeps one micro-batch's activations and logits reserved for
+    the whole run; those are the ``activations`` and ``logits`` terms already.
 ``allocator``
     Caching-allocator slack (reserved minus allocated): ``allocator_slack`` (25 %) of the transient terms
     (buffers, activations, logits), which are freed and re-allocated every micro-batch and fragment the pool.
@@ -220,7 +225,7 @@ def predict(n_params: int, ds_config: dict | str | os.PathLike | None, world_siz
             intermediate: int | None = None, flash_attention: bool = True, zero_init: bool = True,
             dataset_samples: int | None = None, cuda_context_mib: float = 1400.0, nccl_mib: float = 560.0,
             base_rss_mib: float | None = None, allocator_slack: float = 0.25,
-            additional_buffer_factor: float = 1.5) -> dict:
+            additional_buffer_factor: float = 1.5, cuda_graphs: bool = False) -> dict:
     """Predict per-GPU and host memory of one run (see the module docstring for every term).
 
     ``ds_config`` is the resolved DeepSpeed config (dict or JSON path) or None for ``--ds none`` (torch AdamW,
@@ -351,6 +356,8 @@ def predict(n_params: int, ds_config: dict | str | os.PathLike | None, world_siz
     logits = tokens * vocab * (14 if lowp else 16)
     gpu["activations"] = activations
     gpu["logits"] = logits
+    if cuda_graphs:  # the static gradient buffers of the captured backward (sftbench/graphs.py)
+        gpu["cuda_graphs"] = (4 if stage is None else b) * P
     gpu["allocator"] = allocator_slack * (gpu["buffers"] + activations + logits)
 
     tensor_bytes = sum(gpu.values())
@@ -403,6 +410,7 @@ def predict(n_params: int, ds_config: dict | str | os.PathLike | None, world_siz
             "world_size": W, "precision": precision, "seq_len": seq_len, "micro_batch": micro_batch,
             "hidden": hidden, "n_layers": n_layers, "n_heads": n_heads, "vocab": vocab, "cuda": cuda,
             "flash_attention": flash_attention, "zero_init": zero_init, "dataset_samples": dataset_samples,
+            "cuda_graphs": cuda_graphs,
         },
         "notes": notes,
     }

@@ -9,10 +9,9 @@ The CUDA-graph modes (``reduce-overhead``, ``max-autotune``) are refused: in thi
 micro-batches into tensors that the next graph replay overwrites, and torch stops with "accessing tensor output of
 CUDAGraphs that has been overwritten" (measured on an H200 with both targets, docs/performance.md).
 
-``--compile auto`` (the default) turns on only what was measured faster: ``model`` for a bf16 DeepSpeed ZeRO-1 run on
-a GPU without offload (Pangu-2.6B 1.43x on an H100 and 1.47x on an H200, Pangu-350M 1.25x on an H100; docs/
-performance.md), ``off`` everywhere else, where it was slower (``blocks`` on ZeRO-0/1), not measured yet (ZeRO-0/2/3,
-offload, the plain loop's ``model``) or pointless (CPU).
+``--compile auto`` (the default) is ``off``: the earlier 1.25-1.47x of ``model`` on bf16 ZeRO-1 came from 3 measured
+steps on shared hosts, and on the 1 x H200 host with 20+ measured steps it saved nothing while costing 40-60 s of
+compilation per run (docs/performance.md). ``--compile model|blocks`` still choose it by hand.
 
 Whether a lever pays is measured (bench/levers.py, docs/performance.md); the run log records which were on.
 """
@@ -46,25 +45,15 @@ def check_compile(target: str, mode: str) -> None:
                          f"max-autotune-no-cudagraphs")
 
 
-def resolve_compile(target: str, on_cpu: bool, ds_cfg: dict | None) -> tuple[str, str]:
-    """The compile target to use and why: ``auto`` becomes ``model`` only where that was measured faster."""
+def resolve_compile(target: str, on_cpu: bool) -> tuple[str, str]:
+    """The compile target to use and why: ``auto`` is ``off``, since no configuration was measured faster compiled
+    with 20 or more measured steps (docs/performance.md: on the 1 x H200 host it saved nothing and costs 40-60 s of
+    compilation per run; CUDA graphs, ``--cuda-graphs``, remove the launch cost it was meant to cut)."""
     if target != "auto":
         return target, "asked for"
     if on_cpu:
         return "off", "auto: CPU run"
-    if ds_cfg is None:
-        return "off", "auto: --ds none (compiling the plain loop's model is not measured faster)"
-    zero = ds_cfg.get("zero_optimization") or {}
-    stage = int(zero.get("stage", 0) or 0)
-    offloaded = [k for k in ("offload_optimizer", "offload_param")
-                 if str((zero.get(k) or {}).get("device", "none")).lower() not in ("none", "")]
-    if stage != 1:
-        return "off", f"auto: ZeRO-{stage} (only ZeRO-1 is measured faster compiled)"
-    if offloaded:
-        return "off", f"auto: ZeRO-1 with {offloaded[0]} (not measured compiled)"
-    if not (ds_cfg.get("bf16") or {}).get("enabled"):
-        return "off", "auto: ZeRO-1 without bf16 (only bf16 is measured faster compiled)"
-    return "model", "auto: bf16 ZeRO-1 on a GPU, measured faster compiled (docs/performance.md)"
+    return "off", "auto: not measured faster with >= 20 measured steps (docs/performance.md)"
 
 
 def blocks_of(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -93,6 +93,20 @@ def test_prediction_model_states_equal_deepspeed(ds_estimators, cfg_name, gpus, 
     assert abs(bd["params"] + bd["grads"] + bd["optimizer"] - gpu / 2 ** 20) < 0.5
 
 
+def test_cuda_graphs_add_one_static_gradient_per_parameter():
+    """The captured backward writes every gradient into a static buffer of the weights' dtype: bf16 ZeRO-1 adds
+    2*P, --ds none (fp32 weights under autocast) 4*P; nothing else moves."""
+    base = _predict(SHAPE_350M, _cfg("z1"), 1, "bf16")
+    graphed = _predict(SHAPE_350M, _cfg("z1"), 1, "bf16", cuda_graphs=True)
+    P = base["inputs"]["n_params"]
+    assert "cuda_graphs" not in base["gpu_breakdown_mib"]
+    assert graphed["gpu_breakdown_mib"]["cuda_graphs"] == pytest.approx(2 * P / 2 ** 20, abs=0.06)
+    assert graphed["gpu_mib"] - base["gpu_mib"] == pytest.approx(2 * P / 2 ** 20, abs=0.1)
+    plain = _predict(SHAPE_350M, None, 1, "bf16", cuda_graphs=True)
+    assert plain["gpu_breakdown_mib"]["cuda_graphs"] == pytest.approx(4 * P / 2 ** 20, abs=0.06)
+    assert "``cuda_graphs``" in memory.__doc__
+
+
 def test_breakdown_sums_and_documented_terms():
     pred = _predict(SHAPE_350M, _cfg("z2_offload_5e8"), 3, "fp16", dataset_samples=10000)
     assert set(pred["gpu_breakdown_mib"]) == {"params", "grads", "optimizer", "buffers", "activations", "logits",

@@ -26,25 +26,15 @@ def test_bare_compile_flag_means_model_and_bad_values_are_refused():
         check_compile("blocks", "fastest")
 
 
-def test_auto_compiles_only_where_measured_faster():
-    """auto = the whole model for GPU ZeRO-1 without offload (measured faster); off for the rest; a named target
-    is used as asked."""
-    z1 = json.loads((REPO / "ds_configs" / "z1.json").read_text())
-    assert resolve_compile("auto", on_cpu=False, ds_cfg=z1)[0] == "model"
-    assert resolve_compile("auto", on_cpu=True, ds_cfg=z1) == ("off", "auto: CPU run")
-    assert resolve_compile("auto", on_cpu=False, ds_cfg=None)[0] == "off"
-    for name in ("z0", "z2_5e8", "z2_offload_5e8", "z3", "z3_offload_param"):
-        cfg = json.loads((REPO / "ds_configs" / f"{name}.json").read_text())
-        assert resolve_compile("auto", on_cpu=False, ds_cfg=cfg)[0] == "off", name
-    off1 = json.loads(json.dumps(z1))
-    off1["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    target, why = resolve_compile("auto", on_cpu=False, ds_cfg=off1)
-    assert target == "off" and "offload_optimizer" in why
-    fp16 = json.loads(json.dumps(z1))
-    fp16["bf16"]["enabled"], fp16["fp16"]["enabled"] = False, True
-    assert resolve_compile("auto", on_cpu=False, ds_cfg=fp16)[0] == "off"
-    assert resolve_compile("blocks", on_cpu=True, ds_cfg=None) == ("blocks", "asked for")
-    assert resolve_compile("off", on_cpu=False, ds_cfg=z1) == ("off", "asked for")
+def test_auto_compiles_nothing_and_a_named_target_is_used_as_asked():
+    """auto = off on every machine (no configuration measured faster compiled with >= 20 measured steps); a named
+    target is used as asked, on CPU too."""
+    assert resolve_compile("auto", on_cpu=False) == ("off", "auto: not measured faster with >= 20 measured steps "
+                                                            "(docs/performance.md)")
+    assert resolve_compile("auto", on_cpu=True) == ("off", "auto: CPU run")
+    assert resolve_compile("blocks", on_cpu=True) == ("blocks", "asked for")
+    assert resolve_compile("model", on_cpu=False) == ("model", "asked for")
+    assert resolve_compile("off", on_cpu=False) == ("off", "asked for")
 
 
 def test_blocks_are_the_transformer_layers_including_the_query_layer():
