@@ -85,7 +85,7 @@ model_name = args.model or ("pangu-tiny" if on_cpu else "pangu-350m")
 compile_target, compile_why = speed.resolve_compile(args.compile, on_cpu)
 try:
     use_graphs, graphs_why = graphs.resolve(args.cuda_graphs, on_cuda=device.type == "cuda", ds_cfg=ds_cfg,
-                                            world_size=world_size, precision=precision, compile_target=compile_target)
+                                            world_size=world_size, compile_target=compile_target)
 except graphs.GraphError as e:
     sys.exit(f"error: {e}")
 if use_graphs:

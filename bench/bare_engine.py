@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     target, _ = speed.resolve_compile(args.compile, device.type != "cuda")  # as train.py decides
     try:
         use_graphs, graphs_why = graphs.resolve(args.cuda_graphs, on_cuda=device.type == "cuda", ds_cfg=cfg,
-                                                world_size=world, precision=precision, compile_target=target)
+                                                world_size=world, compile_target=target)
     except graphs.GraphError as e:
         sys.exit(f"error: {e}")
     if use_graphs:

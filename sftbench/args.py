@@ -66,17 +66,18 @@ class HarnessArgs:
     pad_mask: str = _help("'auto': skip the attention padding mask when every sample is right-padded (the causal mask "
                           "alone then gives real tokens exactly the same result, and the flash kernel applies); "
                           "'always': always pass it.", default="auto")
-    compile: str = _help("torch.compile: 'auto' (default: 'model' where it was measured faster, i.e. bf16 "
-                         "DeepSpeed ZeRO-1 on a GPU without offload; 'off' elsewhere); 'off'; 'model' (the whole "
-                         "model, engine.compile() under DeepSpeed; a bare --compile means this); 'blocks' (each "
-                         "transformer block in place, one shared graph).", default="auto")
+    compile: str = _help("torch.compile: 'auto' (default: 'off', since no configuration was measured faster compiled "
+                         "with >= 20 measured steps); 'off'; 'model' (the whole model, engine.compile() under "
+                         "DeepSpeed; a bare --compile means this); 'blocks' (each transformer block in place, one "
+                         "shared graph).", default="auto")
     compile_mode: str = _help("torch.compile mode for --compile: default or max-autotune-no-cudagraphs (the CUDA-graph "
                               "modes are refused: they fail with gradient accumulation).", default="default")
     cuda_graphs: str = _help("CUDA graphs for the micro-batch (the model's forward and backward captured once, then "
                              "replayed; DeepSpeed's per-parameter gradient hooks still run): 'auto' (default: on "
-                             "where measured faster, bf16 ZeRO-0/1/2 or --ds none on one GPU), 'on' (wherever the "
-                             "parameters stay resident: refused for ZeRO-3, parameter offload, --compile, CPU), "
-                             "'off'.", default="auto")
+                             "only where measured faster on a GPU, which no configuration is yet), 'on' (wherever "
+                             "the parameters stay resident: ZeRO-0/1/2, optimizer offload, --ds none on one rank; "
+                             "refused for ZeRO-3, parameter offload, --compile; eager without CUDA), 'off'.",
+                             default="auto")
     save: str | None = _help("Save a DeepSpeed checkpoint here at the end.", default=None)
     resume: str | None = _help("Resume from a DeepSpeed checkpoint folder written by --save.", default=None)
     log_every: int = _help("Print a console line every N steps (rank 0).", default=1)
