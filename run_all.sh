@@ -18,4 +18,6 @@ for arg in "$@"; do
   esac
 done
 "$PY" -m sftbench.sweep run "$@"
-"$PY" -m sftbench.sweep report "$@"
+# The report reads only the logs: its own CLI, on the folders the sweep names.
+IFS=$'\t' read -r runs results < <("$PY" -m sftbench.sweep dirs "$@")
+"$PY" -m sftbench.report "$runs" --out "$results"

@@ -73,6 +73,8 @@ from transformers.activations import ACT2FN
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPast
 
+from sftbench import presets
+
 __all__ = [
     "CheckpointError",
     "PanguConfig",
@@ -477,14 +479,7 @@ register()
 # presets, parameter count, model construction
 # --------------------------------------------------------------------------------------------------------------
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # num_layers counts the query layer: 350M = 23 + 1, 2.6B = 31 + 1, 13B = 39 + 1 blocks.
-    "pangu-350m": dict(vocab_size=40000, hidden_size=1024, num_layers=24, num_heads=16, max_position_embeddings=1024),
-    "pangu-2.6b": dict(vocab_size=40000, hidden_size=2560, num_layers=32, num_heads=32, max_position_embeddings=1024),
-    "pangu-13b": dict(vocab_size=40000, hidden_size=5120, num_layers=40, num_heads=40, max_position_embeddings=1024),
-    # For tests and CPU demos: one ordinary block plus the query layer.
-    "pangu-tiny": dict(vocab_size=40000, hidden_size=64, num_layers=2, num_heads=4, max_position_embeddings=1024),
-}
+PRESETS = presets.PRESETS  # the table itself lives in the torch-free sftbench/presets.py
 
 
 def preset_config(name: str, **overrides: Any) -> PanguConfig:
@@ -495,22 +490,10 @@ def preset_config(name: str, **overrides: Any) -> PanguConfig:
 
 
 def count_params(config: PanguConfig) -> int:
-    """Number of distinct trainable parameters, from the architecture alone.
-
-    With H = hidden_size, I = intermediate size (4H when unset), V = vocab_size, P = max_position_embeddings,
-    L = num_layers (query layer included)::
-
-        block   = 2H (ln_1) + 4(H*H + H) (q, k, v, c_proj) + 2H (ln_2) + (H*I + I) (c_fc) + (I*H + H) (c_proj)
-                = 4H^2 + 2HI + 9H + I                        (= 12H^2 + 13H when I = 4H)
-        total   = V*H (wte) + 2*P*H (wpe, wqe) + L*block + 2H (ln_f) + (0 if tied else V*H) (lm_head)
-    """
-    h = config.hidden_size
-    i = config.intermediate_size if config.intermediate_size is not None else 4 * h
-    block = 4 * h * h + 2 * h * i + 9 * h + i
-    total = config.vocab_size * h + 2 * config.max_position_embeddings * h + config.num_layers * block + 2 * h
-    if not getattr(config, "tie_word_embeddings", True):
-        total += config.vocab_size * h
-    return int(total)
+    """Number of distinct trainable parameters, from the architecture alone (``presets.param_count``)."""
+    return presets.param_count(config.hidden_size, config.num_layers, config.vocab_size,
+                               config.max_position_embeddings, config.intermediate_size,
+                               bool(getattr(config, "tie_word_embeddings", True)))
 
 
 def _zero3_enabled() -> bool:

@@ -33,12 +33,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sftbench import engine_checks, runlog
+from sftbench import engine_checks, reference, runlog
+from sftbench.args import REPO
 from sftbench.dsconfig import apply_precision, describe
 from sftbench.metrics import cpu_model
-from sftbench.sweep import EPOCH_SUFFIX  # sweep --epoch: one full epoch of the run named without the suffix
-
-REPO = Path(__file__).resolve().parent.parent
+from sftbench.runlog import EPOCH_SUFFIX  # sweep --epoch: one full epoch of the run named without the suffix
 
 # The reference's header row, left to right (its own spelling, "offloard" included), with English.
 REF_HEADERS = [
@@ -249,8 +248,8 @@ def _config_from_entry(entry: dict) -> dict | None:
 def collect(runs_dir: str | os.PathLike) -> tuple[list[Row], dict, dict]:
     """All runs under runs_dir (plan order where plan.json has them), plan.json and sweep_info.json."""
     root = Path(runs_dir)
-    plan = _read_json(root / "plan.json") or {}
-    info = _read_json(root / "sweep_info.json") or {}
+    plan = _read_json(root / runlog.PLAN_FILE) or {}
+    info = _read_json(root / runlog.SWEEP_INFO_FILE) or {}
     plan_entries = {e.get("run"): e for e in plan.get("entries", []) if isinstance(e, dict)}
     plan_order = {name: i for i, name in enumerate(plan_entries)}
     gpus = (info.get("hardware") or {}).get("gpus") or []
@@ -261,14 +260,14 @@ def collect(runs_dir: str | os.PathLike) -> tuple[list[Row], dict, dict]:
     rows: list[Row] = []
     for d in dirs:
         rr = runlog.load_run(d)
-        entry = _read_json(d / "plan_entry.json") or plan_entries.get(d.name) or {}
+        entry = _read_json(d / runlog.PLAN_ENTRY_FILE) or plan_entries.get(d.name) or {}
         meta = rr.meta.get(0) or (rr.meta[min(rr.meta)] if rr.meta else {})
         summary = rr.final_summary()
         if summary is None and rr.summary:
             summary = rr.summary[min(rr.summary)]
         predicted = meta.get("predicted") if isinstance(meta.get("predicted"), dict) else None
         if predicted is None or "gpu_mib" not in predicted:
-            p = _read_json(d / "predicted.json")
+            p = _read_json(d / runlog.PREDICTED_FILE)
             predicted = p if p and "gpu_mib" in p else predicted
         cfg = meta.get("ds_config") if meta else _config_from_entry(entry)
         desc = describe(cfg)
@@ -385,22 +384,20 @@ class Table:
 
 
 def ref_rows(r: "Row") -> list[int]:
-    """The reference rows this run compares with, by the one rule in ``sweep.reference_rows`` (applied now, so
+    """The reference rows this run compares with, by the one rule in ``reference.reference_rows`` (applied now, so
     older sweep folders follow it too); the plan entry's own list where the map cannot be read."""
-    from sftbench import sweep
     if r.accelerator == "cpu":
         return []  # the reference measured GPUs only
     try:
         ref = _reference_map()
     except (OSError, ValueError):
         return list(r.entry.get("ref_rows") or [])
-    return sweep.reference_rows(ref, Path(r.model).name, r.config_name, r.precision, r.world)
+    return reference.reference_rows(ref, Path(r.model).name, r.config_name, r.precision, r.world)
 
 
 @functools.lru_cache(maxsize=1)
 def _reference_map():
-    from sftbench import sweep
-    return sweep.read_reference_map()
+    return reference.read_reference_map()
 
 
 def build_table(rows: list[Row]) -> Table:

@@ -47,18 +47,29 @@ SUMMARY_KEYS = (
 STATUSES = ("ok", "oom", "cuda_error", "error", "interrupted", "timeout")
 
 
+# File names of a run folder and a sweep folder: one home for the writers (train.py, the sweep) and the readers (the
+# report, the monitor).
+SUMMARY_FILE = "summary.json"  # the sweep's synthesized summary of a run that died
+PREDICTED_FILE = "predicted.json"  # the sweep's memory prediction, written before the run starts
+CONSOLE_FILE = "console.log"  # the launcher's output, as the sweep captured it
+PLAN_ENTRY_FILE = "plan_entry.json"
+PLAN_FILE = "plan.json"  # sweep folder: every planned run
+SWEEP_INFO_FILE = "sweep_info.json"  # sweep folder: machine and commands
+EPOCH_SUFFIX = "__epoch"  # sweep --epoch: <run>__epoch is one full epoch of <run> (the report compares them)
+
+
 def rank_file(run_dir: str | os.PathLike, rank: int) -> Path:
     return Path(run_dir) / f"rank{rank}.jsonl"
 
 
-def _clean(value: Any) -> Any:
+def clean(value: Any) -> Any:
     """JSON has no NaN/inf: write them as null so every reader parses the line."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: clean(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [clean(v) for v in value]
     return value
 
 
@@ -79,7 +90,7 @@ class RunLog:
             raise KeyError(f"{rtype} record: keys not in the schema: {sorted(unknown)}")
         rec = {k: fields.get(k) for k in keys}
         rec["type"] = rtype
-        self._f.write(json.dumps(_clean(rec), ensure_ascii=False, default=str) + "\n")
+        self._f.write(json.dumps(clean(rec), ensure_ascii=False, default=str) + "\n")
         self._f.flush()
         return rec
 
@@ -178,7 +189,7 @@ def iter_run_dirs(root: str | os.PathLike) -> Iterator[Path]:
     """Every directory under root (root included) that holds rank files or a synthesized summary."""
     root = Path(root)
     seen = set()
-    for p in sorted(root.rglob("rank*.jsonl")) + sorted(root.rglob("summary.json")):
+    for p in sorted(root.rglob("rank*.jsonl")) + sorted(root.rglob(SUMMARY_FILE)):
         d = p.parent
         if d not in seen:
             seen.add(d)

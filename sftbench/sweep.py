@@ -27,9 +27,7 @@ when the flag is not given. No torch import here.
 from __future__ import annotations
 
 import argparse
-import ast
 import fnmatch
-import functools
 import hashlib
 import json
 import os
@@ -45,12 +43,13 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 from sftbench import memory, runlog
-from sftbench.args import repo_relative
+from sftbench.presets import model_shape
+from sftbench.reference import RefRow, read_reference_map, reference_precisions, reference_rows
+from sftbench.args import REPO, repo_relative
 from sftbench.buildenv import free_port
 from sftbench.dsconfig import DSConfigError, load_ds_config
 from sftbench.metrics import cpu_model
 
-REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO / "ds_configs"
 CONFIG_README = CONFIG_DIR / "README.md"
 BENCH_DATA = "data/bench_10k.jsonl"
@@ -152,49 +151,6 @@ def gpu_slug(name: str) -> str:
     return slug or "gpu"
 
 
-# ================================================================================================ reference map
-
-@dataclass
-class RefRow:
-    row: int
-    model: str
-    gpus: str
-    precision: str
-    file: str | None  # config name (file stem) or None for --ds none
-
-
-def read_reference_map(path: str | os.PathLike = CONFIG_README) -> list[RefRow]:
-    """Parse the 'Reference rows -> files' table of ds_configs/README.md (columns found by header name)."""
-    text = Path(path).read_text(encoding="utf-8")
-    rows: list[RefRow] = []
-    header: list[str] | None = None
-    for line in text.splitlines():
-        line = line.strip()
-        if not line.startswith("|"):
-            header = None if not rows and header is None else header
-            continue
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if header is None:
-            low = [c.lower() for c in cells]
-            if "model" in low and "precision" in low and "file" in low:
-                header = low
-            continue
-        if all(re.fullmatch(r":?-+:?", c) for c in cells if c):
-            continue
-        if len(cells) != len(header):
-            continue
-        rec = dict(zip(header, cells))
-        num = rec.get("#", "")
-        if not num.isdigit():
-            continue
-        f = rec["file"].strip("` ")
-        f = None if f.lower() == "none" else Path(f).stem
-        rows.append(RefRow(int(num), rec["model"].lower(), rec.get("reference gpus", ""), rec["precision"].lower(), f))
-    if not rows:
-        raise ValueError(f"{path}: no 'Reference rows -> files' table found (columns #, model, precision, file)")
-    return rows
-
-
 def _cfg_name(ds_config: str | None) -> str:
     return "none" if ds_config is None else Path(ds_config).stem
 
@@ -230,38 +186,6 @@ def select_configs(spec: str | None, available: list[str], default: Iterable[str
     return named + [c for c in chosen if c not in available]
 
 
-def reference_precisions(ref: list[RefRow], model: str, cfg: str) -> tuple[list[str], list[int]]:
-    """Precisions (in table order) and row numbers the reference used for this model and config. A model or
-    config the reference never combined falls back to the config's rows for any model (precisions only: no row
-    numbers are returned then, since no reference row measured that combination)."""
-    key = None if cfg == "none" else cfg
-    rows = [r for r in ref if r.model == model.lower() and r.file == key]
-    own = bool(rows)
-    if not rows:
-        rows = [r for r in ref if r.file == key]
-    precs: list[str] = []
-    for r in rows:
-        if r.precision not in precs:
-            precs.append(r.precision)
-    return precs, [r.row for r in rows] if own else []
-
-
-def _ref_gpu_count(r: RefRow) -> int | None:
-    m = re.match(r"\s*(\d+)", r.gpus)
-    return int(m.group(1)) if m else None
-
-
-def reference_rows(ref: list[RefRow], model: str, cfg: str, precision: str | None, num_gpus: int) -> list[int]:
-    """The reference rows a run is compared with: same model, config and GPU count; of those, the ones with the
-    same precision if any, else all of them (the reference's 3-GPU rows are fp16 on V100: a bf16 run on 3 GPUs is
-    shown against them, and the table's fp16/bf16 columns say the precision differs). No row with the same GPU
-    count: none (a 1-GPU run is not the reference's 3-GPU measurement)."""
-    key = None if cfg == "none" else cfg
-    rows = [r for r in ref if r.model == model.lower() and r.file == key and _ref_gpu_count(r) == num_gpus]
-    same = [r for r in rows if r.precision == (precision or "").lower()]
-    return [r.row for r in (same or rows)]
-
-
 def resolve_precisions(spec: str, ref_precs: list[str], accelerator: str, bf16_ok: bool) -> list[str]:
     """'ref', 'ref+bf16' (default), 'bf16', 'fp32,bf16', ... -> the list to run on this hardware.
 
@@ -289,7 +213,7 @@ def resolve_precisions(spec: str, ref_precs: list[str], accelerator: str, bf16_o
 
 # ================================================================================================ plan
 
-EPOCH_SUFFIX = "__epoch"  # sweep --epoch: <run>__epoch is one full epoch of <run> (the report compares them)
+EPOCH_SUFFIX = runlog.EPOCH_SUFFIX
 EPOCH_TIMEOUT_S = 12 * 3600.0
 ENTRY_KEY_FIELDS = ("model", "ds_config", "ds_config_sha1", "precision", "num_gpus", "max_steps", "warmup_steps",
                     "accelerator", "data", "seq_len", "extra_args")
@@ -400,60 +324,6 @@ def build_plan(*, models: list[str], configs: list[str], precisions: str, gpu_co
 
 
 # ================================================================================================ model shapes
-
-@functools.lru_cache(maxsize=4)
-def _presets_from_source(path: Path = REPO / "sftbench" / "pangu.py") -> dict[str, dict]:
-    """PRESETS of sftbench/pangu.py read with ast (importing the module would import torch and transformers)."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    for node in ast.walk(tree):
-        target = None
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            target, value = node.target.id, node.value
-        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            target, value = node.targets[0].id, node.value
-        if target != "PRESETS" or not isinstance(value, ast.Dict):
-            continue
-        out = {}
-        for k, v in zip(value.keys, value.values):
-            if isinstance(v, ast.Call) and getattr(v.func, "id", None) == "dict":
-                out[ast.literal_eval(k)] = {kw.arg: ast.literal_eval(kw.value) for kw in v.keywords}
-            else:
-                out[ast.literal_eval(k)] = ast.literal_eval(v)
-        return out
-    raise ValueError(f"no PRESETS dict in {path}")
-
-
-def pangu_param_count(hidden: int, n_layers: int, vocab: int, max_positions: int = 1024,
-                      intermediate: int | None = None, tied: bool = True) -> int:
-    """Mirrors sftbench.pangu.count_params (tests check they agree) without importing torch."""
-    i = intermediate or 4 * hidden
-    block = 4 * hidden * hidden + 2 * hidden * i + 9 * hidden + i
-    total = vocab * hidden + 2 * max_positions * hidden + n_layers * block + 2 * hidden
-    return int(total + (0 if tied else vocab * hidden))
-
-
-def model_shape(model: str) -> dict:
-    """hidden, n_layers, n_heads, vocab, intermediate, max_positions, n_params of a preset or checkpoint folder."""
-    p = Path(model) if os.path.isabs(model) else REPO / model
-    if p.is_dir() and (p / "config.json").is_file():
-        c = json.loads((p / "config.json").read_text(encoding="utf-8"))
-        d = {"hidden_size": c.get("hidden_size", c.get("n_embd")), "num_layers": c.get("num_layers", c.get("n_layer")),
-             "num_heads": c.get("num_heads", c.get("n_head")), "vocab_size": c.get("vocab_size"),
-             "max_position_embeddings": c.get("max_position_embeddings", 1024),
-             "intermediate_size": c.get("intermediate_size"),
-             "tie_word_embeddings": c.get("tie_word_embeddings", True)}
-    else:
-        presets = _presets_from_source()
-        if model not in presets:
-            raise ValueError(f"unknown model {model!r} (presets: {', '.join(presets)})")
-        d = dict(presets[model])
-    shape = {"hidden": int(d["hidden_size"]), "n_layers": int(d["num_layers"]), "n_heads": int(d["num_heads"]),
-             "vocab": int(d["vocab_size"]), "intermediate": d.get("intermediate_size"),
-             "max_positions": int(d.get("max_position_embeddings") or 1024)}
-    shape["n_params"] = pangu_param_count(shape["hidden"], shape["n_layers"], shape["vocab"], shape["max_positions"],
-                                          shape["intermediate"], bool(d.get("tie_word_embeddings", True)))
-    return shape
-
 
 def _count_lines(path: Path, cache: dict = {}) -> int | None:  # noqa: B006 (a deliberate per-process cache)
     key = str(path)
@@ -587,7 +457,7 @@ def synthesize_summary(rr: runlog.RunRecords, status: str, error: str | None, wa
     if meta.get("steps_per_epoch") is not None and rec.get("steps_per_epoch") is None:
         rec["steps_per_epoch"] = meta.get("steps_per_epoch")
     rec.update(status=status, error=error, time=time.time(), wall_s=wall_s, synthesized=True)
-    return {k: runlog._clean(rec.get(k)) for k in runlog.SUMMARY_KEYS}
+    return {k: runlog.clean(rec.get(k)) for k in runlog.SUMMARY_KEYS}
 
 
 # ================================================================================================ running
@@ -606,7 +476,7 @@ def entry_state(run_dir: Path, entry: PlanEntry) -> tuple[str, dict | None]:
     """('ok'|'failed'|'interrupted'|'unfinished'|'missing'|'changed', summary) of a run directory."""
     if not run_dir.is_dir():
         return "missing", None
-    pe = run_dir / "plan_entry.json"
+    pe = run_dir / runlog.PLAN_ENTRY_FILE
     try:
         old = PlanEntry.from_json(json.loads(pe.read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError):
@@ -675,7 +545,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
 def launch(cmd: list[str], env: dict, run_dir: Path, timeout_s: float) -> tuple[int | None, bool, float, str]:
     """Run one command in its own session, console to run_dir/console.log. (rc, timed_out, wall_s, reason)."""
     t0 = time.time()
-    with open(run_dir / "console.log", "ab") as log:
+    with open(run_dir / runlog.CONSOLE_FILE, "ab") as log:
         log.write(("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n").encode())
         log.flush()
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -762,7 +632,7 @@ def write_sweep_info(sweep_dir: Path, sweep: str, gpus: list[Gpu], accelerator: 
     are both on record. The read-modify-write holds a lock: such sweeps start seconds apart."""
     import platform
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    path = sweep_dir / "sweep_info.json"
+    path = sweep_dir / runlog.SWEEP_INFO_FILE
     with _locked(sweep_dir / ".sweep_info.lock"):
         history: list = []
         if path.is_file():
@@ -820,7 +690,7 @@ def run_sweep(entries: list[PlanEntry], sweep_dir: Path, *, sweep: str, timeout_
     """Run the plan in order; returns what happened to every entry. Failures never stop the sweep."""
     command_fn = command_fn or train_command
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    _merge_plan(sweep_dir / "plan.json", sweep, entries)
+    _merge_plan(sweep_dir / runlog.PLAN_FILE, sweep, entries)
     t_start = time.time()
     deadline = t_start + max_minutes * 60 if max_minutes else None
     outcomes: list[Outcome] = []
@@ -846,9 +716,9 @@ def run_sweep(entries: list[PlanEntry], sweep_dir: Path, *, sweep: str, timeout_
         if rd.exists():
             shutil.rmtree(rd)
         rd.mkdir(parents=True)
-        write_json(rd / "plan_entry.json", entry.to_json())
+        write_json(rd / runlog.PLAN_ENTRY_FILE, entry.to_json())
         pred = predict_entry(entry, gpus or [])
-        write_json(rd / "predicted.json", pred)
+        write_json(rd / runlog.PREDICTED_FILE, pred)
         env = run_env(entry, base_env)
         cmd = command_fn(entry, rd, env)
         limit = timeout_s if left is None else min(timeout_s, left)
@@ -875,7 +745,7 @@ def finish_run(rd: Path, entry: PlanEntry, rc: int | None, timed_out: bool, wall
     if 0 in rr.summary:
         s = rr.summary[0]
         return Outcome(entry.run, "ran", s.get("status"), s.get("error"), wall, s.get("step_s_median"))
-    log = rd / "console.log"
+    log = rd / runlog.CONSOLE_FILE
     console = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
     other = [s for r, s in sorted(rr.summary.items()) if s.get("status") not in (None, "ok", "interrupted")]
     if reason.startswith("stopped"):
@@ -890,7 +760,7 @@ def finish_run(rd: Path, entry: PlanEntry, rc: int | None, timed_out: bool, wall
         status, error = classify_failure(console, rc, timed_out=timed_out, timeout_s=timeout_s,
                                          accelerator=entry.accelerator)
     summ = synthesize_summary(rr, status, error, wall)
-    write_json(rd / "summary.json", summ)
+    write_json(rd / runlog.SUMMARY_FILE, summ)
     return Outcome(entry.run, "ran", status, error, wall, summ.get("step_s_median"))
 
 
@@ -914,9 +784,10 @@ def _env_flag(name: str) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sftbench.sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", default="run", choices=("run", "plan", "report", "name"),
+    p.add_argument("command", nargs="?", default="run", choices=("run", "plan", "report", "name", "dirs"),
                    help="run (default): run what is not done; plan: print the plan; report: write "
-                        "results/<sweep>/; name: print the sweep name")
+                        "results/<sweep>/; name: print the sweep name; dirs: print the sweep's runs folder and "
+                        "results folder, tab-separated (what run_all.sh hands to python -m sftbench.report)")
     g = p.add_argument_group("plan")
     g.add_argument("--gpus", default=_env("GPUS"),
                    help="GPUs per run, e.g. 1 or '1,3' (a run per count); default all visible. On CPU: ranks (2).")
@@ -1044,6 +915,9 @@ def main(argv: list[str] | None = None) -> int:
     res = resolve(args)
     if args.command == "name":
         print(res.sweep)
+        return 0
+    if args.command == "dirs":
+        print(f"{res.sweep_dir}\t{res.results_dir}")
         return 0
     if args.command == "report":
         if args.dry_run:

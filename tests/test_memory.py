@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO
 from sftbench import memory
-from sftbench.sweep import model_shape, pangu_param_count
+from sftbench.presets import model_shape, param_count
 
 SHAPE_350M = model_shape("pangu-350m")
 SHAPE_26B = model_shape("pangu-2.6b")
@@ -42,7 +42,7 @@ def test_param_counts_match_the_model_code():
     for name in PRESETS:
         s = model_shape(name)
         assert s["n_params"] == count_params(preset_config(name)), name
-    assert pangu_param_count(1024, 24, 40000) == P_350M
+    assert param_count(1024, 24, 40000) == P_350M
     assert 340e6 < P_350M < 370e6 and 2.5e9 < P_26B < 2.7e9
 
 
