@@ -95,7 +95,7 @@ def bench_inprocess(run_dir: Path, seconds: float, refresh: float, ranks: int) -
         session = Session(resolve_target(str(run_dir)), FakeGpuSource(fake_gpus(ranks)), HostSource())
         app = MonitorApp(session, refresh=refresh)
         c0, w0 = time.process_time(), time.perf_counter()
-        async with app.run_test(size=(200, 60)) as pilot:
+        async with app.run_test(size=(200, 60)):
             while session.catching_up:
                 await asyncio.sleep(0.01)
             out["backlog_read_s"] = time.perf_counter() - w0

@@ -26,7 +26,8 @@ split into three terms (their sum equals DeepSpeed's number exactly for 16-bit t
     Gradients. Stage 0: ``b*P`` plus, for 16-bit, the two fp32 copies DeepSpeed's fused fp16/bf16 wrapper makes
     at the step (every gradient ``.to(fp32)``, then flattened: ``8*P``; activations are freed by then, so this
     term and ``activations`` overlap in time and their sum is an upper bound). Stage 1: full 16-bit gradients
-    ``b*P`` plus the fp32 gradient of the rank's partition ``4*P/W``. Stage 2: partitioned ``b*P/W + 4*P/W`` (DeepSpeed's "2 grads_16bit + 4 grads_32bit").
+    ``b*P`` plus the fp32 gradient of the rank's partition ``4*P/W``. Stage 2: partitioned ``b*P/W + 4*P/W``
+    (DeepSpeed's "2 grads_16bit + 4 grads_32bit").
     Stage 3: the fp32 gradient partition ``4*P/W``. Offloaded optimizer: 0 on the GPU (they live on the host),
     except with ``data_types.grad_accum_dtype: fp32`` on stage 1/2, which keeps ``4*P/W`` on the GPU (measured).
     ``--ds none``: fp32 gradients ``4*P`` (autocast keeps fp32 weights, so fp32 gradients).

@@ -425,7 +425,8 @@ class PanguForCausalLM(PanguPreTrainedModel, GenerationMixin):
         if attention_mask is not None and position_ids is None:
             position_ids = attention_mask.long().cumsum(-1) - 1
             position_ids = position_ids.masked_fill(attention_mask == 0, 1)
-        inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask,
+                                  "position_ids": position_ids}
         if token_type_ids is not None and token_type_ids.shape[-1] == input_ids.shape[-1]:
             inputs["token_type_ids"] = token_type_ids
         return inputs

@@ -249,4 +249,5 @@ def test_levers_cpu_smoke(tmp_path):
     meta = json.loads((tmp_path / "work" / "pangu-tiny__01_z1_set_zero_optimization.reduce_bucket_size=2e8"
                        / "rank0.jsonl").read_text().splitlines()[0])
     assert meta["ds_config"]["zero_optimization"]["reduce_bucket_size"] == 2e8
-    assert "| pangu-tiny | `z1 set:zero_optimization.reduce_bucket_size=2e8` | ok |" in out.with_suffix(".md").read_text()
+    table = out.with_suffix(".md").read_text()
+    assert "| pangu-tiny | `z1 set:zero_optimization.reduce_bucket_size=2e8` | ok |" in table

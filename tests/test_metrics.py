@@ -40,7 +40,8 @@ def test_flops_formula_by_hand():
 
 
 @pytest.mark.parametrize("name,prec,peak", [("NVIDIA H100 80GB HBM3", "bf16", 989.4), ("NVIDIA H200", "bf16", 989.4),
-                                            ("NVIDIA A100-SXM4-80GB", "bf16", 312.0), ("Tesla V100-SXM2-16GB", "fp16", 125.0),
+                                            ("NVIDIA A100-SXM4-80GB", "bf16", 312.0),
+                                            ("Tesla V100-SXM2-16GB", "fp16", 125.0),
                                             ("NVIDIA H100 PCIe", "bf16", 756.5), ("Some GPU", "bf16", None)])
 def test_peak_table(name, prec, peak):
     assert metrics.peak_tflops(name, prec) == peak

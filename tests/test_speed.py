@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
 
-from sftbench.args import REPO, ArgsError, HarnessArgs, parse_args
+from sftbench.args import ArgsError, HarnessArgs, parse_args
 from sftbench.pangu import build_model
 from sftbench.speed import SpeedError, blocks_of, check_compile, compile_blocks, resolve_compile
 
