@@ -710,8 +710,8 @@ PLAN_COLUMNS = ("run", "model", "ds_config", "precision", "num_gpus", "max_steps
                 "data", "seq_len", "extra_args", "ref_rows")
 META_COLUMNS = ("device_name", "world_size", "micro_batch", "grad_accum", "seq_len", "n_params", "flops_per_token",
                 "peak_tflops", "dataset_samples", "real_tokens", "pad_tokens")
-DERIVED_COLUMNS = ("config", "compile", "s_per_sample", "gpu_mem_used_mib_max_over_ranks", "host_rss_mib_sum_over_ranks",
-                   "predicted_gpu_mib", "predicted_host_mib", "predicted_fits")
+DERIVED_COLUMNS = ("config", "compile", "s_per_sample", "gpu_mem_used_mib_max_over_ranks",
+                   "host_rss_mib_sum_over_ranks", "predicted_gpu_mib", "predicted_host_mib", "predicted_fits")
 
 
 def csv_columns() -> list[str]:
