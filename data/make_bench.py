@@ -2,7 +2,7 @@
 
     python data/make_bench.py --out data/bench_10k.jsonl --n 10000 --seed 0
 
-The generator itself is ``sftbench.data.write_bench_file`` (also importable as ``sftbench.data.make_bench``).
+The generator itself is ``sftbench.benchset.write_bench_file``.
 """
 import argparse
 import sys
@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sftbench.data import write_bench_file  # noqa: E402
+from sftbench.benchset import write_bench_file  # noqa: E402
 
 
 def main(argv=None) -> int:
