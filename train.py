@@ -197,12 +197,14 @@ try:
             return None
 
     import psutil
-    from sftbench.memory import predict
-    predicted = predict(n_params, ds_cfg, world_size, precision, seq_len=args.seq_len, micro_batch=mb,
-                        hidden=config.hidden_size, n_layers=config.num_layers, n_heads=config.num_heads,
-                        vocab=config.vocab_size, cuda=device.type == "cuda", gpu_total_mib=gpu.total_mib(),
-                        host_total_mib=psutil.virtual_memory().total / metrics.MIB, dataset_samples=ds.n,
-                        flash_attention=not use_pad_mask, cuda_graphs=use_graphs)
+    from sftbench import memory
+    predicted = memory.predict(
+        memory.ModelShape(n_params, config.hidden_size, config.num_layers, config.num_heads, config.vocab_size,
+                          config.intermediate_size),
+        memory.RunShape(ds_cfg, world_size, precision, seq_len=args.seq_len, micro_batch=mb,
+                        cuda=device.type == "cuda", flash_attention=not use_pad_mask, dataset_samples=ds.n,
+                        cuda_graphs=use_graphs),
+        memory.Limits(gpu.total_mib(), psutil.virtual_memory().total / metrics.MIB)).to_json()
     import transformers
     log.meta(
         run=Path(run_dir).name, time=t_start, argv=sys.argv, ds_config_path=args.ds if args.deepspeed else None,

@@ -1,8 +1,9 @@
 """Memory prediction for one training run, made before the run starts (no torch, no deepspeed import).
 
-``predict(n_params, ds_config, world_size, precision, ...)`` returns the expected GPU memory per rank and host
-memory of the whole job, term by term, so the report can set each measured number beside its prediction and the
-sweep can say in advance which configurations will not fit.
+``predict(ModelShape, RunShape, Limits, Constants) -> Prediction`` gives the expected GPU memory per rank and host
+memory of the whole job, term by term (each ZeRO stage's model states from its own function, then the terms every
+run has); ``Prediction.to_json()`` is the dict the logs keep, so the report can set each measured number beside its
+prediction and the sweep can say in advance which configurations will not fit.
 
 Notation: ``P`` parameters, ``W`` ranks (data parallel, one node), ``b`` bytes of a model-precision element (2 for
 fp16/bf16, 4 for fp32), ``LL`` parameters of the largest single module (for Pangu-α the tied word embedding,
@@ -109,6 +110,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 
 from sftbench.dsconfig import offload_device
 
@@ -220,34 +222,247 @@ def _load_config(ds_config: dict | str | os.PathLike | None) -> dict | None:
         return json.load(f)
 
 
-def predict(n_params: int, ds_config: dict | str | os.PathLike | None, world_size: int, precision: str, *,
-            seq_len: int = 512, micro_batch: int = 1, hidden: int, n_layers: int, n_heads: int, vocab: int,
-            cuda: bool = True, gpu_total_mib: float | None = None, host_total_mib: float | None = None,
-            intermediate: int | None = None, flash_attention: bool = True, zero_init: bool = True,
-            dataset_samples: int | None = None, cuda_context_mib: float = 1400.0, nccl_mib: float = 560.0,
-            base_rss_mib: float | None = None, allocator_slack: float = 0.25,
-            additional_buffer_factor: float = 1.5, cuda_graphs: bool = False) -> dict:
-    """Predict per-GPU and host memory of one run (see the module docstring for every term).
+@dataclass(frozen=True)
+class ModelShape:
+    """What the model contributes: its parameter count and the dimensions activations scale with."""
 
-    ``ds_config`` is the resolved DeepSpeed config (dict or JSON path) or None for ``--ds none`` (torch AdamW,
-    fp32 weights, autocast for fp16/bf16). ``precision`` (fp32/fp16/bf16) is what runs, whatever the config's
-    precision blocks say. ``zero_init``: stage-3 models are built partitioned (train.py uses ``zero.Init``).
-    ``cuda=False`` predicts a CPU run: nothing on a GPU, every tensor in host memory.
+    n_params: int
+    hidden: int
+    n_layers: int
+    n_heads: int
+    vocab: int
+    intermediate: int | None = None
 
-    Returns a JSON-ready dict: ``gpu_mib`` (per GPU), ``host_mib`` (whole job) and ``host_mib_per_rank``,
-    ``gpu_breakdown_mib`` / ``host_breakdown_mib`` (the terms), ``model_states`` (bytes, DeepSpeed's formulas),
-    ``fits`` (True/False against ``gpu_total_mib`` and, when given, ``host_total_mib``; None when no limit is
-    known) and the ``inputs``.
-    """
-    if precision not in PRECISION_BYTES:
-        raise ValueError(f"precision must be one of {tuple(PRECISION_BYTES)}, got {precision!r}")
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    cfg = _load_config(ds_config)
-    P, W = int(n_params), int(world_size)
-    b = PRECISION_BYTES[precision]
+    @classmethod
+    def of(cls, shape: dict) -> "ModelShape":
+        """From ``presets.model_shape``'s dict."""
+        return cls(shape["n_params"], shape["hidden"], shape["n_layers"], shape["n_heads"], shape["vocab"],
+                   shape.get("intermediate"))
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """What the run contributes. ``ds_config``: the resolved DeepSpeed config (dict or JSON path), None for
+    ``--ds none`` (torch AdamW, fp32 weights, autocast for fp16/bf16). ``precision`` (fp32/fp16/bf16) is what runs,
+    whatever the config's precision blocks say. ``zero_init``: stage-3 models are built partitioned (train.py uses
+    ``zero.Init``). ``cuda=False`` predicts a CPU run: nothing on a GPU, every tensor in host memory."""
+
+    ds_config: dict | str | os.PathLike | None
+    world_size: int
+    precision: str
+    seq_len: int = 512
+    micro_batch: int = 1
+    cuda: bool = True
+    flash_attention: bool = True
+    zero_init: bool = True
+    dataset_samples: int | None = None
+    cuda_graphs: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISION_BYTES:
+            raise ValueError(f"precision must be one of {tuple(PRECISION_BYTES)}, got {self.precision!r}")
+        if self.world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {self.world_size}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The hardware to fit: GPU memory per rank and host memory, MiB (None: unknown, not checked)."""
+
+    gpu_total_mib: float | None = None
+    host_total_mib: float | None = None
+
+
+@dataclass(frozen=True)
+class Constants:
+    """The measured constants of the terms without a formula (the module docstring says where each comes from)."""
+
+    cuda_context_mib: float = 1400.0
+    nccl_mib: float = 560.0
+    base_rss_mib: float | None = None  # None: 1500 MiB per rank with CUDA, 600 on CPU
+    allocator_slack: float = 0.25
+    additional_buffer_factor: float = 1.5
+
+
+@dataclass
+class ModelStates:
+    """One ZeRO stage's model-state terms, bytes: GPU (per rank) and host (whole job)."""
+
+    gpu: dict
+    host: dict
+    formula: str
+    ds_cpu_bytes: int | None = None
+    notes: list = field(default_factory=list)
+
+
+@dataclass
+class Prediction:
+    """Per-GPU and whole-job host memory, term by term (bytes); ``to_json`` is what the logs and the report keep."""
+
+    model: ModelShape
+    run: RunShape
+    limits: Limits
+    gpu: dict
+    host: dict
+    states: ModelStates
+    model_state_gpu_bytes: float
+    largest_layer: int
+    stage: int | None
+    offload_optimizer: str | None
+    offload_param: str | None
+
+    @property
+    def gpu_mib(self) -> float:
+        return _mib(sum(self.gpu.values()))
+
+    @property
+    def host_mib(self) -> float:
+        return _mib(sum(self.host.values()))
+
+    @property
+    def fits(self) -> bool | None:
+        """True/False against the GPU limit (CUDA runs) and, when given, the host limit; None when none is known."""
+        checks = []
+        if self.run.cuda and self.limits.gpu_total_mib:
+            checks.append(self.gpu_mib <= self.limits.gpu_total_mib)
+        if self.limits.host_total_mib:
+            checks.append(self.host_mib <= self.limits.host_total_mib)
+        return all(checks) if checks else None
+
+    def to_json(self) -> dict:
+        """The JSON-ready dict: ``gpu_mib`` (per GPU), ``host_mib`` (whole job) and ``host_mib_per_rank``,
+        ``gpu_breakdown_mib`` / ``host_breakdown_mib`` (the terms), ``model_states`` (bytes, DeepSpeed's formulas),
+        ``fits`` and the ``inputs``."""
+        h, m, r = self.host, self.model, self.run
+        return {
+            "version": 1,
+            "gpu_mib": self.gpu_mib,
+            "host_mib": self.host_mib,
+            "host_mib_per_rank": _mib(sum(h.values()) / r.world_size),
+            "gpu_breakdown_mib": {k: _mib(v) for k, v in self.gpu.items()},
+            "host_breakdown_mib": {k: _mib(v) for k, v in h.items()},
+            "model_states": {
+                "formula": self.states.formula,
+                "gpu_bytes": int(round(self.model_state_gpu_bytes)),
+                "host_bytes": int(round(h["offload_optimizer"] + h["offload_params"] + h["init_copies"]
+                                        + h["pinned_buffers"])),
+                "ds_cpu_bytes": self.states.ds_cpu_bytes,
+                "largest_layer_params": self.largest_layer,
+            },
+            "fits": self.fits,
+            "gpu_total_mib": self.limits.gpu_total_mib,
+            "host_total_mib": self.limits.host_total_mib,
+            "inputs": {
+                "n_params": m.n_params, "zero_stage": self.stage, "offload_optimizer": self.offload_optimizer,
+                "offload_param": self.offload_param, "world_size": r.world_size, "precision": r.precision,
+                "seq_len": r.seq_len, "micro_batch": r.micro_batch, "hidden": m.hidden, "n_layers": m.n_layers,
+                "n_heads": m.n_heads, "vocab": m.vocab, "cuda": r.cuda, "flash_attention": r.flash_attention,
+                "zero_init": r.zero_init, "dataset_samples": r.dataset_samples, "cuda_graphs": r.cuda_graphs,
+            },
+            "notes": list(self.states.notes),
+        }
+
+
+def _empty_host() -> dict:
+    return {"offload_optimizer": 0.0, "offload_params": 0.0, "init_copies": 0.0, "pinned_buffers": 0.0}
+
+
+def _states_plain(P: int, W: int, lowp: bool) -> ModelStates:
+    """``--ds none``: torch AdamW on fp32 weights, autocast's low-precision weight copies, DDP's buckets."""
+    gpu = {"params": 4 * P + (2 * P if lowp else 0), "grads": 4 * P, "optimizer": 8 * P,
+           "buffers": 4 * P if W > 1 else 0.0}  # DDP gradient buckets
+    return ModelStates(gpu, _empty_host(), "torch AdamW, fp32 weights" + (" + autocast" if lowp else ""))
+
+
+def _states_stage0(P: int, W: int, b: int, lowp: bool, zget) -> ModelStates:
+    gpu = {"params": b * P, "grads": b * P + 8 * P if lowp else 4 * P, "optimizer": 12 * P if lowp else 8 * P,
+           "buffers": min(int(zget("reduce_bucket_size")), P) * b if W > 1 else 0.0}
+    return ModelStates(gpu, _empty_host(), "DeepSpeed stage 0 (no partitioning)")
+
+
+def _states_stage12(stage: int, P: int, W: int, b: int, lowp: bool, off_opt, cfg: dict, zo: dict, zget,
+                    cuda: bool, k: Constants) -> ModelStates:
+    cpu_b, _ = zero2_model_states(P, W, 1, cpu_offload=bool(off_opt),
+                                  additional_buffer_factor=k.additional_buffer_factor)
+    st = ModelStates({"params": b * P, "grads": 0.0, "optimizer": 0.0, "buffers": 0.0}, _empty_host(),
+                     f"deepspeed estimate_zero2_model_states_mem_needs (cpu_offload={bool(off_opt)})", cpu_b)
+    if stage == 1 and not off_opt:
+        st.formula = "ZeRO-1: full 16-bit gradients, partitioned fp32 states"
+    if off_opt:
+        st.host["offload_optimizer"] = 16 * P
+        st.host["init_copies"] = (max(4 * W, 16) - 16) * P
+        st.host["pinned_buffers"] = (k.additional_buffer_factor - 1) * max(4 * W, 16) * P
+        if lowp and str((cfg.get("data_types") or {}).get("grad_accum_dtype", "")).lower() in ("fp32", "float32"):
+            # fp32 gradient accumulation keeps the rank's fp32 gradient partition on the GPU. Measured on
+            # Pangu-2.6B (bf16, H100): +10.1 / +5.1 / +3.4 GB on 1 / 2 / 3 GPUs over z2_offload_5e8, i.e. 4*P/W.
+            st.gpu["grads"] = 4 * P / W
+            st.formula += " + fp32 gradient accumulation partition 4P/W on the GPU"
+    else:
+        st.gpu["grads"] = (b * P if stage == 1 else b * P / W) + 4 * P / W
+        st.gpu["optimizer"] = 12 * P / W
+        if cuda:  # measured, not modelled: it depends on the allocator's history, not on tensor sizes
+            st.notes.append(f"ZeRO-{stage} without offload: torch's caching allocator can reserve well beyond these "
+                            "tensors (measured on Pangu-2.6B: 9.7-14.9 GB for ZeRO-1, 4.4-4.9 GB for ZeRO-2 on "
+                            "1-3 GPUs; docs/performance.md), so NVML may read that much higher")
+    ipg = int(zget("reduce_bucket_size")) * b if zget("contiguous_gradients") else 0
+    overlap = bool(zo.get("overlap_comm")) if zo.get("overlap_comm") is not None else False
+    st.gpu["buffers"] += ipg * (2 if overlap else 1)
+    return st
+
+
+def _states_stage3(P: int, LL: int, W: int, b: int, off_opt, off_par, zget, zero_init: bool,
+                   k: Constants) -> ModelStates:
+    cpu_b, _, _ = zero3_model_states(P, LL, W, 1, cpu_offload=bool(off_opt), cpu_offload_params=bool(off_par),
+                                     zero_init=zero_init, additional_buffer_factor=k.additional_buffer_factor)
+    st = ModelStates({"params": 4 * LL + (0 if off_par else b * P / W), "grads": 0.0, "optimizer": 0.0,
+                      "buffers": 0.0}, _empty_host(),
+                     f"deepspeed estimate_zero3_model_states_mem_needs (cpu_offload={bool(off_opt)}, "
+                     f"cpu_offload_params={bool(off_par)}, zero_init={zero_init})", cpu_b)
+    if off_opt:
+        st.host["offload_optimizer"] = 16 * P
+        if off_par:
+            st.host["offload_params"] = 2 * P
+        states = 18 if off_par else 16
+        floor = states if zero_init else max(4 * W, states)
+        st.host["init_copies"] = (floor - states) * P
+        st.host["pinned_buffers"] = (k.additional_buffer_factor - 1) * floor * P
+    else:
+        st.gpu["grads"] = 4 * P / W
+        st.gpu["optimizer"] = 12 * P / W
+        if off_par:  # parameters offloaded, optimizer not: not covered by DeepSpeed's estimator
+            st.host["offload_params"] = b * P
+            st.host["pinned_buffers"] = (k.additional_buffer_factor - 1) * b * P
+            st.notes.append("offload_param without offload_optimizer: our own formula (no DeepSpeed estimate)")
+    st.gpu["buffers"] += int(zget("reduce_bucket_size")) * b if zget("contiguous_gradients") else 0
+    live = max(int(zget("stage3_max_live_parameters")), int(zget("stage3_prefetch_bucket_size")))
+    st.gpu["buffers"] += min(live, P) * b
+    return st
+
+
+def _activation_terms(m: ModelShape, r: RunShape, stage: int | None, lowp: bool) -> tuple[float, float]:
+    """(activations, logits) bytes of one micro-batch, no checkpointing."""
+    tokens = r.seq_len * r.micro_batch
+    b_act = 2 if lowp else 4
+    if stage is None and lowp:
+        per_block = tokens * m.hidden * (4 * 4 + 12 * 2 + 2)  # autocast: residual + LayerNorms stay fp32
+    else:
+        per_block = tokens * m.hidden * (16 * b_act + 2)
+    if not r.flash_attention:
+        per_block += m.n_heads * r.seq_len * r.seq_len * r.micro_batch * (2 * b_act + 1)
+    activations = m.n_layers * per_block + tokens * m.hidden * (b_act + 1)
+    logits = tokens * m.vocab * (14 if lowp else 16)
+    return activations, logits
+
+
+def predict(model: ModelShape, run: RunShape, limits: Limits = Limits(), k: Constants = Constants()) -> Prediction:
+    """Predict per-GPU and host memory of one run (see the module docstring for every term): the model states of
+    the run's ZeRO stage, then one micro-batch's activations and logits, the CUDA graphs' buffers, the allocator's
+    slack, the CUDA context, and the host's base processes and dataset."""
+    cfg = _load_config(run.ds_config)
+    P, W = int(model.n_params), int(run.world_size)
+    b = PRECISION_BYTES[run.precision]
     lowp = b == 2
-    LL = largest_layer_params(hidden, vocab, intermediate)
+    LL = largest_layer_params(model.hidden, model.vocab, model.intermediate)
     zo = _zero_section(cfg)
     stage = int(zo.get("stage", 0)) if cfg is not None else None
     off_opt = offload_device(zo.get("offload_optimizer")) if stage else None
@@ -257,164 +472,42 @@ def predict(n_params: int, ds_config: dict | str | os.PathLike | None, world_siz
         v = zo.get(key)
         return _DS_DEFAULTS[key] if v is None else v
 
-    notes: list[str] = []
-    gpu = {"params": 0.0, "grads": 0.0, "optimizer": 0.0, "buffers": 0.0}
-    host = {"offload_optimizer": 0.0, "offload_params": 0.0, "init_copies": 0.0, "pinned_buffers": 0.0}
-    ds_cpu_bytes = None
-    formula = None
-
-    # ---- model states --------------------------------------------------------------------------------------
     if stage is None:
-        formula = "torch AdamW, fp32 weights" + (" + autocast" if lowp else "")
-        gpu["params"] = 4 * P + (2 * P if lowp else 0)
-        gpu["grads"] = 4 * P
-        gpu["optimizer"] = 8 * P
-        if W > 1:
-            gpu["buffers"] += 4 * P  # DDP gradient buckets
+        st = _states_plain(P, W, lowp)
     elif stage == 0:
-        formula = "DeepSpeed stage 0 (no partitioning)"
-        gpu["params"] = b * P
-        if lowp:
-            gpu["grads"] = b * P + 8 * P
-            gpu["optimizer"] = 12 * P
-        else:
-            gpu["grads"] = 4 * P
-            gpu["optimizer"] = 8 * P
-        if W > 1:
-            gpu["buffers"] += min(int(zget("reduce_bucket_size")), P) * b
+        st = _states_stage0(P, W, b, lowp, zget)
     elif stage in (1, 2):
-        cpu_b, gpu_b = zero2_model_states(P, W, 1, cpu_offload=bool(off_opt),
-                                          additional_buffer_factor=additional_buffer_factor)
-        ds_cpu_bytes = cpu_b
-        formula = f"deepspeed estimate_zero2_model_states_mem_needs (cpu_offload={bool(off_opt)})"
-        if stage == 1 and not off_opt:
-            formula = "ZeRO-1: full 16-bit gradients, partitioned fp32 states"
-        gpu["params"] = b * P
-        if off_opt:
-            host["offload_optimizer"] = 16 * P
-            host["init_copies"] = (max(4 * W, 16) - 16) * P
-            host["pinned_buffers"] = (additional_buffer_factor - 1) * max(4 * W, 16) * P
-            if lowp and str((cfg.get("data_types") or {}).get("grad_accum_dtype", "")).lower() in ("fp32", "float32"):
-                # fp32 gradient accumulation keeps the rank's fp32 gradient partition on the GPU. Measured on
-                # Pangu-2.6B (bf16, H100): +10.1 / +5.1 / +3.4 GB on 1 / 2 / 3 GPUs over z2_offload_5e8, i.e. 4*P/W.
-                gpu["grads"] = 4 * P / W
-                formula += " + fp32 gradient accumulation partition 4P/W on the GPU"
-        else:
-            gpu["grads"] = (b * P if stage == 1 else b * P / W) + 4 * P / W
-            gpu["optimizer"] = 12 * P / W
-            if cuda:  # measured, not modelled: it depends on the allocator's history, not on tensor sizes
-                notes.append(f"ZeRO-{stage} without offload: torch's caching allocator can reserve well beyond these "
-                             "tensors (measured on Pangu-2.6B: 9.7-14.9 GB for ZeRO-1, 4.4-4.9 GB for ZeRO-2 on "
-                             "1-3 GPUs; docs/performance.md), so NVML may read that much higher")
-        ipg = int(zget("reduce_bucket_size")) * b if zget("contiguous_gradients") else 0
-        overlap = bool(zo.get("overlap_comm")) if zo.get("overlap_comm") is not None else False
-        gpu["buffers"] += ipg * (2 if overlap else 1)
+        st = _states_stage12(stage, P, W, b, lowp, off_opt, cfg, zo, zget, run.cuda, k)
     elif stage == 3:
-        cpu_b, gpu_b, ll_b = zero3_model_states(P, LL, W, 1, cpu_offload=bool(off_opt),
-                                                cpu_offload_params=bool(off_par), zero_init=zero_init,
-                                                additional_buffer_factor=additional_buffer_factor)
-        ds_cpu_bytes = cpu_b
-        formula = (f"deepspeed estimate_zero3_model_states_mem_needs (cpu_offload={bool(off_opt)}, "
-                   f"cpu_offload_params={bool(off_par)}, zero_init={zero_init})")
-        gpu["params"] = 4 * LL + (0 if off_par else b * P / W)
-        if off_opt:
-            host["offload_optimizer"] = 16 * P
-            if off_par:
-                host["offload_params"] = 2 * P
-            states = 18 if off_par else 16
-            floor = states if zero_init else max(4 * W, states)
-            host["init_copies"] = (floor - states) * P
-            host["pinned_buffers"] = (additional_buffer_factor - 1) * floor * P
-        else:
-            gpu["grads"] = 4 * P / W
-            gpu["optimizer"] = 12 * P / W
-            if off_par:  # parameters offloaded, optimizer not: not covered by DeepSpeed's estimator
-                host["offload_params"] = b * P
-                host["pinned_buffers"] = (additional_buffer_factor - 1) * b * P
-                notes.append("offload_param without offload_optimizer: our own formula (no DeepSpeed estimate)")
-        gpu["buffers"] += int(zget("reduce_bucket_size")) * b if zget("contiguous_gradients") else 0
-        live = max(int(zget("stage3_max_live_parameters")), int(zget("stage3_prefetch_bucket_size")))
-        gpu["buffers"] += min(live, P) * b
+        st = _states_stage3(P, LL, W, b, off_opt, off_par, zget, run.zero_init, k)
     else:
         raise ValueError(f"zero_optimization.stage must be 0-3, got {stage!r}")
+    gpu, host, notes = dict(st.gpu), dict(st.host), st.notes
 
     model_state_gpu = gpu["params"] + gpu["grads"] + gpu["optimizer"]
-    if not cuda:
+    if not run.cuda:
         # Host pages are committed when first written: a bucket larger than the model is never touched beyond
         # the model's size (cudaMalloc, by contrast, commits the whole bucket on a GPU).
         gpu["buffers"] = min(gpu["buffers"], _touched_buffer_cap(stage, P, b, zo, zget))
 
-    # ---- activations and logits (one micro-batch, no checkpointing) ----------------------------------------
-    tokens = seq_len * micro_batch
-    b_act = 2 if lowp else 4
-    if stage is None and lowp:
-        per_block = tokens * hidden * (4 * 4 + 12 * 2 + 2)  # autocast: residual + LayerNorms stay fp32
-    else:
-        per_block = tokens * hidden * (16 * b_act + 2)
-    if not flash_attention:
-        per_block += n_heads * seq_len * seq_len * micro_batch * (2 * b_act + 1)
-    activations = n_layers * per_block + tokens * hidden * (b_act + 1)
-    logits = tokens * vocab * (14 if lowp else 16)
-    gpu["activations"] = activations
-    gpu["logits"] = logits
-    if cuda_graphs:  # the static gradient buffers of the captured backward (sftbench/graphs.py)
+    gpu["activations"], gpu["logits"] = _activation_terms(model, run, stage, lowp)
+    if run.cuda_graphs:  # the static gradient buffers of the captured backward (sftbench/graphs.py)
         gpu["cuda_graphs"] = (4 if stage is None else b) * P
-    gpu["allocator"] = allocator_slack * (gpu["buffers"] + activations + logits)
+    gpu["allocator"] = k.allocator_slack * (gpu["buffers"] + gpu["activations"] + gpu["logits"])
 
-    tensor_bytes = sum(gpu.values())
-    if base_rss_mib is None:
-        base_rss_mib = 1500.0 if cuda else 600.0
+    base_rss_mib = k.base_rss_mib if k.base_rss_mib is not None else (1500.0 if run.cuda else 600.0)
     host["base_rss"] = base_rss_mib * MIB * W
-    host["dataset"] = 3 * 8 * dataset_samples * seq_len * W if dataset_samples else 0
-    if cuda:
+    host["dataset"] = 3 * 8 * run.dataset_samples * run.seq_len * W if run.dataset_samples else 0
+    if run.cuda:
         nccl = stage is not None or W > 1
-        gpu["cuda_context"] = (cuda_context_mib + (nccl_mib if nccl else 0)) * MIB
+        gpu["cuda_context"] = (k.cuda_context_mib + (k.nccl_mib if nccl else 0)) * MIB
         host["device_tensors"] = 0
     else:
-        gpu_tensors = tensor_bytes
-        host["device_tensors"] = gpu_tensors * W
-        gpu = {k: 0.0 for k in gpu}
+        host["device_tensors"] = sum(gpu.values()) * W
+        gpu = {name: 0.0 for name in gpu}
         gpu["cuda_context"] = 0.0
         notes.append("CPU run: the device terms are host memory of every rank (device_tensors)")
-
-    gpu_mib = _mib(sum(gpu.values()))
-    host_mib = _mib(sum(host.values()))
-    fits = None
-    checks = []
-    if cuda and gpu_total_mib:
-        checks.append(gpu_mib <= gpu_total_mib)
-    if host_total_mib:
-        checks.append(host_mib <= host_total_mib)
-    if checks:
-        fits = all(checks)
-
-    return {
-        "version": 1,
-        "gpu_mib": gpu_mib,
-        "host_mib": host_mib,
-        "host_mib_per_rank": _mib(sum(host.values()) / W),
-        "gpu_breakdown_mib": {k: _mib(v) for k, v in gpu.items()},
-        "host_breakdown_mib": {k: _mib(v) for k, v in host.items()},
-        "model_states": {
-            "formula": formula,
-            "gpu_bytes": int(round(model_state_gpu)),
-            "host_bytes": int(round(host["offload_optimizer"] + host["offload_params"] + host["init_copies"]
-                                    + host["pinned_buffers"])),
-            "ds_cpu_bytes": ds_cpu_bytes,
-            "largest_layer_params": LL,
-        },
-        "fits": fits,
-        "gpu_total_mib": gpu_total_mib,
-        "host_total_mib": host_total_mib,
-        "inputs": {
-            "n_params": P, "zero_stage": stage, "offload_optimizer": off_opt, "offload_param": off_par,
-            "world_size": W, "precision": precision, "seq_len": seq_len, "micro_batch": micro_batch,
-            "hidden": hidden, "n_layers": n_layers, "n_heads": n_heads, "vocab": vocab, "cuda": cuda,
-            "flash_attention": flash_attention, "zero_init": zero_init, "dataset_samples": dataset_samples,
-            "cuda_graphs": cuda_graphs,
-        },
-        "notes": notes,
-    }
+    return Prediction(model, run, limits, gpu, host, st, model_state_gpu, LL, stage, off_opt, off_par)
 
 
 def summarize(pred: dict | None) -> str:

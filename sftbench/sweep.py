@@ -43,6 +43,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 from sftbench import memory, runlog
+from sftbench.hardware import (Gpu, bf16_supported, cpu_affinity, detect_gpus, gpu_slug, host_tag,
+                               host_total_mib)
 from sftbench.presets import model_shape
 from sftbench.reference import RefRow, read_reference_map, reference_precisions, reference_rows
 from sftbench.args import REPO, repo_relative
@@ -65,90 +67,6 @@ DEFAULTS = {
     "cpu": {"steps": 4, "warmup": 1, "timeout": 600, "seq_len": 128},
 }
 MIN_BUDGET_LEFT_S = 30  # don't start a run with less than this left of --max-minutes
-
-
-# ================================================================================================ hardware
-
-@dataclass
-class Gpu:
-    index: int
-    name: str
-    memory_mib: float | None = None
-    compute_cap: str | None = None
-    uuid: str | None = None
-
-
-def _visible_filter(gpus: list[Gpu], visible: str | None) -> list[Gpu]:
-    """Apply CUDA_VISIBLE_DEVICES (indices or UUIDs, in the order given) to the NVML list."""
-    if visible is None:
-        return gpus
-    out = []
-    for tok in [t.strip() for t in visible.split(",") if t.strip()]:
-        if tok.lstrip("-").isdigit():
-            if int(tok) < 0:
-                break  # CUDA stops at the first invalid index
-            out += [g for g in gpus if g.index == int(tok)]
-        else:
-            out += [g for g in gpus if g.uuid and g.uuid.startswith(tok)]
-    return out
-
-
-def detect_gpus(env: dict | None = None) -> list[Gpu]:
-    """The GPUs this process may use: nvidia-smi, else NVML (nvidia-ml-py), filtered by CUDA_VISIBLE_DEVICES."""
-    env = os.environ if env is None else env
-    gpus: list[Gpu] = []
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=index,name,memory.total,compute_cap,uuid", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=30)
-        if out.returncode == 0:
-            for line in out.stdout.splitlines():
-                parts = [p.strip() for p in line.split(",")]
-                if len(parts) >= 5 and parts[0].isdigit():
-                    mem = float(parts[2]) if re.match(r"^[\d.]+$", parts[2]) else None
-                    cap = parts[3] if re.match(r"^\d+\.\d+$", parts[3]) else None
-                    gpus.append(Gpu(int(parts[0]), parts[1], mem, cap, parts[4]))
-    except (OSError, subprocess.SubprocessError):
-        pass
-    if not gpus:
-        try:
-            import pynvml
-            pynvml.nvmlInit()
-            for i in range(pynvml.nvmlDeviceGetCount()):
-                h = pynvml.nvmlDeviceGetHandleByIndex(i)
-                name = pynvml.nvmlDeviceGetName(h)
-                name = name.decode() if isinstance(name, bytes) else name
-                uuid = pynvml.nvmlDeviceGetUUID(h)
-                uuid = uuid.decode() if isinstance(uuid, bytes) else uuid
-                major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
-                mem = pynvml.nvmlDeviceGetMemoryInfo(h).total / 2 ** 20
-                gpus.append(Gpu(i, name, mem, f"{major}.{minor}", uuid))
-        except Exception:  # no NVML library / no driver: a CPU machine
-            gpus = []
-    return _visible_filter(gpus, env.get("CUDA_VISIBLE_DEVICES"))
-
-
-def bf16_supported(gpus: list[Gpu]) -> bool:
-    """bf16 needs compute capability >= 8.0 (Ampere); by name when the driver does not report it. CPU: yes."""
-    if not gpus:
-        return True
-    for g in gpus:
-        if g.compute_cap:
-            if float(g.compute_cap) < 8.0:
-                return False
-        elif re.search(r"V100|P100|T4\b|K80|P40|P4\b|TITAN V|RTX 20", g.name, re.I):
-            return False
-    return True
-
-
-def gpu_slug(name: str) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'h100', 'Tesla V100-SXM2-16GB' -> 'v100'."""
-    name = re.sub(r"(?i)\b(nvidia|tesla|geforce|quadro)\b", " ", name)
-    for tok in re.findall(r"[A-Za-z]+\d+[A-Za-z0-9]*", name):
-        if not re.match(r"(?i)^\d*gb$", tok) and not re.match(r"(?i)^(sxm|pcie|hbm)\d*", tok):
-            return tok.lower()
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return slug or "gpu"
 
 
 def _cfg_name(ds_config: str | None) -> str:
@@ -347,26 +265,13 @@ def predict_entry(entry: PlanEntry, gpus: list[Gpu]) -> dict:
             cfg = json.loads(p.read_text(encoding="utf-8"))
         micro = (cfg or {}).get("train_micro_batch_size_per_gpu", 1) or 1
         gpu_total = gpus[0].memory_mib if (entry.accelerator == "cuda" and gpus) else None
-        host_total = _host_total_mib()
+        host_total = host_total_mib()
         data = Path(entry.data) if os.path.isabs(entry.data) else REPO / entry.data
-        return memory.predict(
-            shape["n_params"], cfg, entry.num_gpus, entry.precision, seq_len=entry.seq_len, micro_batch=micro,
-            hidden=shape["hidden"], n_layers=shape["n_layers"], n_heads=shape["n_heads"], vocab=shape["vocab"],
-            intermediate=shape["intermediate"], cuda=entry.accelerator == "cuda", gpu_total_mib=gpu_total,
-            host_total_mib=host_total, dataset_samples=_count_lines(data))
+        run = memory.RunShape(cfg, entry.num_gpus, entry.precision, seq_len=entry.seq_len, micro_batch=micro,
+                              cuda=entry.accelerator == "cuda", dataset_samples=_count_lines(data))
+        return memory.predict(memory.ModelShape.of(shape), run, memory.Limits(gpu_total, host_total)).to_json()
     except Exception as e:  # a prediction must never stop a sweep
         return {"error": f"{type(e).__name__}: {e}"}
-
-
-def _host_total_mib() -> float | None:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 # ================================================================================================ failures
@@ -606,24 +511,6 @@ def _merge_plan(path: Path, sweep: str, entries: list[PlanEntry]) -> None:
     write_json(path, {"sweep": sweep, "created": created, "updated": time.time(), "entries": merged})
 
 
-def _affinity() -> int | None:
-    """How many cores this process may run on (a taskset split shows here); None where the OS cannot say."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return None
-
-
-def host_tag() -> str | None:
-    """A short tag that differs between machines and names none: a hash of the kernel's boot id (each VM or host
-    boots its own kernel; containers on one host share it). A folder resumed on another machine then says so."""
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
-    except OSError:
-        return None
-    return hashlib.sha1(boot.encode()).hexdigest()[:8] if boot else None
-
-
 def write_sweep_info(sweep_dir: Path, sweep: str, gpus: list[Gpu], accelerator: str, command: str | None) -> None:
     """sweep_info.json: the hardware and the commands, for the report's preamble (the runs' meta lacks the CPU).
 
@@ -645,8 +532,8 @@ def write_sweep_info(sweep_dir: Path, sweep: str, gpus: list[Gpu], accelerator: 
                 pass
         now = time.time()
         # each invocation's own machine: a folder filled over several device sessions mixes hosts
-        machine = {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "host_mem_mib": _host_total_mib()}
-        history.append({"command": command, "time": now, "gpus": [g.index for g in gpus], "cores": _affinity(),
+        machine = {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "host_mem_mib": host_total_mib()}
+        history.append({"command": command, "time": now, "gpus": [g.index for g in gpus], "cores": cpu_affinity(),
                         "host": host_tag(), **machine})
         info = {"sweep": sweep, "time": now, "command": command, "commands": history, "accelerator": accelerator,
                 "hardware": {"gpus": [asdict(g) for g in gpus], **machine,

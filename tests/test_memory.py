@@ -22,9 +22,11 @@ def _cfg(name: str) -> dict:
     return json.loads((REPO / "ds_configs" / f"{name}.json").read_text())
 
 
-def _predict(shape: dict, cfg, world: int, precision: str = "bf16", **kw) -> dict:
-    return memory.predict(shape["n_params"], cfg, world, precision, hidden=shape["hidden"], n_layers=shape["n_layers"],
-                          n_heads=shape["n_heads"], vocab=shape["vocab"], **kw)
+def _predict(shape: dict, cfg, world: int, precision: str = "bf16", gpu_total_mib=None, host_total_mib=None,
+             **kw) -> dict:
+    consts = {k: kw.pop(k) for k in list(kw) if k in memory.Constants.__dataclass_fields__}
+    return memory.predict(memory.ModelShape.of(shape), memory.RunShape(cfg, world, precision, **kw),
+                          memory.Limits(gpu_total_mib, host_total_mib), memory.Constants(**consts)).to_json()
 
 
 @pytest.fixture(scope="module")
@@ -172,9 +174,7 @@ def test_fits_against_the_reference_outcomes():
 
 def test_cpu_prediction_puts_everything_on_the_host():
     shape = model_shape("pangu-tiny")
-    pred = memory.predict(shape["n_params"], _cfg("z0"), 2, "bf16", hidden=shape["hidden"],
-                          n_layers=shape["n_layers"], n_heads=shape["n_heads"], vocab=shape["vocab"], cuda=False,
-                          seq_len=128)
+    pred = _predict(shape, _cfg("z0"), 2, "bf16", cuda=False, seq_len=128)
     assert pred["gpu_mib"] == 0
     assert pred["host_breakdown_mib"]["device_tensors"] > 0
     assert pred["host_mib"] == pytest.approx(pred["host_mib_per_rank"] * 2, abs=0.2)

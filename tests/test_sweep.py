@@ -189,16 +189,6 @@ def test_train_command(monkeypatch):
     assert none[none.index("--ds") + 1] == "none"
 
 
-def test_visible_devices_filter():
-    gpus = [sweep.Gpu(i, "NVIDIA H100", 80000.0, "9.0", f"GPU-{i}abc") for i in range(4)]
-    assert [g.index for g in sweep._visible_filter(gpus, "2,0")] == [2, 0]
-    assert [g.index for g in sweep._visible_filter(gpus, "GPU-1")] == [1]
-    assert sweep._visible_filter(gpus, "") == []
-    assert len(sweep._visible_filter(gpus, None)) == 4
-    assert sweep.gpu_slug("NVIDIA A100-SXM4-80GB") == "a100"
-    assert sweep.bf16_supported(gpus) and not sweep.bf16_supported(V100x3)
-
-
 def test_model_shape_without_torch():
     s = sweep.model_shape("pangu-2.6b")
     assert (s["hidden"], s["n_layers"], s["n_heads"], s["vocab"]) == (2560, 32, 32, 40000)
