@@ -1,0 +1,55 @@
+"""The plan (sftbench/plan.py): predictions against the reference's own out-of-memory rows, the margins, and step
+times from the committed tables marked measured or estimated."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from sftbench import plan
+
+
+def _rows(model, gpus, gpu_gb, host_gb, precision="bf16", name=None, configs=None):
+    hw = plan.Hardware(gpus, 1, gpu_gb * plan.GB_MIB, host_gb * plan.GB_MIB, name)
+    return {r.config: r for r in plan.plan(model, hw, precision, 512, configs, plan.measured_steps())}
+
+
+def test_the_reference_v100_ooms_come_out_as_not_fitting():
+    """The reference ran Pangu-2.6B on 3 x V100 16 GB in fp16: ZeRO 0, 1, 2 and 3 without offload were OOM, the
+    offload rows ran. The plan says the same for a 16 GB card and 3 ranks."""
+    rows = _rows("pangu-2.6b", 3, 16, 512, "fp16", "V100")
+    for oom in ("none", "z0", "z1", "z2_5e8", "z3"):
+        assert rows[oom].fits is False and rows[oom].gpu_margin_mib < 0, oom
+    for ran in ("z2_offload_5e8", "z2_offload_2e8", "z3_offload", "z3_offload_param"):
+        assert rows[ran].fits is True and rows[ran].gpu_margin_mib > 0, ran
+    assert all(r.step_s is None for r in rows.values())  # no V100 table is committed
+
+
+def test_host_ram_is_a_limit_too_and_tight_margins_are_marked():
+    small_host = _rows("pangu-2.6b", 1, 80, 32, configs=["z1", "z2_offload_5e8"])
+    assert small_host["z1"].fits is True
+    assert small_host["z2_offload_5e8"].fits is False and small_host["z2_offload_5e8"].host_margin_mib < 0
+    rows = _rows("pangu-2.6b", 1, 70, 512, configs=["z0"])
+    assert rows["z0"].fits and rows["z0"].tight  # ~65 GiB predicted on a 70 GB card
+
+
+def test_step_times_are_measured_or_estimated_and_name_their_table():
+    rows = _rows("pangu-2.6b", 1, 80, 512, name="H100", configs=["z0", "z1"])
+    assert rows["z0"].step_kind == "measured" and rows["z0"].step_source == "results/h100x1"
+    assert rows["z0"].step_s == pytest.approx(0.443, abs=0.01)  # the README's 1 x H100 pick
+    four = _rows("pangu-2.6b", 4, 80, 512, name="H100", configs=["z1"])
+    assert four["z1"].step_kind.startswith("estimated from ") and four["z1"].step_s > 0
+
+
+def test_cli_prints_the_table_and_refuses_what_it_cannot_plan():
+    cmd = [sys.executable, "-m", "sftbench.plan", "--model", "pangu-13b", "--gpus", "8", "--gpu-mem", "80",
+           "--host-mem", "512"]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "| z3_offload_param | 3 | optimizer+params |" in p.stdout and "configurations fit" in p.stdout
+    bad = subprocess.run(cmd[:4] + ["pangu-99b"] + cmd[5:], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "unknown model 'pangu-99b'" in bad.stderr
+    cfg = subprocess.run(cmd + ["--configs", "z9"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert cfg.returncode != 0 and "unknown config 'z9'" in cfg.stderr
