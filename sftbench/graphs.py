@@ -149,8 +149,10 @@ class GraphedLoss:
             grads = torch.autograd.grad(self.static_loss, self.params, grad_outputs=self.static_grad_out,
                                         allow_unused=True)
         torch.cuda.synchronize()
-        # A parameter the loss does not reach gets no gradient, as in eager mode (None, not zeros).
-        self.static_grads = tuple(g.detach() if g is not None else None for g in grads)
+        # Only the parameters the loss reaches become inputs of the replay node, as in eager mode: ZeRO counts the
+        # parameters a backward reaches and waits for one gradient hook per parameter before its epilogue.
+        self.used = tuple(p for p, g in zip(self.params, grads) if g is not None)
+        self.static_grads = tuple(g.detach() for g in grads if g is not None)
         self.pool_mib = (torch.cuda.memory_allocated() - mem0) / 2**20
         self.replays = 0
         graphed = self
@@ -191,7 +193,7 @@ class GraphedLoss:
         for k in self.keys:
             if kwargs[k].data_ptr() != self.static_in[k].data_ptr():
                 self.static_in[k].copy_(kwargs[k])
-        loss = self._replay.apply(*self.params) if torch.is_grad_enabled() else self._forward_only()
+        loss = self._replay.apply(*self.used) if torch.is_grad_enabled() else self._forward_only()
         self.replays += 1
         # No logits: the graph's buffer is overwritten by the next replay, and the loop reads only the loss.
         return CausalLMOutputWithPast(loss=loss, logits=None)
