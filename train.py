@@ -18,9 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-from sftbench.args import REPO, parse_args
+from sftbench.args import REPO, parse_args, resolve_warmup
 from sftbench.buildenv import fix_cuda_arch_list, rank_device, single_process_env
-from sftbench.dsconfig import DSConfigError, apply_precision, config_precision, describe, load_ds_config
+from sftbench.dsconfig import (DSConfigError, apply_precision, config_precision, describe, load_ds_config,
+                               resolve_config_path)
+from sftbench.failures import classify_exception
 from sftbench.ops import check_locks as check_build_locks
 from sftbench.runlog import RunLog
 from sftbench.shm import release_own_buffer as release_shm_buffer
@@ -29,11 +31,11 @@ from sftbench.shm import release_own_buffer as release_shm_buffer
 args = parse_args()
 arch_env = fix_cuda_arch_list()  # before anything imports DeepSpeed's op builders
 try:
-    ds_cfg = load_ds_config(args.ds or REPO / "ds_configs" / "z1.json") if args.deepspeed else None
+    if args.deepspeed:
+        args.ds = resolve_config_path(args.ds or "z1")  # a file, or a ds_configs/ name as the sweep takes it
+    ds_cfg = load_ds_config(args.ds) if args.deepspeed else None
 except DSConfigError as e:
     sys.exit(f"error: {e}")
-if ds_cfg is not None and args.ds is None:
-    args.ds = str(REPO / "ds_configs" / "z1.json")
 
 import torch  # noqa: E402  (after the arch-list fix on purpose)
 
@@ -48,6 +50,9 @@ from sftbench import speed  # noqa: E402
 from sftbench.pangu import CheckpointError, build_model, count_params  # noqa: E402
 from sftbench.plain import PlainEngine, param_groups  # noqa: E402
 from sftbench.tokenizer import PanguTokenizer  # noqa: E402
+
+if args.deepspeed:
+    engine_checks.silence_startup_noise()  # before initialize, whose scheduler start-up message says nothing
 
 # ---------------------------------------------------------------- init distributed and device
 if args.deepspeed:
@@ -79,8 +84,10 @@ if ds_cfg is not None:
     precision = config_precision(ds_cfg)
 else:
     precision = args.precision or ("bf16" if not on_cpu and torch.cuda.is_bf16_supported() else "fp32")
-if precision == "fp16" and on_cpu:
-    sys.exit("error: fp16 is not supported on CPU (DeepSpeed refuses it); use --precision bf16 or fp32")
+if precision == "fp16" and on_cpu and args.deepspeed:
+    # The plain loop (--ds none) runs fp16 on CPU: torch's CPU autocast and GradScaler have it.
+    sys.exit("error: fp16 with DeepSpeed is not supported on CPU (DeepSpeed's CPU accelerator refuses it); use "
+             "--precision bf16 or fp32, or --ds none for the plain PyTorch loop")
 model_name = args.model or ("pangu-tiny" if on_cpu else "pangu-350m")
 compile_target, compile_why = speed.resolve_compile(args.compile, on_cpu)
 try:
@@ -179,6 +186,8 @@ try:
             warnings.append(f"CUDA graphs not used: {e}")
     steps_per_epoch = sftdata.steps_per_epoch(ds.n, mb, world_size, ga)
     max_steps = args.max_steps or steps_per_epoch  # --max-steps 0: one full epoch, its time measured
+    warmup_steps, warmup_note = resolve_warmup(args.warmup_steps, max_steps)  # args keep what was asked (harness)
+    stats.warmup_steps = warmup_steps
 
     # ------------------------------------------------------------ meta record
     gpu_uuid = metrics.cuda_uuid(device.index) if device.type == "cuda" else None
@@ -215,7 +224,7 @@ try:
         offload_optimizer=desc["offload_optimizer"], offload_param=desc["offload_param"], micro_batch=mb,
         grad_accum=ga, seq_len=args.seq_len, dataset_path=str(args.data), dataset_samples=ds.n,
         real_tokens=ds.real_tokens, pad_tokens=ds.pad_tokens, steps_per_epoch=steps_per_epoch,
-        max_steps=max_steps, warmup_steps=args.warmup_steps,
+        max_steps=max_steps, warmup_steps=warmup_steps,
         optimizations={"engine": engine_name, "attention": "sdpa", "pad_mask": use_pad_mask,
                        "compile": compile_target, "compile_why": compile_why,
                        "compile_mode": args.compile_mode if compile_target != "off" else None,
@@ -235,6 +244,8 @@ try:
         + (f", graphs hold {graphs_pool_mib:.0f} MiB" if graphs_pool_mib is not None else ""))
     for w in warnings:
         say(f"warning: {w}")
+    if warmup_note:
+        say(f"note: {warmup_note}")
 
     # ------------------------------------------------------------ batches, on the device before the clock starts
     per_step = mb * ga
@@ -273,7 +284,7 @@ try:
         sync()
         step_s = time.perf_counter() - t0
         loss = (loss_sum / ga).item()  # one host read per optimizer step, after the clock stopped
-        warm = step < args.warmup_steps
+        warm = step < warmup_steps
         tflops = flops_tok * per_step * args.seq_len / step_s / 1e12
         skipped_now = getattr(engine, "skipped_steps", 0)
         skipped, skipped_before = skipped_now > skipped_before, skipped_now
@@ -318,25 +329,16 @@ try:
     status, error = "ok", None
 except Interrupted as e:
     status, error = "interrupted", str(e)
-except KeyboardInterrupt:
-    status, error = "interrupted", "KeyboardInterrupt"
-except torch.OutOfMemoryError as e:
-    status, error = "oom", str(e).strip().splitlines()[0]
+except KeyboardInterrupt as e:
+    status, error = classify_exception(e)
 except (sftdata.DataError, CheckpointError, FileNotFoundError, TimeoutError, graphs.GraphError) as e:
     # Bad input: the message names the file/key/line; a traceback would only bury it.
     status, error = "error", str(e)
 except Exception as e:  # every failure still ends in a summary record, then a non-zero exit
-    import traceback
-    traceback.print_exc()
-    text = f"{type(e).__name__}: {e}".strip()
-    first = text.splitlines()[0] if text else type(e).__name__
-    if "out of memory" in text.lower():
-        status = "oom"
-    elif "CUDA" in text or "NCCL" in text or "cuda" in type(e).__module__:
-        status = "cuda_error"
-    else:
-        status = "error"
-    error = first
+    if not isinstance(e, torch.OutOfMemoryError):  # an OOM's message says it all
+        import traceback
+        traceback.print_exc()
+    status, error = classify_exception(e)  # the rules the sweep follows too (sftbench/failures.py)
 
 fields = stats.summary_fields(world_size, steps_per_epoch) if steps_per_epoch else {}
 log.summary(status=status, error=error, time=time.time(), wall_s=time.time() - t_start, synthesized=False,
@@ -346,12 +348,10 @@ if status == "ok":
     s = fields
     gpu_peak = s.get("gpu_mem_used_mib_peak")
     say(f"done: {s['measured_steps']} measured steps, median {s['step_s_median']:.3f} s/it, "
-        f"{s['tokens_per_s']:.0f} tok/s, epoch ~{s['epoch_s_est'] / 60:.1f} min (estimated), "
+        f"{s['tokens_per_s']:.0f} tok/s, epoch {metrics.epoch_text(summary_extra['epoch_s_measured'], s)}, "
         + (f"peak GPU {gpu_peak:.0f} MiB, " if gpu_peak is not None else "")
         + f"peak RSS {s['host_rss_mib_peak']:.0f} MiB"
-        if s.get("step_s_median") is not None else
-        f"done (every step was warm-up or an fp16 overflow step, {s.get('skipped_steps', 0)} of them skipped: no "
-        "statistics; run more steps, the loss scale comes down by half per overflow)")
+        if s.get("step_s_median") is not None else f"done ({stats.no_statistics_reason()})")
     if s.get("step_s_median") is not None and s.get("skipped_steps"):
         say(f"note: {s['skipped_steps']} fp16 overflow step(s) skipped their optimizer update and are left out of "
             "the statistics")

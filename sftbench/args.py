@@ -49,7 +49,9 @@ class HarnessArgs:
                                   "config's (for --ds none: bf16 on GPUs that have it, else fp32).", default=None)
     max_steps: int = _help("Optimizer steps to run (each = grad_accum micro-batches per rank); 0 = one full epoch "
                            "(its time is then measured, not estimated).", default=20)
-    warmup_steps: int = _help("First steps flagged warm-up in the log and left out of statistics.", default=3)
+    warmup_steps: int | None = _help("First steps flagged warm-up in the log and left out of statistics. Default: "
+                                     "3, but at most max_steps - 1, so a short run still has a measured step.",
+                                     default=None)
     grad_accum: int = _help("Gradient accumulation for --ds none (DeepSpeed runs read it from the config).",
                             default=8)
     micro_batch: int = _help("Micro batch for --ds none (DeepSpeed runs read it from the config).", default=1)
@@ -93,7 +95,7 @@ class HarnessArgs:
                 raise ArgsError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_steps < 0:
             raise ArgsError(f"--max-steps must be >= 1, or 0 for one epoch, got {self.max_steps}")
-        if self.warmup_steps < 0:
+        if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ArgsError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         if self.pad_mask not in ("auto", "always"):
             raise ArgsError(f"--pad-mask must be auto or always, got {self.pad_mask!r}")
@@ -120,6 +122,24 @@ class HarnessArgs:
         cfg = "none" if not self.deepspeed else Path(self.ds).stem
         stamp = time.strftime("%Y%m%d-%H%M%S")
         return str(REPO / "runs" / f"{Path(model).name}__{cfg}__{precision}__{stamp}")
+
+
+DEFAULT_WARMUP_STEPS = 3
+
+
+def resolve_warmup(asked: int | None, max_steps: int) -> tuple[int, str | None]:
+    """(warm-up steps, a note to print or None). Asked for (--warmup-steps N): N, with a note when it covers every
+    step. Not asked for: min(DEFAULT_WARMUP_STEPS, max_steps - 1), so that at least one step is measured."""
+    if asked is not None:
+        if asked >= max_steps:
+            return asked, (f"--warmup-steps {asked} covers all {max_steps} step(s): none will be measured (as asked; "
+                           "lower --warmup-steps or raise --max-steps for statistics)")
+        return asked, None
+    n = max(0, min(DEFAULT_WARMUP_STEPS, max_steps - 1))
+    if n < DEFAULT_WARMUP_STEPS:
+        return n, (f"warm-up: {n} step(s) instead of the default {DEFAULT_WARMUP_STEPS}, so that {max_steps - n} of "
+                   f"the {max_steps} step(s) are measured (--warmup-steps sets it)")
+    return n, None
 
 
 def parse_args(argv: list[str] | None = None) -> HarnessArgs:

@@ -31,6 +31,28 @@ def _find_auto(node: Any, path: str = "") -> list[str]:
     return found
 
 
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
+
+
+def resolve_config_path(spec: str | os.PathLike, config_dir: str | os.PathLike = CONFIG_DIR) -> str:
+    """A DeepSpeed config as train.py's --ds and the sweep's --configs take it: a JSON file, or the name of one in
+    ds_configs/ (``z1``, ``z1.json``). Raises DSConfigError naming what was given and the names there are."""
+    spec = os.fspath(spec)
+    if os.path.isfile(spec):
+        return spec
+    base = os.path.basename(spec)
+    if base == spec:  # a bare name, not a path that happens to be missing
+        cand = os.path.join(os.fspath(config_dir), base if base.endswith(".json") else base + ".json")
+        if os.path.isfile(cand):
+            return cand
+    try:
+        names = sorted(f[:-5] for f in os.listdir(config_dir) if f.endswith(".json"))
+    except OSError:
+        names = []
+    raise DSConfigError(f"DeepSpeed config not found: {spec} (neither a file nor a name in "
+                        f"{os.path.basename(os.fspath(config_dir))}/: {', '.join(names) or 'none there'})")
+
+
 def load_ds_config(path: str | os.PathLike) -> dict:
     """Read a DeepSpeed JSON file; raise DSConfigError naming the file (and line/key) when it can't be used."""
     path = os.fspath(path)

@@ -9,10 +9,12 @@
   flat (measured: 30 steps of Pangu-350M on 3 GPUs, loss 10.82 -> 10.83; bf16 drops to ~9 by then). Upstream:
   DeepSpeed pull request 8393. The step still does all its work, so its time and memory are the step's cost; the
   run is flagged rather than patched, because the harness runs the engine as configured.
+* ``silence_startup_noise()``: drops DeepSpeed's start-up messages that say nothing to the user (``STARTUP_NOISE``).
 """
 from __future__ import annotations
 
 import inspect
+import logging
 import numbers
 from typing import Any
 
@@ -74,3 +76,23 @@ def warnings_of(meta: dict) -> list[str]:
             and ds_version.startswith("0.19."):
         return [_zero0_fp16_message(f"on DeepSpeed {ds_version}")]
     return []
+
+
+# DeepSpeed start-up messages that tell the user nothing, matched whole (a changed wording shows again, so no
+# warning that matters is hidden by a broad pattern).
+STARTUP_NOISE = (
+    # WarmupLR's constructor asks itself for the learning rate before its first step, on every rank
+    "Attempting to get learning rate from scheduler before it has started",
+)
+
+
+class _NoiseFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() not in STARTUP_NOISE
+
+
+def silence_startup_noise(logger_name: str = "DeepSpeed") -> None:
+    """Drop DeepSpeed's STARTUP_NOISE messages from its logger (every other message, warnings included, stays)."""
+    log = logging.getLogger(logger_name)
+    if not any(isinstance(f, _NoiseFilter) for f in log.filters):
+        log.addFilter(_NoiseFilter())

@@ -170,6 +170,23 @@ def cuda_uuid(device_index: int) -> str | None:
     return s if s.startswith("GPU-") else f"GPU-{s}"
 
 
+def duration_text(s: float) -> str:
+    """Seconds as the console prints them: '2.3 s', '12.5 min', '3.1 h'."""
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def epoch_text(measured_s: float | None, fields: dict) -> str:
+    """The epoch time a run reports: measured when a full epoch ran, else the estimate (marked as one)."""
+    if measured_s is not None:
+        return f"{duration_text(measured_s)} (measured)"
+    est = fields.get("epoch_s_est")
+    return f"~{duration_text(est)} (estimated)" if est is not None else "not known"
+
+
 class StepStats:
     """Collects step records of one rank and turns them into the summary fields.
 
@@ -185,6 +202,22 @@ class StepStats:
 
     def add(self, rec: dict) -> None:
         self.records.append(rec)
+
+    def no_statistics_reason(self) -> str:
+        """Why no step was measured, naming only the causes that apply (warm-up, fp16 overflow steps)."""
+        n = len(self.records)
+        if not n:
+            return "no step ran"
+        warm = sum(1 for r in self.records if r["warmup"])
+        overflow = sum(1 for r in self.records if r.get("skipped") and not r["warmup"])
+        causes = []
+        if warm:
+            causes.append(f"{warm} warm-up (--warmup-steps {self.warmup_steps})")
+        if overflow:
+            causes.append(f"{overflow} fp16 overflow step(s) that skipped the optimizer update while the loss scale "
+                          "came down (it halves per overflow)")
+        fix = "run more steps" + (" or lower --warmup-steps" if warm else "")
+        return f"no measured step: of the {n} step(s), {' and '.join(causes)}; {fix}"
 
     def summary_fields(self, world_size: int, steps_per_epoch: int) -> dict:
         measured = [r for r in self.records if not r["warmup"] and not r.get("skipped")]

@@ -44,7 +44,7 @@ SUMMARY_KEYS = (
     "host_rss_mib_peak", "host_used_mib_peak", "steps_per_epoch", "epoch_s_est", "epoch_s_measured", "final_loss",
     "first_loss", "synthesized",
 )
-STATUSES = ("ok", "oom", "cuda_error", "error", "interrupted", "timeout")
+STATUSES = ("ok", "oom", "cuda_error", "error", "interrupted", "timeout", "killed")
 
 
 # File names of a run folder and a sweep folder: one home for the writers (train.py, the sweep) and the readers (the

@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
-from sftbench import memory, runlog
+from sftbench import failures, memory, runlog
 from sftbench.hardware import (Gpu, bf16_supported, cpu_affinity, detect_gpus, gpu_slug, host_tag,
                                host_total_mib)
 from sftbench.presets import model_shape
@@ -276,64 +276,8 @@ def predict_entry(entry: PlanEntry, gpus: list[Gpu]) -> dict:
 
 # ================================================================================================ failures
 
-OOM_PATTERNS = ("CUDA out of memory", "OutOfMemoryError", "CUBLAS_STATUS_ALLOC_FAILED",
-                "DefaultCPUAllocator: can't allocate memory", "Cannot allocate memory")
-CUDA_ERROR_PATTERNS = ("CUDA error", "CUDA Error", "cudaError", "RuntimeError: CUDA", "NCCL error",
-                       "an illegal memory access", "invalid literal for int() with base 10: '0a'",
-                       "Error building extension", "CUDA_HOME does not exist", "no kernel image is available")
-_PREFIX = re.compile(r"^\s*(\[(?:default)?rank\d+\]:\s*)+")
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-def _clean_lines(text: str) -> list[str]:
-    return [_PREFIX.sub("", _ANSI.sub("", line)).rstrip() for line in text.splitlines()]
-
-
-def first_traceback_error(lines: list[str]) -> str | None:
-    """The exception line that ends the first traceback ('ValueError: ...')."""
-    for i, line in enumerate(lines):
-        if line.strip().startswith("Traceback (most recent call last)"):
-            for nxt in lines[i + 1:]:
-                if not nxt.strip() or nxt.startswith((" ", "\t")) or nxt.startswith("Traceback"):
-                    continue
-                if re.match(r"^\[\d{4}-\d\d-\d\d ", nxt):  # a launcher log line interleaved
-                    continue
-                return nxt.strip()
-    return None
-
-
-def classify_failure(console: str, returncode: int | None, *, timed_out: bool = False, timeout_s: float | None = None,
-                     accelerator: str = "cuda") -> tuple[str, str]:
-    """(status, error line) of a run that left no summary: oom, cuda_error, timeout or error."""
-    lines = _clean_lines(console)
-
-    def first_with(patterns: Iterable[str]) -> str | None:
-        for line in lines:
-            if any(p in line for p in patterns):
-                return line.strip()[:500]
-        return None
-
-    hit = first_with(OOM_PATTERNS)
-    if hit:
-        return "oom", hit
-    hit = first_with(CUDA_ERROR_PATTERNS)
-    if hit:
-        # An op build failure on a CPU run is not a CUDA problem.
-        return ("cuda_error" if accelerator == "cuda" else "error"), hit
-    if timed_out:
-        return "timeout", f"no summary after {timeout_s:.0f} s: process group killed (--timeout)"
-    launcher_saw_kill = any("return code = -9" in line for line in lines)
-    if launcher_saw_kill or (returncode in (-9, 137, 247) and any(re.search(r"\bKilled\b", ln) for ln in lines)):
-        return "oom", "killed by SIGKILL (host out of memory: the kernel's OOM killer?)"
-    err = first_traceback_error(lines)
-    if err:
-        return "error", err[:500]
-    for line in reversed(lines):
-        if re.search(r"(?i)error|exception", line):
-            return "error", line.strip()[:500]
-    if returncode == 0:
-        return "error", "exited 0 without a summary record"
-    return "error", f"exit code {returncode}, no error message in console.log"
+# The failure classes and their rules live in sftbench/failures.py (train.py follows the same ones).
+classify_failure = failures.classify_failure
 
 
 def _empty_summary() -> dict:
@@ -611,9 +555,11 @@ def run_sweep(entries: list[PlanEntry], sweep_dir: Path, *, sweep: str, timeout_
         limit = timeout_s if left is None else min(timeout_s, left)
         hint = "" if "error" in pred else f" (predicted {memory.summarize(pred)})"
         say(f"{tag}: running{hint}")
+        oom_kills = failures.oom_kill_count()  # the cgroup's OOM-kill count before: a rise is evidence of OOM
         rc, timed_out, wall, reason = launch(cmd, env, rd, limit)
         out = finish_run(rd, entry, rc, timed_out, wall, reason, timeout_s=limit,
-                         budget_cut=timed_out and left is not None and limit < timeout_s and reason == "timeout")
+                         budget_cut=timed_out and left is not None and limit < timeout_s and reason == "timeout",
+                         oom_kills_before=oom_kills)
         outcomes.append(out)
         shown = f"{out.step_s:.3f} s/it" if out.step_s else (out.error or "")
         say(f"{tag}: {out.status} in {wall:.0f} s, {shown}" + ("" if out.status == "ok" else
@@ -626,7 +572,7 @@ def run_sweep(entries: list[PlanEntry], sweep_dir: Path, *, sweep: str, timeout_
 
 
 def finish_run(rd: Path, entry: PlanEntry, rc: int | None, timed_out: bool, wall: float, reason: str, *,
-               timeout_s: float, budget_cut: bool = False) -> Outcome:
+               timeout_s: float, budget_cut: bool = False, oom_kills_before: int | None = None) -> Outcome:
     """Keep train.py's own summary; else write summary.json (synthesized) classified from exit code and console."""
     rr = runlog.load_run(rd)
     if 0 in rr.summary:
@@ -644,8 +590,13 @@ def finish_run(rd: Path, entry: PlanEntry, rc: int | None, timed_out: bool, wall
     elif other:
         status, error = other[0]["status"], other[0].get("error")
     else:
-        status, error = classify_failure(console, rc, timed_out=timed_out, timeout_s=timeout_s,
-                                         accelerator=entry.accelerator)
+        evidence = None
+        if not timed_out:
+            pids = [m.get("pid") for m in rr.meta.values()]
+            last = [steps[-1] for steps in rr.steps.values() if steps]
+            evidence = failures.evidence_of_oom(pids, oom_kills_before, last, host_total_mib())
+        status, error = failures.classify_failure(console, rc, timed_out=timed_out, timeout_s=timeout_s,
+                                                  accelerator=entry.accelerator, oom_evidence=evidence)
     summ = synthesize_summary(rr, status, error, wall)
     write_json(rd / runlog.SUMMARY_FILE, summ)
     return Outcome(entry.run, "ran", status, error, wall, summ.get("step_s_median"))
@@ -713,7 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--results-dir", default=_env("RESULTS_DIR", "results"))
     r.add_argument("--force", action="store_true", default=_env_flag("FORCE"), help="re-run finished runs too")
     r.add_argument("--retry-failed", action="store_true", default=_env_flag("RETRY_FAILED"),
-                   help="re-run runs that failed (oom, cuda_error, error, timeout)")
+                   help="re-run runs that failed (oom, cuda_error, error, timeout, killed)")
     r.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     return p
 

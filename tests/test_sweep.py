@@ -196,34 +196,6 @@ def test_model_shape_without_torch():
         sweep.model_shape("no-such-model")
 
 
-# ============================================================================================== classification
-
-@pytest.mark.parametrize("console,rc,status,needle", [
-    ("Traceback (most recent call last):\n  File \"x\"\ntorch.OutOfMemoryError: CUDA out of memory. Tried 2 GiB\n",
-     1, "oom", "CUDA out of memory"),
-    ("[rank0]: RuntimeError: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate\n", 1, "oom", "CUBLAS"),
-    ("  File \"builder.py\"\nValueError: invalid literal for int() with base 10: '0a'\n", 1, "cuda_error", "'0a'"),
-    ("RuntimeError: CUDA error: an illegal memory access was encountered\n", 1, "cuda_error", "illegal memory"),
-    ("torch.distributed.DistBackendError: NCCL error in: ProcessGroupNCCL.cpp\n", 1, "cuda_error", "NCCL error"),
-    ("[launch.py:259:sigkill_handler] ['python', 'train.py'] exits with return code = -9\n", 247, "oom", "SIGKILL"),
-    ("Killed\n", 137, "oom", "SIGKILL"),
-    ("Traceback (most recent call last):\n  File \"a.py\", line 1\n    x()\nKeyError: 'foo'\nTraceback (most recent "
-     "call last):\n  File \"b\"\nValueError: later\n", 1, "error", "KeyError: 'foo'"),
-    ("", 2, "error", "exit code 2"),
-])
-def test_classify_failure(console, rc, status, needle):
-    st, err = sweep.classify_failure(console, rc)
-    assert st == status and needle in err
-
-
-def test_classify_timeout_and_cpu_build_failure():
-    assert sweep.classify_failure("step 3/10\n", -9, timed_out=True, timeout_s=5)[0] == "timeout"
-    # an OOM seen before the hang names the cause, not the timeout
-    assert sweep.classify_failure("CUDA out of memory\n", -9, timed_out=True, timeout_s=5)[0] == "oom"
-    assert sweep.classify_failure("RuntimeError: Error building extension 'cpu_adam'\n", 1,
-                                  accelerator="cpu")[0] == "error"
-
-
 # ============================================================================================== running (fake train)
 
 OK_SCRIPT = """
@@ -318,6 +290,40 @@ def test_timeout_kills_the_process_group(tmp_path):
             break
         time.sleep(0.1)
     assert _dead(child), "a grandchild of the timed-out run survived"
+
+
+KILLME_SCRIPT = """
+import os, sys, time
+from sftbench.runlog import RunLog
+log = RunLog(sys.argv[1], 0)
+log.meta(run="killme", world_size=1, rank=0, warmup_steps=0, steps_per_epoch=100, pid=os.getpid())
+log.step(step=1, step_s=0.25, warmup=False, loss=2.0, host_rss_mib=50.0, host_used_mib=1.0)
+open(sys.argv[1] + "/self.pid", "w").write(str(os.getpid()))
+time.sleep(120)
+"""
+
+
+def test_a_run_killed_from_outside_is_killed_not_oom(tmp_path):
+    """SIGKILL from outside the sweep (a user, a scheduler), no memory evidence: ``killed``, never ``oom``."""
+    import signal
+    import threading
+    es = cpu_entries(1)
+    rd = tmp_path / es[0].run
+
+    def killer():
+        for _ in range(300):
+            if (rd / "self.pid").is_file() and (rd / "self.pid").read_text():
+                os.kill(int((rd / "self.pid").read_text()), signal.SIGKILL)
+                return
+            time.sleep(0.1)
+
+    t = threading.Thread(target=killer)
+    t.start()
+    out = sweep.run_sweep(es, tmp_path, sweep="t", timeout_s=60, command_fn=fake({"none": KILLME_SCRIPT}), say=quiet)
+    t.join()
+    assert out[0].status == "killed"
+    s = _status(rd)
+    assert s["status"] == "killed" and s["synthesized"] and "signal 9" in s["error"] and s["steps"] == 1
 
 
 def test_resume_force_and_retry(tmp_path):
