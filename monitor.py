@@ -35,6 +35,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.target is not None and not os.path.exists(args.target):
+        # A typo would otherwise wait forever for logs that never come ("waiting: no logs ...").
+        print(f"monitor.py: error: {args.target} does not exist (give a run directory, a sweep directory with "
+              f"plan.json, or a folder of runs; with no argument the newest run under --runs-root)", file=sys.stderr)
+        return 2
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from sftbench.monitor.gpu import default_gpu_source
     from sftbench.monitor.session import Session, resolve_target

@@ -28,18 +28,19 @@ import math
 import os
 import platform
 import re
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sftbench import engine_checks, reference, runlog
+from sftbench import engine_checks, liveness, reference, runlog
 from sftbench.args import REPO
 from sftbench.dsconfig import apply_precision, describe
-from sftbench.metrics import cpu_model
+from sftbench.metrics import StepStats, cpu_model
 from sftbench.runlog import EPOCH_SUFFIX  # sweep --epoch: one full epoch of the run named without the suffix
 
-# The reference's header row, left to right (its own spelling, "offloard" included), with English.
+# The reference's header row, left to right, with English; its "offloard param" is spelled right here (NOTES say so).
 REF_HEADERS = [
     ("模型", "model"),
     ("整体耗时/epoch", "epoch time"),
@@ -53,14 +54,18 @@ REF_HEADERS = [
     ("deepspeed stage", None),
     ("offload optimizer", None),
     ("pin memory", None),
-    ("offloard param", "offload param"),
+    ("offload param", None),
     ("overlap comm", None),
     ("allgather bucket size", None),
     ("stage3 max live parameters", None),
 ]
+# Settings the reference held fixed: a column each where the runs of one report differ in them.
+SETTING_COLUMNS = (("seq_len", "seq len"), ("micro_batch", "micro batch"), ("grad_accum", "grad accum"))
 EXTRA_HEADERS = ["tokens/s/GPU", "TFLOPS/GPU", "MFU", "GPU MiB pred / meas", "host MiB pred / meas", "ref row", "run"]
 STATUS_LABEL = {"oom": "OOM", "cuda_error": "CUDA Error", "timeout": "Timeout", "error": "Error",
-                "interrupted": "Interrupted", None: "No summary"}
+                "interrupted": "Interrupted", "killed": "Killed (signal 9)", "dead": "Dead", "running": "Running",
+                "stalled?": "Stalled?", None: "No summary"}
+UNFINISHED = ("running", "stalled?")  # no summary yet, processes not known to be gone (sftbench.liveness)
 MODEL_LABEL = {"pangu-350m": "Pangu-350M", "pangu-2.6b": "Pangu-2.6B", "pangu-13b": "Pangu-13B",
                "pangu-tiny": "Pangu-tiny"}
 META_DROP = ("argv", "env", "host", "pid", "device_uuid")  # bulky or machine-specific; the rest goes to summaries
@@ -93,6 +98,8 @@ class Row:
     order: int
     steps: dict[int, list[dict]] = field(default_factory=dict)
     fallback_gpu: str | None = None  # the sweep's GPU name, for runs that died before their meta record
+    live_state: str | None = None    # no summary: running, stalled? or dead (sftbench.liveness), else None
+    live_note: str | None = None     # what live_state means here, with the time of the last record
 
     # ---- identity
     @property
@@ -131,7 +138,12 @@ class Row:
 
     @property
     def status(self) -> str | None:
-        return self.summary.get("status") if self.summary else None
+        return self.summary.get("status") if self.summary else self.live_state
+
+    @property
+    def unmeasured(self) -> bool:
+        """Finished ok, but every step was warm-up or an fp16 overflow step: no numbers, not a failure."""
+        return self.status == "ok" and self.step_s is None
 
     @property
     def epoch_twin_of(self) -> str | None:
@@ -161,6 +173,16 @@ class Row:
     def micro_batch(self) -> int:
         return int(self.meta.get("micro_batch") or (self.desc.get("_cfg") or {}).get("train_micro_batch_size_per_gpu")
                    or 1)
+
+    @property
+    def seq_len(self) -> int | None:
+        v = self.meta.get("seq_len") or self.entry.get("seq_len")
+        return int(v) if v else None
+
+    @property
+    def settings(self) -> tuple:
+        """What a step is made of besides the configuration: only runs alike in these are compared."""
+        return (self.seq_len, self.micro_batch, self.grad_accum)
 
     @property
     def grad_accum(self) -> int:
@@ -245,6 +267,19 @@ def _config_from_entry(entry: dict) -> dict | None:
         return cfg
 
 
+def _liveness(rr: runlog.RunRecords) -> tuple[str, str]:
+    """(running / stalled? / dead, what that means) of a run without a summary: its pids on this host, its last
+    record (the rule of ``sftbench.liveness``, as the monitor shows it)."""
+    alive = liveness.rank_alive(rr.meta, socket.gethostname())
+    times = [s.get("time") for steps in rr.steps.values() for s in steps[-1:]] + [m.get("time") for m in
+                                                                                  rr.meta.values()]
+    times = [t for t in times if isinstance(t, (int, float))]
+    step_s = [s.get("step_s") for steps in rr.steps.values() for s in steps if isinstance(s.get("step_s"), (int, float))]
+    last, slowest = (max(times) if times else None), (max(step_s) if step_s else None)
+    state = liveness.classify(alive.values(), last, slowest)
+    return state, liveness.describe(state, last, slowest)
+
+
 def collect(runs_dir: str | os.PathLike) -> tuple[list[Row], dict, dict]:
     """All runs under runs_dir (plan order where plan.json has them), plan.json and sweep_info.json."""
     root = Path(runs_dir)
@@ -265,6 +300,9 @@ def collect(runs_dir: str | os.PathLike) -> tuple[list[Row], dict, dict]:
         summary = rr.final_summary()
         if summary is None and rr.summary:
             summary = rr.summary[min(rr.summary)]
+        live_state = live_note = None
+        if summary is None and rr.meta:  # no summary, not even the sweep's: is it still going?
+            live_state, live_note = _liveness(rr)
         predicted = meta.get("predicted") if isinstance(meta.get("predicted"), dict) else None
         if predicted is None or "gpu_mib" not in predicted:
             p = _read_json(d / runlog.PREDICTED_FILE)
@@ -274,7 +312,8 @@ def collect(runs_dir: str | os.PathLike) -> tuple[list[Row], dict, dict]:
         desc["_cfg"] = cfg
         rows.append(Row(run=d.name, run_dir=d, entry=entry, meta=meta, summary=summary,
                         rank_summaries=dict(rr.summary), predicted=predicted, desc=desc,
-                        order=plan_order.get(d.name, 10 ** 6), steps=rr.steps, fallback_gpu=fallback_gpu))
+                        order=plan_order.get(d.name, 10 ** 6), steps=rr.steps, fallback_gpu=fallback_gpu,
+                        live_state=live_state, live_note=live_note))
     # group by model and GPU, keep plan order inside (and across groups by first appearance)
     first: dict[tuple, int] = {}
     for r in sorted(rows, key=lambda r: (r.order, r.run)):
@@ -373,10 +412,13 @@ def pred_meas(pred: float | None, meas: float | None) -> str:
 class Table:
     rows: list[list[str]]
     groups: list[int]  # rows per group (for rowspan)
-    footnotes: list[str]
+    footnotes: list[str]  # failures, numbered: the GPU-memory cell says "OOM [n]"
     any_estimated: bool
     any_compiled: bool = False
     remarks: list[str] = field(default_factory=list)  # per-run notes (fp16 overflow steps left out)
+    settings: list[tuple[str, str]] = field(default_factory=list)  # SETTING_COLUMNS that vary: columns of their own
+    unmeasured: list[str] = field(default_factory=list)  # ok runs without a measured step (not failures)
+    unfinished: list[str] = field(default_factory=list)  # running / stalled? runs (no summary yet)
 
     @property
     def notes(self) -> list[str]:
@@ -400,8 +442,14 @@ def _reference_map():
     return reference.read_reference_map()
 
 
+def varying_settings(rows: list[Row]) -> list[tuple[str, str]]:
+    """The SETTING_COLUMNS whose value differs between the rows."""
+    return [(k, h) for k, h in SETTING_COLUMNS if len({getattr(r, k) for r in rows}) > 1]
+
+
 def build_table(rows: list[Row]) -> Table:
-    out, foot, groups, remarks = [], [], [], []
+    out, foot, groups, remarks, unmeasured, unfinished = [], [], [], [], [], []
+    settings = varying_settings(rows)
     any_est = False
     cur = None
     for r in rows:
@@ -409,7 +457,7 @@ def build_table(rows: list[Row]) -> Table:
             groups.append(0)
             cur = r.group
         groups[-1] += 1
-        cfg = config_cells(r)
+        cfg = config_cells(r) + ["-" if getattr(r, k) is None else str(getattr(r, k)) for k, _ in settings]
         extra_tail = [",".join(str(x) for x in ref_rows(r)) or "-", r.run]
         for w in r.warnings:
             remarks.append(f"`{r.run}`: warning: {w}")
@@ -433,20 +481,38 @@ def build_table(rows: list[Row]) -> Table:
                      pred_meas(r.pred_host, r.host_rss_mib), *extra_tail]
         else:
             label = STATUS_LABEL.get(r.status, str(r.status))
-            if r.status == "ok":
-                label = "No statistics"
-            err = (r.summary or {}).get("error") or ("the run left no summary (still running, or killed "
-                                                      "before the sweep could record it)" if not r.summary else "")
-            if r.status == "ok" and skipped:
-                err = (f"every step after warm-up was an fp16 overflow step ({skipped} skipped the optimizer update "
-                       "while the loss scale came down): run more steps")
-            synth = " (recorded by the sweep)" if (r.summary or {}).get("synthesized") else ""
-            foot.append(scrub(f"{r.run}: {label}{synth}: {err}".rstrip(": ")))
-            n = len(foot)
-            cells = [r.model_label, "-", "-", "-", "-", f"{label} [{n}]", gpu_cell(r), *cfg, "-", "-", "-",
+            if r.unmeasured:  # finished as asked, only too short for numbers: said so, not filed as a failure
+                label = "no measured step"
+                unmeasured.append(scrub(f"`{r.run}`: {_why_unmeasured(r)}"))
+                cell = label
+            elif r.status in UNFINISHED:
+                unfinished.append(scrub(f"`{r.run}`: {label}: {r.live_note}"))
+                cell = label
+            else:
+                err = (r.summary or {}).get("error") or r.live_note or (
+                    "the run left no summary (still running, or killed before the sweep could record it)"
+                    if not r.summary else "")
+                synth = " (recorded by the sweep)" if (r.summary or {}).get("synthesized") else ""
+                foot.append(scrub(f"{r.run}: {label}{synth}: {err}".rstrip(": ")))
+                cell = f"{label} [{len(foot)}]"
+            cells = [r.model_label, "-", "-", "-", "-", cell, gpu_cell(r), *cfg, "-", "-", "-",
                      pred_meas(r.pred_gpu, None), pred_meas(r.pred_host, None), *extra_tail]
         out.append(cells)
-    return Table(out, groups, foot, any_est, any(r.ok and r.compile != "off" for r in rows), remarks)
+    return Table(out, groups, foot, any_est, any(r.ok and r.compile != "off" for r in rows), remarks, settings,
+                 unmeasured, unfinished)
+
+
+def _why_unmeasured(r: Row) -> str:
+    """Why an ok run has no measured step, from its own step records (the causes that apply, as train.py says)."""
+    rank = 0 if 0 in r.steps else (min(r.steps) if r.steps else None)
+    if rank is not None and r.steps[rank]:
+        st = StepStats(int(r.meta.get("warmup_steps") or 0))
+        for rec in r.steps[rank]:
+            st.add({**rec, "warmup": bool(rec.get("warmup"))})
+        return st.no_statistics_reason()
+    s = r.summary or {}
+    return (f"no measured step: {s.get('steps')} step(s), {s.get('skipped_steps') or 0} of them fp16 overflow steps, "
+            f"warm-up {r.meta.get('warmup_steps', '?')}; run more steps")
 
 
 def _cpu_text(hw: dict) -> str:
@@ -556,19 +622,27 @@ def epoch_checks(rows: list[Row]) -> list[str]:
 
 
 def recommendations(rows: list[Row]) -> list[str]:
-    """Per model and GPU count: the fastest configuration that ran, and the one with the least GPU memory. Runs with
-    an engine warning (``engine_checks``: the model does not learn) are not recommended."""
+    """Per model, GPU count and step settings (sequence length, micro batch, gradient accumulation: only like is
+    compared with like): the fastest configuration that ran, and the one with the least GPU memory. Runs with an
+    engine warning (``engine_checks``: the model does not learn) are not recommended."""
     out = []
     groups: dict[tuple, list[Row]] = {}
+    vary = varying_settings(rows)
     for r in rows:
         if r.epoch_twin_of is not None:  # the same configuration again, run longer
             continue
-        groups.setdefault(r.group, []).append(r)
-    for (label, dev, world), rs in groups.items():
+        groups.setdefault(r.group + r.settings, []).append(r)
+    for (label, dev, world, seq, mb, ga), rs in groups.items():
         ok = [r for r in rs if r.ok and not r.warnings]
         where = f"{label} on {world} × {dev}" if dev != "CPU" else f"{label} on CPU ({world} ranks)"
+        if vary:  # the folder holds runs of other settings too: name this group's
+            where += ", " + ", ".join(f"{h} {v}" for (k, h), v in zip(SETTING_COLUMNS, (seq, mb, ga))
+                                      if k in dict(vary))
         if not ok:
             flagged = any(r.ok for r in rs)
+            if not flagged and any(r.unmeasured for r in rs):
+                out.append(f"**{where}**: no configuration has a measured step (see \"No measured step\").")
+                continue
             out.append(f"**{where}**: no configuration finished" + (" that trains (see the warnings above)." if flagged
                                                                     else "."))
             continue
@@ -602,24 +676,24 @@ def _md_escape(s: str) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
 
 
-def md_headers() -> list[str]:
+def md_headers(settings: list[tuple[str, str]] = ()) -> list[str]:
     hs = []
     for zh, en in REF_HEADERS:
         if zh and en:
             hs.append(f"{zh} ({en})")
         else:
             hs.append(zh or en)
-    return hs + EXTRA_HEADERS
+    return hs + [h for _, h in settings] + EXTRA_HEADERS
 
 
-def html_headers() -> list[str]:
+def html_headers(settings: list[tuple[str, str]] = ()) -> list[str]:
     hs = []
     for zh, en in REF_HEADERS:
         if zh and en:
             hs.append(f"{html.escape(zh)}<br><small>{html.escape(en)}</small>")
         else:
             hs.append(html.escape(zh or en))
-    return hs + [html.escape(h) for h in EXTRA_HEADERS]
+    return hs + [html.escape(h) for _, h in settings] + [html.escape(h) for h in EXTRA_HEADERS]
 
 
 COMPILED_NOTE = "`(compiled: model)`"
@@ -634,6 +708,7 @@ NOTES = [
     "logits and CUDA context); measured: the NVML peak per GPU and the summed RSS.",
     COMPILED_NOTE + " after s/it: the run used torch.compile (`train.py --compile`, by default on for bf16 ZeRO-1 on a "
     "GPU, where it was measured faster); every other row ran eager.",
+    "offload param: the reference's header spells it \"offloard param\".",
     "ref row: the row of the reference table (`ds_configs/README.md`) with the same model, config and GPU count, "
     "of the same precision where it has one; otherwise of its precision (the reference's 3-GPU rows are fp16 on "
     "V100), so compare the fp16/bf16 columns too.",
@@ -642,7 +717,7 @@ NOTES = [
 
 def write_md(path: Path, title: str, table: Table, hw: list[str], recs: list[str], n_runs: int,
              checks: list[str] | None = None) -> None:
-    hs = md_headers()
+    hs = md_headers(table.settings)
     lines = [f"# {title}", ""]
     lines += [f"- {h}" for h in hw]
     lines += ["", f"{n_runs} runs.", "", "| " + " | ".join(hs) + " |", "|" + "---|" * len(hs)]
@@ -658,6 +733,11 @@ def write_md(path: Path, title: str, table: Table, hw: list[str], recs: list[str
     if table.footnotes:
         lines += ["", "**Failures**", ""]
         lines += [f"{n}. {_md_escape(f)}" for n, f in enumerate(table.footnotes, 1)]
+    if table.unmeasured:
+        lines += ["", "**No measured step** (finished, but too short for statistics; not failures)", ""]
+        lines += [f"- {_md_escape(f)}" for f in table.unmeasured]
+    if table.unfinished:
+        lines += ["", "**Not finished** (no summary yet)", ""] + [f"- {_md_escape(f)}" for f in table.unfinished]
     if checks:
         lines += ["", "## Epoch check", ""] + [f"- {c}" for c in checks]
     lines += ["", "## Recommendation", ""] + [f"- {r}" for r in recs]
@@ -679,7 +759,7 @@ def write_html(path: Path, title: str, table: Table, hw: list[str], recs: list[s
            "td.fail{color:#b00;font-weight:bold}</style></head><body>",
            f"<h1>{html.escape(title)}</h1>", "<ul>"] + [f"<li>{inline(h)}</li>" for h in hw] + [
         "</ul>", f"<p>{n_runs} runs.</p>", "<table>", "    <thead>",
-        "        <tr> " + " ".join(f"<td>{h}</td>" for h in html_headers()) + " </tr>", "    </thead>", "   <tbody>"]
+        "        <tr> " + " ".join(f"<td>{h}</td>" for h in html_headers(table.settings)) + " </tr>", "    </thead>", "   <tbody>"]
     i = 0
     for g in table.groups:
         for k in range(g):
@@ -697,6 +777,10 @@ def write_html(path: Path, title: str, table: Table, hw: list[str], recs: list[s
     out += ["    </tbody>", "</table>", "<p>" + "<br>".join(inline(n) for n in table.notes) + "</p>"]
     if table.footnotes:
         out += ["<h3>Failures</h3>", "<ol>"] + [f"<li>{html.escape(f)}</li>" for f in table.footnotes] + ["</ol>"]
+    if table.unmeasured:
+        out += ["<h3>No measured step</h3>", "<ul>"] + [f"<li>{inline(f)}</li>" for f in table.unmeasured] + ["</ul>"]
+    if table.unfinished:
+        out += ["<h3>Not finished</h3>", "<ul>"] + [f"<li>{inline(f)}</li>" for f in table.unfinished] + ["</ul>"]
     if checks:
         out += ["<h2>Epoch check</h2>", "<ul>"] + [f"<li>{inline(c)}</li>" for c in checks] + ["</ul>"]
     out += ["<h2>Recommendation</h2>", "<ul>"] + [f"<li>{inline(r)}</li>" for r in recs] + ["</ul>"]
@@ -884,8 +968,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="output folder (default results/<name of runs_dir>)")
     ap.add_argument("--title", default=None)
     a = ap.parse_args(argv)
+    if not Path(a.runs_dir).exists():
+        print(f"report: error: {a.runs_dir} does not exist", file=sys.stderr)
+        return 2
     if not Path(a.runs_dir).is_dir():
-        print(f"error: {a.runs_dir} is not a directory", file=sys.stderr)
+        print(f"report: error: {a.runs_dir} is not a directory", file=sys.stderr)
+        return 2
+    try:
+        os.listdir(a.runs_dir)
+    except OSError as e:
+        print(f"report: error: cannot read {a.runs_dir}: {e.strerror}", file=sys.stderr)
+        return 2
+    if next(runlog.iter_run_dirs(a.runs_dir), None) is None:
+        print(f"report: error: {a.runs_dir} holds no run directories (no rank<k>.jsonl or summary.json beneath it); "
+              "nothing written", file=sys.stderr)
         return 2
     out = a.out or str(REPO / "results" / Path(a.runs_dir).resolve().name)
     res = make_report(a.runs_dir, out, a.title)

@@ -64,10 +64,10 @@ def write_summary(log: RunLog, status: str = "ok", steps: int = 20, median: floa
 
 
 def make_run(d: Path, steps: int = 20, world: int = 2, summary: str | None = None, max_steps: int = 50,
-             median: float = 0.6, pid_base: int = 1000) -> Path:
+             median: float = 0.6, pid_base: int = 1000, pids: list[int] | None = None, host: str = HOST) -> Path:
     for r in range(world):
         log = RunLog(d, r)
-        write_meta(log, d.name, r, world=world, max_steps=max_steps, pid=pid_base + r)
+        write_meta(log, d.name, r, world=world, max_steps=max_steps, pid=pids[r] if pids else pid_base + r, host=host)
         for s in range(1, steps + 1):
             write_step(log, s, r)
         if summary:
@@ -360,13 +360,23 @@ def make_sweep(root: Path) -> Path:
 
 def test_sweep_statuses(tmp_path):
     sw = make_sweep(tmp_path)
+    plan = json.loads((sw / "plan.json").read_text())
+    plan["entries"].append(dict(plan["entries"][0], run="f_dead"))
+    (sw / "plan.json").write_text(json.dumps(plan))
+    make_run(sw / "f_dead", steps=5, pid_base=3000)  # no summary, and its pids are gone (FakeHostSource alive)
+    old = time.time() - 60  # older than c_running, which the run view follows
+    for p in [sw / "f_dead", *(sw / "f_dead").iterdir()]:
+        os.utime(p, (old, old))
     assert resolve_target(str(sw)).kind == "sweep"
-    s = session_for(sw)
+    s = Session(resolve_target(str(sw)), FakeGpuSource(fake_gpus()),
+                FakeHostSource(hostname=HOST, rss={1000: 5120.0}, alive={1000, 1001}))
     s.load_all()
     by = {e.run: e for e in s.table.entries}
-    assert [e.run for e in s.table.entries] == ["a_ok", "b_oom", "c_running", "d_queued", "e_timeout"]
+    assert [e.run for e in s.table.entries] == ["a_ok", "b_oom", "c_running", "d_queued", "e_timeout", "f_dead"]
+    # a run without a summary is running only while its processes exist (f_dead's pids 3000/3001 are gone)
     assert {k: e.status for k, e in by.items()} == {
-        "a_ok": "done", "b_oom": "OOM", "c_running": "running", "d_queued": "queued", "e_timeout": "timeout"}
+        "a_ok": "done", "b_oom": "OOM", "c_running": "running", "d_queued": "queued", "e_timeout": "timeout",
+        "f_dead": "dead"}
     assert by["a_ok"].median_s == 0.61 and by["a_ok"].peak_gpu_mib == pytest.approx(30_200.0)
     assert by["a_ok"].host_mib == 60_000.0 and by["b_oom"].error.startswith("CUDA out of memory")
     assert by["c_running"].step == 7 and by["d_queued"].step is None
@@ -374,6 +384,8 @@ def test_sweep_statuses(tmp_path):
     assert s.run.run_dir == sw / "c_running"
     assert M.entry_status(False, 0, None) == "queued"
     assert M.entry_status(True, 2, None) == "running"
+    assert M.entry_status(True, 2, None, "dead") == "dead"
+    assert M.entry_status(True, 2, {"status": "killed"}) == "killed (signal 9)"
     assert M.entry_status(True, 2, {"status": "cuda_error"}) == "CUDA error"
 
 
@@ -605,3 +617,54 @@ def test_once_run_and_sweep(tmp_path):
         assert word in out
     out = _once("--runs-root", str(tmp_path / "empty"), "--no-gpu")
     assert "waiting" in out or "no run found" in out
+
+
+def test_once_a_path_that_does_not_exist_is_an_error(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "monitor.py"), "--once", str(tmp_path / "typo_dir")], cwd=ROOT,
+                       env=dict(os.environ, SFTBENCH_NO_NVML="1"), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "typo_dir does not exist" in r.stderr and "waiting" not in r.stdout
+
+
+def test_liveness_dead_stalled_running_with_real_processes(tmp_path):
+    """pids of this host: a finished process reads dead, a sleeping one running; silence beyond the rule stalled?"""
+    import socket
+    here = socket.gethostname()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        make_run(tmp_path / "dead", steps=6, world=2, pids=[gone.pid, gone.pid], host=here)
+        make_run(tmp_path / "live", steps=6, world=2, pids=[live.pid, live.pid], host=here)
+        make_run(tmp_path / "elsewhere", steps=6, world=2, host="another-node")
+        out = _once(str(tmp_path / "dead"))
+        head = out.splitlines()[:4]
+        assert "run dead  [dead]" in head[0] and not any("ETA" in x for x in head)
+        assert "dead: no process of this run is left on this host and it wrote no summary; last record" in out
+        out = _once(str(tmp_path / "live"))
+        assert "run live  [running]" in out and "ETA" in out
+        # the table of a results folder says the same
+        out = _once(str(tmp_path))
+        rows = {ln.split()[0]: ln for ln in out.splitlines() if ln.split() and ln.split()[0] in ("dead", "live")}
+        assert " dead " in rows["dead"] and " running " in rows["live"]
+        # silence: with the processes alive, or not checkable (another host), the stall rule decides
+        for name in ("live", "elsewhere"):
+            st = RunWatcher(tmp_path / name).read_all()
+            st.set_alive({0: True, 1: True} if name == "live" else {0: None, 1: None})
+            now = st.last_record_time
+            slow = st.slowest_step_s  # 2.0 s warm-up steps: the 5-minute floor applies
+            assert st.status(now + 299) == "running" and st.status(now + 301) == "stalled?"
+            assert slow == 2.0 and st.header(now + 301)["eta_s"] is None
+            assert "stalled?: nothing written for longer than 5m" in M.header_lines(st.header(now + 301))[-1]
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_stall_rule():
+    from sftbench import liveness
+    assert liveness.stall_limit_s(None) == 900 and liveness.stall_limit_s(2.0) == 300
+    assert liveness.stall_limit_s(60.0) == 600
+    assert liveness.classify([False, False], None, None) == "dead"
+    assert liveness.classify([False, True], 0.0, 1.0, now=10.0) == "running"  # one rank still there
+    assert liveness.classify([None], 0.0, 1.0, now=301.0) == "stalled?"
+    assert liveness.classify([], 0.0, None, now=899.0) == "running"

@@ -22,7 +22,7 @@ def _entry(run, model, cfg, precision, n, accel="cuda", rows=()):
 
 def write_ok_run(root: Path, run: str, model: str, cfg: str, precision: str, world: int, step_s: float,
                  gpu_mib: float, rss_mib: float, *, accel="cuda", measured_epoch=None, rows=(), compile="off",
-                 skipped: int = 0, meta_extra: dict | None = None):
+                 skipped: int = 0, meta_extra: dict | None = None, seq_len: int = 512):
     rd = root / run
     ds = None if cfg == "none" else apply_precision(load_ds_config(REPO / "ds_configs" / f"{cfg}.json"), precision)
     pred = {"gpu_mib": gpu_mib * 0.9, "host_mib": rss_mib * world * 1.1, "fits": True}
@@ -33,7 +33,7 @@ def write_ok_run(root: Path, run: str, model: str, cfg: str, precision: str, wor
                  model=model, n_params=345_000_000, world_size=world, rank=rank, local_rank=rank, host="somehost",
                  pid=123, device="cpu" if accel == "cpu" else f"cuda:{rank}",
                  device_name=None if accel == "cpu" else GPU, precision=precision, micro_batch=1, grad_accum=8,
-                 seq_len=512, steps_per_epoch=1250 // world, max_steps=10, warmup_steps=3, predicted=pred,
+                 seq_len=seq_len, steps_per_epoch=1250 // world, max_steps=10, warmup_steps=3, predicted=pred,
                  versions={"python": "3.11", "torch": "2.13.0", "deepspeed": "0.19.8"}, git_commit="abc123def4567",
                  **{"optimizations": {"compile": compile}, **(meta_extra or {})})
         for i in range(10):
@@ -109,7 +109,7 @@ def test_markdown_table_headers_cells_and_footnotes(sweep_dir, tmp_path):
     assert cells[:16] == ["模型 (model)", "整体耗时/epoch (epoch time)", "单条样本耗时 (s/it)", "s/sample",
                           "内存使用量 (host RAM)", "显存使用量 (GPU memory)", "GPU型号和数量 (GPU model and count)",
                           "fp16", "bf16", "deepspeed stage", "offload optimizer", "pin memory",
-                          "offloard param (offload param)", "overlap comm", "allgather bucket size",
+                          "offload param", "overlap comm", "allgather bucket size",
                           "stage3 max live parameters"]
     rows = {line.split("|")[-2].strip(): [c.strip() for c in line.strip("|").split("|")]
             for line in md.splitlines() if line.startswith("| ") and "__" in line}
@@ -145,7 +145,7 @@ def test_html_csv_png_and_summaries(sweep_dir, tmp_path):
     out = tmp_path / "res"
     report.make_report(sweep_dir, out)
     page = (out / "results.html").read_text(encoding="utf-8")
-    for zh in ("模型", "整体耗时/epoch", "单条样本耗时", "内存使用量", "显存使用量", "GPU型号和数量", "offloard param",
+    for zh in ("模型", "整体耗时/epoch", "单条样本耗时", "内存使用量", "显存使用量", "GPU型号和数量", "offload param",
                "stage3 max live parameters"):
         assert zh in page
     assert '<td rowspan="2">Pangu-350M</td>' in page and "OOM [1]" in page and "CUDA Error [2]" in page
@@ -206,8 +206,10 @@ def test_fp16_overflow_steps_are_named(tmp_path):
     assert ("- `pangu-350m__z0__fp16__g3`: 5 fp16 overflow step(s) skipped the optimizer update while DeepSpeed's "
             "loss scale came down; like warm-up they are left out, 5 step(s) measured.") in md
     assert "| 0.45s/it |" in md and "0.30s/it" not in md
-    assert ("pangu-350m__z1__fp16__g3: No statistics: every step after warm-up was an fp16 overflow step (10 skipped "
-            "the optimizer update while the loss scale came down): run more steps") in md
+    # no measured step is not a failure: its own list, with the causes that apply
+    assert "**Failures**" not in md and "| no measured step |" in md
+    assert ("- `pangu-350m__z1__fp16__g3`: no measured step: of the 10 step(s), 3 warm-up (--warmup-steps 3) and 7 "
+            "fp16 overflow step(s) that skipped the optimizer update while the loss scale came down") in md
     assert "pangu-350m__z1__bf16__g3`: " not in md
     assert ("- `pangu-2.6b__z0__fp16__g3`: warning: fp16 with ZeRO stage 0 on DeepSpeed 0.19.8: engine.backward does "
             "not apply the loss scale") in md
@@ -271,6 +273,77 @@ def test_cli(sweep_dir, tmp_path, capsys):
     assert report.main([str(sweep_dir), "--out", str(tmp_path / "o")]) == 0
     assert "5 runs (2 failed)" in capsys.readouterr().out
     assert report.main([str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "missing does not exist" in err
+
+
+def test_an_empty_folder_is_an_error_naming_it(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert report.main([str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    assert "empty holds no run directories" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    (tmp_path / "file").write_text("x")
+    assert report.main([str(tmp_path / "file")]) == 2 and "is not a directory" in capsys.readouterr().err
+
+
+def test_two_seq_lens_get_a_column_and_are_recommended_apart(tmp_path):
+    """Runs of seq-len 512 and 128 in one folder: a seq len column, and a recommendation within each length (the
+    128 runs are faster per step, so a recommendation across them would name a 128 run for 512 too)."""
+    root = tmp_path / "mixed"
+    write_ok_run(root, "z0_512", "pangu-350m", "z0", "bf16", 1, 0.52, 12000.0, 2000.0)
+    write_ok_run(root, "z1_512", "pangu-350m", "z1", "bf16", 1, 0.60, 9000.0, 2000.0)
+    write_ok_run(root, "z0_128", "pangu-350m", "z0", "bf16", 1, 0.20, 11000.0, 2000.0, seq_len=128)
+    write_ok_run(root, "z2_128", "pangu-350m", "z2_offload_5e8", "bf16", 1, 0.90, 5000.0, 2000.0, seq_len=128)
+    report.make_report(root, tmp_path / "res")
+    md = (tmp_path / "res" / "results.md").read_text(encoding="utf-8")
+    header = [c.strip() for c in next(ln for ln in md.splitlines() if ln.startswith("| 模型")).strip("|").split("|")]
+    assert header[16] == "seq len" and "micro batch" not in header and "grad accum" not in header
+    rows = {ln.split("|")[-2].strip(): [c.strip() for c in ln.strip("|").split("|")]
+            for ln in md.splitlines() if ln.startswith("| ") and ("_512 |" in ln or "_128 |" in ln)}
+    assert rows["z0_512"][16] == "512" and rows["z2_128"][16] == "128"
+    rec = md.split("## Recommendation")[1].strip().splitlines()
+    rec = [x for x in rec if x.startswith("- ")]
+    assert len(rec) == 2
+    r512 = next(x for x in rec if "seq len 512" in x)
+    r128 = next(x for x in rec if "seq len 128" in x)
+    assert "fastest `z0` bf16 (0.52s/it" in r512 and "least GPU memory: `z1` bf16" in r512
+    assert "fastest `z0` bf16 (0.20s/it" in r128 and "least GPU memory: `z2_offload_5e8` bf16" in r128
+    # one length only: no column, no length in the recommendation
+    report.make_report(root / "z0_512", tmp_path / "one")
+    md1 = (tmp_path / "one" / "results.md").read_text(encoding="utf-8")
+    assert "seq len" not in md1
+
+
+def test_a_run_without_a_summary_is_dead_running_or_stalled(tmp_path):
+    """No summary and no summary.json: its pids on this host decide (a finished process: dead, with its last
+    record's time; a live one: running), as in the monitor."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    root = tmp_path / "runs"
+    try:
+        for name, pid in (("killed_run", gone.pid), ("live_run", live.pid)):
+            log = runlog.RunLog(root / name, 0)
+            log.meta(run=name, time=time.time(), model="pangu-tiny", world_size=1, rank=0, host=socket.gethostname(),
+                     pid=pid, device="cpu", precision="bf16", micro_batch=1, grad_accum=8, seq_len=128,
+                     steps_per_epoch=29, max_steps=20, warmup_steps=3)
+            log.step(step=1, time=time.time(), step_s=1.5, warmup=True, loss=10.0, host_rss_mib=600.0)
+            log.close()
+        write_ok_run(root, "ok_run", "pangu-tiny", "z0", "bf16", 1, 0.6, 0.0, 550.0, accel="cpu", seq_len=128)
+        report.make_report(root, tmp_path / "res")
+    finally:
+        live.kill()
+        live.wait()
+    md = (tmp_path / "res" / "results.md").read_text(encoding="utf-8")
+    fails = md.split("**Failures**")[1].split("**Not finished**")[0]
+    assert "1. killed_run: Dead: dead: no process of this run is left on this host and it wrote no summary; last " \
+           "record" in fails
+    assert "live_run" not in fails and "- `live_run`: Running: last record" in md.split("**Not finished**")[1]
+    row = next(ln for ln in md.splitlines() if "| killed_run |" in ln)
+    assert "| Dead [1] |" in row
 
 
 def test_planned_runs_without_a_directory_are_named(sweep_dir, tmp_path):

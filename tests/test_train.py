@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -88,6 +89,8 @@ def test_killed_run_leaves_parseable_logs_without_summary(tmp_path, overfit_data
             time.sleep(0.5)
         else:
             pytest.fail("run produced no steps in time")
+        live = _once(run_dir)  # while it runs: running, with an ETA
+        print("\n--- monitor.py --once, live run ---\n" + live)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -98,6 +101,24 @@ def test_killed_run_leaves_parseable_logs_without_summary(tmp_path, overfit_data
         assert not any(r["type"] == "summary" for r in recs)
     # Released right after init, so even SIGKILLed ranks leave no shm file behind.
     assert leftover_shm(2) == []
+    assert f"run {run_dir.name}  [running]" in live and "| ETA " in live
+    # Killed: the monitor says dead (with its last record) and drops the ETA; the report files it as dead.
+    dead = _once(run_dir)
+    print("\n--- monitor.py --once, killed run ---\n" + dead)
+    head = dead.split("\nRANKS")[0]
+    assert f"run {run_dir.name}  [dead]" in head and "ETA" not in head
+    assert "dead: no process of this run is left on this host and it wrote no summary; last record" in head
+    r = run([sys.executable, "-m", "sftbench.report", str(tmp_path), "--out", str(tmp_path / "res")], cpu_env())
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "res" / "results.md").read_text(encoding="utf-8")
+    assert "| Dead [1] |" in md and "1. run: Dead: dead: no process of this run is left on this host" in md
+
+
+def _once(target) -> str:
+    r = subprocess.run([sys.executable, str(REPO / "monitor.py"), "--once", str(target)], cwd=REPO,
+                       env=dict(os.environ, SFTBENCH_NO_NVML="1"), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
 
 
 def _single(args: list[str]) -> subprocess.CompletedProcess:
@@ -219,3 +240,47 @@ def test_compiled_under_deepspeed(tmp_path, overfit_data):
     # ... and compiling does not change it.
     assert curves["blocks"] == pytest.approx(curves["auto"], rel=1e-4)
     assert curves["model"] == pytest.approx(curves["auto"], rel=1e-4)
+
+
+def test_a_three_step_run_has_measured_steps_and_names_its_epoch(tmp_path):
+    """Three steps with the default warm-up: two warm-up, one measured (the rule is printed); the whole epoch ran,
+    so its time is measured and said so; DeepSpeed's scheduler start-up message is not printed; --ds takes a name."""
+    data = tmp_path / "24.jsonl"
+    data.write_text("\n".join(json.dumps(SAMPLES[i % 4], ensure_ascii=False) for i in range(24)) + "\n")
+    run_dir = tmp_path / "run"
+    p = _single(["--ds", "z1", "--data", str(data), "--run-dir", str(run_dir), "--cache-dir", str(tmp_path / "cache"),
+                 "--model", "pangu-tiny", "--seq-len", "32", "--max-steps", "0"])  # 24 / (1 x 8) = 3 steps
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    meta, steps, summary = check_schema(read_jsonl(run_dir / "rank0.jsonl"))
+    assert meta["ds_config_path"].endswith("ds_configs/z1.json") and meta["precision"] == "bf16"
+    assert meta["max_steps"] == 3 and meta["warmup_steps"] == 2 and meta["harness"]["warmup_steps"] is None
+    assert [s["warmup"] for s in steps] == [True, True, False]
+    assert summary["measured_steps"] == 1 and summary["step_s_median"] is not None
+    assert summary["epoch_s_measured"] is not None
+    assert "note: warm-up: 2 step(s) instead of the default 3, so that 1 of the 3 step(s) are measured" in p.stdout
+    assert f"epoch {summary['epoch_s_measured']:.1f} s (measured)" in p.stdout and "estimated" not in p.stdout
+    assert "Attempting to get learning rate from scheduler" not in p.stdout + p.stderr
+
+
+def test_no_measured_step_names_only_the_causes_that_apply(tmp_path, overfit_data):
+    """Warm-up asked for over every step of a bf16 run: said so, no fp16 wording; --ds none runs fp16 on CPU."""
+    common = ["--data", str(overfit_data), "--cache-dir", str(tmp_path / "cache"), "--model", "pangu-tiny",
+              "--seq-len", "32", "--max-steps", "2", "--warmup-steps", "2"]
+    p = _single(["--ds", "z1", "--run-dir", str(tmp_path / "a"), *common])
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "--warmup-steps 2 covers all 2 step(s): none will be measured (as asked" in p.stdout
+    assert ("done (no measured step: of the 2 step(s), 2 warm-up (--warmup-steps 2); run more steps or lower "
+            "--warmup-steps)") in p.stdout
+    assert "fp16" not in p.stdout and "loss scale" not in p.stdout
+    # fp16 on CPU: the plain loop runs it (torch has it); DeepSpeed's CPU accelerator is what refuses it
+    p = _single(["--ds", "none", "--precision", "fp16", "--run-dir", str(tmp_path / "b"), *common[:-2],
+                 "--warmup-steps", "1", "--grad-accum", "1"])
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    meta, steps, summary = check_schema(read_jsonl(tmp_path / "b" / "rank0.jsonl"))
+    assert meta["precision"] == "fp16" and summary["measured_steps"] == 1
+    p = _single(["--ds", "z1", "--precision", "fp16", "--run-dir", str(tmp_path / "c"), *common])
+    assert p.returncode != 0 and "fp16 with DeepSpeed is not supported on CPU" in p.stderr
+    assert "--ds none" in p.stderr and not (tmp_path / "c").exists()
+    p = _single(["--ds", "z9", "--run-dir", str(tmp_path / "d"), *common])
+    assert p.returncode != 0 and "DeepSpeed config not found: z9 (neither a file nor a name in ds_configs/:" in p.stderr
+    assert "z1," in p.stderr

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
+from sftbench.liveness import pid_alive
 from sftbench.metrics import nvml_memory
 
 MIB = 1 << 20
@@ -239,6 +240,10 @@ class HostSource:
         return HostSnapshot(now, self.hostname, (vm.total - vm.available) / MIB, vm.total / MIB,
                             sw.used / MIB, sw.total / MIB, cpu)
 
+    def alive(self, pid: int, started: float | None = None) -> bool | None:
+        """Whether a pid of this host still runs (``sftbench.liveness.pid_alive``); None when it can't be told."""
+        return pid_alive(pid, started)
+
     def rss_mib(self, pid: int, started: float | None = None) -> float | None:
         """RSS of a live pid on this host; None when it is gone or is a different (newer) process."""
         if self._ps is None or not isinstance(pid, int) or pid <= 0:
@@ -263,8 +268,10 @@ class HostSource:
 
 class FakeHostSource:
     def __init__(self, hostname: str = "testhost", ram_used_mib: float = 100_000.0, ram_total_mib: float = 200_000.0,
-                 swap_used_mib: float = 0.0, swap_total_mib: float = 0.0, rss: dict[int, float] | None = None):
+                 swap_used_mib: float = 0.0, swap_total_mib: float = 0.0, rss: dict[int, float] | None = None,
+                 alive: set[int] | None = None):
         self.hostname = hostname
+        self.alive_pids = alive  # None: liveness unknown (every pid reads None)
         self.snap = HostSnapshot(0.0, hostname, ram_used_mib, ram_total_mib, swap_used_mib, swap_total_mib, 12.0)
         self.rss = rss or {}
 
@@ -274,3 +281,6 @@ class FakeHostSource:
 
     def rss_mib(self, pid: int, started: float | None = None) -> float | None:
         return self.rss.get(pid)
+
+    def alive(self, pid: int, started: float | None = None) -> bool | None:
+        return None if self.alive_pids is None else pid in self.alive_pids

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
+from sftbench import liveness
+
 HISTORY = 1024          # points kept per rank for charts
 EMA_ALPHA = 0.1         # smoothing of s/it (about a 10-step window)
 
@@ -22,13 +24,13 @@ EMA_ALPHA = 0.1         # smoothing of s/it (about a 10-step window)
 STATUS_LABELS = {
     "ok": "done", "oom": "OOM", "cuda_error": "CUDA error", "timeout": "timeout", "error": "error",
     "interrupted": "interrupted", "running": "running", "queued": "queued", "waiting": "waiting",
-    "starting": "starting",
+    "starting": "starting", "killed": "killed (signal 9)", "dead": "dead", "stalled?": "stalled?",
 }
 STATUS_STYLES = {
     "done": "green", "ok": "green", "running": "cyan", "queued": "dim", "waiting": "dim", "starting": "cyan",
     "OOM": "bold red",
     "oom": "bold red", "CUDA error": "bold red", "cuda_error": "bold red", "timeout": "yellow", "error": "red",
-    "interrupted": "yellow",
+    "interrupted": "yellow", "killed": "red", "killed (signal 9)": "red", "dead": "bold red", "stalled?": "yellow",
 }
 
 
@@ -167,6 +169,8 @@ class RankState:
         self.history: deque[StepPoint] = deque(maxlen=self.history_len)
         self.peaks: dict[str, float] = {}
         self.first_loss: float | None = None
+        self.last_time: float | None = None    # unix time of the newest record (meta or step)
+        self.slowest_s: float | None = None    # the longest step_s so far (the stall rule's yardstick)
         self.bad_lines = 0
         self.partial = False
 
@@ -177,6 +181,9 @@ class RankState:
             self._step(rec)
         elif t == "meta":
             self.meta = dict(rec)
+            tm = _fin(rec.get("time"))
+            if tm is not None and (self.last_time is None or tm > self.last_time):
+                self.last_time = tm
         elif t == "summary":
             self.summary = dict(rec)
 
@@ -196,6 +203,11 @@ class RankState:
         warm = w if w.__class__ is bool else self._is_warmup(rec)
         s = _fin(rec.get("step_s"))
         loss = _fin(rec.get("loss"))
+        tm = _fin(rec.get("time"))
+        if tm is not None:
+            self.last_time = tm
+        if s is not None and (self.slowest_s is None or s > self.slowest_s):
+            self.slowest_s = s
         if warm:
             self.n_warmup += 1
         elif rec.get("skipped") is True:
@@ -251,6 +263,7 @@ class RunState:
         self.synth: dict | None = None
         self.exists = False
         self.rank_files = 0  # rank<k>.jsonl files seen, empty ones included (set by the watcher)
+        self.alive: dict[int, bool | None] = {}  # rank -> its process exists (None: can't tell); set by the session
         self.version = 0
 
     def touch(self) -> None:
@@ -316,13 +329,29 @@ class RunState:
     def has_logs(self) -> bool:
         return any(r.meta is not None or r.n_steps or r.summary is not None for r in self.ranks.values())
 
+    def set_alive(self, alive: Mapping[int, bool | None]) -> None:
+        if dict(alive) != self.alive:
+            self.alive = dict(alive)
+            self.touch()
+
+    @property
+    def last_record_time(self) -> float | None:
+        ts = [r.last_time for r in self.ranks.values() if r.last_time is not None]
+        return max(ts) if ts else None
+
+    @property
+    def slowest_step_s(self) -> float | None:
+        ss = [r.slowest_s for r in self.ranks.values() if r.slowest_s is not None]
+        return max(ss) if ss else None
+
     def final_summary(self) -> dict | None:
         """Same rule as ``runlog.RunRecords.final_summary``: rank 0's summary, else the synthesized summary.json."""
         if 0 in self.ranks and self.ranks[0].summary is not None:
             return self.ranks[0].summary
         return self.synth
 
-    def status(self) -> str:
+    def status(self, now: float | None = None) -> str:
+        """The summary's status; else waiting / starting, or ``sftbench.liveness``: running, stalled? or dead."""
         s = self.final_summary()
         if s is not None:
             return str(s.get("status") or "error")
@@ -330,14 +359,14 @@ class RunState:
             # train.py opens its rank files first and writes the meta record only once the model and the engine
             # are built (a minute or more for 2.6B, more with --compile): the run is starting, not missing
             return "starting" if self.rank_files else "waiting"
-        return "running"
+        return liveness.classify(self.alive.values(), self.last_record_time, self.slowest_step_s, now)
 
-    def header(self) -> dict[str, Any]:
+    def header(self, now: float | None = None) -> dict[str, Any]:
         """Every number of the run header (raw values; ``header_lines`` formats them)."""
         m = self.meta or {}
         p = self.primary
         summ = self.final_summary()
-        status = self.status()
+        status = self.status(now)
         step = p.step if p else None
         max_steps = _num(m.get("max_steps"))
         spe = _num(m.get("steps_per_epoch"))
@@ -383,6 +412,9 @@ class RunState:
             "ranks_seen": len(self.ranks), "rank_files": self.rank_files, "bad_lines": self.bad_lines,
             "partial_lines": sum(1 for r in self.ranks.values() if r.partial),
             "warnings": [str(w) for w in (m.get("warnings") or [])],  # engine defects train.py found
+            "last_record_time": self.last_record_time,
+            "liveness": liveness.describe(status, self.last_record_time, self.slowest_step_s, now)
+            if status in ("dead", "stalled?") else None,
         }
 
 
@@ -421,10 +453,13 @@ def header_lines(h: Mapping[str, Any]) -> list[str]:
     warm = " (warm-up)" if h["in_warmup"] else ""
     lines.append(
         f"step {step} of {cap}{warm} | s/it EMA {fmt_float(h['s_it_ema'])} last {fmt_float(h['s_it_last'])} "
-        f"median {fmt_float(h['s_it_median'])} ({h['measured_steps']} measured) | ETA {fmt_duration(h['eta_s'])} | "
-        f"epoch est {fmt_duration(h['epoch_s_est'])} ({h['steps_per_epoch'] if h['steps_per_epoch'] is not None else '-'}"
+        f"median {fmt_float(h['s_it_median'])} ({h['measured_steps']} measured) | "
+        + (f"ETA {fmt_duration(h['eta_s'])} | " if h["status"] == "running" else "")  # only a live run has one
+        + f"epoch est {fmt_duration(h['epoch_s_est'])} ({h['steps_per_epoch'] if h['steps_per_epoch'] is not None else '-'}"
         f" steps) | tokens/s {fmt_int(h['tokens_per_s'])} | MFU {fmt_float(h['mfu_pct'], 1)}%")
     notes = []
+    if h.get("liveness"):
+        notes.append(h["liveness"])
     if h["error"]:
         notes.append(f"error: {str(h['error']).splitlines()[0][:160]}")
     if h["synthesized"]:
@@ -714,19 +749,35 @@ class EntryState:
     mtime: float = 0.0
 
 
-def entry_status(exists: bool, n_rank_files: int, summary: Mapping[str, Any] | None) -> str:
-    """queued: no run dir yet; running: logs (or the dir the sweep just made) but no summary; else the summary's."""
+def entry_status(exists: bool, n_rank_files: int, summary: Mapping[str, Any] | None,
+                 live_state: str | None = None) -> str:
+    """queued: no run dir yet; no summary: ``live_state`` (``sftbench.liveness``: running, stalled? or dead; running
+    when not known); else the summary's."""
     if summary is not None:
         s = str(summary.get("status") or "error")
         return STATUS_LABELS.get(s, s)
     if exists:
-        return "running"
+        return live_state or "running"
     return "queued"
 
 
+def probe_liveness(probe: Any, local_host: str | None, check=liveness.pid_alive, now: float | None = None
+                   ) -> str | None:
+    """running / stalled? / dead of a probed run without a summary, from rank 0's meta (pid, host) and last step."""
+    if probe is None or probe.meta0 is None:
+        return None
+    alive = liveness.rank_alive({0: probe.meta0}, local_host, check)
+    last = probe.last_step0 or {}
+    t = _num(last.get("time")) if last else None
+    if t is None:
+        t = _num(probe.meta0.get("time"))
+    return liveness.classify(alive.values(), t, _num(last.get("step_s")) if last else None, now)
+
+
 def make_entry(key: str, order: int, run_dir: Path, plan_entry: Mapping[str, Any] | None, probe: Any,
-               live: RunState | None = None) -> EntryState:
-    """Combine a plan entry, a cheap probe of the run dir and (when it is the run being followed) its live state."""
+               live: RunState | None = None, live_state: str | None = None) -> EntryState:
+    """Combine a plan entry, a cheap probe of the run dir and (when it is the run being followed) its live state.
+    ``live_state``: the probed run's liveness (``probe_liveness``) when it has no summary."""
     pe = plan_entry or {}
     meta = (probe.meta0 if probe is not None else None) or {}
     if live is not None and live.meta:
@@ -750,7 +801,9 @@ def make_entry(key: str, order: int, run_dir: Path, plan_entry: Mapping[str, Any
     nfiles = probe.n_rank_files if probe is not None else 0
     if live is not None:
         nfiles = max(nfiles, len(live.ranks))
-    e.status = entry_status(exists, nfiles, summary)
+    if live is not None and live.has_logs and summary is None:
+        live_state = live.status()
+    e.status = entry_status(exists, nfiles, summary, live_state)
     if probe is not None:
         if probe.last_step0 is not None:
             e.step = probe.last_step0.get("step")
@@ -792,7 +845,8 @@ TABLE_COLUMNS = (
     ("host", "host RAM"), ("tps", "tokens/s"), ("error", "error"),
 )
 STATUS_ORDER = {k: i for i, k in enumerate(
-    ("running", "queued", "done", "OOM", "CUDA error", "timeout", "error", "interrupted"))}
+    ("running", "stalled?", "queued", "done", "dead", "OOM", "killed (signal 9)", "CUDA error", "timeout", "error",
+     "interrupted"))}
 # `s` cycles through these: (label, sort key, descending?)
 SORTS = (
     ("plan order", lambda e: e.order, False),

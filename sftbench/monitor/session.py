@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sftbench import liveness
+
 from . import model as M
 from .gpu import GpuSnapshot, GpuSource, HostSnapshot, HostSource, default_gpu_source
 from .tail import ProbeCache, RunDirScanner, RunWatcher, is_run_dir, probe_run
@@ -184,7 +186,7 @@ class Session:
                     continue
                 d = root / str(pe["run"])
                 lv = live if (live is not None and live.run_dir == d) else None
-                entries.append(M.make_entry(str(d), i, d, pe, probe_run(d, self.probe_cache), lv))
+                entries.append(self._entry(str(d), i, d, pe, lv))
         else:
             self.table.title = str(root)
             if self.scanner is not None and self.scanner.root == root and self.scanner.scans:
@@ -194,8 +196,20 @@ class Session:
                 dirs = sc.scan()
             for i, d in enumerate(sorted(dirs)):
                 lv = live if (live is not None and live.run_dir == d) else None
-                entries.append(M.make_entry(str(d), i, d, None, probe_run(d, self.probe_cache), lv))
+                entries.append(self._entry(str(d), i, d, None, lv))
         return self.table.set_entries(entries)
+
+    def _entry(self, key: str, order: int, d: Path, pe: dict | None, lv: M.RunState | None) -> M.EntryState:
+        """A table row; a run without a summary gets its liveness from rank 0's pid on this host and last record."""
+        pr = probe_run(d, self.probe_cache)
+        state = None
+        if lv is None and pr.exists and not pr.summaries.get(0) and pr.synth is None:
+            state = M.probe_liveness(pr, self.local_host, self._alive)
+        return M.make_entry(key, order, d, pe, pr, lv, state)
+
+    def _alive(self, pid, started=None) -> bool | None:
+        fn = getattr(self.host_source, "alive", None)
+        return fn(pid, started) if fn is not None else None
 
     # -- one tick
     @property
@@ -235,6 +249,9 @@ class Session:
                     v = self.host_source.rss_mib(m["pid"], m.get("time"))
                     if v is not None:
                         rss[r] = v
+            # which ranks' processes still exist: a run whose local ranks are all gone is dead (sftbench.liveness)
+            run.set_alive(liveness.rank_alive({r: rs.meta for r, rs in run.ranks.items() if rs.meta},
+                                              self.local_host, self._alive))
         self.live_rss = rss
         self.gpu_version += 1
 
@@ -243,8 +260,8 @@ class Session:
         self.poll(now=float("inf"), force_table=False)
         if self.watcher is not None:
             self.watcher.read_all()
+        self.sample_gpu()  # first: it finds which of the run's processes are alive, which the table shows
         self._update_table(0.0, force=True)
-        self.sample_gpu()
 
     def close(self) -> None:
         try:
