@@ -88,3 +88,37 @@ def test_warnings_of_meta():
     assert ec.warnings_of({**old, "precision": "bf16"}) == []
     assert ec.warnings_of({**old, "versions": {"deepspeed": "0.18.0"}}) == []
     assert ec.warnings_of({**old, "optimizations": {"engine": "torch"}}) == []
+
+
+def test_deepspeeds_scheduler_start_up_message_is_silenced_and_other_warnings_stay():
+    """WarmupLR's constructor warns 'Attempting to get learning rate from scheduler before it has started' on every
+    rank: filtered; any other DeepSpeed warning still reaches the handlers."""
+    import logging
+
+    import torch
+    from deepspeed.runtime.lr_schedules import WarmupLR
+    from deepspeed.utils import logger
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    h = Keep(level=logging.DEBUG)
+    logger.addHandler(h)
+    try:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        WarmupLR(opt, warmup_num_steps=10)
+        assert seen == ["Attempting to get learning rate from scheduler before it has started"]  # DeepSpeed's noise
+        seen.clear()
+        ec.silence_startup_noise()
+        ec.silence_startup_noise()  # once is enough; twice adds no second filter
+        WarmupLR(opt, warmup_num_steps=10)
+        logger.warning("ZeRO: something that matters")
+        assert seen == ["ZeRO: something that matters"]
+        assert sum(isinstance(f, ec._NoiseFilter) for f in logger.filters) == 1
+    finally:
+        logger.removeHandler(h)
+        for f in [f for f in logger.filters if isinstance(f, ec._NoiseFilter)]:
+            logger.removeFilter(f)
