@@ -72,8 +72,15 @@ def rank_alive(metas: Mapping[int, dict], local_host: str | None, check=pid_aliv
 
 
 def describe(state: str, last_record_time: float | None, slowest_step_s: float | None,
-             now: float | None = None) -> str:
-    """One line saying what ``state`` means for this run, with the time of its last record."""
+             now: float | None = None, with_state: bool = True) -> str:
+    """One line saying what ``state`` means for this run, with the time of its last record (``with_state``: led by
+    the state's name, for a reader that does not show it beside)."""
+    text = _describe(state, last_record_time, slowest_step_s, now)
+    return text if with_state or state not in ("dead", "stalled?") else text.split(": ", 1)[1]
+
+
+def _describe(state: str, last_record_time: float | None, slowest_step_s: float | None,
+              now: float | None = None) -> str:
     now = time.time() if now is None else now
     when = "no record yet" if last_record_time is None else (
         f"last record {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last_record_time))} "

@@ -277,7 +277,7 @@ def _liveness(rr: runlog.RunRecords) -> tuple[str, str]:
     step_s = [s.get("step_s") for steps in rr.steps.values() for s in steps if isinstance(s.get("step_s"), (int, float))]
     last, slowest = (max(times) if times else None), (max(step_s) if step_s else None)
     state = liveness.classify(alive.values(), last, slowest)
-    return state, liveness.describe(state, last, slowest)
+    return state, liveness.describe(state, last, slowest, with_state=False)  # the label says the state
 
 
 def collect(runs_dir: str | os.PathLike) -> tuple[list[Row], dict, dict]:

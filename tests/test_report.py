@@ -339,7 +339,7 @@ def test_a_run_without_a_summary_is_dead_running_or_stalled(tmp_path):
         live.wait()
     md = (tmp_path / "res" / "results.md").read_text(encoding="utf-8")
     fails = md.split("**Failures**")[1].split("**Not finished**")[0]
-    assert "1. killed_run: Dead: dead: no process of this run is left on this host and it wrote no summary; last " \
+    assert "1. killed_run: Dead: no process of this run is left on this host and it wrote no summary; last " \
            "record" in fails
     assert "live_run" not in fails and "- `live_run`: Running: last record" in md.split("**Not finished**")[1]
     row = next(ln for ln in md.splitlines() if "| killed_run |" in ln)

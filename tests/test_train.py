@@ -111,7 +111,7 @@ def test_killed_run_leaves_parseable_logs_without_summary(tmp_path, overfit_data
     r = run([sys.executable, "-m", "sftbench.report", str(tmp_path), "--out", str(tmp_path / "res")], cpu_env())
     assert r.returncode == 0, r.stderr
     md = (tmp_path / "res" / "results.md").read_text(encoding="utf-8")
-    assert "| Dead [1] |" in md and "1. run: Dead: dead: no process of this run is left on this host" in md
+    assert "| Dead [1] |" in md and "1. run: Dead: no process of this run is left on this host" in md
 
 
 def _once(target) -> str:
