@@ -9,13 +9,15 @@
   flat (measured: 30 steps of Pangu-350M on 3 GPUs, loss 10.82 -> 10.83; bf16 drops to ~9 by then). Upstream:
   DeepSpeed pull request 8393. The step still does all its work, so its time and memory are the step's cost; the
   run is flagged rather than patched, because the harness runs the engine as configured.
-* ``silence_startup_noise()``: drops DeepSpeed's start-up messages that say nothing to the user (``STARTUP_NOISE``).
+* ``silence_startup_noise()``: drops DeepSpeed's start-up messages that say nothing to the user (``STARTUP_NOISE``,
+  ``STARTUP_NOISE_WARNINGS``).
 """
 from __future__ import annotations
 
 import inspect
 import logging
 import numbers
+import warnings
 from typing import Any
 
 
@@ -91,8 +93,20 @@ class _NoiseFilter(logging.Filter):
         return record.getMessage() not in STARTUP_NOISE
 
 
+# Python warnings raised inside DeepSpeed for torch APIs it calls, not for anything the user wrote: (category,
+# message regex matched from the start). Shown once per rank per run, they say nothing the user can act on.
+STARTUP_NOISE_WARNINGS = (
+    # DeepSpeed 0.19's ZeRO all-gather on torch 2.13
+    (FutureWarning, r"`torch\.distributed\.all_gather_into_tensor` is deprecated\. Please use "
+                    r"`torch\.distributed\.all_gather_single` instead\.$"),
+)
+
+
 def silence_startup_noise(logger_name: str = "DeepSpeed") -> None:
-    """Drop DeepSpeed's STARTUP_NOISE messages from its logger (every other message, warnings included, stays)."""
+    """Drop DeepSpeed's STARTUP_NOISE messages from its logger and the STARTUP_NOISE_WARNINGS (every other message
+    and warning, DeepSpeed's included, stays)."""
     log = logging.getLogger(logger_name)
     if not any(isinstance(f, _NoiseFilter) for f in log.filters):
         log.addFilter(_NoiseFilter())
+    for category, pattern in STARTUP_NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=category)

@@ -118,6 +118,14 @@ def test_deepspeeds_scheduler_start_up_message_is_silenced_and_other_warnings_st
         logger.warning("ZeRO: something that matters")
         assert seen == ["ZeRO: something that matters"]
         assert sum(isinstance(f, ec._NoiseFilter) for f in logger.filters) == 1
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            ec.silence_startup_noise()
+            warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use "
+                          "`torch.distributed.all_gather_single` instead.", FutureWarning)
+            warnings.warn("`torch.distributed.something_else` is deprecated.", FutureWarning)
+        assert [str(w.message) for w in caught] == ["`torch.distributed.something_else` is deprecated."]
     finally:
         logger.removeHandler(h)
         for f in [f for f in logger.filters if isinstance(f, ec._NoiseFilter)]:

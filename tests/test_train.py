@@ -69,6 +69,9 @@ def test_two_rank_cpu_run(cfg, tmp_path, overfit_data):
             assert meta["offload_optimizer"] == "cpu"
     # Rank 0 prints one line per step; rank 1 prints none of them.
     assert p.stdout.count("step 8/8") == 1
+    # DeepSpeed's start-up noise is silenced on every rank (sftbench.engine_checks.silence_startup_noise)
+    assert "Attempting to get learning rate from scheduler" not in p.stdout + p.stderr
+    assert "all_gather_into_tensor` is deprecated" not in p.stdout + p.stderr
     # DeepSpeed's 66 MB shm file per CPU rank is released, not left in RAM (sftbench/shm.py).
     assert leftover_shm(2) == []
 
