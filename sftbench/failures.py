@@ -131,7 +131,8 @@ def host_memory_near_limit(last_steps: Sequence[dict], host_total_mib: float | N
         return None
     pct = 100.0 * max(used) / host_total_mib
     if pct >= HOST_NEAR_LIMIT_PCT:
-        return f"host memory {pct:.0f}% used in the run's last step record ({max(used):.0f} of {host_total_mib:.0f} MiB)"
+        return (f"host memory {pct:.0f}% used in the run's last step record ({max(used):.0f} of "
+                f"{host_total_mib:.0f} MiB)")
     return None
 
 

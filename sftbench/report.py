@@ -274,7 +274,8 @@ def _liveness(rr: runlog.RunRecords) -> tuple[str, str]:
     times = [s.get("time") for steps in rr.steps.values() for s in steps[-1:]] + [m.get("time") for m in
                                                                                   rr.meta.values()]
     times = [t for t in times if isinstance(t, (int, float))]
-    step_s = [s.get("step_s") for steps in rr.steps.values() for s in steps if isinstance(s.get("step_s"), (int, float))]
+    step_s = [s.get("step_s") for steps in rr.steps.values() for s in steps
+              if isinstance(s.get("step_s"), (int, float))]
     last, slowest = (max(times) if times else None), (max(step_s) if step_s else None)
     state = liveness.classify(alive.values(), last, slowest)
     return state, liveness.describe(state, last, slowest, with_state=False)  # the label says the state
@@ -759,7 +760,8 @@ def write_html(path: Path, title: str, table: Table, hw: list[str], recs: list[s
            "td.fail{color:#b00;font-weight:bold}</style></head><body>",
            f"<h1>{html.escape(title)}</h1>", "<ul>"] + [f"<li>{inline(h)}</li>" for h in hw] + [
         "</ul>", f"<p>{n_runs} runs.</p>", "<table>", "    <thead>",
-        "        <tr> " + " ".join(f"<td>{h}</td>" for h in html_headers(table.settings)) + " </tr>", "    </thead>", "   <tbody>"]
+        "        <tr> " + " ".join(f"<td>{h}</td>" for h in html_headers(table.settings)) + " </tr>", "    </thead>",
+        "   <tbody>"]
     i = 0
     for g in table.groups:
         for k in range(g):

@@ -455,8 +455,9 @@ def header_lines(h: Mapping[str, Any]) -> list[str]:
         f"step {step} of {cap}{warm} | s/it EMA {fmt_float(h['s_it_ema'])} last {fmt_float(h['s_it_last'])} "
         f"median {fmt_float(h['s_it_median'])} ({h['measured_steps']} measured) | "
         + (f"ETA {fmt_duration(h['eta_s'])} | " if h["status"] == "running" else "")  # only a live run has one
-        + f"epoch est {fmt_duration(h['epoch_s_est'])} ({h['steps_per_epoch'] if h['steps_per_epoch'] is not None else '-'}"
-        f" steps) | tokens/s {fmt_int(h['tokens_per_s'])} | MFU {fmt_float(h['mfu_pct'], 1)}%")
+        + f"epoch est {fmt_duration(h['epoch_s_est'])} "
+        f"({h['steps_per_epoch'] if h['steps_per_epoch'] is not None else '-'} steps) | "
+        f"tokens/s {fmt_int(h['tokens_per_s'])} | MFU {fmt_float(h['mfu_pct'], 1)}%")
     notes = []
     if h.get("liveness"):
         notes.append(h["liveness"])
