@@ -157,7 +157,7 @@ def parse_args(argv: list[str] | None = None) -> HarnessArgs:
         elif f.name == "compile":  # a bare --compile means the faster target measured (docs/performance.md)
             kw.update(nargs="?", const="model")
         else:
-            kw["type"] = {"int": int, "float": float}.get(str(f.type), str)
+            kw["type"] = {"int": int, "float": float}.get(str(f.type).replace(" | None", ""), str)
         p.add_argument(*names, **kw)
     ns = p.parse_args(argv)
     try:

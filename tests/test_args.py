@@ -37,3 +37,15 @@ def test_repo_relative_names_no_machine_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     assert repo_relative("runs/x/../y") == "runs/y"
     assert repo_relative(tmp_path / "z.jsonl") == str(tmp_path / "z.jsonl")
+
+
+def test_warmup_default_leaves_a_measured_step_and_an_asked_one_is_kept():
+    from sftbench.args import resolve_warmup
+    assert parse_args([]).warmup_steps is None and parse_args(["--warmup-steps", "5"]).warmup_steps == 5
+    assert resolve_warmup(None, 20) == (3, None)
+    n, note = resolve_warmup(None, 3)
+    assert n == 2 and "2 step(s) instead of the default 3, so that 1 of the 3 step(s) are measured" in note
+    assert resolve_warmup(None, 1)[0] == 0
+    n, note = resolve_warmup(4, 3)  # asked for: honoured, and said
+    assert n == 4 and "--warmup-steps 4 covers all 3 step(s): none will be measured (as asked" in note
+    assert resolve_warmup(1, 3) == (1, None)
