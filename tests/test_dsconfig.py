@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -83,3 +84,18 @@ def test_precision_override_is_exclusive():
     assert cfg["bf16"]["enabled"] is True  # the loaded dict is not modified
     with pytest.raises(DSConfigError):
         apply_precision(cfg, "int8")
+
+
+def test_a_config_is_a_file_or_a_ds_configs_name(tmp_path):
+    """train.py --ds takes what the sweep's --configs takes: a name in ds_configs/ (with or without .json)."""
+    from sftbench.dsconfig import CONFIG_DIR, DSConfigError, resolve_config_path
+    assert resolve_config_path("z1") == os.path.join(CONFIG_DIR, "z1.json")
+    assert resolve_config_path("z1.json") == os.path.join(CONFIG_DIR, "z1.json")
+    own = tmp_path / "mine.json"
+    own.write_text("{}")
+    assert resolve_config_path(str(own)) == str(own)
+    with pytest.raises(DSConfigError, match=r"DeepSpeed config not found: z9 \(neither a file nor a name in "
+                                            r"ds_configs/: z0, z1, "):
+        resolve_config_path("z9")
+    with pytest.raises(DSConfigError, match="not found: .*nope/z1"):  # a path is not looked up by its base name
+        resolve_config_path(str(tmp_path / "nope" / "z1"))
