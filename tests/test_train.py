@@ -97,11 +97,17 @@ def test_killed_run_leaves_parseable_logs_without_summary(tmp_path, overfit_data
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    pids = []
     for rank in (0, 1):
         recs, bad = parse_lines((run_dir / f"rank{rank}.jsonl").read_text().splitlines())
         assert bad == []
         assert recs[0]["type"] == "meta"
         assert not any(r["type"] == "summary" for r in recs)
+        pids.append(recs[0]["pid"])
+    for _ in range(600):  # the launcher is reaped; its ranks take a moment longer to die
+        if all(_gone(p) for p in pids):
+            break
+        time.sleep(0.1)
     # Released right after init, so even SIGKILLed ranks leave no shm file behind.
     assert leftover_shm(2) == []
     assert f"run {run_dir.name}  [running]" in live and "| ETA " in live
@@ -115,6 +121,14 @@ def test_killed_run_leaves_parseable_logs_without_summary(tmp_path, overfit_data
     assert r.returncode == 0, r.stderr
     md = (tmp_path / "res" / "results.md").read_text(encoding="utf-8")
     assert "| Dead [1] |" in md and "1. run: Dead: no process of this run is left on this host" in md
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.startswith("State:") and "Z" in line for line in f)  # a zombie: dead, not yet reaped
+    except FileNotFoundError:
+        return True
 
 
 def _once(target) -> str:

@@ -257,7 +257,7 @@ class HostSource:
                 if started is not None and proc.create_time() > started + 5.0:
                     return None
                 self._procs[pid] = proc
-            if not proc.is_running():      # also checks the pid was not reused since we cached it
+            if not proc.is_running() or proc.status() == ps.STATUS_ZOMBIE:  # is_running: the pid was not reused
                 self._procs.pop(pid, None)
                 return None
             return proc.memory_info().rss / MIB

@@ -122,7 +122,7 @@ class Session:
             else:
                 st = self.watcher.state
                 newest = self.scanner.newest()
-                ended = st.final_summary() is not None
+                ended = st.final_summary() is not None or st.status() == "dead"  # a killed run ends too
                 if newest is not None and newest != cur and ended \
                         and self.scanner.runs[newest] > self.scanner.runs.get(cur, 0.0):
                     choice = newest
