@@ -8,7 +8,7 @@ The registration needs transformers and torch, which the monitor and the log rea
 ``sftbench.runlog``) must not import. So it happens when transformers is there to register with: at once when
 transformers is already imported, otherwise right after the program's own first ``import transformers``
 (a one-shot import hook; a program that never imports transformers never pays for torch). ``register()`` does it
-explicitly.
+explicitly; importing ``sftbench.pangu`` registers the config and the model only.
 """
 from __future__ import annotations
 
@@ -59,6 +59,9 @@ class _ThenRegister(importlib.abc.Loader):
 
     def exec_module(self, module):
         self._loader.exec_module(module)
+        pangu = sys.modules.get("sftbench.pangu")
+        if pangu is not None and getattr(pangu.__spec__, "_initializing", False):
+            return  # sftbench.pangu itself imports transformers: it registers config and model when it is done
         register()
 
 
