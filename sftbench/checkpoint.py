@@ -23,9 +23,11 @@ anything is built when PATH is missing or holds no complete checkpoint, and name
 run whose data order cannot continue the checkpoint's (other world size, batch, accumulation, seed or data).
 
 Signals: with saving on, the first SIGTERM or Ctrl-C only sets a flag; ranks agree on it after each optimizer step
-(one tiny all-reduce, outside the timed region), save one last checkpoint and stop; a second signal stops at once.
-Without saving, a signal stops the run at once, as before. The DeepSpeed launcher kills ranks 30 s after it
-forwarded a SIGTERM: a save that takes longer (large models) is cut off and leaves only a ``.partial-*`` folder.
+(one tiny all-reduce, outside the timed region), save one last checkpoint and stop; a second signal more than
+3 s later stops at once. Without saving, a signal stops the run at once, as before. The signal must reach the ranks:
+Ctrl-C and a scheduler's SIGTERM to the job's processes do; a SIGTERM to the ``deepspeed`` runner process alone does
+not (on one node it forwards nothing). DeepSpeed's launcher kills ranks 30 s after it forwarded a signal: a save
+that takes longer (large models) is cut off and leaves only a ``.partial-*`` folder, never taken for a checkpoint.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ import re
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -46,7 +49,11 @@ DS_TAG = "state"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FORMAT = 1
 # What must match for the data order of a resumed run to continue the checkpoint's (harness keys).
-ORDER_KEYS = ("world_size", "micro_batch", "grad_accum", "seed", "train_samples", "seq_len", "engine")
+# Signals this close to the first are the same request: Ctrl-C reaches every process of the terminal's group, and
+# DeepSpeed's launcher then sends each rank a SIGTERM of its own.
+REPEAT_WINDOW_S = 3.0
+ORDER_KEYS = ("world_size", "micro_batch", "grad_accum", "seed", "train_samples", "seq_len", "engine",
+              "eval_split")
 
 
 class ResumeError(ValueError):
@@ -147,9 +154,12 @@ def write_model_folder(folder: Path, state_dict: dict, config, tok) -> None:
         cfg.dtype = next(iter(dtypes))  # what the weights are stored in; from_pretrained keeps it by default
     cfg.save_pretrained(folder)
     save_file(state_dict, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    # Greedy answers that stop at <eot>, the end of an answer in the training layout.
-    GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eot_id, pad_token_id=tok.pad_id,
-                     max_new_tokens=128).save_pretrained(folder)
+    # Greedy answers that stop at <eot>, the end of an answer in the training layout. Ids past the tokenizer's
+    # vocabulary (the 40,000-row embedding with the shipped small tokenizer) are never generated: they decode to
+    # nothing.
+    extra = list(range(tok.vocab_size, config.vocab_size))
+    GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eot_id, pad_token_id=tok.pad_id, max_new_tokens=128,
+                     suppress_tokens=extra or None).save_pretrained(folder)
     PanguHFTokenizer(tok.vocab_file, model_max_length=config.max_position_embeddings).save_pretrained(folder)
 
 
@@ -282,14 +292,20 @@ class StopFlag:
     def __init__(self, saving: bool):
         self.saving = saving
         self.signum: int | None = None
+        self.first_at = 0.0
         signal.signal(signal.SIGTERM, self._handler)
         if saving:
             signal.signal(signal.SIGINT, self._handler)
 
     def _handler(self, signum, frame):
-        if not self.saving or self.signum is not None:
+        if not self.saving:
             raise Interrupted(f"terminated by signal {signum}")
-        self.signum = signum
+        now = time.monotonic()
+        if self.signum is not None:
+            if now - self.first_at > REPEAT_WINDOW_S:
+                raise Interrupted(f"terminated by signal {signum} (a second one: stopped without a checkpoint)")
+            return  # the same request arriving twice (Ctrl-C reaches the rank, and the launcher sends SIGTERM)
+        self.signum, self.first_at = signum, now
         print(f"signal {signum}: saving a checkpoint after this step, then stopping (again to stop at once)",
               file=sys.stderr, flush=True)
 
