@@ -8,7 +8,7 @@ The registration needs transformers and torch, which the monitor and the log rea
 ``sftbench.runlog``) must not import. So it happens when transformers is there to register with: at once when
 transformers is already imported, otherwise right after the program's own first ``import transformers``
 (a one-shot import hook; a program that never imports transformers never pays for torch). ``register()`` does it
-explicitly; importing ``sftbench.pangu`` registers the config and the model only.
+explicitly. Importing ``sftbench.pangu`` registers the config and the model, ``sftbench.hf_tokenizer`` all three.
 """
 from __future__ import annotations
 
@@ -22,18 +22,12 @@ _done = False
 
 
 def register() -> None:
-    """Register the Pangu config, model and tokenizer with the transformers Auto classes (idempotent)."""
+    """Register the Pangu config, model and tokenizer with the transformers Auto classes (idempotent): importing
+    ``sftbench.pangu`` registers the config and the model, ``sftbench.hf_tokenizer`` the tokenizer."""
     global _done
-    if _done:
-        return
-    from transformers import AutoTokenizer
-
-    from sftbench import pangu  # importing it registers the config and the model
-    from sftbench.hf_tokenizer import PanguHFTokenizer
-
-    for config_cls in (pangu.PanguConfig, pangu.PanguAliasConfig):
-        AutoTokenizer.register(config_cls, tokenizer_class=PanguHFTokenizer, exist_ok=True)
-    _done = True
+    if not _done:
+        import sftbench.hf_tokenizer  # noqa: F401  (imports sftbench.pangu)
+        _done = True
 
 
 class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):
@@ -59,9 +53,11 @@ class _ThenRegister(importlib.abc.Loader):
 
     def exec_module(self, module):
         self._loader.exec_module(module)
-        pangu = sys.modules.get("sftbench.pangu")
-        if pangu is not None and getattr(pangu.__spec__, "_initializing", False):
-            return  # sftbench.pangu itself imports transformers: it registers config and model when it is done
+        if any(name.startswith("sftbench.") and getattr(getattr(m, "__spec__", None), "_initializing", False)
+               for name, m in list(sys.modules.items())):
+            # A module of ours imports transformers itself, half-initialised now: registering would import it
+            # again. It registers its own classes when it is done (sftbench.pangu: config and model).
+            return
         register()
 
 

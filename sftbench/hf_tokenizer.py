@@ -2,7 +2,8 @@
 
 ``PanguHFTokenizer`` wraps ``sftbench.tokenizer.PanguTokenizer`` (jieba + SentencePiece; every piece and id is the
 wrapped tokenizer's, so ``tok(text)`` gives the ids training used) behind transformers' ``PreTrainedTokenizer``
-API. ``import sftbench`` registers it with ``AutoTokenizer`` for the ``gpt_pangu`` and ``pangu`` model types, and a
+API. Importing this module (``import sftbench`` does) registers it with ``AutoTokenizer`` for the ``gpt_pangu`` and
+``pangu`` model types, and a
 folder written by ``save_pretrained`` names it in ``tokenizer_config.json``.
 
 The prompt layout of the training data, ``<s> prompt <sep> answer <eot>`` (``sftbench/data.py``), is built in:
@@ -106,3 +107,16 @@ class PanguHFTokenizer(PreTrainedTokenizer):
         if not (out.exists() and os.path.samefile(out, self.pangu.vocab_file)):
             self.pangu.save_model(out)
         return (str(out),)
+
+
+def register() -> None:
+    """Register ``PanguHFTokenizer`` with ``AutoTokenizer`` for both Pangu model types (done on import)."""
+    from transformers import AutoTokenizer
+
+    from sftbench.pangu import PanguAliasConfig, PanguConfig
+
+    for config_cls in (PanguConfig, PanguAliasConfig):
+        AutoTokenizer.register(config_cls, tokenizer_class=PanguHFTokenizer, exist_ok=True)
+
+
+register()
