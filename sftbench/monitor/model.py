@@ -159,6 +159,7 @@ class RankState:
         self.meta: dict | None = None
         self.summary: dict | None = None
         self.last: dict | None = None          # last step record
+        self.last_eval: dict | None = None     # last eval record (fine-tuning runs with --eval-*)
         self.n_steps = 0
         self.n_warmup = 0
         self.n_skipped = 0                     # fp16 overflow steps after warm-up
@@ -177,6 +178,8 @@ class RankState:
             self._step(rec)
         elif t == "meta":
             self.meta = dict(rec)
+        elif t == "eval":
+            self.last_eval = dict(rec)
         elif t == "summary":
             self.summary = dict(rec)
 
@@ -383,6 +386,9 @@ class RunState:
             "ranks_seen": len(self.ranks), "rank_files": self.rank_files, "bad_lines": self.bad_lines,
             "partial_lines": sum(1 for r in self.ranks.values() if r.partial),
             "warnings": [str(w) for w in (m.get("warnings") or [])],  # engine defects train.py found
+            "eval_loss": _num((p.last_eval or {}).get("eval_loss")) if p else None,
+            "eval_step": (p.last_eval or {}).get("step") if p else None,
+            "resumed_from_step": (m.get("resumed_from") or {}).get("step"),
         }
 
 
@@ -433,6 +439,10 @@ def header_lines(h: Mapping[str, Any]) -> list[str]:
         notes.append(f"warning: {w}")
     if h.get("skipped_steps"):
         notes.append(f"fp16 overflow steps (no update, not measured): {h['skipped_steps']}")
+    if h.get("resumed_from_step") is not None:
+        notes.append(f"resumed from step {h['resumed_from_step']}")
+    if h.get("eval_loss") is not None:
+        notes.append(f"eval loss {fmt_float(h['eval_loss'], 4)} (step {h['eval_step']})")
     if h["bad_lines"]:
         notes.append(f"garbage lines skipped: {h['bad_lines']}")
     if h["partial_lines"]:
