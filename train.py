@@ -6,7 +6,8 @@
     deepspeed --num_gpus 1 train.py --ds none --precision bf16          # plain PyTorch baseline
 
 Reads top to bottom: parse -> init -> build (data, model, engine) -> loop -> summary. Every rank writes
-runs/<run>/rank<k>.jsonl (schema: docs/log_schema.md); rank 0 prints.
+runs/<run>/rank<k>.jsonl (schema: docs/log_schema.md); rank 0 prints. Fine-tuning (--save, --save-every, --resume,
+--eval-data/--eval-split, --epochs) is done by sftbench/checkpoint.py and sftbench/evaluate.py, called between steps.
 """
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
 """The harness settings: one dataclass, one docstring per field, validation in __post_init__.
 
-DeepSpeed's JSON owns ZeRO, precision, batch and optimizer settings; these are only what the harness itself
-decides (which model, which data, how many steps, where the log goes). ``parse_args`` builds the CLI from the
-dataclass, so the flags and their help can't drift apart.
+DeepSpeed's JSON owns ZeRO, precision, batch and optimizer settings; these are what the harness itself decides
+(which model, which data, how many steps, where the log and the saved model go) plus the few overrides of the JSON
+(``--precision``, ``--micro-batch``, ``--grad-accum``, ``--lr``, ``--lr-warmup-steps``: None = the config's value,
+applied by ``sftbench.dsconfig.apply_overrides`` and logged). ``parse_args`` builds the CLI from the dataclass, so the
+flags and their help can't drift apart.
 """
 from __future__ import annotations
 

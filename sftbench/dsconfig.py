@@ -1,7 +1,8 @@
 """Load, check and resolve DeepSpeed JSON configs.
 
-The DeepSpeed JSON owns ZeRO, precision and batch settings; this module only reads it, refuses what DeepSpeed
-would silently drop or crash on, applies the one override the harness has (``--precision``) and describes the
+The DeepSpeed JSON owns ZeRO, precision and batch settings; this module reads it, refuses what DeepSpeed would
+silently drop or crash on, applies the harness's overrides (``--precision``; ``--micro-batch``, ``--grad-accum``,
+``--lr``, ``--lr-warmup-steps`` through ``apply_overrides``, which reports every key it changed) and describes the
 result for the log and the report. No torch or deepspeed import here (the report and the sweep use it).
 """
 from __future__ import annotations
