@@ -263,7 +263,7 @@ try:
         git_commit=_git_commit(), warnings=warnings, lr=args.lr, overrides=overrides,
         resumed_from={"path": str(resume_dir), "step": start_step} if resume_dir else None,
         eval={"path": args.eval_data, "split": args.eval_split or None, "samples": len(eval_rows),
-              "steps": sorted(eval_steps)} if evaluator else None,
+              "every": args.eval_every or None} if evaluator else None,
         save_dir=args.save,
         env={**arch_env, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR"),
              "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"), "gpu_probe_error": gpu.error},
@@ -271,7 +271,8 @@ try:
     for change in overrides:
         say(f"override: {change}")
     say(f"engine: {engine_name}, ZeRO {desc['zero_stage']}, {precision}, world {world_size}, micro batch {mb}, "
-        f"grad accum {ga}, lr {args.lr:g}, {steps_per_epoch} steps/epoch, {max_steps} steps; log: {run_dir}")
+        f"grad accum {ga}, lr {'-' if args.lr is None else f'{args.lr:g}'}, {steps_per_epoch} steps/epoch, "
+        f"{max_steps} steps; log: {run_dir}")
     say(f"speed: compile {compile_target} ({compile_why}); cuda graphs {'on' if use_graphs else 'off'} ({graphs_why})"
         + (f", graphs hold {graphs_pool_mib:.0f} MiB" if graphs_pool_mib is not None else ""))
     for w in warnings:
