@@ -16,6 +16,8 @@ both a transformers model folder and a resumable training state::
 rank has written its files: a checkpoint is first built in ``DIR/.partial-<name>/`` and renamed into place, so a run
 killed while saving leaves a ``.partial-*`` folder that resume never takes (the next save removes it). The final
 save replaces ``DIR``'s own files the same way: its old ``sftbench_state.json`` goes first, the new one last.
+Rank 0 writes the transformers files and renames; every rank writes its own engine files: the folder must be on a
+filesystem all ranks share.
 
 Resume (``--resume PATH``): PATH is a save folder or a ``checkpoint-<step>``; of a folder holding both (its own
 state and ``checkpoint-*`` children), the complete one with the highest step is taken. ``resolve`` fails before
