@@ -6,12 +6,12 @@
     deepspeed --num_gpus 1 train.py --ds none --precision bf16          # plain PyTorch baseline
 
 Reads top to bottom: parse -> init -> build (data, model, engine) -> loop -> summary. Every rank writes
-runs/<run>/rank<k>.jsonl (schema: docs/log_schema.md); rank 0 prints.
+runs/<run>/rank<k>.jsonl (schema: docs/log_schema.md); rank 0 prints. Fine-tuning (--save, --save-every, --resume,
+--eval-data/--eval-split, --epochs) is done by sftbench/checkpoint.py and sftbench/evaluate.py, called between steps.
 """
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,8 +20,9 @@ from pathlib import Path
 
 from sftbench.args import REPO, parse_args, resolve_warmup
 from sftbench.buildenv import fix_cuda_arch_list, rank_device, single_process_env
-from sftbench.dsconfig import (DSConfigError, apply_precision, config_precision, describe, load_ds_config,
-                               resolve_config_path)
+from sftbench import checkpoint
+from sftbench.dsconfig import (DSConfigError, apply_overrides, apply_precision, config_precision, describe,
+                               load_ds_config, peak_lr, resolve_config_path)
 from sftbench.failures import classify_exception
 from sftbench.ops import check_locks as check_build_locks
 from sftbench.runlog import RunLog
@@ -79,9 +80,16 @@ def sync() -> None:
 
 
 # Precision: the config's block, or the flag; --ds none defaults to bf16 where the GPU has it.
+overrides: list[str] = []  # DeepSpeed config keys the flags changed, for the log and the console
 if ds_cfg is not None:
     ds_cfg = apply_precision(ds_cfg, args.precision)
     precision = config_precision(ds_cfg)
+    try:
+        ds_cfg, overrides = apply_overrides(ds_cfg, lr=args.lr, grad_accum=args.grad_accum,
+                                            micro_batch=args.micro_batch, lr_warmup_steps=args.lr_warmup_steps,
+                                            source=args.ds)
+    except DSConfigError as e:
+        sys.exit(f"error: {e}")
 else:
     precision = args.precision or ("bf16" if not on_cpu and torch.cuda.is_bf16_supported() else "fp32")
 if precision == "fp16" and on_cpu and args.deepspeed:
@@ -110,25 +118,27 @@ def say(msg: str) -> None:
         print(msg, flush=True)
 
 
-class Interrupted(Exception):
-    pass
-
-
-def _on_sigterm(signum, frame):
-    raise Interrupted(f"terminated by signal {signum}")
-
-
-signal.signal(signal.SIGTERM, _on_sigterm)
+stop = checkpoint.StopFlag(saving=bool(args.save))  # with a save folder, a signal ends in one last checkpoint
 stats = metrics.StepStats(args.warmup_steps)
-summary_extra: dict = {"epoch_s_measured": None}
+summary_extra: dict = {"epoch_s_measured": None, "eval_loss": None, "saved": None}
 steps_per_epoch = None
 try:
+    # A missing or incomplete --resume folder fails here, before anything is built.
+    resume_dir, resume_state = checkpoint.resolve(args.resume) if args.resume else (None, None)
+    start_step = resume_state["step"] if resume_state else 0
     # ------------------------------------------------------------ build: tokenizer and data
     tok = PanguTokenizer.for_model(model_name, args.tokenizer)
     ds = sftdata.load_or_build_cache(args.data, tok, args.seq_len, args.cache_dir, mask_prompt=args.mask_prompt,
                                      strict=args.strict_data, local_rank=local_rank)
+    train_rows, eval_set, eval_rows = sftdata.training_and_eval_rows(
+        ds, args.eval_data, args.eval_split, args.seed,
+        lambda path: sftdata.load_or_build_cache(path, tok, args.seq_len, args.cache_dir, mask_prompt=args.mask_prompt,
+                                                 strict=args.strict_data, local_rank=local_rank))
+    n_train = len(train_rows)
     say(f"data: {ds.n} samples from {args.data} ({'cache hit' if ds.cache_hit else 'tokenised'}), "
-        f"{ds.real_tokens} real + {ds.pad_tokens} padding tokens")
+        f"{ds.real_tokens} real + {ds.pad_tokens} padding tokens"
+        + (f"; eval: {len(eval_rows)} samples ({args.eval_data or f'{args.eval_split:g} of the training file'})"
+           if eval_rows else ""))
 
     # ------------------------------------------------------------ build: model
     desc = describe(ds_cfg)  # ZeRO stage, offload devices (None for --ds none)
@@ -168,11 +178,26 @@ try:
     speed.compile_engine(engine, compile_target, args.compile_mode, args.deepspeed)
     defect = engine_checks.fp16_zero0_scale_defect(engine) if args.deepspeed else None
     warnings = [defect] if defect else []  # into the meta record; the report never recommends such a run
-    if args.resume:
-        engine.load_checkpoint(args.resume)
     engine.train()
     ga = engine.gradient_accumulation_steps()
     mb = engine.train_micro_batch_size_per_gpu()
+    # The values that ran, into the harness record (None meant "the config's").
+    args.grad_accum, args.micro_batch = ga, mb
+    if ds_cfg is not None:
+        args.lr = peak_lr(ds_cfg)
+        args.lr_warmup_steps = (ds_cfg.get("scheduler") or {}).get("params", {}).get("warmup_num_steps")
+    steps_per_epoch = sftdata.steps_per_epoch(n_train, mb, world_size, ga)
+    if args.epochs is not None:
+        max_steps = sftdata.steps_for_epochs(args.epochs, n_train, world_size, mb * ga)
+    else:
+        max_steps = args.max_steps or steps_per_epoch  # --max-steps 0: one full epoch, its time measured
+    identity = {"world_size": world_size, "micro_batch": mb, "grad_accum": ga, "seed": args.seed,
+                "train_samples": n_train, "seq_len": args.seq_len, "engine": engine_name,
+                "eval_split": args.eval_split, "data": str(args.data), "model": model_name}
+    if resume_state is not None:
+        checkpoint.check_resumable(resume_dir, resume_state, identity, max_steps)
+        checkpoint.load_engine_state(engine, resume_dir, is_deepspeed=args.deepspeed, rank=rank)
+        say(f"resumed from step {start_step} ({resume_dir})")
     graphs_pool_mib = None
     if use_graphs:  # after initialize (ZeRO re-points the weights into its flat buffers) and after any resume
         sample = {"input_ids": ds.input_ids[:mb].to(device), "labels": ds.labels[:mb].to(device),
@@ -184,10 +209,20 @@ try:
                 raise
             use_graphs, graphs_why = False, f"auto: capture refused, eager ({e})"
             warnings.append(f"CUDA graphs not used: {e}")
-    steps_per_epoch = sftdata.steps_per_epoch(ds.n, mb, world_size, ga)
-    max_steps = args.max_steps or steps_per_epoch  # --max-steps 0: one full epoch, its time measured
-    warmup_steps, warmup_note = resolve_warmup(args.warmup_steps, max_steps)  # args keep what was asked (harness)
+    # The default warm-up leaves this process a measured step; args keep what was asked (the harness record).
+    warmup_steps, warmup_note = resolve_warmup(args.warmup_steps, max_steps - start_step)
     stats.warmup_steps = warmup_steps
+    saver = (checkpoint.Saver(args.save, engine=engine, is_deepspeed=args.deepspeed, zero_stage=desc["zero_stage"],
+                              precision=precision, config=config, tok=tok, rank=rank, keep=args.save_keep, say=say)
+             if args.save else None)
+    evaluator = None
+    if eval_rows:
+        from sftbench.evaluate import Evaluator
+        evaluator = Evaluator(eval_set, eval_rows, rank=rank, world_size=world_size, micro_batch=mb, device=device,
+                              pad_token_id=config.pad_token_id, use_pad_mask=use_pad_mask)
+        eval_steps = set(sftdata.epoch_end_steps(n_train, world_size, mb * ga, max_steps)) | {max_steps}
+        if args.eval_every:
+            eval_steps |= set(range(args.eval_every, max_steps + 1, args.eval_every))
 
     # ------------------------------------------------------------ meta record
     gpu_uuid = metrics.cuda_uuid(device.index) if device.type == "cuda" else None
@@ -222,7 +257,7 @@ try:
         device=str(device), device_name=device_name if device.type == "cuda" else None, device_uuid=gpu_uuid,
         gpu_index=gpu.index, peak_tflops=peak, precision=precision, zero_stage=desc["zero_stage"],
         offload_optimizer=desc["offload_optimizer"], offload_param=desc["offload_param"], micro_batch=mb,
-        grad_accum=ga, seq_len=args.seq_len, dataset_path=str(args.data), dataset_samples=ds.n,
+        grad_accum=ga, seq_len=args.seq_len, dataset_path=str(args.data), dataset_samples=n_train,
         real_tokens=ds.real_tokens, pad_tokens=ds.pad_tokens, steps_per_epoch=steps_per_epoch,
         max_steps=max_steps, warmup_steps=warmup_steps,
         optimizations={"engine": engine_name, "attention": "sdpa", "pad_mask": use_pad_mask,
@@ -234,12 +269,19 @@ try:
         versions={"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
                   "deepspeed": deepspeed.__version__ if args.deepspeed else None,
                   "transformers": transformers.__version__},
-        git_commit=_git_commit(), warnings=warnings,
+        git_commit=_git_commit(), warnings=warnings, lr=args.lr, overrides=overrides,
+        resumed_from={"path": str(resume_dir), "step": start_step} if resume_dir else None,
+        eval={"path": args.eval_data, "split": args.eval_split or None, "samples": len(eval_rows),
+              "every": args.eval_every or None} if evaluator else None,
+        save_dir=args.save,
         env={**arch_env, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR"),
              "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"), "gpu_probe_error": gpu.error},
     )
+    for change in overrides:
+        say(f"override: {change}")
     say(f"engine: {engine_name}, ZeRO {desc['zero_stage']}, {precision}, world {world_size}, micro batch {mb}, "
-        f"grad accum {ga}, {steps_per_epoch} steps/epoch; log: {run_dir}")
+        f"grad accum {ga}, lr {'-' if args.lr is None else f'{args.lr:g}'}, {steps_per_epoch} steps/epoch, "
+        f"{max_steps} steps; log: {run_dir}")
     say(f"speed: compile {compile_target} ({compile_why}); cuda graphs {'on' if use_graphs else 'off'} ({graphs_why})"
         + (f", graphs hold {graphs_pool_mib:.0f} MiB" if graphs_pool_mib is not None else ""))
     for w in warnings:
@@ -251,10 +293,13 @@ try:
     per_step = mb * ga
     need = max_steps * per_step
 
+    rows_t = torch.tensor(train_rows)
+
     def step_indices(r: int) -> torch.Tensor:
-        """Rank r's samples as [max_steps, ga, mb]; epochs back to back so every step has ga full micro-batches."""
-        idx = sftdata.ShardedOrder(ds.n, r, world_size, args.seed).take(need)
-        return torch.tensor(idx).view(max_steps, ga, mb)
+        """Rank r's rows for steps start_step+1 .. max_steps as [steps, ga, mb]; epochs back to back so every step
+        has ga full micro-batches, and a resumed run continues the order where its checkpoint stopped."""
+        idx = sftdata.ShardedOrder(n_train, r, world_size, args.seed).take(need)
+        return rows_t[torch.tensor(idx)].view(max_steps, ga, mb)[start_step:]
 
     idx_t = step_indices(rank)
     dev_ids = ds.input_ids[idx_t].to(device)
@@ -264,27 +309,34 @@ try:
     real_per_step = sum(ds.attention_mask[step_indices(r)].sum(dim=(1, 2, 3)) for r in range(world_size)).tolist()
     skipped_before = getattr(engine, "skipped_steps", 0)
 
+    def train_state(done: int) -> dict:
+        """What a checkpoint after step ``done`` records besides the engine: the run and its data position."""
+        return {"identity": identity, "max_steps": max_steps, "run": Path(run_dir).name,
+                "data_position": {"samples_per_rank": done * per_step,
+                                  "epoch": done * per_step / -(-n_train // world_size)}}
+
     # ------------------------------------------------------------ loop
     tokens_per_step = per_step * args.seq_len * world_size  # whole job
     tty = sys.stdout.isatty()
     sync()
     t_loop = time.perf_counter()
-    for step in range(max_steps):
+    for step in range(start_step, max_steps):
+        i = step - start_step  # this process's step index (the device tensors hold the remaining steps only)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         sync()
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         for micro in range(ga):
-            out = engine(input_ids=dev_ids[step, micro], labels=dev_labels[step, micro],
-                         attention_mask=dev_mask[step, micro] if dev_mask is not None else None)
+            out = engine(input_ids=dev_ids[i, micro], labels=dev_labels[i, micro],
+                         attention_mask=dev_mask[i, micro] if dev_mask is not None else None)
             engine.backward(out.loss)
             engine.step()
             loss_sum += out.loss.detach().float()
         sync()
         step_s = time.perf_counter() - t0
         loss = (loss_sum / ga).item()  # one host read per optimizer step, after the clock stopped
-        warm = step < warmup_steps
+        warm = i < warmup_steps  # counted from this process's first step (a resumed run warms up again)
         tflops = flops_tok * per_step * args.seq_len / step_s / 1e12
         skipped_now = getattr(engine, "skipped_steps", 0)
         skipped, skipped_before = skipped_now > skipped_before, skipped_now
@@ -295,7 +347,7 @@ try:
         rec = log.step(
             step=step + 1, time=time.time(), elapsed_s=time.perf_counter() - t_loop, step_s=step_s, warmup=warm,
             samples_per_s=per_step * world_size / step_s, tokens_per_s=tokens_per_step / step_s,
-            real_tokens_per_s=real_per_step[step] / step_s, loss=loss, lr=engine.get_lr()[0],
+            real_tokens_per_s=real_per_step[i] / step_s, loss=loss, lr=engine.get_lr()[0],
             loss_scale=scale, skipped=skipped, tflops=tflops, mfu_pct=100.0 * tflops / peak if peak else None,
             gpu_mem_used_mib=gpu.used_mib(),
             torch_peak_alloc_mib=(torch.cuda.max_memory_allocated(device) / metrics.MIB
@@ -305,7 +357,7 @@ try:
             host_rss_mib=host.rss_mib(), host_used_mib=host.used_mib(),
         )
         stats.add(rec)
-        if step + 1 == steps_per_epoch:
+        if step + 1 == steps_per_epoch and start_step == 0:
             summary_extra["epoch_s_measured"] = rec["elapsed_s"]
         if rank == 0 and ((step + 1) % args.log_every == 0 or step + 1 == max_steps):
             done = step + 1
@@ -321,17 +373,35 @@ try:
             print(f"{bar}step {done}/{max_steps}{flag} | loss {loss:.4f} | "
                   f"{step_s:.3f} s/it | {rec['tokens_per_s']:.0f} tok/s{mfu}{mem} | "
                   f"rss {rec['host_rss_mib']:.0f} MiB | eta {eta:.0f}s", flush=True)
+        # Between steps, after the step's clock stopped: evaluation, checkpoints, and the stop request.
+        done = step + 1
+        if evaluator is not None and done in eval_steps:
+            ev = evaluator.run(engine, is_deepspeed=args.deepspeed)
+            log.eval(step=done, epoch=done * per_step / -(-n_train // world_size), time=time.time(), **ev)
+            summary_extra["eval_loss"] = ev["eval_loss"]
+            say(f"eval step {done}: loss {ev['eval_loss']:.4f} over {ev['eval_tokens']} tokens of "
+                f"{ev['eval_samples']} samples ({ev['eval_s']:.1f}s)")
+        if saver is not None and args.save_every and done % args.save_every == 0 and done < max_steps:
+            say(f"checkpoint saved to {saver.save(done, train_state(done), final=False)}")
+        if stop.agreed(device):
+            if saver.last_saved_step != done:
+                say(f"checkpoint saved to {saver.save(done, train_state(done), final=False)}")
+            summary_extra["saved"] = {"path": str(saver.root), "step": saver.last_saved_step}
+            raise checkpoint.Interrupted(f"terminated by signal {stop.signum or 'on another rank'} after step {done}; "
+                                         f"resume with --resume {saver.root}")
 
     # ------------------------------------------------------------ summary
-    if args.save:
-        engine.save_checkpoint(args.save)
-        say(f"checkpoint saved to {args.save}")
+    if saver is not None:
+        saver.save(max_steps, train_state(max_steps), final=True)
+        summary_extra["saved"] = {"path": str(saver.root), "step": max_steps}
+        say(f"model saved to {saver.root} (from_pretrained after `import sftbench`; --resume continues from it)")
     status, error = "ok", None
-except Interrupted as e:
+except checkpoint.Interrupted as e:
     status, error = "interrupted", str(e)
 except KeyboardInterrupt as e:
     status, error = classify_exception(e)
-except (sftdata.DataError, CheckpointError, FileNotFoundError, TimeoutError, graphs.GraphError) as e:
+except (sftdata.DataError, CheckpointError, checkpoint.ResumeError, FileNotFoundError, TimeoutError,
+        graphs.GraphError) as e:
     # Bad input: the message names the file/key/line; a traceback would only bury it.
     status, error = "error", str(e)
 except Exception as e:  # every failure still ends in a summary record, then a non-zero exit

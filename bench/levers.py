@@ -14,8 +14,8 @@ written to the work directory and logged in the run's meta record as every confi
 A variant without flags runs train.py's defaults (``--compile auto`` and ``--cuda-graphs auto``, both eager today);
 write "z1 --cuda-graphs on" or "z1 --compile model" for a lever. The baseline of a variant is the first variant of the
 same model and config in the order given (put the unchanged or eager one first); "x base" is its step time over the
-variant's. The loss columns show whether a lever changed what is computed (same seed, same batches: a speed lever must leave them equal
-within bf16 noise).
+variant's. The loss columns show whether a lever changed what is computed (same seed, same batches: a speed lever
+must leave them equal within bf16 noise).
 """
 from __future__ import annotations
 

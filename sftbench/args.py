@@ -1,8 +1,10 @@
 """The harness settings: one dataclass, one docstring per field, validation in __post_init__.
 
-DeepSpeed's JSON owns ZeRO, precision, batch and optimizer settings; these are only what the harness itself
-decides (which model, which data, how many steps, where the log goes). ``parse_args`` builds the CLI from the
-dataclass, so the flags and their help can't drift apart.
+DeepSpeed's JSON owns ZeRO, precision, batch and optimizer settings; these are what the harness itself decides
+(which model, which data, how many steps, where the log and the saved model go) plus the few overrides of the JSON
+(``--precision``, ``--micro-batch``, ``--grad-accum``, ``--lr``, ``--lr-warmup-steps``: None = the config's value,
+applied by ``sftbench.dsconfig.apply_overrides`` and logged). ``parse_args`` builds the CLI from the dataclass, so the
+flags and their help can't drift apart.
 """
 from __future__ import annotations
 
@@ -31,6 +33,10 @@ class ArgsError(ValueError):
     pass
 
 
+# --ds none has no config file: these stand in for it (the reference's settings).
+PLAIN_DEFAULTS = {"grad_accum": 8, "micro_batch": 1, "lr": 1e-5, "lr_warmup_steps": 100}
+
+
 def _help(text: str, **kw):
     return field(metadata={"help": text}, **kw)
 
@@ -47,17 +53,25 @@ class HarnessArgs:
                              default=None)
     precision: str | None = _help("fp32, fp16 or bf16; overrides the config's fp16/bf16 blocks. Default: the "
                                   "config's (for --ds none: bf16 on GPUs that have it, else fp32).", default=None)
-    max_steps: int = _help("Optimizer steps to run (each = grad_accum micro-batches per rank); 0 = one full epoch "
-                           "(its time is then measured, not estimated).", default=20)
-    warmup_steps: int | None = _help("First steps flagged warm-up in the log and left out of statistics. Default: "
-                                     "3, but at most max_steps - 1, so a short run still has a measured step.",
-                                     default=None)
-    grad_accum: int = _help("Gradient accumulation for --ds none (DeepSpeed runs read it from the config).",
-                            default=8)
-    micro_batch: int = _help("Micro batch for --ds none (DeepSpeed runs read it from the config).", default=1)
-    lr: float = _help("Peak learning rate for --ds none (DeepSpeed runs read it from the config).", default=1e-5)
-    lr_warmup_steps: int = _help("Linear LR warm-up steps for --ds none (DeepSpeed runs: the config's scheduler).",
-                                 default=100)
+    max_steps: int | None = _help("Optimizer steps to run in all (each = grad_accum micro-batches per rank; a resumed "
+                                  "run counts from the start of the first); 0 = one full epoch (its time is then "
+                                  "measured, not estimated). Default 20, or what --epochs gives.", default=None)
+    epochs: float | None = _help("Train this many passes over the training set in all (instead of --max-steps; a "
+                                 "fraction is allowed).", default=None)
+    warmup_steps: int | None = _help("First steps of this process flagged warm-up in the log and left out of "
+                                     "statistics. Default: 3, but at most max_steps - 1, so a short run still has a "
+                                     "measured step.", default=None)
+    grad_accum: int | None = _help("Gradient accumulation steps. DeepSpeed runs: overrides the config's "
+                                   "gradient_accumulation_steps (logged). Default: the config's; 8 for --ds none.",
+                                   default=None)
+    micro_batch: int | None = _help("Micro batch per rank. DeepSpeed runs: overrides the config's "
+                                    "train_micro_batch_size_per_gpu (logged). Default: the config's; 1 for --ds none.",
+                                    default=None)
+    lr: float | None = _help("Peak learning rate. DeepSpeed runs: overrides the optimizer's lr and the scheduler's "
+                             "warmup_max_lr (logged). Default: the config's; 1e-5 for --ds none.", default=None)
+    lr_warmup_steps: int | None = _help("Linear LR warm-up steps. DeepSpeed runs: overrides the scheduler's "
+                                        "warmup_num_steps (logged). Default: the config's; 100 for --ds none.",
+                                        default=None)
     seq_len: int = _help("Tokens per sample: truncated longest-first and padded to this.", default=512)
     mask_prompt: bool = _help("Also leave the prompt tokens out of the loss (the reference did not).", default=False)
     strict_data: bool = _help("Fail on the first broken JSONL line instead of skipping it.", default=False)
@@ -80,8 +94,19 @@ class HarnessArgs:
                              "the parameters stay resident: ZeRO-0/1/2, optimizer offload, --ds none on one rank; "
                              "refused for ZeRO-3, parameter offload, --compile; eager without CUDA), 'off'.",
                              default="auto")
-    save: str | None = _help("Save a DeepSpeed checkpoint here at the end.", default=None)
-    resume: str | None = _help("Resume from a DeepSpeed checkpoint folder written by --save.", default=None)
+    save: str | None = _help("Save folder: at the end the model is saved here as a transformers folder "
+                             "(from_pretrained after `import sftbench`) that also holds the state to resume from. "
+                             "Nothing is saved without it.", default=None)
+    save_every: int = _help("Also write DIR/checkpoint-<step>/ (same layout) every N steps; 0 = never.", default=0)
+    save_keep: int = _help("Keep the last K checkpoint-<step> folders (0 = all).", default=3)
+    resume: str | None = _help("Resume from a save folder or a checkpoint-<step> folder (of a folder holding "
+                               "several, the latest): weights, optimizer, LR schedule, loss scale, RNG and the "
+                               "position in the data order; step numbers continue.", default=None)
+    eval_data: str | None = _help("Evaluation JSONL file (any training format): its loss is logged every "
+                                  "--eval-every steps, at the end of each epoch and at the end.", default=None)
+    eval_split: float = _help("Hold out this fraction of the training file for evaluation instead (e.g. 0.05; a "
+                              "seeded draw).", default=0.0)
+    eval_every: int = _help("Evaluate every N steps as well (0 = only at epoch ends and at the end).", default=0)
     log_every: int = _help("Print a console line every N steps (rank 0).", default=1)
     local_rank: int = _help("Set by the launcher.", default=-1)
 
@@ -91,10 +116,37 @@ class HarnessArgs:
         if self.precision is not None and self.precision not in ("fp32", "fp16", "bf16"):
             raise ArgsError(f"--precision must be fp32, fp16 or bf16, got {self.precision!r}")
         for name in ("grad_accum", "micro_batch", "seq_len", "log_every"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ArgsError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps < 0:
+        if self.lr is not None and not self.lr > 0:
+            raise ArgsError(f"--lr must be > 0, got {self.lr}")
+        if self.lr_warmup_steps is not None and self.lr_warmup_steps < 0:
+            raise ArgsError(f"--lr-warmup-steps must be >= 0, got {self.lr_warmup_steps}")
+        if self.max_steps is not None and self.epochs is not None:
+            raise ArgsError("give --max-steps or --epochs, not both")
+        if self.max_steps is not None and self.max_steps < 0:
             raise ArgsError(f"--max-steps must be >= 1, or 0 for one epoch, got {self.max_steps}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ArgsError(f"--epochs must be > 0, got {self.epochs}")
+        if self.max_steps is None and self.epochs is None:
+            self.max_steps = 20
+        for name in ("save_every", "save_keep", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ArgsError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.save_every and not self.save:
+            raise ArgsError("--save-every needs --save DIR (the folder the checkpoints go into)")
+        if not 0.0 <= self.eval_split < 1.0:
+            raise ArgsError(f"--eval-split must be a fraction in [0, 1), got {self.eval_split}")
+        if self.eval_split and self.eval_data:
+            raise ArgsError("give --eval-data or --eval-split, not both")
+        if self.eval_every and not (self.eval_split or self.eval_data):
+            raise ArgsError("--eval-every needs --eval-data FILE or --eval-split FRACTION")
+        if self.eval_data is not None and not os.path.isfile(self.eval_data):
+            raise ArgsError(f"--eval-data: file not found: {self.eval_data}")
+        if self.ds == "none":  # the plain loop's own defaults; DeepSpeed runs take the config's
+            for name, value in PLAIN_DEFAULTS.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ArgsError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         if self.pad_mask not in ("auto", "always"):
@@ -157,7 +209,7 @@ def parse_args(argv: list[str] | None = None) -> HarnessArgs:
         elif f.name == "compile":  # a bare --compile means the faster target measured (docs/performance.md)
             kw.update(nargs="?", const="model")
         else:
-            kw["type"] = {"int": int, "float": float}.get(str(f.type).replace(" | None", ""), str)
+            kw["type"] = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
         p.add_argument(*names, **kw)
     ns = p.parse_args(argv)
     try:

@@ -8,6 +8,15 @@ One JSON object per line, in either form::
     {"prompt": str, "answers": [{"answer": str, "score": number}, ...], "prefix": str}   # reference form
     {"prompt": str, "answer": str, "prefix": str}                                        # plain form
 
+    {"instruction": str, "input": str, "output": str}                                    # Alpaca
+    {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}            # chat
+
+A line with ``messages`` is chat, one with ``instruction`` (and no ``prompt``) Alpaca; each line is read by its own
+form, so a file may mix them. Alpaca: prompt = instruction, plus a newline and the input when it is not empty;
+answer = output (``alpaca_to_pair``). Chat: the last message must be the assistant's and is the answer; the turns
+before it (a user turn among them), joined by newlines, are the prompt (``messages_to_pair``); so with
+``--mask-prompt`` only that answer is in the loss.
+
 ``prefix`` is optional (absent, null or ``""`` mean no prefix). The answer text used is ``prefix + answer``. In the
 reference form the answer with the highest ``score`` is taken; on a tie the first of the tied answers wins. (The
 reference SFT dataset simply took ``answers[0]``; the benchmark file written here lists answers best-first, so both
@@ -20,12 +29,14 @@ Blank (whitespace-only) lines are ignored. A broken line is skipped and counted 
 ``bad_encoding``   the line is not valid UTF-8
 ``bad_json``       the line is not valid JSON
 ``not_object``     the JSON value is not an object
-``missing_prompt`` no ``prompt`` key (or ``prompt`` is null)
+``missing_prompt`` no ``prompt`` key (or ``prompt`` is null); Alpaca: no ``instruction``
 ``no_answer``      neither ``answers`` nor ``answer``, an empty ``answers`` list, or an ``answers`` item lacking
-                   ``answer``
+                   ``answer``; Alpaca: no ``output``; chat: the last message is not the assistant's
 ``bad_type``       a field of the wrong type: prompt/answer/prefix not a string, ``answers`` not a list, an item not
                    an object, a score that is missing or not a finite number (booleans are not numbers)
 ``empty_text``     the prompt, or ``prefix + answer``, is empty or whitespace only (the reference discarded these too)
+``bad_messages``   chat: ``messages`` not a non-empty list, an item not an object, a role other than system / user /
+                   assistant, a content that is not a string, or no user turn before the answer
 =================  ==========================================================================================
 
 Skipped lines are reported ONCE per file through the ``logging`` logger ``sftbench.data`` (level WARNING): the file,
@@ -114,10 +125,11 @@ from typing import Any, Optional, Sequence, Union
 
 logger = logging.getLogger("sftbench.data")
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: Alpaca and chat lines are read (a file cached before skipped them)
 IGNORE_INDEX = -100
 N_SPECIAL = 3  # <s> <sep> <eot>
-BAD_KINDS = ("bad_encoding", "bad_json", "not_object", "missing_prompt", "no_answer", "bad_type", "empty_text")
+BAD_KINDS = ("bad_encoding", "bad_json", "not_object", "missing_prompt", "no_answer", "bad_type", "empty_text",
+             "bad_messages")
 _N_SHOWN = 5  # line numbers named in the one warning
 
 PathLike = Union[str, os.PathLike]
@@ -163,6 +175,61 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _text_field(obj: dict, key: str, kind_missing: str, required: bool = True) -> str:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise _Bad(kind_missing, f"no '{key}'")
+        return ""
+    if not isinstance(value, str):
+        raise _Bad("bad_type", f"'{key}' is a {type(value).__name__}, not a string")
+    return value
+
+
+def _checked_pair(prompt: str, text: str) -> tuple[str, str]:
+    if not prompt.strip():
+        raise _Bad("empty_text", "empty prompt")
+    if not text.strip():
+        raise _Bad("empty_text", "empty answer (prefix + answer)")
+    return prompt, text
+
+
+def alpaca_to_pair(obj: dict) -> tuple[str, str]:
+    """Alpaca ``{"instruction", "input", "output"}``: the prompt is the instruction, then a newline and the input
+    when there is one; the answer is the output."""
+    instruction = _text_field(obj, "instruction", "missing_prompt")
+    extra = _text_field(obj, "input", "missing_prompt", required=False)
+    output = _text_field(obj, "output", "no_answer")
+    return instruction + ("\n" + extra if extra.strip() else ""), output
+
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def messages_to_pair(messages) -> tuple[str, str]:
+    """Chat ``messages`` onto the Pangu layout: the last message must be the assistant's, and it is the answer; the
+    turns before it (system, user and earlier assistant turns, in order) joined by newlines are the prompt. With
+    ``--mask-prompt`` only the last answer is in the loss. (The saved tokenizer's chat template renders the same.)"""
+    if not isinstance(messages, list):
+        raise _Bad("bad_messages", f"'messages' is a {type(messages).__name__}, not a list")
+    if not messages:
+        raise _Bad("bad_messages", "'messages' is empty")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise _Bad("bad_messages", f"messages[{i}] is a {type(m).__name__}, not an object")
+        if m.get("role") not in CHAT_ROLES:
+            raise _Bad("bad_messages", f"messages[{i}].role is {json.dumps(m.get('role'))[:40]}, not one of "
+                                       f"{', '.join(CHAT_ROLES)}")
+        if not isinstance(m.get("content"), str):
+            what = "missing" if m.get("content") is None else f"a {type(m['content']).__name__}, not a string"
+            raise _Bad("bad_messages", f"messages[{i}].content is {what}")
+    if messages[-1]["role"] != "assistant":
+        raise _Bad("no_answer", f"the last message is the {messages[-1]['role']}'s, not the assistant's")
+    if not any(m["role"] == "user" for m in messages[:-1]):
+        raise _Bad("bad_messages", "no user message before the assistant's answer")
+    return "\n".join(m["content"] for m in messages[:-1]), messages[-1]["content"]
+
+
 def _parse_record(line: str) -> tuple[str, str]:
     try:
         obj = json.loads(line)
@@ -170,6 +237,10 @@ def _parse_record(line: str) -> tuple[str, str]:
         raise _Bad("bad_json", f"bad JSON ({exc})") from None
     if not isinstance(obj, dict):
         raise _Bad("not_object", f"not a JSON object (a {type(obj).__name__})")
+    if "messages" in obj:
+        return _checked_pair(*messages_to_pair(obj["messages"]))
+    if "instruction" in obj and "prompt" not in obj:
+        return _checked_pair(*alpaca_to_pair(obj))
     prompt = obj.get("prompt")
     if prompt is None:
         raise _Bad("missing_prompt", "no 'prompt'")
@@ -209,12 +280,7 @@ def _parse_record(line: str) -> tuple[str, str]:
     else:
         raise _Bad("no_answer", "no 'answers' and no 'answer'")
 
-    text = prefix + answer
-    if not prompt.strip():
-        raise _Bad("empty_text", "empty prompt")
-    if not text.strip():
-        raise _Bad("empty_text", "empty answer (prefix + answer)")
-    return prompt, text
+    return _checked_pair(prompt, prefix + answer)
 
 
 def _parse_bytes(blob: bytes, path: str, strict: bool) -> tuple[list[tuple[str, str]], ReadReport]:
@@ -564,6 +630,50 @@ def steps_per_epoch(n: int, micro_batch: int, world_size: int, grad_accum: int) 
         if v < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
     return -(-int(n) // (micro_batch * world_size * grad_accum))
+
+
+def holdout_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training rows, evaluation rows) of ``n`` samples: ``ceil(fraction * n)`` rows drawn with ``seed`` (at
+    least one, and at least one left for training), both lists in file order."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    if n < 2:
+        raise DataError(f"--eval-split needs at least 2 samples, the file has {n}")
+    k = min(n - 1, max(1, math.ceil(fraction * n)))
+    digest = hashlib.sha256(f"sftbench-eval-split:{seed}".encode()).digest()
+    held = set(random.Random(int.from_bytes(digest[:8], "big")).sample(range(n), k))
+    return [i for i in range(n) if i not in held], sorted(held)
+
+
+def training_and_eval_rows(ds: "EncodedSet", eval_data: Optional[PathLike], eval_split: float, seed: int,
+                           load) -> tuple[list[int], Optional["EncodedSet"], list[int]]:
+    """(training rows of ``ds``, the evaluation set, its rows): ``eval_split`` holds rows of ``ds`` out, ``eval_data``
+    is loaded with ``load(path)``; neither gives every row for training and no evaluation."""
+    if eval_split:
+        train, held = holdout_split(ds.n, eval_split, seed)
+        return train, ds, held
+    if eval_data:
+        es = load(eval_data)
+        return list(range(ds.n)), es, list(range(es.n))
+    return list(range(ds.n)), None, []
+
+
+def epoch_end_steps(n: int, world_size: int, samples_per_step: int, max_steps: int) -> list[int]:
+    """The optimizer steps (1-based, at most ``max_steps``) in which each rank's pass over an epoch ends, when
+    epochs run back to back in full steps of ``samples_per_step`` (micro batch x accumulation) per rank: step
+    ``ceil(e * ceil(n / world_size) / samples_per_step)`` for e = 1, 2, ..."""
+    per_rank = -(-n // world_size)
+    out, e = [], 1
+    while (s := -(-e * per_rank // samples_per_step)) <= max_steps:
+        out.append(s)
+        e += 1
+    return out
+
+
+def steps_for_epochs(epochs: float, n: int, world_size: int, samples_per_step: int) -> int:
+    """Full optimizer steps that cover ``epochs`` passes over ``n`` samples (the last step may reach into the next
+    epoch to stay full)."""
+    return max(1, math.ceil(epochs * -(-n // world_size) / samples_per_step))
 
 
 class ShardedOrder:

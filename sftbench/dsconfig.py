@@ -1,7 +1,8 @@
 """Load, check and resolve DeepSpeed JSON configs.
 
-The DeepSpeed JSON owns ZeRO, precision and batch settings; this module only reads it, refuses what DeepSpeed
-would silently drop or crash on, applies the one override the harness has (``--precision``) and describes the
+The DeepSpeed JSON owns ZeRO, precision and batch settings; this module reads it, refuses what DeepSpeed would
+silently drop or crash on, applies the harness's overrides (``--precision``; ``--micro-batch``, ``--grad-accum``,
+``--lr``, ``--lr-warmup-steps`` through ``apply_overrides``, which reports every key it changed) and describes the
 result for the log and the report. No torch or deepspeed import here (the report and the sweep use it).
 """
 from __future__ import annotations
@@ -146,3 +147,60 @@ def describe(cfg: dict | None) -> dict:
         "contiguous_gradients": zo.get("contiguous_gradients") if stage > 0 else None,
         "precision": config_precision(cfg),
     }
+
+
+# Schedulers whose peak LR / warm-up length the --lr / --lr-warmup-steps overrides know how to set.
+_WARMUP_SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
+
+
+def apply_overrides(cfg: dict, *, lr: float | None = None, grad_accum: int | None = None,
+                    micro_batch: int | None = None, lr_warmup_steps: int | None = None,
+                    source: str = "<config>") -> tuple[dict, list[str]]:
+    """A copy of ``cfg`` with the harness flags given (not None) written into it, and one line per changed key
+    (``"optimizer.params.lr: 1e-05 -> 0.001 (--lr)"``) for the log. A flag the config has no place for is refused
+    with DSConfigError naming the file and the key, never dropped."""
+    out = copy.deepcopy(cfg)
+    changes: list[str] = []
+
+    def put(block: dict, key: str, value, path: str, flag: str) -> None:
+        old = block.get(key)
+        block[key] = value
+        if old != value:
+            changes.append(f"{path}: {old!r} -> {value!r} ({flag})")
+
+    for flag, key, value in (("--micro-batch", "train_micro_batch_size_per_gpu", micro_batch),
+                             ("--grad-accum", "gradient_accumulation_steps", grad_accum)):
+        if value is not None:
+            put(out, key, value, key, flag)
+    if (micro_batch is not None or grad_accum is not None) and "train_batch_size" in out:
+        # DeepSpeed checks train_batch_size = micro x accum x world; it is derived again from the two.
+        changes.append(f"train_batch_size: {out.pop('train_batch_size')!r} -> removed (derived from "
+                       "micro batch x accumulation x world size)")
+    sched = out.get("scheduler") or None
+    stype = sched.get("type") if isinstance(sched, dict) else None
+    if lr is not None:
+        opt = out.get("optimizer")
+        if not isinstance(opt, dict) or not isinstance(opt.get("params"), dict):
+            raise DSConfigError(f"{source}: --lr needs an optimizer block with params to write the lr into")
+        put(opt["params"], "lr", lr, "optimizer.params.lr", "--lr")
+        if stype is not None:
+            if stype not in _WARMUP_SCHEDULERS:
+                raise DSConfigError(f"{source}: scheduler.type {stype!r}: --lr knows how to set the peak of "
+                                    f"{', '.join(_WARMUP_SCHEDULERS)} only; set it in the config instead")
+            if stype != "WarmupCosineLR":  # the cosine schedule's peak is the optimizer's lr
+                put(sched.setdefault("params", {}), "warmup_max_lr", lr, "scheduler.params.warmup_max_lr", "--lr")
+    if lr_warmup_steps is not None:
+        if stype is None:
+            raise DSConfigError(f"{source}: --lr-warmup-steps needs a scheduler block (e.g. WarmupLR); the config "
+                                "has none")
+        if stype not in _WARMUP_SCHEDULERS:
+            raise DSConfigError(f"{source}: scheduler.type {stype!r} has no warmup_num_steps for --lr-warmup-steps")
+        put(sched.setdefault("params", {}), "warmup_num_steps", lr_warmup_steps,
+            "scheduler.params.warmup_num_steps", "--lr-warmup-steps")
+    return out, changes
+
+
+def peak_lr(cfg: dict) -> float | None:
+    """The optimizer's configured lr (the peak of the warm-up schedules), None without an optimizer block."""
+    opt = cfg.get("optimizer")
+    return opt.get("params", {}).get("lr") if isinstance(opt, dict) else None

@@ -462,6 +462,8 @@ def build_table(rows: list[Row]) -> Table:
         extra_tail = [",".join(str(x) for x in ref_rows(r)) or "-", r.run]
         for w in r.warnings:
             remarks.append(f"`{r.run}`: warning: {w}")
+        if (r.summary or {}).get("eval_loss") is not None:  # a fine-tuning run with --eval-data / --eval-split
+            remarks.append(f"`{r.run}`: eval loss {r.summary['eval_loss']:.4f} at its last evaluation")
         skipped = (r.summary or {}).get("skipped_steps") or 0
         if r.ok and skipped:
             remarks.append(f"`{r.run}`: {skipped} fp16 overflow step(s) skipped the optimizer update while "

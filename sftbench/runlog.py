@@ -5,6 +5,7 @@ and flushed, so a run killed at any moment leaves a file whose complete lines al
 
 * one ``meta`` record  (keys: ``META_KEYS``)
 * one ``step`` record per optimizer step (keys: ``STEP_KEYS``)
+* an ``eval`` record after each evaluation (keys: ``EVAL_KEYS``), between the step records
 * at most one ``summary`` record (keys: ``SUMMARY_KEYS``); a run that died has none, and the sweep writes one for
   it into ``summary.json`` beside the rank files (``synthesized: true``).
 
@@ -31,18 +32,20 @@ META_KEYS = (
     "gpu_index", "peak_tflops", "precision", "zero_stage", "offload_optimizer", "offload_param", "micro_batch",
     "grad_accum", "seq_len", "dataset_path", "dataset_samples", "real_tokens", "pad_tokens", "steps_per_epoch",
     "max_steps", "warmup_steps", "optimizations", "predicted", "versions", "git_commit", "warnings", "env",
+    "lr", "overrides", "resumed_from", "eval", "save_dir",
 )
 STEP_KEYS = (
     "type", "step", "time", "elapsed_s", "step_s", "warmup", "samples_per_s", "tokens_per_s",
     "real_tokens_per_s", "loss", "lr", "loss_scale", "skipped", "tflops", "mfu_pct", "gpu_mem_used_mib",
     "torch_peak_alloc_mib", "torch_peak_reserved_mib", "host_rss_mib", "host_used_mib",
 )
+EVAL_KEYS = ("type", "step", "epoch", "time", "eval_loss", "eval_tokens", "eval_samples", "eval_s")
 SUMMARY_KEYS = (
     "type", "status", "error", "time", "wall_s", "steps", "measured_steps", "skipped_steps", "step_s_median",
     "step_s_p90", "step_s_mean", "samples_per_s", "tokens_per_s", "tokens_per_s_per_gpu", "real_tokens_per_s",
     "tflops", "mfu_pct", "gpu_mem_used_mib_peak", "torch_peak_alloc_mib", "torch_peak_reserved_mib",
     "host_rss_mib_peak", "host_used_mib_peak", "steps_per_epoch", "epoch_s_est", "epoch_s_measured", "final_loss",
-    "first_loss", "synthesized",
+    "first_loss", "synthesized", "eval_loss", "saved",
 )
 STATUSES = ("ok", "oom", "cuda_error", "error", "interrupted", "timeout", "killed")
 
@@ -100,6 +103,9 @@ class RunLog:
     def step(self, **fields: Any) -> dict:
         return self.write("step", STEP_KEYS, **fields)
 
+    def eval(self, **fields: Any) -> dict:
+        return self.write("eval", EVAL_KEYS, **fields)
+
     def summary(self, **fields: Any) -> dict:
         return self.write("summary", SUMMARY_KEYS, **fields)
 
@@ -141,6 +147,7 @@ class RunRecords:
     run_dir: Path
     meta: dict[int, dict] = field(default_factory=dict)      # rank -> meta
     steps: dict[int, list[dict]] = field(default_factory=dict)  # rank -> step records
+    evals: dict[int, list[dict]] = field(default_factory=dict)  # rank -> eval records
     summary: dict[int, dict] = field(default_factory=dict)    # rank -> summary
     bad_lines: int = 0
 
@@ -180,6 +187,8 @@ def load_run(run_dir: str | os.PathLike) -> RunRecords:
                 rr.meta[rank] = rec
             elif t == "step":
                 rr.steps.setdefault(rank, []).append(rec)
+            elif t == "eval":
+                rr.evals.setdefault(rank, []).append(rec)
             elif t == "summary":
                 rr.summary[rank] = rec
     return rr

@@ -202,6 +202,16 @@ class PanguTokenizer:
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
 
+    def piece_to_id(self, piece: str) -> int:
+        """The id of a piece (``unk_id`` for a piece the model does not have)."""
+        return int(self._sp.piece_to_id(piece))
+
+    def save_model(self, path: Union[str, Path]) -> Path:
+        """Write the SentencePiece model bytes this tokenizer was loaded from to ``path`` (a file)."""
+        path = Path(path)
+        path.write_bytes(self._blob)
+        return path
+
     def _decode_plain(self, ids: list[int]) -> str:
         if not ids:
             return ""

@@ -49,3 +49,26 @@ def test_warmup_default_leaves_a_measured_step_and_an_asked_one_is_kept():
     n, note = resolve_warmup(4, 3)  # asked for: honoured, and said
     assert n == 4 and "--warmup-steps 4 covers all 3 step(s): none will be measured (as asked" in note
     assert resolve_warmup(1, 3) == (1, None)
+
+
+def test_epochs_or_max_steps_and_the_save_eval_flags():
+    assert HarnessArgs().max_steps == 20 and HarnessArgs(epochs=2).max_steps is None
+    with pytest.raises(ArgsError, match="give --max-steps or --epochs, not both"):
+        HarnessArgs(max_steps=5, epochs=1)
+    with pytest.raises(ArgsError, match="--save-every needs --save DIR"):
+        HarnessArgs(save_every=10)
+    with pytest.raises(ArgsError, match="--eval-every needs --eval-data FILE or --eval-split"):
+        HarnessArgs(eval_every=10)
+    with pytest.raises(ArgsError, match="--eval-split must be a fraction in"):
+        HarnessArgs(eval_split=1.5)
+    with pytest.raises(ArgsError, match="--eval-data: file not found: nope.jsonl"):
+        HarnessArgs(eval_data="nope.jsonl")
+
+
+def test_batch_and_lr_flags_default_to_the_config_and_to_the_plain_loop_s_own():
+    a = parse_args([])
+    assert (a.grad_accum, a.micro_batch, a.lr, a.lr_warmup_steps) == (None, None, None, None)
+    b = parse_args(["--ds", "none"])
+    assert (b.grad_accum, b.micro_batch, b.lr, b.lr_warmup_steps) == (8, 1, 1e-5, 100)
+    c = parse_args(["--lr", "1e-3", "--grad-accum", "1", "--micro-batch", "4", "--epochs", "1.5"])
+    assert (c.lr, c.grad_accum, c.micro_batch, c.epochs) == (1e-3, 1, 4, 1.5)

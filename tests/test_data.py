@@ -61,6 +61,7 @@ BROKEN = [  # (line text, kind)
     (b'{"prompt": "\xff\xfe", "answer": "a"}', "bad_encoding"),
     ('{"prompt": "   ", "answer": "a"}', "empty_text"),
     ('{"prompt": "p", "answer": ""}', "empty_text"),
+    ('{"messages": [{"role": "user", "content": 1}, {"role": "assistant", "content": "a"}]}', "bad_messages"),
 ]
 
 
@@ -431,3 +432,66 @@ def test_nonzero_rank_ignores_stale_file_and_times_out(tmp_path, monkeypatch):
     bad = write_lines(tmp_path / "bad.jsonl", ["{x", "[]"])
     with pytest.raises(DataError, match="bad.jsonl"):
         load_or_build_cache(bad, tok, 16, cache, local_rank=1, timeout_s=30)
+
+
+# ------------------------------------------------------------------------------------- Alpaca and chat formats
+def test_alpaca_and_chat_lines_map_onto_the_pangu_layout(tmp_path):
+    p = write_lines(tmp_path / "mixed.jsonl", [
+        json.dumps({"instruction": "Translate", "input": "学而时习之", "output": "To learn"}, ensure_ascii=False),
+        json.dumps({"instruction": "Say hi", "input": "", "output": "hi"}),
+        json.dumps({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q1"},
+                                 {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"},
+                                 {"role": "assistant", "content": "A2"}]}),
+        json.dumps({"prompt": "p", "answer": "a"}),
+    ])
+    examples, rep = read_sft_jsonl(p)
+    assert examples == [("Translate\n学而时习之", "To learn"), ("Say hi", "hi"), ("Be brief.\nQ1\nA1\nQ2", "A2"),
+                        ("p", "a")]
+    assert rep.n_bad == 0
+
+
+@pytest.mark.parametrize("line, kind, reason", [
+    ({"instruction": "x", "input": "y"}, "no_answer", "no 'output'"),
+    ({"instruction": 3, "output": "y"}, "bad_type", "'instruction' is a int, not a string"),
+    ({"instruction": "x", "input": ["y"], "output": "z"}, "bad_type", "'input' is a list, not a string"),
+    ({"instruction": " ", "output": "z"}, "empty_text", "empty prompt"),
+    ({"messages": "hi"}, "bad_messages", "'messages' is a str, not a list"),
+    ({"messages": []}, "bad_messages", "'messages' is empty"),
+    ({"messages": [{"role": "user", "content": "q"}]}, "no_answer", "the last message is the user's"),
+    ({"messages": [{"role": "bot", "content": "q"}, {"role": "assistant", "content": "a"}]}, "bad_messages",
+     'messages[0].role is "bot", not one of system, user, assistant'),
+    ({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}, "bad_messages",
+     "messages[0].content is missing"),
+    ({"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]}, "bad_messages",
+     "no user message before the assistant's answer"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}, "empty_text",
+     "empty answer"),
+])
+def test_broken_alpaca_and_chat_lines_are_reported_by_line(tmp_path, caplog, line, kind, reason):
+    good = json.dumps({"instruction": "fine", "output": "ok"})
+    p = write_lines(tmp_path / "d.jsonl", [good, json.dumps(line), good])
+    with caplog.at_level(logging.WARNING, logger="sftbench.data"):
+        examples, rep = read_sft_jsonl(p)
+    assert len(examples) == 2 and rep.by_kind == {kind: 1} and rep.bad[0][0] == 2 and reason in rep.bad[0][1]
+    assert f"{p}: skipped 1 broken line(s) of 3" in caplog.text and "line 2: " in caplog.text
+    with pytest.raises(DataError, match=rf"d\.jsonl: line 2: .*{reason[:20]}".replace("[", r"\[")):
+        read_sft_jsonl(p, strict=True)
+
+
+def test_mask_prompt_keeps_only_the_last_answer_of_a_chat(tmp_path):
+    msgs = [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "cd"},
+            {"role": "user", "content": "e"}, {"role": "assistant", "content": "fg"}]
+    p = write_lines(tmp_path / "chat.jsonl", [json.dumps({"messages": msgs})])
+    es = load_or_build_cache(p, FakeTok(), 16, None, mask_prompt=True)
+    labels = es.labels[0].tolist()
+    assert [t for t in labels if t != D.IGNORE_INDEX] == [ord("f"), ord("g"), FakeTok.eot_id]
+
+
+def test_holdout_split_and_epoch_end_steps():
+    train, held = D.holdout_split(100, 0.05, seed=3)
+    assert len(held) == 5 and sorted(train + held) == list(range(100)) and not set(train) & set(held)
+    assert D.holdout_split(100, 0.05, seed=3) == (train, held) and D.holdout_split(100, 0.05, seed=4)[1] != held
+    assert D.holdout_split(3, 0.01, seed=0)[1].__len__() == 1
+    # 9 samples on 2 ranks: 5 per rank; 2 samples per step per rank -> epochs end in steps 3, 5, 8, 10.
+    assert D.epoch_end_steps(9, 2, 2, 10) == [3, 5, 8, 10]
+    assert D.steps_for_epochs(2, 9, 2, 2) == 5 and D.steps_for_epochs(0.5, 9, 2, 2) == 2

@@ -99,3 +99,35 @@ def test_a_config_is_a_file_or_a_ds_configs_name(tmp_path):
         resolve_config_path("z9")
     with pytest.raises(DSConfigError, match="not found: .*nope/z1"):  # a path is not looked up by its base name
         resolve_config_path(str(tmp_path / "nope" / "z1"))
+
+
+def test_flags_override_the_json_and_say_what_changed():
+    from sftbench.dsconfig import apply_overrides
+    cfg = load_ds_config(REPO / "ds_configs" / "z1.json")
+    out, changes = apply_overrides(cfg, lr=1e-3, grad_accum=1, micro_batch=4, lr_warmup_steps=5, source="z1.json")
+    assert out["optimizer"]["params"]["lr"] == 1e-3 and out["scheduler"]["params"]["warmup_max_lr"] == 1e-3
+    assert out["gradient_accumulation_steps"] == 1 and out["train_micro_batch_size_per_gpu"] == 4
+    assert out["scheduler"]["params"]["warmup_num_steps"] == 5
+    assert changes == ["train_micro_batch_size_per_gpu: 1 -> 4 (--micro-batch)",
+                       "gradient_accumulation_steps: 8 -> 1 (--grad-accum)",
+                       "optimizer.params.lr: 1e-05 -> 0.001 (--lr)",
+                       "scheduler.params.warmup_max_lr: 1e-05 -> 0.001 (--lr)",
+                       "scheduler.params.warmup_num_steps: 100 -> 5 (--lr-warmup-steps)"]
+    assert cfg["gradient_accumulation_steps"] == 8  # the input is not changed
+    assert apply_overrides(cfg) == (cfg, [])
+    with_tbs, changes = apply_overrides({**cfg, "train_batch_size": 16}, grad_accum=2)
+    assert "train_batch_size" not in with_tbs and changes[-1].startswith("train_batch_size: 16 -> removed")
+
+
+def test_an_override_the_config_has_no_place_for_is_refused():
+    from sftbench.dsconfig import apply_overrides
+    cfg = load_ds_config(REPO / "ds_configs" / "z1.json")
+    no_sched = {k: v for k, v in cfg.items() if k != "scheduler"}
+    with pytest.raises(DSConfigError, match="my.json: --lr-warmup-steps needs a scheduler block"):
+        apply_overrides(no_sched, lr_warmup_steps=3, source="my.json")
+    assert apply_overrides(no_sched, lr=1e-3)[0]["optimizer"]["params"]["lr"] == 1e-3
+    with pytest.raises(DSConfigError, match="my.json: --lr needs an optimizer block"):
+        apply_overrides({k: v for k, v in cfg.items() if k != "optimizer"}, lr=1e-3, source="my.json")
+    one_cycle = {**cfg, "scheduler": {"type": "OneCycle", "params": {}}}
+    with pytest.raises(DSConfigError, match="scheduler.type 'OneCycle'"):
+        apply_overrides(one_cycle, lr=1e-3)

@@ -114,9 +114,9 @@ def test_no_private_names_across_modules():
 
 @pytest.mark.parametrize("mod", ["sftbench.runlog", "sftbench.presets", "sftbench.reference", "sftbench.memory",
                                  "sftbench.dsconfig", "sftbench.args", "sftbench.speed", "sftbench.graphs",
-                                 "sftbench.engine_checks", "sftbench.metrics", "sftbench.report", "sftbench.sweep", "sftbench.plan",
-                                 "sftbench.hardware", "sftbench.benchset", "sftbench.failures", "sftbench.liveness",
-                                 "sftbench.monitor.model"])
+                                 "sftbench.engine_checks", "sftbench.metrics", "sftbench.report", "sftbench.sweep",
+                                 "sftbench.plan", "sftbench.hardware", "sftbench.benchset", "sftbench.failures",
+                                 "sftbench.liveness", "sftbench.checkpoint", "sftbench.monitor.model"])
 def test_shared_modules_import_without_torch(mod):
     code = f"import sys, {mod}; sys.exit(1 if 'torch' in sys.modules or 'deepspeed' in sys.modules else 0)"
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

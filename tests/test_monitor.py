@@ -262,6 +262,26 @@ def test_engine_warnings_from_the_meta_are_shown(tmp_path):
     assert "warning: fp16 with ZeRO stage 0: the model does not learn" in M.header_lines(h)[-1]
 
 
+def test_a_fine_tuning_run_shows_its_eval_loss_and_where_it_resumed(tmp_path):
+    d = tmp_path / "ft"
+    log = RunLog(d, 0)
+    write_meta(log, d.name, 0, world=1)
+    log.close()
+    lines = (d / "rank0.jsonl").read_text().splitlines()
+    meta = json.loads(lines[0])
+    meta["resumed_from"] = {"path": "save/checkpoint-40", "step": 40}
+    (d / "rank0.jsonl").write_text(json.dumps(meta) + "\n")
+    log = RunLog(d, 0)
+    for s in (41, 42):
+        write_step(log, s, 0)
+    log.eval(step=42, epoch=0.07, time=time.time(), eval_loss=2.34567, eval_tokens=900, eval_samples=12, eval_s=0.5)
+    write_step(log, 43, 0)
+    log.close()
+    h = RunWatcher(d).read_all().header()
+    assert h["eval_loss"] == pytest.approx(2.34567) and h["eval_step"] == 42 and h["step"] == 43
+    assert "resumed from step 40 | eval loss 2.3457 (step 42)" in M.header_lines(h)[-1]
+
+
 def test_status_waiting_then_ok(tmp_path):
     d = tmp_path / "r"
     w = RunWatcher(d)

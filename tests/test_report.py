@@ -22,7 +22,8 @@ def _entry(run, model, cfg, precision, n, accel="cuda", rows=()):
 
 def write_ok_run(root: Path, run: str, model: str, cfg: str, precision: str, world: int, step_s: float,
                  gpu_mib: float, rss_mib: float, *, accel="cuda", measured_epoch=None, rows=(), compile="off",
-                 skipped: int = 0, meta_extra: dict | None = None, seq_len: int = 512):
+                 skipped: int = 0, meta_extra: dict | None = None, seq_len: int = 512,
+                 summary_extra: dict | None = None):
     rd = root / run
     ds = None if cfg == "none" else apply_precision(load_ds_config(REPO / "ds_configs" / f"{cfg}.json"), precision)
     pred = {"gpu_mib": gpu_mib * 0.9, "host_mib": rss_mib * world * 1.1, "fits": True}
@@ -49,7 +50,7 @@ def write_ok_run(root: Path, run: str, model: str, cfg: str, precision: str, wor
                     mfu_pct=12.5 if med else None,
                     gpu_mem_used_mib_peak=None if accel == "cpu" else gpu_mib + rank, host_rss_mib_peak=rss_mib,
                     steps_per_epoch=1250 // world, epoch_s_est=(1250 // world) * step_s if med else None,
-                    epoch_s_measured=measured_epoch, synthesized=False)
+                    epoch_s_measured=measured_epoch, synthesized=False, **(summary_extra or {}))
         log.close()
     (rd / "plan_entry.json").write_text(json.dumps(_entry(run, model, cfg, precision, world, accel, rows)))
     return rd
@@ -221,6 +222,21 @@ def test_fp16_overflow_steps_are_named(tmp_path):
         by = {r["run"]: r["skipped_steps"] for r in csv.DictReader(f)}
     assert by == {"pangu-350m__z0__fp16__g3": "5", "pangu-350m__z1__fp16__g3": "10", "pangu-350m__z1__bf16__g3": "0",
                   "pangu-2.6b__z0__fp16__g3": "0", "pangu-350m__z0b__fp16__g3": "0"}
+
+
+def test_a_fine_tuning_run_s_eval_loss_is_named_and_in_the_csv(tmp_path):
+    root = tmp_path / "runs" / "cpu"
+    write_ok_run(root, "pangu-tiny__z1__fp32__g2", "pangu-tiny", "z1", "fp32", 2, 0.2, 0.0, 600.0,
+                 summary_extra={"eval_loss": 2.345678})
+    write_ok_run(root, "pangu-tiny__z3__fp32__g2", "pangu-tiny", "z3", "fp32", 2, 0.3, 0.0, 600.0)
+    out = tmp_path / "res"
+    report.make_report(root, out)
+    md = (out / "results.md").read_text(encoding="utf-8")
+    assert "- `pangu-tiny__z1__fp32__g2`: eval loss 2.3457 at its last evaluation" in md
+    assert "pangu-tiny__z3__fp32__g2`: eval loss" not in md
+    with open(out / "results.csv", newline="", encoding="utf-8") as f:
+        by = {r["run"]: r["eval_loss"] for r in csv.DictReader(f)}
+    assert by == {"pangu-tiny__z1__fp32__g2": "2.345678", "pangu-tiny__z3__fp32__g2": ""}
 
 
 def test_the_compile_note_only_where_a_row_compiled(sweep_dir, tmp_path):

@@ -182,13 +182,16 @@ def test_save_then_resume(tmp_path, overfit_data):
     base = ["--ds", ds, "--data", str(overfit_data), "--cache-dir", str(tmp_path / "cache"), *COMMON]
     first = run(launch_cmd(2, *base, "--run-dir", str(tmp_path / "a"), "--save", str(ckpt)), cpu_env())
     assert first.returncode == 0, first.stderr[-3000:]
-    assert (ckpt / "latest").exists()
-    second = run(launch_cmd(2, *base, "--run-dir", str(tmp_path / "b"), "--resume", str(ckpt)), cpu_env())
+    assert (ckpt / "engine" / "latest").exists() and (ckpt / "model.safetensors").exists()
+    # --max-steps is the total: the resumed run trains steps 9-16.
+    second = run(launch_cmd(2, *base, "--run-dir", str(tmp_path / "b"), "--resume", str(ckpt), "--max-steps", "16"),
+                 cpu_env())
     assert second.returncode == 0, second.stderr[-3000:]
     a = read_jsonl(tmp_path / "a" / "rank0.jsonl")[-1]
     b = read_jsonl(tmp_path / "b" / "rank0.jsonl")[-1]
     # The resumed run starts from the trained weights: its first loss is where the first run ended, not ln(V).
     assert b["first_loss"] < a["first_loss"] - 1.0, (a["first_loss"], a["final_loss"], b["first_loss"])
+    assert [r["step"] for r in read_jsonl(tmp_path / "b" / "rank0.jsonl") if r["type"] == "step"] == list(range(9, 17))
 
 
 def test_dropping_the_pad_mask_keeps_the_loss_curve(tmp_path, overfit_data):

@@ -161,6 +161,7 @@ class RankState:
         self.meta: dict | None = None
         self.summary: dict | None = None
         self.last: dict | None = None          # last step record
+        self.last_eval: dict | None = None     # last eval record (fine-tuning runs with --eval-*)
         self.n_steps = 0
         self.n_warmup = 0
         self.n_skipped = 0                     # fp16 overflow steps after warm-up
@@ -182,6 +183,11 @@ class RankState:
         elif t == "meta":
             self.meta = dict(rec)
             tm = _fin(rec.get("time"))
+            if tm is not None and (self.last_time is None or tm > self.last_time):
+                self.last_time = tm
+        elif t == "eval":
+            self.last_eval = dict(rec)
+            tm = _fin(rec.get("time"))  # an evaluation is activity too (the stall rule reads last_time)
             if tm is not None and (self.last_time is None or tm > self.last_time):
                 self.last_time = tm
         elif t == "summary":
@@ -415,6 +421,9 @@ class RunState:
             "last_record_time": self.last_record_time,
             "liveness": liveness.describe(status, self.last_record_time, self.slowest_step_s, now)
             if status in ("dead", "stalled?") else None,
+            "eval_loss": _num((p.last_eval or {}).get("eval_loss")) if p else None,
+            "eval_step": (p.last_eval or {}).get("step") if p else None,
+            "resumed_from_step": (m.get("resumed_from") or {}).get("step"),
         }
 
 
@@ -469,6 +478,10 @@ def header_lines(h: Mapping[str, Any]) -> list[str]:
         notes.append(f"warning: {w}")
     if h.get("skipped_steps"):
         notes.append(f"fp16 overflow steps (no update, not measured): {h['skipped_steps']}")
+    if h.get("resumed_from_step") is not None:
+        notes.append(f"resumed from step {h['resumed_from_step']}")
+    if h.get("eval_loss") is not None:
+        notes.append(f"eval loss {fmt_float(h['eval_loss'], 4)} (step {h['eval_step']})")
     if h["bad_lines"]:
         notes.append(f"garbage lines skipped: {h['bad_lines']}")
     if h["partial_lines"]:

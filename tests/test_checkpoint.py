@@ -1,0 +1,275 @@
+"""sftbench.checkpoint: save folders that transformers loads, checkpoints that resume exactly, clear resume errors.
+
+The slow tests are real 2-rank CPU runs of the launcher on a dropout-free tiny model (so a resumed curve can be
+compared number for number); the model folders are loaded in a fresh process, outside the repository, from an
+installed copy of the package.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, cpu_env, launch_cmd, read_jsonl, run
+from sftbench import checkpoint
+from sftbench.checkpoint import STATE_FILE, ResumeError
+
+SAMPLE = REPO / "data" / "sample_sft.jsonl"
+COMMON = ["--seq-len", "64", "--warmup-steps", "1", "--precision", "fp32", "--seed", "5", "--eval-split", "0.05",
+          "--lr", "3e-3", "--grad-accum", "2", "--lr-warmup-steps", "1", "--data", str(SAMPLE)]
+
+
+# ---------------------------------------------------------------------------------------------- resolve (no engine)
+def _fake_checkpoint(folder: Path, step: int, files: dict[str, bytes] | None = None) -> Path:
+    files = {"engine/x.pt": b"abc"} if files is None else files
+    for name, blob in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(blob)
+    (folder / STATE_FILE).write_text(json.dumps({"step": step, "files": {n: len(b) for n, b in files.items()}}))
+    return folder
+
+
+def test_resolve_takes_the_latest_complete_checkpoint(tmp_path):
+    _fake_checkpoint(tmp_path, 10)
+    _fake_checkpoint(tmp_path / "checkpoint-4", 4)
+    _fake_checkpoint(tmp_path / "checkpoint-12", 12)
+    (tmp_path / "checkpoint-16").mkdir()  # no state file: a save that never finished
+    _fake_checkpoint(tmp_path / ".partial-checkpoint-20", 20)  # the folder a save is built in
+    folder, state = checkpoint.resolve(tmp_path)
+    assert folder == tmp_path / "checkpoint-12" and state["step"] == 12
+    assert checkpoint.resolve(tmp_path / "checkpoint-4")[0] == tmp_path / "checkpoint-4"
+
+
+def test_resolve_names_a_missing_or_incomplete_folder(tmp_path):
+    with pytest.raises(ResumeError, match=f"--resume: {tmp_path / 'nope'} does not exist"):
+        checkpoint.resolve(tmp_path / "nope")
+    (tmp_path / ".partial-checkpoint-3").mkdir()
+    with pytest.raises(ResumeError, match=rf"{tmp_path} holds no complete checkpoint.*\.partial-checkpoint-3"):
+        checkpoint.resolve(tmp_path)
+    ck = _fake_checkpoint(tmp_path / "checkpoint-3", 3, {"engine/a.pt": b"1234", "engine/b.pt": b"12"})
+    (ck / "engine" / "b.pt").write_bytes(b"1")  # truncated
+    with pytest.raises(ResumeError, match=r"checkpoint-3 is incomplete: missing or truncated engine/b\.pt"):
+        checkpoint.resolve(tmp_path)
+
+
+def test_check_resumable_refuses_another_data_order(tmp_path):
+    ident = {"world_size": 2, "micro_batch": 1, "grad_accum": 2, "seed": 5, "train_samples": 9, "seq_len": 64,
+             "engine": "deepspeed", "eval_split": 0.0}
+    state = {"step": 3, "identity": ident}
+    checkpoint.check_resumable(tmp_path, state, dict(ident), max_steps=6)
+    with pytest.raises(ResumeError, match="grad_accum = 2, this run has 4"):
+        checkpoint.check_resumable(tmp_path, state, {**ident, "grad_accum": 4}, max_steps=6)
+    with pytest.raises(ResumeError, match="is at step 3, and this run stops at step 3"):
+        checkpoint.check_resumable(tmp_path, state, dict(ident), max_steps=3)
+
+
+# ---------------------------------------------------------------------------------------------- real runs
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A dropout-free tiny checkpoint (the model), and the package installed from a wheel into its own folder."""
+    import torch
+    from sftbench.pangu import PanguForCausalLM, preset_config
+
+    root = tmp_path_factory.mktemp("ft")
+    torch.manual_seed(5)
+    PanguForCausalLM._from_config(preset_config("pangu-tiny", attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+                                  ).save_pretrained(root / "tiny")
+    src = root / "src"  # built from a copy: a build in the checkout would leave build/ and *.egg-info there
+    shutil.copytree(REPO / "sftbench", src / "sftbench", ignore=shutil.ignore_patterns("__pycache__"))
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / f, src / f)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(root / "wheel"), str(src)], check=True, capture_output=True)
+    wheel = next((root / "wheel").glob("sftbench-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target",
+                    str(root / "site"), str(wheel)], check=True, capture_output=True)
+    return root
+
+
+LOADER = r"""
+import json, sys
+import importlib.metadata
+import sftbench  # registers the Pangu classes with the Auto classes
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from sftbench import data as sftdata
+from sftbench.tokenizer import PanguTokenizer
+
+folder, data, split, seed, seq_len = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+tok = AutoTokenizer.from_pretrained(folder)
+model.eval()
+# The eval loss the run logged, recomputed from this model's logits on the same held-out rows.
+pangu = PanguTokenizer.load(folder)
+es = sftdata.load_or_build_cache(data, pangu, seq_len, None)
+_, rows = sftdata.holdout_split(es.n, split, seed)
+b = es.batch(rows)
+labels = b["labels"].masked_fill(b["labels"] == model.config.pad_token_id, -100)
+with torch.no_grad():
+    logits = model(input_ids=b["input_ids"]).logits
+tgt = labels[:, 1:]
+loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100,
+                       reduction="sum") / (tgt != -100).sum()
+prompt, answer = sftdata.read_sft_jsonl(data)[0][rows[0]]
+enc = tok(prompt, return_tensors="pt")
+out = model.generate(**enc, max_new_tokens=5, do_sample=False)
+print(json.dumps({
+    "cls": [type(model).__name__, type(tok).__name__], "version": importlib.metadata.version("sftbench"),
+    "missing": sorted(info["missing_keys"]), "unexpected": sorted(info["unexpected_keys"]),
+    "tied": model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr(),
+    "eval_loss": loss.item(), "sftbench_file": sftbench.__file__,
+    "prompt_ids": enc["input_ids"][0].tolist(), "pair_ids": tok(prompt, answer)["input_ids"],
+    "want_prompt_ids": [pangu.bos_id, *pangu.encode(prompt), pangu.sep_id],
+    "want_pair_ids": pangu.encode_pair(prompt, answer), "generated": out[0].tolist(),
+    "answer": tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True),
+    "eos": model.generation_config.eos_token_id, "eot": pangu.eot_id,
+}))
+"""
+
+
+def load_outside_repo(work: Path, folder: Path) -> dict:
+    """Load a saved folder in a fresh interpreter whose working directory and path hold no checkout."""
+    env = cpu_env(PYTHONPATH=str(work / "site"))
+    p = subprocess.run([sys.executable, "-c", LOADER, str(folder), str(SAMPLE), "0.05", "5", "64"], cwd=work,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def records(run_dir: Path, rank: int = 0) -> tuple[dict, list[dict], list[dict], dict]:
+    recs = read_jsonl(run_dir / f"rank{rank}.jsonl")
+    return (recs[0], [r for r in recs if r["type"] == "step"], [r for r in recs if r["type"] == "eval"], recs[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cfg", ["z1", "z3"])
+def test_finetune_saves_a_folder_transformers_loads(cfg, tmp_path, work):
+    """Fine-tune on the shipped sample with a held-out eval split and flags that override the JSON; the saved
+    folder loads outside the repo with no missing key, its logits give the eval loss the engine logged, generate()
+    answers a prompt of the data in the training layout."""
+    save = tmp_path / "save"
+    run_dir = tmp_path / "run"
+    extra = ["--micro-batch", "2"] if cfg == "z3" else []
+    p = run(launch_cmd(2, "--ds", str(REPO / "ds_configs" / f"{cfg}.json"), "--model", str(work / "tiny"),
+                       "--run-dir", str(run_dir), "--cache-dir", str(tmp_path / "cache"), "--max-steps", "4",
+                       "--save", str(save), *COMMON, *extra), cpu_env())
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    meta, steps, evals, summary = records(run_dir)
+    # The flags are applied to the DeepSpeed config, read back from the engine and logged.
+    assert meta["grad_accum"] == 2 and meta["harness"]["grad_accum"] == 2
+    assert meta["micro_batch"] == (2 if cfg == "z3" else 1)
+    assert meta["ds_config"]["optimizer"]["params"]["lr"] == 3e-3 and meta["lr"] == 3e-3
+    assert meta["ds_config"]["scheduler"]["params"]["warmup_num_steps"] == 1
+    assert "optimizer.params.lr: 1e-05 -> 0.003 (--lr)" in meta["overrides"]
+    assert "override: gradient_accumulation_steps: 8 -> 2 (--grad-accum)" in p.stdout
+    assert steps[-1]["lr"] == pytest.approx(3e-3)
+    # Evaluation: at the end, the same on both ranks (reduced), not inside the step clock.
+    assert [e["step"] for e in evals] == [4] and evals[0]["eval_samples"] == 12
+    assert records(run_dir, 1)[2][0]["eval_loss"] == evals[0]["eval_loss"]
+    assert summary["status"] == "ok" and summary["eval_loss"] == evals[0]["eval_loss"]
+    assert summary["saved"] == {"path": str(save), "step": 4}
+    assert (save / "model.safetensors").is_file() and (save / STATE_FILE).is_file()
+    assert "model saved to" in p.stdout
+    got = load_outside_repo(work, save)
+    assert got["cls"] == ["PanguForCausalLM", "PanguHFTokenizer"] and got["version"]
+    assert not got["sftbench_file"].startswith(str(REPO))
+    assert got["missing"] == [] and got["unexpected"] == [] and got["tied"]
+    assert got["eval_loss"] == pytest.approx(evals[0]["eval_loss"], rel=1e-5)
+    assert got["prompt_ids"] == got["want_prompt_ids"] and got["pair_ids"] == got["want_pair_ids"]
+    assert got["eos"] == got["eot"]
+    assert got["generated"][:len(got["prompt_ids"])] == got["prompt_ids"] and len(got["generated"]) > len(
+        got["prompt_ids"])
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 400) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"run ended (rc {proc.returncode}) before {path} appeared")
+        if time.time() > deadline:
+            pytest.fail(f"{path} did not appear in {timeout} s")
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_on_the_same_curve(tmp_path, work):
+    """An uninterrupted 6-step run against one SIGKILLed after its step-3 checkpoint and resumed: steps 4-6 give
+    the same losses, learning rates and eval loss; the resumed run logs steps 4-6 only and says where it resumed.
+    Then SIGTERM during a resumed run: one last checkpoint, status interrupted."""
+    base = ["--ds", str(REPO / "ds_configs" / "z1.json"), "--model", str(work / "tiny"),
+            "--cache-dir", str(tmp_path / "cache"), *COMMON]
+    full = run(launch_cmd(2, *base, "--run-dir", str(tmp_path / "full"), "--max-steps", "6",
+                          "--save", str(tmp_path / "save_full"), "--save-every", "3"), cpu_env())
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    killed_save = tmp_path / "save_killed"
+    proc = subprocess.Popen(launch_cmd(2, *base, "--run-dir", str(tmp_path / "killed"), "--max-steps", "100000",
+                                       "--save", str(killed_save), "--save-every", "3"),
+                            env=cpu_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        _wait_for(killed_save / "checkpoint-3" / STATE_FILE, proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    resumed = run(launch_cmd(2, *base, "--run-dir", str(tmp_path / "resumed"), "--max-steps", "6",
+                             "--resume", str(killed_save)), cpu_env())
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert f"resumed from step 3 ({killed_save / 'checkpoint-3'})" in resumed.stdout
+    _, full_steps, full_evals, _ = records(tmp_path / "full")
+    meta, steps, evals, summary = records(tmp_path / "resumed")
+    assert meta["resumed_from"] == {"path": str(killed_save / "checkpoint-3"), "step": 3}
+    assert [s["step"] for s in steps] == [4, 5, 6]
+    assert [s["loss"] for s in steps] == pytest.approx([s["loss"] for s in full_steps[3:]], rel=1e-5)
+    assert [s["lr"] for s in steps] == pytest.approx([s["lr"] for s in full_steps[3:]], rel=1e-6)
+    assert full_steps[5]["loss"] < full_steps[0]["loss"] - 0.1  # the compared steps did train
+    assert evals[-1]["eval_loss"] == pytest.approx(full_evals[-1]["eval_loss"], rel=1e-5)
+    assert summary["status"] == "ok" and summary["steps"] == 3
+
+    # SIGTERM to every process of the job (what a scheduler sends): the ranks agree on a step, save it, and stop.
+    term_dir = tmp_path / "term"
+    proc = subprocess.Popen(launch_cmd(2, *base, "--run-dir", str(term_dir), "--max-steps", "100000",
+                                       "--resume", str(killed_save), "--save", str(killed_save)),
+                            env=cpu_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        while not (term_dir / "rank1.jsonl").exists() or (term_dir / "rank1.jsonl").read_text().count(
+                '"type": "step"') < 1:
+            assert time.time() < deadline and proc.poll() is None, "the resumed run produced no step"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    summ = read_jsonl(term_dir / "rank0.jsonl")[-1]
+    assert summ["type"] == "summary" and summ["status"] == "interrupted", out[-3000:]
+    k = summ["saved"]["step"]
+    assert k > 3 and f"after step {k}" in summ["error"]
+    folder, state = checkpoint.resolve(killed_save)
+    assert folder == killed_save / f"checkpoint-{k}" and state["step"] == k
+
+
+@pytest.mark.slow
+def test_missing_resume_folder_fails_before_training(tmp_path):
+    """(An incomplete folder takes the same path: test_resolve_names_a_missing_or_incomplete_folder.)"""
+    message = f"--resume: {tmp_path / 'nope'} does not exist"
+    run_dir = tmp_path / "run"
+    p = run([sys.executable, str(REPO / "train.py"), "--ds", str(REPO / "ds_configs" / "z1.json"),
+             "--model", "pangu-tiny", "--seq-len", "64", "--max-steps", "2", "--run-dir", str(run_dir),
+             "--cache-dir", str(tmp_path / "cache"), "--resume", str(tmp_path / "nope")], cpu_env(), timeout=300)
+    assert p.returncode != 0 and message in p.stderr, p.stderr[-2000:]
+    recs = read_jsonl(run_dir / "rank0.jsonl")
+    assert [r["type"] for r in recs] == ["summary"] and recs[0]["status"] == "error"  # no meta: nothing was built
+    assert message in recs[0]["error"]
