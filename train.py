@@ -26,6 +26,7 @@ from sftbench.dsconfig import (DSConfigError, apply_overrides, apply_precision, 
 from sftbench.failures import classify_exception
 from sftbench.ops import check_locks as check_build_locks
 from sftbench.runlog import RunLog
+from sftbench.nodes import NodeError, per_node_prediction, placement
 from sftbench.shm import release_own_buffer as release_shm_buffer
 
 # ---------------------------------------------------------------- parse
@@ -71,6 +72,10 @@ if torch.distributed.is_initialized():
     world_size, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
 if args.deepspeed and on_cpu:
     release_shm_buffer(rank, world_size)  # DeepSpeed never frees its 66 MB shm file per CPU rank (sftbench/shm.py)
+try:
+    where = placement(rank, world_size, local_rank)  # node name, node rank and count, ranks per node (nodes.py)
+except NodeError as e:
+    sys.exit(f"error: {e}")
 
 
 def sync() -> None:
@@ -242,18 +247,22 @@ try:
 
     import psutil
     from sftbench import memory
+    host_total = psutil.virtual_memory().total / metrics.MIB
+    multi_node = (where["num_nodes"] or 1) > 1
     predicted = memory.predict(
         memory.ModelShape(n_params, config.hidden_size, config.num_layers, config.num_heads, config.vocab_size,
                           config.intermediate_size),
         memory.RunShape(ds_cfg, world_size, precision, seq_len=args.seq_len, micro_batch=mb,
                         cuda=device.type == "cuda", flash_attention=not use_pad_mask, dataset_samples=ds.n,
                         cuda_graphs=use_graphs),
-        memory.Limits(gpu.total_mib(), psutil.virtual_memory().total / metrics.MIB)).to_json()
+        memory.Limits(gpu.total_mib(), None if multi_node else host_total)).to_json()
+    if multi_node:  # one node's RAM holds only its own ranks' share of the job's host memory
+        predicted = per_node_prediction(predicted, where["num_nodes"], where["local_world_size"] or 1, host_total)
     import transformers
     log.meta(
         run=Path(run_dir).name, time=t_start, argv=sys.argv, ds_config_path=args.ds if args.deepspeed else None,
         ds_config=ds_cfg, harness=vars(args), model=model_name, n_params=n_params, flops_per_token=flops_tok,
-        world_size=world_size, rank=rank, local_rank=local_rank, host=socket.gethostname(), pid=os.getpid(),
+        world_size=world_size, rank=rank, local_rank=local_rank, **where, host=socket.gethostname(), pid=os.getpid(),
         device=str(device), device_name=device_name if device.type == "cuda" else None, device_uuid=gpu_uuid,
         gpu_index=gpu.index, peak_tflops=peak, precision=precision, zero_stage=desc["zero_stage"],
         offload_optimizer=desc["offload_optimizer"], offload_param=desc["offload_param"], micro_batch=mb,
@@ -279,9 +288,10 @@ try:
     )
     for change in overrides:
         say(f"override: {change}")
-    say(f"engine: {engine_name}, ZeRO {desc['zero_stage']}, {precision}, world {world_size}, micro batch {mb}, "
-        f"grad accum {ga}, lr {'-' if args.lr is None else f'{args.lr:g}'}, {steps_per_epoch} steps/epoch, "
-        f"{max_steps} steps; log: {run_dir}")
+    nodes_txt = f" on {where['num_nodes']} nodes" if multi_node else ""
+    say(f"engine: {engine_name}, ZeRO {desc['zero_stage']}, {precision}, world {world_size}{nodes_txt}, "
+        f"micro batch {mb}, grad accum {ga}, lr {'-' if args.lr is None else f'{args.lr:g}'}, "
+        f"{steps_per_epoch} steps/epoch, {max_steps} steps; log: {run_dir}")
     say(f"speed: compile {compile_target} ({compile_why}); cuda graphs {'on' if use_graphs else 'off'} ({graphs_why})"
         + (f", graphs hold {graphs_pool_mib:.0f} MiB" if graphs_pool_mib is not None else ""))
     for w in warnings:

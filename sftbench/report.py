@@ -1,6 +1,7 @@
 """The results table: the reference's columns, our measurements, failures with their reasons, a plot.
 
     python -m sftbench.report runs/<sweep> --out results/<sweep>/
+    python -m sftbench.report runs/<sweep> --node-dir node1-runs/<sweep>   # a multi-node sweep without a shared disk
 
 Reads only what the runs wrote: ``rank<k>.jsonl`` (schema: docs/log_schema.md), the sweep's ``summary.json``
 (synthesized for runs that died), ``plan.json`` / ``plan_entry.json``, ``predicted.json`` and ``sweep_info.json``.
@@ -33,8 +34,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 from sftbench import engine_checks, liveness, reference, runlog
+from sftbench import nodes as nodes_mod
 from sftbench.args import REPO
 from sftbench.dsconfig import apply_precision, describe
 from sftbench.metrics import StepStats, cpu_model
@@ -100,6 +103,7 @@ class Row:
     fallback_gpu: str | None = None  # the sweep's GPU name, for runs that died before their meta record
     live_state: str | None = None    # no summary: running, stalled? or dead (sftbench.liveness), else None
     live_note: str | None = None     # what live_state means here, with the time of the last record
+    rank_metas: dict[int, dict] = field(default_factory=dict)
 
     # ---- identity
     @property
@@ -118,7 +122,12 @@ class Row:
 
     @property
     def world(self) -> int:
-        return int(self.meta.get("world_size") or self.entry.get("num_gpus") or 1)
+        return int(self.meta.get("world_size") or (self.entry.get("num_gpus") or 1) * self.nodes)
+
+    @property
+    def nodes(self) -> int:
+        """Nodes the run spanned: the launcher's count in the logs, else the plan entry's (1 on one machine)."""
+        return int(nodes_mod.job_nodes(self.rank_metas) or self.entry.get("num_nodes") or 1)
 
     @property
     def precision(self) -> str | None:
@@ -212,17 +221,34 @@ class Row:
         vals = self._per_rank("gpu_mem_used_mib_peak", "gpu_mem_used_mib")
         return max(vals.values()) if vals else None
 
-    @property
-    def host_rss_mib(self) -> float | None:
-        """Sum of every rank's peak RSS: the job's host memory."""
-        vals = self._per_rank("host_rss_mib_peak", "host_rss_mib")
-        if not vals:
-            return None
+    @staticmethod
+    def _ranks_sum(vals: dict[int, float], expected: int) -> float:
         total = sum(vals.values())
-        missing = self.world - len(vals)
+        missing = expected - len(vals)
         if missing > 0:  # ranks that logged nothing: assume like the others
             total += missing * total / len(vals)
         return total
+
+    @property
+    def host_rss_all_mib(self) -> float | None:
+        """Sum of every rank's peak RSS, over every node."""
+        vals = self._per_rank("host_rss_mib_peak", "host_rss_mib")
+        return self._ranks_sum(vals, self.world) if vals else None
+
+    @property
+    def host_rss_mib(self) -> float | None:
+        """The host memory one machine must hold: the sum of every rank's peak RSS on one node; with several
+        nodes, the largest node's sum (host RAM is a per-node figure)."""
+        if self.nodes <= 1:
+            return self.host_rss_all_mib
+        vals = self._per_rank("host_rss_mib_peak", "host_rss_mib")
+        per_node = []
+        for ranks in nodes_mod.ranks_by_node(self.rank_metas).values():
+            mine = {r: v for r, v in vals.items() if r in ranks}
+            if mine:
+                n_local = (self.rank_metas[ranks[0]].get("local_world_size") or len(ranks))
+                per_node.append(self._ranks_sum(mine, int(n_local)))
+        return max(per_node) if per_node else None
 
     @property
     def epoch(self) -> tuple[float | None, bool]:
@@ -281,9 +307,13 @@ def _liveness(rr: runlog.RunRecords) -> tuple[str, str]:
     return state, liveness.describe(state, last, slowest, with_state=False)  # the label says the state
 
 
-def collect(runs_dir: str | os.PathLike) -> tuple[list[Row], dict, dict]:
-    """All runs under runs_dir (plan order where plan.json has them), plan.json and sweep_info.json."""
+def collect(runs_dir: str | os.PathLike, node_dirs: Iterable[str | os.PathLike] = ()) -> tuple[list[Row], dict, dict]:
+    """All runs under runs_dir (plan order where plan.json has them), plan.json and sweep_info.json.
+
+    ``node_dirs``: the same sweep folder as other nodes of a multi-node sweep wrote it (copied back, where the
+    nodes share no file system): each run also takes the rank files of its namesake folder in each of them."""
     root = Path(runs_dir)
+    node_roots = [Path(d) for d in node_dirs]
     plan = _read_json(root / runlog.PLAN_FILE) or {}
     info = _read_json(root / runlog.SWEEP_INFO_FILE) or {}
     plan_entries = {e.get("run"): e for e in plan.get("entries", []) if isinstance(e, dict)}
@@ -295,7 +325,7 @@ def collect(runs_dir: str | os.PathLike) -> tuple[list[Row], dict, dict]:
     # plan entries that never produced a directory with logs are left out (not run yet)
     rows: list[Row] = []
     for d in dirs:
-        rr = runlog.load_run(d)
+        rr = runlog.load_run(d, *[n / d.relative_to(root) for n in node_roots])
         entry = _read_json(d / runlog.PLAN_ENTRY_FILE) or plan_entries.get(d.name) or {}
         meta = rr.meta.get(0) or (rr.meta[min(rr.meta)] if rr.meta else {})
         summary = rr.final_summary()
@@ -314,7 +344,7 @@ def collect(runs_dir: str | os.PathLike) -> tuple[list[Row], dict, dict]:
         rows.append(Row(run=d.name, run_dir=d, entry=entry, meta=meta, summary=summary,
                         rank_summaries=dict(rr.summary), predicted=predicted, desc=desc,
                         order=plan_order.get(d.name, 10 ** 6), steps=rr.steps, fallback_gpu=fallback_gpu,
-                        live_state=live_state, live_note=live_note))
+                        live_state=live_state, live_note=live_note, rank_metas=dict(rr.meta)))
     # group by model and GPU, keep plan order inside (and across groups by first appearance)
     first: dict[tuple, int] = {}
     for r in sorted(rows, key=lambda r: (r.order, r.run)):
@@ -464,6 +494,11 @@ def build_table(rows: list[Row]) -> Table:
             remarks.append(f"`{r.run}`: warning: {w}")
         if (r.summary or {}).get("eval_loss") is not None:  # a fine-tuning run with --eval-data / --eval-split
             remarks.append(f"`{r.run}`: eval loss {r.summary['eval_loss']:.4f} at its last evaluation")
+        if r.nodes > 1:
+            seen = len(nodes_mod.ranks_by_node(r.rank_metas))
+            remarks.append(f"`{r.run}`: {r.nodes} nodes; host RAM is the largest node's (the peak RSS of its ranks "
+                           f"summed), GPU memory per rank; logs of {seen} of the {r.nodes} nodes read"
+                           + ("" if seen >= r.nodes else " (the others: give their folders with --node-dir)"))
         skipped = (r.summary or {}).get("skipped_steps") or 0
         if r.ok and skipped:
             remarks.append(f"`{r.run}`: {skipped} fp16 overflow step(s) skipped the optimizer update while "
@@ -705,8 +740,8 @@ NOTES = [
     "over a full epoch (`epoch_s_measured`).",
     "单条样本耗时 is seconds per optimizer step (s/it), as the reference measured it; `s/sample` divides it by the "
     "samples in one step (micro batch × gradient accumulation × GPUs).",
-    "内存使用量: sum over ranks of each process's peak RSS. 显存使用量: `N*` peak NVML used memory of each GPU in "
-    "MiB (what nvidia-smi shows), the largest over the ranks.",
+    "内存使用量: sum over ranks of each process's peak RSS (several nodes: the largest node's sum). 显存使用量: `N*` "
+    "peak NVML used memory of each GPU in MiB (what nvidia-smi shows), the largest over the ranks.",
     "Predicted memory: `sftbench/memory.py` before the run (DeepSpeed's ZeRO formulas plus buffers, activations, "
     "logits and CUDA context); measured: the NVML peak per GPU and the summed RSS.",
     COMPILED_NOTE + " after s/it: the run used torch.compile (`train.py --compile`, by default on for bf16 ZeRO-1 on a "
@@ -794,12 +829,13 @@ def write_html(path: Path, title: str, table: Table, hw: list[str], recs: list[s
 
 CONFIG_COLUMNS = ("zero_stage", "offload_optimizer", "offload_param", "pin_memory", "overlap_comm",
                   "allgather_bucket_size", "reduce_bucket_size", "stage3_max_live_parameters", "contiguous_gradients")
-PLAN_COLUMNS = ("run", "model", "ds_config", "precision", "num_gpus", "max_steps", "warmup_steps", "accelerator",
-                "data", "seq_len", "extra_args", "ref_rows")
+PLAN_COLUMNS = ("run", "model", "ds_config", "precision", "num_gpus", "num_nodes", "max_steps", "warmup_steps",
+                "accelerator", "data", "seq_len", "extra_args", "ref_rows")
 META_COLUMNS = ("device_name", "world_size", "micro_batch", "grad_accum", "seq_len", "n_params", "flops_per_token",
                 "peak_tflops", "dataset_samples", "real_tokens", "pad_tokens")
 DERIVED_COLUMNS = ("config", "compile", "s_per_sample", "gpu_mem_used_mib_max_over_ranks",
-                   "host_rss_mib_sum_over_ranks", "predicted_gpu_mib", "predicted_host_mib", "predicted_fits")
+                   "host_rss_mib_sum_over_ranks", "host_rss_mib_max_over_nodes", "predicted_gpu_mib",
+                   "predicted_host_mib", "predicted_host_mib_per_node", "predicted_fits")
 
 
 def csv_columns() -> list[str]:
@@ -825,9 +861,12 @@ def write_csv(path: Path, rows: list[Row]) -> None:
             d["compile"] = r.compile
             d["s_per_sample"] = r.s_per_sample
             d["gpu_mem_used_mib_max_over_ranks"] = r.gpu_mib
-            d["host_rss_mib_sum_over_ranks"] = r.host_rss_mib
+            d["num_nodes"] = r.nodes
+            d["host_rss_mib_sum_over_ranks"] = r.host_rss_all_mib
+            d["host_rss_mib_max_over_nodes"] = r.host_rss_mib
             d["predicted_gpu_mib"] = (r.predicted or {}).get("gpu_mib")
             d["predicted_host_mib"] = (r.predicted or {}).get("host_mib")
+            d["predicted_host_mib_per_node"] = (r.predicted or {}).get("host_mib_per_node", d["predicted_host_mib"])
             d["predicted_fits"] = (r.predicted or {}).get("fits")
             for k in META_COLUMNS:
                 d[f"meta_{k}"] = r.meta.get(k)
@@ -941,8 +980,9 @@ def write_png(path: Path, rows: list[Row]) -> None:
 
 # ================================================================================================ main
 
-def make_report(runs_dir: str | os.PathLike, out_dir: str | os.PathLike, title: str | None = None) -> dict:
-    rows, plan, info = collect(runs_dir)
+def make_report(runs_dir: str | os.PathLike, out_dir: str | os.PathLike, title: str | None = None,
+                node_dirs: Iterable[str | os.PathLike] = ()) -> dict:
+    rows, plan, info = collect(runs_dir, node_dirs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = plan.get("sweep") or Path(runs_dir).resolve().name
@@ -971,24 +1011,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("runs_dir", help="a sweep's run folder (runs/<sweep>) or any folder holding run directories")
     ap.add_argument("--out", default=None, help="output folder (default results/<name of runs_dir>)")
     ap.add_argument("--title", default=None)
+    ap.add_argument("--node-dir", action="append", default=[], metavar="DIR",
+                    help="the same sweep folder as another node wrote it (a multi-node sweep without a shared file "
+                         "system, copied back); repeat per node")
     a = ap.parse_args(argv)
-    if not Path(a.runs_dir).exists():
-        print(f"report: error: {a.runs_dir} does not exist", file=sys.stderr)
-        return 2
-    if not Path(a.runs_dir).is_dir():
-        print(f"report: error: {a.runs_dir} is not a directory", file=sys.stderr)
-        return 2
-    try:
-        os.listdir(a.runs_dir)
-    except OSError as e:
-        print(f"report: error: cannot read {a.runs_dir}: {e.strerror}", file=sys.stderr)
-        return 2
+    for d in [a.runs_dir, *a.node_dir]:
+        if not Path(d).exists():
+            print(f"report: error: {d} does not exist", file=sys.stderr)
+            return 2
+        if not Path(d).is_dir():
+            print(f"report: error: {d} is not a directory", file=sys.stderr)
+            return 2
+        try:
+            os.listdir(d)
+        except OSError as e:
+            print(f"report: error: cannot read {d}: {e.strerror}", file=sys.stderr)
+            return 2
     if next(runlog.iter_run_dirs(a.runs_dir), None) is None:
         print(f"report: error: {a.runs_dir} holds no run directories (no rank<k>.jsonl or summary.json beneath it); "
               "nothing written", file=sys.stderr)
         return 2
     out = a.out or str(REPO / "results" / Path(a.runs_dir).resolve().name)
-    res = make_report(a.runs_dir, out, a.title)
+    res = make_report(a.runs_dir, out, a.title, a.node_dir)
     print(f"report: {res['rows']} runs ({res['failures']} failed) -> {res['out']}/results.md")
     return 0
 

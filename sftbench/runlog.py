@@ -28,7 +28,8 @@ SCHEMA_VERSION = 1
 
 META_KEYS = (
     "type", "schema", "run", "time", "argv", "ds_config_path", "ds_config", "harness", "model", "n_params",
-    "flops_per_token", "world_size", "rank", "local_rank", "host", "pid", "device", "device_name", "device_uuid",
+    "flops_per_token", "world_size", "rank", "local_rank", "node", "node_rank", "num_nodes", "local_world_size",
+    "host", "pid", "device", "device_name", "device_uuid",
     "gpu_index", "peak_tflops", "precision", "zero_stage", "offload_optimizer", "offload_param", "micro_batch",
     "grad_accum", "seq_len", "dataset_path", "dataset_samples", "real_tokens", "pad_tokens", "steps_per_epoch",
     "max_steps", "warmup_steps", "optimizations", "predicted", "versions", "git_commit", "warnings", "env",
@@ -176,10 +177,19 @@ def rank_files(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def load_run(run_dir: str | os.PathLike) -> RunRecords:
+def load_run(run_dir: str | os.PathLike, *node_dirs: str | os.PathLike) -> RunRecords:
+    """Every rank file of run_dir; ``node_dirs``: the same run's folder as other nodes wrote it (a multi-node run
+    without a shared file system), missing ones skipped. A rank found in several folders is read from the fullest
+    file (a copy made while the run was still going has fewer lines)."""
     rr = RunRecords(Path(run_dir))
-    for rank, path in rank_files(run_dir):
-        records, bad = read_records(path)
+    chosen: dict[int, tuple[list[dict], int]] = {}
+    for d in (run_dir, *node_dirs):
+        for rank, path in rank_files(d):
+            records, bad = read_records(path)
+            if rank not in chosen or len(records) > len(chosen[rank][0]):
+                chosen[rank] = (records, bad)
+    for rank in sorted(chosen):
+        records, bad = chosen[rank]
         rr.bad_lines += bad
         for rec in records:
             t = rec.get("type")

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 from sftbench import failures, memory, runlog
+from sftbench import nodes as nodes_mod
 from sftbench.hardware import (Gpu, bf16_supported, cpu_affinity, detect_gpus, gpu_slug, host_tag,
                                host_total_mib)
 from sftbench.presets import model_shape
@@ -131,10 +132,21 @@ def resolve_precisions(spec: str, ref_precs: list[str], accelerator: str, bf16_o
 
 # ================================================================================================ plan
 
+@dataclass(frozen=True)
+class NodeLaunch:
+    """Where the runs of a multi-node sweep go: DeepSpeed's launcher takes ``num_nodes`` hosts from the hostfile
+    (``--hostfile``, ``--num_nodes``), optionally ``--master_addr`` and a multi-node backend (``--launcher``:
+    pdsh by default, openmpi, slurm, ...)."""
+    hostfile: str
+    num_nodes: int
+    master_addr: str | None = None
+    launcher: str | None = None
+
+
 EPOCH_SUFFIX = runlog.EPOCH_SUFFIX
 EPOCH_TIMEOUT_S = 12 * 3600.0
-ENTRY_KEY_FIELDS = ("model", "ds_config", "ds_config_sha1", "precision", "num_gpus", "max_steps", "warmup_steps",
-                    "accelerator", "data", "seq_len", "extra_args")
+ENTRY_KEY_FIELDS = ("model", "ds_config", "ds_config_sha1", "precision", "num_gpus", "num_nodes", "max_steps",
+                    "warmup_steps", "accelerator", "data", "seq_len", "extra_args")
 
 
 @dataclass
@@ -152,10 +164,20 @@ class PlanEntry:
     extra_args: list[str] = field(default_factory=list)
     ref_rows: list[int] = field(default_factory=list)
     ds_config_sha1: str | None = None
+    # Several nodes: num_gpus is per node. How to reach the nodes (hostfile, master address, DeepSpeed's multi-node
+    # backend) is not what makes the run: it is left out of key(), so a changed hostfile path does not re-run it.
+    num_nodes: int = 1
+    hostfile: str | None = None
+    master_addr: str | None = None
+    launcher: str | None = None
 
     @property
     def config_name(self) -> str:
         return _cfg_name(self.ds_config)
+
+    @property
+    def world_size(self) -> int:
+        return self.num_gpus * self.num_nodes
 
     def key(self) -> dict:
         """What makes two entries the same run (resume compares this)."""
@@ -171,9 +193,10 @@ class PlanEntry:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def run_name(model: str, cfg: str, precision: str, num_gpus: int, accelerator: str) -> str:
+def run_name(model: str, cfg: str, precision: str, num_gpus: int, accelerator: str, num_nodes: int = 1) -> str:
     m = Path(model).name if os.sep in model or "/" in model else model
-    return f"{m}__{cfg}__{precision}__{'cpu' if accelerator == 'cpu' else 'g'}{num_gpus}"
+    nodes = f"n{num_nodes}" if num_nodes > 1 else ""  # one machine: the names of every earlier sweep
+    return f"{m}__{cfg}__{precision}__{nodes}{'cpu' if accelerator == 'cpu' else 'g'}{num_gpus}"
 
 
 def _sha1(path: Path) -> str | None:
@@ -216,9 +239,11 @@ def loss_scale_warmup_steps(ds_config: str | None, precision: str) -> int:
 
 def build_plan(*, models: list[str], configs: list[str], precisions: str, gpu_counts: list[int], accelerator: str,
                steps: int, warmup: int, data: str, seq_len: int, bf16_ok: bool, ref: list[RefRow],
-               extra_args: list[str] | None = None) -> list[PlanEntry]:
+               extra_args: list[str] | None = None, nodes: NodeLaunch | None = None) -> list[PlanEntry]:
     """Order: GPU count, model, config (reference order), precision (reference's first, then bf16). fp16 DeepSpeed
-    runs get ``loss_scale_warmup_steps`` on top of ``steps``."""
+    runs get ``loss_scale_warmup_steps`` on top of ``steps``. ``nodes``: every run on those nodes, ``gpu_counts``
+    per node."""
+    n_nodes = nodes.num_nodes if nodes else 1
     entries: list[PlanEntry] = []
     for n in gpu_counts:
         for model in models:
@@ -232,12 +257,14 @@ def build_plan(*, models: list[str], configs: list[str], precisions: str, gpu_co
                     sha = _sha1(REPO / path) if path and not Path(path).is_absolute() else (
                         _sha1(Path(path)) if path else None)
                     entries.append(PlanEntry(
-                        run=run_name(model, name, prec, n, accelerator), model=model, ds_config=path,
+                        run=run_name(model, name, prec, n, accelerator, n_nodes), model=model, ds_config=path,
                         precision=prec, num_gpus=n, accelerator=accelerator, warmup_steps=warmup,
                         max_steps=steps + loss_scale_warmup_steps(path, prec) if steps else steps,
                         data=data, seq_len=seq_len, extra_args=list(extra_args or []),
-                        ref_rows=reference_rows(ref, model, name, prec, n) if accelerator == "cuda" else [],
-                        ds_config_sha1=sha))
+                        ref_rows=reference_rows(ref, model, name, prec, n * n_nodes) if accelerator == "cuda" else [],
+                        ds_config_sha1=sha, num_nodes=n_nodes, hostfile=nodes.hostfile if nodes else None,
+                        master_addr=nodes.master_addr if nodes else None,
+                        launcher=nodes.launcher if nodes else None))
     return entries
 
 
@@ -265,11 +292,15 @@ def predict_entry(entry: PlanEntry, gpus: list[Gpu]) -> dict:
             cfg = json.loads(p.read_text(encoding="utf-8"))
         micro = (cfg or {}).get("train_micro_batch_size_per_gpu", 1) or 1
         gpu_total = gpus[0].memory_mib if (entry.accelerator == "cuda" and gpus) else None
-        host_total = host_total_mib()
+        host_total = host_total_mib()  # this machine's: the nodes of a job are taken to be alike
         data = Path(entry.data) if os.path.isabs(entry.data) else REPO / entry.data
-        run = memory.RunShape(cfg, entry.num_gpus, entry.precision, seq_len=entry.seq_len, micro_batch=micro,
+        run = memory.RunShape(cfg, entry.world_size, entry.precision, seq_len=entry.seq_len, micro_batch=micro,
                               cuda=entry.accelerator == "cuda", dataset_samples=_count_lines(data))
-        return memory.predict(memory.ModelShape.of(shape), run, memory.Limits(gpu_total, host_total)).to_json()
+        pred = memory.predict(memory.ModelShape.of(shape), run,
+                              memory.Limits(gpu_total, host_total if entry.num_nodes == 1 else None)).to_json()
+        if entry.num_nodes > 1:  # one node's RAM holds its own ranks' share, not the whole job's host memory
+            pred = nodes_mod.per_node_prediction(pred, entry.num_nodes, entry.num_gpus, host_total)
+        return pred
     except Exception as e:  # a prediction must never stop a sweep
         return {"error": f"{type(e).__name__}: {e}"}
 
@@ -343,10 +374,16 @@ def entry_state(run_dir: Path, entry: PlanEntry) -> tuple[str, dict | None]:
     return "failed", summ
 
 
-def launcher_command(num_gpus: int, cuda: bool, env: Mapping[str, str]) -> list[str]:
+def launcher_command(num_gpus: int, cuda: bool, env: Mapping[str, str], nodes: NodeLaunch | None = None) -> list[str]:
     """The deepspeed launcher for num_gpus ranks on this host, on a free port. Honours CUDA_VISIBLE_DEVICES (the
-    launcher itself ignores it once --num_gpus is given)."""
+    launcher itself ignores it once --num_gpus is given). ``nodes``: DeepSpeed's multi-node launch from the
+    hostfile, num_gpus ranks on each of the first ``nodes.num_nodes`` hosts (``resolve`` refuses
+    CUDA_VISIBLE_DEVICES there: it would not reach the other nodes)."""
     cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--master_port", str(free_port())]
+    if nodes is not None:
+        cmd += ["--hostfile", nodes.hostfile, "--num_nodes", str(nodes.num_nodes), "--num_gpus", str(num_gpus)]
+        cmd += ["--master_addr", nodes.master_addr] if nodes.master_addr else []
+        return cmd + (["--launcher", nodes.launcher] if nodes.launcher else [])
     ids = [t.strip() for t in (env.get("CUDA_VISIBLE_DEVICES") or "").split(",") if t.strip()]
     if cuda and ids and all(t.isdigit() for t in ids):
         return cmd + ["--include", f"localhost:{','.join(ids[:num_gpus])}"]
@@ -355,7 +392,9 @@ def launcher_command(num_gpus: int, cuda: bool, env: Mapping[str, str]) -> list[
 
 def train_command(entry: PlanEntry, run_dir: Path, env: dict) -> list[str]:
     """deepspeed launcher -> train.py."""
-    cmd = launcher_command(entry.num_gpus, entry.accelerator == "cuda", env)
+    nodes = (NodeLaunch(entry.hostfile, entry.num_nodes, entry.master_addr, entry.launcher) if entry.hostfile
+             else None)
+    cmd = launcher_command(entry.num_gpus, entry.accelerator == "cuda", env, nodes)
     cmd += ["train.py", "--ds", entry.ds_config or "none", "--model", entry.model, "--precision", entry.precision,
             "--max-steps", str(entry.max_steps), "--warmup-steps", str(entry.warmup_steps),
             "--run-dir", repo_relative(run_dir), "--data", entry.data, "--seq-len", str(entry.seq_len),
@@ -652,6 +691,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "model: --models pangu-350m --configs z0). The default --timeout becomes 12 h")
     g.add_argument("--cpu", action="store_true", default=_env_flag("CPU"),
                    help="the CPU plan even where GPUs are visible")
+    n = p.add_argument_group("several nodes (README: 'Several nodes')")
+    n.add_argument("--hostfile", default=_env("HOSTFILE"),
+                   help="DeepSpeed hostfile ('<host> slots=<n>' per line): every run goes through DeepSpeed's "
+                        "multi-node launcher on its first --num-nodes hosts, --gpus ranks on each; start the sweep "
+                        "on the first host")
+    n.add_argument("--num-nodes", type=int, default=_env("NUM_NODES"),
+                   help="nodes per run (default: every host of --hostfile); more than 1 needs --hostfile")
+    n.add_argument("--master-addr", default=_env("MASTER_ADDR"),
+                   help="rendezvous address of the first node, passed to the launcher (default: DeepSpeed asks "
+                        "the first host for it over ssh)")
+    n.add_argument("--launcher", default=_env("LAUNCHER"),
+                   help="DeepSpeed's multi-node backend (pdsh by default; openmpi, mpich, impi, mvapich, slurm)")
     r = p.add_argument_group("run")
     r.add_argument("--timeout", type=float, default=_env("TIMEOUT"),
                    help="wall-clock limit per run in seconds (GPU 1200, CPU 600); the run's process group is killed")
@@ -678,6 +729,7 @@ class Resolved:
     accelerator: str
     gpus: list[Gpu]
     timeout: float
+    nodes: NodeLaunch | None = None
 
 
 def resolve(args: argparse.Namespace, gpus: list[Gpu] | None = None) -> Resolved:
@@ -707,10 +759,11 @@ def resolve(args: argparse.Namespace, gpus: list[Gpu] | None = None) -> Resolved
     epoch = args.epoch
     if epoch:
         steps = 0  # train.py: one full epoch
+    nodes = resolve_nodes(args, counts, accelerator)
     entries = build_plan(models=models, configs=configs, precisions=args.precisions, gpu_counts=counts,
                          accelerator=accelerator, steps=steps, warmup=warmup, data=data,
                          seq_len=int(args.seq_len) if args.seq_len else d["seq_len"], bf16_ok=bf16_supported(gpus),
-                         ref=ref, extra_args=shlex.split(args.extra_args or ""))
+                         ref=ref, extra_args=shlex.split(args.extra_args or ""), nodes=nodes)
     if epoch:
         for e in entries:
             e.run += EPOCH_SUFFIX
@@ -720,24 +773,60 @@ def resolve(args: argparse.Namespace, gpus: list[Gpu] | None = None) -> Resolved
         sweep = "cpu"
     else:
         sweep = f"{gpu_slug(gpus[0].name)}x{'-'.join(str(c) for c in counts)}"
+    if nodes is not None and nodes.num_nodes > 1 and not args.sweep_name:
+        sweep += f"-{nodes.num_nodes}nodes"  # e.g. h100x8-2nodes: never mixed into one machine's folder
     runs_dir = Path(args.runs_dir)
     runs_dir = runs_dir if runs_dir.is_absolute() else REPO / runs_dir
     results = Path(args.results_dir)
     results = results if results.is_absolute() else REPO / results
     timeout = float(args.timeout) if args.timeout is not None else (EPOCH_TIMEOUT_S if epoch else d["timeout"])
-    return Resolved(entries, sweep, runs_dir / sweep, results / sweep, accelerator, gpus, timeout)
+    return Resolved(entries, sweep, runs_dir / sweep, results / sweep, accelerator, gpus, timeout, nodes)
+
+
+def resolve_nodes(args: argparse.Namespace, counts: list[int], accelerator: str,
+                  env: Mapping[str, str] | None = None) -> NodeLaunch | None:
+    """--hostfile / --num-nodes / --master-addr / --launcher -> the NodeLaunch of every run, None on one machine.
+    Refuses what the launcher would do differently from what was asked, naming the flag or the hostfile line."""
+    env = os.environ if env is None else env
+    if not args.hostfile:
+        if args.num_nodes is not None and int(args.num_nodes) > 1:
+            raise SystemExit(f"error: --num-nodes {args.num_nodes} needs --hostfile (DeepSpeed's launcher reads the "
+                             "nodes from it)")
+        for flag, v in (("--master-addr", args.master_addr), ("--launcher", args.launcher)):
+            if v:
+                raise SystemExit(f"error: {flag} applies only with --hostfile (one machine uses 127.0.0.1)")
+        return None
+    try:
+        hosts = nodes_mod.read_hostfile(args.hostfile)
+        n = int(args.num_nodes) if args.num_nodes is not None else len(hosts)
+        if n < 1:
+            raise nodes_mod.NodeError(f"--num-nodes must be >= 1, got {n}")
+        for c in counts:
+            nodes_mod.check_layout(hosts, n, c, args.hostfile)
+    except nodes_mod.NodeError as e:
+        raise SystemExit(f"error: {e}") from None
+    if accelerator == "cuda" and env.get("CUDA_VISIBLE_DEVICES"):
+        raise SystemExit("error: CUDA_VISIBLE_DEVICES is set, but it does not reach the other nodes and DeepSpeed's "
+                         "launcher ignores it with --hostfile: unset it and give each host's GPUs in the hostfile "
+                         "('<host> slots=<n>' takes the first n) or with --gpus")
+    return NodeLaunch(repo_relative(args.hostfile), n, args.master_addr or None, args.launcher or None)
 
 
 def print_plan(res: Resolved, say: Callable[[str], None] = print) -> None:
     hw = (f"{len(res.gpus)} x {res.gpus[0].name}" if res.accelerator == "cuda"
           else f"CPU ({'/'.join(str(n) for n in sorted({e.num_gpus for e in res.entries})) or CPU_RANKS} ranks, "
                f"DS_ACCELERATOR=cpu)")
+    if res.nodes is not None:
+        hw += (f" per node, {res.nodes.num_nodes} node(s) of {res.nodes.hostfile}"
+               + (f" via {res.nodes.launcher}" if res.nodes.launcher else ""))
     say(f"sweep {res.sweep}: {len(res.entries)} runs on {hw} -> {res.sweep_dir}")
     say(f"{'#':>3}  {'run':<52} {'ref rows':<10} {'predicted GPU/rank':>18} {'host':>9}  fits  state")
     for i, e in enumerate(res.entries, 1):
         pred = predict_entry(e, res.gpus)
         gpu = f"{pred['gpu_mib']:.0f} MiB" if "gpu_mib" in pred and e.accelerator == "cuda" else "-"
         host = f"{pred['host_mib'] / 1024:.1f} GiB" if "host_mib" in pred else "-"
+        if "host_mib_per_node" in pred:  # what one node's RAM must hold
+            host = f"{pred['host_mib_per_node'] / 1024:.1f} GiB/node"
         fits = {True: "yes", False: "NO", None: "?"}[pred.get("fits")]
         state, summ = entry_state(res.sweep_dir / e.run, e)
         if summ:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 from sftbench import liveness
+from sftbench.nodes import job_nodes, node_of, ranks_by_node
 
 HISTORY = 1024          # points kept per rank for charts
 EMA_ALPHA = 0.1         # smoothing of s/it (about a 10-step window)
@@ -370,6 +371,7 @@ class RunState:
     def header(self, now: float | None = None) -> dict[str, Any]:
         """Every number of the run header (raw values; ``header_lines`` formats them)."""
         m = self.meta or {}
+        metas = {r: rs.meta for r, rs in self.ranks.items() if rs.meta}
         p = self.primary
         summ = self.final_summary()
         status = self.status(now)
@@ -409,6 +411,7 @@ class RunState:
             "model": m.get("model"), "n_params": m.get("n_params"), "precision": m.get("precision"),
             "zero_stage": m.get("zero_stage"), "offload_optimizer": m.get("offload_optimizer"),
             "offload_param": m.get("offload_param"), "world_size": m.get("world_size"),
+            "num_nodes": job_nodes(metas) if metas else None, "nodes_seen": list(ranks_by_node(metas)),
             "micro_batch": m.get("micro_batch"), "grad_accum": m.get("grad_accum"), "seq_len": m.get("seq_len"),
             "step": step, "max_steps": m.get("max_steps"), "warmup_steps": m.get("warmup_steps"),
             "in_warmup": bool(p and p.in_warmup), "s_it_ema": ema, "s_it_last": last_s, "s_it_median": median,
@@ -449,13 +452,19 @@ def header_lines(h: Mapping[str, Any]) -> list[str]:
     model = str(h["model"] if h["model"] is not None else "-")
     if h["n_params"]:
         model += f" ({fmt_params(h['n_params'])} params)"
+    nodes_txt = ""
+    if (h.get("num_nodes") or 1) > 1:
+        seen = h.get("nodes_seen") or []
+        nodes_txt = f" on {h['num_nodes']} nodes ({', '.join(seen)})"
+        if len(seen) < h["num_nodes"]:  # the other nodes' rank files are on their own disks
+            nodes_txt += f", logs of {len(seen)} here"
     batch = ""
     if h["micro_batch"] is not None:
         batch = f" | micro {h['micro_batch']} x accum {h['grad_accum']} x seq {h['seq_len']}"
     lines = [
         f"run {h['run']}  [{h['status']}]  {h['run_dir']}",
         f"config {h['config'] or '-'} | model {model} | {h['precision'] or '-'} | {zero} | "
-        f"world {h['world_size'] if h['world_size'] is not None else '-'}{batch}",
+        f"world {h['world_size'] if h['world_size'] is not None else '-'}{nodes_txt}{batch}",
     ]
     step = "-" if h["step"] is None else str(h["step"])
     cap = "-" if h["max_steps"] is None else str(h["max_steps"])
@@ -528,7 +537,7 @@ def rank_rows(run: RunState, live_rss: Mapping[int, float] | None = None) -> lis
                        "dim" if rs.get("host_rss_mib") is not None else "")
         rows.append((str(r), {
             "rank": Cell(str(r)),
-            "host": Cell(str(m.get("host") or "-")),
+            "host": Cell(node_of(m) if m else "-"),
             "gpu": Cell(gpu),
             "step": Cell(step_txt, step_style),
             "loss": Cell(fmt_float(rs.get("loss"), 4), step_style if warm else ""),
@@ -733,7 +742,7 @@ def rss_rows(run: RunState | None, live_rss: Mapping[int, float]) -> list[tuple[
         else:
             val, src = rs.get("host_rss_mib"), Cell("last logged", "dim")
         rows.append((str(r), {
-            "rank": Cell(str(r)), "host": Cell(str(m.get("host") or "-")), "pid": Cell(str(m.get("pid") or "-")),
+            "rank": Cell(str(r)), "host": Cell(node_of(m) if m else "-"), "pid": Cell(str(m.get("pid") or "-")),
             "rss": Cell(fmt_mib(val)), "src": src, "peak": Cell(fmt_mib(rs.peaks.get("host_rss_mib"))),
         }))
     return rows
