@@ -189,6 +189,73 @@ def test_train_command(monkeypatch):
     assert none[none.index("--ds") + 1] == "none"
 
 
+def test_one_machine_plan_and_command_are_unchanged():
+    """Without --hostfile the sweep launches on this host exactly as before the several-nodes options."""
+    e = plan(H100).entries[4]
+    assert e.num_nodes == 1 and e.hostfile is None and e.world_size == 1 and e.run.endswith("__g1")
+    assert plan(H100).sweep == "h100x1" and plan([]).sweep == "cpu"
+    cmd = sweep.train_command(e, REPO / "x", {})
+    assert not {"--hostfile", "--num_nodes", "--master_addr", "--launcher", "--no_ssh"} & set(cmd)
+    assert cmd[4:8] == ["--master_port", cmd[5], "--num_gpus", "1"]
+    # a run directory written before the node fields existed is still the same run (resume skips it)
+    old = {k: v for k, v in e.to_json().items() if k not in ("num_nodes", "hostfile", "master_addr", "launcher")}
+    assert sweep.PlanEntry.from_json(old).key() == e.key()
+
+
+def test_hostfile_plan_passes_nodes_to_the_launcher(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    hf = tmp_path / "hostfile"
+    hf.write_text("gpu-a slots=8\ngpu-b slots=8\ngpu-c slots=4\n")
+    h100x8 = [sweep.Gpu(i, "NVIDIA H100 80GB HBM3", 81559.0, "9.0", f"GPU-{i}") for i in range(8)]
+    res = plan(h100x8, ["--hostfile", str(hf), "--num-nodes", "2", "--models", "pangu-2.6b", "--configs", "z1",
+                        "--precisions", "bf16", "--master-addr", "10.0.0.1"])
+    assert res.sweep == "h100x8-2nodes" and res.nodes.num_nodes == 2
+    (e,) = res.entries
+    assert (e.num_gpus, e.num_nodes, e.world_size, e.run) == (8, 2, 16, "pangu-2.6b__z1__bf16__n2g8")
+    cmd = sweep.train_command(e, REPO / "x", {})
+    i = cmd.index("--hostfile")
+    assert cmd[i:i + 8] == ["--hostfile", str(hf), "--num_nodes", "2", "--num_gpus", "8", "--master_addr",
+                            "10.0.0.1"]
+    assert "--include" not in cmd and "--launcher" not in cmd and cmd.index("train.py") > i
+    # memory: the job's host figure and one node's share of it (8 of the 16 ranks), fits judged per node
+    pred = sweep.predict_entry(e, h100x8)
+    assert pred["inputs"]["world_size"] == 16
+    assert pred["host_mib_per_node"] == pytest.approx(8 * pred["host_mib_per_rank"])
+    assert pred["host_mib"] == pytest.approx(16 * pred["host_mib_per_rank"])
+    # every host of the hostfile by default; a backend passed through as given
+    res = plan(h100x8, ["--hostfile", str(hf), "--gpus", "4", "--launcher", "slurm"])
+    assert {e.num_nodes for e in res.entries} == {3}
+    cmd = sweep.train_command(res.entries[0], REPO / "x", {})
+    assert cmd[cmd.index("--launcher") + 1] == "slurm" and "--master_addr" not in cmd
+    # a hostfile with one node keeps the names of one machine, and still goes to the launcher as asked
+    e1 = plan(h100x8, ["--hostfile", str(hf), "--num-nodes", "1", "--configs", "z0"]).entries[0]
+    assert e1.run.endswith("__g8") and sweep.train_command(e1, REPO / "x", {}).count("--hostfile") == 1
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--num-nodes", "2"], "--num-nodes 2 needs --hostfile"),
+    (["--master-addr", "10.0.0.1"], "--master-addr applies only with --hostfile"),
+    (["--hostfile", "{hf}", "--num-nodes", "3"], "--num-nodes 3: hostfile .* lists 2 host"),
+    (["--hostfile", "{hf}", "--gpus", "8"], r"line 2: host 'gpu-b' has 4 slot\(s\), 8 rank\(s\) per node"),
+    (["--hostfile", "{hf}.missing"], "cannot read it"),
+])
+def test_bad_node_options_are_refused(tmp_path, argv, match):
+    hf = tmp_path / "hostfile"
+    hf.write_text("gpu-a slots=8\ngpu-b slots=4\n")
+    h100x8 = [sweep.Gpu(i, "NVIDIA H100 80GB HBM3", 81559.0, "9.0", f"GPU-{i}") for i in range(8)]
+    with pytest.raises(SystemExit, match=match):
+        plan(h100x8, [a.replace("{hf}", str(hf)) for a in argv])
+
+
+def test_visible_devices_do_not_reach_other_nodes(tmp_path, monkeypatch):
+    hf = tmp_path / "hostfile"
+    hf.write_text("gpu-a slots=1\ngpu-b slots=1\n")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with pytest.raises(SystemExit, match="CUDA_VISIBLE_DEVICES is set, but it does not reach the other nodes"):
+        plan(H100, ["--hostfile", str(hf)])
+    assert plan([], ["--hostfile", str(hf), "--gpus", "1"]).entries[0].num_nodes == 2  # CPU runs: not used
+
+
 def test_model_shape_without_torch():
     s = sweep.model_shape("pangu-2.6b")
     assert (s["hidden"], s["n_layers"], s["n_heads"], s["vocab"]) == (2560, 32, 32, 40000)
