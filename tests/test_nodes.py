@@ -215,3 +215,26 @@ def test_two_node_no_ssh_job_logs_report_and_monitor(tmp_path):
     rows = {ln.split()[0]: ln.split()[1] for ln in ranks if ln.strip()[:1].isdigit()}
     assert rows == {"0": "node0", "1": "node0", "2": "node1", "3": "node1"}
     assert "[ok]" in mon.stdout and "8 [ok]" in mon.stdout
+
+
+@pytest.mark.slow
+def test_two_node_torchrun_job(tmp_path):
+    """torchrun's static rendezvous, one CPU rank per node, both writing into one folder (a shared file system)."""
+    cmds, _ = two_node_commands(tmp_path, [tmp_path / "job"] * 2, ranks_per_node=1)
+    port = free_port()
+    torchrun = []
+    for r, (cmd, env) in enumerate(cmds):
+        train_args = cmd[cmd.index(str(REPO / "train.py")):]
+        torchrun.append(([str(BIN / "torchrun"), "--nnodes", "2", "--node-rank", str(r), "--nproc-per-node", "1",
+                          "--master-addr", "127.0.0.1", "--master-port", str(port), *train_args], env))
+    results = run_nodes(torchrun)
+    for p in results:
+        assert p.returncode == 0, p.stdout[-4000:]
+    for rank in (0, 1):
+        recs = read_jsonl(tmp_path / "job" / f"rank{rank}.jsonl")
+        meta, summary = recs[0], recs[-1]
+        assert set(meta) == set(META_KEYS) and summary["type"] == "summary"
+        assert (meta["rank"], meta["local_rank"], meta["world_size"]) == (rank, 0, 2)
+        assert (meta["node"], meta["node_rank"], meta["num_nodes"], meta["local_world_size"]) == \
+            (f"node{rank}", rank, 2, 1)
+        assert summary["status"] == "ok" and summary["final_loss"] < summary["first_loss"] - 1.0
