@@ -29,7 +29,7 @@ HOST = "nodeA"
 # fixtures
 
 def write_meta(log: RunLog, run: str, rank: int, world: int = 2, max_steps: int = 50, warmup: int = 2,
-               pid: int | None = None, host: str = HOST) -> None:
+               pid: int | None = None, host: str = HOST, **extra) -> None:
     log.meta(run=run, time=time.time(), argv=["train.py"], ds_config_path="ds_configs/zero2_offload.json",
              ds_config={"zero_optimization": {"stage": 2}}, harness={}, model="pangu-350m", n_params=350_000_000,
              flops_per_token=2.1e9, world_size=world, rank=rank, local_rank=rank, host=host,
@@ -37,7 +37,7 @@ def write_meta(log: RunLog, run: str, rank: int, world: int = 2, max_steps: int 
              device_uuid=f"GPU-uuid-{rank}", gpu_index=rank, peak_tflops=989.0, precision="bf16", zero_stage=2,
              offload_optimizer="cpu", offload_param=None, micro_batch=4, grad_accum=2, seq_len=1024,
              dataset_path="data/sft.jsonl", dataset_samples=10_000, real_tokens=1, pad_tokens=1,
-             steps_per_epoch=625, max_steps=max_steps, warmup_steps=warmup)
+             steps_per_epoch=625, max_steps=max_steps, warmup_steps=warmup, **extra)
 
 
 def step_s_of(step: int, warmup: int = 2) -> float:
@@ -615,6 +615,36 @@ def test_app_sweep_sort_enter_and_export(tmp_path):
 
 # ------------------------------------------------------------------------------------------------------------
 # --once
+
+def test_ranks_of_two_hosts(tmp_path):
+    """A job on two nodes (nodeA: ranks 0-1, nodeB: ranks 2-3), logs in one folder: every rank shows its node, the
+    header the node count; the same pid on the other host is not this host's process (no live RSS for it)."""
+    from sftbench.monitor.snapshot import snapshot_text
+    d = tmp_path / "job"
+    for r in range(4):
+        host = "nodeA" if r < 2 else "nodeB"
+        log = RunLog(d, r)
+        write_meta(log, "job", r, world=4, pid=1000 + r % 2, host=host, node=host, node_rank=r // 2, num_nodes=2,
+                   local_world_size=2)
+        for s in range(1, 6):
+            write_step(log, s, r)
+        log.close()
+    session = session_for(d, gpus=False)
+    out = snapshot_text(session)
+    session.close()
+    assert "world 4 on 2 nodes (nodeA, nodeB)" in out
+    ranks = out.split("RANKS")[1].split("HISTORY")[0].splitlines()
+    rows = {ln.split()[0]: ln for ln in ranks if ln[:1].isdigit()}
+    assert {k: v.split()[1] for k, v in rows.items()} == {"0": "nodeA", "1": "nodeA", "2": "nodeB", "3": "nodeB"}
+    assert "live" in rows["0"] and "live" not in rows["2"]  # pid 1000 lives on nodeA (this host), not on nodeB
+    # only node A's rank files in the folder (node-local disks): the header says what is missing
+    for r in (2, 3):
+        (d / f"rank{r}.jsonl").unlink()
+    session = session_for(d, gpus=False)
+    out = snapshot_text(session)
+    session.close()
+    assert "world 4 on 2 nodes (nodeA), logs of 1 here" in out
+
 
 def _once(*args: str) -> str:
     env = dict(os.environ, SFTBENCH_NO_NVML="1")
