@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -22,7 +23,7 @@ def _entry(run, model, cfg, precision, n, accel="cuda", rows=()):
 
 def write_ok_run(root: Path, run: str, model: str, cfg: str, precision: str, world: int, step_s: float,
                  gpu_mib: float, rss_mib: float, *, accel="cuda", measured_epoch=None, rows=(), compile="off",
-                 skipped: int = 0, meta_extra: dict | None = None, seq_len: int = 512,
+                 skipped: int = 0, meta_extra: dict | Callable[[int], dict] | None = None, seq_len: int = 512,
                  summary_extra: dict | None = None):
     rd = root / run
     ds = None if cfg == "none" else apply_precision(load_ds_config(REPO / "ds_configs" / f"{cfg}.json"), precision)
@@ -36,7 +37,8 @@ def write_ok_run(root: Path, run: str, model: str, cfg: str, precision: str, wor
                  device_name=None if accel == "cpu" else GPU, precision=precision, micro_batch=1, grad_accum=8,
                  seq_len=seq_len, steps_per_epoch=1250 // world, max_steps=10, warmup_steps=3, predicted=pred,
                  versions={"python": "3.11", "torch": "2.13.0", "deepspeed": "0.19.8"}, git_commit="abc123def4567",
-                 **{"optimizations": {"compile": compile}, **(meta_extra or {})})
+                 **{"optimizations": {"compile": compile},
+                    **((meta_extra(rank) if callable(meta_extra) else meta_extra) or {})})
         for i in range(10):
             log.step(step=i + 1, step_s=step_s, warmup=i < 3, loss=2.0, tokens_per_s=8 * 512 * world / step_s,
                      gpu_mem_used_mib=None if accel == "cpu" else gpu_mib + rank, host_rss_mib=rss_mib,
@@ -275,6 +277,37 @@ def test_cpu_runs_say_so(tmp_path):
     assert cells[5] == "-" and cells[6] == "2*CPU" and cells[4] == "1.1G"
     assert "least host memory" in md or "also uses the least host memory" in md
     assert (tmp_path / "out" / "results.png").stat().st_size > 5_000
+
+
+def test_two_node_run_host_ram_per_node_and_node_dirs(tmp_path):
+    """Ranks 0-1 on node a (1000 MiB RSS each) in the sweep folder, ranks 2-3 on node b (1500 MiB each) in a copy of
+    node b's folder: host RAM is the largest node's sum, the report reads node b's folder when given it."""
+    def where(rank):
+        return {"node": "ab"[rank // 2], "node_rank": rank // 2, "num_nodes": 2, "local_world_size": 2}
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_ok_run(a, "job", "pangu-350m", "z1", "bf16", 4, 0.5, 9000, 1000.0, meta_extra=where)
+    write_ok_run(b, "job", "pangu-350m", "z1", "bf16", 4, 0.5, 9000, 1500.0, meta_extra=where)
+    for r in (0, 1):
+        (b / "job" / f"rank{r}.jsonl").unlink()
+    for r in (2, 3):
+        (a / "job" / f"rank{r}.jsonl").unlink()
+    (row,), _, _ = report.collect(a)
+    assert row.nodes == 2 and row.world == 4 and row.host_rss_mib == 2000.0  # node a only: its two ranks
+    assert row.host_rss_all_mib == 4000.0  # the two missing ranks taken like the ones read
+    (row,), _, _ = report.collect(a, [b])
+    assert sorted(row.rank_summaries) == [0, 1, 2, 3]
+    assert row.host_rss_mib == 3000.0 and row.host_rss_all_mib == 5000.0
+    out = tmp_path / "out"
+    assert report.main([str(a), "--node-dir", str(b), "--out", str(out)]) == 0
+    md = (out / "results.md").read_text()
+    assert "`job`: 2 nodes; host RAM is the largest node's" in md and "logs of 2 of the 2 nodes read" in md
+    csv_row = next(csv.DictReader(open(out / "results.csv", encoding="utf-8")))
+    assert (csv_row["num_nodes"], csv_row["host_rss_mib_max_over_nodes"]) == ("2", "3000.0")
+    assert csv_row["host_rss_mib_sum_over_ranks"] == "5000.0"
+    report.make_report(a, tmp_path / "out1")
+    assert "logs of 1 of the 2 nodes read (the others: give their folders with --node-dir)" in \
+        (tmp_path / "out1" / "results.md").read_text()
+    assert report.main([str(a), "--node-dir", str(tmp_path / "nope"), "--out", str(out)]) == 2
 
 
 def test_helpers():
