@@ -26,7 +26,7 @@ from sftbench.dsconfig import (DSConfigError, apply_overrides, apply_precision, 
 from sftbench.failures import classify_exception
 from sftbench.ops import check_locks as check_build_locks
 from sftbench.runlog import RunLog
-from sftbench.nodes import NodeError, per_node_prediction, placement
+from sftbench.nodes import NodeError, per_node_prediction, placement, rank0_value
 from sftbench.shm import release_own_buffer as release_shm_buffer
 
 # ---------------------------------------------------------------- parse
@@ -110,7 +110,7 @@ except graphs.GraphError as e:
     sys.exit(f"error: {e}")
 if use_graphs:
     graphs.use_side_stream(device)  # before the model and engine exist: capture needs them on the capture stream
-run_dir = args.run_dir or args.default_run_dir(model_name, precision)
+run_dir = args.run_dir or rank0_value(args.default_run_dir(model_name, precision))  # one folder for every node
 if rank == 0:
     Path(run_dir).mkdir(parents=True, exist_ok=True)
 log = RunLog(run_dir, rank)

@@ -69,6 +69,19 @@ def placement(rank: int, world_size: int, local_rank: int, env: Mapping[str, str
     return {"node": node_name(env), "node_rank": node_rank, "num_nodes": num_nodes, "local_world_size": local_world}
 
 
+def rank0_value(value):
+    """Rank 0's ``value`` on every rank (a collective: every rank calls it). For what each rank would otherwise make
+    up by itself, such as the default run folder named by the clock: nodes start seconds apart, and one second
+    between two ranks would split a run into two folders."""
+    import torch.distributed as dist  # here: the sweep, the report and the monitor import this module without torch
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 # ================================================================================================ hostfiles
 
 @dataclass(frozen=True)

@@ -7,6 +7,10 @@ peer's file. DeepSpeed 0.19.8 never unlinks them, so each CPU run leaves ``ranks
 of sweeps, bench runs and tests left 284 such files, 19 GB, on a 24 GB machine, after which new runs crawled and
 failed).
 
+DeepSpeed creates the buffers only when every rank is on one node (``LOCAL_SIZE`` equals the world size): a job of
+several nodes, or of several launchers on one machine as the 2-node test runs it, communicates through gloo and
+creates none, and :func:`release_own_buffer` finds nothing to unlink (it still takes part in the barrier).
+
 :func:`release_own_buffer` unlinks this rank's file right after initialisation, once every rank is past it (a
 barrier): all peers have mapped it by then, the mappings stay valid after the unlink, and the kernel frees the memory
 when the last rank exits, however it exits (SIGKILL and OOM kills included).

@@ -703,6 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the first host for it over ssh)")
     n.add_argument("--launcher", default=_env("LAUNCHER"),
                    help="DeepSpeed's multi-node backend (pdsh by default; openmpi, mpich, impi, mvapich, slurm)")
+    n.add_argument("--node-dir", action="append", default=[], metavar="DIR",
+                   help="report: this sweep's folder as another node wrote it (node-local disks, copied back); "
+                        "repeat per node")
     r = p.add_argument_group("run")
     r.add_argument("--timeout", type=float, default=_env("TIMEOUT"),
                    help="wall-clock limit per run in seconds (GPU 1200, CPU 600); the run's process group is killed")
@@ -853,7 +856,8 @@ def main(argv: list[str] | None = None) -> int:
         if not res.sweep_dir.is_dir():
             print(f"no runs in {res.sweep_dir}", file=sys.stderr)
             return 1
-        return report.main([str(res.sweep_dir), "--out", str(res.results_dir)])
+        return report.main([str(res.sweep_dir), "--out", str(res.results_dir),
+                            *[a for d in args.node_dir for a in ("--node-dir", d)]])
     if args.dry_run:
         print_plan(res)
         return 0

@@ -113,6 +113,21 @@ def test_ranks_by_node():
     assert nodes.ranks_by_node(old) == {"h1": [0], "h2": [1]} and nodes.job_nodes(old) == 2
 
 
+@pytest.mark.slow
+def test_rank0_value_reaches_every_rank():
+    """Two gloo ranks each make up their own value (as each node's clock names the default run folder): both end
+    up with rank 0's."""
+    port = str(free_port())
+    code = ("import os, torch.distributed as d; from sftbench.nodes import rank0_value; "
+            "d.init_process_group('gloo'); print('got', rank0_value('folder-of-rank-' + os.environ['RANK']))")
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=port, PYTHONPATH=str(REPO))) for r in (0, 1)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert all("got folder-of-rank-0" in o for o in outs), outs
+
+
 # ------------------------------------------------------------------------------------------------ a real 2-node job
 
 def run_nodes(cmds: list[tuple[list[str], dict]], timeout: int = 900) -> list[subprocess.CompletedProcess]:

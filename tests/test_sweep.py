@@ -256,6 +256,16 @@ def test_visible_devices_do_not_reach_other_nodes(tmp_path, monkeypatch):
     assert plan([], ["--hostfile", str(hf), "--gpus", "1"]).entries[0].num_nodes == 2  # CPU runs: not used
 
 
+def test_sweep_report_reads_other_nodes_folders(tmp_path, monkeypatch):
+    from sftbench import report
+    seen = []
+    monkeypatch.setattr(report, "main", lambda argv: seen.append(argv) or 0)
+    (tmp_path / "runs" / "cpu").mkdir(parents=True)
+    assert sweep.main(["report", "--cpu", "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path),
+                       "--node-dir", "b/runs/cpu", "--node-dir", "c/runs/cpu"]) == 0
+    assert seen[0][1:] == ["--out", str(tmp_path / "cpu"), "--node-dir", "b/runs/cpu", "--node-dir", "c/runs/cpu"]
+
+
 def test_model_shape_without_torch():
     s = sweep.model_shape("pangu-2.6b")
     assert (s["hidden"], s["n_layers"], s["n_heads"], s["vocab"]) == (2560, 32, 32, 40000)
