@@ -858,6 +858,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return report.main([str(res.sweep_dir), "--out", str(res.results_dir),
                             *[a for d in args.node_dir for a in ("--node-dir", d)]])
+    if args.node_dir:  # ./run_all.sh hands the same options to the run and to the report
+        print(f"note: --node-dir is read by the report only ({', '.join(args.node_dir)})", file=sys.stderr)
     if args.dry_run:
         print_plan(res)
         return 0
