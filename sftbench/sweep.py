@@ -823,7 +823,8 @@ def print_plan(res: Resolved, say: Callable[[str], None] = print) -> None:
         hw += (f" per node, {res.nodes.num_nodes} node(s) of {res.nodes.hostfile}"
                + (f" via {res.nodes.launcher}" if res.nodes.launcher else ""))
     say(f"sweep {res.sweep}: {len(res.entries)} runs on {hw} -> {res.sweep_dir}")
-    say(f"{'#':>3}  {'run':<52} {'ref rows':<10} {'predicted GPU/rank':>18} {'host':>9}  fits  state")
+    hw_host = 13 if res.nodes is not None else 9  # room for 'GiB/node'
+    say(f"{'#':>3}  {'run':<52} {'ref rows':<10} {'predicted GPU/rank':>18} {'host':>{hw_host}}  fits  state")
     for i, e in enumerate(res.entries, 1):
         pred = predict_entry(e, res.gpus)
         gpu = f"{pred['gpu_mib']:.0f} MiB" if "gpu_mib" in pred and e.accelerator == "cuda" else "-"
@@ -835,7 +836,7 @@ def print_plan(res: Resolved, say: Callable[[str], None] = print) -> None:
         if summ:
             state = f"{state} ({summ.get('status')})" if state != "ok" else "done"
         rows = ",".join(str(r) for r in e.ref_rows) or "-"
-        say(f"{i:>3}  {e.run:<52} {rows:<10} {gpu:>18} {host:>9}  {fits:<4}  {state}")
+        say(f"{i:>3}  {e.run:<52} {rows:<10} {gpu:>18} {host:>{hw_host}}  {fits:<4}  {state}")
 
 
 def main(argv: list[str] | None = None) -> int:
