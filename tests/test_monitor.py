@@ -644,6 +644,16 @@ def test_ranks_of_two_hosts(tmp_path):
     out = snapshot_text(session)
     session.close()
     assert "world 4 on 2 nodes (nodeA), logs of 1 here" in out
+    # in a sweep's table the GPUs column counts the job's GPUs (the plan entry's num_gpus is per node)
+    sw = tmp_path / "sweep"
+    sw.mkdir()
+    entry = {"run": "job", "model": "pangu-350m", "ds_config": None, "precision": "bf16", "num_gpus": 2,
+             "num_nodes": 2, "max_steps": 50, "warmup_steps": 2, "accelerator": "cuda"}
+    (sw / "plan.json").write_text(json.dumps({"sweep": "sweep", "created": time.time(), "entries": [entry]}))
+    s = session_for(sw, gpus=False)
+    s.load_all()
+    assert [e.num_gpus for e in s.table.entries] == [4]
+    s.close()
 
 
 def _once(*args: str) -> str:

@@ -811,7 +811,9 @@ def make_entry(key: str, order: int, run_dir: Path, plan_entry: Mapping[str, Any
         model=pe.get("model") or meta.get("model"),
         ds_config=os.path.basename(ds) if isinstance(ds, str) and ds else ("none" if (pe or meta) else None),
         precision=pe.get("precision") or meta.get("precision"),
-        num_gpus=pe.get("num_gpus") if pe.get("num_gpus") is not None else meta.get("world_size"),
+        # the job's GPUs: a plan entry's num_gpus is per node
+        num_gpus=(pe["num_gpus"] * (pe.get("num_nodes") or 1) if pe.get("num_gpus") is not None
+                  else meta.get("world_size")),
         max_steps=pe.get("max_steps") if pe.get("max_steps") is not None else meta.get("max_steps"),
     )
     summary = None
