@@ -265,7 +265,9 @@ class Row:
 
     @property
     def pred_host(self) -> float | None:
-        return (self.predicted or {}).get("host_mib")
+        """Predicted host memory, as ``host_rss_mib`` measures it: one node's share on several nodes."""
+        p = self.predicted or {}
+        return p.get("host_mib_per_node", p.get("host_mib"))
 
     @property
     def group(self) -> tuple:

@@ -296,6 +296,8 @@ def test_two_node_run_host_ram_per_node_and_node_dirs(tmp_path):
     assert row.host_rss_all_mib == 4000.0  # the two missing ranks taken like the ones read
     (row,), _, _ = report.collect(a, [b])
     assert sorted(row.rank_summaries) == [0, 1, 2, 3]
+    row.predicted = {**row.predicted, "host_mib_per_node": 2500.0}  # as train.py logs it on several nodes
+    assert row.pred_host == 2500.0  # compared with the node's measured figure, not the whole job's
     assert row.host_rss_mib == 3000.0 and row.host_rss_all_mib == 5000.0
     out = tmp_path / "out"
     assert report.main([str(a), "--node-dir", str(b), "--out", str(out)]) == 0
