@@ -7,6 +7,7 @@
 #   ./run_all.sh --models pangu-350m --configs 'z2*,none' --precisions bf16 --steps 20
 #   SFTBENCH_GPUS=1 SFTBENCH_STEPS=5 ./run_all.sh
 #   ./run_all.sh --epoch --models pangu-350m --configs z0   # one full epoch: checks the table's epoch estimate
+#   ./run_all.sh --hostfile hostfile --gpus 8             # every run on the hostfile's nodes (README: Several nodes)
 #
 # Every option: python -m sftbench.sweep --help. The logic lives in sftbench/sweep.py and sftbench/report.py.
 set -euo pipefail
@@ -18,6 +19,8 @@ for arg in "$@"; do
   esac
 done
 "$PY" -m sftbench.sweep run "$@"
-# The report reads only the logs: its own CLI, on the folders the sweep names.
-IFS=$'\t' read -r runs results < <("$PY" -m sftbench.sweep dirs "$@")
-"$PY" -m sftbench.report "$runs" --out "$results"
+# The report reads only the logs: its own CLI, on the folders the sweep names (other nodes' copies: --node-dir).
+IFS=$'\t' read -r -a dirs < <("$PY" -m sftbench.sweep dirs "$@")
+nodes=()
+for d in "${dirs[@]:2}"; do nodes+=(--node-dir "$d"); done
+"$PY" -m sftbench.report "${dirs[0]}" --out "${dirs[1]}" ${nodes[@]+"${nodes[@]}"}

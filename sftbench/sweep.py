@@ -847,8 +847,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "name":
         print(res.sweep)
         return 0
-    if args.command == "dirs":
-        print(f"{res.sweep_dir}\t{res.results_dir}")
+    if args.command == "dirs":  # run_all.sh: the report's folders, then other nodes' copies (--node-dir)
+        print("\t".join([str(res.sweep_dir), str(res.results_dir), *args.node_dir]))
         return 0
     if args.command == "report":
         if args.dry_run:

@@ -256,7 +256,7 @@ def test_visible_devices_do_not_reach_other_nodes(tmp_path, monkeypatch):
     assert plan([], ["--hostfile", str(hf), "--gpus", "1"]).entries[0].num_nodes == 2  # CPU runs: not used
 
 
-def test_sweep_report_reads_other_nodes_folders(tmp_path, monkeypatch):
+def test_sweep_report_reads_other_nodes_folders(tmp_path, monkeypatch, capsys):
     from sftbench import report
     seen = []
     monkeypatch.setattr(report, "main", lambda argv: seen.append(argv) or 0)
@@ -264,6 +264,12 @@ def test_sweep_report_reads_other_nodes_folders(tmp_path, monkeypatch):
     assert sweep.main(["report", "--cpu", "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path),
                        "--node-dir", "b/runs/cpu", "--node-dir", "c/runs/cpu"]) == 0
     assert seen[0][1:] == ["--out", str(tmp_path / "cpu"), "--node-dir", "b/runs/cpu", "--node-dir", "c/runs/cpu"]
+    # run_all.sh reads the report's folders from `dirs`: one machine's line as before, other nodes' copies after it
+    assert sweep.main(["dirs", "--cpu", "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == f"{tmp_path / 'runs' / 'cpu'}\t{tmp_path / 'cpu'}\n"
+    assert sweep.main(["dirs", "--cpu", "--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path),
+                       "--node-dir", "b/runs/cpu"]) == 0
+    assert capsys.readouterr().out.rstrip("\n").split("\t")[2:] == ["b/runs/cpu"]
 
 
 def test_model_shape_without_torch():
