@@ -417,9 +417,24 @@ class _Stop(Exception):
     pass
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+NODES_STOP_S = 60.0  # how long DeepSpeed's launcher gets to stop the ranks of every node
+
+
+def _kill_group(proc: subprocess.Popen, nodes_stop_s: float = 0.0) -> None:
     """SIGKILL the run's whole process group (launcher and every rank). No SIGTERM first on purpose: train.py
-    would write an 'interrupted' summary, and the sweep's own classification (timeout, budget) must win."""
+    would write an 'interrupted' summary, and the sweep's own classification (timeout, budget) must win.
+
+    ``nodes_stop_s`` > 0 (a run on several nodes): the ranks run under ssh on their nodes, outside this process
+    group, and only DeepSpeed's launcher can reach them: it gets SIGTERM first and stops them (its pdsh backend
+    runs its kill command on every node), so their summaries say 'interrupted'; then the group is killed."""
+    if nodes_stop_s > 0:
+        try:
+            proc.send_signal(signal.SIGTERM)  # the launcher only: it forwards the stop to every node
+            proc.wait(timeout=nodes_stop_s)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -430,8 +445,10 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def launch(cmd: list[str], env: dict, run_dir: Path, timeout_s: float) -> tuple[int | None, bool, float, str]:
-    """Run one command in its own session, console to run_dir/console.log. (rc, timed_out, wall_s, reason)."""
+def launch(cmd: list[str], env: dict, run_dir: Path, timeout_s: float,
+           nodes_stop_s: float = 0.0) -> tuple[int | None, bool, float, str]:
+    """Run one command in its own session, console to run_dir/console.log. (rc, timed_out, wall_s, reason).
+    ``nodes_stop_s``: see ``_kill_group`` (runs on several nodes)."""
     t0 = time.time()
     with open(run_dir / runlog.CONSOLE_FILE, "ab") as log:
         log.write(("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n").encode())
@@ -455,10 +472,10 @@ def launch(cmd: list[str], env: dict, run_dir: Path, timeout_s: float) -> tuple[
                 timed_out = False
             except subprocess.TimeoutExpired:
                 reason = "timeout"
-                _kill_group(proc)
+                _kill_group(proc, nodes_stop_s)
                 rc, timed_out = proc.returncode, True
         except (_Stop, KeyboardInterrupt) as e:
-            _kill_group(proc)
+            _kill_group(proc, nodes_stop_s)
             rc, timed_out, reason = proc.returncode, True, f"stopped: {str(e) or 'KeyboardInterrupt'}"
         finally:
             for s, h in old.items():
@@ -595,7 +612,7 @@ def run_sweep(entries: list[PlanEntry], sweep_dir: Path, *, sweep: str, timeout_
         hint = "" if "error" in pred else f" (predicted {memory.summarize(pred)})"
         say(f"{tag}: running{hint}")
         oom_kills = failures.oom_kill_count()  # the cgroup's OOM-kill count before: a rise is evidence of OOM
-        rc, timed_out, wall, reason = launch(cmd, env, rd, limit)
+        rc, timed_out, wall, reason = launch(cmd, env, rd, limit, NODES_STOP_S if entry.num_nodes > 1 else 0.0)
         out = finish_run(rd, entry, rc, timed_out, wall, reason, timeout_s=limit,
                          budget_cut=timed_out and left is not None and limit < timeout_s and reason == "timeout",
                          oom_kills_before=oom_kills)

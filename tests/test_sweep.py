@@ -409,6 +409,34 @@ def test_a_run_killed_from_outside_is_killed_not_oom(tmp_path):
     assert s["status"] == "killed" and s["synthesized"] and "signal 9" in s["error"] and s["steps"] == 1
 
 
+TERM_SCRIPT = """
+import pathlib, signal, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+pathlib.Path(sys.argv[1], "child.pid").write_text(str(child.pid))
+def on_term(signum, frame):  # what DeepSpeed's multi-node launcher does: stop the ranks on every node, then exit
+    pathlib.Path(sys.argv[1], "term").write_text("stopped the nodes")
+    sys.exit(1)
+signal.signal(signal.SIGTERM, on_term)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("nodes_stop_s, told", [(0.0, False), (20.0, True)])
+def test_a_run_on_several_nodes_is_stopped_through_its_launcher(tmp_path, nodes_stop_s, told):
+    """On one machine the sweep SIGKILLs the run's group at once; on several nodes the launcher gets SIGTERM first
+    (only it can reach the ranks on the other nodes), then the group is killed all the same."""
+    rc, timed_out, wall, reason = sweep.launch([sys.executable, "-c", TERM_SCRIPT, str(tmp_path)], dict(os.environ),
+                                               tmp_path, timeout_s=3, nodes_stop_s=nodes_stop_s)
+    assert timed_out and reason == "timeout" and wall < 30
+    assert (tmp_path / "term").exists() is told
+    child = int((tmp_path / "child.pid").read_text())
+    for _ in range(50):
+        if _dead(child):
+            break
+        time.sleep(0.1)
+    assert _dead(child)
+
+
 def test_resume_force_and_retry(tmp_path):
     es = cpu_entries()
     cmd = fake({"z0": OOM_SCRIPT})
