@@ -24,9 +24,9 @@ from sftbench import checkpoint
 from sftbench.dsconfig import (DSConfigError, apply_overrides, apply_precision, config_precision, describe,
                                load_ds_config, peak_lr, resolve_config_path)
 from sftbench.failures import classify_exception
+from sftbench.nodes import NodeError, per_node_prediction, placement, rank0_value
 from sftbench.ops import check_locks as check_build_locks
 from sftbench.runlog import RunLog
-from sftbench.nodes import NodeError, per_node_prediction, placement, rank0_value
 from sftbench.shm import release_own_buffer as release_shm_buffer
 
 # ---------------------------------------------------------------- parse
