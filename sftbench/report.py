@@ -624,10 +624,12 @@ def hardware_lines(rows: list[Row], info: dict) -> list[str]:
                          + f": `{scrub(c['command'])}`")
     elif info.get("command"):
         lines.append(f"Command: `{scrub(info['command'])}`")
-    ex = next((r.meta.get("argv") for r in rows if r.meta.get("argv")), None)
-    if ex:
-        args = [scrub(str(a)) for a in ex[1:] if not str(a).startswith("--local_rank")]
-        lines.append("Each run: `deepspeed --num_gpus N train.py " + " ".join(args) + "` (first run shown)")
+    first = next((r for r in rows if r.meta.get("argv")), None)
+    if first is not None:
+        args = [scrub(str(a)) for a in first.meta["argv"][1:] if not str(a).startswith("--local_rank")]
+        # a run on several nodes was launched from a hostfile, N ranks on each node
+        launcher = "deepspeed --hostfile H --num_nodes M --num_gpus N" if first.nodes > 1 else "deepspeed --num_gpus N"
+        lines.append(f"Each run: `{launcher} train.py " + " ".join(args) + "` (first run shown)")
     return lines
 
 

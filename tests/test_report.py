@@ -303,6 +303,7 @@ def test_two_node_run_host_ram_per_node_and_node_dirs(tmp_path):
     assert report.main([str(a), "--node-dir", str(b), "--out", str(out)]) == 0
     md = (out / "results.md").read_text()
     assert "`job`: 2 nodes; host RAM is the largest node's" in md and "logs of 2 of the 2 nodes read" in md
+    assert "Each run: `deepspeed --hostfile H --num_nodes M --num_gpus N train.py " in md
     csv_row = next(csv.DictReader(open(out / "results.csv", encoding="utf-8")))
     assert (csv_row["num_nodes"], csv_row["host_rss_mib_max_over_nodes"]) == ("2", "3000.0")
     assert csv_row["host_rss_mib_sum_over_ranks"] == "5000.0"
