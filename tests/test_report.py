@@ -106,6 +106,7 @@ def test_markdown_table_headers_cells_and_footnotes(sweep_dir, tmp_path):
     res = report.make_report(sweep_dir, out)
     assert res == {"rows": 5, "failures": 2, "out": str(out)}
     md = (out / "results.md").read_text(encoding="utf-8")
+    assert "Each run: `deepspeed --num_gpus N train.py " in md and "nodes;" not in md  # one machine: as before
     header = next(line for line in md.splitlines() if line.startswith("| 模型"))
     cells = [c.strip() for c in header.strip("|").split("|")]
     # the reference's header row, in its order, with English beside it
