@@ -118,8 +118,10 @@ def test_rank0_value_reaches_every_rank():
     """Two gloo ranks each make up their own value (as each node's clock names the default run folder): both end
     up with rank 0's."""
     port = str(free_port())
+    # os._exit as train.py ends: gloo's native destructors can abort a finished process at interpreter teardown
     code = ("import os, torch.distributed as d; from sftbench.nodes import rank0_value; "
-            "d.init_process_group('gloo'); print('got', rank0_value('folder-of-rank-' + os.environ['RANK']))")
+            "d.init_process_group('gloo'); print('got', rank0_value('folder-of-rank-' + os.environ['RANK']), "
+            "flush=True); d.barrier(); os._exit(0)")
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True,
                               env=dict(os.environ, RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                                        MASTER_PORT=port, PYTHONPATH=str(REPO))) for r in (0, 1)]
