@@ -33,6 +33,7 @@ from sftbench import memory
 from sftbench.args import REPO
 from sftbench.dsconfig import DSConfigError, apply_precision, describe, load_ds_config
 from sftbench.hardware import detect_gpus, gpu_slug, host_total_mib
+from sftbench.nodes import per_node_prediction
 from sftbench.presets import model_shape
 
 CONFIG_DIR = REPO / "ds_configs"
@@ -119,7 +120,7 @@ def plan(model: str, hw: Hardware, precision: str = "bf16", seq_len: int = 512, 
             continue  # --ds none is DDP on one node here
         pred = memory.predict(shape, memory.RunShape(cfg, world, precision, seq_len=seq_len, micro_batch=micro),
                               memory.Limits(hw.gpu_mib, None))
-        host_node = pred.to_json()["host_mib_per_rank"] * hw.gpus_per_node
+        host_node = per_node_prediction(pred.to_json(), hw.nodes, hw.gpus_per_node, None)["host_mib_per_node"]
         gpu_margin = hw.gpu_mib - pred.gpu_mib if hw.gpu_mib else None
         host_margin = hw.host_mib - host_node if hw.host_mib else None
         checks = [m >= 0 for m in (gpu_margin, host_margin) if m is not None]
