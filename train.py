@@ -103,13 +103,11 @@ if precision == "fp16" and on_cpu and args.deepspeed:
              "--precision bf16 or fp32, or --ds none for the plain PyTorch loop")
 model_name = args.model or ("pangu-tiny" if on_cpu else "pangu-350m")
 compile_target, compile_why = speed.resolve_compile(args.compile, on_cpu)
-try:
-    use_graphs, graphs_why = graphs.resolve(args.cuda_graphs, on_cuda=device.type == "cuda", ds_cfg=ds_cfg,
-                                            world_size=world_size, compile_target=compile_target)
+try:  # before the model and engine exist: with graphs on, they are built on the capture stream
+    use_graphs, graphs_why = graphs.prepare(args.cuda_graphs, device, ds_cfg=ds_cfg, world_size=world_size,
+                                            compile_target=compile_target)
 except graphs.GraphError as e:
     sys.exit(f"error: {e}")
-if use_graphs:
-    graphs.use_side_stream(device)  # before the model and engine exist: capture needs them on the capture stream
 run_dir = args.run_dir or rank0_value(args.default_run_dir(model_name, precision))  # one folder for every node
 if rank == 0:
     Path(run_dir).mkdir(parents=True, exist_ok=True)

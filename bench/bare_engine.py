@@ -88,13 +88,11 @@ def main(argv=None) -> int:
         release_own_buffer(rank, world)  # as train.py: DeepSpeed leaves its shm file behind on CPU
     model_name = args.model or ("pangu-tiny" if on_cpu else "pangu-350m")
     target, _ = speed.resolve_compile(args.compile, device.type != "cuda")  # as train.py decides
-    try:
-        use_graphs, graphs_why = graphs.resolve(args.cuda_graphs, on_cuda=device.type == "cuda", ds_cfg=cfg,
-                                                world_size=world, compile_target=target)
+    try:  # as train.py: before the model and engine are built
+        use_graphs, graphs_why = graphs.prepare(args.cuda_graphs, device, ds_cfg=cfg, world_size=world,
+                                                compile_target=target)
     except graphs.GraphError as e:
         sys.exit(f"error: {e}")
-    if use_graphs:
-        graphs.use_side_stream(device)  # as train.py: before the model and engine are built
     data_path = args.data or str(BENCH_DATA if BENCH_DATA.is_file() else SAMPLE_DATA)
     torch.manual_seed(args.seed)
 

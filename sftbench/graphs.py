@@ -203,6 +203,17 @@ class GraphedLoss:
         return self.static_loss.detach().clone()
 
 
+def prepare(mode: str, device, *, ds_cfg: dict | None, world_size: int, compile_target: str) -> tuple[bool, str]:
+    """``resolve`` for this run's device, then, when on, the side stream every later tensor and autograd node of the
+    run is created on (so call it before the model and engine are built). Raises GraphError where ``on`` cannot
+    apply, as ``resolve`` does."""
+    on, why = resolve(mode, on_cuda=getattr(device, "type", str(device)) == "cuda", ds_cfg=ds_cfg,
+                      world_size=world_size, compile_target=compile_target)
+    if on:
+        use_side_stream(device)
+    return on, why
+
+
 def use_side_stream(device) -> Any:
     """Make a new stream current for the rest of the run (before the model and engine are built): graph capture
     then happens on the stream every tensor and autograd node of the run already belongs to."""

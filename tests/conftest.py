@@ -15,6 +15,16 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
+# A few SFT lines in the reference and plain forms, Chinese and English (the recipe tests repeat them into a file).
+SAMPLES = [
+    {"prompt": "床前明月光，", "answers": [{"answer": "疑是地上霜。", "score": 1}], "prefix": ""},
+    {"prompt": "What is the capital of France?", "answer": "Paris is the capital of France."},
+    {"prompt": "上联：春风得意", "answers": [{"answer": "下联：秋月生辉", "score": 2}, {"answer": "x", "score": 1}]},
+    {"prompt": "Translate: 学而时习之", "answers": [{"answer": "To learn and practise it in time.", "score": 1}],
+     "prefix": "Answer: "},
+]
+
+
 def real_vocab() -> Path | None:
     """The real PanGu-alpha vocab.model where it exists (env PANGU_VOCAB, or the shared folder beside the repo)."""
     cands = [os.environ.get("PANGU_VOCAB"), REPO.parent / "shared" / "pangu-vocab" / "vocab.model"]

@@ -249,28 +249,25 @@ def test_rank_stats_exclude_fp16_overflow_steps(tmp_path):
     assert "warning:" not in M.header_lines(h)[-1]
 
 
-def test_engine_warnings_from_the_meta_are_shown(tmp_path):
-    d = tmp_path / "z0fp16"
+def _run_with_meta(d, **fields):
+    """A one-rank run folder whose meta record carries these extra fields (and nothing else yet)."""
     log = RunLog(d, 0)
     write_meta(log, d.name, 0, world=1)
     log.close()
-    lines = (d / "rank0.jsonl").read_text().splitlines()
-    meta = json.loads(lines[0])
-    meta["warnings"] = ["fp16 with ZeRO stage 0: the model does not learn"]
-    (d / "rank0.jsonl").write_text(json.dumps(meta) + "\n")
+    meta = json.loads((d / "rank0.jsonl").read_text().splitlines()[0])
+    (d / "rank0.jsonl").write_text(json.dumps({**meta, **fields}) + "\n")
+
+
+def test_engine_warnings_from_the_meta_are_shown(tmp_path):
+    d = tmp_path / "z0fp16"
+    _run_with_meta(d, warnings=["fp16 with ZeRO stage 0: the model does not learn"])
     h = RunWatcher(d).read_all().header()
     assert "warning: fp16 with ZeRO stage 0: the model does not learn" in M.header_lines(h)[-1]
 
 
 def test_a_fine_tuning_run_shows_its_eval_loss_and_where_it_resumed(tmp_path):
     d = tmp_path / "ft"
-    log = RunLog(d, 0)
-    write_meta(log, d.name, 0, world=1)
-    log.close()
-    lines = (d / "rank0.jsonl").read_text().splitlines()
-    meta = json.loads(lines[0])
-    meta["resumed_from"] = {"path": "save/checkpoint-40", "step": 40}
-    (d / "rank0.jsonl").write_text(json.dumps(meta) + "\n")
+    _run_with_meta(d, resumed_from={"path": "save/checkpoint-40", "step": 40})
     log = RunLog(d, 0)
     for s in (41, 42):
         write_step(log, s, 0)

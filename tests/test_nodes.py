@@ -14,19 +14,12 @@ import sys
 
 import pytest
 
-from conftest import BIN, REPO, cpu_env, read_jsonl, write_overfit_config
+from conftest import BIN, REPO, SAMPLES, cpu_env, read_jsonl, write_overfit_config
 from sftbench import nodes
 from sftbench.buildenv import free_port
 from sftbench.runlog import META_KEYS, STEP_KEYS, SUMMARY_KEYS
 from sftbench.shm import buffer_path
 
-SAMPLES = [
-    {"prompt": "床前明月光，", "answers": [{"answer": "疑是地上霜。", "score": 1}], "prefix": ""},
-    {"prompt": "What is the capital of France?", "answer": "Paris is the capital of France."},
-    {"prompt": "上联：春风得意", "answers": [{"answer": "下联：秋月生辉", "score": 2}, {"answer": "x", "score": 1}]},
-    {"prompt": "Translate: 学而时习之", "answers": [{"answer": "To learn and practise it in time.", "score": 1}],
-     "prefix": "Answer: "},
-]
 
 
 # ------------------------------------------------------------------------------------------------ placement

@@ -10,18 +10,12 @@ import time
 
 import pytest
 
-from conftest import REPO, cpu_env, ds_shm_names, launch_cmd, leftover_shm, read_jsonl, run, write_overfit_config
+from conftest import (REPO, SAMPLES, cpu_env, ds_shm_names, launch_cmd, leftover_shm, read_jsonl, run,
+                      write_overfit_config)
 from sftbench.runlog import META_KEYS, STEP_KEYS, SUMMARY_KEYS, parse_lines
 
 pytestmark = pytest.mark.slow
 
-SAMPLES = [
-    {"prompt": "床前明月光，", "answers": [{"answer": "疑是地上霜。", "score": 1}], "prefix": ""},
-    {"prompt": "What is the capital of France?", "answer": "Paris is the capital of France."},
-    {"prompt": "上联：春风得意", "answers": [{"answer": "下联：秋月生辉", "score": 2}, {"answer": "x", "score": 1}]},
-    {"prompt": "Translate: 学而时习之", "answers": [{"answer": "To learn and practise it in time.", "score": 1}],
-     "prefix": "Answer: "},
-]
 COMMON = ["--model", "pangu-tiny", "--seq-len", "64", "--max-steps", "8", "--warmup-steps", "2",
           "--precision", "fp32", "--seed", "7"]
 
