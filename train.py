@@ -131,7 +131,9 @@ def main() -> int:
                                                 source=args.ds)
         except DSConfigError as e:
             sys.exit(f"error: {e}")
+        ds_cfg, timer_why = speed.resolve_ds_timers(ds_cfg, on_cuda=device.type == "cuda")
     else:
+        timer_why = None
         precision = args.precision or ("bf16" if not on_cpu and torch.cuda.is_bf16_supported() else "fp32")
     if precision == "fp16" and on_cpu and args.deepspeed:
         # The plain loop (--ds none) runs fp16 on CPU: torch's CPU autocast and GradScaler have it.
@@ -238,16 +240,20 @@ def main() -> int:
             checkpoint.check_resumable(resume_dir, resume_state, identity, max_steps)
             checkpoint.load_engine_state(engine, resume_dir, is_deepspeed=args.deepspeed, rank=rank)
             say(f"resumed from step {start_step} ({resume_dir})")
-        graphs_pool_mib = None
+        graphs_pool_mib, graph_accum, graph_accum_why = None, False, "off: no CUDA graphs"
         if use_graphs:  # after initialize (ZeRO re-points the weights into its flat buffers) and after any resume
             sample = {"input_ids": ds.input_ids[:mb].to(device), "labels": ds.labels[:mb].to(device),
                       "attention_mask": ds.attention_mask[:mb].to(device) if use_pad_mask else None}
+            graph_accum, graph_accum_why = graphs.accumulates_locally(engine, args.graph_accum)
             try:
-                graphs_pool_mib = graphs.graph_model(engine.module, sample, getattr(engine, "amp_dtype", None)).pool_mib
+                graphs_pool_mib = graphs.graph_model(
+                    engine.module, sample, getattr(engine, "amp_dtype", None),
+                    boundary=engine.is_gradient_accumulation_boundary if graph_accum else None).pool_mib
             except graphs.GraphError as e:
                 if args.cuda_graphs == "on":
                     raise
                 use_graphs, graphs_why = False, f"auto: capture refused, eager ({e})"
+                graph_accum, graph_accum_why = False, "off: no CUDA graphs"
                 warnings.append(f"CUDA graphs not used: {e}")
         # The default warm-up leaves this process a measured step; args keep what was asked (the harness record).
         warmup_steps, warmup_note = resolve_warmup(args.warmup_steps, max_steps - start_step)
@@ -309,7 +315,9 @@ def main() -> int:
                            "compile": compile_target, "compile_why": compile_why,
                            "compile_mode": args.compile_mode if compile_target != "off" else None,
                            "cuda_graphs": use_graphs, "cuda_graphs_why": graphs_why,
-                           "cuda_graphs_pool_mib": graphs_pool_mib, "batches_on_device": True},
+                           "cuda_graphs_pool_mib": graphs_pool_mib, "graph_accum": graph_accum,
+                           "graph_accum_why": graph_accum_why, "ds_throughput_timer": timer_why,
+                           "batches_on_device": True},
             predicted=predicted,
             versions={"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
                       "deepspeed": deepspeed.__version__ if args.deepspeed else None,
@@ -329,7 +337,11 @@ def main() -> int:
             f"micro batch {mb}, grad accum {ga}, lr {'-' if args.lr is None else f'{args.lr:g}'}, "
             f"{steps_per_epoch} steps/epoch, {max_steps} steps; log: {run_dir}")
         say(f"speed: compile {compile_target} ({compile_why}); cuda graphs {'on' if use_graphs else 'off'} "
-            f"({graphs_why})" + (f", graphs hold {graphs_pool_mib:.0f} MiB" if graphs_pool_mib is not None else ""))
+            f"({graphs_why})" + (f", graphs hold {graphs_pool_mib:.0f} MiB; gradients accumulated "
+                                 f"{'in the graphs' if graph_accum else 'by the engine'} ({graph_accum_why})"
+                                 if graphs_pool_mib is not None else ""))
+        if timer_why:
+            say(f"speed: {timer_why}")
         for w in warnings:
             say(f"warning: {w}")
         if warmup_note:

@@ -52,6 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="as train.py --compile")
     p.add_argument("--compile-mode", default="default", help="as train.py --compile-mode")
     p.add_argument("--cuda-graphs", default="auto", choices=graphs.GRAPH_MODES, help="as train.py --cuda-graphs")
+    p.add_argument("--graph-accum", default="auto", choices=graphs.ACCUM_MODES, help="as train.py --graph-accum")
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="profile the first measured step (torch.profiler, CPU + CUDA) and write its tables here "
                         "(rank 0); the step's time then includes the profiler's own cost")
@@ -82,6 +83,7 @@ def main(argv=None) -> int:
     on_cpu, local_rank, device = rank_device(args.local_rank)
     if precision == "fp16" and on_cpu:
         sys.exit("error: fp16 is not supported on CPU (DeepSpeed refuses it); use --precision bf16 or fp32")
+    cfg, _ = speed.resolve_ds_timers(cfg, on_cuda=device.type == "cuda")  # as train.py
     deepspeed.init_distributed()
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     if on_cpu:
@@ -123,11 +125,14 @@ def main(argv=None) -> int:
     engine.train()
     ga = engine.gradient_accumulation_steps()
     mb = engine.train_micro_batch_size_per_gpu()
+    graph_accum = False
     if use_graphs:  # as train.py: captured after initialize, on the first samples' shapes
+        graph_accum, _ = graphs.accumulates_locally(engine, args.graph_accum)
         graphs.graph_model(engine.module, {"input_ids": enc.input_ids[:mb].to(device),
                                            "labels": enc.labels[:mb].to(device),
                                            "attention_mask": enc.attention_mask[:mb].to(device) if use_pad_mask
-                                           else None})
+                                           else None},
+                           boundary=engine.is_gradient_accumulation_boundary if graph_accum else None)
 
     # ---- batches on the device before the clock starts (train.py's step_indices)
     need = args.steps * mb * ga
@@ -193,7 +198,7 @@ def main(argv=None) -> int:
         res = summarize("bare_engine", model_name, args.ds, args, device, device_name, flops_tok, step_times,
                         step_times, [], [host.rss_mib()], mb, ga, world,
                         extra={"step_s_wall": wall / (args.steps - w), "pad_mask": use_pad_mask,
-                               "cuda_graphs": use_graphs,
+                               "cuda_graphs": use_graphs, "graph_accum": graph_accum,
                                "zero_stage": zero_stage, "dataset_path": data_path, "dataset_samples": enc.n})
         res["final_loss"] = final_loss
         report(res, args.out)

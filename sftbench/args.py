@@ -94,6 +94,12 @@ class HarnessArgs:
                              "the parameters stay resident: ZeRO-0/1/2, optimizer offload, --ds none on one rank; "
                              "refused for ZeRO-3, parameter offload, --compile; eager without CUDA), 'off'.",
                              default="auto")
+    graph_accum: str = _help("With CUDA graphs on: add the micro-batches' gradients up inside the graphs and hand "
+                             "the engine the sum at the accumulation boundary: 'auto' (default: where the engine "
+                             "would only add them into param.grad before the boundary: ZeRO-0/1 without offload, "
+                             "--ds none; the same additions in the same order, the per-parameter work once per "
+                             "step) or 'off' (hand every micro-batch's gradients over, as eager mode does).",
+                             default="auto")
     save: str | None = _help("Save folder: at the end the model is saved here as a transformers folder "
                              "(from_pretrained after `import sftbench`) that also holds the state to resume from. "
                              "Nothing is saved without it.", default=None)
@@ -156,9 +162,11 @@ class HarnessArgs:
             check_compile(self.compile, self.compile_mode)
         except SpeedError as e:
             raise ArgsError(str(e)) from None
-        from sftbench.graphs import check_mode
+        from sftbench.graphs import ACCUM_MODES, check_mode
         try:
             check_mode(self.cuda_graphs)
+            if self.graph_accum not in ACCUM_MODES:
+                raise ValueError(f"--graph-accum must be one of {', '.join(ACCUM_MODES)}, got {self.graph_accum!r}")
         except ValueError as e:
             raise ArgsError(str(e)) from None
         if self.data is not None and not os.path.isfile(self.data):

@@ -41,6 +41,13 @@ class GraphError(RuntimeError):
     """The model cannot be captured as asked (hooks, moved parameters, a capture failure)."""
 
 
+# Where ``auto`` turns the graphs on: configurations measured faster with them in one bench/levers.py call on a GPU
+# (30 measured steps each, docs/performance.md), and the evidence, for the meta record.
+MEASURED_FASTER = {
+    "ZeRO-1": "measured faster on ZeRO-1 (1 x H200, bf16: Pangu-2.6B 1.68x, Pangu-350M 2.03x per step)",
+}
+
+
 def check_mode(mode: str) -> None:
     if mode not in GRAPH_MODES:
         raise ValueError(f"--cuda-graphs must be one of {', '.join(GRAPH_MODES)}, got {mode!r}")
@@ -78,9 +85,13 @@ def resolve(mode: str, *, on_cuda: bool, ds_cfg: dict | None, world_size: int,
         return no("--ds none on several ranks (DDP's reducer is not captured; use a DeepSpeed config)")
     if asked:
         return True, "on: asked for"
-    # Default only where measured faster: this implementation has not been timed on a GPU yet (the per-block
-    # experiment it grew from was, docs/performance.md), so auto stays eager until a same-call measurement says so.
-    return False, "auto: not measured faster on a GPU yet (--cuda-graphs on applies it)"
+    # Default only where a same-call measurement on a GPU showed it faster (docs/performance.md).
+    kind = "--ds none" if stage is None else f"ZeRO-{stage}"
+    if str((zero.get("offload_optimizer") or {}).get("device", "none")).lower() not in ("none", ""):
+        kind += " + optimizer offload"
+    if kind in MEASURED_FASTER:
+        return True, f"auto: {MEASURED_FASTER[kind]}"
+    return False, f"auto: not measured faster on a GPU for {kind} yet (--cuda-graphs on applies it)"
 
 
 def _submodule_hooks(model) -> list[str]:
@@ -97,9 +108,16 @@ class GraphedLoss:
 
     Installed as the model's ``forward`` (an instance attribute, so ``nn.Module.__call__``, DeepSpeed's engine and
     its hooks on the top module work as before). Calls that match the captured signature replay the graphs; any
-    other call runs the model's own forward."""
+    other call runs the model's own forward.
 
-    def __init__(self, model, sample: dict, *, warmup_iters: int = 3, amp_dtype=None):
+    ``boundary`` (``engine.is_gradient_accumulation_boundary``) turns on accumulation inside the graphs: the
+    micro-batches before the boundary add their gradients into the static buffers and hand nothing to autograd, and
+    the boundary micro-batch hands over the sum. Pass it only where the engine itself would just add each micro-batch
+    into ``param.grad`` (``accumulates_locally``): the sums are then the same additions in the same order, while the
+    per-parameter work (an add kernel and DeepSpeed's hook for each of ~400 parameters) runs once per step instead
+    of once per micro-batch. Without it every micro-batch hands its gradients over."""
+
+    def __init__(self, model, sample: dict, *, warmup_iters: int = 3, amp_dtype=None, boundary=None):
         import torch
 
         self.model = model
@@ -116,44 +134,68 @@ class GraphedLoss:
         self.static_in = {k: sample[k].detach().clone() for k in self.keys}
         self.shapes = {k: tuple(v.shape) for k, v in self.static_in.items()}
         self.amp_dtype = amp_dtype
+        self.boundary = boundary
+        self.pending = False  # gradients added into the static buffers and not yet handed over
         stream = torch.cuda.current_stream()
         if stream == torch.cuda.default_stream() and stream.cuda_stream == 0:
             # AccumulateGrad nodes that DeepSpeed keeps would make the legacy default stream wait on the capture
             # stream ("operation would make the legacy stream depend on a capturing blocking stream").
             raise GraphError("capture needs the whole run on a side stream (use_side_stream() before the model is "
                              "built)")
+        # The graphs run on shadow leaves: detached tensors sharing each parameter's storage (so a replay reads the
+        # current weights) with no hooks of their own. Their backward accumulates into shadow.grad, the static
+        # gradient buffers, and never reaches the real parameters' AccumulateGrad nodes, which ZeRO hooks.
+        shadow = {id(p): p.detach().requires_grad_(True) for p in self.params}
+        slots = [(m, name, p) for m in model.modules() for name, p in m._parameters.items()
+                 if p is not None and id(p) in shadow]
+
+        @contextlib.contextmanager
+        def shadowed():
+            for m, name, p in slots:
+                m._parameters[name] = shadow[id(p)]
+            try:
+                yield
+            finally:
+                for m, name, p in slots:
+                    m._parameters[name] = p
 
         def loss_fn():
             # The plain loop's autocast, without its weight-cast cache (a cache would be filled at capture only).
             ctx = (torch.autocast("cuda", dtype=amp_dtype, cache_enabled=False) if amp_dtype is not None
                    else contextlib.nullcontext())
-            with ctx:
+            with ctx, shadowed():
                 return self.eager_forward(**self.static_in).loss
 
         # Warm-up on the capture stream: cuBLAS/cuDNN handles, autotuned kernels and the allocator's segments exist
-        # before capture. autograd.grad leaves param.grad and ZeRO's accumulate hooks alone.
+        # before capture. The first backward also tells which parameters the loss reaches (their shadow has a grad).
         torch.cuda.synchronize()
         for _ in range(warmup_iters):
-            loss = loss_fn()
-            torch.autograd.grad(loss, self.params, allow_unused=True)
-        del loss
+            loss_fn().backward()
         torch.cuda.synchronize()
+        # Only the parameters the loss reaches become inputs of the replay node, as in eager mode: ZeRO counts the
+        # parameters a backward reaches and waits for one gradient hook per parameter before its epilogue.
+        reached = [(p, shadow[id(p)]) for p in self.params if shadow[id(p)].grad is not None]
+        self.used = tuple(p for p, _ in reached)
+        self.static_grads = tuple(s.grad for _, s in reached)
         self.pool = torch.cuda.graph_pool_handle()
-        mem0 = torch.cuda.memory_allocated()
+        mem0 = torch.cuda.memory_reserved()
+        self.zero = torch.cuda.CUDAGraph()  # clears the buffers at the first micro-batch of each hand-over
+        with torch.cuda.graph(self.zero, pool=self.pool, stream=stream):
+            torch._foreach_zero_(list(self.static_grads))
         self.fwd = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.fwd, pool=self.pool, stream=stream):
             self.static_loss = loss_fn()
         self.static_grad_out = torch.empty_like(self.static_loss)
-        self.bwd = torch.cuda.CUDAGraph()
+        self.bwd = torch.cuda.CUDAGraph()  # adds this micro-batch's gradients into the static buffers
         with torch.cuda.graph(self.bwd, pool=self.pool, stream=stream):
-            grads = torch.autograd.grad(self.static_loss, self.params, grad_outputs=self.static_grad_out,
-                                        allow_unused=True)
+            self.static_loss.backward(self.static_grad_out)
         torch.cuda.synchronize()
-        # Only the parameters the loss reaches become inputs of the replay node, as in eager mode: ZeRO counts the
-        # parameters a backward reaches and waits for one gradient hook per parameter before its epilogue.
-        self.used = tuple(p for p, g in zip(self.params, grads) if g is not None)
-        self.static_grads = tuple(g.detach() for g in grads if g is not None)
-        self.pool_mib = (torch.cuda.memory_allocated() - mem0) / 2**20
+        if any(s.grad is not g for (_, s), g in zip(reached, self.static_grads)):
+            raise GraphError("autograd replaced a gradient buffer during capture (the graph would write elsewhere)")
+        # What the graphs hold for the run: the pool's own segments (no other allocation can use them) and the
+        # static gradient buffers (one per reached parameter, allocated at warm-up).
+        self.grad_buffer_mib = sum(g.numel() * g.element_size() for g in self.static_grads) / 2**20
+        self.pool_mib = (torch.cuda.memory_reserved() - mem0) / 2**20 + self.grad_buffer_mib
         self.replays = 0
         graphed = self
 
@@ -168,9 +210,15 @@ class GraphedLoss:
             def backward(ctx, grad):
                 if grad.data_ptr() != graphed.static_grad_out.data_ptr():
                     graphed.static_grad_out.copy_(grad)
+                if not graphed.pending:
+                    graphed.zero.replay()
                 graphed.bwd.replay()
-                # Returned as the tensors held in static_grads (extra references), so AccumulateGrad copies or adds
-                # them into param.grad and never adopts a buffer the next replay overwrites.
+                if graphed.boundary is not None and not graphed.boundary():
+                    graphed.pending = True  # kept in the buffers; the boundary micro-batch hands the sum over
+                    return (None,) * len(graphed.static_grads)
+                graphed.pending = False
+                # Returned as the buffers themselves (still referenced by the shadows), so AccumulateGrad copies or
+                # adds them into param.grad and never adopts a buffer the next replay overwrites.
                 return graphed.static_grads
 
         self._replay = _Replay
@@ -224,14 +272,48 @@ def use_side_stream(device) -> Any:
     return s
 
 
-def graph_model(model, sample: dict, amp_dtype=None) -> GraphedLoss:
+def graph_model(model, sample: dict, amp_dtype=None, boundary=None) -> GraphedLoss:
     """Capture ``model``'s loss forward and backward for calls shaped like ``sample`` and install the replay as its
-    forward. Returns the installed ``GraphedLoss`` (``pool_mib``: GPU memory the graphs hold)."""
+    forward (``boundary``: see ``GraphedLoss``). Returns the installed ``GraphedLoss`` (``pool_mib``: GPU memory the
+    graphs hold)."""
     try:
-        g = GraphedLoss(model, sample, amp_dtype=amp_dtype)
+        g = GraphedLoss(model, sample, amp_dtype=amp_dtype, boundary=boundary)
     except GraphError:
         raise
     except RuntimeError as e:  # torch's capture errors name the operation that cannot be captured
         raise GraphError(f"CUDA graph capture failed: {str(e).strip().splitlines()[0]}") from e
     model.forward = g
     return g
+
+
+ACCUM_MODES = ("auto", "off")
+
+
+def accumulates_locally(engine, mode: str = "auto") -> tuple[bool, str]:
+    """Whether the graphs may add the micro-batches' gradients up themselves and hand the sum over at the boundary
+    (``GraphedLoss``'s ``boundary``), and why (the meta record's ``graph_accum_why``).
+
+    Only where the engine, before the boundary, would do nothing with a micro-batch's gradients but add them into
+    ``param.grad`` in the weights' dtype: ZeRO-0/1 and the plain loop. There the sums are the same additions in the
+    same order. Not where the engine does more per micro-batch: ZeRO-2 reduces and partitions every micro-batch,
+    DeepSpeed's BF16 optimizer and a ``grad_accum_dtype`` other than the weights' add into fp32 copies, optimizer
+    offload moves gradients to the host."""
+    if mode not in ACCUM_MODES:
+        raise ValueError(f"--graph-accum must be one of {', '.join(ACCUM_MODES)}, got {mode!r}")
+    if mode == "off":
+        return False, "off: asked for"
+    if not hasattr(engine, "zero_optimization_stage"):  # the plain loop (--ds none, one rank)
+        return True, "auto: the plain loop adds each micro-batch into param.grad"
+    opt = engine.optimizer
+    if type(opt).__name__ == "BF16_Optimizer":
+        return False, "auto: DeepSpeed's BF16 optimizer adds each micro-batch into its fp32 gradient copy"
+    if engine.zero_optimization_partition_gradients():
+        return False, "auto: ZeRO-2/3 reduce and partition the gradients at every micro-batch"
+    if getattr(opt, "use_grad_accum_attribute", False):
+        return False, "auto: grad_accum_dtype differs from the weights' dtype (ZeRO accumulates in its own buffer)"
+    if engine.zero_cpu_offload():
+        return False, "auto: optimizer offload moves the gradients to the host"
+    if getattr(engine, "zenflow", False) or not engine.managed_gradient_accumulation():
+        return False, "auto: the engine does not own the accumulation boundary"
+    return True, (f"auto: ZeRO-{engine.zero_optimization_stage()} adds each micro-batch into param.grad and "
+                  "reduces at the boundary")

@@ -56,6 +56,19 @@ def resolve_compile(target: str, on_cpu: bool) -> tuple[str, str]:
     return "off", "auto: not measured faster with >= 20 measured steps (docs/performance.md)"
 
 
+def resolve_ds_timers(ds_cfg: dict, on_cuda: bool) -> tuple[dict, str | None]:
+    """DeepSpeed's throughput timer, off on GPU runs unless the config says otherwise; returns the config and what
+    was done (None: nothing). The timer is on by default and synchronises the device at the start and end of every
+    micro-batch (``timers.throughput.synchronized``) for a number the harness does not read: it times each step
+    itself, with one synchronisation. On the H200 that sync cost 1.08-1.11x per step (docs/performance.md). A
+    config with a ``timers`` block keeps what it says; the resolved config in the log shows the change."""
+    if not on_cuda or "timers" in ds_cfg:
+        return ds_cfg, None
+    return ({**ds_cfg, "timers": {"throughput": {"enabled": False}}},
+            "DeepSpeed's throughput timer off (timers.throughput.enabled=false: it synchronises the device twice "
+            "per micro-batch; the harness times steps itself; a 'timers' block in the config keeps DeepSpeed's)")
+
+
 def blocks_of(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The transformer blocks (the last one is the query layer): the units compiled by ``--compile blocks``."""
     core = getattr(model, "transformer", model)

@@ -16,12 +16,16 @@ Z = {n: json.loads((REPO / "ds_configs" / f"{n}.json").read_text())
      for n in ("z0", "z1", "z2_5e8", "z2_offload_5e8", "z3", "z3_offload_param")}
 
 
-def test_auto_stays_eager_until_measured_and_on_is_refused_where_it_cannot_apply():
+def test_auto_is_on_only_where_measured_and_on_is_refused_where_it_cannot_apply(monkeypatch):
     kw = dict(on_cuda=True, world_size=1, compile_target="off")
-    for name in ("z0", "z1", "z2_5e8", "z2_offload_5e8"):
-        assert graphs.resolve("auto", ds_cfg=Z[name], **kw) == (
-            False, "auto: not measured faster on a GPU yet (--cuda-graphs on applies it)"), name
+    kinds = {"z0": "ZeRO-0", "z1": "ZeRO-1", "z2_5e8": "ZeRO-2", "z2_offload_5e8": "ZeRO-2 + optimizer offload"}
+    monkeypatch.setattr(graphs, "MEASURED_FASTER", {"ZeRO-1": "measured faster (evidence)"})
+    for name, kind in kinds.items():
+        want = ((True, "auto: measured faster (evidence)") if kind == "ZeRO-1" else
+                (False, f"auto: not measured faster on a GPU for {kind} yet (--cuda-graphs on applies it)"))
+        assert graphs.resolve("auto", ds_cfg=Z[name], **kw) == want, name
         assert graphs.resolve("on", ds_cfg=Z[name], **kw) == (True, "on: asked for"), name
+    assert graphs.resolve("auto", ds_cfg=None, **kw)[1].endswith("for --ds none yet (--cuda-graphs on applies it)")
     assert graphs.resolve("on", ds_cfg=None, **kw) == (True, "on: asked for")  # --ds none on one GPU
     for name in ("z3", "z3_offload_param"):
         assert graphs.resolve("auto", ds_cfg=Z[name], **kw) == (
@@ -119,6 +123,35 @@ def test_gpu_replays_accumulate_gradients_like_eager():
     # A call the graph does not cover (no labels: generation, logits) runs the eager forward.
     with torch.cuda.stream(s):
         assert graphed(input_ids=batches[0]["input_ids"]).logits is not None
+
+
+def test_gpu_accumulation_in_the_graphs_hands_the_sum_over_at_the_boundary():
+    """With a boundary callable, the micro-batches before the boundary leave param.grad untouched (no gradient reaches
+    autograd, so no engine hook fires) and the boundary hands over their sum: equal to eager's param.grad after the
+    same micro-batches (the same additions in the same order). The next window starts from zero again."""
+    torch = _cuda()
+    batches = [_batch(torch, i) for i in (5, 6, 7)]
+    eager = _small_model(torch, 0.0)
+    for b in batches:
+        eager(**b).loss.backward()
+    want = {n: p.grad.clone() for n, p in eager.named_parameters()}
+
+    s = torch.cuda.Stream()
+    micro = {"i": 0}
+    with torch.cuda.stream(s):
+        graphed = _small_model(torch, 0.0)
+        graphs.graph_model(graphed, batches[0], boundary=lambda: micro["i"] % 3 == 2)
+        for window in range(2):
+            for k, b in enumerate(batches):
+                graphed(**b).loss.backward()
+                micro["i"] += 1
+                got = [p.grad for p in graphed.parameters()]
+                if k < 2:
+                    assert all(g is None for g in got), (window, k)
+            torch.cuda.synchronize()
+            for n, p in graphed.named_parameters():
+                assert torch.allclose(p.grad, want[n], rtol=1e-5, atol=1e-7), (window, n)
+            graphed.zero_grad(set_to_none=True)
 
 
 def test_gpu_dropout_draws_fresh_masks_at_every_replay():
