@@ -131,9 +131,7 @@ def main() -> int:
                                                 source=args.ds)
         except DSConfigError as e:
             sys.exit(f"error: {e}")
-        ds_cfg, timer_why = speed.resolve_ds_timers(ds_cfg, on_cuda=device.type == "cuda")
     else:
-        timer_why = None
         precision = args.precision or ("bf16" if not on_cpu and torch.cuda.is_bf16_supported() else "fp32")
     if precision == "fp16" and on_cpu and args.deepspeed:
         # The plain loop (--ds none) runs fp16 on CPU: torch's CPU autocast and GradScaler have it.
@@ -146,6 +144,7 @@ def main() -> int:
                                                 compile_target=compile_target)
     except graphs.GraphError as e:
         sys.exit(f"error: {e}")
+    ds_cfg, timer_why = speed.resolve_ds_timers(ds_cfg, graphs_on=use_graphs)
     run_dir = args.run_dir or rank0_value(args.default_run_dir(model_name, precision))  # one folder for every node
     if rank == 0:
         Path(run_dir).mkdir(parents=True, exist_ok=True)

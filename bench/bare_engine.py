@@ -83,7 +83,6 @@ def main(argv=None) -> int:
     on_cpu, local_rank, device = rank_device(args.local_rank)
     if precision == "fp16" and on_cpu:
         sys.exit("error: fp16 is not supported on CPU (DeepSpeed refuses it); use --precision bf16 or fp32")
-    cfg, _ = speed.resolve_ds_timers(cfg, on_cuda=device.type == "cuda")  # as train.py
     deepspeed.init_distributed()
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     if on_cpu:
@@ -95,6 +94,7 @@ def main(argv=None) -> int:
                                                 compile_target=target)
     except graphs.GraphError as e:
         sys.exit(f"error: {e}")
+    cfg, _ = speed.resolve_ds_timers(cfg, graphs_on=use_graphs)  # as train.py
     data_path = args.data or str(BENCH_DATA if BENCH_DATA.is_file() else SAMPLE_DATA)
     torch.manual_seed(args.seed)
 

@@ -90,7 +90,7 @@ class HarnessArgs:
                               "modes are refused: they fail with gradient accumulation).", default="default")
     cuda_graphs: str = _help("CUDA graphs for the micro-batch (the model's forward and backward captured once, then "
                              "replayed; DeepSpeed's per-parameter gradient hooks still run): 'auto' (default: on "
-                             "only where measured faster on a GPU, which no configuration is yet), 'on' (wherever "
+                             "where measured faster on a GPU: ZeRO-1 so far), 'on' (wherever "
                              "the parameters stay resident: ZeRO-0/1/2, optimizer offload, --ds none on one rank; "
                              "refused for ZeRO-3, parameter offload, --compile; eager without CUDA), 'off'.",
                              default="auto")

@@ -7,13 +7,18 @@ What is captured, and what is not (so DeepSpeed computes exactly what it is told
 
 * ``graph_model`` captures the model's forward (embeddings, every block including the query layer, ``ln_f``, the
   tied head and the fp32 loss) into one graph, and its backward, from the loss down to the gradient of every
-  parameter, into a second one. The parameter gradients land in static buffers.
+  parameter, into a second one. The graphs run on shadow leaves that share the parameters' storage, so their
+  backward adds into static gradient buffers and never touches the real parameters' autograd nodes.
 * Everything DeepSpeed does per micro-batch stays outside the graphs and runs as usual: the engine's forward
   prologue, the loss scaling of ``engine.backward`` (1/GA, the fp16 scale) and then autograd's ``AccumulateGrad`` of
-  each parameter, which adds the static gradient into ``param.grad`` and fires ZeRO's gradient hooks (bucketing,
-  partitioning, offload copies). The boundary step (``engine.step()``) is untouched.
-* The returned gradients are kept referenced here, so autograd never steals a static buffer as ``param.grad``
-  (the next replay would overwrite an accumulated gradient); it copies or adds instead, as in eager mode.
+  each parameter, which adds the handed-over gradient into ``param.grad`` and fires ZeRO's gradient hooks
+  (bucketing, partitioning, offload copies). The boundary step (``engine.step()``) is untouched.
+* Where the engine would only add each micro-batch into ``param.grad`` before the boundary (ZeRO-0/1 without
+  offload, the plain loop: ``accumulates_locally``), the graphs do those additions themselves and hand the sum over
+  at the boundary micro-batch, so the ~400 per-parameter adds and hooks run once per step instead of once per
+  micro-batch (same additions, same order). Elsewhere every micro-batch's gradients are handed over.
+* The handed-over buffers stay referenced here, so autograd never steals one as ``param.grad`` (the next replay
+  would overwrite it); it copies or adds instead, as in eager mode.
 * Dropout draws fresh masks at every replay: CUDA graph capture registers the RNG state and every replay advances
   its offset.
 
@@ -25,7 +30,8 @@ device; a call of another shape or signature (generation, eval with logits) runs
 
 Memory: the graphs keep a private pool (the activations of one micro-batch, as eager mode needs them too, but
 reserved for the run) and one static gradient buffer per parameter (``P`` x the parameters' bytes); the meta record
-logs both (``cuda_graphs_pool_mib``) and ``sftbench/memory.py`` counts them.
+logs their sum (``cuda_graphs_pool_mib``) and ``sftbench/memory.py`` counts the buffers (measured on the H200,
+Pangu-2.6B ZeRO-1: torch's peak allocation +5.0 GB, P x 2 bytes = 5.2 GB).
 
 This module is torch-free at import (the argument checks import it).
 """
@@ -44,7 +50,8 @@ class GraphError(RuntimeError):
 # Where ``auto`` turns the graphs on: configurations measured faster with them in one bench/levers.py call on a GPU
 # (30 measured steps each, docs/performance.md), and the evidence, for the meta record.
 MEASURED_FASTER = {
-    "ZeRO-1": "measured faster on ZeRO-1 (1 x H200, bf16: Pangu-2.6B 1.68x, Pangu-350M 2.03x per step)",
+    "ZeRO-1": "measured faster on ZeRO-1 (1 x H200, bf16, graphs with accumulation inside: Pangu-2.6B 1.92x, "
+              "Pangu-350M 3.55x per step over eager)",
 }
 
 
@@ -59,7 +66,8 @@ def resolve(mode: str, *, on_cuda: bool, ds_cfg: dict | None, world_size: int,
 
     ``on`` applies wherever the parameters stay resident; where it cannot apply (ZeRO-3, parameter offload, a
     compiled model, several ranks without DeepSpeed) it is refused with the reason; without CUDA the run is eager and
-    the reason says so. ``auto`` turns it on only where it was measured faster; nowhere yet (docs/performance.md)."""
+    the reason says so. ``auto`` turns it on only where it was measured faster (``MEASURED_FASTER``: ZeRO-1
+    so far, docs/performance.md)."""
     check_mode(mode)
     if mode == "off":
         return False, "off: asked for"

@@ -1,4 +1,5 @@
-"""Speed levers that change how the model runs, not what it computes: torch.compile of the model.
+"""Speed levers that change how the model runs, not what it computes: torch.compile of the model, and DeepSpeed's
+throughput timer next to CUDA graphs (``resolve_ds_timers``; the graphs themselves are in graphs.py).
 
 ``--compile blocks`` compiles each transformer block in place (``nn.Module.compile``): the 24-40 identical blocks
 share one compiled graph, so compilation takes seconds, the parameter names and the module tree that DeepSpeed,
@@ -56,17 +57,20 @@ def resolve_compile(target: str, on_cpu: bool) -> tuple[str, str]:
     return "off", "auto: not measured faster with >= 20 measured steps (docs/performance.md)"
 
 
-def resolve_ds_timers(ds_cfg: dict, on_cuda: bool) -> tuple[dict, str | None]:
-    """DeepSpeed's throughput timer, off on GPU runs unless the config says otherwise; returns the config and what
-    was done (None: nothing). The timer is on by default and synchronises the device at the start and end of every
-    micro-batch (``timers.throughput.synchronized``) for a number the harness does not read: it times each step
-    itself, with one synchronisation. On the H200 that sync cost 1.08-1.11x per step (docs/performance.md). A
-    config with a ``timers`` block keeps what it says; the resolved config in the log shows the change."""
-    if not on_cuda or "timers" in ds_cfg:
+def resolve_ds_timers(ds_cfg: dict | None, graphs_on: bool) -> tuple[dict | None, str | None]:
+    """DeepSpeed's throughput timer, off where the micro-batch runs as CUDA graphs unless the config says otherwise;
+    returns the config and what was done (None: nothing). The timer is on by default and synchronises the device at
+    the start and end of every micro-batch (``timers.throughput.synchronized``) for a number the harness does not
+    read (it times each step itself, with one synchronisation). A replayed graph lets the host queue the next work
+    while the GPU runs, and those syncs stop it: on the H200 turning the timer off gave 1.11x (Pangu-2.6B) and 1.08x
+    (350M) per step with graphs on, and nothing eager (0.99x / 1.01x), where the host is the bottleneck anyway
+    (docs/performance.md). A config with a ``timers`` block keeps what it says; the logged config shows the change."""
+    if ds_cfg is None or not graphs_on or "timers" in ds_cfg:
         return ds_cfg, None
     return ({**ds_cfg, "timers": {"throughput": {"enabled": False}}},
-            "DeepSpeed's throughput timer off (timers.throughput.enabled=false: it synchronises the device twice "
-            "per micro-batch; the harness times steps itself; a 'timers' block in the config keeps DeepSpeed's)")
+            "DeepSpeed's throughput timer off (timers.throughput.enabled=false: its two device syncs per micro-batch "
+            "stall the replayed graphs; the harness times steps itself; a 'timers' block in the config keeps "
+            "DeepSpeed's)")
 
 
 def blocks_of(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -210,3 +210,51 @@ def test_gpu_graphed_loss_curve_equals_eager_under_the_engine(tmp_path, ds):
     assert metas["off"]["optimizations"]["cuda_graphs"] is False
     assert curves["off"][-1] < curves["off"][0] - 0.1, curves["off"]
     assert curves["on"] == pytest.approx(curves["off"], rel=2e-3), (curves["on"], curves["off"])
+
+
+_VERDICTS = r'''
+import json, os, sys
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+import deepspeed, torch
+from sftbench import graphs
+from sftbench.pangu import PanguForCausalLM, preset_config
+deepspeed.init_distributed(dist_backend="gloo")
+out = {}
+for name, cfg in json.loads(sys.argv[2]).items():
+    model = PanguForCausalLM._from_config(preset_config("pangu-tiny", hidden_size=64, num_layers=2, num_heads=2))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    out[name] = [*graphs.accumulates_locally(engine), type(engine.optimizer).__name__]
+print("VERDICTS " + json.dumps(out))
+'''
+
+
+@pytest.mark.slow
+def test_accumulation_in_the_graphs_only_where_the_engine_just_adds_into_param_grad(tmp_path):
+    """Real DeepSpeed engines (CPU, one rank): ZeRO-0/1 hand the graphs the accumulation; ZeRO-2, DeepSpeed's BF16
+    optimizer (ZeRO-1 with fp32 accumulation) and a grad_accum_dtype other than the weights' keep it per micro-batch;
+    'off' is obeyed."""
+    from sftbench.buildenv import free_port
+
+    def cfg(stage, **extra):
+        return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2, "bf16": {"enabled": True},
+                "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+                "zero_optimization": {"stage": stage}, **extra}
+    configs = {"z0": cfg(0), "z1": cfg(1), "z2": cfg(2),
+               "z1_acc32": cfg(1, data_types={"grad_accum_dtype": "fp32"}),
+               "z0_fp32": {**cfg(0), "bf16": {"enabled": False}}}
+    p = subprocess.run([sys.executable, "-c", _VERDICTS, str(free_port()), json.dumps(configs)], cwd=REPO,
+                       env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    got = json.loads(p.stdout.split("VERDICTS ", 1)[1])
+    assert got["z0"][:2] == [True, "auto: ZeRO-0 adds each micro-batch into param.grad and reduces at the boundary"]
+    assert got["z0_fp32"][0] is True
+    assert got["z1"][:2] == [True, "auto: ZeRO-1 adds each micro-batch into param.grad and reduces at the boundary"]
+    assert got["z2"][:2] == [False, "auto: ZeRO-2/3 reduce and partition the gradients at every micro-batch"]
+    assert got["z1_acc32"][0] is False and got["z1_acc32"][2] == "BF16_Optimizer", got["z1_acc32"]
+
+    class Plain:  # the --ds none loop has no ZeRO methods
+        pass
+    assert graphs.accumulates_locally(Plain()) == (True, "auto: the plain loop adds each micro-batch into param.grad")
+    assert graphs.accumulates_locally(Plain(), "off") == (False, "off: asked for")
+    with pytest.raises(ValueError, match="--graph-accum must be one of auto, off"):
+        graphs.accumulates_locally(Plain(), "on")
