@@ -16,6 +16,18 @@ Z = {n: json.loads((REPO / "ds_configs" / f"{n}.json").read_text())
      for n in ("z0", "z1", "z2_5e8", "z2_offload_5e8", "z3", "z3_offload_param")}
 
 
+def test_throughput_timer_goes_off_only_where_graphs_run_and_a_timers_block_is_kept():
+    from sftbench import speed
+    cfg = Z["z1"]
+    off, why = speed.resolve_ds_timers(cfg, graphs_on=True)
+    assert off["timers"] == {"throughput": {"enabled": False}} and "timers" not in cfg  # the input is not changed
+    assert why.startswith("DeepSpeed's throughput timer off")
+    assert speed.resolve_ds_timers(cfg, graphs_on=False) == (cfg, None)
+    kept = {**cfg, "timers": {"throughput": {"enabled": True, "synchronized": True}}}
+    assert speed.resolve_ds_timers(kept, graphs_on=True) == (kept, None)
+    assert speed.resolve_ds_timers(None, graphs_on=True) == (None, None)  # --ds none
+
+
 def test_auto_is_on_only_where_measured_and_on_is_refused_where_it_cannot_apply(monkeypatch):
     kw = dict(on_cuda=True, world_size=1, compile_target="off")
     kinds = {"z0": "ZeRO-0", "z1": "ZeRO-1", "z2_5e8": "ZeRO-2", "z2_offload_5e8": "ZeRO-2 + optimizer offload"}
@@ -65,6 +77,10 @@ def test_without_cuda_the_flag_runs_eager_and_says_so(tmp_path):
     assert meta["optimizations"]["cuda_graphs"] is False
     assert meta["optimizations"]["cuda_graphs_why"] == "on: no CUDA device, eager"
     assert meta["optimizations"]["cuda_graphs_pool_mib"] is None
+    assert meta["optimizations"]["graph_accum"] is False
+    assert meta["optimizations"]["graph_accum_why"] == "off: no CUDA graphs"
+    # DeepSpeed's throughput timer is left as the config has it where no graphs run.
+    assert meta["optimizations"]["ds_throughput_timer"] is None and "timers" not in meta["ds_config"]
     assert "cuda graphs off (on: no CUDA device, eager)" in p.stdout
     assert "cuda_graphs" not in meta["predicted"]["gpu_breakdown_mib"]
     # ZeRO-3 on a GPU would be refused; on CPU the flag degrades first, so the refusal is checked where it is made.
