@@ -18,13 +18,15 @@ import sys
 import time
 from pathlib import Path
 
-from sftbench.args import REPO, parse_args, resolve_warmup
+from sftbench.args import parse_args, resolve_warmup
 from sftbench.buildenv import fix_cuda_arch_list, rank_device, single_process_env
 from sftbench import checkpoint
 from sftbench.dsconfig import (DSConfigError, apply_overrides, apply_precision, config_precision, describe,
                                load_ds_config, peak_lr, resolve_config_path)
 from sftbench.failures import classify_exception
+from sftbench.fmt import MIB
 from sftbench.nodes import NodeError, per_node_prediction, placement, rank0_value
+from sftbench.paths import REPO
 from sftbench.ops import check_locks as check_build_locks
 from sftbench.runlog import RunLog
 from sftbench.shm import release_own_buffer as release_shm_buffer
@@ -287,7 +289,7 @@ def main() -> int:
 
         import psutil
         from sftbench import memory
-        host_total = psutil.virtual_memory().total / metrics.MIB
+        host_total = psutil.virtual_memory().total / MIB
         multi_node = (where["num_nodes"] or 1) > 1
         predicted = memory.predict(
             memory.ModelShape(n_params, config.hidden_size, config.num_layers, config.num_heads, config.vocab_size,
@@ -372,22 +374,9 @@ def main() -> int:
                     "data_position": {"samples_per_rank": done * per_step,
                                       "epoch": done * per_step / -(-n_train // world_size)}}
 
-        # ------------------------------------------------------------ loop
-        tokens_per_step = per_step * args.seq_len * world_size  # whole job
-        tty = sys.stdout.isatty()
-        sync()
-        t_loop = time.perf_counter()
-        for step in range(start_step, max_steps):
-            i = step - start_step  # this process's step index (the device tensors hold the remaining steps only)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            sync()
-            t0 = time.perf_counter()
-            loss_t = train_step(engine, dev_ids[i], dev_labels[i], dev_mask[i] if dev_mask is not None else None)
-            sync()
-            step_s = time.perf_counter() - t0
-            loss = loss_t.item()  # one host read per optimizer step, after the clock stopped
-            warm = i < warmup_steps  # counted from this process's first step (a resumed run warms up again)
+        def record(step: int, i: int, step_s: float, loss: float) -> dict:
+            """Step ``step`` (0-based; ``i`` in this process) as this rank's log record: throughput, memory, scale."""
+            nonlocal skipped_before
             tflops = flops_tok * per_step * args.seq_len / step_s / 1e12
             skipped_now = getattr(engine, "skipped_steps", 0)
             skipped, skipped_before = skipped_now > skipped_before, skipped_now
@@ -395,26 +384,21 @@ def main() -> int:
                 scale = engine_checks.loss_scale(engine) if precision == "fp16" else None
             else:
                 scale = engine.loss_scale()
-            rec = log.step(
-                step=step + 1, time=time.time(), elapsed_s=time.perf_counter() - t_loop, step_s=step_s, warmup=warm,
+            cuda = device.type == "cuda"
+            return log.step(
+                step=step + 1, time=time.time(), elapsed_s=time.perf_counter() - t_loop, step_s=step_s,
+                warmup=i < warmup_steps,  # counted from this process's first step (a resumed run warms up again)
                 samples_per_s=per_step * world_size / step_s, tokens_per_s=tokens_per_step / step_s,
                 real_tokens_per_s=real_per_step[i] / step_s, loss=loss, lr=engine.get_lr()[0],
                 loss_scale=scale, skipped=skipped, tflops=tflops, mfu_pct=100.0 * tflops / peak if peak else None,
                 gpu_mem_used_mib=gpu.used_mib(),
-                torch_peak_alloc_mib=(torch.cuda.max_memory_allocated(device) / metrics.MIB
-                                      if device.type == "cuda" else None),
-                torch_peak_reserved_mib=(torch.cuda.max_memory_reserved(device) / metrics.MIB
-                                         if device.type == "cuda" else None),
+                torch_peak_alloc_mib=torch.cuda.max_memory_allocated(device) / MIB if cuda else None,
+                torch_peak_reserved_mib=torch.cuda.max_memory_reserved(device) / MIB if cuda else None,
                 host_rss_mib=host.rss_mib(), host_used_mib=host.used_mib(),
             )
-            stats.add(rec)
-            if step + 1 == steps_per_epoch and start_step == 0:
-                summary_extra["epoch_s_measured"] = rec["elapsed_s"]
-            if rank == 0 and ((step + 1) % args.log_every == 0 or step + 1 == max_steps):
-                eta = (max_steps - step - 1) * (metrics.median([r["step_s"] for r in stats.records[-10:]]) or step_s)
-                print(step_line(rec, max_steps, eta, bar=tty), flush=True)
-            # Between steps, after the step's clock stopped: evaluation, checkpoints, and the stop request.
-            done = step + 1
+
+        def between_steps(done: int) -> None:
+            """After a step's clock stopped: evaluation, checkpoints, and a stop request every rank agreed on."""
             if evaluator is not None and done in eval_steps:
                 ev = evaluator.run(engine, is_deepspeed=args.deepspeed)
                 log.eval(step=done, epoch=done * per_step / -(-n_train // world_size), time=time.time(), **ev)
@@ -429,6 +413,29 @@ def main() -> int:
                 summary_extra["saved"] = {"path": str(saver.root), "step": saver.last_saved_step}
                 raise checkpoint.Interrupted(f"terminated by signal {stop.signum or 'on another rank'} after step "
                                              f"{done}; resume with --resume {saver.root}")
+
+        # ------------------------------------------------------------ loop
+        tokens_per_step = per_step * args.seq_len * world_size  # whole job
+        tty = sys.stdout.isatty()
+        sync()
+        t_loop = time.perf_counter()
+        for step in range(start_step, max_steps):
+            i = step - start_step  # this process's step index (the device tensors hold the remaining steps only)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            sync()
+            t0 = time.perf_counter()
+            loss_t = train_step(engine, dev_ids[i], dev_labels[i], dev_mask[i] if dev_mask is not None else None)
+            sync()
+            step_s = time.perf_counter() - t0
+            rec = record(step, i, step_s, loss_t.item())  # one host read per optimizer step, after the clock stopped
+            stats.add(rec)
+            if step + 1 == steps_per_epoch and start_step == 0:
+                summary_extra["epoch_s_measured"] = rec["elapsed_s"]
+            if rank == 0 and ((step + 1) % args.log_every == 0 or step + 1 == max_steps):
+                eta = (max_steps - step - 1) * (metrics.median([r["step_s"] for r in stats.records[-10:]]) or step_s)
+                print(step_line(rec, max_steps, eta, bar=tty), flush=True)
+            between_steps(step + 1)
 
         # ------------------------------------------------------------ summary
         if saver is not None:

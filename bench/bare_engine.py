@@ -26,10 +26,10 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, for sftbench
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from sftbench.paths import BENCH_DATA, REPO, SAMPLE_DATA  # noqa: E402
 from sftbench.buildenv import fix_cuda_arch_list, rank_device, single_process_env  # noqa: E402
 from sftbench import graphs, speed  # noqa: E402  (torch-free at import)
 
@@ -38,7 +38,6 @@ fix_cuda_arch_list()  # as train.py: before anything imports DeepSpeed's op buil
 import torch  # noqa: E402
 
 from peer_torch import parse_checked, report, run_parser, summarize  # noqa: E402
-from sftbench.args import BENCH_DATA, SAMPLE_DATA  # noqa: E402
 from sftbench.dsconfig import DSConfigError, apply_precision, config_precision, load_ds_config  # noqa: E402
 
 

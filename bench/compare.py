@@ -33,9 +33,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, for sftbench
 
+from sftbench.paths import REPO  # noqa: E402
 from sftbench.args import repo_relative as rel  # noqa: E402
 from sftbench.sweep import launcher_command  # noqa: E402  (no torch import: the children do the real work)
 

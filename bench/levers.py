@@ -28,10 +28,10 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, for sftbench
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from sftbench.paths import REPO  # noqa: E402
 from compare import (child_env, config_path, cuda_visible, launcher, mfu, model_config,  # noqa: E402
                      read_ours, rel, run_job, shown, table_paths)
 

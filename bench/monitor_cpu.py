@@ -27,8 +27,8 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, for sftbench
+from sftbench.paths import REPO  # noqa: E402
 
 from sftbench.runlog import RunLog  # noqa: E402
 
@@ -74,7 +74,7 @@ def make_run(run_dir: Path, ranks: int, steps: int, warmup: int = 5) -> None:
 
 
 def start_writer(run_dir: Path, ranks: int, start_step: int, rate: float) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", WRITER, str(ROOT), str(run_dir), str(ranks), str(start_step),
+    return subprocess.Popen([sys.executable, "-c", WRITER, str(REPO), str(run_dir), str(ranks), str(start_step),
                              str(rate)])
 
 
@@ -127,7 +127,7 @@ def bench_pty(run_dir: Path, seconds: float, refresh: float) -> dict:
     env = dict(os.environ, TERM="xterm-256color", SFTBENCH_NO_NVML="1", COLUMNS="200", LINES="60")
     pid, fd = pty.fork()
     if pid == 0:
-        os.chdir(ROOT)
+        os.chdir(REPO)
         # default mode: no target, follow the newest run under --runs-root (exercises the run discovery too)
         os.execve(sys.executable, [sys.executable, "monitor.py", "--runs-root", str(run_dir.parent),
                                    "--refresh", str(refresh)], env)
@@ -180,7 +180,7 @@ def timed(cmd: list[str], n: int = 3, env: dict | None = None) -> float:
     ts = []
     for _ in range(n):
         t = time.perf_counter()
-        subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env=env)
+        subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, env=env)
         ts.append(time.perf_counter() - t)
     return statistics.median(ts)
 
@@ -190,7 +190,7 @@ def import_time(n: int = 3) -> float:
             "print(time.perf_counter() - t)")
     ts = []
     for _ in range(n):
-        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True)
+        r = subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True, text=True)
         ts.append(float(r.stdout.strip()))
     return statistics.median(ts)
 

@@ -27,14 +27,15 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, for sftbench
 
 import torch  # noqa: E402
 
+from sftbench.paths import BENCH_DATA, REPO, SAMPLE_DATA  # noqa: E402
 from sftbench import data as sftdata  # noqa: E402
 from sftbench import metrics  # noqa: E402
-from sftbench.args import BENCH_DATA, SAMPLE_DATA, repo_relative  # noqa: E402
+from sftbench.args import repo_relative  # noqa: E402
+from sftbench.fmt import MIB  # noqa: E402
 from sftbench.buildenv import rank_device  # noqa: E402
 from sftbench.pangu import build_model  # noqa: E402
 from sftbench.tokenizer import PanguTokenizer  # noqa: E402
@@ -218,9 +219,9 @@ def summarize(tool, model_name, ds_config, args, device, device_name, flops_tok,
         "tokens_per_s_per_gpu": statistics.median(tokens_per_step / world / s for s in meas) if meas else None,
         "flops_per_token": flops_tok, "tflops": tflops, "peak_tflops": peak,
         "mfu_pct": 100.0 * tflops / peak if tflops and peak else None,
-        "torch_peak_alloc_mib": torch.cuda.max_memory_allocated(device) / metrics.MIB
+        "torch_peak_alloc_mib": torch.cuda.max_memory_allocated(device) / MIB
         if device.type == "cuda" else None,
-        "torch_peak_reserved_mib": torch.cuda.max_memory_reserved(device) / metrics.MIB
+        "torch_peak_reserved_mib": torch.cuda.max_memory_reserved(device) / MIB
         if device.type == "cuda" else None,
         "host_rss_mib_peak": max(rss) if rss else None,
         "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,

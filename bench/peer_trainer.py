@@ -31,10 +31,10 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, for sftbench
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from sftbench.paths import BENCH_DATA, REPO, SAMPLE_DATA  # noqa: E402
 from sftbench.buildenv import fix_cuda_arch_list, rank_device  # noqa: E402
 
 fix_cuda_arch_list()  # before DeepSpeed's op builders are imported (an environment fix, not a speed lever)
@@ -44,7 +44,7 @@ import torch  # noqa: E402
 from peer_torch import SFTDataset, parse_checked, report, run_parser, summarize  # noqa: E402
 from sftbench import data as sftdata  # noqa: E402
 from sftbench import metrics  # noqa: E402
-from sftbench.args import BENCH_DATA, SAMPLE_DATA, repo_relative  # noqa: E402
+from sftbench.args import repo_relative  # noqa: E402
 from sftbench.dsconfig import DSConfigError, apply_precision, config_precision, load_ds_config  # noqa: E402
 from sftbench.tokenizer import PanguTokenizer  # noqa: E402
 

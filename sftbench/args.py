@@ -15,9 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-SAMPLE_DATA = REPO / "data" / "sample_sft.jsonl"
-BENCH_DATA = REPO / "data" / "bench_10k.jsonl"
+from sftbench.paths import BENCH_DATA, REPO, SAMPLE_DATA
+
 
 
 def repo_relative(path) -> str:

@@ -113,8 +113,8 @@ import os
 from dataclasses import dataclass, field
 
 from sftbench.dsconfig import offload_device
+from sftbench.fmt import MIB
 
-MIB = 2 ** 20
 PRECISION_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 # DeepSpeed's defaults where a config leaves a key out (deepspeed/runtime/zero/config.py).

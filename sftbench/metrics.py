@@ -16,7 +16,8 @@ import os
 import statistics
 from typing import Any
 
-MIB = 2 ** 20
+from sftbench.fmt import MIB
+
 
 # Dense (no sparsity) peak TFLOPS by GPU name fragment, from the vendors' datasheets: bf16/fp16 on tensor cores,
 # fp32 on CUDA cores (TF32 off, as torch's default for matmuls). First matching fragment wins: order matters.

@@ -30,15 +30,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sftbench import memory
-from sftbench.args import REPO
+from sftbench.paths import REPO
 from sftbench.dsconfig import DSConfigError, apply_precision, describe, load_ds_config
+from sftbench.fmt import MIB
 from sftbench.hardware import detect_gpus, gpu_slug, host_total_mib
 from sftbench.nodes import per_node_prediction
 from sftbench.presets import model_shape
 
 CONFIG_DIR = REPO / "ds_configs"
 RESULTS_DIR = REPO / "results"
-GB_MIB = 1e9 / memory.MIB  # MiB in a GB
+GB_MIB = 1e9 / MIB  # MiB in a GB
 TIGHT = 0.15  # margins under this share of the limit are within the predictor's error
 
 

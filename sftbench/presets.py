@@ -10,7 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+from sftbench.paths import REPO
+
 
 PRESETS: dict[str, dict[str, Any]] = {
     # num_layers counts the query layer: 350M = 23 + 1, 2.6B = 31 + 1, 13B = 39 + 1 blocks.

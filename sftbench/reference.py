@@ -10,7 +10,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-CONFIG_README = Path(__file__).resolve().parent.parent / "ds_configs" / "README.md"
+from sftbench.paths import REPO
+
+CONFIG_README = REPO / "ds_configs" / "README.md"
 
 @dataclass
 class RefRow:

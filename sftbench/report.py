@@ -38,8 +38,9 @@ from typing import Iterable
 
 from sftbench import engine_checks, liveness, reference, runlog
 from sftbench import nodes as nodes_mod
-from sftbench.args import REPO
+from sftbench.paths import REPO
 from sftbench.dsconfig import apply_precision, describe
+from sftbench.fmt import fmt_duration, fmt_e, fmt_num, fmt_sig, fmt_step
 from sftbench.metrics import StepStats, cpu_model
 from sftbench.runlog import EPOCH_SUFFIX  # sweep --epoch: one full epoch of the run named without the suffix
 
@@ -353,50 +354,6 @@ def collect(runs_dir: str | os.PathLike, node_dirs: Iterable[str | os.PathLike] 
         first.setdefault(r.group, len(first))
     rows.sort(key=lambda r: (first[r.group], r.order, r.run))
     return rows, plan, info
-
-
-# ================================================================================================ formatting
-
-def fmt_e(n) -> str:
-    """500000000 -> '5e8', 1e9 -> '1e9', 150000000 -> '1.5e8'."""
-    if n is None:
-        return "-"
-    n = float(n)
-    if n == 0:
-        return "0"
-    exp = int(math.floor(math.log10(abs(n))))
-    mant = n / 10 ** exp
-    m = f"{mant:.2f}".rstrip("0").rstrip(".")
-    return f"{m}e{exp}"
-
-
-def fmt_duration(s: float | None) -> str:
-    if s is None:
-        return "-"
-    if s < 60:
-        return f"{s:.0f}s" if s >= 10 else f"{s:.1f}s"
-    if s < 3600:
-        return f"{s / 60:.1f}min"
-    return f"{s / 3600:.1f}h"
-
-
-def fmt_step(s: float | None) -> str:
-    if s is None:
-        return "-"
-    return f"{s:.2f}s/it" if s < 10 else f"{s:.1f}s/it"
-
-
-def fmt_num(v, nd: int = 0, suffix: str = "") -> str:
-    if v is None:
-        return "-"
-    return f"{v:,.{nd}f}{suffix}"
-
-
-def fmt_sig(v) -> str:
-    """1 decimal from 1 up, 3 significant digits below (CPU runs reach a few GFLOPS)."""
-    if v is None:
-        return "-"
-    return f"{v:,.1f}" if abs(v) >= 1 else f"{v:.3g}"
 
 
 def _tf(v) -> str:

@@ -48,7 +48,8 @@ from sftbench.hardware import (Gpu, bf16_supported, cpu_affinity, detect_gpus, g
                                host_total_mib)
 from sftbench.presets import model_shape
 from sftbench.reference import RefRow, read_reference_map, reference_precisions, reference_rows
-from sftbench.args import REPO, repo_relative
+from sftbench.args import repo_relative
+from sftbench.paths import REPO
 from sftbench.buildenv import free_port
 from sftbench.dsconfig import DSConfigError, load_ds_config
 from sftbench.metrics import cpu_model

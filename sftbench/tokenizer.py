@@ -47,8 +47,9 @@ from typing import Iterable, Optional, Union
 
 import sentencepiece as spm
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SHIPPED_MODEL = REPO_ROOT / "data" / "tokenizer" / "spm.model"
+from sftbench.paths import REPO
+
+SHIPPED_MODEL = REPO / "data" / "tokenizer" / "spm.model"
 VOCAB_FILENAME = "vocab.model"
 
 SPACE_CHAR = "\u2582"    # "▂" stands for " "

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from sftbench.args import REPO, ArgsError, HarnessArgs, parse_args, repo_relative
+from sftbench.args import ArgsError, HarnessArgs, parse_args, repo_relative
+from sftbench.paths import REPO
 
 
 def test_max_steps_zero_is_one_epoch_and_negatives_are_refused():

@@ -117,8 +117,25 @@ def test_no_private_names_across_modules():
                                  "sftbench.engine_checks", "sftbench.metrics", "sftbench.report", "sftbench.sweep",
                                  "sftbench.plan", "sftbench.hardware", "sftbench.benchset", "sftbench.failures",
                                  "sftbench.liveness", "sftbench.checkpoint", "sftbench.monitor.model",
-                                 "sftbench.nodes"])
+                                 "sftbench.nodes", "sftbench.fmt", "sftbench.paths"])
 def test_shared_modules_import_without_torch(mod):
     code = f"import sys, {mod}; sys.exit(1 if 'torch' in sys.modules or 'deepspeed' in sys.modules else 0)"
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, f"{mod} imports torch or deepspeed at import time\n{p.stderr[-2000:]}"
+
+
+def test_each_shared_fact_and_helper_has_one_home():
+    """The repository root, the MiB, the median and every number formatter are defined in one module each
+    (sftbench/paths.py, sftbench/fmt.py, sftbench/metrics.py); everything else imports them."""
+    files = [*MODULES.values(), *sorted((REPO / "bench").glob("*.py")), REPO / "train.py", REPO / "monitor.py"]
+    homes: dict[str, list[str]] = {}
+    for path in files:
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            names = ([node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else
+                     [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)])
+            for n in names:
+                if n in ("REPO", "ROOT", "REPO_ROOT", "MIB", "median", "percentile") or n.startswith("fmt_"):
+                    homes.setdefault(n, []).append(str(path.relative_to(REPO)))
+    assert {n: h for n, h in homes.items() if len(h) > 1} == {}
+    assert homes["REPO"] == ["sftbench/paths.py"] and homes["MIB"] == ["sftbench/fmt.py"]
+    assert homes["median"] == ["sftbench/metrics.py"]

@@ -22,6 +22,8 @@ from textual.screen import ModalScreen
 from textual.widget import Widget
 from textual.widgets import ContentSwitcher, DataTable, Footer, Static
 
+from sftbench.fmt import fmt_g
+
 from . import model as M
 from .session import Session
 
@@ -116,7 +118,7 @@ class StepChart(Widget):
         first_step = self._steps[0] if self._steps else "-"
         last_step = self._steps[-1] if self._steps else "-"
         t.append(f"{self.title}", style="bold")
-        t.append(f"  steps {first_step}-{last_step}  min {M.fmt_g(lo)}  max {M.fmt_g(hi)}  last {M.fmt_g(last)}")
+        t.append(f"  steps {first_step}-{last_step}  min {fmt_g(lo)}  max {fmt_g(hi)}  last {fmt_g(last)}")
         if any(warm):
             t.append("  (dim = warm-up)", style="dim")
         for line in lines:

@@ -13,10 +13,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
+from sftbench.fmt import MIB
 from sftbench.liveness import pid_alive
 from sftbench.metrics import nvml_memory
 
-MIB = 1 << 20
 NO_NVML_ENV = "SFTBENCH_NO_NVML"
 
 

@@ -8,7 +8,6 @@ optimizer update) are shown but excluded from the smoothed (EMA) and median s/it
 from __future__ import annotations
 
 import bisect
-import math
 import os
 from collections import deque
 from dataclasses import dataclass, field
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 from sftbench import liveness
+from sftbench.fmt import as_number, fmt_clock, fmt_float, fmt_int, fmt_mib, fmt_params
+from sftbench.metrics import median
 from sftbench.nodes import job_nodes, node_of, ranks_by_node
 
 HISTORY = 1024          # points kept per rank for charts
@@ -39,89 +40,6 @@ class Cell(NamedTuple):
     """One table cell: text plus a Rich style name ('' = default)."""
     text: str
     style: str = ""
-
-
-# --------------------------------------------------------------------------------------------------------------
-# formatting
-
-def _num(v: Any) -> float | None:
-    if isinstance(v, bool) or v is None:
-        return None
-    if isinstance(v, (int, float)) and math.isfinite(v):
-        return float(v)
-    return None
-
-
-def fmt_float(v: Any, digits: int = 3) -> str:
-    x = _num(v)
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
-def fmt_int(v: Any) -> str:
-    x = _num(v)
-    return "-" if x is None else f"{x:,.0f}"
-
-
-def fmt_mib(v: Any) -> str:
-    """MiB -> '512 MiB' / '12.3 GiB'."""
-    x = _num(v)
-    if x is None:
-        return "-"
-    if abs(x) >= 1024:
-        return f"{x / 1024:.1f} GiB"
-    return f"{x:.0f} MiB"
-
-
-def fmt_duration(v: Any) -> str:
-    x = _num(v)
-    if x is None:
-        return "-"
-    x = max(0.0, x)
-    if x < 60:
-        return f"{x:.1f}s"
-    m, s = divmod(int(round(x)), 60)
-    if m < 60:
-        return f"{m}m{s:02d}s"
-    h, m = divmod(m, 60)
-    if h < 48:
-        return f"{h}h{m:02d}m"
-    d, h = divmod(h, 24)
-    return f"{d}d{h:02d}h"
-
-
-def fmt_params(v: Any) -> str:
-    x = _num(v)
-    if x is None:
-        return "-"
-    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if x >= div:
-            return f"{x / div:.2f}{unit}"
-    return f"{x:.0f}"
-
-
-def fmt_g(v: Any) -> str:
-    """Compact number for chart labels: 4 significant digits, no exponent below a million."""
-    x = _num(v)
-    if x is None:
-        return "-"
-    if abs(x) >= 10_000:
-        return f"{x:,.0f}"
-    return f"{x:.4g}"
-
-
-def median_sorted(xs: Sequence[float]) -> float | None:
-    n = len(xs)
-    if not n:
-        return None
-    m = n // 2
-    return xs[m] if n % 2 else (xs[m - 1] + xs[m]) / 2
-
-
-def quantile_sorted(xs: Sequence[float], q: float) -> float | None:
-    if not xs:
-        return None
-    i = min(len(xs) - 1, max(0, int(math.ceil(q * len(xs))) - 1))
-    return xs[i]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -198,8 +116,8 @@ class RankState:
         w = rec.get("warmup")
         if isinstance(w, bool):
             return w
-        ws = _num((self.meta or {}).get("warmup_steps"))
-        st = _num(rec.get("step"))
+        ws = as_number((self.meta or {}).get("warmup_steps"))
+        st = as_number(rec.get("step"))
         return ws is not None and st is not None and st <= ws
 
     def _step(self, rec: dict) -> None:
@@ -250,11 +168,11 @@ class RankState:
 
     @property
     def last_s(self) -> float | None:
-        return None if self.last is None else _num(self.last.get("step_s"))
+        return None if self.last is None else as_number(self.last.get("step_s"))
 
     @property
     def median_s(self) -> float | None:
-        return median_sorted(self.measured)
+        return median(self.measured)
 
     def get(self, key: str) -> Any:
         return None if self.last is None else self.last.get(key)
@@ -376,32 +294,32 @@ class RunState:
         summ = self.final_summary()
         status = self.status(now)
         step = p.step if p else None
-        max_steps = _num(m.get("max_steps"))
-        spe = _num(m.get("steps_per_epoch"))
+        max_steps = as_number(m.get("max_steps"))
+        spe = as_number(m.get("steps_per_epoch"))
         ema = p.ema if p else None
         last_s = p.last_s if p else None
         median = p.median_s if p else None
-        if summ is not None and _num(summ.get("step_s_median")) is not None:
-            median = _num(summ["step_s_median"])
+        if summ is not None and as_number(summ.get("step_s_median")) is not None:
+            median = as_number(summ["step_s_median"])
         eta = None
         cap = max_steps if max_steps is not None else spe
         rate = ema if ema is not None else last_s
         if status == "running" and cap is not None and rate is not None:
             eta = max(0.0, cap - (step or 0)) * rate
         epoch = spe * median if (spe is not None and median is not None) else None
-        if summ is not None and _num(summ.get("epoch_s_est")) is not None:
-            epoch = _num(summ["epoch_s_est"])
+        if summ is not None and as_number(summ.get("epoch_s_est")) is not None:
+            epoch = as_number(summ["epoch_s_est"])
         tps = mfu = None
         if p is not None and p.last is not None and median:
-            ls = _num(p.last.get("step_s"))
-            lt = _num(p.last.get("tokens_per_s"))
-            lm = _num(p.last.get("mfu_pct"))
+            ls = as_number(p.last.get("step_s"))
+            lt = as_number(p.last.get("tokens_per_s"))
+            lm = as_number(p.last.get("mfu_pct"))
             if ls:
                 tps = lt * ls / median if lt is not None else None
                 mfu = lm * ls / median if lm is not None else None
         if summ is not None:
-            tps = _num(summ.get("tokens_per_s")) if _num(summ.get("tokens_per_s")) is not None else tps
-            mfu = _num(summ.get("mfu_pct")) if _num(summ.get("mfu_pct")) is not None else mfu
+            tps = as_number(summ.get("tokens_per_s")) if as_number(summ.get("tokens_per_s")) is not None else tps
+            mfu = as_number(summ.get("mfu_pct")) if as_number(summ.get("mfu_pct")) is not None else mfu
         ds_path = m.get("ds_config_path")
         return {
             "run": self.name, "run_dir": str(self.run_dir), "status": status,
@@ -424,7 +342,7 @@ class RunState:
             "last_record_time": self.last_record_time,
             "liveness": liveness.describe(status, self.last_record_time, self.slowest_step_s, now)
             if status in ("dead", "stalled?") else None,
-            "eval_loss": _num((p.last_eval or {}).get("eval_loss")) if p else None,
+            "eval_loss": as_number((p.last_eval or {}).get("eval_loss")) if p else None,
             "eval_step": (p.last_eval or {}).get("step") if p else None,
             "resumed_from_step": (m.get("resumed_from") or {}).get("step"),
         }
@@ -472,8 +390,8 @@ def header_lines(h: Mapping[str, Any]) -> list[str]:
     lines.append(
         f"step {step} of {cap}{warm} | s/it EMA {fmt_float(h['s_it_ema'])} last {fmt_float(h['s_it_last'])} "
         f"median {fmt_float(h['s_it_median'])} ({h['measured_steps']} measured) | "
-        + (f"ETA {fmt_duration(h['eta_s'])} | " if h["status"] == "running" else "")  # only a live run has one
-        + f"epoch est {fmt_duration(h['epoch_s_est'])} "
+        + (f"ETA {fmt_clock(h['eta_s'])} | " if h["status"] == "running" else "")  # only a live run has one
+        + f"epoch est {fmt_clock(h['epoch_s_est'])} "
         f"({h['steps_per_epoch'] if h['steps_per_epoch'] is not None else '-'} steps) | "
         f"tokens/s {fmt_int(h['tokens_per_s'])} | MFU {fmt_float(h['mfu_pct'], 1)}%")
     notes = []
@@ -791,10 +709,10 @@ def probe_liveness(probe: Any, local_host: str | None, check=liveness.pid_alive,
         return None
     alive = liveness.rank_alive({0: probe.meta0}, local_host, check)
     last = probe.last_step0 or {}
-    t = _num(last.get("time")) if last else None
+    t = as_number(last.get("time")) if last else None
     if t is None:
-        t = _num(probe.meta0.get("time"))
-    return liveness.classify(alive.values(), t, _num(last.get("step_s")) if last else None, now)
+        t = as_number(probe.meta0.get("time"))
+    return liveness.classify(alive.values(), t, as_number(last.get("step_s")) if last else None, now)
 
 
 def make_entry(key: str, order: int, run_dir: Path, plan_entry: Mapping[str, Any] | None, probe: Any,
@@ -851,14 +769,14 @@ def make_entry(key: str, order: int, run_dir: Path, plan_entry: Mapping[str, Any
             e.host_mib = max(hosts)
     if summary is not None:
         e.error = summary.get("error")
-        if _num(summary.get("step_s_median")) is not None:
-            e.median_s = _num(summary["step_s_median"])
-        if _num(summary.get("tokens_per_s")) is not None:
-            e.tokens_per_s = _num(summary["tokens_per_s"])
+        if as_number(summary.get("step_s_median")) is not None:
+            e.median_s = as_number(summary["step_s_median"])
+        if as_number(summary.get("tokens_per_s")) is not None:
+            e.tokens_per_s = as_number(summary["tokens_per_s"])
         if e.step is None and isinstance(summary.get("steps"), int):
             e.step = summary["steps"]
         for k_e, k_s in (("peak_gpu_mib", "gpu_mem_used_mib_peak"), ("host_mib", "host_used_mib_peak")):
-            v = _num(summary.get(k_s))
+            v = as_number(summary.get(k_s))
             if v is not None and (getattr(e, k_e) is None or v > getattr(e, k_e)):
                 setattr(e, k_e, v)
     return e

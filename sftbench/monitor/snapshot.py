@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from sftbench.fmt import fmt_g
+
 from . import model as M
 from .session import Session
 
@@ -24,7 +26,7 @@ def chart_line(title: str, values, warm, width: int = 60) -> str:
     bars = "".join("░" if w else ch for ch, w in zip(lines[0], wcols))
     nw = sum(1 for w in warm if w)
     extra = f"  (░ = {nw} warm-up steps)" if nw else ""
-    return f"{title:<12} {bars}  min {M.fmt_g(lo)} max {M.fmt_g(hi)}{extra}"
+    return f"{title:<12} {bars}  min {fmt_g(lo)} max {fmt_g(hi)}{extra}"
 
 
 def render(session: Session, chart_width: int = 60) -> str:
