@@ -15,10 +15,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sftbench.monitor import model as M  # noqa: E402
 from sftbench.monitor.gpu import (FakeGpuSource, FakeHostSource, GpuInfo, GpuProcess, NoGpuSource,  # noqa: E402
                                   NvmlSource, default_gpu_source)
+from sftbench.monitor.rows import chart, gpu_rows, match_processes, series  # noqa: E402
 from sftbench.monitor.session import Session, Target, resolve_target  # noqa: E402
+from sftbench.monitor.state import EMA_ALPHA, RankState, header_lines  # noqa: E402
+from sftbench.monitor.table import SORTS, entry_status  # noqa: E402
 from sftbench.monitor.tail import FileTailer, RunDirScanner, RunWatcher, probe_run  # noqa: E402
 from sftbench.runlog import RunLog  # noqa: E402
 
@@ -221,13 +223,13 @@ def test_rank_stats_exclude_warmup_and_header(tmp_path):
     assert r0.median_s == pytest.approx((measured[8] + measured[9]) / 2)
     ema = None
     for s in range(3, 21):
-        ema = step_s_of(s) if ema is None else ema + M.EMA_ALPHA * (step_s_of(s) - ema)
+        ema = step_s_of(s) if ema is None else ema + EMA_ALPHA * (step_s_of(s) - ema)
     assert r0.ema == pytest.approx(ema)
     h = st.header()
     assert h["status"] == "running" and h["step"] == 20 and h["max_steps"] == 50
     assert h["eta_s"] == pytest.approx(30 * ema)
     assert h["epoch_s_est"] == pytest.approx(625 * r0.median_s)
-    lines = M.header_lines(h)
+    lines = header_lines(h)
     assert "step 20 of 50" in lines[2] and "zero2_offload.json" in lines[1] and "ZeRO 2" in lines[1]
 
 
@@ -245,8 +247,8 @@ def test_rank_stats_exclude_fp16_overflow_steps(tmp_path):
     assert r0.ema is not None and r0.ema > 0.5
     h = st.header()
     assert h["skipped_steps"] == 4 and h["measured_steps"] == 4
-    assert "fp16 overflow steps (no update, not measured): 4" in M.header_lines(h)[-1]
-    assert "warning:" not in M.header_lines(h)[-1]
+    assert "fp16 overflow steps (no update, not measured): 4" in header_lines(h)[-1]
+    assert "warning:" not in header_lines(h)[-1]
 
 
 def _run_with_meta(d, **fields):
@@ -262,7 +264,7 @@ def test_engine_warnings_from_the_meta_are_shown(tmp_path):
     d = tmp_path / "z0fp16"
     _run_with_meta(d, warnings=["fp16 with ZeRO stage 0: the model does not learn"])
     h = RunWatcher(d).read_all().header()
-    assert "warning: fp16 with ZeRO stage 0: the model does not learn" in M.header_lines(h)[-1]
+    assert "warning: fp16 with ZeRO stage 0: the model does not learn" in header_lines(h)[-1]
 
 
 def test_a_fine_tuning_run_shows_its_eval_loss_and_where_it_resumed(tmp_path):
@@ -276,7 +278,7 @@ def test_a_fine_tuning_run_shows_its_eval_loss_and_where_it_resumed(tmp_path):
     log.close()
     h = RunWatcher(d).read_all().header()
     assert h["eval_loss"] == pytest.approx(2.34567) and h["eval_step"] == 42 and h["step"] == 43
-    assert "resumed from step 40 | eval loss 2.3457 (step 42)" in M.header_lines(h)[-1]
+    assert "resumed from step 40 | eval loss 2.3457 (step 42)" in header_lines(h)[-1]
 
 
 def test_status_waiting_then_ok(tmp_path):
@@ -290,7 +292,7 @@ def test_status_waiting_then_ok(tmp_path):
     (d / "rank0.jsonl").write_text("")  # train.py opened its log; the model is still being built
     w.poll()
     assert w.state.status() == "starting"
-    assert "starting: 1 rank file(s) open, no record yet" in M.header_lines(w.state.header())[1]
+    assert "starting: 1 rank file(s) open, no record yet" in header_lines(w.state.header())[1]
     (d / "rank0.jsonl").unlink()
     make_run(d, steps=5, summary="ok", median=0.55)
     w.read_all()
@@ -300,29 +302,29 @@ def test_status_waiting_then_ok(tmp_path):
 
 
 def test_chart_bounded_and_warmup_flags():
-    rs = M.RankState(0, history=50)
+    rs = RankState(0, history=50)
     rs.feed({"type": "meta", "warmup_steps": 3})
     for s in range(1, 201):
         rs.feed({"type": "step", "step": s, "step_s": 9.0 if s <= 3 else 1.0 + (s % 5) * 0.1, "loss": 1.0})
     assert len(rs.history) == 50 and rs.history[0].step == 151
-    vals, warm, steps = M.series(rs, "step_s")
-    lines, wcols, lo, hi = M.chart(vals, warm, 20, 2)
+    vals, warm, steps = series(rs, "step_s")
+    lines, wcols, lo, hi = chart(vals, warm, 20, 2)
     assert len(lines) == 2 and all(len(x) == 20 for x in lines) and not any(wcols)
     assert 1.0 <= lo < hi <= 1.4          # bucket means of the measured points
     # warm-up points are flagged and do not set the scale
-    lines, wcols, lo, hi = M.chart([9.0, 9.0, 1.0, 2.0], [True, True, False, False], 10, 1)
+    lines, wcols, lo, hi = chart([9.0, 9.0, 1.0, 2.0], [True, True, False, False], 10, 1)
     assert wcols == [True, True, False, False] and hi == 2.0
 
 
 def test_gpu_process_matching_pid_then_uuid(tmp_path):
     st = RunWatcher(make_run(tmp_path / "r", steps=3)).read_all()
-    gm = M.match_processes(fake_gpus(), st, HOST)
+    gm = match_processes(fake_gpus(), st, HOST)
     assert [(p.rank, p.how) for p in gm[0]] == [(0, "pid")]
     assert [(p.rank, p.how, p.pid) for p in gm[1]] == [(1, "uuid", 424242)]   # paired 1:1 on the GPU
     # pid of another host never matches by pid
-    gm = M.match_processes(fake_gpus(), st, "elsewhere")
+    gm = match_processes(fake_gpus(), st, "elsewhere")
     assert [(p.rank, p.how) for p in gm[0]] == [(0, "uuid")]
-    rows = dict(M.gpu_rows(FakeGpuSource(fake_gpus()).sample(), st, HOST))
+    rows = dict(gpu_rows(FakeGpuSource(fake_gpus()).sample(), st, HOST))
     assert rows["1"]["mem"].style == "bold red" and rows["1"]["temp"].style == "bold red"
     assert rows["0"]["temp"].style == "green" and "rank 0 (pid 1000)" in rows["0"]["procs"].text
 
@@ -399,11 +401,11 @@ def test_sweep_statuses(tmp_path):
     assert by["c_running"].step == 7 and by["d_queued"].step is None
     # the sweep's run view follows its newest run (the running one)
     assert s.run.run_dir == sw / "c_running"
-    assert M.entry_status(False, 0, None) == "queued"
-    assert M.entry_status(True, 2, None) == "running"
-    assert M.entry_status(True, 2, None, "dead") == "dead"
-    assert M.entry_status(True, 2, {"status": "killed"}) == "killed (signal 9)"
-    assert M.entry_status(True, 2, {"status": "cuda_error"}) == "CUDA error"
+    assert entry_status(False, 0, None) == "queued"
+    assert entry_status(True, 2, None) == "running"
+    assert entry_status(True, 2, None, "dead") == "dead"
+    assert entry_status(True, 2, {"status": "killed"}) == "killed (signal 9)"
+    assert entry_status(True, 2, {"status": "cuda_error"}) == "CUDA error"
 
 
 def test_follow_moves_to_next_run(tmp_path):
@@ -581,7 +583,7 @@ def test_app_sweep_sort_enter_and_export(tmp_path):
         assert text(st.get_cell(str(sw / "a_ok"), "median")) == "0.610"
         assert text(st.get_cell(str(sw / "a_ok"), "gpu_peak")) == "29.5 GiB"
         await pilot.press("s")                               # -> by run name
-        assert M.SORTS[app.sort_index][0] == "run"
+        assert SORTS[app.sort_index][0] == "run"
         await pilot.press("s")                               # -> by status
         assert keys() == ["c_running", "d_queued", "a_ok", "b_oom", "e_timeout"]
         await pilot.press("s")                               # -> by median s/it
@@ -711,7 +713,7 @@ def test_liveness_dead_stalled_running_with_real_processes(tmp_path):
             slow = st.slowest_step_s  # 2.0 s warm-up steps: the 5-minute floor applies
             assert st.status(now + 299) == "running" and st.status(now + 301) == "stalled?"
             assert slow == 2.0 and st.header(now + 301)["eta_s"] is None
-            assert "stalled?: nothing written for longer than 5m" in M.header_lines(st.header(now + 301))[-1]
+            assert "stalled?: nothing written for longer than 5m" in header_lines(st.header(now + 301))[-1]
     finally:
         live.kill()
         live.wait()

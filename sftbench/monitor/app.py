@@ -1,4 +1,4 @@
-"""The Textual monitor: renders ``model`` state fed by a ``session.Session``.
+"""The Textual monitor: renders ``state`` / ``rows`` / ``table`` fed by a ``session.Session``.
 
 Views (``tab`` cycles): run (header, per-rank table, charts, GPU/host summary), sweep (plan entries or discovered
 runs; ``s`` sorts, Enter opens a run), GPU (NVML per GPU with the ranks on it, host RAM, rank RSS).
@@ -24,13 +24,15 @@ from textual.widgets import ContentSwitcher, DataTable, Footer, Static
 
 from sftbench.fmt import fmt_g
 
-from . import model as M
+from .rows import GPU_COLUMNS, RANK_COLUMNS, RSS_COLUMNS, chart, gpu_rows, host_line, rank_rows, rss_rows, series
 from .session import Session
+from .state import STATUS_STYLES, Cell, header_lines
+from .table import SORTS, TABLE_COLUMNS, counts_line, entry_row, sort_entries
 
 VIEWS = ("run", "sweep", "gpu")
 
 
-def _cell(c: M.Cell) -> Any:
+def _cell(c: Cell) -> Any:
     return Text(c.text, style=c.style) if c.style else c.text
 
 
@@ -43,10 +45,10 @@ class TableSync:
         for key, label in columns:
             table.add_column(label, key=key)
         self.order: list[str] = []
-        self.rows: dict[str, dict[str, M.Cell]] = {}
+        self.rows: dict[str, dict[str, Cell]] = {}
         self.cell_updates = 0
 
-    def sync(self, rows: Sequence[tuple[str, dict[str, M.Cell]]]) -> None:
+    def sync(self, rows: Sequence[tuple[str, dict[str, Cell]]]) -> None:
         t = self.table
         keys = [k for k, _ in rows]
         if keys != self.order:
@@ -55,7 +57,7 @@ class TableSync:
                 cur = self.order[t.cursor_row]
             t.clear()
             for key, cells in rows:
-                t.add_row(*[_cell(cells.get(c, M.Cell("-"))) for c in self.columns], key=key)
+                t.add_row(*[_cell(cells.get(c, Cell("-"))) for c in self.columns], key=key)
             self.order = keys
             self.rows = {k: dict(c) for k, c in rows}
             if cur in keys:
@@ -64,7 +66,7 @@ class TableSync:
         for key, cells in rows:
             old = self.rows[key]
             for c in self.columns:
-                new = cells.get(c, M.Cell("-"))
+                new = cells.get(c, Cell("-"))
                 prev = old.get(c)
                 if prev != new:
                     grow = prev is None or len(new.text) > len(prev.text)
@@ -109,7 +111,7 @@ class StepChart(Widget):
     def render(self) -> Text:
         width = max(10, self.size.width)
         height = max(1, self.size.height - 1)
-        lines, warm, lo, hi = M.chart(self._values, self._warm, width, height)
+        lines, warm, lo, hi = chart(self._values, self._warm, width, height)
         t = Text()
         if lo is None:
             t.append(f"{self.title}: no data yet", style="dim")
@@ -265,10 +267,10 @@ class MonitorApp(App[None]):
         # Widgets are looked up once: App.query_one searches the *active* screen, which is the help screen or the
         # command palette while those are open.
         self._w: dict[str, Widget] = {w.id: w for w in self.screen.query("*") if w.id}
-        self.rank_sync = TableSync(self.query_one("#rank-table", DataTable), M.RANK_COLUMNS)
-        self.sweep_sync = TableSync(self.query_one("#sweep-table", DataTable), M.TABLE_COLUMNS)
-        self.gpu_sync = TableSync(self.query_one("#gpu-table", DataTable), M.GPU_COLUMNS)
-        self.rss_sync = TableSync(self.query_one("#rss-table", DataTable), M.RSS_COLUMNS)
+        self.rank_sync = TableSync(self.query_one("#rank-table", DataTable), RANK_COLUMNS)
+        self.sweep_sync = TableSync(self.query_one("#sweep-table", DataTable), TABLE_COLUMNS)
+        self.gpu_sync = TableSync(self.query_one("#gpu-table", DataTable), GPU_COLUMNS)
+        self.rss_sync = TableSync(self.query_one("#rss-table", DataTable), RSS_COLUMNS)
         # A long backlog (10k-step files) is read under a time budget: the UI shows at once and fills in over a
         # few quick follow-up polls instead of blocking start-up.
         self.session.poll(force_table=True, budget_s=self.CATCHUP_BUDGET_S)
@@ -381,11 +383,11 @@ class MonitorApp(App[None]):
         run = s.run
         if "hw" in parts:
             self._set_static("gpu-brief", self._gpu_brief())
-            text, style = M.host_line(s.host)
+            text, style = host_line(s.host)
             self._set_static("host-brief", Text(text, style=style))
             if "data" not in parts and run is not None and s.live_rss != self._rss_shown:
                 self._rss_shown = dict(s.live_rss)
-                self.rank_sync.sync(M.rank_rows(run, s.live_rss))
+                self.rank_sync.sync(rank_rows(run, s.live_rss))
         if "data" not in parts:
             return
         if run is None:
@@ -395,7 +397,7 @@ class MonitorApp(App[None]):
                 self._w[cid].set_data([], [], [])
         else:
             h = run.header()
-            lines = M.header_lines(h)
+            lines = header_lines(h)
             t = Text()
             for i, line in enumerate(lines):
                 if i:
@@ -404,7 +406,7 @@ class MonitorApp(App[None]):
                     word = f"[{h['status']}]"
                     a, _, b = line.partition(word)
                     t.append(a, style="bold")
-                    t.append(word, style=M.STATUS_STYLES.get(h["status"], "bold"))
+                    t.append(word, style=STATUS_STYLES.get(h["status"], "bold"))
                     t.append(b, style="dim")
                 elif line.startswith(("error:", "garbage", "incomplete", "summary synth")) or " | garbage" in line:
                     t.append(line, style="yellow")
@@ -412,10 +414,10 @@ class MonitorApp(App[None]):
                     t.append(line)
             self._set_static("run-header", t)
             self._rss_shown = dict(s.live_rss)
-            self.rank_sync.sync(M.rank_rows(run, s.live_rss))
+            self.rank_sync.sync(rank_rows(run, s.live_rss))
             rs = run.ranks.get(self.chart_rank) if self.chart_rank is not None else run.primary
             for cid, field_name in (("chart-s", "step_s"), ("chart-loss", "loss"), ("chart-mem", "gpu_mem_mib")):
-                vals, warm, steps = M.series(rs, field_name)
+                vals, warm, steps = series(rs, field_name)
                 ch = self._w[cid]
                 ch.title = {"chart-s": "s/it", "chart-loss": "loss", "chart-mem": "GPU mem (NVML, MiB)"}[cid] + \
                     (f" rank {rs.rank}" if rs is not None else "")
@@ -430,7 +432,7 @@ class MonitorApp(App[None]):
         elif g.unavailable:
             t.append(f"GPU metrics unavailable: {g.unavailable}", style="yellow")
         else:
-            rows = M.gpu_rows(g, s.run, s.local_host)
+            rows = gpu_rows(g, s.run, s.local_host)
             for i, (_, cells) in enumerate(rows):
                 if i:
                     t.append("\n")
@@ -450,11 +452,11 @@ class MonitorApp(App[None]):
                                                   style="dim"))
             self.sweep_sync.sync([])
             return
-        label = M.SORTS[self.sort_index % len(M.SORTS)][0]
+        label = SORTS[self.sort_index % len(SORTS)][0]
         self._set_static("sweep-header",
-                         Text(M.counts_line(tbl) + f"  |  sorted by {label} (s)  |  enter: open run"))
-        entries = M.sort_entries(tbl.entries, self.sort_index)
-        self.sweep_sync.sync([(e.key, M.entry_row(e)) for e in entries])
+                         Text(counts_line(tbl) + f"  |  sorted by {label} (s)  |  enter: open run"))
+        entries = sort_entries(tbl.entries, self.sort_index)
+        self.sweep_sync.sync([(e.key, entry_row(e)) for e in entries])
 
     def _render_gpu(self, parts: set[str] = frozenset({"data", "hw"})) -> None:
         s = self.session
@@ -467,10 +469,10 @@ class MonitorApp(App[None]):
             drv = f", driver {g.driver}" if g.driver else ""
             self._set_static("gpu-status", Text(f"{len(g.gpus)} GPU(s) via NVML{drv}; processes matched to ranks "
                                                 f"by pid, else by device UUID"))
-        self.gpu_sync.sync(M.gpu_rows(g, s.run, s.local_host) if g is not None else [])
-        text, style = M.host_line(s.host)
+        self.gpu_sync.sync(gpu_rows(g, s.run, s.local_host) if g is not None else [])
+        text, style = host_line(s.host)
         self._set_static("host-line", Text(text, style=style))
-        self.rss_sync.sync(M.rss_rows(s.run, s.live_rss))
+        self.rss_sync.sync(rss_rows(s.run, s.live_rss))
 
     # -- events
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
@@ -521,12 +523,12 @@ class MonitorApp(App[None]):
         self.notify("paused" if self.paused else "resumed", timeout=2)
 
     def action_sort(self) -> None:
-        self.sort_index = (self.sort_index + 1) % len(M.SORTS)
+        self.sort_index = (self.sort_index + 1) % len(SORTS)
         if self.view == "sweep":
             self._render_sweep()
         else:
             self._mark(("sweep",), "data")
-        self.notify(f"sweep table sorted by {M.SORTS[self.sort_index][0]}", timeout=2)
+        self.notify(f"sweep table sorted by {SORTS[self.sort_index][0]}", timeout=2)
 
     def action_follow(self) -> None:
         self.session.follow()
@@ -540,7 +542,7 @@ class MonitorApp(App[None]):
     def export_data(self) -> dict[str, Any]:
         data = self.session.export(self.view)
         if self.view == "sweep":
-            data["sort"] = M.SORTS[self.sort_index][0]
+            data["sort"] = SORTS[self.sort_index][0]
         data["paused"] = self.paused
         return data
 

@@ -1,4 +1,4 @@
-"""What the monitor shows and one poll per tick (I/O lives here and in ``tail``; numbers in ``model``).
+"""What the monitor shows and one poll per tick (I/O here and in ``tail``; numbers in ``state``/``rows``/``table``).
 
 Targets:
 
@@ -22,8 +22,10 @@ from typing import Any
 
 from sftbench import liveness
 
-from . import model as M
 from .gpu import GpuSnapshot, GpuSource, HostSnapshot, HostSource, default_gpu_source
+from .rows import gpu_rows, host_line, rank_rows
+from .state import HISTORY, RunState
+from .table import EntryState, TableState, entry_json, make_entry, probe_liveness
 from .tail import ProbeCache, RunDirScanner, RunWatcher, is_run_dir, probe_run
 
 
@@ -55,7 +57,7 @@ class Session:
 
     def __init__(self, target: Target, gpu_source: GpuSource | None = None, host_source: Any | None = None,
                  scan_interval: float = 2.0, table_interval: float = 2.0, clock=time.monotonic,
-                 history: int = M.HISTORY):
+                 history: int = HISTORY):
         self.target = target
         self.gpu_source = gpu_source if gpu_source is not None else default_gpu_source()
         self.host_source = host_source if host_source is not None else HostSource()
@@ -72,7 +74,7 @@ class Session:
         self._chosen_at = 0.0          # wall time the followed run was chosen (for "a new run appeared")
         self._next_scan = 0.0
         self._next_table = 0.0
-        self.table: M.TableState | None = None
+        self.table: TableState | None = None
         self._plan_sig: tuple | None = None
         self._plan: dict | None = None
         self.probe_cache = ProbeCache()
@@ -86,11 +88,11 @@ class Session:
 
     # -- the followed run
     @property
-    def run(self) -> M.RunState | None:
+    def run(self) -> RunState | None:
         return self.watcher.state if self.watcher else None
 
     def _open(self, run_dir: Path) -> None:
-        self.watcher = RunWatcher(run_dir, M.RunState(run_dir, self.history))
+        self.watcher = RunWatcher(run_dir, RunState(run_dir, self.history))
         self._chosen_at = time.time()
         self.live_rss = {}
 
@@ -175,7 +177,7 @@ class Session:
             return changed
         kind, root = tr
         if self.table is None or self.table.root != root or self.table.kind != kind:
-            self.table = M.TableState(kind, root)
+            self.table = TableState(kind, root)
         live = self.run
         entries = []
         if kind == "sweep":
@@ -199,13 +201,13 @@ class Session:
                 entries.append(self._entry(str(d), i, d, None, lv))
         return self.table.set_entries(entries)
 
-    def _entry(self, key: str, order: int, d: Path, pe: dict | None, lv: M.RunState | None) -> M.EntryState:
+    def _entry(self, key: str, order: int, d: Path, pe: dict | None, lv: RunState | None) -> EntryState:
         """A table row; a run without a summary gets its liveness from rank 0's pid on this host and last record."""
         pr = probe_run(d, self.probe_cache)
         state = None
         if lv is None and pr.exists and not pr.summaries.get(0) and pr.synth is None:
-            state = M.probe_liveness(pr, self.local_host, self._alive)
-        return M.make_entry(key, order, d, pe, pr, lv, state)
+            state = probe_liveness(pr, self.local_host, self._alive)
+        return make_entry(key, order, d, pe, pr, lv, state)
 
     def _alive(self, pid, started=None) -> bool | None:
         fn = getattr(self.host_source, "alive", None)
@@ -278,18 +280,18 @@ class Session:
             if run is not None:
                 out["run"] = run.header()
                 out["ranks"] = [{k: c.text for k, c in cells.items()} | {"rank": int(key)}
-                                for key, cells in M.rank_rows(run, self.live_rss)]
+                                for key, cells in rank_rows(run, self.live_rss)]
             else:
                 out["run"] = None
         if view == "gpu" or view == "run":
             g = self.gpu
             out["gpu"] = None if g is None else {
                 "unavailable": g.unavailable,
-                "gpus": [{k: c.text for k, c in cells.items()} for _, cells in M.gpu_rows(g, run, self.local_host)],
+                "gpus": [{k: c.text for k, c in cells.items()} for _, cells in gpu_rows(g, run, self.local_host)],
             }
-            out["host"] = M.host_line(self.host)[0]
+            out["host"] = host_line(self.host)[0]
         if view == "sweep":
             t = self.table
             out["table"] = None if t is None else {"kind": t.kind, "root": str(t.root), "title": t.title,
-                                                   "entries": [M.entry_json(e) for e in t.entries]}
+                                                   "entries": [entry_json(e) for e in t.entries]}
         return out

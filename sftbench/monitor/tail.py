@@ -5,7 +5,7 @@
   truncated (size < offset), replaced (device/inode changed) or rewritten in place (its first bytes changed).
   Lines that are not a JSON object with a ``type`` are skipped and counted.
 * ``RunWatcher``  every rank file of one run directory plus the sweep's ``summary.json``, feeding a
-  ``model.RunState``.
+  ``state.RunState``.
 * ``probe_run``   a cheap look at a run directory (first line of rank 0, last records of every rank file) for
   tables of many runs; results are cached by file identity, size and mtime so an unchanged run costs one stat.
 * ``RunDirScanner`` finds run directories under a root and tells which one is newest.
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .model import RunState
+from .state import RunState
 
 RANK_PREFIX = "rank"
 RANK_SUFFIX = ".jsonl"
