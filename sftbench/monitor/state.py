@@ -50,7 +50,7 @@ PEAK_KEYS = ("host_rss_mib", "host_used_mib")     # besides gpu_mem_used_mib
 
 
 def _fin(v: Any) -> float | int | None:
-    """A finite int/float (not bool) or None; the fast version of ``_num`` for the per-step path."""
+    """A finite int/float (not bool) or None; the fast version of ``fmt.as_number`` for the per-step path."""
     c = v.__class__
     if c is float:
         return v if (v == v and v != _INF and v != -_INF) else None
