@@ -9,7 +9,7 @@
 #   ./run_all.sh --epoch --models pangu-350m --configs z0   # one full epoch: checks the table's epoch estimate
 #   ./run_all.sh --hostfile hostfile --gpus 8             # every run on the hostfile's nodes (README: Several nodes)
 #
-# Every option: python -m sftbench.sweep --help. The logic lives in sftbench/sweep.py and sftbench/report.py.
+# Every option: python -m sftbench.sweep --help. The logic lives in sftbench/sweep.py and sftbench/report/.
 set -euo pipefail
 source "$(dirname "$0")/scripts/env.sh"
 cd "$SFTBENCH_ROOT"

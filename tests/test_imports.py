@@ -88,8 +88,18 @@ def test_log_readers_never_import_the_sweep():
                 reach(n, seen)
         return seen
 
-    for reader in [m for m in MODULES if m == "sftbench.report" or m.startswith("sftbench.monitor")]:
+    for reader in [m for m in MODULES if m.startswith(("sftbench.report", "sftbench.monitor"))]:
         assert "sftbench.sweep" not in reach(reader, set()), reader
+
+
+def test_report_modules_import_one_way():
+    """Inside sftbench.report: runs <- tables <- writers / plot <- cli; each imports only modules before it."""
+    order = ["runs", "tables", "writers", "plot", "cli"]
+    g = _graph()
+    for i, name in enumerate(order):
+        mine = {m.rsplit(".", 1)[1] for m in g[f"sftbench.report.{name}"] if m.startswith("sftbench.report.")}
+        allowed = set(order[:i]) - ({"writers"} if name == "plot" else set())
+        assert mine <= allowed, (name, mine - allowed)
 
 
 def test_no_private_names_across_modules():
@@ -114,8 +124,10 @@ def test_no_private_names_across_modules():
 
 @pytest.mark.parametrize("mod", ["sftbench.runlog", "sftbench.presets", "sftbench.reference", "sftbench.memory",
                                  "sftbench.dsconfig", "sftbench.args", "sftbench.speed", "sftbench.graphs",
-                                 "sftbench.engine_checks", "sftbench.metrics", "sftbench.report", "sftbench.sweep",
-                                 "sftbench.plan", "sftbench.hardware", "sftbench.benchset", "sftbench.failures",
+                                 "sftbench.engine_checks", "sftbench.metrics", "sftbench.report",
+                                 "sftbench.report.runs", "sftbench.report.tables", "sftbench.report.writers",
+                                 "sftbench.report.plot", "sftbench.report.cli", "sftbench.sweep", "sftbench.plan",
+                                 "sftbench.hardware", "sftbench.benchset", "sftbench.failures",
                                  "sftbench.liveness", "sftbench.checkpoint", "sftbench.monitor.state",
                                  "sftbench.monitor.rows", "sftbench.monitor.table", "sftbench.nodes",
                                  "sftbench.fmt", "sftbench.paths"])
