@@ -72,7 +72,26 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--tools: unknown {bad}; choose from {','.join(TOOLS)}")
     if a.steps < 1 or a.warmup_steps < 0 or a.warmup_steps >= a.steps:
         p.error("need --steps >= 1 and 0 <= --warmup-steps < --steps")
+    try:
+        caller_paths(a, must_exist=("tokenizer", "data"), others=("cache_dir", "work_dir", "out"))
+    except FileNotFoundError as e:
+        p.error(str(e))
     return a
+
+
+def caller_paths(a: argparse.Namespace, must_exist: tuple[str, ...], others: tuple[str, ...]) -> None:
+    """Paths of the command line resolved against the caller's directory, then written relative to the checkout
+    where they lie in it (the runs start in the checkout's root, so a path typed from elsewhere would name another
+    file there; commands and results name no machine's folders). The inputs must exist, checked here rather than
+    after every run has started and failed on them."""
+    for name in (*must_exist, *others):
+        v = getattr(a, name, None)
+        if v is None:
+            continue
+        path = Path(v).expanduser().absolute()
+        if name in must_exist and not path.exists():
+            raise FileNotFoundError(f"--{name.replace('_', '-')}: not found: {v}")
+        setattr(a, name, rel(path))
 
 
 def cuda_visible() -> bool:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, fo
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sftbench.paths import REPO  # noqa: E402
-from compare import (child_env, config_path, cuda_visible, launcher, mfu, model_config,  # noqa: E402
+from compare import (caller_paths, child_env, config_path, cuda_visible, launcher, mfu, model_config,  # noqa: E402
                      read_ours, rel, run_job, shown, table_paths)
 
 
@@ -59,7 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("need --steps >= 1 and 0 <= --warmup-steps < --steps")
     try:
         a.parsed = [parse_variant(v) for v in a.variants]
-    except ValueError as e:
+        caller_paths(a, must_exist=("tokenizer", "data"), others=("work_dir", "out"))
+    except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
     return a
 

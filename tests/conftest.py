@@ -97,12 +97,12 @@ def ds_shm_names() -> set[str]:
     return {p.name for p in own_buffers()}
 
 
-def run(cmd: list[str], env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+def run(cmd: list[str], env: dict, timeout: int = 600, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run a command in its own process group; on timeout kill the whole group and fail the test.
 
     The launcher's ranks are its children: killing only the launcher (what subprocess.run does) would leave them
     running, holding the rendezvous port and the CPU, and every later test would fail or hang behind them."""
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)

@@ -48,6 +48,21 @@ def test_compare_dry_run_prints_every_command():
     assert "DS_ACCELERATOR=cpu" in p.stdout
 
 
+def test_compare_paths_are_the_callers_and_a_missing_input_stops_before_any_run(tmp_path):
+    """Typed from another directory, relative paths name the caller's files (the runs start in the checkout, where
+    they would name others); a tokenizer that is not there is refused at once, not after every run failed on it."""
+    p = run([sys.executable, str(REPO / "bench" / "compare.py"), "--cpu", "--dry-run", "--models", "pangu-tiny",
+             "--configs", "z1", "--steps", "3", "--warmup-steps", "1", "--tokenizer",
+             str(Path("..") / "data" / "tokenizer" / "spm.model")], cpu_env(), timeout=120,
+            cwd=REPO / "tests")
+    assert p.returncode == 0, p.stderr
+    cmds = [ln for ln in p.stdout.splitlines() if "train.py" in ln]
+    assert cmds and all("--tokenizer data/tokenizer/spm.model" in c for c in cmds), cmds
+    p = run([sys.executable, str(REPO / "bench" / "levers.py"), "--cpu", "--tokenizer", "vocab.model", "z1"],
+            cpu_env(), timeout=120, cwd=tmp_path)
+    assert p.returncode == 2 and "--tokenizer: not found: vocab.model" in p.stderr, p.stderr
+
+
 def test_compare_table_ratios_and_overhead(tmp_path):
     cmp = load("compare")
     folder = tmp_path / "m"
