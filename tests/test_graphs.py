@@ -170,6 +170,40 @@ def test_gpu_accumulation_in_the_graphs_hands_the_sum_over_at_the_boundary():
             graphed.zero_grad(set_to_none=True)
 
 
+def test_gpu_padding_mask_path_replays_like_eager():
+    """--pad-mask always: the captured call takes the attention mask as a static input too; replays with new masks
+    (different padding per micro-batch) give eager's losses and accumulated gradients."""
+    torch = _cuda()
+    batches = []
+    for seed, pad in ((8, 16), (9, 40)):
+        b = _batch(torch, seed)
+        mask = torch.ones_like(b["input_ids"])
+        mask[:, -pad:] = 0
+        b["labels"][:, -pad:] = -100
+        batches.append({**b, "attention_mask": mask})
+    eager = _small_model(torch, 0.0)
+    want_loss = []
+    for b in batches:
+        out = eager(**b)
+        want_loss.append(out.loss.item())
+        out.loss.backward()
+    want = {n: p.grad.clone() for n, p in eager.named_parameters()}
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        graphed = _small_model(torch, 0.0)
+        g = graphs.graph_model(graphed, batches[0])
+        assert g.keys == ("input_ids", "labels", "attention_mask")
+        losses = []
+        for b in batches:
+            out = graphed(**b)
+            losses.append(out.loss.detach().clone())
+            out.loss.backward()
+        torch.cuda.synchronize()
+    assert torch.stack(losses).tolist() == pytest.approx(want_loss, rel=1e-5)
+    for n, p in graphed.named_parameters():
+        assert torch.allclose(p.grad, want[n], rtol=1e-4, atol=1e-6), n
+
+
 def test_gpu_dropout_draws_fresh_masks_at_every_replay():
     torch = _cuda()
     b = _batch(torch, 3)
