@@ -66,6 +66,17 @@ def step_line(rec: dict, max_steps: int, eta_s: float, bar: bool = False) -> str
             f"{rec['tokens_per_s']:.0f} tok/s{mfu}{mem} | rss {rec['host_rss_mib']:.0f} MiB | eta {eta_s:.0f}s")
 
 
+def git_commit() -> str | None:
+    """The checkout's commit for the meta record (SFTBENCH_GIT_COMMIT for a copy of the tree without its history)."""
+    if os.environ.get("SFTBENCH_GIT_COMMIT"):
+        return os.environ["SFTBENCH_GIT_COMMIT"]
+    try:
+        p = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return p.stdout.strip() if p.returncode == 0 else None
+
+
 def main() -> int:
     # ---------------------------------------------------------------- parse
     args = parse_args()
@@ -278,15 +289,6 @@ def main() -> int:
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         peak = metrics.peak_tflops(device_name, precision) if device.type == "cuda" else None
 
-        def _git_commit() -> str | None:
-            try:
-                if os.environ.get("SFTBENCH_GIT_COMMIT"):  # a copy of the tree without its history
-                    return os.environ["SFTBENCH_GIT_COMMIT"]
-                p = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5)
-                return p.stdout.strip() if p.returncode == 0 else None
-            except (OSError, subprocess.SubprocessError):
-                return None
-
         import psutil
         from sftbench import memory
         host_total = psutil.virtual_memory().total / MIB
@@ -323,7 +325,7 @@ def main() -> int:
             versions={"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
                       "deepspeed": deepspeed.__version__ if args.deepspeed else None,
                       "transformers": transformers.__version__},
-            git_commit=_git_commit(), warnings=warnings, lr=args.lr, overrides=overrides,
+            git_commit=git_commit(), warnings=warnings, lr=args.lr, overrides=overrides,
             resumed_from={"path": str(resume_dir), "step": start_step} if resume_dir else None,
             eval={"path": args.eval_data, "split": args.eval_split or None, "samples": len(eval_rows),
                   "every": args.eval_every or None} if evaluator else None,
