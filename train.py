@@ -181,23 +181,24 @@ def main() -> int:
         start_step = resume_state["step"] if resume_state else 0
         # ------------------------------------------------------------ build: tokenizer and data
         tok = PanguTokenizer.for_model(model_name, args.tokenizer)
-        ds = sftdata.load_or_build_cache(args.data, tok, args.seq_len, args.cache_dir, mask_prompt=args.mask_prompt,
-                                         strict=args.strict_data, local_rank=local_rank)
+        dataset = sftdata.load_or_build_cache(args.data, tok, args.seq_len, args.cache_dir,
+                                              mask_prompt=args.mask_prompt, strict=args.strict_data,
+                                              local_rank=local_rank)
         train_rows, eval_set, eval_rows = sftdata.training_and_eval_rows(
-            ds, args.eval_data, args.eval_split, args.seed,
+            dataset, args.eval_data, args.eval_split, args.seed,
             lambda path: sftdata.load_or_build_cache(path, tok, args.seq_len, args.cache_dir,
                                                      mask_prompt=args.mask_prompt, strict=args.strict_data,
                                                      local_rank=local_rank))
         n_train = len(train_rows)
-        say(f"data: {ds.n} samples from {args.data} ({'cache hit' if ds.cache_hit else 'tokenised'}), "
-            f"{ds.real_tokens} real + {ds.pad_tokens} padding tokens"
+        say(f"data: {dataset.n} samples from {args.data} ({'cache hit' if dataset.cache_hit else 'tokenised'}), "
+            f"{dataset.real_tokens} real + {dataset.pad_tokens} padding tokens"
             + (f"; eval: {len(eval_rows)} samples ({args.eval_data or f'{args.eval_split:g} of the training file'})"
                if eval_rows else ""))
 
         # ------------------------------------------------------------ build: model
-        desc = describe(ds_cfg)  # ZeRO stage, offload devices (None for --ds none)
+        ds_layout = describe(ds_cfg)  # ZeRO stage, offload devices (None for --ds none)
         t_build = time.time()
-        if desc["zero_stage"] == 3:
+        if ds_layout["zero_stage"] == 3:
             # Construct partitioned: no rank ever holds the whole model (how 2.6B+ fits with ZeRO-3). Through
             # transformers' ZeRO-3 hook, so from_pretrained loads shards into partitions and the model's own init
             # runs on gathered parameters (a bare zero.Init would leave torch's default init on every weight).
@@ -214,7 +215,7 @@ def main() -> int:
 
         # Right-padded samples give real tokens identical results under the causal mask alone, which lets
         # SDPA take the flash kernel; padded positions are -100 in the labels, so the loss is the same.
-        right_padded = bool((ds.attention_mask[:, 1:] <= ds.attention_mask[:, :-1]).all())
+        right_padded = bool((dataset.attention_mask[:, 1:] <= dataset.attention_mask[:, :-1]).all())
         use_pad_mask = args.pad_mask == "always" or not right_padded
 
         # ------------------------------------------------------------ build: engine
@@ -233,19 +234,19 @@ def main() -> int:
         defect = engine_checks.fp16_zero0_scale_defect(engine) if args.deepspeed else None
         warnings = [defect] if defect else []  # into the meta record; the report never recommends such a run
         engine.train()
-        ga = engine.gradient_accumulation_steps()
-        mb = engine.train_micro_batch_size_per_gpu()
+        grad_accum = engine.gradient_accumulation_steps()
+        micro_batch = engine.train_micro_batch_size_per_gpu()
         # The values that ran, into the harness record (None meant "the config's").
-        args.grad_accum, args.micro_batch = ga, mb
+        args.grad_accum, args.micro_batch = grad_accum, micro_batch
         if ds_cfg is not None:
             args.lr = peak_lr(ds_cfg)
             args.lr_warmup_steps = (ds_cfg.get("scheduler") or {}).get("params", {}).get("warmup_num_steps")
-        steps_per_epoch = sftdata.steps_per_epoch(n_train, mb, world_size, ga)
+        steps_per_epoch = sftdata.steps_per_epoch(n_train, micro_batch, world_size, grad_accum)
         if args.epochs is not None:
-            max_steps = sftdata.steps_for_epochs(args.epochs, n_train, world_size, mb * ga)
+            max_steps = sftdata.steps_for_epochs(args.epochs, n_train, world_size, micro_batch * grad_accum)
         else:
             max_steps = args.max_steps or steps_per_epoch  # --max-steps 0: one full epoch, its time measured
-        identity = {"world_size": world_size, "micro_batch": mb, "grad_accum": ga, "seed": args.seed,
+        identity = {"world_size": world_size, "micro_batch": micro_batch, "grad_accum": grad_accum, "seed": args.seed,
                     "train_samples": n_train, "seq_len": args.seq_len, "engine": engine_name,
                     "eval_split": args.eval_split, "data": str(args.data), "model": model_name}
         if resume_state is not None:
@@ -254,8 +255,9 @@ def main() -> int:
             say(f"resumed from step {start_step} ({resume_dir})")
         graphs_pool_mib, graph_accum, graph_accum_why = None, False, "off: no CUDA graphs"
         if use_graphs:  # after initialize (ZeRO re-points the weights into its flat buffers) and after any resume
-            sample = {"input_ids": ds.input_ids[:mb].to(device), "labels": ds.labels[:mb].to(device),
-                      "attention_mask": ds.attention_mask[:mb].to(device) if use_pad_mask else None}
+            first = slice(0, micro_batch)  # the first samples' shapes: every micro-batch of the loop has them
+            sample = {"input_ids": dataset.input_ids[first].to(device), "labels": dataset.labels[first].to(device),
+                      "attention_mask": dataset.attention_mask[first].to(device) if use_pad_mask else None}
             graph_accum, graph_accum_why = graphs.accumulates_locally(engine, args.graph_accum)
             try:
                 graphs_pool_mib = graphs.graph_model(
@@ -270,15 +272,17 @@ def main() -> int:
         # The default warm-up leaves this process a measured step; args keep what was asked (the harness record).
         warmup_steps, warmup_note = resolve_warmup(args.warmup_steps, max_steps - start_step)
         stats.warmup_steps = warmup_steps
-        saver = (checkpoint.Saver(args.save, engine=engine, is_deepspeed=args.deepspeed, zero_stage=desc["zero_stage"],
-                                  precision=precision, config=config, tok=tok, rank=rank, keep=args.save_keep, say=say)
+        saver = (checkpoint.Saver(args.save, engine=engine, is_deepspeed=args.deepspeed,
+                                  zero_stage=ds_layout["zero_stage"], precision=precision, config=config, tok=tok,
+                                  rank=rank, keep=args.save_keep, say=say)
                  if args.save else None)
         evaluator = None
         if eval_rows:
             from sftbench.evaluate import Evaluator
-            evaluator = Evaluator(eval_set, eval_rows, rank=rank, world_size=world_size, micro_batch=mb, device=device,
-                                  pad_token_id=config.pad_token_id, use_pad_mask=use_pad_mask)
-            eval_steps = set(sftdata.epoch_end_steps(n_train, world_size, mb * ga, max_steps)) | {max_steps}
+            evaluator = Evaluator(eval_set, eval_rows, rank=rank, world_size=world_size, micro_batch=micro_batch,
+                                  device=device, pad_token_id=config.pad_token_id, use_pad_mask=use_pad_mask)
+            eval_steps = ({max_steps} |
+                          set(sftdata.epoch_end_steps(n_train, world_size, micro_batch * grad_accum, max_steps)))
             if args.eval_every:
                 eval_steps |= set(range(args.eval_every, max_steps + 1, args.eval_every))
 
@@ -296,8 +300,8 @@ def main() -> int:
         predicted = memory.predict(
             memory.ModelShape(n_params, config.hidden_size, config.num_layers, config.num_heads, config.vocab_size,
                               config.intermediate_size),
-            memory.RunShape(ds_cfg, world_size, precision, seq_len=args.seq_len, micro_batch=mb,
-                            cuda=device.type == "cuda", flash_attention=not use_pad_mask, dataset_samples=ds.n,
+            memory.RunShape(ds_cfg, world_size, precision, seq_len=args.seq_len, micro_batch=micro_batch,
+                            cuda=device.type == "cuda", flash_attention=not use_pad_mask, dataset_samples=dataset.n,
                             cuda_graphs=use_graphs),
             memory.Limits(gpu.total_mib(), None if multi_node else host_total)).to_json()
         if multi_node:  # one node's RAM holds only its own ranks' share of the job's host memory
@@ -309,10 +313,11 @@ def main() -> int:
             world_size=world_size, rank=rank, local_rank=local_rank, **where, host=socket.gethostname(),
             pid=os.getpid(),
             device=str(device), device_name=device_name if device.type == "cuda" else None, device_uuid=gpu_uuid,
-            gpu_index=gpu.index, peak_tflops=peak, precision=precision, zero_stage=desc["zero_stage"],
-            offload_optimizer=desc["offload_optimizer"], offload_param=desc["offload_param"], micro_batch=mb,
-            grad_accum=ga, seq_len=args.seq_len, dataset_path=str(args.data), dataset_samples=n_train,
-            real_tokens=ds.real_tokens, pad_tokens=ds.pad_tokens, steps_per_epoch=steps_per_epoch,
+            gpu_index=gpu.index, peak_tflops=peak, precision=precision, zero_stage=ds_layout["zero_stage"],
+            offload_optimizer=ds_layout["offload_optimizer"], offload_param=ds_layout["offload_param"],
+            micro_batch=micro_batch, grad_accum=grad_accum, seq_len=args.seq_len, dataset_path=str(args.data),
+            dataset_samples=n_train,
+            real_tokens=dataset.real_tokens, pad_tokens=dataset.pad_tokens, steps_per_epoch=steps_per_epoch,
             max_steps=max_steps, warmup_steps=warmup_steps,
             optimizations={"engine": engine_name, "attention": "sdpa", "pad_mask": use_pad_mask,
                            "compile": compile_target, "compile_why": compile_why,
@@ -336,8 +341,8 @@ def main() -> int:
         for change in overrides:
             say(f"override: {change}")
         nodes_txt = f" on {where['num_nodes']} nodes" if multi_node else ""
-        say(f"engine: {engine_name}, ZeRO {desc['zero_stage']}, {precision}, world {world_size}{nodes_txt}, "
-            f"micro batch {mb}, grad accum {ga}, lr {'-' if args.lr is None else f'{args.lr:g}'}, "
+        say(f"engine: {engine_name}, ZeRO {ds_layout['zero_stage']}, {precision}, world {world_size}{nodes_txt}, "
+            f"micro batch {micro_batch}, grad accum {grad_accum}, lr {'-' if args.lr is None else f'{args.lr:g}'}, "
             f"{steps_per_epoch} steps/epoch, {max_steps} steps; log: {run_dir}")
         say(f"speed: compile {compile_target} ({compile_why}); cuda graphs {'on' if use_graphs else 'off'} "
             f"({graphs_why})" + (f", graphs hold {graphs_pool_mib:.0f} MiB; gradients accumulated "
@@ -351,23 +356,25 @@ def main() -> int:
             say(f"note: {warmup_note}")
 
         # ------------------------------------------------------------ batches, on the device before the clock starts
-        per_step = mb * ga
+        per_step = micro_batch * grad_accum
         need = max_steps * per_step
 
         rows_t = torch.tensor(train_rows)
 
         def step_indices(r: int) -> torch.Tensor:
-            """Rank r's rows for steps start_step+1 .. max_steps as [steps, ga, mb]; epochs back to back so every step
-            has ga full micro-batches, and a resumed run continues the order where its checkpoint stopped."""
+            """Rank r's rows for steps start_step+1 .. max_steps as [steps, grad_accum, micro_batch]; epochs back to
+            back so every step has grad_accum full micro-batches, and a resumed run continues the order where its
+            checkpoint stopped."""
             idx = sftdata.ShardedOrder(n_train, r, world_size, args.seed).take(need)
-            return rows_t[torch.tensor(idx)].view(max_steps, ga, mb)[start_step:]
+            return rows_t[torch.tensor(idx)].view(max_steps, grad_accum, micro_batch)[start_step:]
 
         idx_t = step_indices(rank)
-        dev_ids = ds.input_ids[idx_t].to(device)
-        dev_labels = ds.labels[idx_t].to(device)
-        dev_mask = ds.attention_mask[idx_t].to(device) if use_pad_mask else None
+        dev_ids = dataset.input_ids[idx_t].to(device)
+        dev_labels = dataset.labels[idx_t].to(device)
+        dev_mask = dataset.attention_mask[idx_t].to(device) if use_pad_mask else None
         # Non-padding tokens of the whole job per step: every rank's order is known here, no collective needed.
-        real_per_step = sum(ds.attention_mask[step_indices(r)].sum(dim=(1, 2, 3)) for r in range(world_size)).tolist()
+        real_per_step = sum(dataset.attention_mask[step_indices(r)].sum(dim=(1, 2, 3))
+                            for r in range(world_size)).tolist()
         skipped_before = getattr(engine, "skipped_steps", 0)
 
         def train_state(done: int) -> dict:
