@@ -124,7 +124,7 @@ def test_no_private_names_across_modules():
 
 @pytest.mark.parametrize("mod", ["sftbench.runlog", "sftbench.presets", "sftbench.reference", "sftbench.memory",
                                  "sftbench.dsconfig", "sftbench.args", "sftbench.speed", "sftbench.graphs",
-                                 "sftbench.engine_checks", "sftbench.metrics", "sftbench.report",
+                                 "sftbench.engine_checks", "sftbench.metrics", "sftbench.repredict", "sftbench.report",
                                  "sftbench.report.runs", "sftbench.report.tables", "sftbench.report.writers",
                                  "sftbench.report.plot", "sftbench.report.cli", "sftbench.sweep", "sftbench.plan",
                                  "sftbench.hardware", "sftbench.benchset", "sftbench.failures",

@@ -1,0 +1,224 @@
+"""Re-predict committed results with today's memory predictor and set every prediction beside its measurement.
+
+    python -m sftbench.repredict results/h100x1 results/h100x2 [...] [--json FILE] [--tolerance 15]
+
+For every ok row of each folder's ``results.csv`` it takes the run's meta record from ``summaries.jsonl`` (model,
+ds_config, world size, precision, seq_len, micro batch, dataset samples, optimizations), runs today's
+:func:`sftbench.memory.predict` on those inputs (``cuda`` from the meta's device, flash attention unless
+``optimizations.pad_mask``, ``cuda_graphs`` from the optimizations when logged) and compares:
+
+* GPU: ``gpu_mem_used_mib_max_over_ranks`` (NVML / nvidia-smi peak of the busiest GPU) against ``gpu_mib``;
+* host: ``host_rss_mib_sum_over_ranks`` against ``host_mib`` (the whole job).
+
+Error = (predicted - measured) / measured, in percent (negative: under-predicted). A row outside the tolerance is
+marked with the largest term of that prediction's breakdown. The summary gives, per folder and overall, the share of
+rows within the tolerance for the prediction stored in the row (``predicted_gpu_mib`` / ``predicted_host_mib``, made
+by the predictor of that day) and for today's re-prediction. Reads only committed files; no torch, no deepspeed.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+from sftbench import memory
+from sftbench.dsconfig import offload_device
+from sftbench.presets import PRESETS, model_shape
+
+TOLERANCE_PCT = 15.0
+
+
+def _load_metas(path: Path) -> dict:
+    metas = {}
+    if not path.is_file():
+        return metas
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        rec = json.loads(line)
+        if rec.get("type") == "meta" and rec.get("run"):
+            metas[rec["run"]] = rec
+    return metas
+
+
+def _shape(meta: dict) -> memory.ModelShape:
+    """The preset's shape; a checkpoint model falls back to the dimensions its stored prediction recorded."""
+    model = meta.get("model")
+    if model in PRESETS:
+        return memory.ModelShape.of(model_shape(model))
+    inp = (meta.get("predicted") or {}).get("inputs") or {}
+    try:
+        return memory.ModelShape.of(model_shape(str(model)))
+    except (ValueError, OSError, TypeError, KeyError):
+        return memory.ModelShape(int(meta.get("n_params") or inp["n_params"]), int(inp["hidden"]),
+                                 int(inp["n_layers"]), int(inp["n_heads"]), int(inp["vocab"]))
+
+
+def run_shape(meta: dict) -> memory.RunShape:
+    """The RunShape train.py built for this run, from its meta record."""
+    opt = meta.get("optimizations") or {}
+    device = str(meta.get("device") or "cuda")
+    return memory.RunShape(meta.get("ds_config"), int(meta.get("world_size") or 1), meta["precision"],
+                           seq_len=int(meta.get("seq_len") or 512), micro_batch=int(meta.get("micro_batch") or 1),
+                           cuda=device.startswith("cuda"), flash_attention=not bool(opt.get("pad_mask")),
+                           dataset_samples=meta.get("dataset_samples"), cuda_graphs=bool(opt.get("cuda_graphs")))
+
+
+def as_number(v) -> float | None:
+    """A CSV cell or JSON value as a float (None when empty or not a number)."""
+    if v is None or isinstance(v, bool):
+        return None
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return x if x == x and abs(x) != float("inf") else None
+
+
+def _err(pred, meas) -> float | None:
+    pred, meas = as_number(pred), as_number(meas)
+    if pred is None or not meas:
+        return None
+    return round(100.0 * (pred - meas) / meas, 1)
+
+
+def _largest(breakdown: dict) -> str | None:
+    terms = {k: v for k, v in (breakdown or {}).items() if v}
+    return max(terms, key=terms.get) if terms else None
+
+
+def _config_class(cfg: dict | None) -> dict:
+    """The knobs the misses are studied by: ZeRO stage, offload devices, overlap_comm, bucket sizes."""
+    if cfg is None:
+        return {"stage": None}
+    zo = cfg.get("zero_optimization") or {}
+    return {"stage": int(zo.get("stage", 0)), "offload_optimizer": offload_device(zo.get("offload_optimizer")),
+            "offload_param": offload_device(zo.get("offload_param")), "overlap_comm": zo.get("overlap_comm"),
+            "reduce_bucket_size": zo.get("reduce_bucket_size"),
+            "stage3_prefetch_bucket_size": zo.get("stage3_prefetch_bucket_size"),
+            "stage3_max_live_parameters": zo.get("stage3_max_live_parameters")}
+
+
+def folder_rows(folder: str | os.PathLike, tolerance: float = TOLERANCE_PCT) -> list[dict]:
+    """One dict per ok row of ``folder/results.csv``: measured, stored and re-predicted GPU and host MiB."""
+    folder = Path(folder)
+    metas = _load_metas(folder / "summaries.jsonl")
+    out = []
+    with open(folder / "results.csv", encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        if r.get("status") != "ok":
+            continue
+        meta = metas.get(r["run"])
+        row = {"folder": folder.name, "run": r["run"], "config": r.get("config") or None,
+               "gpu_measured_mib": as_number(r.get("gpu_mem_used_mib_max_over_ranks")),
+               "host_measured_mib": as_number(r.get("host_rss_mib_sum_over_ranks")),
+               "gpu_stored_mib": as_number(r.get("predicted_gpu_mib")),
+               "host_stored_mib": as_number(r.get("predicted_host_mib"))}
+        if meta is None:
+            row["error"] = "no meta record in summaries.jsonl"
+            out.append(row)
+            continue
+        row.update(model=meta.get("model"), world_size=meta.get("world_size"), precision=meta.get("precision"),
+                   **_config_class(meta.get("ds_config")))
+        pred = memory.predict(_shape(meta), run_shape(meta)).to_json()
+        row["gpu_predicted_mib"], row["host_predicted_mib"] = pred["gpu_mib"], pred["host_mib"]
+        row["gpu_breakdown_mib"], row["host_breakdown_mib"] = pred["gpu_breakdown_mib"], pred["host_breakdown_mib"]
+        for kind in ("gpu", "host"):
+            meas = row[f"{kind}_measured_mib"]
+            row[f"{kind}_stored_err_pct"] = _err(row[f"{kind}_stored_mib"], meas)
+            row[f"{kind}_err_pct"] = e = _err(row[f"{kind}_predicted_mib"], meas)
+            row[f"{kind}_stored_ok"] = (None if row[f"{kind}_stored_err_pct"] is None
+                                        else abs(row[f"{kind}_stored_err_pct"]) <= tolerance)
+            row[f"{kind}_ok"] = None if e is None else abs(e) <= tolerance
+            row[f"{kind}_miss_term"] = (None if row[f"{kind}_ok"] in (True, None)
+                                        else _largest(pred[f"{kind}_breakdown_mib"]))
+        out.append(row)
+    return out
+
+
+def _share(rows: list[dict], key: str) -> dict:
+    vals = [r.get(key) for r in rows if r.get(key) is not None]
+    n_ok = sum(1 for v in vals if v)
+    return {"within": n_ok, "rows": len(vals), "share_pct": round(100.0 * n_ok / len(vals), 1) if vals else None}
+
+
+def shares(rows: list[dict]) -> dict:
+    return {"rows": len(rows), "gpu_stored": _share(rows, "gpu_stored_ok"), "gpu": _share(rows, "gpu_ok"),
+            "host_stored": _share(rows, "host_stored_ok"), "host": _share(rows, "host_ok")}
+
+
+def repredict(folders: list[str | os.PathLike], tolerance: float = TOLERANCE_PCT) -> dict:
+    rows = [r for f in folders for r in folder_rows(f, tolerance)]
+    names = list(dict.fromkeys(Path(f).name for f in folders))
+    per = {n: shares([r for r in rows if r["folder"] == n]) for n in names}
+    return {"tolerance_pct": tolerance, "rows": rows, "folders": per, "overall": shares(rows)}
+
+
+def _n(v) -> str:
+    return "" if v is None else f"{v:.0f}"
+
+
+def _pct(v) -> str:
+    return "" if v is None else f"{v:+.1f}"
+
+
+def _mark(r: dict) -> str:
+    marks = []
+    if r.get("gpu_ok") is False:
+        marks.append(f"GPU {'under' if r['gpu_err_pct'] < 0 else 'over'} (largest: {r['gpu_miss_term']})")
+    if r.get("host_ok") is False:
+        marks.append(f"host {'under' if r['host_err_pct'] < 0 else 'over'} (largest: {r['host_miss_term']})")
+    if r.get("error"):
+        marks.append(r["error"])
+    return "; ".join(marks)
+
+
+def _fmt_share(s: dict) -> str:
+    return "" if s["share_pct"] is None else f"{s['within']}/{s['rows']} ({s['share_pct']:.0f}%)"
+
+
+def to_markdown(res: dict) -> str:
+    tol = res["tolerance_pct"]
+    lines = [f"| folder | run | GPU measured MiB | GPU stored MiB | stored err % | GPU predicted MiB | err % | "
+             f"host RSS MiB | host stored MiB | stored err % | host predicted MiB | err % | outside ±{tol:g}% |",
+             "|---|---|" + "---:|" * 10 + "---|"]
+    for r in res["rows"]:
+        lines.append("| " + " | ".join([
+            r["folder"], r["run"], _n(r["gpu_measured_mib"]), _n(r["gpu_stored_mib"]),
+            _pct(r.get("gpu_stored_err_pct")),
+            _n(r.get("gpu_predicted_mib")), _pct(r.get("gpu_err_pct")), _n(r["host_measured_mib"]),
+            _n(r["host_stored_mib"]), _pct(r.get("host_stored_err_pct")), _n(r.get("host_predicted_mib")),
+            _pct(r.get("host_err_pct")), _mark(r)]) + " |")
+    lines += ["", f"Rows within ±{tol:g}% (stored: the prediction kept in the row; re-predicted: today's predictor)",
+              "",
+              "| folder | rows | GPU stored | GPU re-predicted | host stored | host re-predicted |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for name, s in [*res["folders"].items(), ("overall", res["overall"])]:
+        lines.append(f"| {name} | {s['rows']} | {_fmt_share(s['gpu_stored'])} | {_fmt_share(s['gpu'])} | "
+                     f"{_fmt_share(s['host_stored'])} | {_fmt_share(s['host'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sftbench.repredict", description=__doc__.split("\n\n")[0])
+    ap.add_argument("folders", nargs="+", help="results folders, each with results.csv and summaries.jsonl")
+    ap.add_argument("--json", metavar="FILE", help="also write the rows and shares as JSON")
+    ap.add_argument("--tolerance", type=float, default=TOLERANCE_PCT, help="percent (default 15)")
+    args = ap.parse_args(argv)
+    for f in args.folders:
+        if not (Path(f) / "results.csv").is_file():
+            ap.error(f"{f}: no results.csv")
+    res = repredict(args.folders, args.tolerance)
+    sys.stdout.write(to_markdown(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
