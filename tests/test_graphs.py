@@ -112,6 +112,21 @@ def _batch(torch, seed: int, seq: int = 128):
     return {"input_ids": ids.cuda(), "labels": labels.cuda()}
 
 
+def _graphed_micro_batches(torch, stream, batches):
+    """A dropout-free small model captured on ``batches[0]`` (on ``stream``, as the run's side stream), then every
+    batch replayed and its loss backpropagated: (model, GraphedLoss, losses)."""
+    with torch.cuda.stream(stream):
+        graphed = _small_model(torch, 0.0)
+        g = graphs.graph_model(graphed, batches[0])
+        losses = []
+        for b in batches:
+            out = graphed(**b)
+            losses.append(out.loss.detach().clone())
+            out.loss.backward()
+        torch.cuda.synchronize()
+    return graphed, g, losses
+
+
 def test_gpu_replays_accumulate_gradients_like_eager():
     """Two micro-batches accumulated into param.grad through the replayed graphs equal eager's (fp32, no dropout):
     a stolen static buffer would overwrite the first micro-batch's gradient with the second's."""
@@ -123,15 +138,7 @@ def test_gpu_replays_accumulate_gradients_like_eager():
     want = {n: p.grad.clone() for n, p in eager.named_parameters()}
 
     s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        graphed = _small_model(torch, 0.0)
-        g = graphs.graph_model(graphed, batches[0])
-        losses = []
-        for b in batches:
-            out = graphed(**b)
-            losses.append(out.loss.detach().clone())
-            out.loss.backward()
-        torch.cuda.synchronize()
+    graphed, g, losses = _graphed_micro_batches(torch, s, batches)
     assert g.replays == 2
     assert torch.stack(losses).tolist() == pytest.approx([eager(**b).loss.item() for b in batches], rel=1e-5)
     for n, p in graphed.named_parameters():
@@ -188,17 +195,8 @@ def test_gpu_padding_mask_path_replays_like_eager():
         want_loss.append(out.loss.item())
         out.loss.backward()
     want = {n: p.grad.clone() for n, p in eager.named_parameters()}
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        graphed = _small_model(torch, 0.0)
-        g = graphs.graph_model(graphed, batches[0])
-        assert g.keys == ("input_ids", "labels", "attention_mask")
-        losses = []
-        for b in batches:
-            out = graphed(**b)
-            losses.append(out.loss.detach().clone())
-            out.loss.backward()
-        torch.cuda.synchronize()
+    graphed, g, losses = _graphed_micro_batches(torch, torch.cuda.Stream(), batches)
+    assert g.keys == ("input_ids", "labels", "attention_mask")
     assert torch.stack(losses).tolist() == pytest.approx(want_loss, rel=1e-5)
     for n, p in graphed.named_parameters():
         assert torch.allclose(p.grad, want[n], rtol=1e-4, atol=1e-6), n
