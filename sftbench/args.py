@@ -161,11 +161,10 @@ class HarnessArgs:
             check_compile(self.compile, self.compile_mode)
         except SpeedError as e:
             raise ArgsError(str(e)) from None
-        from sftbench.graphs import ACCUM_MODES, check_mode
+        from sftbench.graphs import check_accum_mode, check_mode
         try:
             check_mode(self.cuda_graphs)
-            if self.graph_accum not in ACCUM_MODES:
-                raise ValueError(f"--graph-accum must be one of {', '.join(ACCUM_MODES)}, got {self.graph_accum!r}")
+            check_accum_mode(self.graph_accum)
         except ValueError as e:
             raise ArgsError(str(e)) from None
         if self.data is not None and not os.path.isfile(self.data):

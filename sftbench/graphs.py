@@ -40,6 +40,8 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+from sftbench.dsconfig import describe
+
 GRAPH_MODES = ("auto", "on", "off")
 
 
@@ -72,9 +74,8 @@ def resolve(mode: str, *, on_cuda: bool, ds_cfg: dict | None, world_size: int,
     if mode == "off":
         return False, "off: asked for"
     asked = mode == "on"
-    zero = (ds_cfg or {}).get("zero_optimization") or {}
-    stage = int(zero.get("stage", 0) or 0) if ds_cfg is not None else None
-    param_off = str((zero.get("offload_param") or {}).get("device", "none")).lower() not in ("none", "")
+    layout = describe(ds_cfg)  # ZeRO stage and offload devices, read as the log and the report read them
+    stage = None if ds_cfg is None else int(layout["zero_stage"] or 0)
 
     def no(why: str) -> tuple[bool, str]:
         if asked:
@@ -83,7 +84,7 @@ def resolve(mode: str, *, on_cuda: bool, ds_cfg: dict | None, world_size: int,
 
     if not on_cuda:  # the same command on a machine without a GPU runs eager, and says so
         return False, f"{mode}: no CUDA device, eager"
-    if stage == 3 or param_off:
+    if stage == 3 or layout["offload_param"]:
         return no("ZeRO-3 / parameter offload gathers and frees parameters inside the forward, so their addresses "
                   "are not fixed between replays")
     if compile_target != "off":
@@ -95,7 +96,7 @@ def resolve(mode: str, *, on_cuda: bool, ds_cfg: dict | None, world_size: int,
         return True, "on: asked for"
     # Default only where a same-call measurement on a GPU showed it faster (docs/performance.md).
     kind = "--ds none" if stage is None else f"ZeRO-{stage}"
-    if str((zero.get("offload_optimizer") or {}).get("device", "none")).lower() not in ("none", ""):
+    if layout["offload_optimizer"]:
         kind += " + optimizer offload"
     if kind in MEASURED_FASTER:
         return True, f"auto: {MEASURED_FASTER[kind]}"
@@ -297,6 +298,11 @@ def graph_model(model, sample: dict, amp_dtype=None, boundary=None) -> GraphedLo
 ACCUM_MODES = ("auto", "off")
 
 
+def check_accum_mode(mode: str) -> None:
+    if mode not in ACCUM_MODES:
+        raise ValueError(f"--graph-accum must be one of {', '.join(ACCUM_MODES)}, got {mode!r}")
+
+
 def accumulates_locally(engine, mode: str = "auto") -> tuple[bool, str]:
     """Whether the graphs may add the micro-batches' gradients up themselves and hand the sum over at the boundary
     (``GraphedLoss``'s ``boundary``), and why (the meta record's ``graph_accum_why``).
@@ -306,8 +312,7 @@ def accumulates_locally(engine, mode: str = "auto") -> tuple[bool, str]:
     same order. Not where the engine does more per micro-batch: ZeRO-2 reduces and partitions every micro-batch,
     DeepSpeed's BF16 optimizer and a ``grad_accum_dtype`` other than the weights' add into fp32 copies, optimizer
     offload moves gradients to the host."""
-    if mode not in ACCUM_MODES:
-        raise ValueError(f"--graph-accum must be one of {', '.join(ACCUM_MODES)}, got {mode!r}")
+    check_accum_mode(mode)
     if mode == "off":
         return False, "off: asked for"
     if not hasattr(engine, "zero_optimization_stage"):  # the plain loop (--ds none, one rank)

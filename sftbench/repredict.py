@@ -24,36 +24,30 @@ import os
 import sys
 from pathlib import Path
 
-from sftbench import memory
-from sftbench.dsconfig import offload_device
-from sftbench.presets import PRESETS, model_shape
+from sftbench import memory, runlog
+from sftbench.dsconfig import describe
+from sftbench.presets import model_shape
 
 TOLERANCE_PCT = 15.0
 
 
 def _load_metas(path: Path) -> dict:
-    metas = {}
+    """run name -> meta record of a summaries.jsonl (read as every log reader reads JSONL: a broken line is
+    counted and named, not fatal)."""
     if not path.is_file():
-        return metas
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        rec = json.loads(line)
-        if rec.get("type") == "meta" and rec.get("run"):
-            metas[rec["run"]] = rec
-    return metas
+        return {}
+    records, bad = runlog.read_records(path)
+    if bad:
+        print(f"note: {path}: {bad} unparseable line(s) skipped", file=sys.stderr)
+    return {r["run"]: r for r in records if r.get("type") == "meta" and r.get("run")}
 
 
 def _shape(meta: dict) -> memory.ModelShape:
     """The preset's shape; a checkpoint model falls back to the dimensions its stored prediction recorded."""
-    model = meta.get("model")
-    if model in PRESETS:
-        return memory.ModelShape.of(model_shape(model))
-    inp = (meta.get("predicted") or {}).get("inputs") or {}
-    try:
-        return memory.ModelShape.of(model_shape(str(model)))
+    try:  # a preset name or a checkpoint folder that is still there
+        return memory.ModelShape.of(model_shape(str(meta.get("model"))))
     except (ValueError, OSError, TypeError, KeyError):
+        inp = (meta.get("predicted") or {}).get("inputs") or {}
         return memory.ModelShape(int(meta.get("n_params") or inp["n_params"]), int(inp["hidden"]),
                                  int(inp["n_layers"]), int(inp["n_heads"]), int(inp["vocab"]))
 
@@ -92,15 +86,16 @@ def _largest(breakdown: dict) -> str | None:
 
 
 def _config_class(cfg: dict | None) -> dict:
-    """The knobs the misses are studied by: ZeRO stage, offload devices, overlap_comm, bucket sizes."""
+    """The knobs the misses are studied by: ZeRO stage, offload devices, overlap_comm, bucket sizes (the report's
+    reading of the config, ``dsconfig.describe``, plus ZeRO-3's prefetch bucket)."""
+    d = describe(cfg)
     if cfg is None:
         return {"stage": None}
-    zo = cfg.get("zero_optimization") or {}
-    return {"stage": int(zo.get("stage", 0)), "offload_optimizer": offload_device(zo.get("offload_optimizer")),
-            "offload_param": offload_device(zo.get("offload_param")), "overlap_comm": zo.get("overlap_comm"),
-            "reduce_bucket_size": zo.get("reduce_bucket_size"),
-            "stage3_prefetch_bucket_size": zo.get("stage3_prefetch_bucket_size"),
-            "stage3_max_live_parameters": zo.get("stage3_max_live_parameters")}
+    return {"stage": int(d["zero_stage"] or 0), "offload_optimizer": d["offload_optimizer"],
+            "offload_param": d["offload_param"], "overlap_comm": d["overlap_comm"],
+            "reduce_bucket_size": d["reduce_bucket_size"],
+            "stage3_prefetch_bucket_size": (cfg.get("zero_optimization") or {}).get("stage3_prefetch_bucket_size"),
+            "stage3_max_live_parameters": d["stage3_max_live_parameters"]}
 
 
 def folder_rows(folder: str | os.PathLike, tolerance: float = TOLERANCE_PCT) -> list[dict]:
