@@ -253,22 +253,18 @@ def main() -> int:
             checkpoint.check_resumable(resume_dir, resume_state, identity, max_steps)
             checkpoint.load_engine_state(engine, resume_dir, is_deepspeed=args.deepspeed, rank=rank)
             say(f"resumed from step {start_step} ({resume_dir})")
-        no_accum = (False, "off: no CUDA graphs")  # also after a refused capture
-        graphs_pool_mib, (graph_accum, graph_accum_why) = None, no_accum
+        graphs_pool_mib, graph_accum, graph_accum_why = None, False, "off: no CUDA graphs"  # kept if capture fails
         if use_graphs:  # after initialize (ZeRO re-points the weights into its flat buffers) and after any resume
             first = slice(0, micro_batch)  # the first samples' shapes: every micro-batch of the loop has them
             sample = {"input_ids": dataset.input_ids[first].to(device), "labels": dataset.labels[first].to(device),
                       "attention_mask": dataset.attention_mask[first].to(device) if use_pad_mask else None}
-            graph_accum, graph_accum_why = graphs.accumulates_locally(engine, args.graph_accum)
             try:
-                graphs_pool_mib = graphs.graph_model(
-                    engine.module, sample, getattr(engine, "amp_dtype", None),
-                    boundary=engine.is_gradient_accumulation_boundary if graph_accum else None).pool_mib
+                graphed, graph_accum, graph_accum_why = graphs.graph_engine(engine, sample, args.graph_accum)
+                graphs_pool_mib = graphed.pool_mib
             except graphs.GraphError as e:
                 if args.cuda_graphs == "on":
                     raise
                 use_graphs, graphs_why = False, f"auto: capture refused, eager ({e})"
-                graph_accum, graph_accum_why = no_accum
                 warnings.append(f"CUDA graphs not used: {e}")
         # The default warm-up leaves this process a measured step; args keep what was asked (the harness record).
         warmup_steps, warmup_note = resolve_warmup(args.warmup_steps, max_steps - start_step)

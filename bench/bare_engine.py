@@ -126,12 +126,9 @@ def main(argv=None) -> int:
     mb = engine.train_micro_batch_size_per_gpu()
     graph_accum = False
     if use_graphs:  # as train.py: captured after initialize, on the first samples' shapes
-        graph_accum, _ = graphs.accumulates_locally(engine, args.graph_accum)
-        graphs.graph_model(engine.module, {"input_ids": enc.input_ids[:mb].to(device),
-                                           "labels": enc.labels[:mb].to(device),
-                                           "attention_mask": enc.attention_mask[:mb].to(device) if use_pad_mask
-                                           else None},
-                           boundary=engine.is_gradient_accumulation_boundary if graph_accum else None)
+        _, graph_accum, _ = graphs.graph_engine(
+            engine, {"input_ids": enc.input_ids[:mb].to(device), "labels": enc.labels[:mb].to(device),
+                     "attention_mask": enc.attention_mask[:mb].to(device) if use_pad_mask else None}, args.graph_accum)
 
     # ---- batches on the device before the clock starts (train.py's step_indices)
     need = args.steps * mb * ga

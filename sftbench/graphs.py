@@ -295,6 +295,16 @@ def graph_model(model, sample: dict, amp_dtype=None, boundary=None) -> GraphedLo
     return g
 
 
+def graph_engine(engine, sample: dict, accum_mode: str = "auto") -> tuple[GraphedLoss, bool, str]:
+    """Capture an engine's model as train.py and the bare loop do: after ``deepspeed.initialize`` (ZeRO re-points
+    the weights into its flat buffers) and any resume, accumulating inside the graphs where the engine allows it
+    (``accumulates_locally``). Returns the installed ``GraphedLoss``, whether the graphs accumulate, and why."""
+    accum, why = accumulates_locally(engine, accum_mode)
+    g = graph_model(engine.module, sample, getattr(engine, "amp_dtype", None),  # the plain loop's autocast dtype
+                    boundary=engine.is_gradient_accumulation_boundary if accum else None)
+    return g, accum, why
+
+
 ACCUM_MODES = ("auto", "off")
 
 
