@@ -63,8 +63,9 @@ def resolve_ds_timers(ds_cfg: dict | None, graphs_on: bool) -> tuple[dict | None
     the start and end of every micro-batch (``timers.throughput.synchronized``) for a number the harness does not
     read (it times each step itself, with one synchronisation). A replayed graph lets the host queue the next work
     while the GPU runs, and those syncs stop it: on the H200 turning the timer off gave 1.11x (Pangu-2.6B) and 1.08x
-    (350M) per step with graphs on, and nothing eager (0.99x / 1.01x), where the host is the bottleneck anyway
-    (docs/performance.md). A config with a ``timers`` block keeps what it says; the logged config shows the change."""
+    (350M) per step by the median with graphs on (the step ranges overlap, so not decided by those steps), and
+    nothing eager (0.99x / 1.01x), where the host is the bottleneck anyway (docs/performance.md). A config with a
+    ``timers`` block keeps what it says; the logged config shows the change."""
     if ds_cfg is None or not graphs_on or "timers" in ds_cfg:
         return ds_cfg, None
     return ({**ds_cfg, "timers": {"throughput": {"enabled": False}}},
