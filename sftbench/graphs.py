@@ -31,7 +31,7 @@ device; a call of another shape or signature (generation, eval with logits) runs
 Memory: the graphs keep a private pool (the activations of one micro-batch, as eager mode needs them too, but
 reserved for the run) and one static gradient buffer per parameter (``P`` x the parameters' bytes); the meta record
 logs their sum (``cuda_graphs_pool_mib``) and ``sftbench/memory.py`` counts the buffers (measured on the H200,
-Pangu-2.6B ZeRO-1: torch's peak allocation +5.0 GB, P x 2 bytes = 5.2 GB).
+Pangu-2.6B ZeRO-1: torch's peak allocation +4,971 MiB, the predictor's b*P 5,007 MiB).
 
 This module is torch-free at import (the argument checks import it).
 """
