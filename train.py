@@ -254,13 +254,15 @@ def main() -> int:
             checkpoint.load_engine_state(engine, resume_dir, is_deepspeed=args.deepspeed, rank=rank)
             say(f"resumed from step {start_step} ({resume_dir})")
         graphs_pool_mib, graph_accum, graph_accum_why = None, False, "off: no CUDA graphs"  # kept if capture fails
+        fused_wgrad, fuse_wgrad_why = 0, "off: no CUDA graphs"
         if use_graphs:  # after initialize (ZeRO re-points the weights into its flat buffers) and after any resume
             first = slice(0, micro_batch)  # the first samples' shapes: every micro-batch of the loop has them
             sample = {"input_ids": dataset.input_ids[first].to(device), "labels": dataset.labels[first].to(device),
                       "attention_mask": dataset.attention_mask[first].to(device) if use_pad_mask else None}
             try:
-                graphed, graph_accum, graph_accum_why = graphs.graph_engine(engine, sample, args.graph_accum)
-                graphs_pool_mib = graphed.pool_mib
+                graphed, graph_accum, graph_accum_why, fuse_wgrad_why = graphs.graph_engine(
+                    engine, sample, args.graph_accum, args.fuse_wgrad)
+                graphs_pool_mib, fused_wgrad = graphed.pool_mib, len(graphed.fused)
             except graphs.GraphError as e:
                 if args.cuda_graphs == "on":
                     raise
@@ -321,7 +323,8 @@ def main() -> int:
                            "compile_mode": args.compile_mode if compile_target != "off" else None,
                            "cuda_graphs": use_graphs, "cuda_graphs_why": graphs_why,
                            "cuda_graphs_pool_mib": graphs_pool_mib, "graph_accum": graph_accum,
-                           "graph_accum_why": graph_accum_why, "ds_throughput_timer": timer_why,
+                           "graph_accum_why": graph_accum_why, "fused_wgrad_layers": fused_wgrad,
+                           "fuse_wgrad_why": fuse_wgrad_why, "ds_throughput_timer": timer_why,
                            "batches_on_device": True},
             predicted=predicted,
             versions={"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -343,7 +346,8 @@ def main() -> int:
             f"{steps_per_epoch} steps/epoch, {max_steps} steps; log: {run_dir}")
         say(f"speed: compile {compile_target} ({compile_why}); cuda graphs {'on' if use_graphs else 'off'} "
             f"({graphs_why})" + (f", graphs hold {graphs_pool_mib:.0f} MiB; gradients accumulated "
-                                 f"{'in the graphs' if graph_accum else 'by the engine'} ({graph_accum_why})"
+                                 f"{'in the graphs' if graph_accum else 'by the engine'} ({graph_accum_why}); "
+                                 f"weight-gradient GEMMs accumulating: {fused_wgrad} ({fuse_wgrad_why})"
                                  if graphs_pool_mib is not None else ""))
         if timer_why:
             say(f"speed: {timer_why}")

@@ -22,6 +22,7 @@ their number. Same result fields as bench/peer_torch.py; ``--out FILE.json`` wri
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -52,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-mode", default="default", help="as train.py --compile-mode")
     p.add_argument("--cuda-graphs", default="auto", choices=graphs.GRAPH_MODES, help="as train.py --cuda-graphs")
     p.add_argument("--graph-accum", default="auto", choices=graphs.ACCUM_MODES, help="as train.py --graph-accum")
+    p.add_argument("--fuse-wgrad", default="auto", choices=graphs.FUSE_MODES, help="as train.py --fuse-wgrad")
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="profile the first measured step (torch.profiler, CPU + CUDA) and write its tables here "
                         "(rank 0); the step's time then includes the profiler's own cost")
@@ -124,11 +126,13 @@ def main(argv=None) -> int:
     engine.train()
     ga = engine.gradient_accumulation_steps()
     mb = engine.train_micro_batch_size_per_gpu()
-    graph_accum = False
+    graph_accum, fused_wgrad = False, 0
     if use_graphs:  # as train.py: captured after initialize, on the first samples' shapes
-        _, graph_accum, _ = graphs.graph_engine(
+        graphed, graph_accum, _, _ = graphs.graph_engine(
             engine, {"input_ids": enc.input_ids[:mb].to(device), "labels": enc.labels[:mb].to(device),
-                     "attention_mask": enc.attention_mask[:mb].to(device) if use_pad_mask else None}, args.graph_accum)
+                     "attention_mask": enc.attention_mask[:mb].to(device) if use_pad_mask else None},
+            args.graph_accum, args.fuse_wgrad)
+        fused_wgrad = len(graphed.fused)
 
     # ---- batches on the device before the clock starts (train.py's step_indices)
     need = args.steps * mb * ga
@@ -167,10 +171,15 @@ def main(argv=None) -> int:
         if args.profile and step == w and rank == 0:
             prof = start_profiler(cuda)
         for micro in range(ga):
-            out = engine(input_ids=dev_ids[step, micro], labels=dev_labels[step, micro],
-                         attention_mask=dev_mask[step, micro] if dev_mask is not None else None)
-            engine.backward(out.loss)
-            engine.step()
+            # Named ranges in the profile (a no-op outside it): where the host's time goes, phase by phase.
+            tag = "boundary" if micro == ga - 1 else "micro"
+            with phase(prof, f"{tag}.forward"):
+                out = engine(input_ids=dev_ids[step, micro], labels=dev_labels[step, micro],
+                             attention_mask=dev_mask[step, micro] if dev_mask is not None else None)
+            with phase(prof, f"{tag}.backward"):
+                engine.backward(out.loss)
+            with phase(prof, f"{tag}.step"):
+                engine.step()
         mark()
         if prof is not None:
             sync()
@@ -194,12 +203,17 @@ def main(argv=None) -> int:
         res = summarize("bare_engine", model_name, args.ds, args, device, device_name, flops_tok, step_times,
                         step_times, [], [host.rss_mib()], mb, ga, world,
                         extra={"step_s_wall": wall / (args.steps - w), "pad_mask": use_pad_mask,
-                               "cuda_graphs": use_graphs, "graph_accum": graph_accum,
+                               "cuda_graphs": use_graphs, "graph_accum": graph_accum, "fused_wgrad_layers": fused_wgrad,
                                "zero_stage": zero_stage, "dataset_path": data_path, "dataset_samples": enc.n})
         res["final_loss"] = final_loss
         report(res, args.out)
     torch.distributed.barrier()
     return 0
+
+
+def phase(prof, name: str):
+    """A named range in the profile while profiling, else nothing."""
+    return torch.profiler.record_function(name) if prof is not None else contextlib.nullcontext()
 
 
 def start_profiler(cuda: bool):
@@ -239,6 +253,7 @@ def write_profile(prof, path: str, cuda: bool, title: str) -> None:
               events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70)]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    prof.export_chrome_trace(str(Path(path).with_suffix(".trace.json")))  # the timeline, for chrome://tracing
     print(f"profile written to {path}", flush=True)
 
 
