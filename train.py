@@ -61,7 +61,7 @@ def step_line(rec: dict, max_steps: int, eta_s: float, bar: bool = False) -> str
     mem = f" | gpu {rec['gpu_mem_used_mib']:.0f} MiB" if rec.get("gpu_mem_used_mib") is not None else ""
     mfu = f" | mfu {rec['mfu_pct']:.1f}%" if rec.get("mfu_pct") is not None else ""
     flag = " (warm-up)" if rec["warmup"] else ""
-    flag += " (fp16 overflow: update skipped)" if rec.get("skipped") else ""
+    flag += " (overflow: update skipped)" if rec.get("skipped") else ""  # fp16, or non-finite bf16 gradients
     return (f"{head}step {done}/{max_steps}{flag} | loss {rec['loss']:.4f} | {rec['step_s']:.3f} s/it | "
             f"{rec['tokens_per_s']:.0f} tok/s{mfu}{mem} | rss {rec['host_rss_mib']:.0f} MiB | eta {eta_s:.0f}s")
 
@@ -254,15 +254,13 @@ def main() -> int:
             checkpoint.load_engine_state(engine, resume_dir, is_deepspeed=args.deepspeed, rank=rank)
             say(f"resumed from step {start_step} ({resume_dir})")
         graphs_pool_mib, graph_accum, graph_accum_why = None, False, "off: no CUDA graphs"  # kept if capture fails
-        fused_wgrad, fuse_wgrad_why = 0, "off: no CUDA graphs"
         if use_graphs:  # after initialize (ZeRO re-points the weights into its flat buffers) and after any resume
             first = slice(0, micro_batch)  # the first samples' shapes: every micro-batch of the loop has them
             sample = {"input_ids": dataset.input_ids[first].to(device), "labels": dataset.labels[first].to(device),
                       "attention_mask": dataset.attention_mask[first].to(device) if use_pad_mask else None}
             try:
-                graphed, graph_accum, graph_accum_why, fuse_wgrad_why = graphs.graph_engine(
-                    engine, sample, args.graph_accum, args.fuse_wgrad)
-                graphs_pool_mib, fused_wgrad = graphed.pool_mib, len(graphed.fused)
+                graphed, graph_accum, graph_accum_why = graphs.graph_engine(engine, sample, args.graph_accum)
+                graphs_pool_mib = graphed.pool_mib
             except graphs.GraphError as e:
                 if args.cuda_graphs == "on":
                     raise
@@ -323,8 +321,7 @@ def main() -> int:
                            "compile_mode": args.compile_mode if compile_target != "off" else None,
                            "cuda_graphs": use_graphs, "cuda_graphs_why": graphs_why,
                            "cuda_graphs_pool_mib": graphs_pool_mib, "graph_accum": graph_accum,
-                           "graph_accum_why": graph_accum_why, "fused_wgrad_layers": fused_wgrad,
-                           "fuse_wgrad_why": fuse_wgrad_why, "ds_throughput_timer": timer_why,
+                           "graph_accum_why": graph_accum_why, "ds_throughput_timer": timer_why,
                            "batches_on_device": True},
             predicted=predicted,
             versions={"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -346,8 +343,7 @@ def main() -> int:
             f"{steps_per_epoch} steps/epoch, {max_steps} steps; log: {run_dir}")
         say(f"speed: compile {compile_target} ({compile_why}); cuda graphs {'on' if use_graphs else 'off'} "
             f"({graphs_why})" + (f", graphs hold {graphs_pool_mib:.0f} MiB; gradients accumulated "
-                                 f"{'in the graphs' if graph_accum else 'by the engine'} ({graph_accum_why}); "
-                                 f"weight-gradient GEMMs accumulating: {fused_wgrad} ({fuse_wgrad_why})"
+                                 f"{'in the graphs' if graph_accum else 'by the engine'} ({graph_accum_why})"
                                  if graphs_pool_mib is not None else ""))
         if timer_why:
             say(f"speed: {timer_why}")
@@ -445,6 +441,7 @@ def main() -> int:
             if rank == 0 and ((step + 1) % args.log_every == 0 or step + 1 == max_steps):
                 eta = (max_steps - step - 1) * (metrics.median([r["step_s"] for r in stats.records[-10:]]) or step_s)
                 print(step_line(rec, max_steps, eta, bar=tty), flush=True)
+            engine_checks.check_finite_update(step + 1, rec["loss"], rec["skipped"], ds_cfg, args.ds)
             between_steps(step + 1)
 
         # ------------------------------------------------------------ summary
@@ -458,7 +455,7 @@ def main() -> int:
     except KeyboardInterrupt as e:
         status, error = classify_exception(e)
     except (sftdata.DataError, CheckpointError, checkpoint.ResumeError, FileNotFoundError, TimeoutError,
-            graphs.GraphError) as e:
+            graphs.GraphError, engine_checks.NonFiniteUpdate) as e:
         # Bad input: the message names the file/key/line; a traceback would only bury it.
         status, error = "error", str(e)
     except Exception as e:  # every failure still ends in a summary record, then a non-zero exit
@@ -480,7 +477,7 @@ def main() -> int:
             + f"peak RSS {s['host_rss_mib_peak']:.0f} MiB"
             if s.get("step_s_median") is not None else f"done ({stats.no_statistics_reason()})")
         if s.get("step_s_median") is not None and s.get("skipped_steps"):
-            say(f"note: {s['skipped_steps']} fp16 overflow step(s) skipped their optimizer update and are left out of "
+            say(f"note: {s['skipped_steps']} overflow step(s) skipped their optimizer update and are left out of "
                 "the statistics")
     else:
         print(f"error (rank {rank}): run ended with status {status}: {error}", file=sys.stderr, flush=True)

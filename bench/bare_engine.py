@@ -22,7 +22,9 @@ their number. Same result fields as bench/peer_torch.py; ``--out FILE.json`` wri
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -53,7 +55,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-mode", default="default", help="as train.py --compile-mode")
     p.add_argument("--cuda-graphs", default="auto", choices=graphs.GRAPH_MODES, help="as train.py --cuda-graphs")
     p.add_argument("--graph-accum", default="auto", choices=graphs.ACCUM_MODES, help="as train.py --graph-accum")
-    p.add_argument("--fuse-wgrad", default="auto", choices=graphs.FUSE_MODES, help="as train.py --fuse-wgrad")
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="profile the first measured step (torch.profiler, CPU + CUDA) and write its tables here "
                         "(rank 0); the step's time then includes the profiler's own cost")
@@ -126,13 +127,11 @@ def main(argv=None) -> int:
     engine.train()
     ga = engine.gradient_accumulation_steps()
     mb = engine.train_micro_batch_size_per_gpu()
-    graph_accum, fused_wgrad = False, 0
+    graph_accum = False
     if use_graphs:  # as train.py: captured after initialize, on the first samples' shapes
-        graphed, graph_accum, _, _ = graphs.graph_engine(
+        _, graph_accum, _ = graphs.graph_engine(
             engine, {"input_ids": enc.input_ids[:mb].to(device), "labels": enc.labels[:mb].to(device),
-                     "attention_mask": enc.attention_mask[:mb].to(device) if use_pad_mask else None},
-            args.graph_accum, args.fuse_wgrad)
-        fused_wgrad = len(graphed.fused)
+                     "attention_mask": enc.attention_mask[:mb].to(device) if use_pad_mask else None}, args.graph_accum)
 
     # ---- batches on the device before the clock starts (train.py's step_indices)
     need = args.steps * mb * ga
@@ -203,7 +202,7 @@ def main(argv=None) -> int:
         res = summarize("bare_engine", model_name, args.ds, args, device, device_name, flops_tok, step_times,
                         step_times, [], [host.rss_mib()], mb, ga, world,
                         extra={"step_s_wall": wall / (args.steps - w), "pad_mask": use_pad_mask,
-                               "cuda_graphs": use_graphs, "graph_accum": graph_accum, "fused_wgrad_layers": fused_wgrad,
+                               "cuda_graphs": use_graphs, "graph_accum": graph_accum,
                                "zero_stage": zero_stage, "dataset_path": data_path, "dataset_samples": enc.n})
         res["final_loss"] = final_loss
         report(res, args.out)
@@ -221,6 +220,37 @@ def start_profiler(cuda: bool):
     prof = torch.profiler.profile(activities=acts)
     prof.start()
     return prof
+
+
+def phase_table(trace: dict) -> list[str]:
+    """Where the step's time goes phase by phase (the loop's named ranges: the micro-batches' forward, backward and
+    step calls, the boundary micro-batch's apart): the host's wall time inside each, and the device time of the
+    kernels launched from it (a kernel counts where its launch call ran). Markdown lines."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    phases = sorted((e for e in events if e.get("cat") == "user_annotation" and e["name"].split(".")[0]
+                     in ("micro", "boundary")), key=lambda e: e["ts"])
+    launches = {e["args"]["correlation"]: e["ts"] for e in events
+                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    rows: dict[str, list[float]] = {}  # name -> [calls, host ms, kernels, device ms]
+    for ph in phases:
+        rows.setdefault(ph["name"], [0, 0.0, 0, 0.0])
+        rows[ph["name"]][0] += 1
+        rows[ph["name"]][1] += ph["dur"] / 1e3
+    starts = [ph["ts"] for ph in phases]
+    for k in events:
+        if k.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset"):
+            continue
+        ts = launches.get(k.get("args", {}).get("correlation"))
+        i = bisect.bisect_right(starts, ts) - 1 if ts is not None else -1
+        if i >= 0 and ts <= phases[i]["ts"] + phases[i]["dur"]:
+            rows[phases[i]["name"]][2] += 1
+            rows[phases[i]["name"]][3] += k["dur"] / 1e3
+    if not rows:
+        return ["(no named phases in the trace)"]
+    out = ["| phase | calls | host wall ms | kernels | device ms |", "|---|---|---|---|---|"]
+    for name, (calls, host_ms, n, dev_ms) in rows.items():
+        out.append(f"| {name} | {calls} | {host_ms:.2f} | {n} | {dev_ms:.2f} |")
+    return out
 
 
 def write_profile(prof, path: str, cuda: bool, title: str) -> None:
@@ -251,9 +281,11 @@ def write_profile(prof, path: str, cuda: bool, title: str) -> None:
                                else "self_device_time_total", row_limit=25, max_name_column_width=70)]
     lines += ["", "## top operators by host time", "",
               events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70)]
+    trace = Path(path).with_suffix(".trace.json")  # the timeline, for chrome://tracing or Perfetto
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(trace))
+    lines[2:2] = phase_table(json.loads(trace.read_text(encoding="utf-8"))) + [""]
     Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    prof.export_chrome_trace(str(Path(path).with_suffix(".trace.json")))  # the timeline, for chrome://tracing
     print(f"profile written to {path}", flush=True)
 
 

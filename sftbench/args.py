@@ -99,10 +99,6 @@ class HarnessArgs:
                              "--ds none; the same additions in the same order, the per-parameter work once per "
                              "step) or 'off' (hand every micro-batch's gradients over, as eager mode does).",
                              default="auto")
-    fuse_wgrad: str = _help("With CUDA graphs on: each linear layer's weight-gradient GEMM adds into the graphs' "
-                            "gradient buffer itself (beta = 1) instead of writing a new gradient that is then added "
-                            "in: 'auto' (default: on, except under autocast, i.e. --ds none with fp32 weights) or "
-                            "'off'.", default="auto")
     save: str | None = _help("Save folder: at the end the model is saved here as a transformers folder "
                              "(from_pretrained after `import sftbench`) that also holds the state to resume from. "
                              "Nothing is saved without it.", default=None)
@@ -165,11 +161,10 @@ class HarnessArgs:
             check_compile(self.compile, self.compile_mode)
         except SpeedError as e:
             raise ArgsError(str(e)) from None
-        from sftbench.graphs import check_accum_mode, check_fuse_mode, check_mode
+        from sftbench.graphs import check_accum_mode, check_mode
         try:
             check_mode(self.cuda_graphs)
             check_accum_mode(self.graph_accum)
-            check_fuse_mode(self.fuse_wgrad)
         except ValueError as e:
             raise ArgsError(str(e)) from None
         if self.data is not None and not os.path.isfile(self.data):

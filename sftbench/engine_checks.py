@@ -9,6 +9,11 @@
   flat (measured: 30 steps of Pangu-350M on 3 GPUs, loss 10.82 -> 10.83; bf16 drops to ~9 by then). Upstream:
   DeepSpeed pull request 8393. The step still does all its work, so its time and memory are the step's cost; the
   run is flagged rather than patched, because the harness runs the engine as configured.
+* ``check_finite_update(...)``: a step whose loss is not finite and whose update the engine applied anyway (nothing
+  skipped it) raises ``NonFiniteUpdate``: the weights are then no longer finite, and every later step would only
+  measure NaNs. Where the engine skips such a step (fp16's loss scaler; DeepSpeed's ZeRO-1/2 with
+  ``bf16.check_grad_overflow: true``; its BF16 optimizer on an invalid gradient norm) the run goes on, as DeepSpeed
+  decides.
 * ``silence_startup_noise()``: drops DeepSpeed's start-up messages that say nothing to the user (``STARTUP_NOISE``,
   ``STARTUP_NOISE_WARNINGS``).
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import numbers
 import warnings
 from typing import Any
@@ -110,3 +116,22 @@ def silence_startup_noise(logger_name: str = "DeepSpeed") -> None:
         log.addFilter(_NoiseFilter())
     for category, pattern in STARTUP_NOISE_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern, category=category)
+
+
+class NonFiniteUpdate(RuntimeError):
+    """A step's loss was not finite and the optimizer applied its update: the run cannot go on meaningfully."""
+
+
+def check_finite_update(step: int, loss: float, skipped: bool, ds_cfg: dict | None, ds_path: str | None) -> None:
+    """Raise ``NonFiniteUpdate`` when step ``step``'s loss is NaN/inf and the engine did not skip its update. The
+    message names the config key that makes DeepSpeed skip such steps where the config turned it off."""
+    if math.isfinite(loss) or skipped:
+        return
+    hint = ""
+    bf16 = (ds_cfg or {}).get("bf16") or {}
+    stage = int(((ds_cfg or {}).get("zero_optimization") or {}).get("stage") or 0)
+    if bf16.get("enabled") and bf16.get("check_grad_overflow") is False and stage in (1, 2):
+        hint = (f"; {ds_path} sets bf16.check_grad_overflow to false (it saves ZeRO-1/2 a per-parameter check and "
+                "a host sync every step): set it to true to have DeepSpeed skip such steps instead")
+    raise NonFiniteUpdate(f"step {step}: the loss is {loss} and the optimizer applied the step's update (nothing "
+                          f"skipped it), so the weights are no longer finite; the run stopped{hint}")

@@ -126,8 +126,7 @@ class GraphedLoss:
     per-parameter work (an add kernel and DeepSpeed's hook for each of ~400 parameters) runs once per step instead
     of once per micro-batch. Without it every micro-batch hands its gradients over."""
 
-    def __init__(self, model, sample: dict, *, warmup_iters: int = 3, amp_dtype=None, boundary=None,
-                 fuse_wgrad: bool = False):
+    def __init__(self, model, sample: dict, *, warmup_iters: int = 3, amp_dtype=None, boundary=None):
         import torch
 
         self.model = model
@@ -158,29 +157,15 @@ class GraphedLoss:
         shadow = {id(p): p.detach().requires_grad_(True) for p in self.params}
         slots = [(m, name, p) for m in model.modules() for name, p in m._parameters.items()
                  if p is not None and id(p) in shadow]
-        # Linear layers whose weight-gradient GEMM adds straight into the static buffer (beta = 1) instead of
-        # writing a fresh gradient that autograd then adds in: one pass over the weights' gradients fewer per
-        # micro-batch. Not under autocast (the weights' dtype must be the GEMM's) and not for a weight another
-        # module shares (the tied head: its other user accumulates through autograd).
-        self.fused = fused_linears(model, shadow) if fuse_wgrad and amp_dtype is None else []
-        for lin in self.fused:
-            for p in (lin.weight, lin.bias):
-                if p is not None:
-                    shadow[id(p)].grad = torch.zeros_like(p)  # the static buffer, written by the GEMM itself
-
         @contextlib.contextmanager
         def shadowed():
             for m, name, p in slots:
                 m._parameters[name] = shadow[id(p)]
-            for lin in self.fused:  # an instance attribute, so nn.Module.__call__ runs it in place of the class's
-                lin.forward = accumulating_linear(lin)
             try:
                 yield
             finally:
                 for m, name, p in slots:
                     m._parameters[name] = p
-                for lin in self.fused:
-                    del lin.forward
 
         def loss_fn():
             # The plain loop's autocast, without its weight-cast cache (a cache would be filled at capture only).
@@ -287,50 +272,6 @@ class GraphedLoss:
         return self.static_loss.detach().clone()
 
 
-def fused_linears(model, shadow: dict) -> list:
-    """The model's ``nn.Linear`` layers whose weight (and bias) no other module uses, among those with a shadow."""
-    import torch
-
-    uses: dict[int, int] = {}
-    for m in model.modules():
-        for p in m._parameters.values():
-            if p is not None:
-                uses[id(p)] = uses.get(id(p), 0) + 1
-    return [m for m in model.modules()
-            if type(m) is torch.nn.Linear and id(m.weight) in shadow and uses[id(m.weight)] == 1
-            and (m.bias is None or (id(m.bias) in shadow and uses[id(m.bias)] == 1))]
-
-
-def accumulating_linear(lin):
-    """``lin``'s forward, whose backward adds the weight gradient into ``weight.grad`` inside the GEMM
-    (``addmm_``, beta = 1) and the bias gradient into ``bias.grad``, and hands autograd only the input's gradient."""
-    import torch
-
-    class _AccumulatingLinear(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, weight, bias):
-            ctx.save_for_backward(x, weight)
-            # Called inside ``shadowed()``: weight and bias are the shadow leaves, whose .grad are the static buffers.
-            ctx.bufs = weight.grad, (bias.grad if bias is not None else None)
-            return torch.nn.functional.linear(x, weight, bias)
-
-        @staticmethod
-        @torch.autograd.function.once_differentiable
-        def backward(ctx, dy):
-            x, weight = ctx.saved_tensors
-            wbuf, bbuf = ctx.bufs
-            dy2 = dy.reshape(-1, dy.shape[-1])
-            wbuf.addmm_(dy2.t(), x.reshape(-1, x.shape[-1]))
-            if bbuf is not None:
-                bbuf.add_(dy2.sum(0))
-            return (dy.matmul(weight) if ctx.needs_input_grad[0] else None), None, None
-
-    def forward(x):
-        return _AccumulatingLinear.apply(x, lin.weight, lin.bias)
-
-    return forward
-
-
 def prepare(mode: str, device, *, ds_cfg: dict | None, world_size: int, compile_target: str) -> tuple[bool, str]:
     """``resolve`` for this run's device, then, when on, the side stream every later tensor and autograd node of the
     run is created on (so call it before the model and engine are built). Raises GraphError where ``on`` cannot
@@ -352,12 +293,12 @@ def use_side_stream(device) -> Any:
     return s
 
 
-def graph_model(model, sample: dict, amp_dtype=None, boundary=None, fuse_wgrad: bool = False) -> GraphedLoss:
+def graph_model(model, sample: dict, amp_dtype=None, boundary=None) -> GraphedLoss:
     """Capture ``model``'s loss forward and backward for calls shaped like ``sample`` and install the replay as its
-    forward (``boundary``, ``fuse_wgrad``: see ``GraphedLoss``). Returns the installed ``GraphedLoss`` (``pool_mib``:
-    GPU memory the graphs hold; ``fused``: the linear layers whose GEMM accumulates)."""
+    forward (``boundary``: see ``GraphedLoss``). Returns the installed ``GraphedLoss`` (``pool_mib``: GPU memory the
+    graphs hold)."""
     try:
-        g = GraphedLoss(model, sample, amp_dtype=amp_dtype, boundary=boundary, fuse_wgrad=fuse_wgrad)
+        g = GraphedLoss(model, sample, amp_dtype=amp_dtype, boundary=boundary)
     except GraphError:
         raise
     except RuntimeError as e:  # torch's capture errors name the operation that cannot be captured
@@ -366,40 +307,14 @@ def graph_model(model, sample: dict, amp_dtype=None, boundary=None, fuse_wgrad: 
     return g
 
 
-def graph_engine(engine, sample: dict, accum_mode: str = "auto",
-                 fuse_mode: str = "auto") -> tuple[GraphedLoss, bool, str, str]:
+def graph_engine(engine, sample: dict, accum_mode: str = "auto") -> tuple[GraphedLoss, bool, str]:
     """Capture an engine's model as train.py and the bare loop do: after ``deepspeed.initialize`` (ZeRO re-points
     the weights into its flat buffers) and any resume, accumulating inside the graphs where the engine allows it
-    (``accumulates_locally``) and in the weight-gradient GEMMs where ``fuses_wgrad`` says so. Returns the installed
-    ``GraphedLoss``, whether the graphs accumulate, why, and why the GEMMs do or do not accumulate."""
+    (``accumulates_locally``). Returns the installed ``GraphedLoss``, whether the graphs accumulate, and why."""
     accum, why = accumulates_locally(engine, accum_mode)
-    amp_dtype = getattr(engine, "amp_dtype", None)  # the plain loop's autocast dtype
-    fuse, fuse_why = fuses_wgrad(fuse_mode, amp_dtype)
-    g = graph_model(engine.module, sample, amp_dtype,
-                    boundary=engine.is_gradient_accumulation_boundary if accum else None, fuse_wgrad=fuse)
-    if fuse:
-        fuse_why += f" ({len(g.fused)} linear layers)"
-    return g, accum, why, fuse_why
-
-
-FUSE_MODES = ("auto", "off")
-
-
-def check_fuse_mode(mode: str) -> None:
-    if mode not in FUSE_MODES:
-        raise ValueError(f"--fuse-wgrad must be one of {', '.join(FUSE_MODES)}, got {mode!r}")
-
-
-def fuses_wgrad(mode: str, amp_dtype=None) -> tuple[bool, str]:
-    """Whether the graphed linear layers add their weight gradient into the static buffer inside the GEMM, and why
-    (the meta record's ``fuse_wgrad_why``). Not under autocast: there the fp32 weights' gradient is a cast of the
-    bf16 GEMM's output, which one GEMM into an fp32 buffer does not give."""
-    check_fuse_mode(mode)
-    if mode == "off":
-        return False, "off: asked for"
-    if amp_dtype is not None:
-        return False, "auto: autocast (fp32 weights, bf16 GEMMs) keeps autograd's cast and add"
-    return True, "auto: the weight-gradient GEMMs add into the static buffers (beta = 1)"
+    g = graph_model(engine.module, sample, getattr(engine, "amp_dtype", None),  # the plain loop's autocast dtype
+                    boundary=engine.is_gradient_accumulation_boundary if accum else None)
+    return g, accum, why
 
 
 ACCUM_MODES = ("auto", "off")

@@ -266,3 +266,29 @@ def test_levers_cpu_smoke(tmp_path):
     assert meta["ds_config"]["zero_optimization"]["reduce_bucket_size"] == 2e8
     table = out.with_suffix(".md").read_text()
     assert "| pangu-tiny | `z1 set:zero_optimization.reduce_bucket_size=2e8` | ok |" in table
+
+
+def test_profile_phase_table_attributes_kernels_to_the_phase_that_launched_them():
+    """bare_engine --profile's phase table: host wall time summed per named phase, each kernel counted in the phase
+    whose launch call it came from (even when it ran on the device after that phase ended), stray ranges ignored."""
+    bare = load("bare_engine")
+
+    def x(cat, name, ts, dur, **args):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "args": args}
+    trace = {"traceEvents": [
+        x("user_annotation", "micro.forward", 0, 1000), x("user_annotation", "micro.backward", 1000, 2000),
+        x("user_annotation", "micro.forward", 3000, 1000), x("user_annotation", "boundary.step", 4000, 5000),
+        x("user_annotation", "nccl:all_reduce", 4500, 10),  # not one of the loop's phases
+        x("cuda_runtime", "cudaGraphLaunch", 100, 5, correlation=1),
+        x("cuda_runtime", "cudaLaunchKernel", 1500, 5, correlation=2),
+        x("cuda_runtime", "cudaLaunchKernel", 4100, 5, correlation=3),
+        x("kernel", "fwd", 200, 800, correlation=1),
+        x("kernel", "bwd", 3500, 1500, correlation=2),  # ran after its phase ended: still the backward's
+        x("gpu_memcpy", "copy", 4200, 250, correlation=3),
+        x("kernel", "orphan", 9000, 100, correlation=99),  # no launch recorded: counted nowhere
+    ]}
+    got = bare.phase_table(trace)
+    assert got[:2] == ["| phase | calls | host wall ms | kernels | device ms |", "|---|---|---|---|---|"]
+    assert got[2:] == ["| micro.forward | 2 | 2.00 | 1 | 0.80 |", "| micro.backward | 1 | 2.00 | 1 | 1.50 |",
+                       "| boundary.step | 1 | 5.00 | 1 | 0.25 |"]
+    assert bare.phase_table({"traceEvents": []}) == ["(no named phases in the trace)"]

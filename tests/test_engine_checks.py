@@ -130,3 +130,18 @@ def test_deepspeeds_scheduler_start_up_message_is_silenced_and_other_warnings_st
         logger.removeHandler(h)
         for f in [f for f in logger.filters if isinstance(f, ec._NoiseFilter)]:
             logger.removeFilter(f)
+
+
+def test_a_non_finite_update_is_an_error_only_where_nothing_skipped_it():
+    z1 = {"bf16": {"enabled": True, "check_grad_overflow": False}, "zero_optimization": {"stage": 1}}
+    ec.check_finite_update(3, 2.5, False, z1, "z1.json")  # finite: nothing to say
+    ec.check_finite_update(3, float("nan"), True, z1, "z1.json")  # skipped by the engine: it goes on
+    with pytest.raises(ec.NonFiniteUpdate, match=r"^step 3: the loss is inf .*; z1\.json sets "
+                                                            r"bf16\.check_grad_overflow to false"):
+        ec.check_finite_update(3, float("inf"), False, z1, "z1.json")
+    # Where the key is not what let it through (ZeRO-3 ignores it; --ds none has no config), no hint about it.
+    for cfg in ({**z1, "zero_optimization": {"stage": 3}}, None):
+        with pytest.raises(ec.NonFiniteUpdate) as e:
+            ec.check_finite_update(5, float("nan"), False, cfg, None)
+        assert str(e.value).endswith("so the weights are no longer finite; the run stopped")
+

@@ -60,55 +60,6 @@ def test_auto_is_on_only_where_measured_and_on_is_refused_where_it_cannot_apply(
         graphs.check_mode("yes")
 
 
-def test_accumulating_linear_adds_the_weight_gradient_inside_the_gemm():
-    """The fused linear (CPU here, the same autograd Function the graphs capture on a GPU): its backward adds dW and db
-    into the buffers already there, hands autograd the input's gradient only, and computes what nn.Linear does."""
-    torch = pytest.importorskip("torch")
-    torch.manual_seed(3)
-    lin = torch.nn.Linear(8, 6).double()
-    x = torch.randn(2, 5, 8, dtype=torch.double)
-    ref_x = x.clone().requires_grad_(True)
-    for _ in range(2):
-        lin(ref_x).square().sum().backward()
-    want_w, want_b = lin.weight.grad.clone(), lin.bias.grad.clone()
-
-    prior_w, prior_b = torch.randn_like(lin.weight), torch.randn_like(lin.bias)
-    sw = lin.weight.detach().requires_grad_(True)
-    sb = lin.bias.detach().requires_grad_(True)
-    sw.grad, sb.grad = prior_w.clone(), prior_b.clone()
-    wbuf, bbuf = sw.grad, sb.grad
-    shadow_lin = torch.nn.Linear(8, 6).double()
-    shadow_lin._parameters["weight"], shadow_lin._parameters["bias"] = sw, sb  # what shadowed() does
-    fwd = graphs.accumulating_linear(shadow_lin)
-    gx = x.clone().requires_grad_(True)
-    for _ in range(2):
-        y = fwd(gx)
-        assert torch.equal(y, torch.nn.functional.linear(x, lin.weight, lin.bias))
-        y.square().sum().backward()
-    assert sw.grad is wbuf and sb.grad is bbuf  # added in place: the graph's addresses hold
-    assert torch.allclose(wbuf, prior_w + want_w) and torch.allclose(bbuf, prior_b + want_b)
-    assert torch.allclose(gx.grad, ref_x.grad)
-
-
-def test_fused_linears_leave_out_a_shared_weight_and_autocast():
-    """The tied head (its weight is the embedding's) keeps autograd's accumulation; every block's linear is fused;
-    under autocast nothing is, and 'off' is obeyed."""
-    torch = pytest.importorskip("torch")
-    from sftbench.pangu import PanguForCausalLM, preset_config
-    model = PanguForCausalLM._from_config(preset_config("pangu-tiny", hidden_size=64, num_layers=2, num_heads=2))
-    shadow = {id(p): p for p in model.parameters()}
-    fused = graphs.fused_linears(model, shadow)
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
-    assert model.lm_head in linears and model.lm_head not in fused
-    assert len(fused) == len(linears) - 1 and len(fused) > 0
-    assert graphs.fuses_wgrad("auto")[0] is True
-    assert graphs.fuses_wgrad("auto", torch.bfloat16) == (
-        False, "auto: autocast (fp32 weights, bf16 GEMMs) keeps autograd's cast and add")
-    assert graphs.fuses_wgrad("off") == (False, "off: asked for")
-    with pytest.raises(ValueError, match="--fuse-wgrad must be one of auto, off"):
-        graphs.fuses_wgrad("on")
-
-
 def _train(tmp_path, name: str, *extra: str, env=None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(REPO / "train.py"), "--run-dir", str(tmp_path / name), "--cache-dir",
            str(tmp_path / "cache"), "--data", str(REPO / "data" / "sample_sft.jsonl"), *extra]
@@ -128,8 +79,6 @@ def test_without_cuda_the_flag_runs_eager_and_says_so(tmp_path):
     assert meta["optimizations"]["cuda_graphs_pool_mib"] is None
     assert meta["optimizations"]["graph_accum"] is False
     assert meta["optimizations"]["graph_accum_why"] == "off: no CUDA graphs"
-    assert meta["optimizations"]["fused_wgrad_layers"] == 0
-    assert meta["optimizations"]["fuse_wgrad_why"] == "off: no CUDA graphs"
     # DeepSpeed's throughput timer is left as the config has it where no graphs run.
     assert meta["optimizations"]["ds_throughput_timer"] is None and "timers" not in meta["ds_config"]
     assert "cuda graphs off (on: no CUDA device, eager)" in p.stdout
@@ -163,12 +112,12 @@ def _batch(torch, seed: int, seq: int = 128):
     return {"input_ids": ids.cuda(), "labels": labels.cuda()}
 
 
-def _graphed_micro_batches(torch, stream, batches, fuse_wgrad=False):
+def _graphed_micro_batches(torch, stream, batches):
     """A dropout-free small model captured on ``batches[0]`` (on ``stream``, as the run's side stream), then every
     batch replayed and its loss backpropagated: (model, GraphedLoss, losses)."""
     with torch.cuda.stream(stream):
         graphed = _small_model(torch, 0.0)
-        g = graphs.graph_model(graphed, batches[0], fuse_wgrad=fuse_wgrad)
+        g = graphs.graph_model(graphed, batches[0])
         losses = []
         for b in batches:
             out = graphed(**b)
@@ -178,11 +127,9 @@ def _graphed_micro_batches(torch, stream, batches, fuse_wgrad=False):
     return graphed, g, losses
 
 
-@pytest.mark.parametrize("fuse_wgrad", [False, True])
-def test_gpu_replays_accumulate_gradients_like_eager(fuse_wgrad):
+def test_gpu_replays_accumulate_gradients_like_eager():
     """Two micro-batches accumulated into param.grad through the replayed graphs equal eager's (fp32, no dropout):
-    a stolen static buffer would overwrite the first micro-batch's gradient with the second's. With the weight-
-    gradient GEMMs adding into the buffers themselves, the same (within fp32 rounding)."""
+    a stolen static buffer would overwrite the first micro-batch's gradient with the second's."""
     torch = _cuda()
     batches = [_batch(torch, 1), _batch(torch, 2)]
     eager = _small_model(torch, 0.0)
@@ -191,10 +138,8 @@ def test_gpu_replays_accumulate_gradients_like_eager(fuse_wgrad):
     want = {n: p.grad.clone() for n, p in eager.named_parameters()}
 
     s = torch.cuda.Stream()
-    graphed, g, losses = _graphed_micro_batches(torch, s, batches, fuse_wgrad)
+    graphed, g, losses = _graphed_micro_batches(torch, s, batches)
     assert g.replays == 2
-    # every block's linear layers, not the head (its weight is the tied embedding's)
-    assert len(g.fused) == (sum(type(m) is torch.nn.Linear for m in graphed.modules()) - 1 if fuse_wgrad else 0)
     assert torch.stack(losses).tolist() == pytest.approx([eager(**b).loss.item() for b in batches], rel=1e-5)
     for n, p in graphed.named_parameters():
         assert torch.allclose(p.grad, want[n], rtol=1e-4, atol=1e-6), n
@@ -203,8 +148,7 @@ def test_gpu_replays_accumulate_gradients_like_eager(fuse_wgrad):
         assert graphed(input_ids=batches[0]["input_ids"]).logits is not None
 
 
-@pytest.mark.parametrize("fuse_wgrad", [False, True])
-def test_gpu_accumulation_in_the_graphs_hands_the_sum_over_at_the_boundary(fuse_wgrad):
+def test_gpu_accumulation_in_the_graphs_hands_the_sum_over_at_the_boundary():
     """With a boundary callable, the micro-batches before the boundary leave param.grad untouched (no gradient reaches
     autograd, so no engine hook fires) and the boundary hands over their sum: equal to eager's param.grad after the
     same micro-batches (the same additions in the same order). The next window starts from zero again."""
@@ -219,7 +163,7 @@ def test_gpu_accumulation_in_the_graphs_hands_the_sum_over_at_the_boundary(fuse_
     micro = {"i": 0}
     with torch.cuda.stream(s):
         graphed = _small_model(torch, 0.0)
-        g = graphs.graph_model(graphed, batches[0], boundary=lambda: micro["i"] % 3 == 2, fuse_wgrad=fuse_wgrad)
+        g = graphs.graph_model(graphed, batches[0], boundary=lambda: micro["i"] % 3 == 2)
         for window in range(2):
             for k, b in enumerate(batches):
                 loss = graphed(**b).loss

@@ -298,3 +298,22 @@ def test_no_measured_step_names_only_the_causes_that_apply(tmp_path, overfit_dat
     p = _single(["--ds", "z9", "--run-dir", str(tmp_path / "d"), *common])
     assert p.returncode != 0 and "DeepSpeed config not found: z9 (neither a file nor a name in ds_configs/:" in p.stderr
     assert "z1," in p.stderr
+
+
+def test_a_non_finite_update_stops_the_run_naming_the_key(tmp_path, overfit_data):
+    """The shipped ZeRO-1 config (bf16.check_grad_overflow false) with a learning rate that blows the weights up: the
+    first NaN loss whose update was applied stops the run with status error and a message naming the step and the
+    config key; every step record before it is kept, the NaN one included (as null)."""
+    run_dir = tmp_path / "run"
+    p = _single(["--ds", str(REPO / "ds_configs" / "z1.json"), "--data", str(overfit_data), "--run-dir",
+                 str(run_dir), "--cache-dir", str(tmp_path / "cache"), "--model", "pangu-tiny", "--seq-len", "64",
+                 "--max-steps", "8", "--warmup-steps", "1", "--precision", "bf16", "--lr", "1e30"])
+    assert p.returncode != 0, p.stdout[-2000:] + p.stderr[-3000:]
+    meta, steps, summary = check_schema(read_jsonl(run_dir / "rank0.jsonl"))
+    assert meta["ds_config"]["bf16"]["check_grad_overflow"] is False
+    assert summary["status"] == "error"
+    assert steps[-1]["loss"] is None and not steps[-1]["skipped"] and len(steps) < 8
+    assert all(isinstance(s["loss"], float) for s in steps[:-1])
+    assert summary["error"].startswith(f"step {steps[-1]['step']}: the loss is nan and the optimizer applied")
+    assert "z1.json sets bf16.check_grad_overflow to false" in summary["error"]
+    assert "bf16.check_grad_overflow" in p.stderr

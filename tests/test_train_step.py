@@ -43,7 +43,7 @@ def test_step_line_says_what_the_record_says():
     rec = {"step": 5, "warmup": False, "skipped": True, "loss": 2.5, "step_s": 0.25, "tokens_per_s": 16384.0,
            "mfu_pct": 31.2, "gpu_mem_used_mib": 60000.0, "host_rss_mib": 5000.0}
     line = train.step_line(rec, 10, eta_s=1.25)
-    assert line == ("step 5/10 (fp16 overflow: update skipped) | loss 2.5000 | 0.250 s/it | 16384 tok/s | mfu 31.2% | "
+    assert line == ("step 5/10 (overflow: update skipped) | loss 2.5000 | 0.250 s/it | 16384 tok/s | mfu 31.2% | "
                     "gpu 60000 MiB | rss 5000 MiB | eta 1s")
     warm = train.step_line({**rec, "warmup": True, "skipped": False, "mfu_pct": None, "gpu_mem_used_mib": None},
                            10, 0.0, bar=True)
