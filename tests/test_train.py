@@ -306,8 +306,9 @@ def test_a_non_finite_update_stops_the_run_naming_the_key(tmp_path, overfit_data
     config key; every step record before it is kept, the NaN one included (as null)."""
     run_dir = tmp_path / "run"
     p = _single(["--ds", str(REPO / "ds_configs" / "z1.json"), "--data", str(overfit_data), "--run-dir",
-                 str(run_dir), "--cache-dir", str(tmp_path / "cache"), "--model", "pangu-tiny", "--seq-len", "64",
-                 "--max-steps", "8", "--warmup-steps", "1", "--precision", "bf16", "--lr", "1e30"])
+                 str(run_dir), "--cache-dir", str(tmp_path / "cache"), "--model", "pangu-tiny", "--seq-len", "32",
+                 "--grad-accum", "1", "--max-steps", "8", "--warmup-steps", "1", "--precision", "bf16",
+                 "--lr", "1e30"])
     assert p.returncode != 0, p.stdout[-2000:] + p.stderr[-3000:]
     meta, steps, summary = check_schema(read_jsonl(run_dir / "rank0.jsonl"))
     assert meta["ds_config"]["bf16"]["check_grad_overflow"] is False
