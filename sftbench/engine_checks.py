@@ -26,6 +26,8 @@ import numbers
 import warnings
 from typing import Any
 
+from sftbench.dsconfig import describe
+
 
 def loss_scale(engine: Any) -> float | None:
     """The optimizer's current fp16 loss scale, or None where it has none (bf16, fp32, no scaler)."""
@@ -129,7 +131,7 @@ def check_finite_update(step: int, loss: float, skipped: bool, ds_cfg: dict | No
         return
     hint = ""
     bf16 = (ds_cfg or {}).get("bf16") or {}
-    stage = int(((ds_cfg or {}).get("zero_optimization") or {}).get("stage") or 0)
+    stage = int(describe(ds_cfg)["zero_stage"] or 0)  # the ZeRO stage as the log and the report read it
     if bf16.get("enabled") and bf16.get("check_grad_overflow") is False and stage in (1, 2):
         hint = (f"; {ds_path} sets bf16.check_grad_overflow to false (it saves ZeRO-1/2 a per-parameter check and "
                 "a host sync every step): set it to true to have DeepSpeed skip such steps instead")

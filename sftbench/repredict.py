@@ -88,9 +88,9 @@ def _largest(breakdown: dict) -> str | None:
 def _config_class(cfg: dict | None) -> dict:
     """The knobs the misses are studied by: ZeRO stage, offload devices, overlap_comm, bucket sizes (the report's
     reading of the config, ``dsconfig.describe``, plus ZeRO-3's prefetch bucket)."""
-    d = describe(cfg)
     if cfg is None:
         return {"stage": None}
+    d = describe(cfg)
     return {"stage": int(d["zero_stage"] or 0), "offload_optimizer": d["offload_optimizer"],
             "offload_param": d["offload_param"], "overlap_comm": d["overlap_comm"],
             "reduce_bucket_size": d["reduce_bucket_size"],
