@@ -152,9 +152,15 @@ def main() -> int:
                  "--precision bf16 or fp32, or --ds none for the plain PyTorch loop")
     model_name = args.model or ("pangu-tiny" if on_cpu else "pangu-350m")
     compile_target, compile_why = speed.resolve_compile(args.compile, on_cpu)
+    graph_mem = None  # auto keeps the graphs off where only the eager run is predicted to fit on this GPU
+    if args.cuda_graphs == "auto" and device.type == "cuda":
+        from sftbench.memory import graphs_memory_mib
+        micro = (ds_cfg or {}).get("train_micro_batch_size_per_gpu") or args.micro_batch or 1
+        both = graphs_memory_mib(model_name, ds_cfg, world_size, precision, args.seq_len, int(micro))
+        graph_mem = both and (*both, torch.cuda.get_device_properties(device).total_memory / MIB)
     try:  # before the model and engine exist: with graphs on, they are built on the capture stream
         use_graphs, graphs_why = graphs.prepare(args.cuda_graphs, device, ds_cfg=ds_cfg, world_size=world_size,
-                                                compile_target=compile_target)
+                                                compile_target=compile_target, memory_mib=graph_mem)
     except graphs.GraphError as e:
         sys.exit(f"error: {e}")
     ds_cfg, timer_why = speed.resolve_ds_timers(ds_cfg, graphs_on=use_graphs)

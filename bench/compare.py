@@ -244,19 +244,22 @@ def read_ours(run_dir: Path) -> dict:
             "final_loss": s.get("final_loss"), "device_name": meta.get("device_name"),
             "precision": meta.get("precision"), "world_size": meta.get("world_size"),
             "period_s_median": statistics.median(periods) if periods else None,
-            "tokens_per_step": tokens_per_step, "run_dir": rel(run_dir),
+            "tokens_per_step": tokens_per_step, "seq_len": meta.get("seq_len"), "run_dir": rel(run_dir),
             # the same two keys as the peers' JSON, so every tool's measured steps are read alike (measured_steps)
             "step_times_s": [r.get("step_s") for r in all_steps], "warmup_steps": len(all_steps) - len(steps)}
 
 
 def model_config(model: str):
     """The model's config for the FLOPs formula: a preset's, or a checkpoint folder's config.json."""
+    from types import SimpleNamespace
+
     folder = Path(model)
     if folder.is_dir():
-        from types import SimpleNamespace
         return SimpleNamespace(**json.loads((folder / "config.json").read_text(encoding="utf-8")))
-    from sftbench.pangu import preset_config
-    return preset_config(model)
+    from sftbench.presets import PRESETS  # torch-free, like the rest of this process (pangu.py would load torch)
+    if model not in PRESETS:
+        raise ValueError(f"unknown Pangu-alpha preset {model!r}; known presets: {', '.join(PRESETS)}")
+    return SimpleNamespace(**PRESETS[model])
 
 
 def mfu(res: dict | None, flops_tok: float | None, default_precision: str | None) -> float | None:

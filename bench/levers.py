@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, fo
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sftbench.paths import REPO  # noqa: E402
-from compare import (caller_paths, child_env, config_path, cuda_visible, launcher, mfu, model_config,  # noqa: E402
-                     read_ours, rel, run_job, shown, table_paths)
+from compare import (caller_paths, child_env, config_path, cuda_visible, launcher, measured_steps, mfu,  # noqa: E402
+                     model_config, read_ours, rel, resolved, run_job, shown, table_paths)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,6 +54,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work-dir", default=None, help="run logs (default: runs/levers-<time>)")
     p.add_argument("--out", default=None, help="write the table here: X.md and X.json")
     p.add_argument("--cpu", action="store_true", help="run on CPU (DS_ACCELERATOR=cpu)")
+    p.add_argument("--collect", default=None, metavar="DIR[,DIR...]",
+                   help="run nothing: table the runs these earlier calls' --work-dir folders hold for the variants "
+                        "given (a call stopped by a time limit keeps its finished runs there); a ratio is only "
+                        "given against a baseline of the same call")
     a = p.parse_args(argv)
     if a.steps < 1 or a.warmup_steps < 0 or a.warmup_steps >= a.steps:
         p.error("need --steps >= 1 and 0 <= --warmup-steps < --steps")
@@ -118,13 +122,82 @@ def _f(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def _range(res: dict) -> str:
+    t = measured_steps(res)
+    return f" ({min(t):.3f}-{max(t):.3f})" if t else ""
+
+
+def collected_run(dirs: list[Path], model: str, variant: str) -> tuple[int, Path] | None:
+    """The first run of this model and variant in the earlier calls' work folders: (which call, its run folder)."""
+    for k, d in enumerate(dirs):
+        for run_dir in sorted(d.glob(f"{model}__[0-9][0-9]_{slug(variant)}")):
+            if run_dir.is_dir():
+                return k, run_dir
+    return None
+
+
+def markdown(rows: list[dict], devices: list[str], steps: int, warmup: int, seq: int, seed: int,
+             calls: list[str] | None) -> str:
+    runs = "" if calls else f"{steps} steps ({warmup} warm-up) of 8 x {seq} tokens per GPU, seed {seed}; "
+    lines = [f"Levers on {', '.join(devices)}: {runs}medians of the measured steps, (fastest-slowest) measured step "
+             "beside them. x base: the "
+             "first variant of the same model and config over this one; ~ marks a ratio whose two runs' measured "
+             "steps overlap in time (these steps do not decide it).", ""]
+    if calls:
+        def shape(k: int) -> str:
+            got = sorted({(len(r.get("step_times_s") or []), r.get("warmup_steps"), r.get("seq_len"))
+                          for r in rows if r.get("call") == k})
+            return ", ".join(f"{n} steps ({w} warm-up) x {q} tokens" for n, w, q in got) or "no run used"
+        lines += ["Collected from earlier calls' runs, so the steps are each run's own and a ratio is given only "
+                  "within one call: " + "; ".join(f"call {k + 1}: `{c}`, {shape(k)}" for k, c in enumerate(calls)),
+                  ""]
+    head = ["model", "variant"] + (["call"] if calls else []) + [
+        "status", "s/step", "tokens/s", "MFU %", "x base", "loss first", "loss last", "GPU peak MiB", "host RSS MiB"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        ok = r.get("status") == "ok"
+        xb = r.get("x_base")
+        cells = [r["model"], f"`{r['variant']}`"] + ([str(r["call"] + 1) if "call" in r else "-"] if calls else []) + [
+            f"{r.get('status')}{'' if ok else ': ' + str(r.get('error'))[:80]}",
+            _f(r.get("step_s_median"), ".4f") + (_range(r) if ok else ""),
+            _f(r.get("tokens_per_s"), ",.0f"), _f(r.get("mfu_pct"), ".1f"),
+            ("~" if xb is not None and r.get("x_base_resolved") is False else "") + _f(xb, ".2f"),
+            _f(r.get("first_loss"), ".4f"), _f(r.get("final_loss"), ".4f"),
+            _f(r.get("gpu_mem_used_mib_peak"), ",.0f"), _f(r.get("host_rss_mib_peak"), ",.0f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(args, rows: list[dict], gpu: bool, seq: int, work: Path, calls: list[str] | None,
+                 final: bool) -> None:
+    """The table so far, written after every run: a call stopped by its time limit still leaves what finished."""
+    devices = sorted({r.get("device_name") for r in rows if r.get("device_name")}) or ["GPU" if gpu else "CPU"]
+    md = markdown(rows, devices, args.steps, args.warmup_steps, seq, args.seed, calls)
+    if final:
+        print()
+        print(md, end="")
+    out_md, out_json = table_paths(args.out or work / "levers")
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    out_md.write_text(md, encoding="utf-8")
+    shape = {} if calls else {"seq_len": seq, "steps": args.steps, "warmup_steps": args.warmup_steps}  # else per row
+    out_json.write_text(json.dumps({"created": time.time(), "devices": devices, **shape, "collected_from": calls,
+                                    "complete": final, "rows": rows}, indent=1, default=str) + "\n",
+                        encoding="utf-8")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     gpu = False if args.cpu else cuda_visible()
     seq = args.seq_len or (512 if gpu else 64)
     models = [m.strip() for m in (args.models or ("pangu-350m" if gpu else "pangu-tiny")).split(",") if m.strip()]
+    calls = [c.strip() for c in args.collect.split(",") if c.strip()] if args.collect else None
+    if calls:
+        missing = [c for c in calls if not Path(c).is_dir()]
+        if missing:
+            sys.exit(f"error: --collect: no such folder: {', '.join(missing)}")
     work = Path(args.work_dir) if args.work_dir else REPO / "runs" / f"levers-{time.strftime('%Y%m%d-%H%M%S')}"
-    work.mkdir(parents=True, exist_ok=True)
+    if not calls:
+        work.mkdir(parents=True, exist_ok=True)
     common = ["--seq-len", str(seq), "--seed", str(args.seed), "--max-steps", str(args.steps),
               "--warmup-steps", str(args.warmup_steps)]
     for flag in ("data", "tokenizer"):
@@ -134,74 +207,69 @@ def main(argv=None) -> int:
     deadline = time.time() + 60 * args.max_minutes if args.max_minutes else None
     from sftbench.metrics import flops_per_token
     for m in models:
-        flops_tok = flops_per_token(model_config(m), seq)
+        model_flops_tok = flops_per_token(model_config(m), seq)
         base_of: dict[str, dict] = {}
         for i, v in enumerate(args.parsed):
+            flops_tok = model_flops_tok
             name = f"{Path(m).name}__{i:02d}_{slug(v['text'])}"
-            if v["config"] == "none":
-                ds = "none"
-            elif v["sets"]:
-                try:
-                    ds = derived_config(v["config"], v["sets"], work / f"{name}.json")
-                except (OSError, ValueError) as e:  # a missing config file or a set: through a non-object key
-                    sys.exit(f"error: variant {v['text']!r}: {e}")
+            row = {"model": Path(m).name, "variant": v["text"], "config": v["config"]}
+            if calls:
+                found = collected_run([Path(c) for c in calls], Path(m).name, v["text"])
+                if found is None:
+                    rows.append({**row, "status": "not run", "error": "in none of the --collect folders"})
+                    continue
+                call, run_dir = found
+                res = read_ours(run_dir)
+                res.update(call=call, wall_s=None)
+                if res.get("seq_len") and res["seq_len"] != seq:  # the run's own length, not this machine's default
+                    flops_tok = flops_per_token(model_config(m), res["seq_len"])
             else:
-                ds = config_path(v["config"])
-            run_dir = work / name
-            cmd = [*launcher(gpu), "train.py", "--ds", ds, "--model", m, "--run-dir", rel(run_dir), *common,
-                   *v["flags"]]
-            env = {**child_env(gpu), **v["env"]}
-            job = {"cmd": cmd, "log": work / f"{name}.log"}
-            left = deadline - time.time() if deadline else None
-            if left is not None and left < 30:
-                rows.append({"model": Path(m).name, "variant": v["text"], "config": v["config"], "status": "not run",
-                             "error": "--max-minutes spent"})
-                continue
-            print(f"[{Path(m).name}] {v['text']}: {shown(cmd)}", flush=True)
-            t0 = time.time()
-            rc, err = run_job(job, env, args.timeout if left is None else min(args.timeout, left))
-            res = read_ours(run_dir) if run_dir.is_dir() else {"status": "error", "error": err or "no run dir"}
-            if rc != 0 and res.get("status") == "ok":
-                res = {"status": "error", "error": err}
-            if rc == 124:
-                res = {"status": "timeout", "error": err}
+                if v["config"] == "none":
+                    ds = "none"
+                elif v["sets"]:
+                    try:
+                        ds = derived_config(v["config"], v["sets"], work / f"{name}.json")
+                    except (OSError, ValueError) as e:  # a missing config file or a set: through a non-object key
+                        sys.exit(f"error: variant {v['text']!r}: {e}")
+                else:
+                    ds = config_path(v["config"])
+                run_dir = work / name
+                cmd = [*launcher(gpu), "train.py", "--ds", ds, "--model", m, "--run-dir", rel(run_dir), *common,
+                       *v["flags"]]
+                env = {**child_env(gpu), **v["env"]}
+                job = {"cmd": cmd, "log": work / f"{name}.log"}
+                left = deadline - time.time() if deadline else None
+                if left is not None and left < 30:
+                    rows.append({**row, "status": "not run", "error": "--max-minutes spent"})
+                    continue
+                print(f"[{Path(m).name}] {v['text']}: {shown(cmd)}", flush=True)
+                t0 = time.time()
+                rc, err = run_job(job, env, args.timeout if left is None else min(args.timeout, left))
+                res = read_ours(run_dir) if run_dir.is_dir() else {"status": "error", "error": err or "no run dir"}
+                if rc != 0 and res.get("status") == "ok":
+                    res = {"status": "error", "error": err}
+                if rc == 124:
+                    res = {"status": "timeout", "error": err}
+                res.update(wall_s=time.time() - t0, log=rel(job["log"]))
             res["mfu_pct"] = mfu(res, flops_tok, "bf16")
-            res.update(model=Path(m).name, variant=v["text"], config=v["config"], wall_s=time.time() - t0,
-                       log=rel(job["log"]))
+            res.update(row)
             if v["config"] not in base_of:  # the first variant of a config is its baseline
                 base_of[v["config"]] = res
-            base = base_of.get(v["config"])
+            base = base_of[v["config"]]
             ok = res.get("status") == "ok" and res.get("step_s_median")
+            same_call = base.get("call") == res.get("call")  # collected runs: a ratio only within one call
             res["x_base"] = (base["step_s_median"] / res["step_s_median"]
-                             if ok and base and base.get("status") == "ok" and base.get("step_s_median") else None)
+                             if ok and same_call and base.get("status") == "ok" and base.get("step_s_median")
+                             else None)
+            res["x_base_resolved"] = resolved(base, res) if res["x_base"] is not None and res is not base else None
             rows.append(res)
-            st = (f"{res['step_s_median']:.4f} s/step, {res['tokens_per_s']:.0f} tok/s, MFU "
-                  f"{_f(res['mfu_pct'], '.1f')}%" if ok else f"{res.get('status')}: {res.get('error')}")
-            print(f"[{Path(m).name}] {v['text']}: {st} ({res['wall_s']:.0f}s)", flush=True)
+            if not calls:
+                st = (f"{res['step_s_median']:.4f} s/step, {res['tokens_per_s']:.0f} tok/s, MFU "
+                      f"{_f(res['mfu_pct'], '.1f')}%" if ok else f"{res.get('status')}: {res.get('error')}")
+                print(f"[{Path(m).name}] {v['text']}: {st} ({res['wall_s']:.0f}s)", flush=True)
+                write_tables(args, rows, gpu, seq, work, calls, final=False)
 
-    devices = sorted({r.get("device_name") for r in rows if r.get("device_name")}) or ["GPU" if gpu else "CPU"]
-    lines = [f"Levers on {', '.join(devices)}: {args.steps} steps ({args.warmup_steps} warm-up) of 8 x {seq} tokens "
-             f"per GPU, seed {args.seed}; medians of the measured steps.", "",
-             "| model | variant | status | s/step | tokens/s | MFU % | x base | loss first | loss last | "
-             "GPU peak MiB | host RSS MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        ok = r.get("status") == "ok"
-        lines.append(
-            f"| {r['model']} | `{r['variant']}` | {r.get('status')}{'' if ok else ': ' + str(r.get('error'))[:80]} | "
-            f"{_f(r.get('step_s_median'), '.4f')} | {_f(r.get('tokens_per_s'), ',.0f')} | "
-            f"{_f(r.get('mfu_pct'), '.1f')} | "
-            f"{_f(r.get('x_base'), '.2f')} | {_f(r.get('first_loss'), '.4f')} | {_f(r.get('final_loss'), '.4f')} | "
-            f"{_f(r.get('gpu_mem_used_mib_peak'), ',.0f')} | {_f(r.get('host_rss_mib_peak'), ',.0f')} |")
-    md = "\n".join(lines) + "\n"
-    print()
-    print(md, end="")
-    out_md, out_json = table_paths(args.out or work / "levers")
-    out_md.parent.mkdir(parents=True, exist_ok=True)
-    out_md.write_text(md, encoding="utf-8")
-    out_json.write_text(json.dumps({"created": time.time(), "devices": devices, "seq_len": seq,
-                                                    "steps": args.steps, "warmup_steps": args.warmup_steps,
-                                                    "rows": rows}, indent=1, default=str) + "\n", encoding="utf-8")
+    write_tables(args, rows, gpu, seq, work, calls, final=True)
     return 0 if all(r.get("status") == "ok" for r in rows) else 1
 
 

@@ -89,10 +89,10 @@ class HarnessArgs:
                               "modes are refused: they fail with gradient accumulation).", default="default")
     cuda_graphs: str = _help("CUDA graphs for the micro-batch (the model's forward and backward captured once, then "
                              "replayed; DeepSpeed's per-parameter gradient hooks still run): 'auto' (default: on "
-                             "where measured faster on a GPU: ZeRO-1 so far), 'on' (wherever "
-                             "the parameters stay resident: ZeRO-0/1/2, optimizer offload, --ds none on one rank; "
-                             "refused for ZeRO-3, parameter offload, --compile; eager without CUDA), 'off'.",
-                             default="auto")
+                             "where measured faster on a GPU: ZeRO-0/1/2 and --ds none, not optimizer offload), "
+                             "'on' (wherever the parameters stay resident: ZeRO-0/1/2, optimizer offload, --ds none "
+                             "on one rank; refused for ZeRO-3, parameter offload, --compile; eager without CUDA), "
+                             "'off'.", default="auto")
     graph_accum: str = _help("With CUDA graphs on: add the micro-batches' gradients up inside the graphs and hand "
                              "the engine the sum at the accumulation boundary: 'auto' (default: where the engine "
                              "would only add them into param.grad before the boundary: ZeRO-0/1 without offload, "

@@ -51,11 +51,19 @@ class GraphError(RuntimeError):
     """The model cannot be captured as asked (hooks, moved parameters, a capture failure)."""
 
 
-# Where ``auto`` turns the graphs on: configurations measured faster with them in one bench/levers.py call on a GPU
-# (30 measured steps each, docs/performance.md), and the evidence, for the meta record.
+# Where ``auto`` turns the graphs on: configurations measured faster with them on a GPU in bench/levers.py calls
+# (graphs off, then on, 20-30 measured steps each, the two runs' step ranges apart; docs/performance.md), and the
+# evidence, for the meta record. Optimizer offload is not here: on Pangu-350M its ratio (1.34x) was not decided by
+# the steps (the ranges overlap), and on Pangu-2.6B the two runs fell in different calls.
 MEASURED_FASTER = {
+    "ZeRO-0": "measured faster on ZeRO-0 (1 x H200, bf16, same call: Pangu-2.6B 1.76x, Pangu-350M 3.44x per step "
+              "over eager)",
     "ZeRO-1": "measured faster on ZeRO-1 (1 x H200, bf16, graphs with accumulation inside: Pangu-2.6B 1.92x, "
               "Pangu-350M 3.55x per step over eager)",
+    "ZeRO-2": "measured faster on ZeRO-2 (1 x H200, bf16: Pangu-350M 1.90x per step over eager in one call; "
+              "Pangu-2.6B 1.84x across two consecutive calls)",
+    "--ds none": "measured faster on the plain loop (1 x H200, bf16, same call: Pangu-2.6B 1.59x, Pangu-350M 4.91x "
+                 "per step over eager)",
 }
 
 
@@ -65,13 +73,14 @@ def check_mode(mode: str) -> None:
 
 
 def resolve(mode: str, *, on_cuda: bool, ds_cfg: dict | None, world_size: int,
-            compile_target: str) -> tuple[bool, str]:
+            compile_target: str, memory_mib: tuple[float, float, float] | None = None) -> tuple[bool, str]:
     """Whether to capture the micro-batch as CUDA graphs, and why (the meta record's ``cuda_graphs_why``).
 
     ``on`` applies wherever the parameters stay resident; where it cannot apply (ZeRO-3, parameter offload, a
     compiled model, several ranks without DeepSpeed) it is refused with the reason; without CUDA the run is eager and
-    the reason says so. ``auto`` turns it on only where it was measured faster (``MEASURED_FASTER``: ZeRO-1
-    so far, docs/performance.md)."""
+    the reason says so. ``auto`` turns it on only where it was measured faster (``MEASURED_FASTER``: ZeRO-0/1/2
+    and ``--ds none``, not optimizer offload; docs/performance.md), and not where ``memory_mib`` (the memory
+    predictor's GPU figure with and without the graphs, and the GPU's memory) says only the eager run fits."""
     check_mode(mode)
     if mode == "off":
         return False, "off: asked for"
@@ -101,8 +110,35 @@ def resolve(mode: str, *, on_cuda: bool, ds_cfg: dict | None, world_size: int,
     if layout["offload_optimizer"]:
         kind += " + optimizer offload"
     if kind in MEASURED_FASTER:
+        if memory_mib is not None:  # (predicted per GPU with the graphs, without them, the GPU's memory)
+            with_graphs, eager, total = memory_mib
+            if with_graphs > total >= eager:  # the graphs' buffers and pool would turn a run that fits into an OOM
+                return False, (f"auto: eager, although {kind} was measured faster with graphs: with them this run is "
+                               f"predicted at {with_graphs:,.0f} MiB per GPU, over the GPU's {total:,.0f} MiB "
+                               f"(eager {eager:,.0f} MiB; --cuda-graphs on forces them)")
         return True, f"auto: {MEASURED_FASTER[kind]}"
     return False, f"auto: not measured faster on a GPU for {kind} yet (--cuda-graphs on applies it)"
+
+
+def planned(args: list[str], *, on_cuda: bool, ds_cfg: dict | None, world_size: int,
+            memory_mib: tuple[float, float, float] | None = None) -> bool:
+    """Whether a train.py run with these extra flags will run the graphs, for predictions made before it starts
+    (the sweep, the plan): ``--cuda-graphs`` (default auto) and ``--compile`` read from the flags as train.py reads
+    them; a combination train.py would refuse counts as eager."""
+    def flag(name: str, default: str) -> str:
+        for i, a in enumerate(args):
+            if a == name and i + 1 < len(args):
+                return args[i + 1]
+            if a.startswith(name + "="):
+                return a.split("=", 1)[1]
+        return default
+    compile_target = flag("--compile", "auto")
+    try:
+        return resolve(flag("--cuda-graphs", "auto"), on_cuda=on_cuda, ds_cfg=ds_cfg, world_size=world_size,
+                       compile_target="off" if compile_target == "auto" else compile_target,
+                       memory_mib=memory_mib)[0]
+    except (GraphError, ValueError):
+        return False
 
 
 def _submodule_hooks(model) -> list[str]:
@@ -274,12 +310,13 @@ class GraphedLoss:
         return self.static_loss.detach().clone()
 
 
-def prepare(mode: str, device, *, ds_cfg: dict | None, world_size: int, compile_target: str) -> tuple[bool, str]:
+def prepare(mode: str, device, *, ds_cfg: dict | None, world_size: int, compile_target: str,
+            memory_mib: tuple[float, float, float] | None = None) -> tuple[bool, str]:
     """``resolve`` for this run's device, then, when on, the side stream every later tensor and autograd node of the
     run is created on (so call it before the model and engine are built). Raises GraphError where ``on`` cannot
     apply, as ``resolve`` does."""
     on, why = resolve(mode, on_cuda=getattr(device, "type", str(device)) == "cuda", ds_cfg=ds_cfg,
-                      world_size=world_size, compile_target=compile_target)
+                      world_size=world_size, compile_target=compile_target, memory_mib=memory_mib)
     if on:
         use_side_stream(device)
     return on, why

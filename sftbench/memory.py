@@ -525,3 +525,17 @@ def summarize(pred: dict | None) -> str:
     more = (" (NVML may read more: allocator caching)" if any("caching allocator" in n for n in pred.get("notes", []))
             else "")
     return f"GPU ~{pred['gpu_mib']:.0f} MiB/rank ({parts}){more}, host ~{pred['host_mib']:.0f} MiB, {fit}"
+
+
+def graphs_memory_mib(model: str, ds_config: dict | None, world_size: int, precision: str, seq_len: int,
+                      micro_batch: int) -> tuple[float, float] | None:
+    """Predicted GPU MiB per rank with and without CUDA graphs, for a model preset or checkpoint folder, before the
+    model is built (train.py's ``--cuda-graphs auto``, the plan); None where the model's shape cannot be read."""
+    from sftbench.presets import model_shape
+
+    try:
+        shape = ModelShape.of(model_shape(model))
+    except (ValueError, OSError, KeyError, TypeError):  # not a preset nor a folder with a readable config.json
+        return None
+    return tuple(predict(shape, RunShape(ds_config, world_size, precision, seq_len=seq_len, micro_batch=micro_batch,
+                                         cuda_graphs=g)).gpu_mib for g in (True, False))

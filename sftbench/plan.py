@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from sftbench import memory
+from sftbench import graphs, memory
 from sftbench.paths import REPO
 from sftbench.dsconfig import DSConfigError, apply_precision, describe, load_ds_config
 from sftbench.fmt import MIB
@@ -66,6 +66,7 @@ class PlanRow:
     step_s: float | None = None
     step_kind: str | None = None  # "measured" / "estimated from N GPUs"
     step_source: str | None = None
+    cuda_graphs: bool = False  # what train.py's --cuda-graphs auto runs, and the prediction counts
 
 
 def config_names(config_dir: Path = CONFIG_DIR) -> list[str]:
@@ -119,8 +120,14 @@ def plan(model: str, hw: Hardware, precision: str = "bf16", seq_len: int = 512, 
         micro = (cfg or {}).get("train_micro_batch_size_per_gpu", 1) or 1
         if cfg is None and world > 1 and hw.nodes > 1:
             continue  # --ds none is DDP on one node here
-        pred = memory.predict(shape, memory.RunShape(cfg, world, precision, seq_len=seq_len, micro_batch=micro),
-                              memory.Limits(hw.gpu_mib, None))
+        # train.py's defaults on a GPU: CUDA graphs where --cuda-graphs auto turns them on, which it does not where
+        # only the eager run fits
+        preds = {g: memory.predict(shape, memory.RunShape(cfg, world, precision, seq_len=seq_len, micro_batch=micro,
+                                                          cuda_graphs=g), memory.Limits(hw.gpu_mib, None))
+                 for g in (True, False)}
+        fit_args = (preds[True].gpu_mib, preds[False].gpu_mib, hw.gpu_mib) if hw.gpu_mib else None
+        with_graphs = graphs.planned([], on_cuda=True, ds_cfg=cfg, world_size=world, memory_mib=fit_args)
+        pred = preds[with_graphs]
         host_node = per_node_prediction(pred.to_json(), hw.nodes, hw.gpus_per_node, None)["host_mib_per_node"]
         gpu_margin = hw.gpu_mib - pred.gpu_mib if hw.gpu_mib else None
         host_margin = hw.host_mib - host_node if hw.host_mib else None
@@ -129,7 +136,7 @@ def plan(model: str, hw: Hardware, precision: str = "bf16", seq_len: int = 512, 
         tight = bool(fits) and any(m is not None and m < TIGHT * lim for m, lim in ((gpu_margin, hw.gpu_mib),
                                                                                   (host_margin, hw.host_mib)))
         row = PlanRow(name, pred.stage, _offload(cfg), pred.gpu_mib, round(host_node, 1), gpu_margin, host_margin,
-                      fits, tight)
+                      fits, tight, cuda_graphs=with_graphs)
         row.step_s, row.step_kind, row.step_source = step_time(results or [], Path(model).name, name, precision,
                                                                seq_len, world, hw.gpu_name)
         out.append(row)
@@ -148,17 +155,20 @@ def render(rows: list[PlanRow], model: str, hw: Hardware, precision: str, seq_le
     lines = [f"plan: {model}, {precision}, seq {seq_len}, micro batch from each config; {hw.nodes} node(s) x "
              f"{hw.gpus_per_node} GPU(s){' ' + hw.gpu_name if hw.gpu_name else ''}; GPU {gpu} each, host {host} "
              "per node", "",
-             "| config | ZeRO | offload | GPU MiB/rank | margin | host MiB/node | margin | fits | s/step |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| config | ZeRO | offload | CUDA graphs | GPU MiB/rank | margin | host MiB/node | margin | fits | "
+             "s/step |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fit = {True: "yes (tight)" if r.tight else "yes", False: "**no**", None: "?"}[r.fits]
         step = f"{r.step_s:.2f} ({r.step_kind}, {r.step_source})" if r.step_s is not None else ""
-        lines.append(f"| {r.config} | {'-' if r.stage is None else r.stage} | {r.offload} | {r.gpu_mib:,.0f} | "
+        lines.append(f"| {r.config} | {'-' if r.stage is None else r.stage} | {r.offload} | "
+                     f"{'on' if r.cuda_graphs else 'off'} | {r.gpu_mib:,.0f} | "
                      f"{_fmt_margin(r.gpu_margin_mib, hw.gpu_mib)} | {r.host_node_mib:,.0f} | "
                      f"{_fmt_margin(r.host_margin_mib, hw.host_mib)} | {fit} | {step} |")
     n_fit = sum(1 for r in rows if r.fits)
     lines += ["", f"{n_fit} of {len(rows)} configurations fit. Predictions, not measurements (sftbench/memory.py); "
-              f"'tight' = under {TIGHT:.0%} margin, within the predictor's error."]
+              f"'tight' = under {TIGHT:.0%} margin, within the predictor's error. CUDA graphs: what train.py's "
+              "--cuda-graphs auto runs there, counted in the GPU figure (off where only the eager run fits)."]
     return "\n".join(lines)
 
 

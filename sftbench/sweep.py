@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
-from sftbench import failures, memory, runlog
+from sftbench import failures, graphs, memory, runlog
 from sftbench import nodes as nodes_mod
 from sftbench.hardware import (Gpu, bf16_supported, cpu_affinity, detect_gpus, gpu_slug, host_tag,
                                host_total_mib)
@@ -295,8 +295,11 @@ def predict_entry(entry: PlanEntry, gpus: list[Gpu]) -> dict:
         gpu_total = gpus[0].memory_mib if (entry.accelerator == "cuda" and gpus) else None
         host_total = host_total_mib()  # this machine's: the nodes of a job are taken to be alike
         data = Path(entry.data) if os.path.isabs(entry.data) else REPO / entry.data
+        cuda = entry.accelerator == "cuda"
         run = memory.RunShape(cfg, entry.world_size, entry.precision, seq_len=entry.seq_len, micro_batch=micro,
-                              cuda=entry.accelerator == "cuda", dataset_samples=_count_lines(data))
+                              cuda=cuda, dataset_samples=_count_lines(data),
+                              cuda_graphs=graphs.planned(entry.extra_args, on_cuda=cuda, ds_cfg=cfg,
+                                                         world_size=entry.world_size))
         pred = memory.predict(memory.ModelShape.of(shape), run,
                               memory.Limits(gpu_total, host_total if entry.num_nodes == 1 else None)).to_json()
         if entry.num_nodes > 1:  # one node's RAM holds its own ranks' share, not the whole job's host memory

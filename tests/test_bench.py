@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -266,6 +267,25 @@ def test_levers_cpu_smoke(tmp_path):
     assert meta["ds_config"]["zero_optimization"]["reduce_bucket_size"] == 2e8
     table = out.with_suffix(".md").read_text()
     assert "| pangu-tiny | `z1 set:zero_optimization.reduce_bucket_size=2e8` | ok |" in table
+    assert json.loads(out.with_suffix(".json").read_text())["complete"] is True
+    # --collect tables the runs a call left (as one stopped by its time limit leaves them) without running any:
+    # the same medians, each row's call named, a variant no call ran is said so, and the ratio to a baseline of
+    # another call is not given.
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "work" / "pangu-tiny__01_z1_set_zero_optimization.reduce_bucket_size=2e8",
+                    other / "pangu-tiny__00_z1")
+    got = tmp_path / "got"
+    c = run([sys.executable, "bench/levers.py", "--collect", f"{other},{tmp_path / 'work'}", "--models", "pangu-tiny",
+             "--steps", "2", "--warmup-steps", "1", "--out", str(got), "z1",
+             "z1 set:zero_optimization.reduce_bucket_size=2e8", "z3"], cpu_env(), timeout=120)
+    assert c.returncode == 1, c.stdout[-2000:] + c.stderr[-2000:]  # one variant was never run
+    crow = json.loads(got.with_suffix(".json").read_text())["rows"]
+    assert [r.get("call") for r in crow] == [0, 1, None] and crow[2]["status"] == "not run"
+    assert crow[0]["step_s_median"] == rows[1]["step_s_median"]  # "z1" found first in the first folder given
+    assert crow[1]["step_s_median"] == rows[1]["step_s_median"] and crow[1]["x_base"] is None
+    md = got.with_suffix(".md").read_text()
+    assert f"call 1: `{other}`, 2 steps (1 warm-up) x 32 tokens" in md
+    assert "| pangu-tiny | `z3` | - | not run: in none of the --collect folders |" in md
 
 
 def test_profile_phase_table_attributes_kernels_to_the_phase_that_launched_them():

@@ -28,6 +28,28 @@ def test_throughput_timer_goes_off_only_where_graphs_run_and_a_timers_block_is_k
     assert speed.resolve_ds_timers(None, graphs_on=True) == (None, None)  # --ds none
 
 
+def test_auto_stays_eager_where_only_the_eager_run_fits_and_planned_reads_the_flags():
+    """--cuda-graphs auto on a measured configuration: on when the prediction with the graphs fits the GPU (or when
+    neither fits: the graphs cost nothing then), eager with the figures in the reason when only the eager run fits;
+    on forces them. graphs.planned, what the sweep and the plan predict with, reads the flags as train.py does."""
+    kw = dict(on_cuda=True, world_size=1, compile_target="off", ds_cfg=Z["z0"])
+    assert graphs.resolve("auto", memory_mib=(69_102, 64_095, 81_559), **kw)[0] is True
+    on, why = graphs.resolve("auto", memory_mib=(69_102, 64_095, 66_757), **kw)
+    assert on is False and why.startswith("auto: eager, although ZeRO-0 was measured faster with graphs")
+    assert "69,102 MiB per GPU, over the GPU's 66,757 MiB (eager 64,095 MiB" in why
+    assert graphs.resolve("auto", memory_mib=(69_102, 64_095, 50_000), **kw)[0] is True  # OOM either way
+    assert graphs.resolve("on", memory_mib=(69_102, 64_095, 66_757), **kw) == (True, "on: asked for")
+    z2 = dict(on_cuda=True, ds_cfg=Z["z2_5e8"], world_size=1)
+    assert graphs.planned([], **z2) is True
+    assert graphs.planned(["--cuda-graphs", "off"], **z2) is False
+    assert graphs.planned(["--cuda-graphs=off"], **z2) is False
+    assert graphs.planned(["--compile", "model"], **z2) is False  # auto: refused with --compile
+    assert graphs.planned(["--compile", "model", "--cuda-graphs", "on"], **z2) is False  # train.py refuses it
+    assert graphs.planned([], **{**z2, "on_cuda": False}) is False
+    assert graphs.planned([], on_cuda=True, ds_cfg=Z["z2_offload_5e8"], world_size=1) is False
+    assert graphs.planned([], memory_mib=(69_102, 64_095, 66_757), **z2) is False
+
+
 def test_auto_is_on_only_where_measured_and_on_is_refused_where_it_cannot_apply(monkeypatch):
     kw = dict(on_cuda=True, world_size=1, compile_target="off")
     kinds = {"z0": "ZeRO-0", "z1": "ZeRO-1", "z2_5e8": "ZeRO-2", "z2_offload_5e8": "ZeRO-2 + optimizer offload"}
@@ -39,6 +61,11 @@ def test_auto_is_on_only_where_measured_and_on_is_refused_where_it_cannot_apply(
         assert graphs.resolve("on", ds_cfg=Z[name], **kw) == (True, "on: asked for"), name
     assert graphs.resolve("auto", ds_cfg=None, **kw)[1].endswith("for --ds none yet (--cuda-graphs on applies it)")
     assert graphs.resolve("on", ds_cfg=None, **kw) == (True, "on: asked for")  # --ds none on one GPU
+    monkeypatch.undo()  # the shipped table: on where measured faster, eager for optimizer offload
+    assert [graphs.resolve("auto", ds_cfg=Z[n], **kw)[0] for n in ("z0", "z1", "z2_5e8", "z2_offload_5e8")] == [
+        True, True, True, False]
+    assert graphs.resolve("auto", ds_cfg=None, **kw) == (True, f"auto: {graphs.MEASURED_FASTER['--ds none']}")
+    assert graphs.resolve("auto", ds_cfg=None, **{**kw, "world_size": 2})[0] is False  # DDP's reducer
     for name in ("z3", "z3_offload_param"):
         assert graphs.resolve("auto", ds_cfg=Z[name], **kw) == (
             False, "auto: ZeRO-3 / parameter offload gathers and frees parameters inside the forward, so their "

@@ -226,3 +226,12 @@ def test_fp32_gradient_accumulation_with_offload_keeps_a_gradient_partition_on_t
     assert abs(extra - 4 * SHAPE_26B["n_params"] / gpus / 2 ** 20) < 1
     assert abs(acc["gpu_mib"] / MEASURED_ACC32_26B[gpus] - 1) < 0.15, (acc["gpu_mib"], MEASURED_ACC32_26B[gpus])
     assert acc["host_mib"] == plain["host_mib"]  # the optimizer states stay offloaded
+
+
+def test_graphs_memory_mib_is_the_prediction_with_and_without_the_graphs_buffers(tmp_path):
+    """What train.py's --cuda-graphs auto weighs before the model exists: the GPU figure with the graphs is the eager
+    one plus one static gradient per parameter (b*P); a folder without a readable config gives None, not an error."""
+    cfg = json.loads((REPO / "ds_configs" / "z0.json").read_text())
+    with_g, eager = memory.graphs_memory_mib("pangu-2.6b", cfg, 1, "bf16", 512, 1)
+    assert with_g - eager == pytest.approx(2 * model_shape("pangu-2.6b")["n_params"] / 2**20, abs=0.1)  # 0.1 MiB
+    assert memory.graphs_memory_mib(str(tmp_path), cfg, 1, "bf16", 512, 1) is None

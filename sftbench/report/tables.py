@@ -96,8 +96,8 @@ NOTES = [
     "peak NVML used memory of each GPU in MiB (what nvidia-smi shows), the largest over the ranks.",
     "Predicted memory: `sftbench/memory.py` before the run (DeepSpeed's ZeRO formulas plus buffers, activations, "
     "logits and CUDA context); measured: the NVML peak per GPU and the summed RSS.",
-    COMPILED_NOTE + " after s/it: the run used torch.compile (`train.py --compile`, by default on for bf16 ZeRO-1 on a "
-    "GPU, where it was measured faster); every other row ran eager.",
+    COMPILED_NOTE + " after s/it: the run used torch.compile (`train.py --compile model|blocks`; off by default, since "
+    "no configuration was measured faster compiled); every other row ran without it.",
     "offload param: the reference's header spells it \"offloard param\".",
     "ref row: the row of the reference table (`ds_configs/README.md`) with the same model, config and GPU count, "
     "of the same precision where it has one; otherwise of its precision (the reference's 3-GPU rows are fp16 on "
