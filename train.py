@@ -178,7 +178,7 @@ def main() -> int:
 
 
     stop = checkpoint.StopFlag(saving=bool(args.save))  # with a save folder, a signal ends in one last checkpoint
-    stats = metrics.StepStats(args.warmup_steps)
+    stats = metrics.StepStats(args.warmup_steps, precision)
     summary_extra: dict = {"epoch_s_measured": None, "eval_loss": None, "saved": None}
     steps_per_epoch = None
     try:

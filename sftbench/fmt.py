@@ -119,3 +119,16 @@ def fmt_sig(v) -> str:
     if v is None:
         return "-"
     return f"{v:,.1f}" if abs(v) >= 1 else f"{v:.3g}"
+
+
+def skipped_steps_text(n: int, precision: str | None) -> str:
+    """``n`` steps whose optimizer update DeepSpeed skipped (``skipped`` in the log), with the cause the run's
+    precision implies: fp16's loss scale coming down, or non-finite bf16 gradients where a config turns
+    ``bf16.check_grad_overflow`` on."""
+    if precision == "fp16":
+        return (f"{n} fp16 overflow step(s) that skipped the optimizer update while the loss scale came down (it "
+                "halves per overflow)")
+    if precision == "bf16":
+        return (f"{n} step(s) with non-finite bf16 gradients that skipped the optimizer update "
+                "(bf16.check_grad_overflow)")
+    return f"{n} step(s) that skipped the optimizer update (gradient overflow)"

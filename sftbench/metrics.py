@@ -16,7 +16,7 @@ import os
 import statistics
 from typing import Any
 
-from sftbench.fmt import MIB
+from sftbench.fmt import MIB, skipped_steps_text
 
 
 # Dense (no sparsity) peak TFLOPS by GPU name fragment, from the vendors' datasheets: bf16/fp16 on tensor cores,
@@ -197,15 +197,16 @@ class StepStats:
     can all be overflow steps; ``skipped_steps`` counts them.
     """
 
-    def __init__(self, warmup_steps: int):
+    def __init__(self, warmup_steps: int, precision: str | None = None):
         self.warmup_steps = warmup_steps
+        self.precision = precision  # names the cause of skipped steps (fp16 loss scale, bf16 overflow check)
         self.records: list[dict] = []
 
     def add(self, rec: dict) -> None:
         self.records.append(rec)
 
     def no_statistics_reason(self) -> str:
-        """Why no step was measured, naming only the causes that apply (warm-up, fp16 overflow steps)."""
+        """Why no step was measured, naming only the causes that apply (warm-up, skipped updates)."""
         n = len(self.records)
         if not n:
             return "no step ran"
@@ -215,8 +216,7 @@ class StepStats:
         if warm:
             causes.append(f"{warm} warm-up (--warmup-steps {self.warmup_steps})")
         if overflow:
-            causes.append(f"{overflow} fp16 overflow step(s) that skipped the optimizer update while the loss scale "
-                          "came down (it halves per overflow)")
+            causes.append(skipped_steps_text(overflow, self.precision))
         fix = "run more steps" + (" or lower --warmup-steps" if warm else "")
         return f"no measured step: of the {n} step(s), {' and '.join(causes)}; {fix}"
 

@@ -328,7 +328,7 @@ def synthesize_summary(rr: runlog.RunRecords, status: str, error: str | None, wa
     meta = rr.meta.get(0) or next(iter(rr.meta.values()), None) or {}
     rank = 0 if 0 in rr.steps else (min(rr.steps) if rr.steps else None)
     if rank is not None and rr.steps.get(rank):
-        st = StepStats(int(meta.get("warmup_steps") or 0))
+        st = StepStats(int(meta.get("warmup_steps") or 0), meta.get("precision"))
         for s in rr.steps[rank]:
             st.add(s)
         try:

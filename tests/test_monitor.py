@@ -31,12 +31,12 @@ HOST = "nodeA"
 # fixtures
 
 def write_meta(log: RunLog, run: str, rank: int, world: int = 2, max_steps: int = 50, warmup: int = 2,
-               pid: int | None = None, host: str = HOST, **extra) -> None:
+               pid: int | None = None, host: str = HOST, precision: str = "bf16", **extra) -> None:
     log.meta(run=run, time=time.time(), argv=["train.py"], ds_config_path="ds_configs/zero2_offload.json",
              ds_config={"zero_optimization": {"stage": 2}}, harness={}, model="pangu-350m", n_params=350_000_000,
              flops_per_token=2.1e9, world_size=world, rank=rank, local_rank=rank, host=host,
              pid=pid if pid is not None else 1000 + rank, device=f"cuda:{rank}", device_name="NVIDIA H100 80GB HBM3",
-             device_uuid=f"GPU-uuid-{rank}", gpu_index=rank, peak_tflops=989.0, precision="bf16", zero_stage=2,
+             device_uuid=f"GPU-uuid-{rank}", gpu_index=rank, peak_tflops=989.0, precision=precision, zero_stage=2,
              offload_optimizer="cpu", offload_param=None, micro_batch=4, grad_accum=2, seq_len=1024,
              dataset_path="data/sft.jsonl", dataset_samples=10_000, real_tokens=1, pad_tokens=1,
              steps_per_epoch=625, max_steps=max_steps, warmup_steps=warmup, **extra)
@@ -234,21 +234,25 @@ def test_rank_stats_exclude_warmup_and_header(tmp_path):
 
 
 def test_rank_stats_exclude_fp16_overflow_steps(tmp_path):
-    # Steps 3-6 overflow (fp16 loss scale coming down): shown and counted, not in the EMA or the median.
-    d = tmp_path / "fp16run"
-    log = RunLog(d, 0)
-    write_meta(log, d.name, 0, world=1)
-    for s in range(1, 11):
-        write_step(log, s, 0, step_s=0.1 if 3 <= s <= 6 else None, skipped=3 <= s <= 6)
-    log.close()
-    st = RunWatcher(d).read_all()
-    r0 = st.ranks[0]
-    assert r0.n_warmup == 2 and r0.n_skipped == 4 and r0.measured == sorted(step_s_of(s) for s in range(7, 11))
-    assert r0.ema is not None and r0.ema > 0.5
-    h = st.header()
-    assert h["skipped_steps"] == 4 and h["measured_steps"] == 4
-    assert "fp16 overflow steps (no update, not measured): 4" in header_lines(h)[-1]
-    assert "warning:" not in header_lines(h)[-1]
+    # Steps 3-6 overflow (fp16 loss scale coming down): shown and counted, not in the EMA or the median; the note
+    # names the cause the precision implies (a bf16 run skips steps only with bf16.check_grad_overflow on).
+    for precision, cause in (("fp16", "4 fp16 overflow step(s) that skipped the optimizer update while the loss "
+                                      "scale came down"),
+                             ("bf16", "4 step(s) with non-finite bf16 gradients that skipped the optimizer update")):
+        d = tmp_path / f"{precision}run"
+        log = RunLog(d, 0)
+        write_meta(log, d.name, 0, world=1, precision=precision)
+        for s in range(1, 11):
+            write_step(log, s, 0, step_s=0.1 if 3 <= s <= 6 else None, skipped=3 <= s <= 6)
+        log.close()
+        st = RunWatcher(d).read_all()
+        r0 = st.ranks[0]
+        assert r0.n_warmup == 2 and r0.n_skipped == 4 and r0.measured == sorted(step_s_of(s) for s in range(7, 11))
+        assert r0.ema is not None and r0.ema > 0.5
+        h = st.header()
+        assert h["skipped_steps"] == 4 and h["measured_steps"] == 4
+        assert cause in header_lines(h)[-1] and "not measured" in header_lines(h)[-1]
+        assert "warning:" not in header_lines(h)[-1]
 
 
 def _run_with_meta(d, **fields):

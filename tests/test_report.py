@@ -207,8 +207,8 @@ def test_fp16_overflow_steps_are_named(tmp_path):
     out = tmp_path / "res"
     report.make_report(root, out)
     md = (out / "results.md").read_text(encoding="utf-8")
-    assert ("- `pangu-350m__z0__fp16__g3`: 5 fp16 overflow step(s) skipped the optimizer update while DeepSpeed's "
-            "loss scale came down; like warm-up they are left out, 5 step(s) measured.") in md
+    assert ("- `pangu-350m__z0__fp16__g3`: 5 fp16 overflow step(s) that skipped the optimizer update while the loss "
+            "scale came down (it halves per overflow); like warm-up they are left out, 5 step(s) measured.") in md
     assert "| 0.45s/it |" in md and "0.30s/it" not in md
     # no measured step is not a failure: its own list, with the causes that apply
     assert "**Failures**" not in md and "| no measured step |" in md

@@ -3,7 +3,7 @@ header, and the status labels and styles all tables share. No I/O, no Textual, n
 read by ``rows`` and ``table`` (the formatted rows), ``app`` (Textual) and ``snapshot`` (plain text), which therefore
 show the same numbers.
 
-Statistics follow the log schema: warm-up steps (``warmup: true``) and fp16 overflow steps (``skipped: true``, no
+Statistics follow the log schema: warm-up steps (``warmup: true``) and skipped steps (``skipped: true``, no
 optimizer update) are shown but excluded from the smoothed (EMA) and median s/it; histories for charts are bounded.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple
 
 from sftbench import liveness
-from sftbench.fmt import as_number, fmt_clock, fmt_float, fmt_int, fmt_params
+from sftbench.fmt import as_number, fmt_clock, fmt_float, fmt_int, fmt_params, skipped_steps_text
 from sftbench.metrics import median
 from sftbench.nodes import job_nodes, ranks_by_node
 
@@ -404,7 +404,7 @@ def header_lines(h: Mapping[str, Any]) -> list[str]:
     for w in h.get("warnings") or []:
         notes.append(f"warning: {w}")
     if h.get("skipped_steps"):
-        notes.append(f"fp16 overflow steps (no update, not measured): {h['skipped_steps']}")
+        notes.append(f"{skipped_steps_text(h['skipped_steps'], h.get('precision'))}, not measured")
     if h.get("resumed_from_step") is not None:
         notes.append(f"resumed from step {h['resumed_from_step']}")
     if h.get("eval_loss") is not None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sftbench import reference
 from sftbench import nodes as nodes_mod
-from sftbench.fmt import fmt_duration, fmt_e, fmt_num, fmt_sig, fmt_step
+from sftbench.fmt import fmt_duration, fmt_e, fmt_num, fmt_sig, fmt_step, skipped_steps_text
 from sftbench.metrics import StepStats, cpu_model
 from sftbench.report.runs import Row, scrub
 
@@ -112,7 +112,7 @@ class Table:
     footnotes: list[str]  # failures, numbered: the GPU-memory cell says "OOM [n]"
     any_estimated: bool
     any_compiled: bool = False
-    remarks: list[str] = field(default_factory=list)  # per-run notes (fp16 overflow steps left out)
+    remarks: list[str] = field(default_factory=list)  # per-run notes (skipped steps left out)
     settings: list[tuple[str, str]] = field(default_factory=list)  # SETTING_COLUMNS that vary: columns of their own
     unmeasured: list[str] = field(default_factory=list)  # ok runs without a measured step (not failures)
     unfinished: list[str] = field(default_factory=list)  # running / stalled? runs (no summary yet)
@@ -167,9 +167,8 @@ def build_table(rows: list[Row]) -> Table:
                            + ("" if seen >= r.nodes else " (the others: give their folders with --node-dir)"))
         skipped = (r.summary or {}).get("skipped_steps") or 0
         if r.ok and skipped:
-            remarks.append(f"`{r.run}`: {skipped} fp16 overflow step(s) skipped the optimizer update while "
-                           "DeepSpeed's loss scale came down; like warm-up they are left out, "
-                           f"{(r.summary or {}).get('measured_steps')} step(s) measured.")
+            remarks.append(f"`{r.run}`: {skipped_steps_text(skipped, r.meta.get('precision'))}; like warm-up they "
+                           f"are left out, {(r.summary or {}).get('measured_steps')} step(s) measured.")
         if r.ok:
             ep, est = r.epoch
             any_est = any_est or (est and ep is not None)
@@ -210,13 +209,14 @@ def _why_unmeasured(r: Row) -> str:
     """Why an ok run has no measured step, from its own step records (the causes that apply, as train.py says)."""
     rank = 0 if 0 in r.steps else (min(r.steps) if r.steps else None)
     if rank is not None and r.steps[rank]:
-        st = StepStats(int(r.meta.get("warmup_steps") or 0))
+        st = StepStats(int(r.meta.get("warmup_steps") or 0), r.meta.get("precision"))
         for rec in r.steps[rank]:
             st.add({**rec, "warmup": bool(rec.get("warmup"))})
         return st.no_statistics_reason()
     s = r.summary or {}
-    return (f"no measured step: {s.get('steps')} step(s), {s.get('skipped_steps') or 0} of them fp16 overflow steps, "
-            f"warm-up {r.meta.get('warmup_steps', '?')}; run more steps")
+    return (f"no measured step: of {s.get('steps')} step(s), "
+            f"{skipped_steps_text(s.get('skipped_steps') or 0, r.meta.get('precision'))}, warm-up "
+            f"{r.meta.get('warmup_steps', '?')}; run more steps")
 
 
 def _cpu_text(hw: dict) -> str:
