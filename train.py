@@ -151,7 +151,11 @@ def main() -> int:
         sys.exit("error: fp16 with DeepSpeed is not supported on CPU (DeepSpeed's CPU accelerator refuses it); use "
                  "--precision bf16 or fp32, or --ds none for the plain PyTorch loop")
     model_name = args.model or ("pangu-tiny" if on_cpu else "pangu-350m")
-    compile_target, compile_why = speed.resolve_compile(args.compile, on_cpu)
+    try:
+        compile_target, compile_why = speed.resolve_compile(args.compile, on_cpu, ds_cfg,
+                                                            args.ds if args.deepspeed else None)
+    except speed.SpeedError as e:
+        sys.exit(f"error: {e}")
     graph_mem = None  # auto keeps the graphs off where only the eager run is predicted to fit on this GPU
     if args.cuda_graphs == "auto" and device.type == "cuda":
         from sftbench.memory import graphs_memory_mib

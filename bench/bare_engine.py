@@ -90,7 +90,10 @@ def main(argv=None) -> int:
     if on_cpu:
         release_own_buffer(rank, world)  # as train.py: DeepSpeed leaves its shm file behind on CPU
     model_name = args.model or ("pangu-tiny" if on_cpu else "pangu-350m")
-    target, _ = speed.resolve_compile(args.compile, device.type != "cuda")  # as train.py decides
+    try:
+        target, _ = speed.resolve_compile(args.compile, device.type != "cuda", cfg, args.ds)  # as train.py decides
+    except speed.SpeedError as e:
+        sys.exit(f"error: {e}")
     try:  # as train.py: before the model and engine are built
         use_graphs, graphs_why = graphs.prepare(args.cuda_graphs, device, ds_cfg=cfg, world_size=world,
                                                 compile_target=target)

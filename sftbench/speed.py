@@ -46,10 +46,32 @@ def check_compile(target: str, mode: str) -> None:
                          f"max-autotune-no-cudagraphs")
 
 
-def resolve_compile(target: str, on_cpu: bool) -> tuple[str, str]:
+def deepcompile_asked(ds_cfg: dict | None) -> bool:
+    """Whether the DeepSpeed config turns on DeepCompile (``compile.deepcompile``)."""
+    block = (ds_cfg or {}).get("compile")
+    return isinstance(block, dict) and bool(block.get("deepcompile"))
+
+
+def resolve_compile(target: str, on_cpu: bool, ds_cfg: dict | None = None,
+                    source: str | None = None) -> tuple[str, str]:
     """The compile target to use and why: ``auto`` is ``off``, since no configuration was measured faster compiled
     with 20 or more measured steps (docs/performance.md: on the 1 x H200 host it saved nothing and costs 40-60 s of
-    compilation per run; CUDA graphs, ``--cuda-graphs``, remove the launch cost it was meant to cut)."""
+    compilation per run; CUDA graphs, ``--cuda-graphs``, remove the launch cost it was meant to cut).
+
+    A DeepSpeed config with ``compile.deepcompile: true`` decides otherwise: DeepSpeed runs DeepCompile only from
+    ``engine.compile()`` and, without that call, trains eager with one log line. So ``auto`` becomes ``model`` there,
+    and a flag that would leave the key without effect (``off``, ``blocks``), or a CPU run (DeepSpeed has DeepCompile
+    for CUDA only), is refused naming the key (``source``: the config's path, for the message)."""
+    if deepcompile_asked(ds_cfg):
+        cfg_name = source or "the DeepSpeed config"
+        where = f"{cfg_name} sets compile.deepcompile"
+        if on_cpu:
+            raise SpeedError(f"{where}, which DeepSpeed runs on CUDA GPUs only; remove the key for a CPU run")
+        if target in ("off", "blocks"):
+            raise SpeedError(f"--compile {target}, but {where}: DeepCompile runs only through engine.compile() "
+                             "(--compile model, or auto); drop the flag or the key")
+        return "model", (f"auto: {where} (DeepCompile runs through engine.compile())" if target == "auto"
+                         else f"asked for; DeepCompile: {where}")
     if target != "auto":
         return target, "asked for"
     if on_cpu:

@@ -36,6 +36,26 @@ def test_auto_compiles_nothing_and_a_named_target_is_used_as_asked():
     assert resolve_compile("off", on_cpu=False) == ("off", "asked for")
 
 
+def test_a_config_asking_for_deepcompile_gets_engine_compile_or_a_clear_refusal():
+    """compile.deepcompile in the DeepSpeed JSON runs only through engine.compile(): auto becomes model (so the key
+    is not silently ignored, as DeepSpeed would with one log line), model keeps it; off, blocks and a CPU run are
+    refused naming the file and the key; a config without the key is decided as before."""
+    dc = {"zero_optimization": {"stage": 3}, "compile": {"deepcompile": True}}
+    assert resolve_compile("auto", False, dc, "ds_configs/x.json") == (
+        "model", "auto: ds_configs/x.json sets compile.deepcompile (DeepCompile runs through engine.compile())")
+    assert resolve_compile("model", False, dc, "x.json") == ("model", "asked for; DeepCompile: x.json sets "
+                                                                      "compile.deepcompile")
+    for target in ("off", "blocks"):
+        with pytest.raises(SpeedError, match=f"--compile {target}, but x.json sets compile.deepcompile: DeepCompile "
+                                             r"runs only through engine.compile\(\)"):
+            resolve_compile(target, False, dc, "x.json")
+    with pytest.raises(SpeedError, match="the DeepSpeed config sets compile.deepcompile, which DeepSpeed runs on "
+                                         "CUDA GPUs only"):
+        resolve_compile("auto", True, dc)
+    for cfg in ({"compile": {"deepcompile": False}}, {"compile": True}, None):
+        assert resolve_compile("auto", False, cfg)[0] == "off"
+
+
 def test_blocks_are_the_transformer_layers_including_the_query_layer():
     m = build_model("pangu-tiny")
     assert blocks_of(m) == list(m.transformer.h)

@@ -328,3 +328,17 @@ def test_a_non_finite_update_stops_the_run_naming_the_key(tmp_path, overfit_data
     assert summary["error"].startswith(f"step {steps[-1]['step']}: the loss is nan and the optimizer applied")
     assert "z1.json sets bf16.check_grad_overflow to false" in summary["error"]
     assert "bf16.check_grad_overflow" in p.stderr
+
+
+def test_a_deepcompile_config_on_cpu_is_refused_naming_the_key(tmp_path, overfit_data):
+    """compile.deepcompile in the JSON is CUDA-only in DeepSpeed, which would otherwise train eager and say so in one
+    log line: train.py refuses it before it writes anything, naming the file and the key."""
+    cfg = json.loads((REPO / "ds_configs" / "z3.json").read_text())
+    cfg["compile"] = {"deepcompile": True}
+    path = tmp_path / "z3_dc.json"
+    path.write_text(json.dumps(cfg))
+    p = _single(["--ds", str(path), "--data", str(overfit_data), "--run-dir", str(tmp_path / "run"),
+                 "--cache-dir", str(tmp_path / "cache"), "--model", "pangu-tiny", "--max-steps", "1"])
+    assert p.returncode != 0
+    assert f"{path} sets compile.deepcompile, which DeepSpeed runs on CUDA GPUs only" in p.stderr, p.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
