@@ -185,6 +185,46 @@ def write_tables(args, rows: list[dict], gpu: bool, seq: int, work: Path, calls:
                         encoding="utf-8")
 
 
+def run_variant(args, v: dict, m: str, name: str, work: Path, gpu: bool, common: list[str],
+                deadline: float | None) -> dict:
+    """train.py for one variant of one model; its result (read_ours), or status 'not run' once --max-minutes is
+    spent."""
+    if v["config"] == "none":
+        ds = "none"
+    elif v["sets"]:
+        try:
+            ds = derived_config(v["config"], v["sets"], work / f"{name}.json")
+        except (OSError, ValueError) as e:  # a missing config file or a set: through a non-object key
+            sys.exit(f"error: variant {v['text']!r}: {e}")
+    else:
+        ds = config_path(v["config"])
+    run_dir = work / name
+    cmd = [*launcher(gpu), "train.py", "--ds", ds, "--model", m, "--run-dir", rel(run_dir), *common, *v["flags"]]
+    env = {**child_env(gpu), **v["env"]}
+    job = {"cmd": cmd, "log": work / f"{name}.log"}
+    left = deadline - time.time() if deadline else None
+    if left is not None and left < 30:
+        return {"status": "not run", "error": "--max-minutes spent"}
+    print(f"[{Path(m).name}] {v['text']}: {shown(cmd)}", flush=True)
+    t0 = time.time()
+    rc, err = run_job(job, env, args.timeout if left is None else min(args.timeout, left))
+    res = read_ours(run_dir) if run_dir.is_dir() else {"status": "error", "error": err or "no run dir"}
+    if rc != 0 and res.get("status") == "ok":
+        res = {"status": "error", "error": err}
+    if rc == 124:
+        res = {"status": "timeout", "error": err}
+    return {**res, "wall_s": time.time() - t0, "log": rel(job["log"])}
+
+
+def collect_variant(calls: list[str], m: str, v: dict) -> dict:
+    """One variant's run from the earlier calls' work folders (``call``: which of them), or status 'not run'."""
+    found = collected_run([Path(c) for c in calls], Path(m).name, v["text"])
+    if found is None:
+        return {"status": "not run", "error": "in none of the --collect folders"}
+    call, run_dir = found
+    return {**read_ours(run_dir), "call": call, "wall_s": None}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     gpu = False if args.cpu else cuda_visible()
@@ -207,51 +247,17 @@ def main(argv=None) -> int:
     deadline = time.time() + 60 * args.max_minutes if args.max_minutes else None
     from sftbench.metrics import flops_per_token
     for m in models:
-        model_flops_tok = flops_per_token(model_config(m), seq)
+        model_cfg = model_config(m)
         base_of: dict[str, dict] = {}
         for i, v in enumerate(args.parsed):
-            flops_tok = model_flops_tok
-            name = f"{Path(m).name}__{i:02d}_{slug(v['text'])}"
             row = {"model": Path(m).name, "variant": v["text"], "config": v["config"]}
-            if calls:
-                found = collected_run([Path(c) for c in calls], Path(m).name, v["text"])
-                if found is None:
-                    rows.append({**row, "status": "not run", "error": "in none of the --collect folders"})
-                    continue
-                call, run_dir = found
-                res = read_ours(run_dir)
-                res.update(call=call, wall_s=None)
-                if res.get("seq_len") and res["seq_len"] != seq:  # the run's own length, not this machine's default
-                    flops_tok = flops_per_token(model_config(m), res["seq_len"])
-            else:
-                if v["config"] == "none":
-                    ds = "none"
-                elif v["sets"]:
-                    try:
-                        ds = derived_config(v["config"], v["sets"], work / f"{name}.json")
-                    except (OSError, ValueError) as e:  # a missing config file or a set: through a non-object key
-                        sys.exit(f"error: variant {v['text']!r}: {e}")
-                else:
-                    ds = config_path(v["config"])
-                run_dir = work / name
-                cmd = [*launcher(gpu), "train.py", "--ds", ds, "--model", m, "--run-dir", rel(run_dir), *common,
-                       *v["flags"]]
-                env = {**child_env(gpu), **v["env"]}
-                job = {"cmd": cmd, "log": work / f"{name}.log"}
-                left = deadline - time.time() if deadline else None
-                if left is not None and left < 30:
-                    rows.append({**row, "status": "not run", "error": "--max-minutes spent"})
-                    continue
-                print(f"[{Path(m).name}] {v['text']}: {shown(cmd)}", flush=True)
-                t0 = time.time()
-                rc, err = run_job(job, env, args.timeout if left is None else min(args.timeout, left))
-                res = read_ours(run_dir) if run_dir.is_dir() else {"status": "error", "error": err or "no run dir"}
-                if rc != 0 and res.get("status") == "ok":
-                    res = {"status": "error", "error": err}
-                if rc == 124:
-                    res = {"status": "timeout", "error": err}
-                res.update(wall_s=time.time() - t0, log=rel(job["log"]))
-            res["mfu_pct"] = mfu(res, flops_tok, "bf16")
+            res = (collect_variant(calls, m, v) if calls else
+                   run_variant(args, v, m, f"{Path(m).name}__{i:02d}_{slug(v['text'])}", work, gpu, common, deadline))
+            if res["status"] == "not run":
+                rows.append({**row, **res})
+                continue
+            # the run's own sequence length (a collected run's may not be this machine's default)
+            res["mfu_pct"] = mfu(res, flops_per_token(model_cfg, res.get("seq_len") or seq), "bf16")
             res.update(row)
             if v["config"] not in base_of:  # the first variant of a config is its baseline
                 base_of[v["config"]] = res

@@ -200,8 +200,9 @@ def resolve_warmup(asked: int | None, max_steps: int) -> tuple[int, str | None]:
     return n, None
 
 
-def parse_args(argv: list[str] | None = None) -> HarnessArgs:
-    p = argparse.ArgumentParser(description="Supervised fine-tuning of Pangu-alpha under DeepSpeed, measured.")
+def _parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Supervised fine-tuning of Pangu-alpha under DeepSpeed, measured.",
+                                exit_on_error=exit_on_error)
     for f in dataclasses.fields(HarnessArgs):
         flag = "--" + f.name.replace("_", "-")
         names = [flag]
@@ -217,6 +218,38 @@ def parse_args(argv: list[str] | None = None) -> HarnessArgs:
         else:
             kw["type"] = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
         p.add_argument(*names, **kw)
+    return p
+
+
+def read_flags(argv: list[str]) -> argparse.Namespace:
+    """Some of train.py's flags (the sweep's extra flags) read as train.py's parser reads them, the rest at their
+    defaults, without the checks of a whole command line; ArgsError for a value the parser refuses."""
+    try:
+        return _parser(exit_on_error=False).parse_known_args(argv)[0]
+    except argparse.ArgumentError as e:
+        raise ArgsError(str(e)) from None
+
+
+def graphs_planned(flags: list[str], *, on_cuda: bool, ds_cfg: dict | None, world_size: int,
+                   memory_mib: tuple[float, float, float] | None = None) -> bool:
+    """Whether a train.py run with these extra flags will run CUDA graphs, for predictions made before it starts
+    (the sweep, the plan): ``--cuda-graphs`` and ``--compile`` read by train.py's parser and decided as train.py
+    decides them (``sftbench.speed.resolve_compile``, then ``sftbench.graphs.resolve`` with ``memory_mib``); a
+    combination train.py would refuse counts as eager."""
+    from sftbench.graphs import GraphError, resolve
+    from sftbench.speed import resolve_compile
+
+    try:
+        ns = read_flags(list(flags))
+        compile_target, _ = resolve_compile(ns.compile, not on_cuda, ds_cfg)
+        return resolve(ns.cuda_graphs, on_cuda=on_cuda, ds_cfg=ds_cfg, world_size=world_size,
+                       compile_target=compile_target, memory_mib=memory_mib)[0]
+    except (GraphError, ValueError):  # ArgsError and SpeedError are ValueErrors: train.py would stop there
+        return False
+
+
+def parse_args(argv: list[str] | None = None) -> HarnessArgs:
+    p = _parser()
     ns = p.parse_args(argv)
     try:
         return HarnessArgs(**vars(ns))

@@ -120,27 +120,6 @@ def resolve(mode: str, *, on_cuda: bool, ds_cfg: dict | None, world_size: int,
     return False, f"auto: not measured faster on a GPU for {kind} yet (--cuda-graphs on applies it)"
 
 
-def planned(args: list[str], *, on_cuda: bool, ds_cfg: dict | None, world_size: int,
-            memory_mib: tuple[float, float, float] | None = None) -> bool:
-    """Whether a train.py run with these extra flags will run the graphs, for predictions made before it starts
-    (the sweep, the plan): ``--cuda-graphs`` (default auto) and ``--compile`` read from the flags as train.py reads
-    them; a combination train.py would refuse counts as eager."""
-    def flag(name: str, default: str) -> str:
-        for i, a in enumerate(args):
-            if a == name and i + 1 < len(args):
-                return args[i + 1]
-            if a.startswith(name + "="):
-                return a.split("=", 1)[1]
-        return default
-    compile_target = flag("--compile", "auto")
-    try:
-        return resolve(flag("--cuda-graphs", "auto"), on_cuda=on_cuda, ds_cfg=ds_cfg, world_size=world_size,
-                       compile_target="off" if compile_target == "auto" else compile_target,
-                       memory_mib=memory_mib)[0]
-    except (GraphError, ValueError):
-        return False
-
-
 def _submodule_hooks(model) -> list[str]:
     found = []
     for name, m in model.named_modules():

@@ -113,7 +113,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sftbench.dsconfig import offload_device
 from sftbench.fmt import MIB
@@ -527,15 +527,21 @@ def summarize(pred: dict | None) -> str:
     return f"GPU ~{pred['gpu_mib']:.0f} MiB/rank ({parts}){more}, host ~{pred['host_mib']:.0f} MiB, {fit}"
 
 
+def predict_both(model: ModelShape, run: RunShape, limits: Limits = Limits()) -> dict[bool, Prediction]:
+    """The prediction with CUDA graphs (True) and without (False), whatever ``run.cuda_graphs`` says: what
+    ``--cuda-graphs auto`` weighs (``graphs.resolve``'s ``memory_mib``) before choosing one."""
+    return {g: predict(model, replace(run, cuda_graphs=g), limits) for g in (True, False)}
+
+
 def graphs_memory_mib(model: str, ds_config: dict | None, world_size: int, precision: str, seq_len: int,
                       micro_batch: int) -> tuple[float, float] | None:
     """Predicted GPU MiB per rank with and without CUDA graphs, for a model preset or checkpoint folder, before the
-    model is built (train.py's ``--cuda-graphs auto``, the plan); None where the model's shape cannot be read."""
+    model is built (train.py's ``--cuda-graphs auto``); None where the model's shape cannot be read."""
     from sftbench.presets import model_shape
 
     try:
         shape = ModelShape.of(model_shape(model))
     except (ValueError, OSError, KeyError, TypeError):  # not a preset nor a folder with a readable config.json
         return None
-    return tuple(predict(shape, RunShape(ds_config, world_size, precision, seq_len=seq_len, micro_batch=micro_batch,
-                                         cuda_graphs=g)).gpu_mib for g in (True, False))
+    both = predict_both(shape, RunShape(ds_config, world_size, precision, seq_len=seq_len, micro_batch=micro_batch))
+    return both[True].gpu_mib, both[False].gpu_mib

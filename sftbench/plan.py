@@ -29,7 +29,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from sftbench import graphs, memory
+from sftbench import memory
+from sftbench.args import graphs_planned
 from sftbench.paths import REPO
 from sftbench.dsconfig import DSConfigError, apply_precision, describe, load_ds_config
 from sftbench.fmt import MIB
@@ -122,11 +123,10 @@ def plan(model: str, hw: Hardware, precision: str = "bf16", seq_len: int = 512, 
             continue  # --ds none is DDP on one node here
         # train.py's defaults on a GPU: CUDA graphs where --cuda-graphs auto turns them on, which it does not where
         # only the eager run fits
-        preds = {g: memory.predict(shape, memory.RunShape(cfg, world, precision, seq_len=seq_len, micro_batch=micro,
-                                                          cuda_graphs=g), memory.Limits(hw.gpu_mib, None))
-                 for g in (True, False)}
+        preds = memory.predict_both(shape, memory.RunShape(cfg, world, precision, seq_len=seq_len, micro_batch=micro),
+                                    memory.Limits(hw.gpu_mib, None))
         fit_args = (preds[True].gpu_mib, preds[False].gpu_mib, hw.gpu_mib) if hw.gpu_mib else None
-        with_graphs = graphs.planned([], on_cuda=True, ds_cfg=cfg, world_size=world, memory_mib=fit_args)
+        with_graphs = graphs_planned([], on_cuda=True, ds_cfg=cfg, world_size=world, memory_mib=fit_args)
         pred = preds[with_graphs]
         host_node = per_node_prediction(pred.to_json(), hw.nodes, hw.gpus_per_node, None)["host_mib_per_node"]
         gpu_margin = hw.gpu_mib - pred.gpu_mib if hw.gpu_mib else None

@@ -1,9 +1,11 @@
 """sftbench.args: the harness dataclass refuses bad values with the flag's name; --max-steps 0 means one epoch."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from sftbench.args import ArgsError, HarnessArgs, parse_args, repo_relative
+from sftbench.args import ArgsError, HarnessArgs, graphs_planned, parse_args, repo_relative
 from sftbench.paths import REPO
 
 
@@ -73,3 +75,22 @@ def test_batch_and_lr_flags_default_to_the_config_and_to_the_plain_loop_s_own():
     assert (b.grad_accum, b.micro_batch, b.lr, b.lr_warmup_steps) == (8, 1, 1e-5, 100)
     c = parse_args(["--lr", "1e-3", "--grad-accum", "1", "--micro-batch", "4", "--epochs", "1.5"])
     assert (c.lr, c.grad_accum, c.micro_batch, c.epochs) == (1e-3, 1, 4, 1.5)
+
+
+def test_graphs_planned_reads_the_flags_as_train_py_does():
+    """What the sweep and the plan predict with: --cuda-graphs and --compile read by train.py's parser and decided
+    by speed.resolve_compile and graphs.resolve (memory-aware auto included); what train.py would refuse is eager."""
+    Z = {n: json.loads((REPO / "ds_configs" / f"{n}.json").read_text()) for n in ("z2_5e8", "z2_offload_5e8")}
+    z2 = dict(on_cuda=True, ds_cfg=Z["z2_5e8"], world_size=1)
+    assert graphs_planned([], **z2) is True
+    assert graphs_planned(["--cuda-graphs", "off"], **z2) is False
+    assert graphs_planned(["--cuda-graphs=off"], **z2) is False
+    assert graphs_planned(["--compile", "model"], **z2) is False  # auto: refused with --compile
+    assert graphs_planned(["--compile", "model", "--cuda-graphs", "on"], **z2) is False  # train.py refuses it
+    assert graphs_planned(["--cuda-graphs", "on", "--compile"], **z2) is False  # a bare --compile is model
+    assert graphs_planned(["--max-steps", "x"], **z2) is False  # train.py's parser refuses it: no run
+    dc = {**Z["z2_5e8"], "compile": {"deepcompile": True}}  # compiled through engine.compile(): no graphs
+    assert graphs_planned([], on_cuda=True, ds_cfg=dc, world_size=1) is False
+    assert graphs_planned([], **{**z2, "on_cuda": False}) is False
+    assert graphs_planned([], on_cuda=True, ds_cfg=Z["z2_offload_5e8"], world_size=1) is False
+    assert graphs_planned([], memory_mib=(69_102, 64_095, 66_757), **z2) is False

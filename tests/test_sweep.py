@@ -613,3 +613,18 @@ def test_commands_from_before_the_machine_record_do_not_borrow_a_later_cpu(tmp_p
     assert cpus[1] == "CPU of the commands without a host: not recorded (they predate the sweep's machine record)"
     cmds = [x for x in lines if x.startswith("Command")]
     assert cmds[0] == "Command 1 of 2: `sweep --configs none`" and cmds[1].startswith("Command 2 of 2 (host A; GPUs 0")
+
+
+def test_the_prediction_counts_the_graphs_where_train_py_runs_them(monkeypatch):
+    """A GPU entry's prediction is of what train.py will run: with CUDA graphs under --cuda-graphs auto where they
+    fit, eager where only the eager run fits the card (2.6B ZeRO-0 on 70 GB) or the flags turn them off."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    h100 = [sweep.Gpu(0, "NVIDIA H100 80GB HBM3", 81559.0, "9.0", "GPU-a")]
+    small = [sweep.Gpu(0, "NVIDIA A100 70GB", 66757.0, "8.0", "GPU-b")]
+    (e,) = plan(h100, ["--models", "pangu-2.6b", "--configs", "z0", "--precisions", "bf16"]).entries
+    assert sweep.predict_entry(e, h100)["inputs"]["cuda_graphs"] is True
+    assert sweep.predict_entry(e, small)["inputs"]["cuda_graphs"] is False
+    (off,) = plan(h100, ["--models", "pangu-2.6b", "--configs", "z0", "--precisions", "bf16",
+                         "--extra-args", "--cuda-graphs off"]).entries
+    pred, eager = sweep.predict_entry(off, h100), sweep.predict_entry(e, small)
+    assert pred["inputs"]["cuda_graphs"] is False and pred["gpu_mib"] == eager["gpu_mib"]
