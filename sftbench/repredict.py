@@ -28,7 +28,7 @@ from sftbench import memory, runlog
 from sftbench.dsconfig import describe
 from sftbench.presets import model_shape
 
-TOLERANCE_PCT = 15.0
+TOLERANCE_PCT = memory.TOLERANCE_PCT
 
 
 def _load_metas(path: Path) -> dict:
@@ -74,15 +74,8 @@ def as_number(v) -> float | None:
 
 
 def _err(pred, meas) -> float | None:
-    pred, meas = as_number(pred), as_number(meas)
-    if pred is None or not meas:
-        return None
-    return round(100.0 * (pred - meas) / meas, 1)
-
-
-def _largest(breakdown: dict) -> str | None:
-    terms = {k: v for k, v in (breakdown or {}).items() if v}
-    return max(terms, key=terms.get) if terms else None
+    e = memory.error_pct(as_number(pred), as_number(meas))
+    return None if e is None else round(e, 1)
 
 
 def _config_class(cfg: dict | None) -> dict:
@@ -131,7 +124,7 @@ def folder_rows(folder: str | os.PathLike, tolerance: float = TOLERANCE_PCT) -> 
                                         else abs(row[f"{kind}_stored_err_pct"]) <= tolerance)
             row[f"{kind}_ok"] = None if e is None else abs(e) <= tolerance
             row[f"{kind}_miss_term"] = (None if row[f"{kind}_ok"] in (True, None)
-                                        else _largest(pred[f"{kind}_breakdown_mib"]))
+                                        else memory.largest_term(pred[f"{kind}_breakdown_mib"]))
         out.append(row)
     return out
 

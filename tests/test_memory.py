@@ -228,6 +228,28 @@ def test_fp32_gradient_accumulation_with_offload_keeps_a_gradient_partition_on_t
     assert acc["host_mib"] == plain["host_mib"]  # the optimizer states stay offloaded
 
 
+# Measured host RSS per rank, MiB, without offload (results/h100x1, h100x2, h200x1: torch 2.11, CUDA 13,
+# DeepSpeed 0.19.8), 10,000-sample set: (model, config or None, ranks) -> RSS per rank.
+MEASURED_RSS = {("pangu-350m", None, 1): 1774, ("pangu-2.6b", None, 1): 1712, ("pangu-350m", None, 2): 2053,
+                ("pangu-2.6b", None, 2): 1998, ("pangu-350m", "z0", 1): 2106, ("pangu-2.6b", "z1", 1): 2251,
+                ("pangu-350m", "z3", 2): 2195, ("pangu-2.6b", "z2_5e8", 2): 2253}
+
+
+@pytest.mark.parametrize("key", sorted(MEASURED_RSS, key=str))
+def test_host_rss_counts_nccl_and_deepspeed_where_they_run(key):
+    """The host figure has NCCL's share wherever a NCCL group exists (every DeepSpeed run, the plain loop on
+    several GPUs) and DeepSpeed's own only for DeepSpeed runs; neither on CPU. Against measured RSS per rank."""
+    model, cfg_name, world = key
+    shape = SHAPE_350M if model == "pangu-350m" else SHAPE_26B
+    pred = _predict(shape, cfg_name and _cfg(cfg_name), world, "bf16", dataset_samples=10_000)
+    host = pred["host_breakdown_mib"]
+    assert host["nccl"] == (pytest.approx(290 * world) if cfg_name or world > 1 else 0)
+    assert host["deepspeed"] == (pytest.approx(150 * world) if cfg_name else 0)
+    assert abs(pred["host_mib_per_rank"] / MEASURED_RSS[key] - 1) < 0.10, (pred["host_mib_per_rank"], key)
+    cpu = _predict(shape, cfg_name and _cfg(cfg_name), world, "bf16", cuda=False)["host_breakdown_mib"]
+    assert cpu.get("nccl", 0) == 0 and cpu.get("deepspeed", 0) == 0
+
+
 def test_graphs_memory_mib_is_the_prediction_with_and_without_the_graphs_buffers(tmp_path):
     """What train.py's --cuda-graphs auto weighs before the model exists: the GPU figure with the graphs is the eager
     one plus one static gradient per parameter (b*P); a folder without a readable config gives None, not an error."""

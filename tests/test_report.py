@@ -24,10 +24,10 @@ def _entry(run, model, cfg, precision, n, accel="cuda", rows=()):
 def write_ok_run(root: Path, run: str, model: str, cfg: str, precision: str, world: int, step_s: float,
                  gpu_mib: float, rss_mib: float, *, accel="cuda", measured_epoch=None, rows=(), compile="off",
                  skipped: int = 0, meta_extra: dict | Callable[[int], dict] | None = None, seq_len: int = 512,
-                 summary_extra: dict | None = None):
+                 summary_extra: dict | None = None, pred: dict | None = None):
     rd = root / run
     ds = None if cfg == "none" else apply_precision(load_ds_config(REPO / "ds_configs" / f"{cfg}.json"), precision)
-    pred = {"gpu_mib": gpu_mib * 0.9, "host_mib": rss_mib * world * 1.1, "fits": True}
+    pred = pred or {"gpu_mib": gpu_mib * 0.9, "host_mib": rss_mib * world * 1.1, "fits": True}
     for rank in range(world):
         log = runlog.RunLog(rd, rank)
         log.meta(run=run, time=1.0, argv=["train.py", "--ds", cfg, "--run-dir", str(REPO / "runs" / run)],
@@ -191,6 +191,39 @@ def test_compiled_runs_are_marked(tmp_path):
     with open(out / "results.csv", newline="", encoding="utf-8") as f:
         by = {r["run"]: r["compile"] for r in csv.DictReader(f)}
     assert by == {"pangu-2.6b__z1__bf16__g1": "model", "pangu-2.6b__z0__bf16__g1": "off"}
+
+
+def test_a_memory_prediction_outside_the_tolerance_is_marked_with_where_it_misses(tmp_path):
+    """A row whose GPU or host prediction is more than 15% off its measurement gets a remark: the allocator's
+    reserve beyond its allocated peak where that covers at least half the GPU gap, else the prediction's largest
+    term; a row within 15% gets none."""
+    root = tmp_path / "runs" / "h200x1"
+    miss = {"gpu_mib": 60_280.0, "host_mib": 1_617.0, "fits": True,
+            "gpu_breakdown_mib": {"params": 5007.0, "optimizer": 30044.0},
+            "host_breakdown_mib": {"base_rss": 1500.0, "dataset": 117.0}}
+    write_ok_run(root, "pangu-2.6b__z1__bf16__g1", "pangu-2.6b", "z1", "bf16", 1, 0.306, 69_945.0, 2_251.0,
+                 pred=miss, summary_extra={"torch_peak_alloc_mib": 60_151.0, "torch_peak_reserved_mib": 68_610.0})
+    write_ok_run(root, "pangu-2.6b__z3__bf16__g1", "pangu-2.6b", "z3", "bf16", 1, 4.1, 61_427.0, 2_182.0,
+                 pred={**miss, "gpu_mib": 50_000.0, "host_mib": 2_100.0},
+                 summary_extra={"torch_peak_alloc_mib": 55_000.0, "torch_peak_reserved_mib": 56_000.0})
+    write_ok_run(root, "pangu-2.6b__z0__bf16__g1", "pangu-2.6b", "z0", "bf16", 1, 0.35, 79_311.0, 2_159.0)
+    out = tmp_path / "res"
+    report.make_report(root, out)
+    md = (out / "results.md").read_text(encoding="utf-8")
+    assert ("`pangu-2.6b__z1__bf16__g1`: GPU memory predicted 60,280 MiB, -14% of the measured 69,945" not in md)
+    assert ("`pangu-2.6b__z1__bf16__g1`: host memory predicted 1,617 MiB, -28% of the measured 2,251 (outside ±15%): "
+            "the prediction's largest term is `base_rss`." in md)
+    assert ("`pangu-2.6b__z3__bf16__g1`: GPU memory predicted 50,000 MiB, -19% of the measured 61,427 (outside "
+            "±15%): the prediction's largest term is `optimizer`." in md)  # a 1,000 MiB reserve: not half the gap
+    assert "`pangu-2.6b__z3__bf16__g1`: host" not in md and "`pangu-2.6b__z0__bf16__g1`: " not in md
+    write_ok_run(root, "pangu-2.6b__z2_5e8__bf16__g1", "pangu-2.6b", "z2_5e8", "bf16", 1, 0.49, 80_000.0, 2_251.0,
+                 pred={**miss, "host_mib": 2_100.0},
+                 summary_extra={"torch_peak_alloc_mib": 60_151.0, "torch_peak_reserved_mib": 72_000.0})
+    report.make_report(root, out)
+    md = (out / "results.md").read_text(encoding="utf-8")
+    assert ("`pangu-2.6b__z2_5e8__bf16__g1`: GPU memory predicted 60,280 MiB, -25% of the measured 80,000 (outside "
+            "±15%): torch's allocator reserved 11,849 MiB beyond its allocated peak, against the 19,720 MiB "
+            "under-predicted" in md)
 
 
 def test_fp16_overflow_steps_are_named(tmp_path):

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sftbench import reference
+from sftbench import memory, reference
 from sftbench import nodes as nodes_mod
 from sftbench.fmt import fmt_duration, fmt_e, fmt_num, fmt_sig, fmt_step, skipped_steps_text
 from sftbench.metrics import StepStats, cpu_model
@@ -170,6 +170,7 @@ def build_table(rows: list[Row]) -> Table:
             remarks.append(f"`{r.run}`: {skipped_steps_text(skipped, r.meta.get('precision'))}; like warm-up they "
                            f"are left out, {(r.summary or {}).get('measured_steps')} step(s) measured.")
         if r.ok:
+            remarks += prediction_misses(r)
             ep, est = r.epoch
             any_est = any_est or (est and ep is not None)
             epoch = ("~" if est and ep is not None else "") + fmt_duration(ep)
@@ -203,6 +204,29 @@ def build_table(rows: list[Row]) -> Table:
         out.append(cells)
     return Table(out, groups, foot, any_est, any(r.ok and r.compile != "off" for r in rows), remarks, settings,
                  unmeasured, unfinished)
+
+
+def prediction_misses(r: Row) -> list[str]:
+    """A remark for each memory prediction of an ok run outside ``memory.TOLERANCE_PCT`` of its measurement, naming
+    where the miss lies: for GPU memory, what torch's allocator reserved beyond its allocated peak (segments the
+    predictor does not model) where that covers at least half the gap, else the prediction's largest term."""
+    out = []
+    s = r.summary or {}
+    for kind, pred, meas in (("GPU", r.pred_gpu, r.gpu_mib if r.accelerator == "cuda" else None),
+                             ("host", r.pred_host, r.host_rss_mib)):
+        err = memory.error_pct(pred, meas)
+        if err is None or abs(err) <= memory.TOLERANCE_PCT:
+            continue
+        terms = (r.predicted or {}).get(f"{kind.lower()}_breakdown_mib")
+        why = f"the prediction's largest term is `{memory.largest_term(terms)}`"
+        cached = (s.get("torch_peak_reserved_mib") or 0) - (s.get("torch_peak_alloc_mib") or 0)
+        if kind == "GPU" and err < 0 and cached >= (meas - pred) / 2:  # most of the gap
+            why = (f"torch's allocator reserved {cached:,.0f} MiB beyond its allocated peak, against the "
+                   f"{meas - pred:,.0f} MiB under-predicted (cached segments and any CUDA-graph pool's working "
+                   "memory, not modelled)")
+        out.append(f"`{r.run}`: {kind} memory predicted {pred:,.0f} MiB, {err:+.0f}% of the measured {meas:,.0f} "
+                   f"(outside ±{memory.TOLERANCE_PCT:.0f}%): {why}.")
+    return out
 
 
 def _why_unmeasured(r: Row) -> str:
