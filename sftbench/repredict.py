@@ -28,9 +28,6 @@ from sftbench import memory, runlog
 from sftbench.dsconfig import describe
 from sftbench.presets import model_shape
 
-TOLERANCE_PCT = memory.TOLERANCE_PCT
-
-
 def _load_metas(path: Path) -> dict:
     """run name -> meta record of a summaries.jsonl (read as every log reader reads JSONL: a broken line is
     counted and named, not fatal)."""
@@ -91,7 +88,7 @@ def _config_class(cfg: dict | None) -> dict:
             "stage3_max_live_parameters": d["stage3_max_live_parameters"]}
 
 
-def folder_rows(folder: str | os.PathLike, tolerance: float = TOLERANCE_PCT) -> list[dict]:
+def folder_rows(folder: str | os.PathLike, tolerance: float = memory.TOLERANCE_PCT) -> list[dict]:
     """One dict per ok row of ``folder/results.csv``: measured, stored and re-predicted GPU and host MiB."""
     folder = Path(folder)
     metas = _load_metas(folder / "summaries.jsonl")
@@ -140,7 +137,7 @@ def shares(rows: list[dict]) -> dict:
             "host_stored": _share(rows, "host_stored_ok"), "host": _share(rows, "host_ok")}
 
 
-def repredict(folders: list[str | os.PathLike], tolerance: float = TOLERANCE_PCT) -> dict:
+def repredict(folders: list[str | os.PathLike], tolerance: float = memory.TOLERANCE_PCT) -> dict:
     rows = [r for f in folders for r in folder_rows(f, tolerance)]
     names = list(dict.fromkeys(Path(f).name for f in folders))
     per = {n: shares([r for r in rows if r["folder"] == n]) for n in names}
@@ -196,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sftbench.repredict", description=__doc__.split("\n\n")[0])
     ap.add_argument("folders", nargs="+", help="results folders, each with results.csv and summaries.jsonl")
     ap.add_argument("--json", metavar="FILE", help="also write the rows and shares as JSON")
-    ap.add_argument("--tolerance", type=float, default=TOLERANCE_PCT, help="percent (default 15)")
+    ap.add_argument("--tolerance", type=float, default=memory.TOLERANCE_PCT, help="percent (default 15)")
     args = ap.parse_args(argv)
     for f in args.folders:
         if not (Path(f) / "results.csv").is_file():

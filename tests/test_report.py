@@ -210,7 +210,7 @@ def test_a_memory_prediction_outside_the_tolerance_is_marked_with_where_it_misse
     out = tmp_path / "res"
     report.make_report(root, out)
     md = (out / "results.md").read_text(encoding="utf-8")
-    assert ("`pangu-2.6b__z1__bf16__g1`: GPU memory predicted 60,280 MiB, -14% of the measured 69,945" not in md)
+    assert "`pangu-2.6b__z1__bf16__g1`: GPU" not in md  # 13.8% under: inside the band
     assert ("`pangu-2.6b__z1__bf16__g1`: host memory predicted 1,617 MiB, -28% of the measured 2,251 (outside ±15%): "
             "the prediction's largest term is `base_rss`." in md)
     assert ("`pangu-2.6b__z3__bf16__g1`: GPU memory predicted 50,000 MiB, -19% of the measured 61,427 (outside "

@@ -217,8 +217,8 @@ def prediction_misses(r: Row) -> list[str]:
         err = memory.error_pct(pred, meas)
         if err is None or abs(err) <= memory.TOLERANCE_PCT:
             continue
-        terms = (r.predicted or {}).get(f"{kind.lower()}_breakdown_mib")
-        why = f"the prediction's largest term is `{memory.largest_term(terms)}`"
+        term = memory.largest_term((r.predicted or {}).get(f"{kind.lower()}_breakdown_mib"))
+        why = f"the prediction's largest term is `{term}`" if term else "the prediction kept no breakdown"
         cached = (s.get("torch_peak_reserved_mib") or 0) - (s.get("torch_peak_alloc_mib") or 0)
         if kind == "GPU" and err < 0 and cached >= (meas - pred) / 2:  # most of the gap
             why = (f"torch's allocator reserved {cached:,.0f} MiB beyond its allocated peak, against the "
