@@ -91,7 +91,7 @@ def _config_class(cfg: dict | None) -> dict:
 def folder_rows(folder: str | os.PathLike, tolerance: float = memory.TOLERANCE_PCT) -> list[dict]:
     """One dict per ok row of ``folder/results.csv``: measured, stored and re-predicted GPU and host MiB."""
     folder = Path(folder)
-    metas = _load_metas(folder / "summaries.jsonl")
+    metas = _load_metas(folder / runlog.RESULTS_SUMMARIES_FILE)
     out = []
     with open(folder / "results.csv", encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))

@@ -4,6 +4,7 @@
     python -m sftbench.sweep run    [options]      # run what is not done yet
     python -m sftbench.sweep report [options]      # write results/<sweep>/ from runs/<sweep>/
     python -m sftbench.sweep name   [options]      # print the sweep name the options resolve to
+    python -m sftbench.sweep restore [options]     # runs/<sweep>/ rebuilt from results/<sweep>/ (a new checkout)
 
 The plan (``build_plan``): every model (pangu-350m, pangu-2.6b) x every ``ds_configs/*.json`` plus ``--ds none`` x
 the precision(s) the reference table used for that model and file (parsed from the table in
@@ -19,7 +20,9 @@ that dies without a summary record gets ``summary.json`` (``synthesized: true``)
 console output (``classify_failure``). Runs whose plan entry matches and that ended ``ok`` are skipped on the next
 invocation (``--force`` re-runs them); failed ones are re-run only with ``--retry-failed``; interrupted or
 unfinished ones are always re-run. ``--max-minutes`` stops launching when the budget is spent (a later invocation
-resumes), so a long sweep can be cut into bounded batches.
+resumes), so a long sweep can be cut into bounded batches. ``runs/`` is not committed: where it is gone (a new
+checkout, another machine), ``restore`` rebuilds the run folders from the committed ``results/<sweep>/`` (each run's
+plan entry, meta and summaries, ``restore_runs``), so the next batch skips what is done and the report keeps it.
 
 Every option also reads an environment variable ``SFTBENCH_<OPTION>`` (e.g. ``SFTBENCH_GPUS``, ``SFTBENCH_STEPS``)
 when the flag is not given. No torch import here.
@@ -517,6 +520,63 @@ def _merge_plan(path: Path, sweep: str, entries: list[PlanEntry]) -> None:
     write_json(path, {"sweep": sweep, "created": created, "updated": time.time(), "entries": merged})
 
 
+def restore_runs(results_dir: Path, sweep_dir: Path, sweep: str) -> list[str]:
+    """Rebuild run folders from a results folder as the report wrote it: ``summaries.jsonl`` (each run's
+    ``plan_entry`` record with its prediction, its meta and its summaries) and ``sweep_info.json``. A restored run has
+    ``plan_entry.json``, ``predicted.json`` and ``rank<k>.jsonl`` with its meta (rank 0) and summary records, or the
+    sweep's ``summary.json`` for a run that died; its step records are not in the results folder, so it has none.
+    Runs that already have a folder are left as they are; planned runs that never ran go back into ``plan.json``
+    only. Returns the names restored."""
+    path = results_dir / runlog.RESULTS_SUMMARIES_FILE
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found: nothing to restore from (the report writes it)")
+    records, bad = runlog.read_records(path)
+    if bad:
+        print(f"note: {path}: {bad} unparseable line(s) skipped", file=sys.stderr)
+    by_run: dict[str, list[dict]] = {}
+    for rec in records:
+        if rec.get("run"):
+            by_run.setdefault(rec["run"], []).append(rec)
+    restored, entries = [], []
+    for run, recs in by_run.items():
+        rd = sweep_dir / run
+        planned = [r for r in recs if r.get("type") == "plan_entry"]
+        if planned and len(recs) == len(planned):  # planned, not run yet: back into plan.json only
+            entries.append(PlanEntry.from_json(planned[0]))
+            continue
+        if rd.exists():
+            continue
+        if not planned:
+            print(f"note: {path}: {run} has no plan_entry record (a report older than restore): not restored",
+                  file=sys.stderr)
+            continue
+        entry = PlanEntry.from_json(planned[0])
+        rd.mkdir(parents=True)
+        write_json(rd / runlog.PLAN_ENTRY_FILE, entry.to_json())
+        if isinstance(planned[0].get("predicted"), dict):
+            write_json(rd / runlog.PREDICTED_FILE, planned[0]["predicted"])
+        for rec in recs:
+            if rec.get("type") == "meta":
+                log = runlog.RunLog(rd, 0)
+                log.meta(**{k: v for k, v in rec.items() if k in runlog.META_KEYS and k != "schema"})
+                log.close()
+            elif rec.get("type") == "summary" and rec.get("synthesized"):  # the sweep's record of a run that died
+                write_json(rd / runlog.SUMMARY_FILE, {k: v for k, v in rec.items() if k not in ("run", "rank")})
+            elif rec.get("type") == "summary":
+                log = runlog.RunLog(rd, int(rec.get("rank") or 0))
+                log.summary(**{k: v for k, v in rec.items() if k in runlog.SUMMARY_KEYS})
+                log.close()
+        restored.append(run)
+        entries.append(entry)
+    if entries:
+        _merge_plan(sweep_dir / runlog.PLAN_FILE, sweep, entries)
+    info = results_dir / runlog.SWEEP_INFO_FILE
+    if info.is_file() and not (sweep_dir / runlog.SWEEP_INFO_FILE).exists():
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(info, sweep_dir / runlog.SWEEP_INFO_FILE)
+    return restored
+
+
 def write_sweep_info(sweep_dir: Path, sweep: str, gpus: list[Gpu], accelerator: str, command: str | None) -> None:
     """sweep_info.json: the hardware and the commands, for the report's preamble (the runs' meta lacks the CPU).
 
@@ -684,10 +744,13 @@ def _env_flag(name: str) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sftbench.sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", default="run", choices=("run", "plan", "report", "name", "dirs"),
+    p.add_argument("command", nargs="?", default="run",
+                   choices=("run", "plan", "report", "name", "dirs", "restore"),
                    help="run (default): run what is not done; plan: print the plan; report: write "
                         "results/<sweep>/; name: print the sweep name; dirs: print the sweep's runs folder and "
-                        "results folder, tab-separated (what run_all.sh hands to python -m sftbench.report)")
+                        "results folder, tab-separated (what run_all.sh hands to python -m sftbench.report); "
+                        "restore: rebuild runs/<sweep>/ from the committed results/<sweep>/, so the next run "
+                        "resumes there")
     g = p.add_argument_group("plan")
     g.add_argument("--gpus", default=_env("GPUS"),
                    help="GPUs per run, e.g. 1 or '1,3' (a run per count); default all visible. On CPU: ranks (2).")
@@ -872,6 +935,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "dirs":  # run_all.sh: the report's folders, then other nodes' copies (--node-dir)
         print("\t".join([str(res.sweep_dir), str(res.results_dir), *args.node_dir]))
+        return 0
+    if args.command == "restore":
+        done = restore_runs(res.results_dir, res.sweep_dir, res.sweep)
+        print(f"restored {len(done)} run(s) from {res.results_dir} into {res.sweep_dir}"
+              + (f": {', '.join(done)}" if done else " (every run there already has a folder)"))
         return 0
     if args.command == "report":
         if args.dry_run:

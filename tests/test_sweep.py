@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import shutil
 import time
 from pathlib import Path
 
@@ -456,6 +457,40 @@ def test_resume_force_and_retry(tmp_path):
     assert changed[0].run == es[0].run
     out = sweep.run_sweep(changed, tmp_path, sweep="t", timeout_s=60, command_fn=fake({}), say=quiet)
     assert [o.action for o in out] == ["ran"] * 3
+
+
+def test_restore_rebuilds_the_runs_from_the_results_folder_and_the_sweep_resumes(tmp_path, monkeypatch, capsys):
+    """runs/ is not committed: in a new checkout `sweep restore` rebuilds the run folders from results/<sweep>/ (plan
+    entries, metas, summaries, sweep_info), the next batch skips what ended ok or failed and runs only the rest,
+    and the report keeps the restored rows as they were."""
+    import csv
+    from sftbench import report
+    monkeypatch.setattr(sweep, "MIN_BUDGET_LEFT_S", 0.5)
+    es = cpu_entries()
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    sweep.write_sweep_info(runs / "t", "t", [], "cpu", "sweep --first-batch")
+    sweep.run_sweep(es[:2], runs / "t", sweep="t", timeout_s=60, command_fn=fake({"z0": OOM_SCRIPT}), say=quiet)
+    report.make_report(runs / "t", results / "t")
+    before = list(csv.DictReader(open(results / "t" / "results.csv", encoding="utf-8")))
+    assert "uuid" not in (results / "t" / "sweep_info.json").read_text()
+    shutil.rmtree(runs)  # a new checkout: only results/ came with it
+    rc = sweep.main(["restore", "--cpu", "--sweep-name", "t", "--runs-dir", str(runs), "--results-dir", str(results)])
+    assert rc == 0 and "restored 2 run(s)" in capsys.readouterr().out
+    assert sweep.entry_state(runs / "t" / es[0].run, es[0])[0] == "ok"
+    assert sweep.entry_state(runs / "t" / es[1].run, es[1])[0] == "failed"  # the sweep's summary.json came back
+    assert not list((runs / "t" / es[0].run).glob("console.log"))
+    out = sweep.run_sweep(es, runs / "t", sweep="t", timeout_s=60, command_fn=fake({}), say=quiet)
+    assert [o.action for o in out] == ["skipped-ok", "skipped-failed", "ran"]
+    report.make_report(runs / "t", results / "t")
+    after = {r["run"]: r for r in csv.DictReader(open(results / "t" / "results.csv", encoding="utf-8"))}
+    assert len(after) == 3
+    for row in before:  # the restored rows, as the first report had them
+        assert {k: v for k, v in after[row["run"]].items()} == row, row["run"]
+    assert "sweep --first-batch" in (results / "t" / "results.md").read_text(encoding="utf-8")
+    # restoring again touches nothing; a results folder without summaries.jsonl is an error naming it
+    assert sweep.restore_runs(results / "t", runs / "t", "t") == []
+    with pytest.raises(SystemExit, match="summaries.jsonl not found"):
+        sweep.restore_runs(tmp_path / "nowhere", runs / "t", "t")
 
 
 def test_budget_leaves_the_rest_queued_and_resumes(tmp_path, monkeypatch):

@@ -15,8 +15,11 @@ It never reads console output. Writes into the output folder:
 * ``results.csv``: every summary field, the plan entry and the config columns, one row per run.
 * ``results.png``: per model, step time against GPU memory per rank (CPU runs: host RSS), Pareto front marked,
   failures apart on a labelled band.
-* ``summaries.jsonl``: rank 0's meta (minus bulky fields) and every rank's summary record of every run, each with
-  ``run`` (and ``rank``) added, so the results folder stands on its own.
+* ``summaries.jsonl``: every run's plan entry (a ``plan_entry`` record), rank 0's meta (minus bulky fields) and
+  every rank's summary record, each with ``run`` (and ``rank``) added, so the results folder stands on its own.
+* ``sweep_info.json``: the sweep's machines and commands (GPU serial numbers left out). With ``summaries.jsonl`` it
+  lets ``python -m sftbench.sweep restore`` rebuild the run folders where ``runs/`` is gone, so a sweep cut into
+  batches resumes in another checkout.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from sftbench.paths import REPO
 from sftbench.report.runs import collect
 from sftbench.report.plot import write_png
 from sftbench.report.tables import build_table, epoch_checks, hardware_lines, recommendations
-from sftbench.report.writers import write_csv, write_html, write_md, write_summaries
+from sftbench.report.writers import write_csv, write_html, write_md, write_summaries, write_sweep_info_copy
 
 
 def make_report(runs_dir: str | os.PathLike, out_dir: str | os.PathLike, title: str | None = None,
@@ -48,7 +51,8 @@ def make_report(runs_dir: str | os.PathLike, out_dir: str | os.PathLike, title: 
     hw = hardware_lines(rows, info)
     hw.append(f"Report written {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from {len(rows)} run directories.")
     have = {r.run for r in rows}
-    missing = [e.get("run") for e in plan.get("entries", []) if isinstance(e, dict) and e.get("run") not in have]
+    not_run = [e for e in plan.get("entries", []) if isinstance(e, dict) and e.get("run") not in have]
+    missing = [e.get("run") for e in not_run]
     if missing:  # a sweep cut into batches: say what the table does not have yet, by name
         hw.append(f"Planned but not run yet ({len(missing)}): " + ", ".join(f"`{m}`" for m in missing) + ".")
     recs = recommendations(rows)
@@ -56,7 +60,9 @@ def make_report(runs_dir: str | os.PathLike, out_dir: str | os.PathLike, title: 
     write_md(out / "results.md", title, table, hw, recs, len(rows), checks)
     write_html(out / "results.html", title, table, hw, recs, len(rows), checks)
     write_csv(out / "results.csv", rows)
-    write_summaries(out / "summaries.jsonl", rows)
+    write_summaries(out / runlog.RESULTS_SUMMARIES_FILE, rows, not_run)
+    if info:  # the preamble's machines and commands, kept beside the rows (``python -m sftbench.sweep restore``)
+        write_sweep_info_copy(out / runlog.SWEEP_INFO_FILE, info)
     write_png(out / "results.png", [r for r in rows if r.epoch_twin_of is None])  # no twin points
     return {"rows": len(rows), "failures": len(table.footnotes), "out": str(out)}
 

@@ -163,9 +163,16 @@ def write_csv(path: Path, rows: list[Row]) -> None:
             w.writerow({k: scrub(v) for k, v in d.items()})
 
 
-def write_summaries(path: Path, rows: list[Row]) -> None:
+def write_summaries(path: Path, rows: list[Row], planned: list[dict] = ()) -> None:
+    """Every run's records (see cli.py); ``planned``: the sweep's plan entries that have no run folder yet, as
+    ``plan_entry`` records alone, so a restored sweep still knows what is left to run."""
     with open(path, "w", encoding="utf-8") as f:
+        for e in planned:
+            f.write(json.dumps({**scrub(dict(e)), "type": "plan_entry"}, ensure_ascii=False, default=str) + "\n")
         for r in rows:
+            if r.entry:  # the sweep's plan entry and prediction: what `sweep restore` rebuilds a run folder from
+                f.write(json.dumps({**scrub(dict(r.entry)), "type": "plan_entry", "run": r.run,
+                                    "predicted": r.predicted}, ensure_ascii=False, default=str) + "\n")
             if r.meta:
                 meta = scrub({k: v for k, v in r.meta.items() if k not in META_DROP})
                 meta["run"] = r.run
@@ -178,3 +185,12 @@ def write_summaries(path: Path, rows: list[Row]) -> None:
                 rec["run"] = r.run
                 rec["rank"] = rank if rank >= 0 else None
                 f.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
+
+
+def write_sweep_info_copy(path: Path, info: dict) -> None:
+    """The sweep's ``sweep_info.json`` for the results folder: paths scrubbed, the GPUs' serial numbers left out."""
+    info = scrub(json.loads(json.dumps(info)))
+    for gpu in (info.get("hardware") or {}).get("gpus") or []:
+        if isinstance(gpu, dict):
+            gpu.pop("uuid", None)
+    path.write_text(json.dumps(info, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
