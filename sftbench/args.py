@@ -248,6 +248,19 @@ def graphs_planned(flags: list[str], *, on_cuda: bool, ds_cfg: dict | None, worl
         return False
 
 
+def planned_prediction(shape, run, limits, flags: list[str] = ()):
+    """The memory prediction (``sftbench.memory.Prediction``) of the run train.py will make with these extra
+    flags: with or without CUDA graphs, as ``graphs_planned`` decides them against ``limits.gpu_total_mib``, for the
+    sweep's and the plan's predictions. ``run.ds_config`` is the loaded config dict (or None for ``--ds none``)."""
+    from sftbench import memory
+
+    preds = memory.predict_both(shape, run, limits)
+    total = limits.gpu_total_mib
+    fit = (preds[True].gpu_mib, preds[False].gpu_mib, total) if total else None
+    return preds[graphs_planned(list(flags), on_cuda=run.cuda, ds_cfg=run.ds_config, world_size=run.world_size,
+                                memory_mib=fit)]
+
+
 def parse_args(argv: list[str] | None = None) -> HarnessArgs:
     p = _parser()
     ns = p.parse_args(argv)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sftbench import memory
-from sftbench.args import graphs_planned
+from sftbench.args import planned_prediction
 from sftbench.paths import REPO
 from sftbench.dsconfig import DSConfigError, apply_precision, describe, load_ds_config
 from sftbench.fmt import MIB
@@ -123,11 +123,8 @@ def plan(model: str, hw: Hardware, precision: str = "bf16", seq_len: int = 512, 
             continue  # --ds none is DDP on one node here
         # train.py's defaults on a GPU: CUDA graphs where --cuda-graphs auto turns them on, which it does not where
         # only the eager run fits
-        preds = memory.predict_both(shape, memory.RunShape(cfg, world, precision, seq_len=seq_len, micro_batch=micro),
-                                    memory.Limits(hw.gpu_mib, None))
-        fit_args = (preds[True].gpu_mib, preds[False].gpu_mib, hw.gpu_mib) if hw.gpu_mib else None
-        with_graphs = graphs_planned([], on_cuda=True, ds_cfg=cfg, world_size=world, memory_mib=fit_args)
-        pred = preds[with_graphs]
+        pred = planned_prediction(shape, memory.RunShape(cfg, world, precision, seq_len=seq_len, micro_batch=micro),
+                                  memory.Limits(hw.gpu_mib, None))
         host_node = per_node_prediction(pred.to_json(), hw.nodes, hw.gpus_per_node, None)["host_mib_per_node"]
         gpu_margin = hw.gpu_mib - pred.gpu_mib if hw.gpu_mib else None
         host_margin = hw.host_mib - host_node if hw.host_mib else None
@@ -136,7 +133,7 @@ def plan(model: str, hw: Hardware, precision: str = "bf16", seq_len: int = 512, 
         tight = bool(fits) and any(m is not None and m < TIGHT * lim for m, lim in ((gpu_margin, hw.gpu_mib),
                                                                                   (host_margin, hw.host_mib)))
         row = PlanRow(name, pred.stage, _offload(cfg), pred.gpu_mib, round(host_node, 1), gpu_margin, host_margin,
-                      fits, tight, cuda_graphs=with_graphs)
+                      fits, tight, cuda_graphs=pred.run.cuda_graphs)
         row.step_s, row.step_kind, row.step_source = step_time(results or [], Path(model).name, name, precision,
                                                                seq_len, world, hw.gpu_name)
         out.append(row)

@@ -189,7 +189,7 @@ def write_summaries(path: Path, rows: list[Row], planned: list[dict] = ()) -> No
 
 def write_sweep_info_copy(path: Path, info: dict) -> None:
     """The sweep's ``sweep_info.json`` for the results folder: paths scrubbed, the GPUs' serial numbers left out."""
-    info = scrub(json.loads(json.dumps(info)))
+    info = scrub(info)  # a new dict and lists all the way down: the sweep's own stays as it is
     for gpu in (info.get("hardware") or {}).get("gpus") or []:
         if isinstance(gpu, dict):
             gpu.pop("uuid", None)
