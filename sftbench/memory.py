@@ -64,11 +64,19 @@ Buffers and the rest (our additions; DeepSpeed's estimators leave them out):
     log-softmax saved by cross-entropy, and the fp32 gradient of the logits in the backward: ``14*s*m*V`` bytes
     for 16-bit models, ``16*s*m*V`` for fp32 (the shifted view is copied instead of upcast).
 ``cuda_context``
-    What nvidia-smi counts beyond torch's reserved pool: CUDA context, loaded kernels, cuBLAS workspaces
-    (``cuda_context_mib``, 1400 MiB) plus NCCL's communicator buffers (``nccl_mib``, 560 MiB) whenever a NCCL
-    process group exists: every DeepSpeed run (DeepSpeed creates one even for a single GPU) and ``--ds none``
-    with ``W > 1``. Both measured as NVML used minus ``torch.cuda.max_memory_reserved`` on an H200 with torch
-    2.11 / CUDA 13 (1380 MiB plain, 1950 MiB under DeepSpeed); older stacks need less (~500 MiB context).
+    What nvidia-smi counts beyond torch's reserved pool without any NCCL group: CUDA context, loaded kernels,
+    cuBLAS handles (``cuda_context_mib``, 770 MiB), plus ``cuda_graphs_exec_mib`` (80 MiB) for the instantiated
+    graphs of a ``cuda_graphs`` run. Measured as nvidia-smi's used minus ``torch.cuda.max_memory_reserved`` (the
+    step records' ``gpu_mem_used_mib`` and ``torch_peak_reserved_mib``) on the one-GPU ``--ds none`` rows, torch 2.11
+    / CUDA 13: eager fp32/fp16 751-767 MiB (H100), graphed bf16 843-845 MiB (H200).
+``nccl``
+    NCCL's communicator memory on the GPU, by the process groups the run has (the same measurement, per class of
+    rows, medians; the NVML v1 rows of ``results/h100x1`` left out, which count ~480 MiB of driver reserve as used):
+    a group of one rank, every DeepSpeed run on one GPU (DeepSpeed creates one even then), ``nccl_mib`` 570 MiB
+    (1,327-1,419 MiB outside the pool, 24 rows of h100x1 and h200x1, minus the context); a group with peers,
+    ``--ds none`` on ``W > 1`` GPUs (DDP), ``nccl_peers_mib`` 855 MiB (1,615-1,621, 5 rows of h100x2/x3 and
+    h200x2); DeepSpeed on ``W > 1`` GPUs, ``deepspeed_groups_mib`` 200 MiB more (1,813-2,101, median 1,821-1,825, 91
+    rows of h100x2/x3 and h200x2/x3).
 ``cuda_graphs``
     With ``cuda_graphs=True`` (train.py ``--cuda-graphs``, sftbench/graphs.py): the static gradient buffers the
     captured backward writes, one per parameter in the weights' dtype (``b*P``; ``4*P`` for ``--ds none``, whose
@@ -292,8 +300,11 @@ class Limits:
 class Constants:
     """The measured constants of the terms without a formula (the module docstring says where each comes from)."""
 
-    cuda_context_mib: float = 1400.0
-    nccl_mib: float = 560.0
+    cuda_context_mib: float = 770.0
+    cuda_graphs_exec_mib: float = 80.0
+    nccl_mib: float = 570.0
+    nccl_peers_mib: float = 855.0
+    deepspeed_groups_mib: float = 200.0
     base_rss_mib: float | None = None  # None: 1500 MiB per rank with CUDA, 600 on CPU
     nccl_host_mib: float = 290.0
     deepspeed_host_mib: float = 150.0
@@ -517,14 +528,16 @@ def predict(model: ModelShape, run: RunShape, limits: Limits = Limits(), k: Cons
     host["dataset"] = 3 * 8 * run.dataset_samples * run.seq_len * W if run.dataset_samples else 0
     if run.cuda:
         nccl = stage is not None or W > 1
-        gpu["cuda_context"] = (k.cuda_context_mib + (k.nccl_mib if nccl else 0)) * MIB
+        gpu["cuda_context"] = (k.cuda_context_mib + (k.cuda_graphs_exec_mib if run.cuda_graphs else 0)) * MIB
+        gpu["nccl"] = (0 if not nccl else k.nccl_mib if W == 1
+                       else k.nccl_peers_mib + (k.deepspeed_groups_mib if stage is not None else 0)) * MIB
         host["nccl"] = (k.nccl_host_mib if nccl else 0) * MIB * W
         host["deepspeed"] = (k.deepspeed_host_mib if stage is not None else 0) * MIB * W
         host["device_tensors"] = 0
     else:
         host["device_tensors"] = sum(gpu.values()) * W
         gpu = {name: 0.0 for name in gpu}
-        gpu["cuda_context"] = 0.0
+        gpu["cuda_context"] = gpu["nccl"] = 0.0
         notes.append("CPU run: the device terms are host memory of every rank (device_tensors)")
     return Prediction(model, run, limits, gpu, host, st, model_state_gpu, LL, stage, off_opt, off_par)
 
@@ -545,6 +558,33 @@ def largest_term(breakdown: dict | None) -> str | None:
     """The largest term of a ``gpu_breakdown_mib`` / ``host_breakdown_mib``: where a miss is first looked for."""
     terms = {k: v for k, v in (breakdown or {}).items() if v}
     return max(terms, key=terms.get) if terms else None
+
+
+OUTSIDE_POOL_TERMS = ("cuda_context", "nccl")  # GPU terms nvidia-smi counts beyond torch's reserved pool
+
+
+def gpu_miss_parts(breakdown: dict | None, predicted_mib: float | None, used_mib: float | None,
+                   reserved_mib: float | None) -> dict | None:
+    """A GPU prediction split where a measurement can check it: outside torch's pool (nvidia-smi's used minus
+    torch's peak reserved) against ``OUTSIDE_POOL_TERMS``, and the pool (the peak reserved) against the rest of the
+    prediction. MiB: {"outside": (predicted, measured), "pool": (predicted, measured)}; None without the numbers."""
+    if breakdown is None or predicted_mib is None or used_mib is None or not reserved_mib:
+        return None
+    outside = sum(v for k, v in breakdown.items() if k in OUTSIDE_POOL_TERMS)
+    return {"outside": (outside, used_mib - reserved_mib), "pool": (predicted_mib - outside, reserved_mib)}
+
+
+def unmodelled_terms(ds_config: dict | None) -> list[str]:
+    """GPU memory this predictor knows it leaves out for a config, each with the evidence: what an under-predicted
+    row of that config names first."""
+    z = (ds_config or {}).get("zero_optimization") or {}
+    stage = int(z.get("stage") or 0) if ds_config is not None else None
+    out = []
+    overlap = z.get("overlap_comm")
+    if stage == 3 and (overlap is None or bool(overlap)):  # DeepSpeed's default for stage 3 is on
+        out.append("ZeRO-3 `overlap_comm`: what its side streams allocate (torch's allocator caches blocks per stream) "
+                   "is not modelled; the same configs without it are predicted within ±7%")
+    return out
 
 
 def summarize(pred: dict | None) -> str:

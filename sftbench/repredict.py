@@ -10,8 +10,14 @@ ds_config, world size, precision, seq_len, micro batch, dataset samples, optimiz
 * GPU: ``gpu_mem_used_mib_max_over_ranks`` (NVML / nvidia-smi peak of the busiest GPU) against ``gpu_mib``;
 * host: ``host_rss_mib_sum_over_ranks`` against ``host_mib`` (the whole job).
 
+A folder may hold ``corrections.json`` (written by hand, with the evidence in its NOTES.md) for a measurement error
+found after the sweep: ``{"gpu_mem_used_mib": {"add_mib": -480, "runs": [...], "why": "..."}}``; those rows are
+compared at the corrected value, marked ``*`` in the table, and the why is printed under it.
+
 Error = (predicted - measured) / measured, in percent (negative: under-predicted). A row outside the tolerance is
-marked with the largest term of that prediction's breakdown. The summary gives, per folder and overall, the share of
+marked with where the miss lies: for GPU memory, outside torch's pool (context, NCCL) or in it (torch's peak
+reserved), and in the pool the allocator's reserve or a term the predictor knows it leaves out
+(``memory.unmodelled_terms``), else the largest term of that prediction's breakdown. The summary gives, per folder and overall, the share of
 rows within the tolerance for the prediction stored in the row (``predicted_gpu_mib`` / ``predicted_host_mib``, made
 by the predictor of that day) and for today's re-prediction. Reads only committed files; no torch, no deepspeed.
 """
@@ -88,10 +94,30 @@ def _config_class(cfg: dict | None) -> dict:
             "stage3_max_live_parameters": d["stage3_max_live_parameters"]}
 
 
+def load_corrections(folder: Path) -> dict:
+    """``folder/corrections.json`` checked: {column: {"add_mib": float, "runs": [names], "why": str}}; {} without one.
+    Only the GPU-memory column can be corrected; a malformed file is an error naming the file and the key."""
+    path = folder / runlog.RESULTS_CORRECTIONS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{path}: not JSON ({e})") from e
+    for key, c in doc.items():
+        if key != "gpu_mem_used_mib":
+            raise SystemExit(f"{path}: {key!r}: only 'gpu_mem_used_mib' can be corrected")
+        if (not isinstance(c, dict) or not isinstance(c.get("add_mib"), (int, float))
+                or not isinstance(c.get("runs"), list) or not c.get("why")):
+            raise SystemExit(f"{path}: {key!r} needs 'add_mib' (a number), 'runs' (a list) and 'why'")
+    return doc
+
+
 def folder_rows(folder: str | os.PathLike, tolerance: float = memory.TOLERANCE_PCT) -> list[dict]:
     """One dict per ok row of ``folder/results.csv``: measured, stored and re-predicted GPU and host MiB."""
     folder = Path(folder)
     metas = _load_metas(folder / runlog.RESULTS_SUMMARIES_FILE)
+    fix = load_corrections(folder).get("gpu_mem_used_mib")
     out = []
     with open(folder / "results.csv", encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -104,6 +130,9 @@ def folder_rows(folder: str | os.PathLike, tolerance: float = memory.TOLERANCE_P
                "host_measured_mib": as_number(r.get("host_rss_mib_sum_over_ranks")),
                "gpu_stored_mib": as_number(r.get("predicted_gpu_mib")),
                "host_stored_mib": as_number(r.get("predicted_host_mib"))}
+        if fix and r["run"] in fix["runs"] and row["gpu_measured_mib"] is not None:
+            row["gpu_measured_mib"] += fix["add_mib"]
+            row["gpu_corrected"] = f"{fix['add_mib']:+.0f} MiB: {fix['why']}"
         if meta is None:
             row["error"] = "no meta record in summaries.jsonl"
             out.append(row)
@@ -122,8 +151,28 @@ def folder_rows(folder: str | os.PathLike, tolerance: float = memory.TOLERANCE_P
             row[f"{kind}_ok"] = None if e is None else abs(e) <= tolerance
             row[f"{kind}_miss_term"] = (None if row[f"{kind}_ok"] in (True, None)
                                         else memory.largest_term(pred[f"{kind}_breakdown_mib"]))
+        if row["gpu_ok"] is False:
+            row["gpu_miss_where"] = _gpu_miss_where(row, pred, meta, as_number(r.get("torch_peak_reserved_mib")),
+                                                    as_number(r.get("torch_peak_alloc_mib")))
         out.append(row)
     return out
+
+
+def _gpu_miss_where(row: dict, pred: dict, meta: dict, reserved: float | None, alloc: float | None) -> str:
+    """Where a GPU miss lies, as the report words it: outside torch's pool or in it, then in the pool the
+    allocator's reserve beyond its allocated peak (if it covers half the gap) or a term the predictor leaves out."""
+    parts = memory.gpu_miss_parts(pred["gpu_breakdown_mib"], pred["gpu_mib"], row["gpu_measured_mib"], reserved)
+    if parts is None:
+        return f"largest: {row['gpu_miss_term']}"
+    (po, mo), (pp, mp) = parts["outside"], parts["pool"]
+    if abs(po - mo) > abs(pp - mp):
+        return f"outside the pool: {mo:.0f} measured, {po:.0f} predicted"
+    gaps = memory.unmodelled_terms(meta.get("ds_config")) if meta.get("ds_config") else []
+    if mp > pp and alloc is not None and reserved - alloc >= (mp - pp) / 2:
+        return f"pool: allocator reserve {reserved - alloc:.0f} MiB beyond the allocated peak"
+    if mp > pp and gaps:
+        return "pool: not modelled: " + gaps[0].split(":")[0]
+    return f"pool: {mp:.0f} measured, {pp:.0f} predicted; largest: {row['gpu_miss_term']}"
 
 
 def _share(rows: list[dict], key: str) -> dict:
@@ -155,7 +204,8 @@ def _pct(v) -> str:
 def _mark(r: dict) -> str:
     marks = []
     if r.get("gpu_ok") is False:
-        marks.append(f"GPU {'under' if r['gpu_err_pct'] < 0 else 'over'} (largest: {r['gpu_miss_term']})")
+        marks.append(f"GPU {'under' if r['gpu_err_pct'] < 0 else 'over'} "
+                     f"({r.get('gpu_miss_where') or 'largest: ' + str(r['gpu_miss_term'])})")
     if r.get("host_ok") is False:
         marks.append(f"host {'under' if r['host_err_pct'] < 0 else 'over'} (largest: {r['host_miss_term']})")
     if r.get("error"):
@@ -172,13 +222,18 @@ def to_markdown(res: dict) -> str:
     lines = [f"| folder | run | GPU measured MiB | GPU stored MiB | stored err % | GPU predicted MiB | err % | "
              f"host RSS MiB | host stored MiB | stored err % | host predicted MiB | err % | outside ±{tol:g}% |",
              "|---|---|" + "---:|" * 10 + "---|"]
+    notes = {}
     for r in res["rows"]:
+        if r.get("gpu_corrected"):
+            notes[r["folder"]] = r["gpu_corrected"]
         lines.append("| " + " | ".join([
-            r["folder"], r["run"], _n(r["gpu_measured_mib"]), _n(r["gpu_stored_mib"]),
+            r["folder"], r["run"], _n(r["gpu_measured_mib"]) + ("*" if r.get("gpu_corrected") else ""),
+            _n(r["gpu_stored_mib"]),
             _pct(r.get("gpu_stored_err_pct")),
             _n(r.get("gpu_predicted_mib")), _pct(r.get("gpu_err_pct")), _n(r["host_measured_mib"]),
             _n(r["host_stored_mib"]), _pct(r.get("host_stored_err_pct")), _n(r.get("host_predicted_mib")),
             _pct(r.get("host_err_pct")), _mark(r)]) + " |")
+    lines += [f"\n\\* {name}: GPU measured corrected {why}" for name, why in notes.items()]
     lines += ["", f"Rows within ±{tol:g}% (stored: the prediction kept in the row; re-predicted: today's predictor)",
               "",
               "| folder | rows | GPU stored | GPU re-predicted | host stored | host re-predicted |",

@@ -60,6 +60,7 @@ PLAN_ENTRY_FILE = "plan_entry.json"
 PLAN_FILE = "plan.json"  # sweep folder: every planned run
 SWEEP_INFO_FILE = "sweep_info.json"  # sweep folder: machine and commands
 RESULTS_SUMMARIES_FILE = "summaries.jsonl"  # results folder: every run's plan entry, meta and summaries
+RESULTS_CORRECTIONS_FILE = "corrections.json"  # results folder, optional, hand-written: a known measurement error
 EPOCH_SUFFIX = "__epoch"  # sweep --epoch: <run>__epoch is one full epoch of <run> (the report compares them)
 
 

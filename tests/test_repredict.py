@@ -88,5 +88,9 @@ def test_run_shape_follows_the_meta(tmp_path):
     meta["optimizations"] = {**meta["optimizations"], "pad_mask": True, "cuda_graphs": True}
     rs = repredict.run_shape(meta)
     assert not rs.flash_attention and rs.cuda_graphs
-    # today's predictor on the committed inputs gives what this run's stored prediction says (same predictor terms)
-    assert _today(_meta())["gpu_mib"] == _meta()["predicted"]["gpu_mib"]
+    # today's predictor on the committed inputs gives the tensor terms this run's stored prediction has (the terms
+    # outside torch's pool, cuda_context and nccl, were re-measured on the NVML v2 rows since)
+    today, stored = _today(_meta())["gpu_breakdown_mib"], _meta()["predicted"]["gpu_breakdown_mib"]
+    outside = ("cuda_context", "nccl")
+    assert {k: v for k, v in today.items() if k not in outside} == {k: v for k, v in stored.items() if k not in outside}
+    assert today["cuda_context"] + today["nccl"] == 770 + 570 != stored["cuda_context"]

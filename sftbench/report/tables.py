@@ -208,8 +208,10 @@ def build_table(rows: list[Row]) -> Table:
 
 def prediction_misses(r: Row) -> list[str]:
     """A remark for each memory prediction of an ok run outside ``memory.TOLERANCE_PCT`` of its measurement, naming
-    where the miss lies: for GPU memory, what torch's allocator reserved beyond its allocated peak (segments the
-    predictor does not model) where that covers at least half the gap, else the prediction's largest term."""
+    where the miss lies. GPU: the part (outside torch's pool: context and NCCL; or the pool) that carries most of
+    the gap, with both numbers; in the pool, what torch's allocator reserved beyond its allocated peak (segments the
+    predictor does not model) where that covers at least half the gap, else a term the predictor knows it leaves
+    out for this config (``memory.unmodelled_terms``), else the prediction's largest term. Host: the largest term."""
     out = []
     s = r.summary or {}
     for kind, pred, meas in (("GPU", r.pred_gpu, r.gpu_mib if r.accelerator == "cuda" else None),
@@ -217,13 +219,26 @@ def prediction_misses(r: Row) -> list[str]:
         err = memory.error_pct(pred, meas)
         if err is None or abs(err) <= memory.TOLERANCE_PCT:
             continue
-        term = memory.largest_term((r.predicted or {}).get(f"{kind.lower()}_breakdown_mib"))
+        breakdown = (r.predicted or {}).get(f"{kind.lower()}_breakdown_mib")
+        term = memory.largest_term(breakdown)
         why = f"the prediction's largest term is `{term}`" if term else "the prediction kept no breakdown"
-        cached = (s.get("torch_peak_reserved_mib") or 0) - (s.get("torch_peak_alloc_mib") or 0)
-        if kind == "GPU" and err < 0 and cached >= (meas - pred) / 2:  # most of the gap
-            why = (f"torch's allocator reserved {cached:,.0f} MiB beyond its allocated peak, against the "
-                   f"{meas - pred:,.0f} MiB under-predicted (cached segments and any CUDA-graph pool's working "
-                   "memory, not modelled)")
+        parts = memory.gpu_miss_parts(breakdown, pred, meas, s.get("torch_peak_reserved_mib")) if kind == "GPU" else None
+        if parts is not None:
+            (po, mo), (pp, mp) = parts["outside"], parts["pool"]
+            if abs(po - mo) > abs(pp - mp):
+                why = (f"outside torch's pool (CUDA context, NCCL) it measured {mo:,.0f} MiB against the "
+                       f"{po:,.0f} predicted (`cuda_context` + `nccl`); the pool {mp:,.0f} against {pp:,.0f}")
+            else:
+                why = f"torch's pool peaked at {mp:,.0f} MiB against the {pp:,.0f} predicted for it"
+                cached = (s.get("torch_peak_reserved_mib") or 0) - (s.get("torch_peak_alloc_mib") or 0)
+                gaps = memory.unmodelled_terms(r.meta.get("ds_config")) if r.meta.get("ds_config") else []
+                if err < 0 and cached >= (mp - pp) / 2:  # most of the gap
+                    why += (f": the allocator reserved {cached:,.0f} MiB beyond its allocated peak (cached segments "
+                            "and any CUDA-graph pool's working memory, not modelled)")
+                elif err < 0 and gaps:
+                    why += ": " + "; ".join(gaps)
+                elif term:
+                    why += f"; its largest term is `{term}`"
         out.append(f"`{r.run}`: {kind} memory predicted {pred:,.0f} MiB, {err:+.0f}% of the measured {meas:,.0f} "
                    f"(outside ±{memory.TOLERANCE_PCT:.0f}%): {why}.")
     return out
