@@ -17,9 +17,9 @@ compared at the corrected value, marked ``*`` in the table, and the why is print
 Error = (predicted - measured) / measured, in percent (negative: under-predicted). A row outside the tolerance is
 marked with where the miss lies: for GPU memory, outside torch's pool (context, NCCL) or in it (torch's peak
 reserved), and in the pool the allocator's reserve or a term the predictor knows it leaves out
-(``memory.unmodelled_terms``), else the largest term of that prediction's breakdown. The summary gives, per folder and overall, the share of
-rows within the tolerance for the prediction stored in the row (``predicted_gpu_mib`` / ``predicted_host_mib``, made
-by the predictor of that day) and for today's re-prediction. Reads only committed files; no torch, no deepspeed.
+(``memory.unmodelled_terms``), else the largest term of that prediction's breakdown. The summary gives, per folder
+and overall, the share of rows within the tolerance for the prediction stored in the row (``predicted_gpu_mib`` /
+``predicted_host_mib``, made by the predictor of that day) and for today's re-prediction. Reads only committed files; no torch, no deepspeed.
 """
 from __future__ import annotations
 

@@ -263,7 +263,8 @@ def test_host_rss_counts_nccl_and_deepspeed_where_they_run(key):
 
 def test_graphs_memory_mib_is_the_prediction_with_and_without_the_graphs_buffers(tmp_path):
     """What train.py's --cuda-graphs auto weighs before the model exists: the GPU figure with the graphs is the eager
-    one plus one static gradient per parameter (b*P) and the graphs' own 80 MiB; a folder without a readable config gives None, not an error."""
+    one plus one static gradient per parameter (b*P) and the graphs' own 80 MiB; a folder without a readable config
+    gives None, not an error."""
     cfg = json.loads((REPO / "ds_configs" / "z0.json").read_text())
     with_g, eager = memory.graphs_memory_mib("pangu-2.6b", cfg, 1, "bf16", 512, 1)
     # 0.1 MiB; plus the instantiated graphs outside torch's pool

@@ -222,7 +222,8 @@ def prediction_misses(r: Row) -> list[str]:
         breakdown = (r.predicted or {}).get(f"{kind.lower()}_breakdown_mib")
         term = memory.largest_term(breakdown)
         why = f"the prediction's largest term is `{term}`" if term else "the prediction kept no breakdown"
-        parts = memory.gpu_miss_parts(breakdown, pred, meas, s.get("torch_peak_reserved_mib")) if kind == "GPU" else None
+        parts = (memory.gpu_miss_parts(breakdown, pred, meas, s.get("torch_peak_reserved_mib")) if kind == "GPU"
+                 else None)
         if parts is not None:
             (po, mo), (pp, mp) = parts["outside"], parts["pool"]
             if abs(po - mo) > abs(pp - mp):
