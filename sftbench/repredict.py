@@ -19,7 +19,8 @@ marked with where the miss lies: for GPU memory, outside torch's pool (context, 
 reserved), and in the pool the allocator's reserve or a term the predictor knows it leaves out
 (``memory.unmodelled_terms``), else the largest term of that prediction's breakdown. The summary gives, per folder
 and overall, the share of rows within the tolerance for the prediction stored in the row (``predicted_gpu_mib`` /
-``predicted_host_mib``, made by the predictor of that day) and for today's re-prediction. Reads only committed files; no torch, no deepspeed.
+``predicted_host_mib``, made by the predictor of that day) and for today's re-prediction. Reads only committed
+files; no torch, no deepspeed.
 """
 from __future__ import annotations
 
