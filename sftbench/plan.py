@@ -122,7 +122,7 @@ def plan(model: str, hw: Hardware, precision: str = "bf16", seq_len: int = 512, 
         if cfg is None and world > 1 and hw.nodes > 1:
             continue  # --ds none is DDP on one node here
         # train.py's defaults on a GPU: CUDA graphs where --cuda-graphs auto turns them on, which it does not where
-        # only the eager run fits
+        # the graphed run is predicted over the GPU's memory
         pred = planned_prediction(shape, memory.RunShape(cfg, world, precision, seq_len=seq_len, micro_batch=micro),
                                   memory.Limits(hw.gpu_mib, None))
         host_node = per_node_prediction(pred.to_json(), hw.nodes, hw.gpus_per_node, None)["host_mib_per_node"]
@@ -165,7 +165,8 @@ def render(rows: list[PlanRow], model: str, hw: Hardware, precision: str, seq_le
     n_fit = sum(1 for r in rows if r.fits)
     lines += ["", f"{n_fit} of {len(rows)} configurations fit. Predictions, not measurements (sftbench/memory.py); "
               f"'tight' = under {TIGHT:.0%} margin, within the predictor's error. CUDA graphs: what train.py's "
-              "--cuda-graphs auto runs there, counted in the GPU figure (off where only the eager run fits)."]
+              "--cuda-graphs auto runs there, counted in the GPU figure (off where the graphed run is predicted over "
+              "the GPU's memory)."]
     return "\n".join(lines)
 
 
