@@ -410,7 +410,7 @@ def main() -> int:
                 gpu_mem_used_mib=gpu.used_mib(),
                 torch_peak_alloc_mib=torch.cuda.max_memory_allocated(device) / MIB if cuda else None,
                 torch_peak_reserved_mib=torch.cuda.max_memory_reserved(device) / MIB if cuda else None,
-                host_rss_mib=host.rss_mib(), host_used_mib=host.used_mib(),
+                host_rss_mib=host.rss_mib(), host_rss_peak_mib=host.peak_rss_mib(), host_used_mib=host.used_mib(),
             )
 
         def between_steps(done: int) -> None:
@@ -439,6 +439,7 @@ def main() -> int:
             i = step - start_step  # this process's step index (the device tensors hold the remaining steps only)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+            host.reset_peak()  # the step's own host peak (CPU Adam's and a CPU run's transients), like the GPU's
             sync()
             t0 = time.perf_counter()
             loss_t = train_step(engine, dev_ids[i], dev_labels[i], dev_mask[i] if dev_mask is not None else None)
@@ -484,7 +485,7 @@ def main() -> int:
         say(f"done: {s['measured_steps']} measured steps, median {s['step_s_median']:.3f} s/it, "
             f"{s['tokens_per_s']:.0f} tok/s, epoch {metrics.epoch_text(summary_extra['epoch_s_measured'], s)}, "
             + (f"peak GPU {gpu_peak:.0f} MiB, " if gpu_peak is not None else "")
-            + f"peak RSS {s['host_rss_mib_peak']:.0f} MiB"
+            + f"peak RSS {s.get('host_rss_step_peak_mib') or s['host_rss_mib_peak']:.0f} MiB"
             if s.get("step_s_median") is not None else f"done ({stats.no_statistics_reason()})")
         if s.get("step_s_median") is not None and s.get("skipped_steps"):
             say(f"note: {s['skipped_steps']} overflow step(s) skipped their optimizer update and are left out of "

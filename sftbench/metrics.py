@@ -84,15 +84,43 @@ def percentile(xs: list[float], q: float) -> float | None:
 
 
 class HostProbe:
-    """Host memory of this process and of the machine (psutil)."""
+    """Host memory of this process and of the machine (psutil), and this process's peak RSS since a reset: the
+    kernel's high-water mark (``VmHWM`` in /proc/self/status), which writing "5" to /proc/self/clear_refs resets to
+    the current RSS (Linux 4.0+; elsewhere, or where the write is refused, the peak is None and the step records the
+    RSS at its end only)."""
 
-    def __init__(self) -> None:
+    def __init__(self, proc_dir: str = "/proc/self") -> None:
         import psutil
         self._psutil = psutil
         self._proc = psutil.Process(os.getpid())
+        self._proc_dir = proc_dir
+        self._peak_ok = os.path.exists(os.path.join(proc_dir, "clear_refs"))
 
     def rss_mib(self) -> float:
         return self._proc.memory_info().rss / MIB
+
+    def reset_peak(self) -> None:
+        """Start a new peak: the high-water mark becomes the current RSS (O(1) in the kernel, no page walk)."""
+        if not self._peak_ok:
+            return
+        try:
+            with open(os.path.join(self._proc_dir, "clear_refs"), "w") as f:
+                f.write("5")
+        except OSError:
+            self._peak_ok = False  # refused (permissions, an old kernel): no peaks from here on
+
+    def peak_rss_mib(self) -> float | None:
+        """The largest RSS since the last ``reset_peak`` (None where the kernel does not offer it)."""
+        if not self._peak_ok:
+            return None
+        try:
+            with open(os.path.join(self._proc_dir, "status"), encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024.0  # kB
+        except (OSError, ValueError, IndexError):
+            pass
+        return None
 
     def used_mib(self) -> float:
         vm = self._psutil.virtual_memory()
@@ -255,6 +283,7 @@ class StepStats:
             "torch_peak_alloc_mib": peak("torch_peak_alloc_mib"),
             "torch_peak_reserved_mib": peak("torch_peak_reserved_mib"),
             "host_rss_mib_peak": peak("host_rss_mib"),
+            "host_rss_step_peak_mib": peak("host_rss_peak_mib"),
             "host_used_mib_peak": peak("host_used_mib"),
             "steps_per_epoch": steps_per_epoch,
             "epoch_s_est": steps_per_epoch * med if med is not None else None,

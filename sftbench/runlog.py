@@ -38,14 +38,15 @@ META_KEYS = (
 STEP_KEYS = (
     "type", "step", "time", "elapsed_s", "step_s", "warmup", "samples_per_s", "tokens_per_s",
     "real_tokens_per_s", "loss", "lr", "loss_scale", "skipped", "tflops", "mfu_pct", "gpu_mem_used_mib",
-    "torch_peak_alloc_mib", "torch_peak_reserved_mib", "host_rss_mib", "host_used_mib",
+    "torch_peak_alloc_mib", "torch_peak_reserved_mib", "host_rss_mib", "host_rss_peak_mib", "host_used_mib",
 )
 EVAL_KEYS = ("type", "step", "epoch", "time", "eval_loss", "eval_tokens", "eval_samples", "eval_s")
 SUMMARY_KEYS = (
     "type", "status", "error", "time", "wall_s", "steps", "measured_steps", "skipped_steps", "step_s_median",
     "step_s_p90", "step_s_mean", "samples_per_s", "tokens_per_s", "tokens_per_s_per_gpu", "real_tokens_per_s",
     "tflops", "mfu_pct", "gpu_mem_used_mib_peak", "torch_peak_alloc_mib", "torch_peak_reserved_mib",
-    "host_rss_mib_peak", "host_used_mib_peak", "steps_per_epoch", "epoch_s_est", "epoch_s_measured", "final_loss",
+    "host_rss_mib_peak", "host_rss_step_peak_mib", "host_used_mib_peak", "steps_per_epoch", "epoch_s_est",
+    "epoch_s_measured", "final_loss",
     "first_loss", "synthesized", "eval_loss", "saved",
 )
 STATUSES = ("ok", "oom", "cuda_error", "error", "interrupted", "timeout", "killed")

@@ -1,7 +1,11 @@
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
 
+from conftest import REPO
 from sftbench import metrics
 from sftbench.pangu import count_params, preset_config
 
@@ -86,3 +90,24 @@ def test_percentile_is_nearest_rank(n, q, rank):
     # nearest rank: the ceil(q/100 * n)-th smallest value (values 1..n in shuffled order)
     xs = [float(v) for v in range(n, 0, -1)]
     assert metrics.percentile(xs, q) == rank
+
+
+def test_host_peak_is_the_high_water_mark_since_the_reset(tmp_path):
+    """The step's host peak: a transient freed before the read still counts, one freed before the reset does not;
+    without the kernel's reset file the peak is None (the record keeps only the RSS at the step's end)."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("the kernel's high-water-mark reset is Linux-only")
+    code = (
+        "from sftbench.metrics import HostProbe\n"
+        "h = HostProbe()\n"
+        "big = bytearray(400 * 2**20); big[::4096] = b'x' * len(big[::4096]); del big\n"  # touched, then freed
+        "h.reset_peak(); before = h.peak_rss_mib(); rss = h.rss_mib()\n"
+        "t = bytearray(200 * 2**20); t[::4096] = b'x' * len(t[::4096]); del t\n"
+        "print(before, rss, h.peak_rss_mib(), h.rss_mib())\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60, check=True)
+    before, rss, peak, after = map(float, out.stdout.split())
+    assert before < rss + 50  # the 400 MiB freed before the reset is not in the new peak
+    assert peak >= rss + 190 and after < peak - 150  # the 200 MiB transient after it is
+    fake = tmp_path / "proc"
+    fake.mkdir()
+    assert metrics.HostProbe(str(fake)).peak_rss_mib() is None  # no clear_refs: no peak, no error

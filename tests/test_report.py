@@ -467,3 +467,17 @@ def test_planned_runs_without_a_directory_are_named(sweep_dir, tmp_path):
     (sweep_dir / "plan.json").write_text(json.dumps(plan))
     report.make_report(sweep_dir, out2)
     assert "Planned but not run" not in (out2 / "results.md").read_text(encoding="utf-8")
+
+
+def test_host_ram_is_the_in_step_peak_where_the_steps_logged_it(tmp_path):
+    """Host RAM per run: every rank's high-water mark during its steps (host_rss_step_peak_mib) summed, where the
+    log has it; logs written before it keep the largest step-end RSS."""
+    root = tmp_path / "runs" / "cpu"
+    write_ok_run(root, "pangu-tiny__z1__bf16__cpu2", "pangu-tiny", "z1", "bf16", 2, 0.3, 0.0, 500.0, accel="cpu",
+                 summary_extra={"host_rss_step_peak_mib": 620.0})
+    write_ok_run(root, "pangu-tiny__z0__bf16__cpu2", "pangu-tiny", "z0", "bf16", 2, 0.3, 0.0, 500.0, accel="cpu")
+    out = tmp_path / "res"
+    report.make_report(root, out)
+    with open(out / "results.csv", newline="", encoding="utf-8") as f:
+        host = {r["run"]: float(r["host_rss_mib_sum_over_ranks"]) for r in csv.DictReader(f)}
+    assert host == {"pangu-tiny__z1__bf16__cpu2": 1240.0, "pangu-tiny__z0__bf16__cpu2": 1000.0}

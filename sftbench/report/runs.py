@@ -173,10 +173,16 @@ class Row:
             total += missing * total / len(vals)
         return total
 
+    def _host_rss(self) -> dict[int, float]:
+        """Every rank's peak RSS: the in-step high-water mark where the steps logged it (``host_rss_peak_mib``),
+        else the largest RSS read at a step's end (logs written before the high-water mark was recorded)."""
+        return (self._per_rank("host_rss_step_peak_mib", "host_rss_peak_mib")
+                or self._per_rank("host_rss_mib_peak", "host_rss_mib"))
+
     @property
     def host_rss_all_mib(self) -> float | None:
         """Sum of every rank's peak RSS, over every node."""
-        vals = self._per_rank("host_rss_mib_peak", "host_rss_mib")
+        vals = self._host_rss()
         return self._ranks_sum(vals, self.world) if vals else None
 
     @property
@@ -185,7 +191,7 @@ class Row:
         nodes, the largest node's sum (host RAM is a per-node figure)."""
         if self.nodes <= 1:
             return self.host_rss_all_mib
-        vals = self._per_rank("host_rss_mib_peak", "host_rss_mib")
+        vals = self._host_rss()
         per_node = []
         for ranks in nodes_mod.ranks_by_node(self.rank_metas).values():
             mine = {r: v for r, v in vals.items() if r in ranks}
