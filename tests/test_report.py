@@ -193,6 +193,11 @@ def test_compiled_runs_are_marked(tmp_path):
     assert by == {"pangu-2.6b__z1__bf16__g1": "model", "pangu-2.6b__z0__bf16__g1": "off"}
 
 
+def _report_md(root: Path, out: Path) -> str:
+    report.make_report(root, out)
+    return (out / "results.md").read_text(encoding="utf-8")
+
+
 def test_a_memory_prediction_outside_the_tolerance_is_marked_with_where_it_misses(tmp_path):
     """A row whose GPU or host prediction is more than 15% off its measurement gets a remark. GPU: the part that
     carries the gap (outside torch's pool, or the pool), then in the pool the allocator's reserve beyond its allocated
@@ -209,8 +214,7 @@ def test_a_memory_prediction_outside_the_tolerance_is_marked_with_where_it_misse
                  summary_extra={"torch_peak_alloc_mib": 55_000.0, "torch_peak_reserved_mib": 56_000.0})
     write_ok_run(root, "pangu-2.6b__z0__bf16__g1", "pangu-2.6b", "z0", "bf16", 1, 0.35, 79_311.0, 2_159.0)
     out = tmp_path / "res"
-    report.make_report(root, out)
-    md = (out / "results.md").read_text(encoding="utf-8")
+    md = _report_md(root, out)
     assert "`pangu-2.6b__z1__bf16__g1`: GPU" not in md  # 13.8% under: inside the band
     assert ("`pangu-2.6b__z1__bf16__g1`: host memory predicted 1,617 MiB, -28% of the measured 2,251 (outside ±15%): "
             "the prediction's largest term is `base_rss`." in md)
@@ -222,8 +226,7 @@ def test_a_memory_prediction_outside_the_tolerance_is_marked_with_where_it_misse
     write_ok_run(root, "pangu-2.6b__z2_5e8__bf16__g1", "pangu-2.6b", "z2_5e8", "bf16", 1, 0.49, 80_000.0, 2_251.0,
                  pred={**miss, "host_mib": 2_100.0},
                  summary_extra={"torch_peak_alloc_mib": 60_151.0, "torch_peak_reserved_mib": 72_000.0})
-    report.make_report(root, out)
-    md = (out / "results.md").read_text(encoding="utf-8")
+    md = _report_md(root, out)
     assert ("`pangu-2.6b__z2_5e8__bf16__g1`: GPU memory predicted 60,280 MiB, -25% of the measured 80,000 (outside "
             "±15%): torch's pool peaked at 72,000 MiB against the 60,280 predicted for it: the allocator reserved "
             "11,849 MiB beyond its allocated peak" in md)
@@ -238,8 +241,7 @@ def test_a_memory_prediction_outside_the_tolerance_is_marked_with_where_it_misse
                  9_168.0, pred={**miss, "gpu_mib": 5_644.0, "host_mib": 9_962.0,
                                 "gpu_breakdown_mib": {"params": 3_684.0, "cuda_context": 1_960.0}},
                  summary_extra={"torch_peak_alloc_mib": 3_300.0, "torch_peak_reserved_mib": 3_486.0})
-    report.make_report(root, out)
-    md = (out / "results.md").read_text(encoding="utf-8")
+    md = _report_md(root, out)
     assert ("`pangu-2.6b__z3_offload_param_overlap__bf16__g1`: GPU memory predicted 7,353 MiB, -26% of the measured "
             "9,893 (outside ±15%): torch's pool peaked at 8,500 MiB against the 6,013 predicted for it: ZeRO-3 "
             "`overlap_comm`: what its side streams allocate" in md)
