@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sftbench import memory
@@ -68,6 +68,7 @@ class PlanRow:
     step_kind: str | None = None  # "measured" / "estimated from N GPUs"
     step_source: str | None = None
     cuda_graphs: bool = False  # what train.py's --cuda-graphs auto runs, and the prediction counts
+    known_low: list = field(default_factory=list)  # memory.unmodelled_terms: what the GPU figure leaves out
 
 
 def config_names(config_dir: Path = CONFIG_DIR) -> list[str]:
@@ -133,7 +134,7 @@ def plan(model: str, hw: Hardware, precision: str = "bf16", seq_len: int = 512, 
         tight = bool(fits) and any(m is not None and m < TIGHT * lim for m, lim in ((gpu_margin, hw.gpu_mib),
                                                                                   (host_margin, hw.host_mib)))
         row = PlanRow(name, pred.stage, _offload(cfg), pred.gpu_mib, round(host_node, 1), gpu_margin, host_margin,
-                      fits, tight, cuda_graphs=pred.run.cuda_graphs)
+                      fits, tight, cuda_graphs=pred.run.cuda_graphs, known_low=memory.unmodelled_terms(cfg))
         row.step_s, row.step_kind, row.step_source = step_time(results or [], Path(model).name, name, precision,
                                                                seq_len, world, hw.gpu_name)
         out.append(row)
@@ -157,16 +158,21 @@ def render(rows: list[PlanRow], model: str, hw: Hardware, precision: str, seq_le
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fit = {True: "yes (tight)" if r.tight else "yes", False: "**no**", None: "?"}[r.fits]
+        if r.known_low and r.fits:
+            fit += " (low¹)"  # a figure known to be low: the footnote says by what
         step = f"{r.step_s:.2f} ({r.step_kind}, {r.step_source})" if r.step_s is not None else ""
         lines.append(f"| {r.config} | {'-' if r.stage is None else r.stage} | {r.offload} | "
                      f"{'on' if r.cuda_graphs else 'off'} | {r.gpu_mib:,.0f} | "
                      f"{_fmt_margin(r.gpu_margin_mib, hw.gpu_mib)} | {r.host_node_mib:,.0f} | "
                      f"{_fmt_margin(r.host_margin_mib, hw.host_mib)} | {fit} | {step} |")
     n_fit = sum(1 for r in rows if r.fits)
+    low = next((r.known_low[0] for r in rows if r.known_low and r.fits), None)
     lines += ["", f"{n_fit} of {len(rows)} configurations fit. Predictions, not measurements (sftbench/memory.py); "
               f"'tight' = under {TIGHT:.0%} margin, within the predictor's error. CUDA graphs: what train.py's "
               "--cuda-graphs auto runs there, counted in the GPU figure (off where the graphed run is predicted over "
               "the GPU's memory)."]
+    if low:
+        lines.append(f"¹ The GPU figure is known to be low: {low}.")
     return "\n".join(lines)
 
 

@@ -58,3 +58,16 @@ def test_cli_prints_the_table_and_refuses_what_it_cannot_plan():
     assert bad.returncode != 0 and "unknown model 'pangu-99b'" in bad.stderr
     cfg = subprocess.run(cmd + ["--configs", "z9"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert cfg.returncode != 0 and "unknown config 'z9'" in cfg.stderr
+
+
+def test_a_fit_whose_figure_is_known_to_be_low_says_so():
+    """ZeRO-3 with overlap_comm: the figure leaves out what its side streams allocate (the committed 2.6B rows
+    measured 24-33% above it), so a fitting row is marked and the footnote says why; the same config without
+    overlap_comm is not marked."""
+    hw = plan.Hardware(8, 1, 80 * plan.GB_MIB, 512 * plan.GB_MIB, None)
+    rows = plan.plan("pangu-13b", hw, "bf16", 512, ["z3_offload_param", "z3_offload_param_overlap"], [])
+    by = {r.config: r for r in rows}
+    assert by["z3_offload_param_overlap"].known_low and not by["z3_offload_param"].known_low
+    text = plan.render(rows, "pangu-13b", hw, "bf16", 512)
+    assert "| yes (low¹) |" in text and text.count("(low¹)") == 1
+    assert "¹ The GPU figure is known to be low: ZeRO-3 `overlap_comm`" in text
