@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 from sftbench import memory, repredict
 from sftbench.presets import model_shape
@@ -94,3 +96,26 @@ def test_run_shape_follows_the_meta(tmp_path):
     outside = ("cuda_context", "nccl")
     assert {k: v for k, v in today.items() if k not in outside} == {k: v for k, v in stored.items() if k not in outside}
     assert today["cuda_context"] + today["nccl"] == 770 + 570 != stored["cuda_context"]
+
+
+def test_a_folder_correction_moves_the_named_rows_and_says_why(tmp_path):
+    """corrections.json: the named runs' GPU measurement is compared at the corrected value, marked, with the why
+    under the table; other rows and the host column are untouched; a malformed file names itself and the key."""
+    folder, gpu, host = _folder(tmp_path)
+    why = "NVML v1 counted the driver reserve"
+    (folder / "corrections.json").write_text(json.dumps(
+        {"gpu_mem_used_mib": {"add_mib": -0.2 * gpu, "runs": ["over20"], "why": why}}))
+    res = repredict.repredict([folder])
+    by = {r["run"]: r for r in res["rows"]}
+    assert by["over20"]["gpu_measured_mib"] == pytest.approx(gpu) and by["over20"]["gpu_ok"] is True
+    assert by["over20"]["host_measured_mib"] == pytest.approx(1.2 * host) and by["over20"]["host_ok"] is False
+    assert "gpu_corrected" not in by["exact"] and by["exact"]["gpu_measured_mib"] == pytest.approx(gpu)
+    md = repredict.to_markdown(res)
+    assert f"| synthetic | over20 | {gpu:.0f}* |" in md and "\\* synthetic: GPU measured corrected " in md
+    assert why in md
+    (folder / "corrections.json").write_text(json.dumps({"host_rss_mib": {"add_mib": 1, "runs": [], "why": "x"}}))
+    with pytest.raises(SystemExit, match="corrections.json: 'host_rss_mib': only 'gpu_mem_used_mib'"):
+        repredict.repredict([folder])
+    (folder / "corrections.json").write_text(json.dumps({"gpu_mem_used_mib": {"add_mib": "-480", "runs": []}}))
+    with pytest.raises(SystemExit, match="needs 'add_mib' \\(a number\\), 'runs' \\(a list\\) and 'why'"):
+        repredict.repredict([folder])
