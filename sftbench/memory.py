@@ -529,8 +529,12 @@ def predict(model: ModelShape, run: RunShape, limits: Limits = Limits(), k: Cons
     if run.cuda:
         nccl = stage is not None or W > 1
         gpu["cuda_context"] = (k.cuda_context_mib + (k.cuda_graphs_exec_mib if run.cuda_graphs else 0)) * MIB
-        gpu["nccl"] = (0 if not nccl else k.nccl_mib if W == 1
-                       else k.nccl_peers_mib + (k.deepspeed_groups_mib if stage is not None else 0)) * MIB
+        if not nccl:
+            gpu["nccl"] = 0.0
+        elif W == 1:  # a group of one rank (DeepSpeed makes one even for a single GPU)
+            gpu["nccl"] = k.nccl_mib * MIB
+        else:  # a group with peers, and DeepSpeed's own groups beside it
+            gpu["nccl"] = (k.nccl_peers_mib + (k.deepspeed_groups_mib if stage is not None else 0)) * MIB
         host["nccl"] = (k.nccl_host_mib if nccl else 0) * MIB * W
         host["deepspeed"] = (k.deepspeed_host_mib if stage is not None else 0) * MIB * W
         host["device_tensors"] = 0
@@ -574,18 +578,42 @@ def gpu_miss_parts(breakdown: dict | None, predicted_mib: float | None, used_mib
     return {"outside": (outside, used_mib - reserved_mib), "pool": (predicted_mib - outside, reserved_mib)}
 
 
-def unmodelled_terms(ds_config: dict | None) -> list[str]:
-    """GPU memory this predictor knows it leaves out for a config, each with the evidence: what an under-predicted
-    row of that config names first."""
+def unmodelled_terms(ds_config: dict | None) -> list[tuple[str, str]]:
+    """GPU memory this predictor knows it leaves out for a config, as (name, evidence): what an under-predicted row
+    of that config names first, and what the plan footnotes."""
     z = (ds_config or {}).get("zero_optimization") or {}
     stage = int(z.get("stage") or 0) if ds_config is not None else None
     out = []
     overlap = z.get("overlap_comm")
     if stage == 3 and (overlap is None or bool(overlap)):  # DeepSpeed's default for stage 3 is on
-        out.append("ZeRO-3 `overlap_comm`: what its side streams allocate (torch's allocator caches blocks per stream) "
-                   "is not modelled (Pangu-2.6B with parameter offload measured 24-33% above its prediction on 1-3 "
-                   "GPUs, results/repredict.md); the same configs without it are predicted within ±7%")
+        out.append(("ZeRO-3 `overlap_comm`",
+                    "what its side streams allocate (torch's allocator caches blocks per stream) is not modelled "
+                    "(Pangu-2.6B with parameter offload measured 24-33% above its prediction on 1-3 GPUs, "
+                    "results/repredict.md); the same configs without it are predicted within ±7%"))
     return out
+
+
+def locate_gpu_miss(breakdown: dict | None, predicted_mib: float | None, used_mib: float | None,
+                    reserved_mib: float | None, allocated_mib: float | None, ds_config: dict | None) -> dict | None:
+    """Where a GPU prediction outside the tolerance misses, for the report's and repredict's remarks (each words
+    it): ``where`` is "outside" (torch's pool: context and NCCL) or "pool", whichever part carries more of the gap
+    (``gpu_miss_parts`` gives both, predicted and measured); in an under-predicted pool the ``cause`` is "reserve"
+    where the allocator's reserve beyond its allocated peak (``reserve_mib``) covers at least half the gap, else
+    "unmodelled" where the config has ``unmodelled_terms`` (``unmodelled``), else None. None without the numbers."""
+    parts = gpu_miss_parts(breakdown, predicted_mib, used_mib, reserved_mib)
+    if parts is None:
+        return None
+    (po, mo), (pp, mp) = parts["outside"], parts["pool"]
+    reserve = reserved_mib - allocated_mib if allocated_mib is not None else None
+    gaps = unmodelled_terms(ds_config)
+    cause = None
+    if abs(po - mo) <= abs(pp - mp) and mp > pp:  # the pool, under-predicted
+        if reserve is not None and reserve >= (mp - pp) / 2:  # most of the gap
+            cause = "reserve"
+        elif gaps:
+            cause = "unmodelled"
+    return {**parts, "where": "outside" if abs(po - mo) > abs(pp - mp) else "pool", "cause": cause,
+            "reserve_mib": reserve, "unmodelled": gaps}
 
 
 def summarize(pred: dict | None) -> str:

@@ -68,7 +68,7 @@ class PlanRow:
     step_kind: str | None = None  # "measured" / "estimated from N GPUs"
     step_source: str | None = None
     cuda_graphs: bool = False  # what train.py's --cuda-graphs auto runs, and the prediction counts
-    known_low: list = field(default_factory=list)  # memory.unmodelled_terms: what the GPU figure leaves out
+    known_low: list = field(default_factory=list)  # memory.unmodelled_terms: (name, evidence) the GPU figure leaves out
 
 
 def config_names(config_dir: Path = CONFIG_DIR) -> list[str]:
@@ -166,7 +166,7 @@ def render(rows: list[PlanRow], model: str, hw: Hardware, precision: str, seq_le
                      f"{_fmt_margin(r.gpu_margin_mib, hw.gpu_mib)} | {r.host_node_mib:,.0f} | "
                      f"{_fmt_margin(r.host_margin_mib, hw.host_mib)} | {fit} | {step} |")
     n_fit = sum(1 for r in rows if r.fits)
-    low = next((r.known_low[0] for r in rows if r.known_low and r.fits), None)
+    low = next((f"{name}: {evidence}" for r in rows if r.fits for name, evidence in r.known_low), None)
     lines += ["", f"{n_fit} of {len(rows)} configurations fit. Predictions, not measurements (sftbench/memory.py); "
               f"'tight' = under {TIGHT:.0%} margin, within the predictor's error. CUDA graphs: what train.py's "
               "--cuda-graphs auto runs there, counted in the GPU figure (off where the graphed run is predicted over "

@@ -160,19 +160,18 @@ def folder_rows(folder: str | os.PathLike, tolerance: float = memory.TOLERANCE_P
 
 
 def _gpu_miss_where(row: dict, pred: dict, meta: dict, reserved: float | None, alloc: float | None) -> str:
-    """Where a GPU miss lies, as the report words it: outside torch's pool or in it, then in the pool the
-    allocator's reserve beyond its allocated peak (if it covers half the gap) or a term the predictor leaves out."""
-    parts = memory.gpu_miss_parts(pred["gpu_breakdown_mib"], pred["gpu_mib"], row["gpu_measured_mib"], reserved)
-    if parts is None:
+    """Where a GPU miss lies (``memory.locate_gpu_miss``), in a few words for the table's last column."""
+    miss = memory.locate_gpu_miss(pred["gpu_breakdown_mib"], pred["gpu_mib"], row["gpu_measured_mib"], reserved,
+                                  alloc, meta.get("ds_config"))
+    if miss is None:
         return f"largest: {row['gpu_miss_term']}"
-    (po, mo), (pp, mp) = parts["outside"], parts["pool"]
-    if abs(po - mo) > abs(pp - mp):
+    (po, mo), (pp, mp) = miss["outside"], miss["pool"]
+    if miss["where"] == "outside":
         return f"outside the pool: {mo:.0f} measured, {po:.0f} predicted"
-    gaps = memory.unmodelled_terms(meta.get("ds_config")) if meta.get("ds_config") else []
-    if mp > pp and alloc is not None and reserved - alloc >= (mp - pp) / 2:
-        return f"pool: allocator reserve {reserved - alloc:.0f} MiB beyond the allocated peak"
-    if mp > pp and gaps:
-        return "pool: not modelled: " + gaps[0].split(":")[0]
+    if miss["cause"] == "reserve":
+        return f"pool: allocator reserve {miss['reserve_mib']:.0f} MiB beyond the allocated peak"
+    if miss["cause"] == "unmodelled":
+        return "pool: not modelled: " + miss["unmodelled"][0][0]
     return f"pool: {mp:.0f} measured, {pp:.0f} predicted; largest: {row['gpu_miss_term']}"
 
 

@@ -222,22 +222,21 @@ def prediction_misses(r: Row) -> list[str]:
         breakdown = (r.predicted or {}).get(f"{kind.lower()}_breakdown_mib")
         term = memory.largest_term(breakdown)
         why = f"the prediction's largest term is `{term}`" if term else "the prediction kept no breakdown"
-        parts = (memory.gpu_miss_parts(breakdown, pred, meas, s.get("torch_peak_reserved_mib")) if kind == "GPU"
-                 else None)
-        if parts is not None:
-            (po, mo), (pp, mp) = parts["outside"], parts["pool"]
-            if abs(po - mo) > abs(pp - mp):
+        miss = (memory.locate_gpu_miss(breakdown, pred, meas, s.get("torch_peak_reserved_mib"),
+                                       s.get("torch_peak_alloc_mib"), r.meta.get("ds_config")) if kind == "GPU"
+                else None)
+        if miss is not None:
+            (po, mo), (pp, mp) = miss["outside"], miss["pool"]
+            if miss["where"] == "outside":
                 why = (f"outside torch's pool (CUDA context, NCCL) it measured {mo:,.0f} MiB against the "
                        f"{po:,.0f} predicted (`cuda_context` + `nccl`); the pool {mp:,.0f} against {pp:,.0f}")
             else:
                 why = f"torch's pool peaked at {mp:,.0f} MiB against the {pp:,.0f} predicted for it"
-                cached = (s.get("torch_peak_reserved_mib") or 0) - (s.get("torch_peak_alloc_mib") or 0)
-                gaps = memory.unmodelled_terms(r.meta.get("ds_config")) if r.meta.get("ds_config") else []
-                if err < 0 and cached >= (mp - pp) / 2:  # most of the gap
-                    why += (f": the allocator reserved {cached:,.0f} MiB beyond its allocated peak (cached segments "
-                            "and any CUDA-graph pool's working memory, not modelled)")
-                elif err < 0 and gaps:
-                    why += ": " + "; ".join(gaps)
+                if miss["cause"] == "reserve":
+                    why += (f": the allocator reserved {miss['reserve_mib']:,.0f} MiB beyond its allocated peak "
+                            "(cached segments and any CUDA-graph pool's working memory, not modelled)")
+                elif miss["cause"] == "unmodelled":
+                    why += ": " + "; ".join(f"{name}: {evidence}" for name, evidence in miss["unmodelled"])
                 elif term:
                     why += f"; its largest term is `{term}`"
         out.append(f"`{r.run}`: {kind} memory predicted {pred:,.0f} MiB, {err:+.0f}% of the measured {meas:,.0f} "
