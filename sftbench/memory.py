@@ -588,8 +588,9 @@ def unmodelled_terms(ds_config: dict | None) -> list[tuple[str, str]]:
     if stage == 3 and (overlap is None or bool(overlap)):  # DeepSpeed's default for stage 3 is on
         out.append(("ZeRO-3 `overlap_comm`",
                     "what its side streams allocate (torch's allocator caches blocks per stream) is not modelled "
-                    "(Pangu-2.6B with parameter offload measured 24-33% above its prediction on 1-3 GPUs, "
-                    "results/repredict.md); the same configs without it are predicted within ±7%"))
+                    "(Pangu-2.6B with parameter offload measured 24-36% above its prediction on 1-3 GPUs, at the "
+                    "allocated peak of the same config without it and 1.9-2.5 GB more reserved, "
+                    "results/repredict.md); the same configs without it are predicted within ±9%"))
     return out
 
 

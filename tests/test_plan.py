@@ -62,7 +62,7 @@ def test_cli_prints_the_table_and_refuses_what_it_cannot_plan():
 
 def test_a_fit_whose_figure_is_known_to_be_low_says_so():
     """ZeRO-3 with overlap_comm: the figure leaves out what its side streams allocate (the committed 2.6B rows
-    measured 24-33% above it), so a fitting row is marked and the footnote says why; the same config without
+    measured 24-36% above it), so a fitting row is marked and the footnote says why; the same config without
     overlap_comm is not marked."""
     hw = plan.Hardware(8, 1, 80 * plan.GB_MIB, 512 * plan.GB_MIB, None)
     rows = plan.plan("pangu-13b", hw, "bf16", 512, ["z3_offload_param", "z3_offload_param_overlap"], [])

@@ -235,6 +235,8 @@ def prediction_misses(r: Row) -> list[str]:
                 if miss["cause"] == "reserve":
                     why += (f": the allocator reserved {miss['reserve_mib']:,.0f} MiB beyond its allocated peak "
                             "(cached segments and any CUDA-graph pool's working memory, not modelled)")
+                    # the config's known gap is the likely cause of that reserve: name it beside the number
+                    why += "".join(f"; not modelled for this config: {name}" for name, _ in miss["unmodelled"])
                 elif miss["cause"] == "unmodelled":
                     why += ": " + "; ".join(f"{name}: {evidence}" for name, evidence in miss["unmodelled"])
                 elif term:
