@@ -19,10 +19,10 @@ from pathlib import Path
 
 
 def read_smi(path: Path) -> list[tuple[float, float]]:
-    """(unix time, MiB) per sample line of ``--format=csv,noheader`` output (timestamps in the host's zone)."""
+    """(unix time, MiB) per sample line of ``--format=csv`` output, header or not (timestamps in the host's zone)."""
     out = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
+        if not line.strip() or line.startswith("timestamp,"):  # plain --format=csv writes this header once
             continue
         try:
             stamp, mem = (p.strip() for p in line.split(",")[:2])

@@ -54,3 +54,11 @@ def test_a_malformed_line_names_the_file_and_line(tmp_path):
     smi.write_text(smi.read_text() + "not a sample\n")
     p = _run(runs, smi)
     assert p.returncode != 0 and f"{smi}:2:" in p.stderr
+
+
+def test_the_header_of_plain_csv_output_is_skipped(tmp_path):
+    # `--format=csv` without noheader starts with this line; the samples after it are checked as usual.
+    runs, smi = _setup(tmp_path, [(15, 900), (25, 650)])
+    smi.write_text("timestamp, memory.used [MiB]\n" + smi.read_text())
+    p = _run(runs, smi)
+    assert p.returncode == 1 and "2 samples, 1 equal to the MiB" in p.stdout, p.stdout + p.stderr
