@@ -151,6 +151,8 @@ def main(argv=None) -> int:
     w = args.warmup_steps
     cuda = device.type == "cuda"
     marks: list = []  # one per step boundary: CUDA events on GPU, perf_counter on CPU
+    skip: set[int] = set()  # intervals that are not a step: marks[i-1] -> marks[i] spans writing the profile
+    paused_s = 0.0  # host time spent writing the profile, out of the wall-clock figure too
 
     def mark() -> None:
         if cuda:
@@ -185,17 +187,24 @@ def main(argv=None) -> int:
         mark()
         if prof is not None:
             sync()
+            t_write = time.perf_counter()
             prof.stop()
             write_profile(prof, args.profile, cuda, f"{model_name} {args.ds} ZeRO {zero_stage} {precision} "
                                                     f"compile={target}/{args.compile_mode}, one optimizer step "
                                                     f"({ga} micro-batches)")
             prof = None
+            # Writing the tables and the timeline takes seconds with the GPU idle: start the next step's interval
+            # after it, so that neither that step nor the wall-clock figure counts it.
+            paused_s = time.perf_counter() - t_write
+            mark()
+            skip.add(len(marks) - 1)
     sync()
-    wall = time.perf_counter() - t_meas
+    wall = time.perf_counter() - t_meas - paused_s
+    pairs = [(marks[i - 1], marks[i]) for i in range(1, len(marks)) if i not in skip]
     if cuda:
-        step_times = [a.elapsed_time(b) / 1000.0 for a, b in zip(marks, marks[1:])]
+        step_times = [a.elapsed_time(b) / 1000.0 for a, b in pairs]
     else:
-        step_times = [b - a for a, b in zip(marks, marks[1:])]
+        step_times = [b - a for a, b in pairs]
     final_loss = float(out.loss.detach().float().item())
 
     if rank == 0:
@@ -256,38 +265,51 @@ def phase_table(trace: dict) -> list[str]:
     return out
 
 
+def kernel_family(name: str) -> str:
+    n = name.lower()
+    return ("gemm" if any(k in n for k in ("gemm", "cutlass", "sm90", "cublas", "nvjet", "matmul")) else
+            "attention" if any(k in n for k in ("flash", "fmha", "attention", "sdpa")) else
+            "memcpy/memset" if "memcpy" in n or "memset" in n else
+            "optimizer" if any(k in n for k in ("adam", "multi_tensor", "foreach")) else
+            "triton (compiled)" if "triton" in n else
+            "reduce/norm" if any(k in n for k in ("reduce", "norm")) else "elementwise/other")
+
+
+def family_table(trace: dict) -> list[str]:
+    """Device busy time by kernel family, from the trace's kernels, copies and memsets only: the GPU-side ranges
+    the profiler also records for every named range (the phases, a graph replay's autograd node) span kernels
+    rather than being kernels, and counting them would add the same time again. Markdown lines."""
+    fams: dict[str, float] = {}
+    n = 0
+    for e in trace.get("traceEvents", []):
+        if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
+            fam = "memcpy/memset" if e["cat"] != "kernel" else kernel_family(e["name"])
+            fams[fam] = fams.get(fam, 0.0) + e["dur"]
+            n += 1
+    busy_us = sum(fams.values())
+    out = [f"device busy (sum of kernel times): {busy_us / 1e3:.1f} ms, {n} kernels", "",
+           "| kernel family | ms | share of busy |", "|---|---|---|"]
+    for fam, us in sorted(fams.items(), key=lambda kv: -kv[1]):
+        out.append(f"| {fam} | {us / 1e3:.2f} | {100 * us / max(busy_us, 1):.1f}% |")
+    return out
+
+
 def write_profile(prof, path: str, cuda: bool, title: str) -> None:
     """Where one step's time goes: device busy time by kernel family (GEMM, attention, elementwise...), against the
     step's wall time, then the top operators by device time and by host time."""
     events = prof.key_averages()
-    lines = [f"# profile: {title}", ""]
+    trace_path = Path(path).with_suffix(".trace.json")  # the timeline, for chrome://tracing or Perfetto
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(trace_path))
+    trace = json.loads(trace_path.read_text(encoding="utf-8"))
+    lines = [f"# profile: {title}", ""] + phase_table(trace) + [""]
     if cuda:
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        busy_us = sum(e.device_time for e in kernels) if kernels and hasattr(kernels[0], "device_time") else \
-            sum(e.cuda_time for e in kernels)
-        fams: dict[str, float] = {}
-        for e in kernels:
-            n = e.name.lower()
-            fam = ("gemm" if any(k in n for k in ("gemm", "cutlass", "sm90", "cublas", "nvjet", "matmul")) else
-                   "attention" if any(k in n for k in ("flash", "fmha", "attention", "sdpa")) else
-                   "memcpy/memset" if "memcpy" in n or "memset" in n else
-                   "optimizer" if any(k in n for k in ("adam", "multi_tensor", "foreach")) else
-                   "triton (compiled)" if "triton" in n else
-                   "reduce/norm" if any(k in n for k in ("reduce", "norm")) else "elementwise/other")
-            fams[fam] = fams.get(fam, 0.0) + (e.device_time if hasattr(e, "device_time") else e.cuda_time)
-        lines += [f"device busy (sum of kernel times): {busy_us / 1e3:.1f} ms, {len(kernels)} kernels", "",
-                  "| kernel family | ms | share of busy |", "|---|---|---|"]
-        for fam, us in sorted(fams.items(), key=lambda kv: -kv[1]):
-            lines.append(f"| {fam} | {us / 1e3:.2f} | {100 * us / max(busy_us, 1):.1f}% |")
-        lines += ["", "## top operators by device time", "",
+        lines += family_table(trace)
+        lines += ["", "## top operators by device time (the named ranges are the loop's phases, not kernels)", "",
                   events.table(sort_by="self_cuda_time_total" if not hasattr(events[0], "self_device_time_total")
                                else "self_device_time_total", row_limit=25, max_name_column_width=70)]
     lines += ["", "## top operators by host time", "",
               events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70)]
-    trace = Path(path).with_suffix(".trace.json")  # the timeline, for chrome://tracing or Perfetto
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    prof.export_chrome_trace(str(trace))
-    lines[2:2] = phase_table(json.loads(trace.read_text(encoding="utf-8"))) + [""]
     Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"profile written to {path}", flush=True)
 

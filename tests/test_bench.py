@@ -312,3 +312,45 @@ def test_profile_phase_table_attributes_kernels_to_the_phase_that_launched_them(
     assert got[2:] == ["| micro.forward | 2 | 2.00 | 1 | 0.80 |", "| micro.backward | 1 | 2.00 | 1 | 1.50 |",
                        "| boundary.step | 1 | 5.00 | 1 | 0.25 |"]
     assert bare.phase_table({"traceEvents": []}) == ["(no named phases in the trace)"]
+
+
+def test_profile_family_table_counts_kernels_not_the_gpu_side_ranges_around_them():
+    """The kernel-family table sums kernels, copies and memsets only: the GPU-side range the profiler records for
+    each named phase (``gpu_user_annotation``) spans those kernels and must not be counted again."""
+    bare = load("bare_engine")
+
+    def x(cat, name, ts, dur):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "args": {}}
+    trace = {"traceEvents": [
+        x("gpu_user_annotation", "micro.backward", 0, 5000), x("gpu_user_annotation", "_ReplayBackward", 0, 4000),
+        x("kernel", "nvjet_sm90_tst_320x128_NTT", 0, 3000), x("kernel", "vectorized_elementwise_kernel", 3000, 500),
+        x("gpu_memcpy", "Memcpy DtoH (Device -> Pinned)", 3500, 1000), x("gpu_memset", "Memset", 4500, 500),
+        x("cuda_runtime", "cudaLaunchKernel", 0, 10),
+    ]}
+    got = bare.family_table(trace)
+    assert got[0] == "device busy (sum of kernel times): 5.0 ms, 4 kernels"
+    assert got[4:] == ["| gemm | 3.00 | 60.0% |", "| memcpy/memset | 1.50 | 30.0% |",
+                       "| elementwise/other | 0.50 | 10.0% |"]
+
+
+@pytest.mark.slow
+def test_bare_engine_profile_cpu_leaves_the_writing_out_of_the_step_times(tmp_path):
+    """bare_engine --profile for real on CPU: the profile has its phase table, and the seconds spent writing it
+    (the GPU idle) count in no step and not in the wall-clock figure."""
+    from sftbench.buildenv import free_port
+    prof, out = tmp_path / "prof.md", tmp_path / "bare.json"
+    p = run([sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--master_port", str(free_port()),
+             "--num_gpus", "1", "bench/bare_engine.py", "--ds", "ds_configs/z1.json", "--model", "pangu-tiny",
+             "--steps", "5", "--warmup-steps", "1", "--seq-len", "32", "--data", "data/sample_sft.jsonl",
+             "--cache-dir", str(tmp_path / "cache"), "--profile", str(prof), "--out", str(out)], cpu_env(), timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    text = prof.read_text()
+    assert "| boundary.step | 1 |" in text and "## top operators by host time" in text
+    res = json.loads(out.read_text())
+    times = res["step_times_s"]
+    assert len(times) == 5  # one per step: the writing is no interval of its own
+    # Step 2 (profiled) is slowed by the profiler itself; step 3 came right after the writing and is a plain step.
+    plain = sorted(times[3:])
+    assert times[2] < 2 * plain[-1] + 0.05, times
+    measured = times[1:]
+    assert abs(res["step_s_wall"] - sum(measured) / len(measured)) < 0.25 * max(measured), (res["step_s_wall"], times)
