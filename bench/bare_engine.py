@@ -266,6 +266,7 @@ def phase_table(trace: dict) -> list[str]:
 
 
 def kernel_family(name: str) -> str:
+    """The family a kernel's name puts it in (a rough cut by name, for the profile's table)."""
     n = name.lower()
     return ("gemm" if any(k in n for k in ("gemm", "cutlass", "sm90", "cublas", "nvjet", "matmul")) else
             "attention" if any(k in n for k in ("flash", "fmha", "attention", "sdpa")) else
