@@ -263,13 +263,13 @@ def main() -> int:
             checkpoint.check_resumable(resume_dir, resume_state, identity, max_steps)
             checkpoint.load_engine_state(engine, resume_dir, is_deepspeed=args.deepspeed, rank=rank)
             say(f"resumed from step {start_step} ({resume_dir})")
-        graphs_pool_mib, graph_accum, graph_accum_why = None, False, "off: no CUDA graphs"  # kept if capture fails
+        graphs_pool_mib, graph_how = None, graphs.NOT_CAPTURED  # kept if capture fails
         if use_graphs:  # after initialize (ZeRO re-points the weights into its flat buffers) and after any resume
             first = slice(0, micro_batch)  # the first samples' shapes: every micro-batch of the loop has them
             sample = {"input_ids": dataset.input_ids[first].to(device), "labels": dataset.labels[first].to(device),
                       "attention_mask": dataset.attention_mask[first].to(device) if use_pad_mask else None}
             try:
-                graphed, graph_accum, graph_accum_why = graphs.graph_engine(engine, sample, args.graph_accum)
+                graphed, graph_how = graphs.graph_engine(engine, sample, args.graph_accum, args.graph_wgrad)
                 graphs_pool_mib = graphed.pool_mib
             except graphs.GraphError as e:
                 if args.cuda_graphs == "on":
@@ -330,8 +330,7 @@ def main() -> int:
                            "compile": compile_target, "compile_why": compile_why,
                            "compile_mode": args.compile_mode if compile_target != "off" else None,
                            "cuda_graphs": use_graphs, "cuda_graphs_why": graphs_why,
-                           "cuda_graphs_pool_mib": graphs_pool_mib, "graph_accum": graph_accum,
-                           "graph_accum_why": graph_accum_why, "ds_throughput_timer": timer_why,
+                           "cuda_graphs_pool_mib": graphs_pool_mib, **graph_how, "ds_throughput_timer": timer_why,
                            "batches_on_device": True},
             predicted=predicted,
             versions={"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -353,7 +352,10 @@ def main() -> int:
             f"{steps_per_epoch} steps/epoch, {max_steps} steps; log: {run_dir}")
         say(f"speed: compile {compile_target} ({compile_why}); cuda graphs {'on' if use_graphs else 'off'} "
             f"({graphs_why})" + (f", graphs hold {graphs_pool_mib:.0f} MiB; gradients accumulated "
-                                 f"{'in the graphs' if graph_accum else 'by the engine'} ({graph_accum_why})"
+                                 f"{'in the graphs' if graph_how['graph_accum'] else 'by the engine'} "
+                                 f"({graph_how['graph_accum_why']}); weight gradients added "
+                                 f"{'in the GEMMs' if graph_how['graph_wgrad'] else 'by autograd'} "
+                                 f"({graph_how['graph_wgrad_why']})"
                                  if graphs_pool_mib is not None else ""))
         if timer_why:
             say(f"speed: {timer_why}")

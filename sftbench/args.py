@@ -99,6 +99,11 @@ class HarnessArgs:
                              "--ds none; the same additions in the same order, the per-parameter work once per "
                              "step) or 'off' (hand every micro-batch's gradients over, as eager mode does).",
                              default="auto")
+    graph_wgrad: str = _help("With CUDA graphs on: each linear layer adds its weight gradient into the gradient "
+                             "buffer inside the weight-gradient GEMM (and its bias gradient in one matrix-vector "
+                             "product) instead of a separate add per parameter per micro-batch: 'auto' (default: "
+                             "where the weights and the GEMM share a dtype, i.e. not the plain loop's autocast) or "
+                             "'off'.", default="auto")
     save: str | None = _help("Save folder: at the end the model is saved here as a transformers folder "
                              "(from_pretrained after `import sftbench`) that also holds the state to resume from. "
                              "Nothing is saved without it.", default=None)
@@ -161,10 +166,11 @@ class HarnessArgs:
             check_compile(self.compile, self.compile_mode)
         except SpeedError as e:
             raise ArgsError(str(e)) from None
-        from sftbench.graphs import check_accum_mode, check_mode
+        from sftbench.graphs import check_accum_mode, check_mode, check_wgrad_mode
         try:
             check_mode(self.cuda_graphs)
             check_accum_mode(self.graph_accum)
+            check_wgrad_mode(self.graph_wgrad)
         except ValueError as e:
             raise ArgsError(str(e)) from None
         if self.data is not None and not os.path.isfile(self.data):

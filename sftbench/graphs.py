@@ -19,6 +19,12 @@ What is captured, and what is not (so DeepSpeed computes exactly what it is told
   micro-batch (same additions, same order). Before the boundary the replay's only autograd input is one anchor
   leaf, so autograd visits none of the parameters' nodes (on Pangu-350M those ~390 visits and ZeRO hooks were most
   of a micro-batch's host time). Elsewhere every micro-batch's gradients are handed over.
+* Inside the backward graph each linear layer's weight gradient is added into its static buffer by the
+  weight-gradient GEMM itself (cuBLAS with beta = 1) and its bias gradient by one matrix-vector product
+  (``fused_wgrad``; ``--graph-wgrad``), instead of a GEMM or reduction into a new tensor and then an add kernel per
+  parameter per micro-batch (on Pangu-2.6B those adds read and write the 5 GB of bf16 gradients three times over per
+  micro-batch). The sum is rounded to the weights' dtype once per micro-batch, as the add was; the GEMM adds before
+  that rounding, so the sums differ from eager's within that dtype's rounding.
 * The handed-over buffers stay referenced here, so autograd never steals one as ``param.grad`` (the next replay
   would overwrite it); it copies or adds instead, as in eager mode.
 * Dropout draws fresh masks at every replay: CUDA graph capture registers the RNG state and every replay advances
@@ -132,6 +138,101 @@ def _submodule_hooks(model) -> list[str]:
     return found
 
 
+WGRAD_MODES = ("auto", "off")
+
+
+def check_wgrad_mode(mode: str) -> None:
+    if mode not in WGRAD_MODES:
+        raise ValueError(f"--graph-wgrad must be one of {', '.join(WGRAD_MODES)}, got {mode!r}")
+
+
+def resolve_wgrad(mode: str, amp_dtype) -> tuple[bool, str]:
+    """Whether the graphs' linear layers add their weight and bias gradients inside the GEMM (``fused_wgrad``), and
+    why (the meta record's ``graph_wgrad_why``)."""
+    check_wgrad_mode(mode)
+    if mode == "off":
+        return False, "off: asked for"
+    if amp_dtype is not None:  # autocast: the GEMM runs in the autocast dtype, the gradient buffers are the weights'
+        return False, "auto: the plain loop's autocast computes in another dtype than the gradient buffers"
+    return True, f"auto: {WGRAD_MEASURED}"
+
+
+# The evidence for ``auto`` (bench/levers.py, same call, graphs on, --graph-wgrad off then auto; docs/performance.md).
+WGRAD_MEASURED = "measured faster with the graphs (1 x H200, bf16; docs/performance.md)"
+
+
+def _accum_linear():
+    """The autograd Function of a linear layer whose backward adds into the parameters' ``.grad`` itself (built on
+    first use: this module is torch-free at import)."""
+    global _ACCUM_LINEAR
+    if _ACCUM_LINEAR is not None:
+        return _ACCUM_LINEAR
+    import torch
+    import torch.nn.functional as F
+
+    ones: dict = {}  # a ones vector per (rows, dtype, device), allocated at warm-up, read by the captured graphs
+
+    class AccumLinear(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight, bias):
+            ctx.save_for_backward(x, weight)
+            ctx.leaves = (weight, bias)  # the shadow leaves themselves: their .grad are the static buffers
+            return F.linear(x, weight, bias)
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad):
+            x, weight = ctx.saved_tensors
+            w_leaf, b_leaf = ctx.leaves
+            g = grad.reshape(-1, grad.shape[-1])
+            x2 = x.reshape(-1, x.shape[-1])
+            gx = (g @ weight).view(x.shape) if ctx.needs_input_grad[0] else None
+            if w_leaf.grad is None:  # the first warm-up backward (never during capture: the buffers exist by then)
+                w_leaf.grad = torch.zeros_like(w_leaf)
+            w_leaf.grad.addmm_(g.t(), x2)  # dW += g^T x inside the GEMM (beta = 1): no gradient tensor, no add
+            if b_leaf is not None:
+                if b_leaf.grad is None:
+                    b_leaf.grad = torch.zeros_like(b_leaf)
+                key = (g.shape[0], g.dtype, g.device)
+                if key not in ones:
+                    ones[key] = torch.ones(g.shape[0], dtype=g.dtype, device=g.device)
+                b_leaf.grad.addmv_(g.t(), ones[key])  # db += g^T 1: one kernel for the reduction and the add
+            # None for the parameters: autograd runs no AccumulateGrad for them (it would add a second time).
+            return gx, None, None
+
+    _ACCUM_LINEAR = AccumLinear
+    return AccumLinear
+
+
+_ACCUM_LINEAR = None
+
+
+@contextlib.contextmanager
+def fused_wgrad(model):
+    """Within the block, every ``nn.Linear`` of ``model`` (weight and input of one dtype) runs ``AccumLinear``: its
+    backward adds the weight gradient into ``weight.grad`` in the GEMM and the bias gradient by a matrix-vector
+    product. Only for leaves nothing else hooks (the graphs' shadows): the parameters get no autograd edge."""
+    import torch.nn as nn
+
+    fn = _accum_linear()
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+
+    def make(m):
+        def forward(x):
+            if x.dtype != m.weight.dtype or not m.weight.requires_grad:
+                return nn.Linear.forward(m, x)
+            return fn.apply(x, m.weight, m.bias)
+        return forward
+
+    for m in linears:
+        m.forward = make(m)
+    try:
+        yield
+    finally:
+        for m in linears:
+            del m.forward  # back to the class's forward
+
+
 class GraphedLoss:
     """The captured forward+backward of ``model(input_ids, labels[, attention_mask]) -> loss``.
 
@@ -146,7 +247,8 @@ class GraphedLoss:
     per-parameter work (an add kernel and DeepSpeed's hook for each of ~400 parameters) runs once per step instead
     of once per micro-batch. Without it every micro-batch hands its gradients over."""
 
-    def __init__(self, model, sample: dict, *, warmup_iters: int = 3, amp_dtype=None, boundary=None):
+    def __init__(self, model, sample: dict, *, warmup_iters: int = 3, amp_dtype=None, boundary=None,
+                 wgrad: bool = False):
         import torch
 
         self.model = model
@@ -191,7 +293,8 @@ class GraphedLoss:
             # The plain loop's autocast, without its weight-cast cache (a cache would be filled at capture only).
             ctx = (torch.autocast("cuda", dtype=amp_dtype, cache_enabled=False) if amp_dtype is not None
                    else contextlib.nullcontext())
-            with ctx, shadowed():
+            fuse = fused_wgrad(model) if wgrad else contextlib.nullcontext()
+            with ctx, shadowed(), fuse:
                 return self.eager_forward(**self.static_in).loss
 
         # Warm-up on the capture stream: cuBLAS/cuDNN handles, autotuned kernels and the allocator's segments exist
@@ -314,12 +417,12 @@ def use_side_stream(device) -> Any:
     return s
 
 
-def graph_model(model, sample: dict, amp_dtype=None, boundary=None) -> GraphedLoss:
+def graph_model(model, sample: dict, amp_dtype=None, boundary=None, wgrad: bool = False) -> GraphedLoss:
     """Capture ``model``'s loss forward and backward for calls shaped like ``sample`` and install the replay as its
-    forward (``boundary``: see ``GraphedLoss``). Returns the installed ``GraphedLoss`` (``pool_mib``: GPU memory the
-    graphs hold)."""
+    forward (``boundary``: see ``GraphedLoss``; ``wgrad``: ``fused_wgrad`` in the captured backward). Returns the
+    installed ``GraphedLoss`` (``pool_mib``: GPU memory the graphs hold)."""
     try:
-        g = GraphedLoss(model, sample, amp_dtype=amp_dtype, boundary=boundary)
+        g = GraphedLoss(model, sample, amp_dtype=amp_dtype, boundary=boundary, wgrad=wgrad)
     except GraphError:
         raise
     except RuntimeError as e:  # torch's capture errors name the operation that cannot be captured
@@ -328,15 +431,24 @@ def graph_model(model, sample: dict, amp_dtype=None, boundary=None) -> GraphedLo
     return g
 
 
-def graph_engine(engine, sample: dict, accum_mode: str = "auto") -> tuple[GraphedLoss, bool, str]:
+def graph_engine(engine, sample: dict, accum_mode: str = "auto",
+                 wgrad_mode: str = "auto") -> tuple[GraphedLoss, dict]:
     """Capture an engine's model as train.py and the bare loop do: after ``deepspeed.initialize`` (ZeRO re-points
     the weights into its flat buffers) and any resume, accumulating inside the graphs where the engine allows it
-    (``accumulates_locally``). Returns the installed ``GraphedLoss``, whether the graphs accumulate, and why."""
+    (``accumulates_locally``) and in the GEMMs where ``resolve_wgrad`` says. Returns the installed ``GraphedLoss``
+    and what ran and why, as the meta record's keys (``graph_accum``, ``graph_accum_why``, ``graph_wgrad``,
+    ``graph_wgrad_why``)."""
     accum, why = accumulates_locally(engine, accum_mode)
-    g = graph_model(engine.module, sample, getattr(engine, "amp_dtype", None),  # the plain loop's autocast dtype
-                    boundary=engine.is_gradient_accumulation_boundary if accum else None)
-    return g, accum, why
+    amp_dtype = getattr(engine, "amp_dtype", None)  # the plain loop's autocast dtype
+    wgrad, wgrad_why = resolve_wgrad(wgrad_mode, amp_dtype)
+    g = graph_model(engine.module, sample, amp_dtype,
+                    boundary=engine.is_gradient_accumulation_boundary if accum else None, wgrad=wgrad)
+    return g, {"graph_accum": accum, "graph_accum_why": why, "graph_wgrad": wgrad, "graph_wgrad_why": wgrad_why}
 
+
+# The meta record's graph keys where no graph was captured (graphs off, refused, or the capture failed).
+NOT_CAPTURED = {"graph_accum": False, "graph_accum_why": "off: no CUDA graphs", "graph_wgrad": False,
+                "graph_wgrad_why": "off: no CUDA graphs"}
 
 ACCUM_MODES = ("auto", "off")
 

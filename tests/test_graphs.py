@@ -98,6 +98,8 @@ def test_without_cuda_the_flag_runs_eager_and_says_so(tmp_path):
     assert meta["optimizations"]["cuda_graphs_pool_mib"] is None
     assert meta["optimizations"]["graph_accum"] is False
     assert meta["optimizations"]["graph_accum_why"] == "off: no CUDA graphs"
+    assert meta["optimizations"]["graph_wgrad"] is False
+    assert meta["optimizations"]["graph_wgrad_why"] == "off: no CUDA graphs"
     # DeepSpeed's throughput timer is left as the config has it where no graphs run.
     assert meta["optimizations"]["ds_throughput_timer"] is None and "timers" not in meta["ds_config"]
     assert "cuda graphs off (on: no CUDA device, eager)" in p.stdout
@@ -105,6 +107,56 @@ def test_without_cuda_the_flag_runs_eager_and_says_so(tmp_path):
     # ZeRO-3 on a GPU would be refused; on CPU the flag degrades first, so the refusal is checked where it is made.
     with pytest.raises(graphs.GraphError):
         graphs.resolve("on", on_cuda=True, ds_cfg=Z["z3"], world_size=1, compile_target="off")
+
+
+def test_fused_wgrad_adds_each_linear_gradient_into_grad_and_gives_autograd_none():
+    """The graphs' linear layers under ``fused_wgrad`` (run here on CPU, fp32, outside any graph): over three
+    micro-batches their weight and bias gradients add up in ``.grad`` to what autograd's own accumulation gives, the
+    other parameters (embeddings, LayerNorms) still accumulate through autograd, the tied head adds into the
+    embedding's buffer alongside the embedding's own gradient, and the patch is gone after the block."""
+    torch = pytest.importorskip("torch")
+    from sftbench.pangu import PanguForCausalLM, preset_config
+    cfg = preset_config("pangu-tiny", hidden_size=64, num_layers=2, num_heads=2, attn_pdrop=0.0, resid_pdrop=0.0,
+                        embd_pdrop=0.0)
+    torch.manual_seed(3)
+    eager = PanguForCausalLM._from_config(cfg)
+    fused = PanguForCausalLM._from_config(cfg)
+    fused.load_state_dict(eager.state_dict())
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(5, cfg.vocab_size, (1, 32), generator=gen) for _ in range(3)]
+    for ids in batches:
+        eager(input_ids=ids, labels=ids).loss.backward()
+    with graphs.fused_wgrad(fused):
+        assert fused.lm_head.forward is not None and "forward" in vars(fused.lm_head)
+        for ids in batches:
+            loss = fused(input_ids=ids, labels=ids).loss
+            loss.backward()
+    assert not any("forward" in vars(m) for m in fused.modules())  # the class's forward again
+    assert fused.lm_head.weight is fused.transformer.wte.weight
+    want = dict(eager.named_parameters())
+    for n, p in fused.named_parameters():
+        assert p.grad is not None, n
+        assert torch.allclose(p.grad, want[n].grad, rtol=1e-4, atol=1e-6), n
+    # The function gives autograd no gradient for the layer's parameters: their AccumulateGrad nodes get none (a
+    # hook sees None) and add nothing; the sum is in .grad all the same.
+    fn = graphs._accum_linear()
+    x = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(3, 8, requires_grad=True)
+    seen = []
+    w.register_hook(lambda g: seen.append(g))
+    fn.apply(x, w, None).sum().backward()
+    assert seen == [None] and torch.allclose(w.grad, torch.ones(4, 3).t() @ x.detach())
+    assert torch.allclose(x.grad, torch.ones(4, 3) @ w.detach())
+
+
+def test_wgrad_mode_resolves_and_refuses_unknown_values():
+    assert graphs.resolve_wgrad("off", None) == (False, "off: asked for")
+    on, why = graphs.resolve_wgrad("auto", None)
+    assert on is True and why == f"auto: {graphs.WGRAD_MEASURED}"
+    on, why = graphs.resolve_wgrad("auto", "bf16-autocast")
+    assert on is False and "autocast" in why
+    with pytest.raises(ValueError, match="--graph-wgrad must be one of auto, off"):
+        graphs.resolve_wgrad("on", None)
 
 
 # ---------------------------------------------------------------------------------------------------- on a GPU
@@ -131,12 +183,12 @@ def _batch(torch, seed: int, seq: int = 128):
     return {"input_ids": ids.cuda(), "labels": labels.cuda()}
 
 
-def _graphed_micro_batches(torch, stream, batches):
+def _graphed_micro_batches(torch, stream, batches, wgrad=False):
     """A dropout-free small model captured on ``batches[0]`` (on ``stream``, as the run's side stream), then every
     batch replayed and its loss backpropagated: (model, GraphedLoss, losses)."""
     with torch.cuda.stream(stream):
         graphed = _small_model(torch, 0.0)
-        g = graphs.graph_model(graphed, batches[0])
+        g = graphs.graph_model(graphed, batches[0], wgrad=wgrad)
         losses = []
         for b in batches:
             out = graphed(**b)
@@ -146,9 +198,11 @@ def _graphed_micro_batches(torch, stream, batches):
     return graphed, g, losses
 
 
-def test_gpu_replays_accumulate_gradients_like_eager():
+@pytest.mark.parametrize("wgrad", [False, True])
+def test_gpu_replays_accumulate_gradients_like_eager(wgrad):
     """Two micro-batches accumulated into param.grad through the replayed graphs equal eager's (fp32, no dropout):
-    a stolen static buffer would overwrite the first micro-batch's gradient with the second's."""
+    a stolen static buffer would overwrite the first micro-batch's gradient with the second's. With ``wgrad`` the
+    linear layers add into the buffers inside their GEMMs."""
     torch = _cuda()
     batches = [_batch(torch, 1), _batch(torch, 2)]
     eager = _small_model(torch, 0.0)
@@ -157,7 +211,7 @@ def test_gpu_replays_accumulate_gradients_like_eager():
     want = {n: p.grad.clone() for n, p in eager.named_parameters()}
 
     s = torch.cuda.Stream()
-    graphed, g, losses = _graphed_micro_batches(torch, s, batches)
+    graphed, g, losses = _graphed_micro_batches(torch, s, batches, wgrad)
     assert g.replays == 2
     assert torch.stack(losses).tolist() == pytest.approx([eager(**b).loss.item() for b in batches], rel=1e-5)
     for n, p in graphed.named_parameters():
@@ -167,7 +221,8 @@ def test_gpu_replays_accumulate_gradients_like_eager():
         assert graphed(input_ids=batches[0]["input_ids"]).logits is not None
 
 
-def test_gpu_accumulation_in_the_graphs_hands_the_sum_over_at_the_boundary():
+@pytest.mark.parametrize("wgrad", [False, True])
+def test_gpu_accumulation_in_the_graphs_hands_the_sum_over_at_the_boundary(wgrad):
     """With a boundary callable, the micro-batches before the boundary leave param.grad untouched (no gradient reaches
     autograd, so no engine hook fires) and the boundary hands over their sum: equal to eager's param.grad after the
     same micro-batches (the same additions in the same order). The next window starts from zero again."""
@@ -182,7 +237,7 @@ def test_gpu_accumulation_in_the_graphs_hands_the_sum_over_at_the_boundary():
     micro = {"i": 0}
     with torch.cuda.stream(s):
         graphed = _small_model(torch, 0.0)
-        g = graphs.graph_model(graphed, batches[0], boundary=lambda: micro["i"] % 3 == 2)
+        g = graphs.graph_model(graphed, batches[0], boundary=lambda: micro["i"] % 3 == 2, wgrad=wgrad)
         for window in range(2):
             for k, b in enumerate(batches):
                 loss = graphed(**b).loss
