@@ -269,7 +269,8 @@ def main() -> int:
             sample = {"input_ids": dataset.input_ids[first].to(device), "labels": dataset.labels[first].to(device),
                       "attention_mask": dataset.attention_mask[first].to(device) if use_pad_mask else None}
             try:
-                graphed, graph_how = graphs.graph_engine(engine, sample, args.graph_accum, args.graph_wgrad)
+                graphed, graph_how = graphs.graph_engine(engine, sample, args.graph_accum, args.graph_wgrad,
+                                                          args.graph_qkv)
                 graphs_pool_mib = graphed.pool_mib
             except graphs.GraphError as e:
                 if args.cuda_graphs == "on":
@@ -355,7 +356,9 @@ def main() -> int:
                                  f"{'in the graphs' if graph_how['graph_accum'] else 'by the engine'} "
                                  f"({graph_how['graph_accum_why']}); weight gradients added "
                                  f"{'in the GEMMs' if graph_how['graph_wgrad'] else 'by autograd'} "
-                                 f"({graph_how['graph_wgrad_why']})"
+                                 f"({graph_how['graph_wgrad_why']}); k/v/q projections "
+                                 f"{'in one GEMM' if graph_how['graph_qkv'] else 'one GEMM each'} "
+                                 f"({graph_how['graph_qkv_why']})"
                                  if graphs_pool_mib is not None else ""))
         if timer_why:
             say(f"speed: {timer_why}")

@@ -56,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cuda-graphs", default="auto", choices=graphs.GRAPH_MODES, help="as train.py --cuda-graphs")
     p.add_argument("--graph-accum", default="auto", choices=graphs.ACCUM_MODES, help="as train.py --graph-accum")
     p.add_argument("--graph-wgrad", default="auto", choices=graphs.WGRAD_MODES, help="as train.py --graph-wgrad")
+    p.add_argument("--graph-qkv", default="auto", choices=graphs.QKV_MODES, help="as train.py --graph-qkv")
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="profile the first measured step (torch.profiler, CPU + CUDA) and write its tables here "
                         "(rank 0); the step's time then includes the profiler's own cost")
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
         _, graph_how = graphs.graph_engine(
             engine, {"input_ids": enc.input_ids[:mb].to(device), "labels": enc.labels[:mb].to(device),
                      "attention_mask": enc.attention_mask[:mb].to(device) if use_pad_mask else None}, args.graph_accum,
-            args.graph_wgrad)
+            args.graph_wgrad, args.graph_qkv)
 
     # ---- batches on the device before the clock starts (train.py's step_indices)
     need = args.steps * mb * ga
@@ -217,7 +218,7 @@ def main(argv=None) -> int:
                         step_times, [], [host.rss_mib()], mb, ga, world,
                         extra={"step_s_wall": wall / (args.steps - w), "pad_mask": use_pad_mask,
                                "cuda_graphs": use_graphs, "graph_accum": graph_how["graph_accum"],
-                               "graph_wgrad": graph_how["graph_wgrad"],
+                               "graph_wgrad": graph_how["graph_wgrad"], "graph_qkv": graph_how["graph_qkv"],
                                "zero_stage": zero_stage, "dataset_path": data_path, "dataset_samples": enc.n})
         res["final_loss"] = final_loss
         report(res, args.out)

@@ -104,6 +104,9 @@ class HarnessArgs:
                              "product) instead of a separate add per parameter per micro-batch: 'auto' (default: "
                              "where the weights and the GEMM share a dtype, i.e. not the plain loop's autocast) or "
                              "'off'.", default="auto")
+    graph_qkv: str = _help("With CUDA graphs on: compute each attention's k, v (and q) projections in one GEMM over "
+                           "their weights where these lie side by side in memory (DeepSpeed's flat parameter buffers "
+                           "of ZeRO-0/1/2 place them so): 'auto' (default) or 'off'.", default="auto")
     save: str | None = _help("Save folder: at the end the model is saved here as a transformers folder "
                              "(from_pretrained after `import sftbench`) that also holds the state to resume from. "
                              "Nothing is saved without it.", default=None)
@@ -166,11 +169,12 @@ class HarnessArgs:
             check_compile(self.compile, self.compile_mode)
         except SpeedError as e:
             raise ArgsError(str(e)) from None
-        from sftbench.graphs import check_accum_mode, check_mode, check_wgrad_mode
+        from sftbench.graphs import check_accum_mode, check_mode, check_qkv_mode, check_wgrad_mode
         try:
             check_mode(self.cuda_graphs)
             check_accum_mode(self.graph_accum)
             check_wgrad_mode(self.graph_wgrad)
+            check_qkv_mode(self.graph_qkv)
         except ValueError as e:
             raise ArgsError(str(e)) from None
         if self.data is not None and not os.path.isfile(self.data):

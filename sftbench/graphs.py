@@ -157,8 +157,9 @@ def resolve_wgrad(mode: str, amp_dtype) -> tuple[bool, str]:
     return True, f"auto: {WGRAD_MEASURED}"
 
 
-# The evidence for ``auto`` (bench/levers.py, same call, graphs on, --graph-wgrad off then auto; docs/performance.md).
+# The evidence for ``auto`` (bench/levers.py, same call, graphs on, the lever off then auto; docs/performance.md).
 WGRAD_MEASURED = "measured faster with the graphs (1 x H200, bf16; docs/performance.md)"
+QKV_MEASURED = "measured faster with the graphs (1 x H200, bf16; docs/performance.md)"
 
 
 def _accum_linear():
@@ -233,6 +234,43 @@ def fused_wgrad(model):
             del m.forward  # back to the class's forward
 
 
+QKV_MODES = ("auto", "off")
+
+
+def check_qkv_mode(mode: str) -> None:
+    if mode not in QKV_MODES:
+        raise ValueError(f"--graph-qkv must be one of {', '.join(QKV_MODES)}, got {mode!r}")
+
+
+def _side_by_side(tensors) -> bool:
+    """Whether ``tensors`` (contiguous, one dtype and storage) lie one after another in memory, in this order."""
+    first = tensors[0]
+    if any(t is None or not t.is_contiguous() or t.dtype != first.dtype or t.shape[1:] != first.shape[1:]
+           or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() for t in tensors):
+        return False
+    off = first.storage_offset()
+    for t in tensors:
+        if t.storage_offset() != off:
+            return False
+        off += t.numel()
+    return True
+
+
+def fusable_projections(model) -> list:
+    """``(attention, names)`` for every attention module of ``model`` (one with ``fused_proj``) whose k, v (and q,
+    except in the query layer) projections' weights, and biases, lie side by side in memory, as DeepSpeed's flat
+    parameter buffers of ZeRO-0/1/2 place them (separately allocated parameters, as in the plain loop, do not)."""
+    found = []
+    for m in model.modules():
+        if not hasattr(m, "fused_proj"):
+            continue
+        names = ("k_proj", "v_proj") + (() if m.takes_query else ("q_proj",))
+        lins = [getattr(m, n) for n in names]
+        if _side_by_side([lin.weight for lin in lins]) and _side_by_side([lin.bias for lin in lins]):
+            found.append((m, names))
+    return found
+
+
 class GraphedLoss:
     """The captured forward+backward of ``model(input_ids, labels[, attention_mask]) -> loss``.
 
@@ -248,7 +286,7 @@ class GraphedLoss:
     of once per micro-batch. Without it every micro-batch hands its gradients over."""
 
     def __init__(self, model, sample: dict, *, warmup_iters: int = 3, amp_dtype=None, boundary=None,
-                 wgrad: bool = False):
+                 wgrad: bool = False, qkv: bool = False):
         import torch
 
         self.model = model
@@ -279,15 +317,47 @@ class GraphedLoss:
         shadow = {id(p): p.detach().requires_grad_(True) for p in self.params}
         slots = [(m, name, p) for m in model.modules() for name, p in m._parameters.items()
                  if p is not None and id(p) in shadow]
+        # One GEMM for the k, v (and q) projections where their weights lie side by side: a leaf viewing the
+        # neighbours as one [n*H, H] matrix (and [n*H] bias), whose gradient buffer holds the projections' own
+        # buffers as row blocks (so the hand-over returns each parameter's gradient as before).
+        self.fused_leaves, fused_bufs, fused_fns = [], [], []
+        linear = _accum_linear().apply if wgrad and amp_dtype is None else None
+        for attn, names in (fusable_projections(model) if qkv else []):
+            lins = [getattr(attn, n) for n in names]
+            leaves = []
+            for part in ("weight", "bias"):
+                first = getattr(lins[0], part)
+                rows = sum(getattr(lin, part).shape[0] for lin in lins)
+                leaf = first.detach().as_strided((rows, *first.shape[1:]), first.stride()).requires_grad_(True)
+                leaf.grad = torch.zeros_like(leaf)
+                fused_bufs.append(leaf.grad)
+                at = 0
+                for lin in lins:
+                    own = getattr(lin, part)
+                    shadow[id(own)].grad = leaf.grad[at:at + own.shape[0]]
+                    at += own.shape[0]
+                leaves.append(leaf)
+            self.fused_leaves += leaves
+            width = lins[0].weight.shape[0]
+
+            def fused(x, w=leaves[0], b=leaves[1], width=width):
+                y = linear(x, w, b) if linear is not None else torch.nn.functional.linear(x, w, b)
+                return y.split(width, dim=-1)
+            fused_fns.append((attn, fused))
+        self.fused_qkv = len(fused_fns)
         @contextlib.contextmanager
         def shadowed():
             for m, name, p in slots:
                 m._parameters[name] = shadow[id(p)]
+            for attn, fn in fused_fns:
+                attn.fused_proj = fn
             try:
                 yield
             finally:
                 for m, name, p in slots:
                     m._parameters[name] = p
+                for attn, _ in fused_fns:
+                    attn.fused_proj = None
 
         def loss_fn():
             # The plain loop's autocast, without its weight-cast cache (a cache would be filled at capture only).
@@ -324,7 +394,8 @@ class GraphedLoss:
         with torch.cuda.graph(self.bwd, pool=self.pool, stream=stream):
             self.static_loss.backward(self.static_grad_out)
         torch.cuda.synchronize()
-        if any(s.grad is not g for (_, s), g in zip(reached, self.static_grads)):
+        if any(s.grad is not g for (_, s), g in zip(reached, self.static_grads)) or any(
+                leaf.grad is not buf for leaf, buf in zip(self.fused_leaves, fused_bufs)):
             raise GraphError("autograd replaced a gradient buffer during capture (the graph would write elsewhere)")
         # What the graphs hold for the run: the pool's own segments (no other allocation can use them) and the
         # static gradient buffers (one per reached parameter, allocated at warm-up).
@@ -417,12 +488,14 @@ def use_side_stream(device) -> Any:
     return s
 
 
-def graph_model(model, sample: dict, amp_dtype=None, boundary=None, wgrad: bool = False) -> GraphedLoss:
+def graph_model(model, sample: dict, amp_dtype=None, boundary=None, wgrad: bool = False,
+                qkv: bool = False) -> GraphedLoss:
     """Capture ``model``'s loss forward and backward for calls shaped like ``sample`` and install the replay as its
-    forward (``boundary``: see ``GraphedLoss``; ``wgrad``: ``fused_wgrad`` in the captured backward). Returns the
-    installed ``GraphedLoss`` (``pool_mib``: GPU memory the graphs hold)."""
+    forward (``boundary``: see ``GraphedLoss``; ``wgrad``: ``fused_wgrad`` in the captured backward; ``qkv``: one
+    GEMM for each attention's side-by-side projections, ``fusable_projections``). Returns the installed
+    ``GraphedLoss`` (``pool_mib``: GPU memory the graphs hold; ``fused_qkv``: how many attentions got one GEMM)."""
     try:
-        g = GraphedLoss(model, sample, amp_dtype=amp_dtype, boundary=boundary, wgrad=wgrad)
+        g = GraphedLoss(model, sample, amp_dtype=amp_dtype, boundary=boundary, wgrad=wgrad, qkv=qkv)
     except GraphError:
         raise
     except RuntimeError as e:  # torch's capture errors name the operation that cannot be captured
@@ -431,24 +504,36 @@ def graph_model(model, sample: dict, amp_dtype=None, boundary=None, wgrad: bool 
     return g
 
 
-def graph_engine(engine, sample: dict, accum_mode: str = "auto",
-                 wgrad_mode: str = "auto") -> tuple[GraphedLoss, dict]:
+def graph_engine(engine, sample: dict, accum_mode: str = "auto", wgrad_mode: str = "auto",
+                 qkv_mode: str = "auto") -> tuple[GraphedLoss, dict]:
     """Capture an engine's model as train.py and the bare loop do: after ``deepspeed.initialize`` (ZeRO re-points
     the weights into its flat buffers) and any resume, accumulating inside the graphs where the engine allows it
-    (``accumulates_locally``) and in the GEMMs where ``resolve_wgrad`` says. Returns the installed ``GraphedLoss``
-    and what ran and why, as the meta record's keys (``graph_accum``, ``graph_accum_why``, ``graph_wgrad``,
-    ``graph_wgrad_why``)."""
+    (``accumulates_locally``), in the GEMMs where ``resolve_wgrad`` says and with one GEMM per attention's
+    projections where ``--graph-qkv`` allows and their weights lie side by side. Returns the installed
+    ``GraphedLoss`` and what ran and why, as the meta record's keys (``graph_accum``, ``graph_accum_why``,
+    ``graph_wgrad``, ``graph_wgrad_why``, ``graph_qkv``, ``graph_qkv_why``)."""
     accum, why = accumulates_locally(engine, accum_mode)
     amp_dtype = getattr(engine, "amp_dtype", None)  # the plain loop's autocast dtype
     wgrad, wgrad_why = resolve_wgrad(wgrad_mode, amp_dtype)
+    check_qkv_mode(qkv_mode)
     g = graph_model(engine.module, sample, amp_dtype,
-                    boundary=engine.is_gradient_accumulation_boundary if accum else None, wgrad=wgrad)
-    return g, {"graph_accum": accum, "graph_accum_why": why, "graph_wgrad": wgrad, "graph_wgrad_why": wgrad_why}
+                    boundary=engine.is_gradient_accumulation_boundary if accum else None, wgrad=wgrad,
+                    qkv=qkv_mode == "auto")
+    n_attn = sum(1 for m in engine.module.modules() if hasattr(m, "fused_proj"))
+    if qkv_mode == "off":
+        qkv_why = "off: asked for"
+    elif g.fused_qkv:
+        qkv_why = (f"auto: {g.fused_qkv} of {n_attn} attentions' k/v(/q) weights lie side by side in the engine's "
+                   f"flat buffer: one GEMM each ({QKV_MEASURED})")
+    else:
+        qkv_why = "auto: no attention's k/v/q weights lie side by side (separately allocated parameters)"
+    return g, {"graph_accum": accum, "graph_accum_why": why, "graph_wgrad": wgrad, "graph_wgrad_why": wgrad_why,
+               "graph_qkv": g.fused_qkv > 0, "graph_qkv_why": qkv_why}
 
 
 # The meta record's graph keys where no graph was captured (graphs off, refused, or the capture failed).
 NOT_CAPTURED = {"graph_accum": False, "graph_accum_why": "off: no CUDA graphs", "graph_wgrad": False,
-                "graph_wgrad_why": "off: no CUDA graphs"}
+                "graph_wgrad_why": "off: no CUDA graphs", "graph_qkv": False, "graph_qkv_why": "off: no CUDA graphs"}
 
 ACCUM_MODES = ("auto", "off")
 

@@ -178,6 +178,10 @@ class PanguAttention(nn.Module):
         self.c_proj = nn.Linear(hidden, hidden, bias=True)
         self.c_proj.pangu_residual_proj = True  # scaled init, see PanguPreTrainedModel._init_weights
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
+        # Set only while sftbench.graphs captures: x -> (k, v[, q]) from one GEMM over the projections' weights where
+        # they lie side by side in memory (the same products, one launch instead of two or three).
+        self.fused_proj = None
+        self.takes_query = False  # the query layer's q comes from the query embeddings (PanguModel sets it)
 
     def forward(
         self,
@@ -186,11 +190,13 @@ class PanguAttention(nn.Module):
         query_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
         bsz, seq, width = hidden_states.shape
-        q = self.q_proj(hidden_states if query_states is None else query_states)
+        if self.fused_proj is not None:
+            k, v, *fused_q = self.fused_proj(hidden_states)
+        else:
+            k, v, fused_q = self.k_proj(hidden_states), self.v_proj(hidden_states), ()
+        q = fused_q[0] if fused_q else self.q_proj(hidden_states if query_states is None else query_states)
         if q.shape[0] != bsz:  # query embeddings shared by the batch ([1, seq, H])
             q = q.expand(bsz, seq, width)
-        k = self.k_proj(hidden_states)
-        v = self.v_proj(hidden_states)
         shape = (bsz, seq, self.num_heads, self.head_dim)
         q = q.reshape(shape).transpose(1, 2)
         k = k.view(shape).transpose(1, 2)
@@ -314,6 +320,7 @@ class PanguModel(PanguPreTrainedModel):
         self.wqe = nn.Embedding(config.max_position_embeddings, hidden)
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList([PanguBlock(config) for _ in range(config.num_layers)])
+        self.h[-1].attn.takes_query = True
         self.ln_f = nn.LayerNorm(hidden, eps=config.layer_norm_epsilon)
         self.post_init()
 

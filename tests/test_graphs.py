@@ -100,6 +100,7 @@ def test_without_cuda_the_flag_runs_eager_and_says_so(tmp_path):
     assert meta["optimizations"]["graph_accum_why"] == "off: no CUDA graphs"
     assert meta["optimizations"]["graph_wgrad"] is False
     assert meta["optimizations"]["graph_wgrad_why"] == "off: no CUDA graphs"
+    assert meta["optimizations"]["graph_qkv"] is False
     # DeepSpeed's throughput timer is left as the config has it where no graphs run.
     assert meta["optimizations"]["ds_throughput_timer"] is None and "timers" not in meta["ds_config"]
     assert "cuda graphs off (on: no CUDA device, eager)" in p.stdout
@@ -149,6 +150,38 @@ def test_fused_wgrad_adds_each_linear_gradient_into_grad_and_gives_autograd_none
     assert torch.allclose(x.grad, torch.ones(4, 3) @ w.detach())
 
 
+def _flatten_like_zero(torch, model):
+    """Re-point the parameters into two flat buffers (matrices; vectors), in order, as DeepSpeed's ZeRO-0/1/2 do
+    with train.py's two parameter groups."""
+    from sftbench.plain import param_groups
+    for group in param_groups(model):
+        params = group["params"]
+        flat = torch.cat([p.detach().reshape(-1) for p in params])
+        at = 0
+        for p in params:
+            p.data = flat[at:at + p.numel()].view_as(p)
+            at += p.numel()
+
+
+def test_projections_fuse_only_where_their_weights_lie_side_by_side():
+    """k, v and q of every ordinary block, k and v of the query layer (its q reads the query embeddings), and only
+    once the parameters are in flat buffers as ZeRO places them."""
+    torch = pytest.importorskip("torch")
+    from sftbench.pangu import PanguForCausalLM, preset_config
+    model = PanguForCausalLM._from_config(preset_config("pangu-tiny", hidden_size=64, num_layers=3, num_heads=2))
+    assert graphs.fusable_projections(model) == []  # separately allocated: nothing to view as one matrix
+    _flatten_like_zero(torch, model)
+    found = graphs.fusable_projections(model)
+    assert [names for _, names in found] == [("k_proj", "v_proj", "q_proj")] * 2 + [("k_proj", "v_proj")]
+    assert [attn for attn, _ in found] == [b.attn for b in model.transformer.h]
+    # A neighbour out of order (q moved elsewhere) leaves that attention unfused.
+    attn0 = model.transformer.h[0].attn
+    attn0.q_proj.weight.data = attn0.q_proj.weight.data.clone()
+    assert [attn for attn, _ in graphs.fusable_projections(model)] == [b.attn for b in model.transformer.h[1:]]
+    with pytest.raises(ValueError, match="--graph-qkv must be one of auto, off"):
+        graphs.check_qkv_mode("on")
+
+
 def test_wgrad_mode_resolves_and_refuses_unknown_values():
     assert graphs.resolve_wgrad("off", None) == (False, "off: asked for")
     on, why = graphs.resolve_wgrad("auto", None)
@@ -183,12 +216,16 @@ def _batch(torch, seed: int, seq: int = 128):
     return {"input_ids": ids.cuda(), "labels": labels.cuda()}
 
 
-def _graphed_micro_batches(torch, stream, batches, wgrad=False):
+def _graphed_micro_batches(torch, stream, batches, wgrad=False, qkv=False):
     """A dropout-free small model captured on ``batches[0]`` (on ``stream``, as the run's side stream), then every
-    batch replayed and its loss backpropagated: (model, GraphedLoss, losses)."""
+    batch replayed and its loss backpropagated: (model, GraphedLoss, losses). With ``qkv`` its parameters first go
+    into flat buffers as ZeRO's, so the projections fuse."""
     with torch.cuda.stream(stream):
         graphed = _small_model(torch, 0.0)
-        g = graphs.graph_model(graphed, batches[0], wgrad=wgrad)
+        if qkv:
+            _flatten_like_zero(torch, graphed)
+        g = graphs.graph_model(graphed, batches[0], wgrad=wgrad, qkv=qkv)
+        assert g.fused_qkv == (len(graphed.transformer.h) if qkv else 0)
         losses = []
         for b in batches:
             out = graphed(**b)
@@ -198,11 +235,12 @@ def _graphed_micro_batches(torch, stream, batches, wgrad=False):
     return graphed, g, losses
 
 
-@pytest.mark.parametrize("wgrad", [False, True])
-def test_gpu_replays_accumulate_gradients_like_eager(wgrad):
+@pytest.mark.parametrize("wgrad,qkv", [(False, False), (True, False), (True, True), (False, True)])
+def test_gpu_replays_accumulate_gradients_like_eager(wgrad, qkv):
     """Two micro-batches accumulated into param.grad through the replayed graphs equal eager's (fp32, no dropout):
     a stolen static buffer would overwrite the first micro-batch's gradient with the second's. With ``wgrad`` the
-    linear layers add into the buffers inside their GEMMs."""
+    linear layers add into the buffers inside their GEMMs; with ``qkv`` each attention's projections are one GEMM
+    whose gradient buffer holds theirs."""
     torch = _cuda()
     batches = [_batch(torch, 1), _batch(torch, 2)]
     eager = _small_model(torch, 0.0)
@@ -211,7 +249,7 @@ def test_gpu_replays_accumulate_gradients_like_eager(wgrad):
     want = {n: p.grad.clone() for n, p in eager.named_parameters()}
 
     s = torch.cuda.Stream()
-    graphed, g, losses = _graphed_micro_batches(torch, s, batches, wgrad)
+    graphed, g, losses = _graphed_micro_batches(torch, s, batches, wgrad, qkv)
     assert g.replays == 2
     assert torch.stack(losses).tolist() == pytest.approx([eager(**b).loss.item() for b in batches], rel=1e-5)
     for n, p in graphed.named_parameters():
@@ -221,8 +259,8 @@ def test_gpu_replays_accumulate_gradients_like_eager(wgrad):
         assert graphed(input_ids=batches[0]["input_ids"]).logits is not None
 
 
-@pytest.mark.parametrize("wgrad", [False, True])
-def test_gpu_accumulation_in_the_graphs_hands_the_sum_over_at_the_boundary(wgrad):
+@pytest.mark.parametrize("wgrad,qkv", [(False, False), (True, True)])
+def test_gpu_accumulation_in_the_graphs_hands_the_sum_over_at_the_boundary(wgrad, qkv):
     """With a boundary callable, the micro-batches before the boundary leave param.grad untouched (no gradient reaches
     autograd, so no engine hook fires) and the boundary hands over their sum: equal to eager's param.grad after the
     same micro-batches (the same additions in the same order). The next window starts from zero again."""
@@ -237,7 +275,10 @@ def test_gpu_accumulation_in_the_graphs_hands_the_sum_over_at_the_boundary(wgrad
     micro = {"i": 0}
     with torch.cuda.stream(s):
         graphed = _small_model(torch, 0.0)
-        g = graphs.graph_model(graphed, batches[0], boundary=lambda: micro["i"] % 3 == 2, wgrad=wgrad)
+        if qkv:
+            _flatten_like_zero(torch, graphed)
+        g = graphs.graph_model(graphed, batches[0], boundary=lambda: micro["i"] % 3 == 2, wgrad=wgrad, qkv=qkv)
+        assert g.fused_qkv == (len(graphed.transformer.h) if qkv else 0)
         for window in range(2):
             for k, b in enumerate(batches):
                 loss = graphed(**b).loss
@@ -332,6 +373,11 @@ def test_gpu_graphed_loss_curve_equals_eager_under_the_engine(tmp_path, ds):
         assert recs[-1]["status"] == "ok"
     assert metas["on"]["optimizations"]["cuda_graphs"] is True
     assert metas["on"]["optimizations"]["cuda_graphs_pool_mib"] > 0
+    # ZeRO's flat buffers put the projections side by side; the plain loop's autocast keeps autograd's adds.
+    opt = metas["on"]["optimizations"]
+    if ds in ("z1.json", "z2_5e8.json"):
+        assert opt["graph_qkv"] is True and opt["graph_qkv_why"].startswith("auto: 4 of 4 attentions"), opt
+    assert opt["graph_wgrad"] is (ds != "none"), opt
     assert metas["off"]["optimizations"]["cuda_graphs"] is False
     assert curves["off"][-1] < curves["off"][0] - 0.1, curves["off"]
     assert curves["on"] == pytest.approx(curves["off"], rel=2e-3), (curves["on"], curves["off"])
