@@ -178,8 +178,13 @@ def test_projections_fuse_only_where_their_weights_lie_side_by_side():
     attn0 = model.transformer.h[0].attn
     attn0.q_proj.weight.data = attn0.q_proj.weight.data.clone()
     assert [attn for attn, _ in graphs.fusable_projections(model)] == [b.attn for b in model.transformer.h[1:]]
-    with pytest.raises(ValueError, match="--graph-qkv must be one of auto, off"):
-        graphs.check_qkv_mode("on")
+    with pytest.raises(ValueError, match="--graph-qkv must be one of auto, on, off"):
+        graphs.check_qkv_mode("yes")
+    # What the log says: auto leaves it off with the evidence, on says how many attentions fused or that none could.
+    assert graphs.qkv_why("auto", 0, 3) == f"auto: off, {graphs.QKV_UNDECIDED}"
+    assert graphs.qkv_why("on", 3, 3).startswith("on: 3 of 3 attentions' k/v(/q) weights lie side by side")
+    assert graphs.qkv_why("on", 0, 3).startswith("on: no attention's k/v/q weights lie side by side")
+    assert graphs.qkv_why("off", 0, 3) == "off: asked for"
 
 
 def test_wgrad_mode_resolves_and_refuses_unknown_values():
@@ -365,7 +370,7 @@ def test_gpu_graphed_loss_curve_equals_eager_under_the_engine(tmp_path, ds):
     for mode in ("off", "on"):
         p = _train(tmp_path, mode, "--ds", cfg, "--model", str(ckpt), "--seq-len", "128", "--max-steps", "6",
                    "--warmup-steps", "1", "--precision", "bf16", "--seed", "7", "--cuda-graphs", mode, *extra,
-                   env=env)
+                   *(["--graph-qkv", "on"] if mode == "on" else []), env=env)
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
         recs = read_jsonl(tmp_path / mode / "rank0.jsonl")
         metas[mode] = recs[0]
@@ -376,7 +381,7 @@ def test_gpu_graphed_loss_curve_equals_eager_under_the_engine(tmp_path, ds):
     # ZeRO's flat buffers put the projections side by side; the plain loop's autocast keeps autograd's adds.
     opt = metas["on"]["optimizations"]
     if ds in ("z1.json", "z2_5e8.json"):
-        assert opt["graph_qkv"] is True and opt["graph_qkv_why"].startswith("auto: 4 of 4 attentions"), opt
+        assert opt["graph_qkv"] is True and opt["graph_qkv_why"].startswith("on: 4 of 4 attentions"), opt
     assert opt["graph_wgrad"] is (ds != "none"), opt
     assert metas["off"]["optimizations"]["cuda_graphs"] is False
     assert curves["off"][-1] < curves["off"][0] - 0.1, curves["off"]
