@@ -25,6 +25,9 @@ What is captured, and what is not (so DeepSpeed computes exactly what it is told
   parameter per micro-batch (on Pangu-2.6B those adds read and write the 5 GB of bf16 gradients three times over per
   micro-batch). The sum is rounded to the weights' dtype once per micro-batch, as the add was; the GEMM adds before
   that rounding, so the sums differ from eager's within that dtype's rounding.
+* With ``--graph-qkv on`` each attention's k, v (and q, except in the query layer) projections run as one GEMM
+  over a view of their weights, where DeepSpeed's flat parameter buffer puts these side by side; that GEMM's gradient
+  buffer holds the projections' own buffers as row blocks. Off under ``auto``: not decided by the steps.
 * The handed-over buffers stay referenced here, so autograd never steals one as ``param.grad`` (the next replay
   would overwrite it); it copies or adds instead, as in eager mode.
 * Dropout draws fresh masks at every replay: CUDA graph capture registers the RNG state and every replay advances
