@@ -219,7 +219,7 @@ _ACCUM_LINEAR = None
 def fused_wgrad(model):
     """Within the block, every ``nn.Linear`` of ``model`` (weight and input of one dtype) runs ``AccumLinear``: its
     backward adds the weight gradient into ``weight.grad`` in the GEMM and the bias gradient by a matrix-vector
-    product. Only for leaves nothing else hooks (the graphs' shadows): the parameters get no autograd edge."""
+    product. Only for leaves nothing else hooks (the graphs' shadows): autograd is handed no gradient for them."""
     import torch.nn as nn
 
     fn = _accum_linear()
@@ -352,6 +352,7 @@ class GraphedLoss:
                 return y.split(width, dim=-1)
             fused_fns.append((attn, fused))
         self.fused_qkv = len(fused_fns)
+
         @contextlib.contextmanager
         def shadowed():
             for m, name, p in slots:
@@ -370,7 +371,7 @@ class GraphedLoss:
             # The plain loop's autocast, without its weight-cast cache (a cache would be filled at capture only).
             ctx = (torch.autocast("cuda", dtype=amp_dtype, cache_enabled=False) if amp_dtype is not None
                    else contextlib.nullcontext())
-            fuse = fused_wgrad(model) if wgrad else contextlib.nullcontext()
+            fuse = fused_wgrad(model) if wgrad and amp_dtype is None else contextlib.nullcontext()
             with ctx, shadowed(), fuse:
                 return self.eager_forward(**self.static_in).loss
 
