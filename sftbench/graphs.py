@@ -76,9 +76,13 @@ MEASURED_FASTER = {
 }
 
 
+def _check_choice(flag: str, mode: str, modes: tuple[str, ...]) -> None:
+    if mode not in modes:
+        raise ValueError(f"{flag} must be one of {', '.join(modes)}, got {mode!r}")
+
+
 def check_mode(mode: str) -> None:
-    if mode not in GRAPH_MODES:
-        raise ValueError(f"--cuda-graphs must be one of {', '.join(GRAPH_MODES)}, got {mode!r}")
+    _check_choice("--cuda-graphs", mode, GRAPH_MODES)
 
 
 def resolve(mode: str, *, on_cuda: bool, ds_cfg: dict | None, world_size: int,
@@ -145,8 +149,7 @@ WGRAD_MODES = ("auto", "off")
 
 
 def check_wgrad_mode(mode: str) -> None:
-    if mode not in WGRAD_MODES:
-        raise ValueError(f"--graph-wgrad must be one of {', '.join(WGRAD_MODES)}, got {mode!r}")
+    _check_choice("--graph-wgrad", mode, WGRAD_MODES)
 
 
 def resolve_wgrad(mode: str, amp_dtype) -> tuple[bool, str]:
@@ -245,8 +248,7 @@ QKV_MODES = ("auto", "on", "off")
 
 
 def check_qkv_mode(mode: str) -> None:
-    if mode not in QKV_MODES:
-        raise ValueError(f"--graph-qkv must be one of {', '.join(QKV_MODES)}, got {mode!r}")
+    _check_choice("--graph-qkv", mode, QKV_MODES)
 
 
 def _side_by_side(tensors) -> bool:
@@ -288,7 +290,8 @@ class GraphedLoss:
     ``boundary`` (``engine.is_gradient_accumulation_boundary``) turns on accumulation inside the graphs: the
     micro-batches before the boundary add their gradients into the static buffers and hand nothing to autograd, and
     the boundary micro-batch hands over the sum. Pass it only where the engine itself would just add each micro-batch
-    into ``param.grad`` (``accumulates_locally``): the sums are then the same additions in the same order, while the
+    into ``param.grad`` (``accumulates_locally``): the sums are then the same additions in the same order (with
+    ``wgrad``, added inside the GEMMs before the rounding to the weights' dtype), while the
     per-parameter work (an add kernel and DeepSpeed's hook for each of ~400 parameters) runs once per step instead
     of once per micro-batch. Without it every micro-batch hands its gradients over."""
 
@@ -327,8 +330,9 @@ class GraphedLoss:
         # One GEMM for the k, v (and q) projections where their weights lie side by side: a leaf viewing the
         # neighbours as one [n*H, H] matrix (and [n*H] bias), whose gradient buffer holds the projections' own
         # buffers as row blocks (so the hand-over returns each parameter's gradient as before).
+        wgrad = wgrad and amp_dtype is None  # under autocast the GEMM's dtype is not the gradient buffers'
         self.fused_leaves, fused_bufs, fused_fns = [], [], []
-        linear = _accum_linear().apply if wgrad and amp_dtype is None else None
+        linear = _accum_linear().apply if wgrad else None
         for attn, names in (fusable_projections(model) if qkv else []):
             lins = [getattr(attn, n) for n in names]
             leaves = []
@@ -371,7 +375,7 @@ class GraphedLoss:
             # The plain loop's autocast, without its weight-cast cache (a cache would be filled at capture only).
             ctx = (torch.autocast("cuda", dtype=amp_dtype, cache_enabled=False) if amp_dtype is not None
                    else contextlib.nullcontext())
-            fuse = fused_wgrad(model) if wgrad and amp_dtype is None else contextlib.nullcontext()
+            fuse = fused_wgrad(model) if wgrad else contextlib.nullcontext()
             with ctx, shadowed(), fuse:
                 return self.eager_forward(**self.static_in).loss
 
@@ -555,8 +559,7 @@ ACCUM_MODES = ("auto", "off")
 
 
 def check_accum_mode(mode: str) -> None:
-    if mode not in ACCUM_MODES:
-        raise ValueError(f"--graph-accum must be one of {', '.join(ACCUM_MODES)}, got {mode!r}")
+    _check_choice("--graph-accum", mode, ACCUM_MODES)
 
 
 def accumulates_locally(engine, mode: str = "auto") -> tuple[bool, str]:
