@@ -241,6 +241,9 @@ def main() -> int:
                                  world_size=world_size)
             engine_name = "torch"
         speed.compile_engine(engine, compile_target, args.compile_mode, args.deepspeed)
+        foreach_norm, grad_norm_why = speed.resolve_grad_norm(args.grad_norm, engine, device.type == "cuda")
+        if foreach_norm:
+            speed.foreach_grad_norm(engine.optimizer)
         defect = engine_checks.fp16_zero0_scale_defect(engine) if args.deepspeed else None
         warnings = [defect] if defect else []  # into the meta record; the report never recommends such a run
         engine.train()
@@ -332,6 +335,7 @@ def main() -> int:
                            "compile_mode": args.compile_mode if compile_target != "off" else None,
                            "cuda_graphs": use_graphs, "cuda_graphs_why": graphs_why,
                            "cuda_graphs_pool_mib": graphs_pool_mib, **graph_how, "ds_throughput_timer": timer_why,
+                           "grad_norm": "foreach" if foreach_norm else "deepspeed", "grad_norm_why": grad_norm_why,
                            "batches_on_device": True},
             predicted=predicted,
             versions={"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -362,6 +366,9 @@ def main() -> int:
                                  if graphs_pool_mib is not None else ""))
         if timer_why:
             say(f"speed: {timer_why}")
+        if args.deepspeed:
+            say(f"speed: gradient norm {'in one multi-tensor kernel' if foreach_norm else 'by DeepSpeed'} "
+                f"({grad_norm_why})")
         for w in warnings:
             say(f"warning: {w}")
         if warmup_note:
@@ -471,7 +478,7 @@ def main() -> int:
     except KeyboardInterrupt as e:
         status, error = classify_exception(e)
     except (sftdata.DataError, CheckpointError, checkpoint.ResumeError, FileNotFoundError, TimeoutError,
-            graphs.GraphError, engine_checks.NonFiniteUpdate) as e:
+            graphs.GraphError, speed.SpeedError, engine_checks.NonFiniteUpdate) as e:
         # Bad input: the message names the file/key/line; a traceback would only bury it.
         status, error = "error", str(e)
     except Exception as e:  # every failure still ends in a summary record, then a non-zero exit

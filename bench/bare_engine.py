@@ -57,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--graph-accum", default="auto", choices=graphs.ACCUM_MODES, help="as train.py --graph-accum")
     p.add_argument("--graph-wgrad", default="auto", choices=graphs.WGRAD_MODES, help="as train.py --graph-wgrad")
     p.add_argument("--graph-qkv", default="auto", choices=graphs.QKV_MODES, help="as train.py --graph-qkv")
+    p.add_argument("--grad-norm", default="auto", choices=speed.GRAD_NORM_MODES, help="as train.py --grad-norm")
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="profile the first measured step (torch.profiler, CPU + CUDA) and write its tables here "
                         "(rank 0); the step's time then includes the profiler's own cost")
@@ -129,6 +130,12 @@ def main(argv=None) -> int:
         speed.compile_blocks(model, args.compile_mode)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=cfg)
     speed.compile_engine(engine, target, args.compile_mode, deepspeed=True)
+    try:
+        foreach_norm, _ = speed.resolve_grad_norm(args.grad_norm, engine, device.type == "cuda")  # as train.py
+    except speed.SpeedError as e:
+        sys.exit(f"error: {e}")
+    if foreach_norm:
+        speed.foreach_grad_norm(engine.optimizer)
     engine.train()
     ga = engine.gradient_accumulation_steps()
     mb = engine.train_micro_batch_size_per_gpu()
@@ -148,7 +155,8 @@ def main(argv=None) -> int:
     if rank == 0:
         print(f"bare_engine: {model_name}, {args.ds} (ZeRO {zero_stage}, {precision}), world {world}, micro batch "
               f"{mb}, grad accum {ga}, seq {args.seq_len}, pad mask {'on' if use_pad_mask else 'off'}, cuda graphs "
-              f"{'on' if use_graphs else 'off'} ({graphs_why})", flush=True)
+              f"{'on' if use_graphs else 'off'} ({graphs_why}), gradient norm "
+              f"{'foreach' if foreach_norm else 'deepspeed'}", flush=True)
 
     # ---- the bare loop
     w = args.warmup_steps
@@ -219,6 +227,7 @@ def main(argv=None) -> int:
                         extra={"step_s_wall": wall / (args.steps - w), "pad_mask": use_pad_mask,
                                "cuda_graphs": use_graphs, "graph_accum": graph_how["graph_accum"],
                                "graph_wgrad": graph_how["graph_wgrad"], "graph_qkv": graph_how["graph_qkv"],
+                               "grad_norm": "foreach" if foreach_norm else "deepspeed",
                                "zero_stage": zero_stage, "dataset_path": data_path, "dataset_samples": enc.n})
         res["final_loss"] = final_loss
         report(res, args.out)

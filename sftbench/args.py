@@ -109,6 +109,13 @@ class HarnessArgs:
                            "of ZeRO-0/1/2 place them so): 'on', or 'auto' (default) and 'off', which leave it off "
                            "(on Pangu-2.6B ZeRO-1 it was faster by the median, 1.03-1.06x, but not by the steps).",
                            default="auto")
+    grad_norm: str = _help("The gradient norm DeepSpeed's ZeRO-1/2 optimizer takes at every step (for clipping and "
+                           "the log): 'auto' (default: on a GPU, one multi-tensor kernel that sums the gradients' "
+                           "squares in fp64 as it reads them, where DeepSpeed copies each gradient to fp64 and "
+                           "reduces it alone: the same norm up to the order of the sums; DeepSpeed's own code "
+                           "elsewhere), "
+                           "'foreach' (the same, refused where it does not apply: ZeRO-0/3, the BF16 optimizer, "
+                           "optimizer offload, --ds none), 'deepspeed' (DeepSpeed's own code).", default="auto")
     save: str | None = _help("Save folder: at the end the model is saved here as a transformers folder "
                              "(from_pretrained after `import sftbench`) that also holds the state to resume from. "
                              "Nothing is saved without it.", default=None)
@@ -166,9 +173,10 @@ class HarnessArgs:
             raise ArgsError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         if self.pad_mask not in ("auto", "always"):
             raise ArgsError(f"--pad-mask must be auto or always, got {self.pad_mask!r}")
-        from sftbench.speed import SpeedError, check_compile
+        from sftbench.speed import SpeedError, check_compile, check_grad_norm
         try:
             check_compile(self.compile, self.compile_mode)
+            check_grad_norm(self.grad_norm)
         except SpeedError as e:
             raise ArgsError(str(e)) from None
         from sftbench.graphs import check_accum_mode, check_mode, check_qkv_mode, check_wgrad_mode

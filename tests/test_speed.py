@@ -1,14 +1,19 @@
-"""The compile lever: same numbers as eager (fp32, CPU inductor), same parameter names, and train.py records it."""
+"""Speed levers: the compile lever (same numbers as eager, fp32, CPU inductor, same parameter names, recorded by
+train.py) and the one-kernel gradient norm (equal to DeepSpeed's on real engines)."""
 from __future__ import annotations
 
 import copy
+import json
+import re
 
 import pytest
 import torch
 
 from sftbench.args import ArgsError, HarnessArgs, parse_args
 from sftbench.pangu import build_model
-from sftbench.speed import SpeedError, blocks_of, check_compile, compile_blocks, resolve_compile
+from conftest import REPO, cpu_env
+from sftbench.speed import (GRAD_NORM_MEASURED, SpeedError, blocks_of, check_compile, compile_blocks,
+                            resolve_compile)
 
 
 def test_bare_compile_flag_means_model_and_bad_values_are_refused():
@@ -104,3 +109,119 @@ def test_checking_the_flags_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_grad_norm_flag_values_and_the_plain_loop():
+    """--grad-norm takes auto, foreach or deepspeed; the plain loop keeps torch's norm under auto, refuses foreach."""
+    from sftbench.speed import check_grad_norm, resolve_grad_norm
+
+    assert parse_args([]).grad_norm == "auto"
+    with pytest.raises(ArgsError, match="--grad-norm must be one of auto, foreach, deepspeed, got 'fp32'"):
+        HarnessArgs(grad_norm="fp32")
+    with pytest.raises(SpeedError, match="--grad-norm must be one of"):
+        check_grad_norm("on")
+
+    class Plain:  # the --ds none engine: no DeepSpeed methods
+        optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters())
+    assert resolve_grad_norm("auto", Plain(), on_cuda=True) == (
+        False, "auto: the plain loop (--ds none), whose clip_grad_norm_ is torch's multi-tensor norm already")
+    assert resolve_grad_norm("deepspeed", Plain(), on_cuda=True) == (False, "asked for")
+    with pytest.raises(SpeedError, match="--grad-norm foreach does not apply: the plain loop"):
+        resolve_grad_norm("foreach", Plain(), on_cuda=True)
+
+
+_NORMS = r'''
+import json
+from pathlib import Path
+import deepspeed, torch
+from deepspeed.runtime.utils import inf
+from sftbench import speed
+from sftbench.pangu import PanguForCausalLM, preset_config
+deepspeed.init_distributed(dist_backend="gloo")
+rank = torch.distributed.get_rank()
+out = {}
+for name, cfg in json.loads(Path(__file__).with_suffix(".json").read_text()).items():  # argv has --local_rank
+    torch.manual_seed(0)
+    model = PanguForCausalLM._from_config(preset_config("pangu-tiny", hidden_size=64, num_layers=2, num_heads=2))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    res = {"unfit": speed.foreach_norm_unfit(engine), "auto_gpu": speed.resolve_grad_norm("auto", engine, True),
+           "auto_cpu": speed.resolve_grad_norm("auto", engine, False)}
+    try:
+        speed.resolve_grad_norm("foreach", engine, True)
+    except speed.SpeedError as e:
+        res["foreach_refused"] = str(e)
+    if res["unfit"] is None:
+        g = torch.Generator().manual_seed(1 + rank)  # each rank its own batch: the partitions' norms differ
+        ids = torch.randint(10, 40000, (1, 32), generator=g)
+        out_ = engine(input_ids=ids, labels=ids)
+        engine.backward(out_.loss)  # grad accumulation 1: the boundary, the gradients reduced into the partitions
+        opt = engine.optimizer
+        grads, params = opt.averaged_gradients[0], opt.params_in_partition[0]
+        ds_norm = opt.scaled_global_norm().item()
+        ds_inf = opt.get_grad_norm_direct(grads, params, inf).item()
+        speed.foreach_grad_norm(opt)
+        res["norms"] = [ds_norm, opt.scaled_global_norm().item()]
+        res["inf_norms"] = [ds_inf, opt.get_grad_norm_direct(grads, params, inf).item()]
+        engine.step()
+        res["logged"] = float(engine.get_global_grad_norm())
+        saved = grads[0].clone()
+        grads[0].view(-1)[0] = float("nan")  # a non-finite gradient: DeepSpeed's -1 sentinel, on every rank
+        res["nan_norm"] = opt.get_grad_norm_direct(grads, params).item()
+        grads[0].copy_(saved)
+    out[name] = res
+print(f"NORMS{rank} " + json.dumps(out), flush=True)
+'''
+
+
+@pytest.mark.slow
+def test_foreach_grad_norm_equals_deepspeeds_on_two_ranks(tmp_path):
+    """Two CPU ranks over gloo, real ZeRO-1 and ZeRO-2 bf16 engines, each rank on its own batch: the one-kernel norm
+    equals DeepSpeed's (both sum in fp64; rtol 1e-9) on both ranks, after the same all-reduce; the infinity
+    norm is DeepSpeed's own; the step logs the norm; a NaN gradient gives DeepSpeed's -1. ZeRO-0 keeps DeepSpeed's
+    code under auto and refuses foreach; auto on a CPU run keeps it too."""
+    from conftest import BIN, run
+    from sftbench.buildenv import free_port
+
+    def cfg(stage):
+        return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
+                "gradient_clipping": 1.0, "zero_optimization": {"stage": stage},
+                "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+    script = tmp_path / "norms.py"
+    script.write_text(_NORMS)
+    script.with_suffix(".json").write_text(json.dumps({"z0": cfg(0), "z1": cfg(1), "z2": cfg(2)}))
+    p = run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(script)],
+            env={**cpu_env(), "PYTHONPATH": str(REPO)}, timeout=400)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    ranks = [json.loads(p.stdout.split(f"NORMS{r} ", 1)[1].splitlines()[0]) for r in (0, 1)]
+    for got in ranks:
+        # torch's Adam (no op build on CPU) gives ZeRO-0 DeepSpeed's unfused FP16 optimizer; FusedAdam the fused one
+        assert re.match(r"the engine's optimizer is FP16_UnfusedOptimizer, not DeepSpeed's ZeRO-1/2 one",
+                        got["z0"]["unfit"]), got["z0"]
+        assert got["z0"]["auto_gpu"] == [False, "auto: " + got["z0"]["unfit"]]
+        assert got["z0"]["foreach_refused"].startswith("--grad-norm foreach does not apply: the engine's optimizer")
+        for z in ("z1", "z2"):
+            r = got[z]
+            assert r["unfit"] is None and "foreach_refused" not in r
+            assert r["auto_gpu"] == [True, "auto: " + GRAD_NORM_MEASURED]
+            assert r["auto_cpu"] == [False, "auto: CPU run (measured on the GPU only)"]
+            ds_norm, ours = r["norms"]
+            assert ds_norm > 0 and ours == pytest.approx(ds_norm, rel=1e-9), (z, r)
+            assert r["inf_norms"][0] == r["inf_norms"][1] > 0
+            assert r["logged"] == pytest.approx(ds_norm, rel=1e-6)
+            assert r["nan_norm"] == -1.0
+    # One global norm: the all-reduce made both ranks agree although their batches differ.
+    for z in ("z1", "z2"):
+        assert ranks[0][z]["norms"][1] == pytest.approx(ranks[1][z]["norms"][1], rel=1e-6)
+
+
+def test_gpu_foreach_norm_sums_in_fp64_like_deepspeed():
+    """On a GPU the multi-tensor kernel with fp64 sums gives DeepSpeed's fp64 norm over bf16 gradients of several
+    sizes (rtol 1e-9), where fp32 sums would not be guaranteed that close."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    torch.manual_seed(0)
+    grads = [(torch.randn(n, device="cuda") * s).bfloat16() for n, s in ((2560 * 10240, 1e-3), (2560, 1.0), (7, 5.0))]
+    ds = torch.stack([torch.linalg.vector_norm(g.double()) for g in grads]).pow(2).sum()
+    ours = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).square().sum()
+    assert ours.dtype == torch.float64
+    assert ours.item() == pytest.approx(ds.item(), rel=1e-9)
