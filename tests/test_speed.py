@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import sys
 
 import pytest
 import torch
@@ -225,3 +226,46 @@ def test_gpu_foreach_norm_sums_in_fp64_like_deepspeed():
     ours = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).square().sum()
     assert ours.dtype == torch.float64
     assert ours.item() == pytest.approx(ds.item(), rel=1e-9)
+
+
+def _train(tmp_path, name: str, *extra: str):
+    from conftest import run
+    cmd = [sys.executable, str(REPO / "train.py"), "--run-dir", str(tmp_path / name), "--cache-dir",
+           str(tmp_path / "cache"), "--data", str(REPO / "data" / "sample_sft.jsonl"), "--model", "pangu-tiny",
+           "--seq-len", "64", "--seed", "7", *extra]
+    return run(cmd, env=cpu_env(), timeout=600)
+
+
+@pytest.mark.slow
+def test_train_py_grad_norm_foreach_trains_like_deepspeeds_and_refuses_zero0(tmp_path):
+    """train.py, CPU, ZeRO-1 fp32 with clipping at a learning rate that clips: --grad-norm foreach gives DeepSpeed's
+    loss curve (rtol 1e-5; only the order of the norm's sums differs) and the log and console say which ran; auto
+    keeps DeepSpeed's code on a CPU run; foreach with ZeRO-0 ends in a clear error in the log, not in another norm."""
+    from conftest import read_jsonl, write_overfit_config
+
+    cfg = json.loads(write_overfit_config("z1.json", tmp_path / "z1.json", lr=3e-2).read_text())
+    cfg["gradient_clipping"] = 0.1  # so that every step clips: the norm decides the update
+    (tmp_path / "z1.json").write_text(json.dumps(cfg))
+    common = ["--ds", str(tmp_path / "z1.json"), "--precision", "fp32", "--max-steps", "4", "--warmup-steps", "1"]
+    curves, metas = {}, {}
+    for mode in ("deepspeed", "foreach", "auto"):
+        p = _train(tmp_path, mode, *common, "--grad-norm", mode)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+        recs = read_jsonl(tmp_path / mode / "rank0.jsonl")
+        metas[mode] = recs[0]["optimizations"]
+        curves[mode] = [r["loss"] for r in recs if r["type"] == "step"]
+        assert recs[-1]["status"] == "ok"
+    assert (metas["foreach"]["grad_norm"], metas["foreach"]["grad_norm_why"]) == ("foreach", "asked for")
+    assert (metas["deepspeed"]["grad_norm"], metas["deepspeed"]["grad_norm_why"]) == ("deepspeed", "asked for")
+    assert (metas["auto"]["grad_norm"], metas["auto"]["grad_norm_why"]) == (
+        "deepspeed", "auto: CPU run (measured on the GPU only)")
+    assert curves["deepspeed"][-1] < curves["deepspeed"][0] - 0.1, curves["deepspeed"]
+    assert curves["foreach"] == pytest.approx(curves["deepspeed"], rel=1e-5)
+
+    p = _train(tmp_path, "z0", "--ds", str(REPO / "ds_configs" / "z0.json"), "--precision", "fp32", "--max-steps", "1",
+               "--grad-norm", "foreach")
+    assert p.returncode != 0
+    assert "--grad-norm foreach does not apply: the engine's optimizer is" in p.stderr, p.stderr[-2000:]
+    summary = read_jsonl(tmp_path / "z0" / "rank0.jsonl")[-1]
+    assert summary["type"] == "summary" and summary["status"] == "error"
+    assert summary["error"].startswith("--grad-norm foreach does not apply"), summary
