@@ -244,6 +244,9 @@ def main() -> int:
         foreach_norm, grad_norm_why = speed.resolve_grad_norm(args.grad_norm, engine, device.type == "cuda")
         if foreach_norm:
             speed.foreach_grad_norm(engine.optimizer)
+        foreach_overflow, overflow_why = speed.resolve_overflow_check(args.overflow_check, engine)
+        if foreach_overflow:
+            speed.foreach_overflow_check(engine.optimizer)
         defect = engine_checks.fp16_zero0_scale_defect(engine) if args.deepspeed else None
         warnings = [defect] if defect else []  # into the meta record; the report never recommends such a run
         engine.train()
@@ -336,6 +339,8 @@ def main() -> int:
                            "cuda_graphs": use_graphs, "cuda_graphs_why": graphs_why,
                            "cuda_graphs_pool_mib": graphs_pool_mib, **graph_how, "ds_throughput_timer": timer_why,
                            "grad_norm": "foreach" if foreach_norm else "deepspeed", "grad_norm_why": grad_norm_why,
+                           "overflow_check": "foreach" if foreach_overflow else "deepspeed",
+                           "overflow_check_why": overflow_why,
                            "batches_on_device": True},
             predicted=predicted,
             versions={"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -368,7 +373,8 @@ def main() -> int:
             say(f"speed: {timer_why}")
         if args.deepspeed:
             say(f"speed: gradient norm {'in one multi-tensor kernel' if foreach_norm else 'by DeepSpeed'} "
-                f"({grad_norm_why})")
+                f"({grad_norm_why}); inf/NaN check of the gradients "
+                f"{'in one pass' if foreach_overflow else 'by DeepSpeed'} ({overflow_why})")
         for w in warnings:
             say(f"warning: {w}")
         if warmup_note:

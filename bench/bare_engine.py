@@ -58,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--graph-wgrad", default="auto", choices=graphs.WGRAD_MODES, help="as train.py --graph-wgrad")
     p.add_argument("--graph-qkv", default="auto", choices=graphs.QKV_MODES, help="as train.py --graph-qkv")
     p.add_argument("--grad-norm", default="auto", choices=speed.GRAD_NORM_MODES, help="as train.py --grad-norm")
+    p.add_argument("--overflow-check", default="auto", choices=speed.OVERFLOW_CHECK_MODES,
+                   help="as train.py --overflow-check")
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="profile the first measured step (torch.profiler, CPU + CUDA) and write its tables here "
                         "(rank 0); the step's time then includes the profiler's own cost")
@@ -130,12 +132,15 @@ def main(argv=None) -> int:
         speed.compile_blocks(model, args.compile_mode)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=cfg)
     speed.compile_engine(engine, target, args.compile_mode, deepspeed=True)
-    try:
-        foreach_norm, _ = speed.resolve_grad_norm(args.grad_norm, engine, device.type == "cuda")  # as train.py
+    try:  # as train.py
+        foreach_norm, _ = speed.resolve_grad_norm(args.grad_norm, engine, device.type == "cuda")
+        foreach_overflow, _ = speed.resolve_overflow_check(args.overflow_check, engine)
     except speed.SpeedError as e:
         sys.exit(f"error: {e}")
     if foreach_norm:
         speed.foreach_grad_norm(engine.optimizer)
+    if foreach_overflow:
+        speed.foreach_overflow_check(engine.optimizer)
     engine.train()
     ga = engine.gradient_accumulation_steps()
     mb = engine.train_micro_batch_size_per_gpu()
@@ -228,6 +233,7 @@ def main(argv=None) -> int:
                                "cuda_graphs": use_graphs, "graph_accum": graph_how["graph_accum"],
                                "graph_wgrad": graph_how["graph_wgrad"], "graph_qkv": graph_how["graph_qkv"],
                                "grad_norm": "foreach" if foreach_norm else "deepspeed",
+                               "overflow_check": "foreach" if foreach_overflow else "deepspeed",
                                "zero_stage": zero_stage, "dataset_path": data_path, "dataset_samples": enc.n})
         res["final_loss"] = final_loss
         report(res, args.out)

@@ -116,6 +116,12 @@ class HarnessArgs:
                            "elsewhere), "
                            "'foreach' (the same, refused where it does not apply: ZeRO-0/3, the BF16 optimizer, "
                            "optimizer offload, --ds none), 'deepspeed' (DeepSpeed's own code).", default="auto")
+    overflow_check: str = _help("The inf/NaN check of the gradients that ZeRO-0's FP16 optimizers (bf16 and fp16) "
+                                "run at every step, one gradient and one device sync at a time, with no config key "
+                                "to turn it off: 'auto' (default: DeepSpeed's check, since the one-pass check is not "
+                                "measured on a GPU yet), 'foreach' (one multi-tensor pass and one sync, the same "
+                                "answer; refused where it does not apply: ZeRO-1/2/3, the BF16 optimizer, fp32, "
+                                "--ds none), 'deepspeed' (DeepSpeed's own code).", default="auto")
     save: str | None = _help("Save folder: at the end the model is saved here as a transformers folder "
                              "(from_pretrained after `import sftbench`) that also holds the state to resume from. "
                              "Nothing is saved without it.", default=None)
@@ -173,10 +179,11 @@ class HarnessArgs:
             raise ArgsError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         if self.pad_mask not in ("auto", "always"):
             raise ArgsError(f"--pad-mask must be auto or always, got {self.pad_mask!r}")
-        from sftbench.speed import SpeedError, check_compile, check_grad_norm
+        from sftbench.speed import SpeedError, check_compile, check_grad_norm, check_overflow_check
         try:
             check_compile(self.compile, self.compile_mode)
             check_grad_norm(self.grad_norm)
+            check_overflow_check(self.overflow_check)
         except SpeedError as e:
             raise ArgsError(str(e)) from None
         from sftbench.graphs import check_accum_mode, check_mode, check_qkv_mode, check_wgrad_mode

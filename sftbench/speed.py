@@ -1,6 +1,7 @@
 """Speed levers that change how the model runs, not what it computes: torch.compile of the model, DeepSpeed's
-throughput timer next to CUDA graphs (``resolve_ds_timers``; the graphs themselves are in graphs.py), and the
-gradient norm of DeepSpeed's ZeRO-1/2 optimizer in one multi-tensor kernel (``resolve_grad_norm``).
+throughput timer next to CUDA graphs (``resolve_ds_timers``; the graphs themselves are in graphs.py), the
+gradient norm of DeepSpeed's ZeRO-1/2 optimizer in one multi-tensor kernel (``resolve_grad_norm``), and ZeRO-0's
+inf/NaN check of the gradients in one pass (``resolve_overflow_check``).
 
 ``--compile blocks`` compiles each transformer block in place (``nn.Module.compile``): the 24-40 identical blocks
 share one compiled graph, so compilation takes seconds, the parameter names and the module tree that DeepSpeed,
@@ -140,8 +141,9 @@ def check_grad_norm(mode: str) -> None:
 
 def foreach_norm_unfit(engine) -> str | None:
     """Why the engine's gradient norm cannot be computed by ``foreach_grad_norm`` (None: it can). It replaces
-    DeepSpeed's ZeRO-1/2 ``get_grad_norm_direct`` on GPU-resident partitions only; ZeRO-0's norm is already one
-    flat tensor's, ZeRO-3 and the BF16 optimizer have their own code, and optimizer offload computes it on the CPU."""
+    DeepSpeed's ZeRO-1/2 ``get_grad_norm_direct`` on GPU-resident partitions only; ZeRO-0's optimizers have their
+    own code (the fused one, with FusedAdam on a GPU, takes one flat tensor's norm), so do ZeRO-3 and the BF16
+    optimizer, and optimizer offload computes the norm on the CPU."""
     if not hasattr(engine, "zero_optimization"):  # the plain loop; it may run where DeepSpeed is not installed
         return "the plain loop (--ds none), whose clip_grad_norm_ is torch's multi-tensor norm already"
     opt = getattr(engine, "optimizer", None)
@@ -215,3 +217,79 @@ def foreach_grad_norm(opt) -> None:
         return total
 
     opt.get_grad_norm_direct = get_grad_norm_direct
+
+
+OVERFLOW_CHECK_MODES = ("auto", "foreach", "deepspeed")
+
+# Why auto keeps DeepSpeed's check where the one-pass check fits (docs/performance.md).
+OVERFLOW_CHECK_UNMEASURED = ("DeepSpeed's check, since the one-pass check is not measured on a GPU yet "
+                             "(docs/performance.md); --overflow-check foreach runs it")
+
+
+def check_overflow_check(mode: str) -> None:
+    if mode not in OVERFLOW_CHECK_MODES:
+        raise SpeedError(f"--overflow-check must be one of {', '.join(OVERFLOW_CHECK_MODES)}, got {mode!r}")
+
+
+def foreach_overflow_unfit(engine) -> str | None:
+    """Why ``foreach_overflow_check`` cannot replace the engine's inf/NaN check of the gradients (None: it can). It
+    covers ZeRO-0's FP16 optimizers (bf16 and fp16; DeepSpeed's ``CheckOverflow``), whose check no config key turns
+    off: ``bf16.check_grad_overflow`` is read by ZeRO-1/2 only, and the shipped ZeRO-1/2 configs set it false."""
+    if not hasattr(engine, "zero_optimization"):
+        return "the plain loop (--ds none) has no per-gradient check (fp16: torch's GradScaler checks in one pass)"
+    opt = getattr(engine, "optimizer", None)
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from deepspeed.runtime.utils import CheckOverflow
+    if not isinstance(opt, (FP16_Optimizer, FP16_UnfusedOptimizer)):
+        return (f"the engine's optimizer is {type(opt).__name__}, not one of ZeRO-0's FP16 optimizers (ZeRO-1/2 "
+                "follow bf16.check_grad_overflow; ZeRO-3, the BF16 optimizer and fp32 have their own code or none)")
+    checker = getattr(opt, "overflow_checker", None)
+    if not isinstance(checker, CheckOverflow):
+        return f"the optimizer's overflow checker is {type(checker).__name__}, not DeepSpeed's CheckOverflow"
+    import inspect
+    params = list(inspect.signature(checker.has_overflow_serial).parameters)
+    if params != ["params"]:
+        return f"this DeepSpeed's has_overflow_serial takes ({', '.join(params)}), not (params)"
+    return None
+
+
+def resolve_overflow_check(mode: str, engine) -> tuple[bool, str]:
+    """Whether to check the gradients for inf/NaN with ``foreach_overflow_check``, and why. ``auto`` keeps
+    DeepSpeed's check (``OVERFLOW_CHECK_UNMEASURED``); ``foreach`` applies the one-pass check where it fits and is
+    refused (SpeedError) where it does not; ``deepspeed`` keeps DeepSpeed's code."""
+    check_overflow_check(mode)
+    if mode == "deepspeed":
+        return False, "asked for"
+    unfit = foreach_overflow_unfit(engine)
+    if mode == "foreach":
+        if unfit:
+            raise SpeedError(f"--overflow-check foreach does not apply: {unfit}; use auto or deepspeed")
+        return True, "asked for"
+    return False, f"auto: {unfit or OVERFLOW_CHECK_UNMEASURED}"
+
+
+def foreach_overflow_check(opt) -> None:
+    """Replace the ZeRO-0 FP16 optimizer's per-gradient inf/NaN check (``CheckOverflow.has_overflow_serial``, on this
+    instance) by one pass with one host sync. DeepSpeed's loop reduces each gradient alone and turns each result into
+    a Python bool: on Pangu-2.6B, 517 device syncs and ~2,000 launches per step, with the GPU idle in between. Here
+    one ``torch._foreach_norm`` with fp64 sums reads every gradient: the squares of finite bf16, fp16 or fp32 values
+    cannot overflow fp64 (at most ~1.2e77 each), so a norm is non-finite exactly when its gradient holds an inf or a
+    NaN, and the answer is the same bool. Sparse gradients keep DeepSpeed's loop. The all-reduces of the overflow
+    flag that follow (``has_overflow``) are DeepSpeed's, unchanged."""
+    import torch
+
+    checker = opt.overflow_checker
+    deepspeeds = checker.has_overflow_serial
+
+    def has_overflow_serial(params):
+        params = list(params)
+        grads = [p.grad.detach() for p in params if p.grad is not None]
+        if not grads:
+            return False
+        if any(g.is_sparse for g in grads):
+            return deepspeeds(params)
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float64)
+        return not bool(torch.stack(norms).isfinite().all())  # the one host sync
+
+    checker.has_overflow_serial = has_overflow_serial

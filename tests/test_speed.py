@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import subprocess
 import sys
 
 import pytest
@@ -13,8 +14,8 @@ import torch
 from sftbench.args import ArgsError, HarnessArgs, parse_args
 from sftbench.pangu import build_model
 from conftest import REPO, cpu_env
-from sftbench.speed import (GRAD_NORM_MEASURED, SpeedError, blocks_of, check_compile, compile_blocks,
-                            resolve_compile)
+from sftbench.speed import (GRAD_NORM_MEASURED, OVERFLOW_CHECK_UNMEASURED, SpeedError, blocks_of, check_compile,
+                            compile_blocks, resolve_compile)
 
 
 def test_bare_compile_flag_means_model_and_bad_values_are_refused():
@@ -112,8 +113,9 @@ def test_checking_the_flags_does_not_import_torch():
     assert out.stdout.strip() == "False"
 
 
-def test_grad_norm_flag_values_and_the_plain_loop():
-    """--grad-norm takes auto, foreach or deepspeed; the plain loop keeps torch's norm under auto, refuses foreach."""
+def test_one_pass_lever_flag_values_and_the_plain_loop():
+    """--grad-norm and --overflow-check take auto, foreach or deepspeed; the plain loop keeps its own code under auto
+    and refuses foreach."""
     from sftbench.speed import check_grad_norm, resolve_grad_norm
 
     assert parse_args([]).grad_norm == "auto"
@@ -129,6 +131,15 @@ def test_grad_norm_flag_values_and_the_plain_loop():
     assert resolve_grad_norm("deepspeed", Plain(), on_cuda=True) == (False, "asked for")
     with pytest.raises(SpeedError, match="--grad-norm foreach does not apply: the plain loop"):
         resolve_grad_norm("foreach", Plain(), on_cuda=True)
+    from sftbench.speed import resolve_overflow_check
+    assert parse_args([]).overflow_check == "auto"
+    with pytest.raises(ArgsError, match="--overflow-check must be one of auto, foreach, deepspeed, got 'off'"):
+        HarnessArgs(overflow_check="off")
+    assert resolve_overflow_check("auto", Plain()) == (
+        False, "auto: the plain loop (--ds none) has no per-gradient check (fp16: torch's GradScaler checks in one "
+               "pass)")
+    with pytest.raises(SpeedError, match="--overflow-check foreach does not apply: the plain loop"):
+        resolve_overflow_check("foreach", Plain())
 
 
 _NORMS = r'''
@@ -237,35 +248,119 @@ def _train(tmp_path, name: str, *extra: str):
 
 
 @pytest.mark.slow
-def test_train_py_grad_norm_foreach_trains_like_deepspeeds_and_refuses_zero0(tmp_path):
-    """train.py, CPU, ZeRO-1 fp32 with clipping at a learning rate that clips: --grad-norm foreach gives DeepSpeed's
-    loss curve (rtol 1e-5; only the order of the norm's sums differs) and the log and console say which ran; auto
-    keeps DeepSpeed's code on a CPU run; foreach with ZeRO-0 ends in a clear error in the log, not in another norm."""
+def test_train_py_one_pass_levers_train_like_deepspeeds_code_and_are_refused_where_they_do_not_apply(tmp_path):
+    """train.py, CPU. ZeRO-1 fp32 with clipping at a learning rate that clips: --grad-norm foreach gives DeepSpeed's
+    loss curve (rtol 1e-5; only the order of the norm's sums differs). ZeRO-0 bf16: --overflow-check foreach gives
+    exactly the curve of DeepSpeed's check (the same bool decides nothing else). The log and console say which ran;
+    each lever where it does not apply ends in a clear error in the log, not in other code."""
     from conftest import read_jsonl, write_overfit_config
 
     cfg = json.loads(write_overfit_config("z1.json", tmp_path / "z1.json", lr=3e-2).read_text())
     cfg["gradient_clipping"] = 0.1  # so that every step clips: the norm decides the update
     (tmp_path / "z1.json").write_text(json.dumps(cfg))
-    common = ["--ds", str(tmp_path / "z1.json"), "--precision", "fp32", "--max-steps", "4", "--warmup-steps", "1"]
-    curves, metas = {}, {}
-    for mode in ("deepspeed", "foreach", "auto"):
-        p = _train(tmp_path, mode, *common, "--grad-norm", mode)
+    write_overfit_config("z0.json", tmp_path / "z0.json", lr=3e-2)
+    runs = {"norm_ds": ["z1", "--grad-norm", "deepspeed"], "norm_foreach": ["z1", "--grad-norm", "foreach"],
+            "check_auto": ["z0"], "check_foreach": ["z0", "--overflow-check", "foreach"]}
+    curves, metas, stdout = {}, {}, {}
+    for name, (cfg_name, *flags) in runs.items():
+        precision = "fp32" if cfg_name == "z1" else "bf16"
+        p = _train(tmp_path, name, "--ds", str(tmp_path / f"{cfg_name}.json"), "--precision", precision,
+                   "--max-steps", "4", "--warmup-steps", "1", *flags)
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-        recs = read_jsonl(tmp_path / mode / "rank0.jsonl")
-        metas[mode] = recs[0]["optimizations"]
-        curves[mode] = [r["loss"] for r in recs if r["type"] == "step"]
+        recs = read_jsonl(tmp_path / name / "rank0.jsonl")
+        metas[name], stdout[name] = recs[0]["optimizations"], p.stdout
+        curves[name] = [r["loss"] for r in recs if r["type"] == "step"]
         assert recs[-1]["status"] == "ok"
-    assert (metas["foreach"]["grad_norm"], metas["foreach"]["grad_norm_why"]) == ("foreach", "asked for")
-    assert (metas["deepspeed"]["grad_norm"], metas["deepspeed"]["grad_norm_why"]) == ("deepspeed", "asked for")
-    assert (metas["auto"]["grad_norm"], metas["auto"]["grad_norm_why"]) == (
-        "deepspeed", "auto: CPU run (measured on the GPU only)")
-    assert curves["deepspeed"][-1] < curves["deepspeed"][0] - 0.1, curves["deepspeed"]
-    assert curves["foreach"] == pytest.approx(curves["deepspeed"], rel=1e-5)
+    assert (metas["norm_foreach"]["grad_norm"], metas["norm_foreach"]["grad_norm_why"]) == ("foreach", "asked for")
+    assert (metas["norm_ds"]["grad_norm"], metas["norm_ds"]["grad_norm_why"]) == ("deepspeed", "asked for")
+    assert "speed: gradient norm in one multi-tensor kernel (asked for)" in stdout["norm_foreach"]
+    assert curves["norm_ds"][-1] < curves["norm_ds"][0] - 0.1, curves["norm_ds"]
+    assert curves["norm_foreach"] == pytest.approx(curves["norm_ds"], rel=1e-5)
+    assert metas["check_auto"]["overflow_check"] == "deepspeed"
+    assert metas["check_auto"]["overflow_check_why"] == "auto: " + OVERFLOW_CHECK_UNMEASURED
+    assert metas["check_auto"]["grad_norm_why"].startswith("auto: the engine's optimizer is FP16_Optimizer,")
+    assert (metas["check_foreach"]["overflow_check"], metas["check_foreach"]["overflow_check_why"]) == (
+        "foreach", "asked for")
+    assert "inf/NaN check of the gradients in one pass (asked for)" in stdout["check_foreach"]
+    assert curves["check_auto"][-1] < curves["check_auto"][0] - 0.1, curves["check_auto"]
+    assert curves["check_foreach"] == curves["check_auto"]
 
-    p = _train(tmp_path, "z0", "--ds", str(REPO / "ds_configs" / "z0.json"), "--precision", "fp32", "--max-steps", "1",
-               "--grad-norm", "foreach")
-    assert p.returncode != 0
-    assert "--grad-norm foreach does not apply: the engine's optimizer is" in p.stderr, p.stderr[-2000:]
-    summary = read_jsonl(tmp_path / "z0" / "rank0.jsonl")[-1]
-    assert summary["type"] == "summary" and summary["status"] == "error"
-    assert summary["error"].startswith("--grad-norm foreach does not apply"), summary
+    for name, cfg_name, flag in (("bad_norm", "z0", "--grad-norm"), ("bad_check", "z1", "--overflow-check")):
+        p = _train(tmp_path, name, "--ds", str(tmp_path / f"{cfg_name}.json"), "--precision", "bf16",
+                   "--max-steps", "1", flag, "foreach")
+        assert p.returncode != 0
+        assert f"{flag} foreach does not apply: the engine's optimizer is" in p.stderr, p.stderr[-2000:]
+        summary = read_jsonl(tmp_path / name / "rank0.jsonl")[-1]
+        assert summary["type"] == "summary" and summary["status"] == "error"
+        assert summary["error"].startswith(f"{flag} foreach does not apply"), summary
+
+
+_OVERFLOW = r'''
+import json, os, sys
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+import deepspeed, torch
+from sftbench import speed
+from sftbench.pangu import PanguForCausalLM, preset_config
+deepspeed.init_distributed(dist_backend="gloo")
+out = {}
+for name, cfg in json.loads(sys.argv[2]).items():
+    torch.manual_seed(0)
+    model = PanguForCausalLM._from_config(preset_config("pangu-tiny", hidden_size=64, num_layers=2, num_heads=2))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    res = {"optimizer": type(engine.optimizer).__name__, "unfit": speed.foreach_overflow_unfit(engine),
+           "auto": speed.resolve_overflow_check("auto", engine)}
+    try:
+        speed.resolve_overflow_check("foreach", engine)
+    except speed.SpeedError as e:
+        res["foreach_refused"] = str(e)
+    if res["unfit"] is None:
+        ids = torch.randint(10, 40000, (1, 32), generator=torch.Generator().manual_seed(1))
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        checker = engine.optimizer.overflow_checker
+        deepspeeds = checker.has_overflow_serial
+        speed.foreach_overflow_check(engine.optimizer)
+        params = [p for p in checker.params if p.grad is not None]
+        g = params[len(params) // 2].grad
+        verdicts = []
+        for bad in (None, float("inf"), float("-inf"), float("nan")):
+            saved = g.view(-1)[3].clone()
+            if bad is not None:
+                g.view(-1)[3] = bad
+            verdicts.append([bool(deepspeeds(params)), checker.has_overflow_serial(params),
+                             checker.has_overflow(params)])
+            g.view(-1)[3] = saved
+        res["verdicts"] = verdicts
+        res["no_grads"] = checker.has_overflow_serial([torch.nn.Parameter(torch.ones(2))])
+        engine.step()  # the step runs with the replaced check
+        res["skipped"] = engine.skipped_steps
+    out[name] = res
+print("OVERFLOW " + json.dumps(out))
+'''
+
+
+@pytest.mark.slow
+def test_one_pass_overflow_check_gives_deepspeeds_answer(tmp_path):
+    """A real ZeRO-0 bf16 engine (CPU, one rank): the one-pass check answers as DeepSpeed's loop for finite
+    gradients and for one +inf, -inf or NaN element, also through has_overflow; a step runs with it. auto keeps
+    DeepSpeed's check until it is measured; ZeRO-1 and fp32 ZeRO-0 are refused with the reason."""
+    from sftbench.buildenv import free_port
+
+    def cfg(stage, bf16=True):
+        return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "bf16": {"enabled": bf16},
+                "gradient_clipping": 1.0, "zero_optimization": {"stage": stage},
+                "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+    configs = {"z0": cfg(0), "z1": cfg(1), "z0_fp32": cfg(0, bf16=False)}
+    p = subprocess.run([sys.executable, "-c", _OVERFLOW, str(free_port()), json.dumps(configs)], cwd=REPO,
+                       env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    got = json.loads(p.stdout.split("OVERFLOW ", 1)[1])
+    z0 = got["z0"]
+    assert z0["unfit"] is None and "foreach_refused" not in z0
+    assert z0["auto"] == [False, "auto: " + OVERFLOW_CHECK_UNMEASURED]
+    assert z0["verdicts"] == [[False, False, False], [True, True, True], [True, True, True], [True, True, True]]
+    assert z0["no_grads"] is False and z0["skipped"] == 0
+    for name in ("z1", "z0_fp32"):
+        r = got[name]
+        assert r["unfit"].startswith(f"the engine's optimizer is {r['optimizer']}, not one of ZeRO-0's FP16"), r
+        assert r["auto"] == [False, "auto: " + r["unfit"]]
+        assert r["foreach_refused"] == f"--overflow-check foreach does not apply: {r['unfit']}; use auto or deepspeed"
