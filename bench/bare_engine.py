@@ -57,8 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--graph-accum", default="auto", choices=graphs.ACCUM_MODES, help="as train.py --graph-accum")
     p.add_argument("--graph-wgrad", default="auto", choices=graphs.WGRAD_MODES, help="as train.py --graph-wgrad")
     p.add_argument("--graph-qkv", default="auto", choices=graphs.QKV_MODES, help="as train.py --graph-qkv")
-    p.add_argument("--grad-norm", default="auto", choices=speed.GRAD_NORM_MODES, help="as train.py --grad-norm")
-    p.add_argument("--overflow-check", default="auto", choices=speed.OVERFLOW_CHECK_MODES,
+    p.add_argument("--grad-norm", default="auto", choices=speed.ONE_PASS_MODES, help="as train.py --grad-norm")
+    p.add_argument("--overflow-check", default="auto", choices=speed.ONE_PASS_MODES,
                    help="as train.py --overflow-check")
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="profile the first measured step (torch.profiler, CPU + CUDA) and write its tables here "

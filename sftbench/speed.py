@@ -128,15 +128,35 @@ def compile_engine(engine, target: str, mode: str, deepspeed: bool) -> None:
         engine.model = torch.compile(engine.model, **kwargs)
 
 
-GRAD_NORM_MODES = ("auto", "foreach", "deepspeed")
+# Both one-pass levers (--grad-norm, --overflow-check) take these: DeepSpeed's per-gradient loop, or one pass.
+ONE_PASS_MODES = ("auto", "foreach", "deepspeed")
 
 # What the one-kernel norm measured (docs/performance.md), for the log's grad_norm_why.
 GRAD_NORM_MEASURED = "measured faster on Pangu-2.6B/350M ZeRO-1, 1 x H200 (docs/performance.md)"
 
 
+def _check_one_pass(flag: str, mode: str) -> None:
+    if mode not in ONE_PASS_MODES:
+        raise SpeedError(f"{flag} must be one of {', '.join(ONE_PASS_MODES)}, got {mode!r}")
+
+
 def check_grad_norm(mode: str) -> None:
-    if mode not in GRAD_NORM_MODES:
-        raise SpeedError(f"--grad-norm must be one of {', '.join(GRAD_NORM_MODES)}, got {mode!r}")
+    _check_one_pass("--grad-norm", mode)
+
+
+def _resolve_one_pass(flag: str, mode: str, unfit_of, engine) -> tuple[bool, str] | None:
+    """What both one-pass levers decide alike: ``deepspeed`` keeps DeepSpeed's code; ``foreach`` applies the lever
+    where it fits (``unfit_of(engine)`` is None) and is refused (SpeedError) where it does not; ``auto`` keeps
+    DeepSpeed's code where it does not fit. None: ``auto`` where it fits, which each lever decides itself."""
+    _check_one_pass(flag, mode)
+    if mode == "deepspeed":
+        return False, "asked for"
+    unfit = unfit_of(engine)
+    if mode == "foreach":
+        if unfit:
+            raise SpeedError(f"{flag} foreach does not apply: {unfit}; use auto or deepspeed")
+        return True, "asked for"
+    return (False, f"auto: {unfit}") if unfit else None
 
 
 def foreach_norm_unfit(engine) -> str | None:
@@ -164,16 +184,9 @@ def resolve_grad_norm(mode: str, engine, on_cuda: bool) -> tuple[bool, str]:
     """Whether to compute the gradient norm with ``foreach_grad_norm``, and why. ``auto``: on a GPU wherever it
     fits the engine (``foreach_norm_unfit``); ``foreach``: wherever it fits, refused (SpeedError) where it does not;
     ``deepspeed``: DeepSpeed's own code."""
-    check_grad_norm(mode)
-    if mode == "deepspeed":
-        return False, "asked for"
-    unfit = foreach_norm_unfit(engine)
-    if mode == "foreach":
-        if unfit:
-            raise SpeedError(f"--grad-norm foreach does not apply: {unfit}; use auto or deepspeed")
-        return True, "asked for"
-    if unfit:
-        return False, f"auto: {unfit}"
+    decided = _resolve_one_pass("--grad-norm", mode, foreach_norm_unfit, engine)
+    if decided:
+        return decided
     if not on_cuda:
         return False, "auto: CPU run (measured on the GPU only)"
     return True, f"auto: {GRAD_NORM_MEASURED}"
@@ -219,16 +232,13 @@ def foreach_grad_norm(opt) -> None:
     opt.get_grad_norm_direct = get_grad_norm_direct
 
 
-OVERFLOW_CHECK_MODES = ("auto", "foreach", "deepspeed")
-
 # Why auto keeps DeepSpeed's check where the one-pass check fits (docs/performance.md).
 OVERFLOW_CHECK_UNMEASURED = ("DeepSpeed's check, since the one-pass check is not measured on a GPU yet "
                              "(docs/performance.md); --overflow-check foreach runs it")
 
 
 def check_overflow_check(mode: str) -> None:
-    if mode not in OVERFLOW_CHECK_MODES:
-        raise SpeedError(f"--overflow-check must be one of {', '.join(OVERFLOW_CHECK_MODES)}, got {mode!r}")
+    _check_one_pass("--overflow-check", mode)
 
 
 def foreach_overflow_unfit(engine) -> str | None:
@@ -258,15 +268,8 @@ def resolve_overflow_check(mode: str, engine) -> tuple[bool, str]:
     """Whether to check the gradients for inf/NaN with ``foreach_overflow_check``, and why. ``auto`` keeps
     DeepSpeed's check (``OVERFLOW_CHECK_UNMEASURED``); ``foreach`` applies the one-pass check where it fits and is
     refused (SpeedError) where it does not; ``deepspeed`` keeps DeepSpeed's code."""
-    check_overflow_check(mode)
-    if mode == "deepspeed":
-        return False, "asked for"
-    unfit = foreach_overflow_unfit(engine)
-    if mode == "foreach":
-        if unfit:
-            raise SpeedError(f"--overflow-check foreach does not apply: {unfit}; use auto or deepspeed")
-        return True, "asked for"
-    return False, f"auto: {unfit or OVERFLOW_CHECK_UNMEASURED}"
+    return (_resolve_one_pass("--overflow-check", mode, foreach_overflow_unfit, engine)
+            or (False, f"auto: {OVERFLOW_CHECK_UNMEASURED}"))
 
 
 def foreach_overflow_check(opt) -> None:
