@@ -241,12 +241,7 @@ def main() -> int:
                                  world_size=world_size)
             engine_name = "torch"
         speed.compile_engine(engine, compile_target, args.compile_mode, args.deepspeed)
-        foreach_norm, grad_norm_why = speed.resolve_grad_norm(args.grad_norm, engine, device.type == "cuda")
-        if foreach_norm:
-            speed.foreach_grad_norm(engine.optimizer)
-        foreach_overflow, overflow_why = speed.resolve_overflow_check(args.overflow_check, engine)
-        if foreach_overflow:
-            speed.foreach_overflow_check(engine.optimizer)
+        one_pass = speed.apply_one_pass_levers(engine, args.grad_norm, args.overflow_check, device.type == "cuda")
         defect = engine_checks.fp16_zero0_scale_defect(engine) if args.deepspeed else None
         warnings = [defect] if defect else []  # into the meta record; the report never recommends such a run
         engine.train()
@@ -338,9 +333,7 @@ def main() -> int:
                            "compile_mode": args.compile_mode if compile_target != "off" else None,
                            "cuda_graphs": use_graphs, "cuda_graphs_why": graphs_why,
                            "cuda_graphs_pool_mib": graphs_pool_mib, **graph_how, "ds_throughput_timer": timer_why,
-                           "grad_norm": "foreach" if foreach_norm else "deepspeed", "grad_norm_why": grad_norm_why,
-                           "overflow_check": "foreach" if foreach_overflow else "deepspeed",
-                           "overflow_check_why": overflow_why,
+                           **one_pass,
                            "batches_on_device": True},
             predicted=predicted,
             versions={"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -372,9 +365,11 @@ def main() -> int:
         if timer_why:
             say(f"speed: {timer_why}")
         if args.deepspeed:
-            say(f"speed: gradient norm {'in one multi-tensor kernel' if foreach_norm else 'by DeepSpeed'} "
-                f"({grad_norm_why}); inf/NaN check of the gradients "
-                f"{'in one pass' if foreach_overflow else 'by DeepSpeed'} ({overflow_why})")
+            say(f"speed: gradient norm "
+                f"{'in one multi-tensor kernel' if one_pass['grad_norm'] == 'foreach' else 'by DeepSpeed'} "
+                f"({one_pass['grad_norm_why']}); inf/NaN check of the gradients "
+                f"{'in one pass' if one_pass['overflow_check'] == 'foreach' else 'by DeepSpeed'} "
+                f"({one_pass['overflow_check_why']})")
         for w in warnings:
             say(f"warning: {w}")
         if warmup_note:

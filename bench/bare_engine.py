@@ -133,14 +133,9 @@ def main(argv=None) -> int:
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=cfg)
     speed.compile_engine(engine, target, args.compile_mode, deepspeed=True)
     try:  # as train.py
-        foreach_norm, _ = speed.resolve_grad_norm(args.grad_norm, engine, device.type == "cuda")
-        foreach_overflow, _ = speed.resolve_overflow_check(args.overflow_check, engine)
+        one_pass = speed.apply_one_pass_levers(engine, args.grad_norm, args.overflow_check, device.type == "cuda")
     except speed.SpeedError as e:
         sys.exit(f"error: {e}")
-    if foreach_norm:
-        speed.foreach_grad_norm(engine.optimizer)
-    if foreach_overflow:
-        speed.foreach_overflow_check(engine.optimizer)
     engine.train()
     ga = engine.gradient_accumulation_steps()
     mb = engine.train_micro_batch_size_per_gpu()
@@ -160,8 +155,8 @@ def main(argv=None) -> int:
     if rank == 0:
         print(f"bare_engine: {model_name}, {args.ds} (ZeRO {zero_stage}, {precision}), world {world}, micro batch "
               f"{mb}, grad accum {ga}, seq {args.seq_len}, pad mask {'on' if use_pad_mask else 'off'}, cuda graphs "
-              f"{'on' if use_graphs else 'off'} ({graphs_why}), gradient norm "
-              f"{'foreach' if foreach_norm else 'deepspeed'}", flush=True)
+              f"{'on' if use_graphs else 'off'} ({graphs_why}), gradient norm {one_pass['grad_norm']}, overflow "
+              f"check {one_pass['overflow_check']}", flush=True)
 
     # ---- the bare loop
     w = args.warmup_steps
@@ -232,8 +227,7 @@ def main(argv=None) -> int:
                         extra={"step_s_wall": wall / (args.steps - w), "pad_mask": use_pad_mask,
                                "cuda_graphs": use_graphs, "graph_accum": graph_how["graph_accum"],
                                "graph_wgrad": graph_how["graph_wgrad"], "graph_qkv": graph_how["graph_qkv"],
-                               "grad_norm": "foreach" if foreach_norm else "deepspeed",
-                               "overflow_check": "foreach" if foreach_overflow else "deepspeed",
+                               **one_pass,
                                "zero_stage": zero_stage, "dataset_path": data_path, "dataset_samples": enc.n})
         res["final_loss"] = final_loss
         report(res, args.out)

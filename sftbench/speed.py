@@ -159,6 +159,16 @@ def _resolve_one_pass(flag: str, mode: str, unfit_of, engine) -> tuple[bool, str
     return (False, f"auto: {unfit}") if unfit else None
 
 
+def _other_signature(method, expected: tuple[str, ...]) -> str | None:
+    """Why a DeepSpeed method a one-pass lever replaces does not take the arguments the replacement takes (None: it
+    does), so another DeepSpeed version's method is kept rather than replaced by a wrong one."""
+    import inspect
+    params = tuple(inspect.signature(method).parameters)
+    if params != expected:
+        return f"this DeepSpeed's {method.__name__} takes ({', '.join(params)}), not ({', '.join(expected)})"
+    return None
+
+
 def foreach_norm_unfit(engine) -> str | None:
     """Why the engine's gradient norm cannot be computed by ``foreach_grad_norm`` (None: it can). It replaces
     DeepSpeed's ZeRO-1/2 ``get_grad_norm_direct`` on GPU-resident partitions only; ZeRO-0's optimizers have their
@@ -173,11 +183,7 @@ def foreach_norm_unfit(engine) -> str | None:
                 "optimizer takes one flat tensor's norm; ZeRO-3 and the BF16 optimizer have their own code)")
     if opt.cpu_offload:
         return "optimizer offload: DeepSpeed computes the norm over the CPU partitions"
-    import inspect
-    params = list(inspect.signature(opt.get_grad_norm_direct).parameters)
-    if params != ["gradients", "params", "norm_type"]:
-        return f"this DeepSpeed's get_grad_norm_direct takes ({', '.join(params)}), not (gradients, params, norm_type)"
-    return None
+    return _other_signature(opt.get_grad_norm_direct, ("gradients", "params", "norm_type"))
 
 
 def resolve_grad_norm(mode: str, engine, on_cuda: bool) -> tuple[bool, str]:
@@ -257,11 +263,7 @@ def foreach_overflow_unfit(engine) -> str | None:
     checker = getattr(opt, "overflow_checker", None)
     if not isinstance(checker, CheckOverflow):
         return f"the optimizer's overflow checker is {type(checker).__name__}, not DeepSpeed's CheckOverflow"
-    import inspect
-    params = list(inspect.signature(checker.has_overflow_serial).parameters)
-    if params != ["params"]:
-        return f"this DeepSpeed's has_overflow_serial takes ({', '.join(params)}), not (params)"
-    return None
+    return _other_signature(checker.has_overflow_serial, ("params",))
 
 
 def resolve_overflow_check(mode: str, engine) -> tuple[bool, str]:
@@ -296,3 +298,18 @@ def foreach_overflow_check(opt) -> None:
         return not bool(torch.stack(norms).isfinite().all())  # the one host sync
 
     checker.has_overflow_serial = has_overflow_serial
+
+
+def apply_one_pass_levers(engine, grad_norm: str, overflow_check: str, on_cuda: bool) -> dict:
+    """Decide both one-pass levers for a built engine (``resolve_grad_norm``, ``resolve_overflow_check``; SpeedError
+    where a ``foreach`` does not apply, before anything is replaced), apply those that are on, and return what ran
+    and why as the meta record's keys (``grad_norm``, ``grad_norm_why``, ``overflow_check``, ``overflow_check_why``),
+    as train.py and the bare loop record them."""
+    norm, norm_why = resolve_grad_norm(grad_norm, engine, on_cuda)
+    check, check_why = resolve_overflow_check(overflow_check, engine)
+    if norm:
+        foreach_grad_norm(engine.optimizer)
+    if check:
+        foreach_overflow_check(engine.optimizer)
+    return {"grad_norm": "foreach" if norm else "deepspeed", "grad_norm_why": norm_why,
+            "overflow_check": "foreach" if check else "deepspeed", "overflow_check_why": check_why}
