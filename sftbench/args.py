@@ -118,9 +118,9 @@ class HarnessArgs:
                            "optimizer offload, --ds none), 'deepspeed' (DeepSpeed's own code).", default="auto")
     overflow_check: str = _help("The inf/NaN check of the gradients that ZeRO-0's FP16 optimizers (bf16 and fp16) "
                                 "run at every step, one gradient and one device sync at a time, with no config key "
-                                "to turn it off: 'auto' (default: DeepSpeed's check, since the one-pass check is not "
-                                "measured on a GPU yet), 'foreach' (one multi-tensor pass and one sync, the same "
-                                "answer; refused where it does not apply: ZeRO-1/2/3, the BF16 optimizer, fp32, "
+                                "to turn it off: 'auto' (default: on a GPU, one multi-tensor pass and one sync, the "
+                                "same answer: 1.21x on Pangu-2.6B, 1.75x on 350M per ZeRO-0 step; DeepSpeed's "
+                                "check elsewhere), 'foreach' (the same, refused where it does not apply: ZeRO-1/2/3, the BF16 optimizer, fp32, "
                                 "--ds none), 'deepspeed' (DeepSpeed's own code).", default="auto")
     save: str | None = _help("Save folder: at the end the model is saved here as a transformers folder "
                              "(from_pretrained after `import sftbench`) that also holds the state to resume from. "

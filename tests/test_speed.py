@@ -14,7 +14,7 @@ import torch
 from sftbench.args import ArgsError, HarnessArgs, parse_args
 from sftbench.pangu import build_model
 from conftest import REPO, cpu_env
-from sftbench.speed import (GRAD_NORM_MEASURED, OVERFLOW_CHECK_UNMEASURED, SpeedError, blocks_of, check_compile,
+from sftbench.speed import (GRAD_NORM_MEASURED, OVERFLOW_CHECK_MEASURED, SpeedError, blocks_of, check_compile,
                             compile_blocks, resolve_compile)
 
 
@@ -135,11 +135,11 @@ def test_one_pass_lever_flag_values_and_the_plain_loop():
     assert parse_args([]).overflow_check == "auto"
     with pytest.raises(ArgsError, match="--overflow-check must be one of auto, foreach, deepspeed, got 'off'"):
         HarnessArgs(overflow_check="off")
-    assert resolve_overflow_check("auto", Plain()) == (
+    assert resolve_overflow_check("auto", Plain(), on_cuda=True) == (
         False, "auto: the plain loop (--ds none) has no per-gradient check (fp16: torch's GradScaler checks in one "
                "pass)")
     with pytest.raises(SpeedError, match="--overflow-check foreach does not apply: the plain loop"):
-        resolve_overflow_check("foreach", Plain())
+        resolve_overflow_check("foreach", Plain(), on_cuda=True)
 
 
 _NORMS = r'''
@@ -277,7 +277,7 @@ def test_train_py_one_pass_levers_train_like_deepspeeds_code_and_are_refused_whe
     assert curves["norm_ds"][-1] < curves["norm_ds"][0] - 0.1, curves["norm_ds"]
     assert curves["norm_foreach"] == pytest.approx(curves["norm_ds"], rel=1e-5)
     assert metas["check_auto"]["overflow_check"] == "deepspeed"
-    assert metas["check_auto"]["overflow_check_why"] == "auto: " + OVERFLOW_CHECK_UNMEASURED
+    assert metas["check_auto"]["overflow_check_why"] == "auto: CPU run (measured on the GPU only)"
     assert metas["check_auto"]["grad_norm_why"].startswith("auto: the engine's optimizer is FP16_Optimizer,")
     assert (metas["check_foreach"]["overflow_check"], metas["check_foreach"]["overflow_check_why"]) == (
         "foreach", "asked for")
@@ -308,9 +308,10 @@ for name, cfg in json.loads(sys.argv[2]).items():
     model = PanguForCausalLM._from_config(preset_config("pangu-tiny", hidden_size=64, num_layers=2, num_heads=2))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     res = {"optimizer": type(engine.optimizer).__name__, "unfit": speed.foreach_overflow_unfit(engine),
-           "auto": speed.resolve_overflow_check("auto", engine)}
+           "auto": speed.resolve_overflow_check("auto", engine, on_cuda=False),
+           "auto_gpu": speed.resolve_overflow_check("auto", engine, on_cuda=True)}
     try:
-        speed.resolve_overflow_check("foreach", engine)
+        speed.resolve_overflow_check("foreach", engine, on_cuda=False)
     except speed.SpeedError as e:
         res["foreach_refused"] = str(e)
     if res["unfit"] is None:
@@ -341,8 +342,9 @@ print("OVERFLOW " + json.dumps(out))
 @pytest.mark.slow
 def test_one_pass_overflow_check_gives_deepspeeds_answer(tmp_path):
     """A real ZeRO-0 bf16 engine (CPU, one rank): the one-pass check answers as DeepSpeed's loop for finite
-    gradients and for one +inf, -inf or NaN element, also through has_overflow; a step runs with it. auto keeps
-    DeepSpeed's check until it is measured; ZeRO-1 and fp32 ZeRO-0 are refused with the reason."""
+    gradients and for one +inf, -inf or NaN element, also through has_overflow; a step runs with it. auto runs it
+    on a GPU (where it was measured) and keeps DeepSpeed's check on CPU; ZeRO-1 and fp32 ZeRO-0 are refused with
+    the reason."""
     from sftbench.buildenv import free_port
 
     def cfg(stage, bf16=True):
@@ -356,11 +358,12 @@ def test_one_pass_overflow_check_gives_deepspeeds_answer(tmp_path):
     got = json.loads(p.stdout.split("OVERFLOW ", 1)[1])
     z0 = got["z0"]
     assert z0["unfit"] is None and "foreach_refused" not in z0
-    assert z0["auto"] == [False, "auto: " + OVERFLOW_CHECK_UNMEASURED]
+    assert z0["auto"] == [False, "auto: CPU run (measured on the GPU only)"]
+    assert z0["auto_gpu"] == [True, "auto: " + OVERFLOW_CHECK_MEASURED]
     assert z0["verdicts"] == [[False, False, False], [True, True, True], [True, True, True], [True, True, True]]
     assert z0["no_grads"] is False and z0["skipped"] == 0
     for name in ("z1", "z0_fp32"):
         r = got[name]
         assert r["unfit"].startswith(f"the engine's optimizer is {r['optimizer']}, not one of ZeRO-0's FP16"), r
-        assert r["auto"] == [False, "auto: " + r["unfit"]]
+        assert r["auto"] == r["auto_gpu"] == [False, "auto: " + r["unfit"]]
         assert r["foreach_refused"] == f"--overflow-check foreach does not apply: {r['unfit']}; use auto or deepspeed"
