@@ -271,7 +271,7 @@ def main() -> int:
                       "attention_mask": dataset.attention_mask[first].to(device) if use_pad_mask else None}
             try:
                 graphed, graph_how = graphs.graph_engine(engine, sample, args.graph_accum, args.graph_wgrad,
-                                                          args.graph_qkv)
+                                                          args.graph_qkv, args.graph_fuse)
                 graphs_pool_mib = graphed.pool_mib
             except graphs.GraphError as e:
                 if args.cuda_graphs == "on":
@@ -360,7 +360,9 @@ def main() -> int:
                                  f"{'in the GEMMs' if graph_how['graph_wgrad'] else 'by autograd'} "
                                  f"({graph_how['graph_wgrad_why']}); k/v/q projections "
                                  f"{'in one GEMM' if graph_how['graph_qkv'] else 'one GEMM each'} "
-                                 f"({graph_how['graph_qkv_why']})"
+                                 f"({graph_how['graph_qkv_why']}); residual adds "
+                                 f"{'fused with dropout and LayerNorm' if graph_how['graph_fuse'] else 'apart'} "
+                                 f"({graph_how['graph_fuse_why']})"
                                  if graphs_pool_mib is not None else ""))
         if timer_why:
             say(f"speed: {timer_why}")

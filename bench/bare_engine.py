@@ -57,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--graph-accum", default="auto", choices=graphs.ACCUM_MODES, help="as train.py --graph-accum")
     p.add_argument("--graph-wgrad", default="auto", choices=graphs.WGRAD_MODES, help="as train.py --graph-wgrad")
     p.add_argument("--graph-qkv", default="auto", choices=graphs.QKV_MODES, help="as train.py --graph-qkv")
+    p.add_argument("--graph-fuse", default="auto", choices=graphs.FUSE_MODES, help="as train.py --graph-fuse")
     p.add_argument("--grad-norm", default="auto", choices=speed.ONE_PASS_MODES, help="as train.py --grad-norm")
     p.add_argument("--overflow-check", default="auto", choices=speed.ONE_PASS_MODES,
                    help="as train.py --overflow-check")
@@ -144,7 +145,7 @@ def main(argv=None) -> int:
         _, graph_how = graphs.graph_engine(
             engine, {"input_ids": enc.input_ids[:mb].to(device), "labels": enc.labels[:mb].to(device),
                      "attention_mask": enc.attention_mask[:mb].to(device) if use_pad_mask else None}, args.graph_accum,
-            args.graph_wgrad, args.graph_qkv)
+            args.graph_wgrad, args.graph_qkv, args.graph_fuse)
 
     # ---- batches on the device before the clock starts (train.py's step_indices)
     need = args.steps * mb * ga
@@ -227,6 +228,7 @@ def main(argv=None) -> int:
                         extra={"step_s_wall": wall / (args.steps - w), "pad_mask": use_pad_mask,
                                "cuda_graphs": use_graphs, "graph_accum": graph_how["graph_accum"],
                                "graph_wgrad": graph_how["graph_wgrad"], "graph_qkv": graph_how["graph_qkv"],
+                               "graph_fuse": graph_how["graph_fuse"],
                                **one_pass,
                                "zero_stage": zero_stage, "dataset_path": data_path, "dataset_samples": enc.n})
         res["final_loss"] = final_loss

@@ -109,6 +109,11 @@ class HarnessArgs:
                            "of ZeRO-0/1/2 place them so): 'on', or 'auto' (default) and 'off', which leave it off "
                            "(on Pangu-2.6B ZeRO-1 it was faster by the median, 1.03-1.06x, but not by the steps).",
                            default="auto")
+    graph_fuse: str = _help("With CUDA graphs on: each block's residual additions run fused with the dropout "
+                            "before them, the first also with the LayerNorm after it (two small functions compiled "
+                            "by torch.compile and captured in the graphs; a few seconds of compilation at start): "
+                            "'on', or 'auto' (default) and 'off', which leave it off (not measured on a GPU yet); "
+                            "'on' is refused under the plain loop's autocast.", default="auto")
     grad_norm: str = _help("The gradient norm DeepSpeed's ZeRO-1/2 optimizer takes at every step (for clipping and "
                            "the log): 'auto' (default: on a GPU, one multi-tensor kernel that sums the gradients' "
                            "squares in fp64 as it reads them, where DeepSpeed copies each gradient to fp64 and "
@@ -120,8 +125,9 @@ class HarnessArgs:
                                 "run at every step, one gradient and one device sync at a time, with no config key "
                                 "to turn it off: 'auto' (default: on a GPU, one multi-tensor pass and one sync, the "
                                 "same answer: 1.21x on Pangu-2.6B, 1.75x on 350M per ZeRO-0 step; DeepSpeed's "
-                                "check elsewhere), 'foreach' (the same, refused where it does not apply: ZeRO-1/2/3, the BF16 optimizer, fp32, "
-                                "--ds none), 'deepspeed' (DeepSpeed's own code).", default="auto")
+                                "check elsewhere), 'foreach' (the same, refused where it does not apply: "
+                                "ZeRO-1/2/3, the BF16 optimizer, fp32, --ds none), 'deepspeed' (DeepSpeed's own "
+                                "code).", default="auto")
     save: str | None = _help("Save folder: at the end the model is saved here as a transformers folder "
                              "(from_pretrained after `import sftbench`) that also holds the state to resume from. "
                              "Nothing is saved without it.", default=None)
@@ -186,12 +192,13 @@ class HarnessArgs:
             check_overflow_check(self.overflow_check)
         except SpeedError as e:
             raise ArgsError(str(e)) from None
-        from sftbench.graphs import check_accum_mode, check_mode, check_qkv_mode, check_wgrad_mode
+        from sftbench.graphs import check_accum_mode, check_fuse_mode, check_mode, check_qkv_mode, check_wgrad_mode
         try:
             check_mode(self.cuda_graphs)
             check_accum_mode(self.graph_accum)
             check_wgrad_mode(self.graph_wgrad)
             check_qkv_mode(self.graph_qkv)
+            check_fuse_mode(self.graph_fuse)
         except ValueError as e:
             raise ArgsError(str(e)) from None
         if self.data is not None and not os.path.isfile(self.data):

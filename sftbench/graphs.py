@@ -28,6 +28,10 @@ What is captured, and what is not (so DeepSpeed computes exactly what it is told
 * With ``--graph-qkv on`` each attention's k, v (and q, except in the query layer) projections run as one GEMM
   over a view of their weights, where DeepSpeed's flat parameter buffer puts these side by side; that GEMM's gradient
   buffer holds the projections' own buffers as row blocks. Off under ``auto``: not decided by the steps.
+* With ``--graph-fuse on`` each block's residual additions run fused with the dropout before them, and the second
+  with the LayerNorm after it (``fused_pointwise``: two small functions compiled by torch.compile, captured like
+  every other kernel), instead of separate dropout, add and LayerNorm kernels forward and backward. Off under
+  ``auto`` until measured.
 * The handed-over buffers stay referenced here, so autograd never steals one as ``param.grad`` (the next replay
   would overwrite it); it copies or adds instead, as in eager mode.
 * Dropout draws fresh masks at every replay: CUDA graph capture registers the RNG state and every replay advances
@@ -280,6 +284,99 @@ def fusable_projections(model) -> list:
     return found
 
 
+FUSE_MODES = ("auto", "on", "off")
+
+# ``auto`` leaves the fused residual kernels off until a same-call measurement shows them faster.
+FUSE_UNMEASURED = "not measured on a GPU yet (--graph-fuse on applies it)"
+
+
+def check_fuse_mode(mode: str) -> None:
+    _check_choice("--graph-fuse", mode, FUSE_MODES)
+
+
+def resolve_fuse(mode: str, amp_dtype) -> tuple[bool, str]:
+    """Whether the graphs run each block's dropout, residual add and LayerNorm fused (``fused_pointwise``), and why
+    (the meta record's ``graph_fuse_why``). ``on`` under the plain loop's autocast is refused (GraphError): the
+    compiled functions are traced for the weights' dtype, and the autocast residual stream is another."""
+    check_fuse_mode(mode)
+    if mode == "off":
+        return False, "off: asked for"
+    if amp_dtype is not None:
+        if mode == "on":
+            raise GraphError("--graph-fuse on: the plain loop's autocast mixes dtypes in the residual stream; use "
+                             "--graph-fuse off or a DeepSpeed config")
+        return False, "auto: the plain loop's autocast mixes dtypes in the residual stream"
+    if mode == "on":
+        return True, "on: asked for"
+    return False, f"auto: off, {FUSE_UNMEASURED}"
+
+
+def _pointwise_fns(compiled: bool):
+    """``(dropout_add_ln, dropout_add)``: a block's residual additions with the dropout before them, the first with
+    the LayerNorm after it. Compiled (torch.compile, static shapes, one graph each), each is one kernel forward and
+    one or two backward where eager runs dropout, add and LayerNorm apart; uncompiled they are exactly the block's
+    own operations in its order (the CPU tests compare the two)."""
+    global _POINTWISE
+    if compiled and _POINTWISE is not None:
+        return _POINTWISE
+    import torch
+    import torch.nn.functional as F
+
+    def dropout_add_ln(y, resid, weight, bias, p: float, eps: float, training: bool):
+        h = resid + F.dropout(y, p, training)
+        return h, F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
+
+    def dropout_add(y, resid, p: float, training: bool):
+        return resid + F.dropout(y, p, training)
+
+    if not compiled:
+        return dropout_add_ln, dropout_add
+    _POINTWISE = (torch.compile(dropout_add_ln, fullgraph=True, dynamic=False),
+                  torch.compile(dropout_add, fullgraph=True, dynamic=False))
+    return _POINTWISE
+
+
+_POINTWISE = None
+
+
+def fusable_blocks(model) -> list:
+    """The model's transformer blocks (``sftbench.pangu.PanguBlock``), whose residual kernels ``fused_pointwise``
+    fuses."""
+    from sftbench.pangu import PanguBlock
+    return [m for m in model.modules() if isinstance(m, PanguBlock)]
+
+
+@contextlib.contextmanager
+def fused_pointwise(model, compiled: bool = True):
+    """Within the block, every Pangu block of ``model`` computes ``h + dropout(attn(ln_1(h)))`` and ``ln_2`` of it in
+    one function, and ``h + dropout(mlp(..))`` in another (``_pointwise_fns``): the attention's and the MLP's own
+    output dropouts are set aside for it. The same operations in the same order, so the same random draws."""
+    import torch.nn as nn
+
+    ln_add, add = _pointwise_fns(compiled)
+    blocks = fusable_blocks(model)
+
+    def make(block, p_attn: float, p_mlp: float):
+        def forward(hidden_states, attn_mask, query_states=None):
+            y = block.attn(block.ln_1(hidden_states), attn_mask, query_states)  # c_proj's output, before dropout
+            h, x = ln_add(y, hidden_states, block.ln_2.weight, block.ln_2.bias, p_attn, block.ln_2.eps,
+                          block.training)
+            return add(block.mlp(x), h, p_mlp, block.training)
+        return forward
+
+    kept = []
+    for b in blocks:
+        kept.append((b.attn.resid_dropout, b.mlp.dropout))
+        b.forward = make(b, b.attn.resid_dropout.p, b.mlp.dropout.p)
+        b.attn.resid_dropout, b.mlp.dropout = nn.Identity(), nn.Identity()
+    try:
+        yield len(blocks)
+    finally:
+        for b, (attn_drop, mlp_drop) in zip(blocks, kept):
+            del b.forward  # back to the class's forward
+            b.attn.resid_dropout, b.mlp.dropout = attn_drop, mlp_drop
+
+
 class GraphedLoss:
     """The captured forward+backward of ``model(input_ids, labels[, attention_mask]) -> loss``.
 
@@ -296,7 +393,7 @@ class GraphedLoss:
     of once per micro-batch. Without it every micro-batch hands its gradients over."""
 
     def __init__(self, model, sample: dict, *, warmup_iters: int = 3, amp_dtype=None, boundary=None,
-                 wgrad: bool = False, qkv: bool = False):
+                 wgrad: bool = False, qkv: bool = False, fuse: bool = False):
         import torch
 
         self.model = model
@@ -356,6 +453,7 @@ class GraphedLoss:
                 return y.split(width, dim=-1)
             fused_fns.append((attn, fused))
         self.fused_qkv = len(fused_fns)
+        self.fused_blocks = len(fusable_blocks(model)) if fuse else 0
 
         @contextlib.contextmanager
         def shadowed():
@@ -375,8 +473,9 @@ class GraphedLoss:
             # The plain loop's autocast, without its weight-cast cache (a cache would be filled at capture only).
             ctx = (torch.autocast("cuda", dtype=amp_dtype, cache_enabled=False) if amp_dtype is not None
                    else contextlib.nullcontext())
-            fuse = fused_wgrad(model) if wgrad else contextlib.nullcontext()
-            with ctx, shadowed(), fuse:
+            in_gemm = fused_wgrad(model) if wgrad else contextlib.nullcontext()
+            residual = fused_pointwise(model) if fuse else contextlib.nullcontext()
+            with ctx, shadowed(), in_gemm, residual:
                 return self.eager_forward(**self.static_in).loss
 
         # Warm-up on the capture stream: cuBLAS/cuDNN handles, autotuned kernels and the allocator's segments exist
@@ -501,13 +600,14 @@ def use_side_stream(device) -> Any:
 
 
 def graph_model(model, sample: dict, amp_dtype=None, boundary=None, wgrad: bool = False,
-                qkv: bool = False) -> GraphedLoss:
+                qkv: bool = False, fuse: bool = False) -> GraphedLoss:
     """Capture ``model``'s loss forward and backward for calls shaped like ``sample`` and install the replay as its
     forward (``boundary``: see ``GraphedLoss``; ``wgrad``: ``fused_wgrad`` in the captured backward; ``qkv``: one
-    GEMM for each attention's side-by-side projections, ``fusable_projections``). Returns the installed
-    ``GraphedLoss`` (``pool_mib``: GPU memory the graphs hold; ``fused_qkv``: how many attentions got one GEMM)."""
+    GEMM for each attention's side-by-side projections, ``fusable_projections``; ``fuse``: ``fused_pointwise`` in
+    the captured forward and backward). Returns the installed ``GraphedLoss`` (``pool_mib``: GPU memory the graphs
+    hold; ``fused_qkv``: how many attentions got one GEMM; ``fused_blocks``: how many blocks run fused)."""
     try:
-        g = GraphedLoss(model, sample, amp_dtype=amp_dtype, boundary=boundary, wgrad=wgrad, qkv=qkv)
+        g = GraphedLoss(model, sample, amp_dtype=amp_dtype, boundary=boundary, wgrad=wgrad, qkv=qkv, fuse=fuse)
     except GraphError:
         raise
     except RuntimeError as e:  # torch's capture errors name the operation that cannot be captured
@@ -517,23 +617,28 @@ def graph_model(model, sample: dict, amp_dtype=None, boundary=None, wgrad: bool 
 
 
 def graph_engine(engine, sample: dict, accum_mode: str = "auto", wgrad_mode: str = "auto",
-                 qkv_mode: str = "auto") -> tuple[GraphedLoss, dict]:
+                 qkv_mode: str = "auto", fuse_mode: str = "auto") -> tuple[GraphedLoss, dict]:
     """Capture an engine's model as train.py and the bare loop do: after ``deepspeed.initialize`` (ZeRO re-points
     the weights into its flat buffers) and any resume, accumulating inside the graphs where the engine allows it
     (``accumulates_locally``), in the GEMMs where ``resolve_wgrad`` says and, with ``--graph-qkv on``, one GEMM per
-    attention's projections where their weights lie side by side. Returns the installed
-    ``GraphedLoss`` and what ran and why, as the meta record's keys (``graph_accum``, ``graph_accum_why``,
-    ``graph_wgrad``, ``graph_wgrad_why``, ``graph_qkv``, ``graph_qkv_why``)."""
+    attention's projections where their weights lie side by side, and the blocks' residual kernels fused where
+    ``resolve_fuse`` says. Returns the installed ``GraphedLoss`` and what ran and why, as the meta record's keys
+    (``graph_accum``, ``graph_accum_why``, ``graph_wgrad``, ``graph_wgrad_why``, ``graph_qkv``, ``graph_qkv_why``,
+    ``graph_fuse``, ``graph_fuse_why``)."""
     accum, why = accumulates_locally(engine, accum_mode)
     amp_dtype = getattr(engine, "amp_dtype", None)  # the plain loop's autocast dtype
     wgrad, wgrad_why = resolve_wgrad(wgrad_mode, amp_dtype)
     check_qkv_mode(qkv_mode)
+    fuse, fuse_why = resolve_fuse(fuse_mode, amp_dtype)
     g = graph_model(engine.module, sample, amp_dtype,
                     boundary=engine.is_gradient_accumulation_boundary if accum else None, wgrad=wgrad,
-                    qkv=qkv_mode == "on")
+                    qkv=qkv_mode == "on", fuse=fuse)
     n_attn = sum(1 for m in engine.module.modules() if hasattr(m, "fused_proj"))
+    if fuse:
+        fuse_why += f": {g.fused_blocks} blocks"
     return g, {"graph_accum": accum, "graph_accum_why": why, "graph_wgrad": wgrad, "graph_wgrad_why": wgrad_why,
-               "graph_qkv": g.fused_qkv > 0, "graph_qkv_why": qkv_why(qkv_mode, g.fused_qkv, n_attn)}
+               "graph_qkv": g.fused_qkv > 0, "graph_qkv_why": qkv_why(qkv_mode, g.fused_qkv, n_attn),
+               "graph_fuse": fuse, "graph_fuse_why": fuse_why}
 
 
 def qkv_why(mode: str, fused: int, attentions: int) -> str:
@@ -553,7 +658,8 @@ def qkv_why(mode: str, fused: int, attentions: int) -> str:
 
 # The meta record's graph keys where no graph was captured (graphs off, refused, or the capture failed).
 NOT_CAPTURED = {"graph_accum": False, "graph_accum_why": "off: no CUDA graphs", "graph_wgrad": False,
-                "graph_wgrad_why": "off: no CUDA graphs", "graph_qkv": False, "graph_qkv_why": "off: no CUDA graphs"}
+                "graph_wgrad_why": "off: no CUDA graphs", "graph_qkv": False, "graph_qkv_why": "off: no CUDA graphs",
+                "graph_fuse": False, "graph_fuse_why": "off: no CUDA graphs"}
 
 ACCUM_MODES = ("auto", "off")
 

@@ -101,6 +101,8 @@ def test_without_cuda_the_flag_runs_eager_and_says_so(tmp_path):
     assert meta["optimizations"]["graph_wgrad"] is False
     assert meta["optimizations"]["graph_wgrad_why"] == "off: no CUDA graphs"
     assert meta["optimizations"]["graph_qkv"] is False
+    assert meta["optimizations"]["graph_fuse"] is False
+    assert "residual adds" not in p.stdout  # the graph details are printed only where graphs were captured
     # DeepSpeed's throughput timer is left as the config has it where no graphs run.
     assert meta["optimizations"]["ds_throughput_timer"] is None and "timers" not in meta["ds_config"]
     assert "cuda graphs off (on: no CUDA device, eager)" in p.stdout
@@ -197,6 +199,86 @@ def test_wgrad_mode_resolves_and_refuses_unknown_values():
         graphs.resolve_wgrad("on", None)
 
 
+def test_fused_pointwise_blocks_compute_the_blocks_own_operations_in_their_order():
+    """``fused_pointwise`` uncompiled (CPU, fp32, dropout on): each block's residual adds, dropouts and second
+    LayerNorm run in the two fused functions, and with the same seed the loss and every gradient are exactly the
+    block's own (the same operations in the same order draw the same dropout masks). The blocks' own dropout
+    modules and forward come back after the block."""
+    torch = pytest.importorskip("torch")
+    from sftbench.pangu import PanguForCausalLM, preset_config
+    cfg = preset_config("pangu-tiny", hidden_size=64, num_layers=3, num_heads=2, attn_pdrop=0.1, resid_pdrop=0.2,
+                        embd_pdrop=0.1)
+    torch.manual_seed(5)
+    eager = PanguForCausalLM._from_config(cfg)
+    fused = PanguForCausalLM._from_config(cfg)
+    fused.load_state_dict(eager.state_dict())
+    ids = torch.randint(5, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(9)
+    want = eager(input_ids=ids, labels=ids).loss
+    want.backward()
+    drops = [(b.attn.resid_dropout, b.mlp.dropout) for b in fused.transformer.h]
+    calls = {"ln_add": 0, "add": 0}
+    ln_add, add = graphs._pointwise_fns(compiled=False)
+
+    def counting(name, fn):
+        def run(*a):
+            calls[name] += 1
+            return fn(*a)
+        return run
+    real = graphs._pointwise_fns
+    graphs._pointwise_fns = lambda compiled: (counting("ln_add", ln_add), counting("add", add))
+    try:
+        with graphs.fused_pointwise(fused) as n:
+            assert n == 3 and all(isinstance(b.attn.resid_dropout, torch.nn.Identity) for b in fused.transformer.h)
+            torch.manual_seed(9)
+            got = fused(input_ids=ids, labels=ids).loss
+            got.backward()
+    finally:
+        graphs._pointwise_fns = real
+    assert calls == {"ln_add": 3, "add": 3}
+    assert got.item() == want.item()
+    grads = dict(eager.named_parameters())
+    for name, p in fused.named_parameters():
+        assert torch.equal(p.grad, grads[name].grad), name
+    assert [(b.attn.resid_dropout, b.mlp.dropout) for b in fused.transformer.h] == drops
+    assert not any("forward" in vars(b) for b in fused.transformer.h)
+
+
+def test_fused_pointwise_compiled_traces_in_one_graph_and_matches_eager():
+    """The compiled functions (torch.compile, full graph: a graph break would fail here, not slow a GPU run down
+    unseen), run here by inductor's CPU backend on a dropout-free model: loss and gradients equal eager's within
+    fp32 rounding."""
+    torch = pytest.importorskip("torch")
+    from sftbench.pangu import PanguForCausalLM, preset_config
+    cfg = preset_config("pangu-tiny", hidden_size=64, num_layers=2, num_heads=2, attn_pdrop=0.0, resid_pdrop=0.0,
+                        embd_pdrop=0.0)
+    torch.manual_seed(0)
+    model = PanguForCausalLM._from_config(cfg)
+    ids = torch.randint(5, cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(2))
+    want = model(input_ids=ids, labels=ids).loss
+    want.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    with graphs.fused_pointwise(model):
+        got = model(input_ids=ids, labels=ids).loss
+        got.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, grads[n], rtol=1e-5, atol=1e-6), n
+
+
+def test_fuse_mode_resolves_and_refuses_where_it_cannot_apply():
+    assert graphs.resolve_fuse("off", None) == (False, "off: asked for")
+    assert graphs.resolve_fuse("auto", None) == (False, f"auto: off, {graphs.FUSE_UNMEASURED}")
+    assert graphs.resolve_fuse("on", None) == (True, "on: asked for")
+    on, why = graphs.resolve_fuse("auto", "bf16-autocast")
+    assert on is False and "autocast" in why
+    with pytest.raises(graphs.GraphError, match="--graph-fuse on: the plain loop's autocast"):
+        graphs.resolve_fuse("on", "bf16-autocast")
+    with pytest.raises(ValueError, match="--graph-fuse must be one of auto, on, off"):
+        graphs.check_fuse_mode("yes")
+
+
 # ---------------------------------------------------------------------------------------------------- on a GPU
 def _cuda():
     torch = pytest.importorskip("torch")
@@ -221,7 +303,7 @@ def _batch(torch, seed: int, seq: int = 128):
     return {"input_ids": ids.cuda(), "labels": labels.cuda()}
 
 
-def _graphed_micro_batches(torch, stream, batches, wgrad=False, qkv=False):
+def _graphed_micro_batches(torch, stream, batches, wgrad=False, qkv=False, fuse=False):
     """A dropout-free small model captured on ``batches[0]`` (on ``stream``, as the run's side stream), then every
     batch replayed and its loss backpropagated: (model, GraphedLoss, losses). With ``qkv`` its parameters first go
     into flat buffers as ZeRO's, so the projections fuse."""
@@ -229,8 +311,9 @@ def _graphed_micro_batches(torch, stream, batches, wgrad=False, qkv=False):
         graphed = _small_model(torch, 0.0)
         if qkv:
             _flatten_like_zero(torch, graphed)
-        g = graphs.graph_model(graphed, batches[0], wgrad=wgrad, qkv=qkv)
+        g = graphs.graph_model(graphed, batches[0], wgrad=wgrad, qkv=qkv, fuse=fuse)
         assert g.fused_qkv == (len(graphed.transformer.h) if qkv else 0)
+        assert g.fused_blocks == (len(graphed.transformer.h) if fuse else 0)
         losses = []
         for b in batches:
             out = graphed(**b)
@@ -240,12 +323,13 @@ def _graphed_micro_batches(torch, stream, batches, wgrad=False, qkv=False):
     return graphed, g, losses
 
 
-@pytest.mark.parametrize("wgrad,qkv", [(False, False), (True, False), (True, True), (False, True)])
-def test_gpu_replays_accumulate_gradients_like_eager(wgrad, qkv):
+@pytest.mark.parametrize("wgrad,qkv,fuse", [(False, False, False), (True, False, False), (True, True, False),
+                                            (False, True, False), (True, False, True)])
+def test_gpu_replays_accumulate_gradients_like_eager(wgrad, qkv, fuse):
     """Two micro-batches accumulated into param.grad through the replayed graphs equal eager's (fp32, no dropout):
     a stolen static buffer would overwrite the first micro-batch's gradient with the second's. With ``wgrad`` the
     linear layers add into the buffers inside their GEMMs; with ``qkv`` each attention's projections are one GEMM
-    whose gradient buffer holds theirs."""
+    whose gradient buffer holds theirs; with ``fuse`` the blocks' residual kernels are compiled and captured."""
     torch = _cuda()
     batches = [_batch(torch, 1), _batch(torch, 2)]
     eager = _small_model(torch, 0.0)
@@ -254,7 +338,7 @@ def test_gpu_replays_accumulate_gradients_like_eager(wgrad, qkv):
     want = {n: p.grad.clone() for n, p in eager.named_parameters()}
 
     s = torch.cuda.Stream()
-    graphed, g, losses = _graphed_micro_batches(torch, s, batches, wgrad, qkv)
+    graphed, g, losses = _graphed_micro_batches(torch, s, batches, wgrad, qkv, fuse)
     assert g.replays == 2
     assert torch.stack(losses).tolist() == pytest.approx([eager(**b).loss.item() for b in batches], rel=1e-5)
     for n, p in graphed.named_parameters():
@@ -325,14 +409,17 @@ def test_gpu_padding_mask_path_replays_like_eager():
         assert torch.allclose(p.grad, want[n], rtol=1e-4, atol=1e-6), n
 
 
-def test_gpu_dropout_draws_fresh_masks_at_every_replay():
+@pytest.mark.parametrize("fuse", [False, True])
+def test_gpu_dropout_draws_fresh_masks_at_every_replay(fuse):
+    """Also with the residual dropouts inside the compiled functions (``fuse``), whose random seeds are drawn by a
+    captured random kernel."""
     torch = _cuda()
     b = _batch(torch, 3)
     s = torch.cuda.Stream()
     with torch.cuda.stream(s):
         for dropout, differ in ((0.1, True), (0.0, False)):
             m = _small_model(torch, dropout)
-            graphs.graph_model(m, b)
+            graphs.graph_model(m, b, fuse=fuse)
             a = m(**b).loss.detach().clone()
             c = m(**b).loss.detach().clone()
             torch.cuda.synchronize()
@@ -352,7 +439,7 @@ def test_gpu_moved_parameter_is_an_error_not_stale_weights():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ds", ["z1.json", "z2_5e8.json", "z0.json", "none"])
+@pytest.mark.parametrize("ds", ["z1.json", "z2_5e8.json", "z0.json", "none", "z1.json+fuse"])
 def test_gpu_graphed_loss_curve_equals_eager_under_the_engine(tmp_path, ds):
     """train.py on one GPU, bf16, a dropout-free checkpoint, grad accumulation 2, 6 steps: the graphed run's loss
     curve equals eager's within 2e-3 relative (bf16 rounding; the same kernels run, the gradient sums may be
@@ -363,6 +450,7 @@ def test_gpu_graphed_loss_curve_equals_eager_under_the_engine(tmp_path, ds):
     torch.manual_seed(7)
     PanguForCausalLM._from_config(preset_config("pangu-tiny", hidden_size=256, num_layers=4, num_heads=4,
                                                 attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)).save_pretrained(ckpt)
+    ds, _, fuse = ds.partition("+")
     cfg = "none" if ds == "none" else str(write_overfit_config(ds, tmp_path / "cfg.json"))
     extra = ["--grad-accum", "2", "--lr", "3e-3", "--lr-warmup-steps", "1"] if ds == "none" else []
     env = {k: v for k, v in cpu_env().items() if k != "DS_ACCELERATOR"}
@@ -370,7 +458,8 @@ def test_gpu_graphed_loss_curve_equals_eager_under_the_engine(tmp_path, ds):
     for mode in ("off", "on"):
         p = _train(tmp_path, mode, "--ds", cfg, "--model", str(ckpt), "--seq-len", "128", "--max-steps", "6",
                    "--warmup-steps", "1", "--precision", "bf16", "--seed", "7", "--cuda-graphs", mode, *extra,
-                   *(["--graph-qkv", "on"] if mode == "on" else []), env=env)
+                   *(["--graph-qkv", "on"] if mode == "on" else []),
+                   *(["--graph-fuse", "on"] if mode == "on" and fuse else []), env=env)
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
         recs = read_jsonl(tmp_path / mode / "rank0.jsonl")
         metas[mode] = recs[0]
@@ -383,6 +472,9 @@ def test_gpu_graphed_loss_curve_equals_eager_under_the_engine(tmp_path, ds):
     if ds in ("z1.json", "z2_5e8.json"):
         assert opt["graph_qkv"] is True and opt["graph_qkv_why"].startswith("on: 4 of 4 attentions"), opt
     assert opt["graph_wgrad"] is (ds != "none"), opt
+    assert opt["graph_fuse"] is bool(fuse), opt
+    if fuse:
+        assert opt["graph_fuse_why"] == "on: asked for: 4 blocks", opt
     assert metas["off"]["optimizations"]["cuda_graphs"] is False
     assert curves["off"][-1] < curves["off"][0] - 0.1, curves["off"]
     assert curves["on"] == pytest.approx(curves["off"], rel=2e-3), (curves["on"], curves["off"])
