@@ -287,11 +287,12 @@ def _cuda():
     return torch
 
 
-def _small_model(torch, dropout: float):
+def _small_model(torch, dropout: float, resid_only: bool = False):
     from sftbench.pangu import PanguForCausalLM, preset_config
     torch.manual_seed(11)
-    cfg = preset_config("pangu-tiny", hidden_size=256, num_layers=4, num_heads=4, attn_pdrop=dropout,
-                        resid_pdrop=dropout, embd_pdrop=dropout)
+    other = 0.0 if resid_only else dropout  # resid_only: only the residual dropouts (the ones --graph-fuse moves)
+    cfg = preset_config("pangu-tiny", hidden_size=256, num_layers=4, num_heads=4, attn_pdrop=other,
+                        resid_pdrop=dropout, embd_pdrop=other)
     return PanguForCausalLM._from_config(cfg).cuda()
 
 
@@ -409,16 +410,17 @@ def test_gpu_padding_mask_path_replays_like_eager():
         assert torch.allclose(p.grad, want[n], rtol=1e-4, atol=1e-6), n
 
 
-@pytest.mark.parametrize("fuse", [False, True])
-def test_gpu_dropout_draws_fresh_masks_at_every_replay(fuse):
-    """Also with the residual dropouts inside the compiled functions (``fuse``), whose random seeds are drawn by a
-    captured random kernel."""
+@pytest.mark.parametrize("fuse,resid_only", [(False, False), (False, True), (True, True)])
+def test_gpu_dropout_draws_fresh_masks_at_every_replay(fuse, resid_only):
+    """Every dropout, and (``resid_only``) the residual dropouts alone, also where they run inside the compiled
+    functions (``fuse``), whose random seeds come from a captured random kernel: two replays of one batch give two
+    losses; without dropout, one."""
     torch = _cuda()
     b = _batch(torch, 3)
     s = torch.cuda.Stream()
     with torch.cuda.stream(s):
         for dropout, differ in ((0.1, True), (0.0, False)):
-            m = _small_model(torch, dropout)
+            m = _small_model(torch, dropout, resid_only)
             graphs.graph_model(m, b, fuse=fuse)
             a = m(**b).loss.detach().clone()
             c = m(**b).loss.detach().clone()
