@@ -31,7 +31,7 @@ What is captured, and what is not (so DeepSpeed computes exactly what it is told
 * With ``--graph-fuse on`` each block's residual additions run fused with the dropout before them, and the second
   with the LayerNorm after it (``fused_pointwise``: two small functions compiled by torch.compile, captured like
   every other kernel), instead of separate dropout, add and LayerNorm kernels forward and backward. Off under
-  ``auto`` until measured.
+  ``auto``: not decided by the steps.
 * The handed-over buffers stay referenced here, so autograd never steals one as ``param.grad`` (the next replay
   would overwrite it); it copies or adds instead, as in eager mode.
 * Dropout draws fresh masks at every replay: CUDA graph capture registers the RNG state and every replay advances
@@ -286,8 +286,9 @@ def fusable_projections(model) -> list:
 
 FUSE_MODES = ("auto", "on", "off")
 
-# ``auto`` leaves the fused residual kernels off until a same-call measurement shows them faster.
-FUSE_UNMEASURED = "not measured on a GPU yet (--graph-fuse on applies it)"
+# ``auto`` leaves the fused residual kernels off: faster by the median on both models, but the step ranges overlap.
+FUSE_UNDECIDED = ("not decided by the steps (1 x H200, bf16, ZeRO-1, graphs: Pangu-2.6B ~1.02x, Pangu-350M ~1.03x, "
+                  "the step ranges overlapping; --graph-fuse on applies it)")
 
 
 def check_fuse_mode(mode: str) -> None:
@@ -308,7 +309,7 @@ def resolve_fuse(mode: str, amp_dtype) -> tuple[bool, str]:
         return False, "auto: the plain loop's autocast mixes dtypes in the residual stream"
     if mode == "on":
         return True, "on: asked for"
-    return False, f"auto: off, {FUSE_UNMEASURED}"
+    return False, f"auto: off, {FUSE_UNDECIDED}"
 
 
 def _pointwise_fns(compiled: bool):

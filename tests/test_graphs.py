@@ -269,7 +269,7 @@ def test_fused_pointwise_compiled_traces_in_one_graph_and_matches_eager():
 
 def test_fuse_mode_resolves_and_refuses_where_it_cannot_apply():
     assert graphs.resolve_fuse("off", None) == (False, "off: asked for")
-    assert graphs.resolve_fuse("auto", None) == (False, f"auto: off, {graphs.FUSE_UNMEASURED}")
+    assert graphs.resolve_fuse("auto", None) == (False, f"auto: off, {graphs.FUSE_UNDECIDED}")
     assert graphs.resolve_fuse("on", None) == (True, "on: asked for")
     on, why = graphs.resolve_fuse("auto", "bf16-autocast")
     assert on is False and "autocast" in why
