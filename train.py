@@ -274,7 +274,7 @@ def main() -> int:
                                                           args.graph_qkv, args.graph_fuse)
                 graphs_pool_mib = graphed.pool_mib
             except graphs.GraphError as e:
-                if args.cuda_graphs == "on":
+                if args.cuda_graphs == "on" or args.graph_fuse == "on":  # asked for by name: an error, not eager
                     raise
                 use_graphs, graphs_why = False, f"auto: capture refused, eager ({e})"
                 warnings.append(f"CUDA graphs not used: {e}")

@@ -28,7 +28,7 @@ What is captured, and what is not (so DeepSpeed computes exactly what it is told
 * With ``--graph-qkv on`` each attention's k, v (and q, except in the query layer) projections run as one GEMM
   over a view of their weights, where DeepSpeed's flat parameter buffer puts these side by side; that GEMM's gradient
   buffer holds the projections' own buffers as row blocks. Off under ``auto``: not decided by the steps.
-* With ``--graph-fuse on`` each block's residual additions run fused with the dropout before them, and the second
+* With ``--graph-fuse on`` each block's residual additions run fused with the dropout before them, and the first
   with the LayerNorm after it (``fused_pointwise``: two small functions compiled by torch.compile, captured like
   every other kernel), instead of separate dropout, add and LayerNorm kernels forward and backward. Off under
   ``auto``: not decided by the steps.
