@@ -144,10 +144,10 @@ def check_grad_norm(mode: str) -> None:
     _check_one_pass("--grad-norm", mode)
 
 
-def _resolve_one_pass(flag: str, mode: str, unfit_of, engine) -> tuple[bool, str] | None:
+def _resolve_one_pass(flag: str, mode: str, unfit_of, engine, on_cuda: bool, measured: str) -> tuple[bool, str]:
     """What both one-pass levers decide alike: ``deepspeed`` keeps DeepSpeed's code; ``foreach`` applies the lever
-    where it fits (``unfit_of(engine)`` is None) and is refused (SpeedError) where it does not; ``auto`` keeps
-    DeepSpeed's code where it does not fit. None: ``auto`` where it fits, which each lever decides itself."""
+    where it fits (``unfit_of(engine)`` is None) and is refused (SpeedError) where it does not; ``auto`` applies it
+    on a GPU where it fits (``measured``: the evidence, for the log) and keeps DeepSpeed's code elsewhere."""
     _check_one_pass(flag, mode)
     if mode == "deepspeed":
         return False, "asked for"
@@ -156,7 +156,11 @@ def _resolve_one_pass(flag: str, mode: str, unfit_of, engine) -> tuple[bool, str
         if unfit:
             raise SpeedError(f"{flag} foreach does not apply: {unfit}; use auto or deepspeed")
         return True, "asked for"
-    return (False, f"auto: {unfit}") if unfit else None
+    if unfit:
+        return False, f"auto: {unfit}"
+    if not on_cuda:
+        return False, "auto: CPU run (measured on the GPU only)"
+    return True, f"auto: {measured}"
 
 
 def _other_signature(method, expected: tuple[str, ...]) -> str | None:
@@ -190,12 +194,7 @@ def resolve_grad_norm(mode: str, engine, on_cuda: bool) -> tuple[bool, str]:
     """Whether to compute the gradient norm with ``foreach_grad_norm``, and why. ``auto``: on a GPU wherever it
     fits the engine (``foreach_norm_unfit``); ``foreach``: wherever it fits, refused (SpeedError) where it does not;
     ``deepspeed``: DeepSpeed's own code."""
-    decided = _resolve_one_pass("--grad-norm", mode, foreach_norm_unfit, engine)
-    if decided:
-        return decided
-    if not on_cuda:
-        return False, "auto: CPU run (measured on the GPU only)"
-    return True, f"auto: {GRAD_NORM_MEASURED}"
+    return _resolve_one_pass("--grad-norm", mode, foreach_norm_unfit, engine, on_cuda, GRAD_NORM_MEASURED)
 
 
 def foreach_grad_norm(opt) -> None:
@@ -269,12 +268,8 @@ def resolve_overflow_check(mode: str, engine, on_cuda: bool) -> tuple[bool, str]
     """Whether to check the gradients for inf/NaN with ``foreach_overflow_check``, and why. ``auto``: on a GPU
     wherever it fits the engine (``foreach_overflow_unfit``); ``foreach``: wherever it fits, refused (SpeedError)
     where it does not; ``deepspeed``: DeepSpeed's own code."""
-    decided = _resolve_one_pass("--overflow-check", mode, foreach_overflow_unfit, engine)
-    if decided:
-        return decided
-    if not on_cuda:
-        return False, "auto: CPU run (measured on the GPU only)"
-    return True, f"auto: {OVERFLOW_CHECK_MEASURED}"
+    return _resolve_one_pass("--overflow-check", mode, foreach_overflow_unfit, engine, on_cuda,
+                             OVERFLOW_CHECK_MEASURED)
 
 
 def foreach_overflow_check(opt) -> None:

@@ -112,19 +112,26 @@ def test_without_cuda_the_flag_runs_eager_and_says_so(tmp_path):
         graphs.resolve("on", on_cuda=True, ds_cfg=Z["z3"], world_size=1, compile_target="off")
 
 
+def _twin_tiny_models(torch, seed: int, num_layers: int, dropout: float, **overrides):
+    """(config, model, an equal copy): two tiny Pangu models with the same weights, to run one as is and one
+    patched."""
+    from sftbench.pangu import PanguForCausalLM, preset_config
+    cfg = preset_config("pangu-tiny", hidden_size=64, num_layers=num_layers, num_heads=2,
+                        **{"attn_pdrop": dropout, "resid_pdrop": dropout, "embd_pdrop": dropout, **overrides})
+    torch.manual_seed(seed)
+    model = PanguForCausalLM._from_config(cfg)
+    twin = PanguForCausalLM._from_config(cfg)
+    twin.load_state_dict(model.state_dict())
+    return cfg, model, twin
+
+
 def test_fused_wgrad_adds_each_linear_gradient_into_grad_and_gives_autograd_none():
     """The graphs' linear layers under ``fused_wgrad`` (run here on CPU, fp32, outside any graph): over three
     micro-batches their weight and bias gradients add up in ``.grad`` to what autograd's own accumulation gives, the
     other parameters (embeddings, LayerNorms) still accumulate through autograd, the tied head adds into the
     embedding's buffer alongside the embedding's own gradient, and the patch is gone after the block."""
     torch = pytest.importorskip("torch")
-    from sftbench.pangu import PanguForCausalLM, preset_config
-    cfg = preset_config("pangu-tiny", hidden_size=64, num_layers=2, num_heads=2, attn_pdrop=0.0, resid_pdrop=0.0,
-                        embd_pdrop=0.0)
-    torch.manual_seed(3)
-    eager = PanguForCausalLM._from_config(cfg)
-    fused = PanguForCausalLM._from_config(cfg)
-    fused.load_state_dict(eager.state_dict())
+    cfg, eager, fused = _twin_tiny_models(torch, 3, num_layers=2, dropout=0.0)
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(5, cfg.vocab_size, (1, 32), generator=gen) for _ in range(3)]
     for ids in batches:
@@ -205,13 +212,7 @@ def test_fused_pointwise_blocks_compute_the_blocks_own_operations_in_their_order
     block's own (the same operations in the same order draw the same dropout masks). The blocks' own dropout
     modules and forward come back after the block."""
     torch = pytest.importorskip("torch")
-    from sftbench.pangu import PanguForCausalLM, preset_config
-    cfg = preset_config("pangu-tiny", hidden_size=64, num_layers=3, num_heads=2, attn_pdrop=0.1, resid_pdrop=0.2,
-                        embd_pdrop=0.1)
-    torch.manual_seed(5)
-    eager = PanguForCausalLM._from_config(cfg)
-    fused = PanguForCausalLM._from_config(cfg)
-    fused.load_state_dict(eager.state_dict())
+    cfg, eager, fused = _twin_tiny_models(torch, 5, num_layers=3, dropout=0.1, resid_pdrop=0.2)
     ids = torch.randint(5, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     torch.manual_seed(9)
     want = eager(input_ids=ids, labels=ids).loss
