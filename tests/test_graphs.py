@@ -206,7 +206,7 @@ def test_wgrad_mode_resolves_and_refuses_unknown_values():
         graphs.resolve_wgrad("on", None)
 
 
-def test_fused_pointwise_blocks_compute_the_blocks_own_operations_in_their_order():
+def test_fused_pointwise_blocks_compute_the_blocks_own_operations_in_their_order(monkeypatch):
     """``fused_pointwise`` uncompiled (CPU, fp32, dropout on): each block's residual adds, dropouts and second
     LayerNorm run in the two fused functions, and with the same seed the loss and every gradient are exactly the
     block's own (the same operations in the same order draw the same dropout masks). The blocks' own dropout
@@ -226,16 +226,12 @@ def test_fused_pointwise_blocks_compute_the_blocks_own_operations_in_their_order
             calls[name] += 1
             return fn(*a)
         return run
-    real = graphs._pointwise_fns
-    graphs._pointwise_fns = lambda compiled: (counting("ln_add", ln_add), counting("add", add))
-    try:
-        with graphs.fused_pointwise(fused) as n:
-            assert n == 3 and all(isinstance(b.attn.resid_dropout, torch.nn.Identity) for b in fused.transformer.h)
-            torch.manual_seed(9)
-            got = fused(input_ids=ids, labels=ids).loss
-            got.backward()
-    finally:
-        graphs._pointwise_fns = real
+    monkeypatch.setattr(graphs, "_pointwise_fns", lambda compiled: (counting("ln_add", ln_add), counting("add", add)))
+    with graphs.fused_pointwise(fused) as n:
+        assert n == 3 and all(isinstance(b.attn.resid_dropout, torch.nn.Identity) for b in fused.transformer.h)
+        torch.manual_seed(9)
+        got = fused(input_ids=ids, labels=ids).loss
+        got.backward()
     assert calls == {"ln_add": 3, "add": 3}
     assert got.item() == want.item()
     grads = dict(eager.named_parameters())
