@@ -11,6 +11,7 @@ runs/<run>/rank<k>.jsonl (schema: docs/log_schema.md); rank 0 prints. Fine-tunin
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -36,19 +37,29 @@ from sftbench.shm import release_own_buffer as release_shm_buffer
 # torch and DeepSpeed are imported, so both are imported inside main(), after the fix.
 
 
-def train_step(engine, ids, labels, mask=None):
+def train_step(engine, ids, labels, mask=None, coalesce=False):
     """One optimizer step: ``ids``, ``labels`` (and ``mask``) hold the step's micro-batches as [GA, micro batch,
     seq]. The engine's three calls per micro-batch, as DeepSpeed is told (``engine.step()`` at every micro-batch:
-    DeepSpeed updates only at the accumulation boundary). Returns the mean micro-batch loss as a device tensor, so
-    the caller reads it once, after its clock stopped."""
+    DeepSpeed updates only at the accumulation boundary). With ``coalesce`` (--coalesce-reduction) the micro-batches
+    run inside DeepSpeed's ``engine.coalesce_grad_reduction()`` window, which reduces once at its exit, and
+    ``engine.step()`` follows once. Returns the mean micro-batch loss as a device tensor, so the caller reads it
+    once, after its clock stopped."""
+    n = ids.shape[0]
     loss_sum = 0.0
-    for micro in range(ids.shape[0]):
-        out = engine(input_ids=ids[micro], labels=labels[micro], attention_mask=mask[micro] if mask is not None
-                     else None)
-        engine.backward(out.loss)
+    with engine.coalesce_grad_reduction() if coalesce else contextlib.nullcontext():
+        for micro in range(n):
+            if coalesce:  # step() (which moves the engine's micro-step count) waits until after the window
+                engine.set_gradient_accumulation_boundary(micro == n - 1)
+            out = engine(input_ids=ids[micro], labels=labels[micro], attention_mask=mask[micro] if mask is not None
+                         else None)
+            engine.backward(out.loss)
+            if not coalesce:
+                engine.step()
+            loss_sum = loss_sum + out.loss.detach().float()
+    if coalesce:
+        engine.set_gradient_accumulation_boundary(True)  # the window's exit restores the flag it found on entry
         engine.step()
-        loss_sum = loss_sum + out.loss.detach().float()
-    return loss_sum / ids.shape[0]
+    return loss_sum / n
 
 
 def step_line(rec: dict, max_steps: int, eta_s: float, bar: bool = False) -> str:
@@ -242,11 +253,25 @@ def main() -> int:
             engine_name = "torch"
         speed.compile_engine(engine, compile_target, args.compile_mode, args.deepspeed)
         one_pass = speed.apply_one_pass_levers(engine, args.grad_norm, args.overflow_check, device.type == "cuda")
+        micro_batch = engine.train_micro_batch_size_per_gpu()
+        from sftbench import memory
+        model_shape = memory.ModelShape(n_params, config.hidden_size, config.num_layers, config.num_heads,
+                                        config.vocab_size, config.intermediate_size)
+
+        def run_shape(coalesced: bool) -> "memory.RunShape":
+            return memory.RunShape(ds_cfg, world_size, precision, seq_len=args.seq_len, micro_batch=micro_batch,
+                                   cuda=device.type == "cuda", flash_attention=not use_pad_mask,
+                                   dataset_samples=dataset.n, cuda_graphs=use_graphs, coalesce_reduction=coalesced)
+
+        # auto coalesces only where the full 16-bit gradients the window holds are predicted to fit this GPU
+        coalesce_fits = memory.predict(model_shape, run_shape(True), memory.Limits(
+            torch.cuda.get_device_properties(device).total_memory / MIB)).fits if device.type == "cuda" else None
+        coalesce, coalesce_why = speed.resolve_coalesce(args.coalesce_reduction, engine, device.type == "cuda",
+                                                        world_size, coalesce_fits)
         defect = engine_checks.fp16_zero0_scale_defect(engine) if args.deepspeed else None
         warnings = [defect] if defect else []  # into the meta record; the report never recommends such a run
         engine.train()
         grad_accum = engine.gradient_accumulation_steps()
-        micro_batch = engine.train_micro_batch_size_per_gpu()
         # The values that ran, into the harness record (None meant "the config's").
         args.grad_accum, args.micro_batch = grad_accum, micro_batch
         if ds_cfg is not None:
@@ -271,7 +296,7 @@ def main() -> int:
                       "attention_mask": dataset.attention_mask[first].to(device) if use_pad_mask else None}
             try:
                 graphed, graph_how = graphs.graph_engine(engine, sample, args.graph_accum, args.graph_wgrad,
-                                                          args.graph_qkv, args.graph_fuse)
+                                                          args.graph_qkv, args.graph_fuse, coalescing=coalesce)
                 graphs_pool_mib = graphed.pool_mib
             except graphs.GraphError as e:
                 if args.cuda_graphs == "on" or args.graph_fuse == "on":  # asked for by name: an error, not eager
@@ -303,16 +328,10 @@ def main() -> int:
         peak = metrics.peak_tflops(device_name, precision) if device.type == "cuda" else None
 
         import psutil
-        from sftbench import memory
         host_total = psutil.virtual_memory().total / MIB
         multi_node = (where["num_nodes"] or 1) > 1
-        predicted = memory.predict(
-            memory.ModelShape(n_params, config.hidden_size, config.num_layers, config.num_heads, config.vocab_size,
-                              config.intermediate_size),
-            memory.RunShape(ds_cfg, world_size, precision, seq_len=args.seq_len, micro_batch=micro_batch,
-                            cuda=device.type == "cuda", flash_attention=not use_pad_mask, dataset_samples=dataset.n,
-                            cuda_graphs=use_graphs),
-            memory.Limits(gpu.total_mib(), None if multi_node else host_total)).to_json()
+        predicted = memory.predict(model_shape, run_shape(coalesce),
+                                   memory.Limits(gpu.total_mib(), None if multi_node else host_total)).to_json()
         if multi_node:  # one node's RAM holds only its own ranks' share of the job's host memory
             predicted = per_node_prediction(predicted, where["num_nodes"], where["local_world_size"] or 1, host_total)
         import transformers
@@ -333,7 +352,7 @@ def main() -> int:
                            "compile_mode": args.compile_mode if compile_target != "off" else None,
                            "cuda_graphs": use_graphs, "cuda_graphs_why": graphs_why,
                            "cuda_graphs_pool_mib": graphs_pool_mib, **graph_how, "ds_throughput_timer": timer_why,
-                           **one_pass,
+                           **one_pass, "coalesce_reduction": coalesce, "coalesce_reduction_why": coalesce_why,
                            "batches_on_device": True},
             predicted=predicted,
             versions={"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -371,7 +390,8 @@ def main() -> int:
                 f"{'in one multi-tensor kernel' if one_pass['grad_norm'] == 'foreach' else 'by DeepSpeed'} "
                 f"({one_pass['grad_norm_why']}); inf/NaN check of the gradients "
                 f"{'in one pass' if one_pass['overflow_check'] == 'foreach' else 'by DeepSpeed'} "
-                f"({one_pass['overflow_check_why']})")
+                f"({one_pass['overflow_check_why']}); gradients reduced "
+                f"{'once per step (coalesce_grad_reduction)' if coalesce else 'as DeepSpeed does'} ({coalesce_why})")
         for w in warnings:
             say(f"warning: {w}")
         if warmup_note:
@@ -457,7 +477,8 @@ def main() -> int:
             host.reset_peak()  # the step's own host peak (CPU Adam's and a CPU run's transients), like the GPU's
             sync()
             t0 = time.perf_counter()
-            loss_t = train_step(engine, dev_ids[i], dev_labels[i], dev_mask[i] if dev_mask is not None else None)
+            loss_t = train_step(engine, dev_ids[i], dev_labels[i], dev_mask[i] if dev_mask is not None else None,
+                                coalesce)
             sync()
             step_s = time.perf_counter() - t0
             rec = record(step, i, step_s, loss_t.item())  # one host read per optimizer step, after the clock stopped

@@ -61,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grad-norm", default="auto", choices=speed.ONE_PASS_MODES, help="as train.py --grad-norm")
     p.add_argument("--overflow-check", default="auto", choices=speed.ONE_PASS_MODES,
                    help="as train.py --overflow-check")
+    p.add_argument("--coalesce-reduction", default="auto", choices=speed.COALESCE_MODES,
+                   help="as train.py --coalesce-reduction")
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="profile the first measured step (torch.profiler, CPU + CUDA) and write its tables here "
                         "(rank 0); the step's time then includes the profiler's own cost")
@@ -135,6 +137,18 @@ def main(argv=None) -> int:
     speed.compile_engine(engine, target, args.compile_mode, deepspeed=True)
     try:  # as train.py
         one_pass = speed.apply_one_pass_levers(engine, args.grad_norm, args.overflow_check, device.type == "cuda")
+        fits = None  # as train.py: the memory predictor's answer for this run with the coalesced window
+        if device.type == "cuda":
+            from sftbench import memory
+            c = model.config
+            fits = memory.predict(
+                memory.ModelShape(sum(p.numel() for p in model.parameters()), c.hidden_size, c.num_layers,
+                                  c.num_heads, c.vocab_size, c.intermediate_size),
+                memory.RunShape(cfg, world, precision, seq_len=args.seq_len,
+                                micro_batch=engine.train_micro_batch_size_per_gpu(), flash_attention=not use_pad_mask,
+                                cuda_graphs=use_graphs, coalesce_reduction=True),
+                memory.Limits(torch.cuda.get_device_properties(device).total_memory / 2**20)).fits
+        coalesce, _ = speed.resolve_coalesce(args.coalesce_reduction, engine, device.type == "cuda", world, fits)
     except speed.SpeedError as e:
         sys.exit(f"error: {e}")
     engine.train()
@@ -145,7 +159,7 @@ def main(argv=None) -> int:
         _, graph_how = graphs.graph_engine(
             engine, {"input_ids": enc.input_ids[:mb].to(device), "labels": enc.labels[:mb].to(device),
                      "attention_mask": enc.attention_mask[:mb].to(device) if use_pad_mask else None}, args.graph_accum,
-            args.graph_wgrad, args.graph_qkv, args.graph_fuse)
+            args.graph_wgrad, args.graph_qkv, args.graph_fuse, coalescing=coalesce)
 
     # ---- batches on the device before the clock starts (train.py's step_indices)
     need = args.steps * mb * ga
@@ -157,7 +171,7 @@ def main(argv=None) -> int:
         print(f"bare_engine: {model_name}, {args.ds} (ZeRO {zero_stage}, {precision}), world {world}, micro batch "
               f"{mb}, grad accum {ga}, seq {args.seq_len}, pad mask {'on' if use_pad_mask else 'off'}, cuda graphs "
               f"{'on' if use_graphs else 'off'} ({graphs_why}), gradient norm {one_pass['grad_norm']}, overflow "
-              f"check {one_pass['overflow_check']}", flush=True)
+              f"check {one_pass['overflow_check']}, coalesced reduction {'on' if coalesce else 'off'}", flush=True)
 
     # ---- the bare loop
     w = args.warmup_steps
@@ -186,15 +200,28 @@ def main(argv=None) -> int:
             t_meas = time.perf_counter()
         if args.profile and step == w and rank == 0:
             prof = start_profiler(cuda)
-        for micro in range(ga):
-            # Named ranges in the profile (a no-op outside it): where the host's time goes, phase by phase.
-            tag = "boundary" if micro == ga - 1 else "micro"
-            with phase(prof, f"{tag}.forward"):
-                out = engine(input_ids=dev_ids[step, micro], labels=dev_labels[step, micro],
-                             attention_mask=dev_mask[step, micro] if dev_mask is not None else None)
-            with phase(prof, f"{tag}.backward"):
-                engine.backward(out.loss)
-            with phase(prof, f"{tag}.step"):
+        # as train.py's train_step: with the coalesced window, one step() after it
+        with contextlib.ExitStack() as window:
+            if coalesce:
+                window.enter_context(engine.coalesce_grad_reduction())
+            for micro in range(ga):
+                # Named ranges in the profile (a no-op outside it): where the host's time goes, phase by phase.
+                tag = "boundary" if micro == ga - 1 else "micro"
+                if coalesce:
+                    engine.set_gradient_accumulation_boundary(micro == ga - 1)
+                with phase(prof, f"{tag}.forward"):
+                    out = engine(input_ids=dev_ids[step, micro], labels=dev_labels[step, micro],
+                                 attention_mask=dev_mask[step, micro] if dev_mask is not None else None)
+                with phase(prof, f"{tag}.backward"):
+                    engine.backward(out.loss)
+                if not coalesce:
+                    with phase(prof, f"{tag}.step"):
+                        engine.step()
+            with phase(prof, "boundary.reduce"):  # the coalesced window's exit: its one reduction (else nothing)
+                window.close()
+        if coalesce:
+            engine.set_gradient_accumulation_boundary(True)
+            with phase(prof, "boundary.step"):
                 engine.step()
         mark()
         if prof is not None:
@@ -228,7 +255,7 @@ def main(argv=None) -> int:
                         extra={"step_s_wall": wall / (args.steps - w), "pad_mask": use_pad_mask,
                                "cuda_graphs": use_graphs, "graph_accum": graph_how["graph_accum"],
                                "graph_wgrad": graph_how["graph_wgrad"], "graph_qkv": graph_how["graph_qkv"],
-                               "graph_fuse": graph_how["graph_fuse"],
+                               "graph_fuse": graph_how["graph_fuse"], "coalesce_reduction": coalesce,
                                **one_pass,
                                "zero_stage": zero_stage, "dataset_path": data_path, "dataset_samples": enc.n})
         res["final_loss"] = final_loss

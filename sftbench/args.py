@@ -129,6 +129,14 @@ class HarnessArgs:
                                 "check elsewhere), 'foreach' (the same, refused where it does not apply: "
                                 "ZeRO-1/2/3, the BF16 optimizer, fp32, --ds none), 'deepspeed' (DeepSpeed's own "
                                 "code).", default="auto")
+    coalesce_reduction: str = _help("Run each step's micro-batches inside DeepSpeed's own "
+                                    "engine.coalesce_grad_reduction() window: ZeRO-2/3 and optimizer offload then "
+                                    "reduce (and move to the host) once per step instead of once per micro-batch, "
+                                    "and every rank holds the full 16-bit gradients over the window, as ZeRO-1 "
+                                    "does. 'on' (refused where DeepSpeed has no such window: ZeRO-0, --ds none, "
+                                    "its BF16 optimizer), 'auto' (default: on, on one GPU, where it was measured "
+                                    "faster and the run is predicted to fit), 'off' (DeepSpeed's reduction per "
+                                    "micro-batch).", default="auto")
     save: str | None = _help("Save folder: at the end the model is saved here as a transformers folder "
                              "(from_pretrained after `import sftbench`) that also holds the state to resume from. "
                              "Nothing is saved without it.", default=None)
@@ -186,11 +194,12 @@ class HarnessArgs:
             raise ArgsError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         if self.pad_mask not in ("auto", "always"):
             raise ArgsError(f"--pad-mask must be auto or always, got {self.pad_mask!r}")
-        from sftbench.speed import SpeedError, check_compile, check_grad_norm, check_overflow_check
+        from sftbench.speed import SpeedError, check_coalesce, check_compile, check_grad_norm, check_overflow_check
         try:
             check_compile(self.compile, self.compile_mode)
             check_grad_norm(self.grad_norm)
             check_overflow_check(self.overflow_check)
+            check_coalesce(self.coalesce_reduction)
         except SpeedError as e:
             raise ArgsError(str(e)) from None
         from sftbench.graphs import check_accum_mode, check_fuse_mode, check_mode, check_qkv_mode, check_wgrad_mode

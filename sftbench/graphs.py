@@ -14,7 +14,8 @@ What is captured, and what is not (so DeepSpeed computes exactly what it is told
   each parameter, which adds the handed-over gradient into ``param.grad`` and fires ZeRO's gradient hooks
   (bucketing, partitioning, offload copies). The boundary step (``engine.step()``) is untouched.
 * Where the engine would only add each micro-batch into ``param.grad`` before the boundary (ZeRO-0/1 without
-  offload, the plain loop: ``accumulates_locally``), the graphs do those additions themselves and hand the sum over
+  offload, the plain loop, any stage inside DeepSpeed's ``coalesce_grad_reduction()``: ``accumulates_locally``),
+  the graphs do those additions themselves and hand the sum over
   at the boundary micro-batch, so the ~400 per-parameter adds and hooks run once per step instead of once per
   micro-batch (same additions, same order). Before the boundary the replay's only autograd input is one anchor
   leaf, so autograd visits none of the parameters' nodes (on Pangu-350M those ~390 visits and ZeRO hooks were most
@@ -565,7 +566,7 @@ class GraphedLoss:
                 self.static_in[k].copy_(kwargs[k])
         if not torch.is_grad_enabled():
             loss = self._forward_only()
-        elif self.boundary is not None and not self.boundary():  # the engine's answer is fixed until its step()
+        elif self.boundary is not None and not self.boundary():  # the engine's count, or the loop's flag
             loss = self._replay.apply(self.anchor)
         else:
             loss = self._replay.apply(*self.used)
@@ -618,15 +619,17 @@ def graph_model(model, sample: dict, amp_dtype=None, boundary=None, wgrad: bool 
 
 
 def graph_engine(engine, sample: dict, accum_mode: str = "auto", wgrad_mode: str = "auto",
-                 qkv_mode: str = "auto", fuse_mode: str = "auto") -> tuple[GraphedLoss, dict]:
+                 qkv_mode: str = "auto", fuse_mode: str = "auto",
+                 coalescing: bool = False) -> tuple[GraphedLoss, dict]:
     """Capture an engine's model as train.py and the bare loop do: after ``deepspeed.initialize`` (ZeRO re-points
     the weights into its flat buffers) and any resume, accumulating inside the graphs where the engine allows it
     (``accumulates_locally``), in the GEMMs where ``resolve_wgrad`` says and, with ``--graph-qkv on``, one GEMM per
     attention's projections where their weights lie side by side, and the blocks' residual kernels fused where
     ``resolve_fuse`` says. Returns the installed ``GraphedLoss`` and what ran and why, as the meta record's keys
     (``graph_accum``, ``graph_accum_why``, ``graph_wgrad``, ``graph_wgrad_why``, ``graph_qkv``, ``graph_qkv_why``,
-    ``graph_fuse``, ``graph_fuse_why``)."""
-    accum, why = accumulates_locally(engine, accum_mode)
+    ``graph_fuse``, ``graph_fuse_why``). ``coalescing``: the loop runs each step's micro-batches inside
+    ``engine.coalesce_grad_reduction()`` (``accumulates_locally``)."""
+    accum, why = accumulates_locally(engine, accum_mode, coalescing)
     amp_dtype = getattr(engine, "amp_dtype", None)  # the plain loop's autocast dtype
     wgrad, wgrad_why = resolve_wgrad(wgrad_mode, amp_dtype)
     check_qkv_mode(qkv_mode)
@@ -669,15 +672,17 @@ def check_accum_mode(mode: str) -> None:
     _check_choice("--graph-accum", mode, ACCUM_MODES)
 
 
-def accumulates_locally(engine, mode: str = "auto") -> tuple[bool, str]:
+def accumulates_locally(engine, mode: str = "auto", coalescing: bool = False) -> tuple[bool, str]:
     """Whether the graphs may add the micro-batches' gradients up themselves and hand the sum over at the boundary
     (``GraphedLoss``'s ``boundary``), and why (the meta record's ``graph_accum_why``).
 
     Only where the engine, before the boundary, would do nothing with a micro-batch's gradients but add them into
-    ``param.grad`` in the weights' dtype: ZeRO-0/1 and the plain loop. There the sums are the same additions in the
-    same order. Not where the engine does more per micro-batch: ZeRO-2 reduces and partitions every micro-batch,
-    DeepSpeed's BF16 optimizer and a ``grad_accum_dtype`` other than the weights' add into fp32 copies, optimizer
-    offload moves gradients to the host."""
+    ``param.grad`` in the weights' dtype: ZeRO-0/1, the plain loop, and any ZeRO stage inside DeepSpeed's
+    ``coalesce_grad_reduction()`` window (``coalescing``: train.py's ``--coalesce-reduction``), whose gradient hooks
+    return at once until the window's one reduction. There the sums are the same additions in the same order. Not
+    where the engine does more per micro-batch: ZeRO-2 reduces and partitions every micro-batch, DeepSpeed's BF16
+    optimizer and a ``grad_accum_dtype`` other than the weights' add into fp32 copies, optimizer offload moves
+    gradients to the host."""
     check_accum_mode(mode)
     if mode == "off":
         return False, "off: asked for"
@@ -686,13 +691,16 @@ def accumulates_locally(engine, mode: str = "auto") -> tuple[bool, str]:
     opt = engine.optimizer
     if type(opt).__name__ == "BF16_Optimizer":
         return False, "auto: DeepSpeed's BF16 optimizer adds each micro-batch into its fp32 gradient copy"
-    if engine.zero_optimization_partition_gradients():
-        return False, "auto: ZeRO-2/3 reduce and partition the gradients at every micro-batch"
     if getattr(opt, "use_grad_accum_attribute", False):
         return False, "auto: grad_accum_dtype differs from the weights' dtype (ZeRO accumulates in its own buffer)"
-    if engine.zero_cpu_offload():
-        return False, "auto: optimizer offload moves the gradients to the host"
     if getattr(engine, "zenflow", False) or not engine.managed_gradient_accumulation():
         return False, "auto: the engine does not own the accumulation boundary"
+    if coalescing:
+        return True, (f"auto: ZeRO-{engine.zero_optimization_stage()} inside coalesce_grad_reduction() adds each "
+                      "micro-batch into param.grad and reduces once, at the window's exit")
+    if engine.zero_optimization_partition_gradients():
+        return False, "auto: ZeRO-2/3 reduce and partition the gradients at every micro-batch"
+    if engine.zero_cpu_offload():
+        return False, "auto: optimizer offload moves the gradients to the host"
     return True, (f"auto: ZeRO-{engine.zero_optimization_stage()} adds each micro-batch into param.grad and "
                   "reduces at the boundary")

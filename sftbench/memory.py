@@ -31,6 +31,8 @@ split into three terms (their sum equals DeepSpeed's number exactly for 16-bit t
     (DeepSpeed's "2 grads_16bit + 4 grads_32bit").
     Stage 3: the fp32 gradient partition ``4*P/W``. Offloaded optimizer: 0 on the GPU (they live on the host),
     except with ``data_types.grad_accum_dtype: fp32`` on stage 1/2, which keeps ``4*P/W`` on the GPU (measured).
+    With ``coalesce_reduction`` (``--coalesce-reduction``) stage 1-3 hold the full 16-bit gradients ``b*P`` over
+    the step's micro-batches: stage 2 in place of ``b*P/W``, stage 3 and offload on top (``_coalesced_grads``).
     ``--ds none``: fp32 gradients ``4*P`` (autocast keeps fp32 weights, so fp32 gradients).
 ``optimizer``
     Adam(W) momentum and variance in fp32 ``8*P`` plus the fp32 master weights ``4*P`` when the model is not
@@ -280,6 +282,7 @@ class RunShape:
     zero_init: bool = True
     dataset_samples: int | None = None
     cuda_graphs: bool = False
+    coalesce_reduction: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISION_BYTES:
@@ -386,6 +389,7 @@ class Prediction:
                 "seq_len": r.seq_len, "micro_batch": r.micro_batch, "hidden": m.hidden, "n_layers": m.n_layers,
                 "n_heads": m.n_heads, "vocab": m.vocab, "cuda": r.cuda, "flash_attention": r.flash_attention,
                 "zero_init": r.zero_init, "dataset_samples": r.dataset_samples, "cuda_graphs": r.cuda_graphs,
+                "coalesce_reduction": r.coalesce_reduction,
             },
             "notes": list(self.states.notes),
         }
@@ -467,6 +471,18 @@ def _states_stage3(P: int, LL: int, W: int, b: int, off_opt, off_par, zget, zero
     return st
 
 
+def _coalesced_grads(st: ModelStates, stage: int, P: int, W: int, b: int, off_opt) -> None:
+    """``coalesce_reduction`` (train.py ``--coalesce-reduction``, DeepSpeed's ``engine.coalesce_grad_reduction()``):
+    every backward of the window adds into ``param.grad``, so every rank holds the full 16-bit gradients ``b*P``
+    until the one reduction at its exit, as ZeRO-1 does without it. Stage 2 keeps that in place of its partitioned
+    16-bit term ``b*P/W``; stage 3 and optimizer offload hold it on top of what they keep on the GPU."""
+    if stage == 1 and not off_opt:
+        return  # ZeRO-1 holds them already
+    partitioned16 = b * P / W if stage == 2 and not off_opt else 0.0
+    st.gpu["grads"] += b * P - partitioned16
+    st.formula += " + full 16-bit gradients b*P over the coalesced window"
+
+
 def _activation_terms(m: ModelShape, r: RunShape, stage: int | None, lowp: bool) -> tuple[float, float]:
     """(activations, logits) bytes of one micro-batch, no checkpointing."""
     tokens = r.seq_len * r.micro_batch
@@ -510,6 +526,8 @@ def predict(model: ModelShape, run: RunShape, limits: Limits = Limits(), k: Cons
         st = _states_stage3(P, LL, W, b, off_opt, off_par, zget, run.zero_init, k)
     else:
         raise ValueError(f"zero_optimization.stage must be 0-3, got {stage!r}")
+    if run.coalesce_reduction and stage:
+        _coalesced_grads(st, stage, P, W, b, off_opt)
     gpu, host, notes = dict(st.gpu), dict(st.host), st.notes
 
     model_state_gpu = gpu["params"] + gpu["grads"] + gpu["optimizer"]

@@ -311,3 +311,82 @@ def apply_one_pass_levers(engine, grad_norm: str, overflow_check: str, on_cuda: 
         foreach_overflow_check(engine.optimizer)
     return {"grad_norm": "foreach" if norm else "deepspeed", "grad_norm_why": norm_why,
             "overflow_check": "foreach" if check else "deepspeed", "overflow_check_why": check_why}
+
+
+# --coalesce-reduction: DeepSpeed's own ``engine.coalesce_grad_reduction()`` around the step's micro-batches.
+COALESCE_MODES = ("auto", "on", "off")
+
+# Where ``auto`` turns it on, by configuration kind: a same-call bench/levers.py measurement on one GPU with the two
+# runs' measured steps apart (docs/performance.md), and that evidence for the log's coalesce_reduction_why.
+COALESCE_MEASURED: dict[str, str] = {}
+
+
+def check_coalesce(mode: str) -> None:
+    if mode not in COALESCE_MODES:
+        raise SpeedError(f"--coalesce-reduction must be one of {', '.join(COALESCE_MODES)}, got {mode!r}")
+
+
+def coalesce_kind(engine) -> str:
+    """The configuration kind ``COALESCE_MEASURED`` is keyed by: ``ZeRO-<stage>``, plus optimizer offload."""
+    kind = f"ZeRO-{engine.zero_optimization_stage()}"
+    return kind + (" + optimizer offload" if engine.zero_cpu_offload() else "")
+
+
+def coalesce_unfit(engine) -> str | None:
+    """Why ``engine.coalesce_grad_reduction()`` cannot wrap the step's micro-batches (None: it can). DeepSpeed has
+    it for its ZeRO-1/2/3 optimizers with the engine owning the accumulation boundary; not for ZeRO-0, its BF16 and
+    FP16 optimizer wrappers, pipeline parallelism or the plain loop."""
+    if not hasattr(engine, "zero_optimization"):
+        return "the plain loop (--ds none) reduces once per step already (DDP's no_sync)"
+    if not hasattr(engine, "coalesce_grad_reduction"):
+        return "this DeepSpeed has no engine.coalesce_grad_reduction() (DeepSpeed 0.19.2 added it)"
+    stage = engine.zero_optimization_stage()
+    if stage == 0:
+        return "ZeRO-0 reduces once per step already (at the boundary)"
+    if not hasattr(engine.optimizer, "_coalesce_grad_reduction"):
+        return f"the engine's optimizer is {type(engine.optimizer).__name__}, which DeepSpeed does not coalesce"
+    if getattr(engine, "pipeline_parallelism", False):
+        return "pipeline parallelism (DeepSpeed does not coalesce it)"
+    if not engine.managed_gradient_accumulation():
+        return "managed_gradient_accumulation is false (the caller owns the boundary)"
+    return None
+
+
+def resolve_coalesce(mode: str, engine, on_cuda: bool, world_size: int,
+                     fits: bool | None = None) -> tuple[bool, str]:
+    """Whether to wrap each step's micro-batches in DeepSpeed's ``engine.coalesce_grad_reduction()``, and why (the
+    log's ``coalesce_reduction_why``).
+
+    Without it ZeRO-2 reduces and partitions every micro-batch's gradients through a hook per parameter, ZeRO-3
+    reduce-scatters them, and optimizer offload adds each one into its host copy, 8 times per step at GA 8. Inside
+    the window every backward only adds into ``param.grad`` (autograd's own accumulation, in the gradients' dtype,
+    as DeepSpeed's per-micro-batch sums are; ``grad_accum_dtype`` is still honoured), and one reduction pass runs
+    at the window's exit; ``engine.step()`` then updates as before. The cost: every rank holds the full 16-bit
+    gradients over the window, as ZeRO-1 does (``fits``: the memory predictor's answer for this run with it).
+
+    ``on`` applies it where DeepSpeed has it (ZeRO-1/2/3 with its own optimizers) and is refused elsewhere
+    (SpeedError); ``auto`` applies it on one GPU where it was measured faster (``COALESCE_MEASURED``) and the run is
+    predicted to fit with it; ``off`` keeps DeepSpeed's reduction per micro-batch."""
+    check_coalesce(mode)
+    if mode == "off":
+        return False, "off: asked for"
+    unfit = coalesce_unfit(engine)
+    if mode == "on":
+        if unfit:
+            raise SpeedError(f"--coalesce-reduction on does not apply: {unfit}; use auto or off")
+        return True, "on: asked for"
+    if unfit:
+        return False, f"auto: {unfit}"
+    kind = coalesce_kind(engine)
+    if not on_cuda:
+        return False, "auto: CPU run (measured on the GPU only)"
+    if world_size > 1:
+        return False, ("auto: several ranks (measured on one GPU only; there it trades the partitioned gradients' "
+                       "memory and the reduction's overlap with the backward for one pass; --coalesce-reduction on "
+                       "applies it)")
+    if kind not in COALESCE_MEASURED:
+        return False, f"auto: not measured faster on a GPU for {kind} yet (--coalesce-reduction on applies it)"
+    if fits is False:
+        return False, (f"auto: {kind} was measured faster with it, but the full 16-bit gradients it holds are "
+                       "predicted not to fit this GPU")
+    return True, f"auto: {COALESCE_MEASURED[kind]}"
