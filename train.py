@@ -167,15 +167,19 @@ def main() -> int:
                                                             args.ds if args.deepspeed else None)
     except speed.SpeedError as e:
         sys.exit(f"error: {e}")
+    # --coalesce-reduction as it will resolve once the engine exists (the graphs' evidence and memory depend on it)
+    coalescing = speed.coalesce_expected(args.coalesce_reduction, ds_cfg, world_size, device.type == "cuda",
+                                         precision)
     graph_mem = None  # auto keeps the graphs off where only the eager run is predicted to fit on this GPU
     if args.cuda_graphs == "auto" and device.type == "cuda":
         from sftbench.memory import graphs_memory_mib
         micro = (ds_cfg or {}).get("train_micro_batch_size_per_gpu") or args.micro_batch or 1
-        both = graphs_memory_mib(model_name, ds_cfg, world_size, precision, args.seq_len, int(micro))
+        both = graphs_memory_mib(model_name, ds_cfg, world_size, precision, args.seq_len, int(micro), coalescing)
         graph_mem = both and (*both, torch.cuda.get_device_properties(device).total_memory / MIB)
     try:  # before the model and engine exist: with graphs on, they are built on the capture stream
         use_graphs, graphs_why = graphs.prepare(args.cuda_graphs, device, ds_cfg=ds_cfg, world_size=world_size,
-                                                compile_target=compile_target, memory_mib=graph_mem)
+                                                compile_target=compile_target, memory_mib=graph_mem,
+                                                coalescing=coalescing)
     except graphs.GraphError as e:
         sys.exit(f"error: {e}")
     ds_cfg, timer_why = speed.resolve_ds_timers(ds_cfg, graphs_on=use_graphs)

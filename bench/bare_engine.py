@@ -103,8 +103,10 @@ def main(argv=None) -> int:
     except speed.SpeedError as e:
         sys.exit(f"error: {e}")
     try:  # as train.py: before the model and engine are built
-        use_graphs, graphs_why = graphs.prepare(args.cuda_graphs, device, ds_cfg=cfg, world_size=world,
-                                                compile_target=target)
+        use_graphs, graphs_why = graphs.prepare(
+            args.cuda_graphs, device, ds_cfg=cfg, world_size=world, compile_target=target,
+            coalescing=speed.coalesce_expected(args.coalesce_reduction, cfg, world, device.type == "cuda",
+                                                precision))
     except graphs.GraphError as e:
         sys.exit(f"error: {e}")
     cfg, _ = speed.resolve_ds_timers(cfg, graphs_on=use_graphs)  # as train.py

@@ -112,8 +112,9 @@ class HarnessArgs:
     graph_fuse: str = _help("With CUDA graphs on: each block's residual additions run fused with the dropout "
                             "before them, the first also with the LayerNorm after it (two small functions compiled "
                             "by torch.compile and captured in the graphs; a few seconds of compilation at start): "
-                            "'on', or 'auto' (default) and 'off', which leave it off (1.02-1.03x by the median, "
-                            "not by the steps; with dropout the masks are inductor's own); 'on' is refused under "
+                            "'on', or 'auto' (default) and 'off', which leave it off (1.01-1.03x by the median "
+                            "in two calls, not by the steps; with dropout the masks are inductor's own); 'on' is "
+                            "refused under "
                             "the plain loop's autocast.", default="auto")
     grad_norm: str = _help("The gradient norm DeepSpeed's ZeRO-1/2 optimizer takes at every step (for clipping and "
                            "the log): 'auto' (default: on a GPU, one multi-tensor kernel that sums the gradients' "
@@ -134,9 +135,11 @@ class HarnessArgs:
                                     "reduce (and move to the host) once per step instead of once per micro-batch, "
                                     "and every rank holds the full 16-bit gradients over the window, as ZeRO-1 "
                                     "does. 'on' (refused where DeepSpeed has no such window: ZeRO-0, --ds none, "
-                                    "its BF16 optimizer), 'auto' (default: on, on one GPU, where it was measured "
-                                    "faster and the run is predicted to fit), 'off' (DeepSpeed's reduction per "
-                                    "micro-batch).", default="auto")
+                                    "its BF16 optimizer; and on ZeRO-2/3 with a grad_accum_dtype wider than the "
+                                    "weights), 'auto' (default: on, on one GPU, where it was measured faster and the "
+                                    "run is predicted to fit: ZeRO-2, 2.43x on Pangu-2.6B and 6.08x on 350M per "
+                                    "step, and ZeRO-2 + optimizer offload, 2.16x and 2.02x), 'off' (DeepSpeed's "
+                                    "reduction per micro-batch).", default="auto")
     save: str | None = _help("Save folder: at the end the model is saved here as a transformers folder "
                              "(from_pretrained after `import sftbench`) that also holds the state to resume from. "
                              "Nothing is saved without it.", default=None)

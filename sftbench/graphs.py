@@ -67,8 +67,9 @@ class GraphError(RuntimeError):
 
 # Where ``auto`` turns the graphs on: configurations measured faster with them on a GPU in bench/levers.py calls
 # (graphs off, then on, 20-30 measured steps each, the two runs' step ranges apart; docs/performance.md), and the
-# evidence, for the meta record. Optimizer offload is not here: on Pangu-350M its ratio (1.34x) was not decided by
-# the steps (the ranges overlap), and on Pangu-2.6B the two runs fell in different calls.
+# evidence, for the meta record. Optimizer offload with DeepSpeed's reduction per micro-batch is not here: on
+# Pangu-350M its ratio (1.34x) was not decided by the steps (the ranges overlap), and on Pangu-2.6B the two runs fell
+# in different calls; inside the coalesced window (--coalesce-reduction) it was decided on both.
 MEASURED_FASTER = {
     "ZeRO-0": "measured faster on ZeRO-0 (1 x H200, bf16, same call: Pangu-2.6B 1.76x, Pangu-350M 3.44x per step "
               "over eager)",
@@ -76,6 +77,9 @@ MEASURED_FASTER = {
               "Pangu-350M 3.55x per step over eager)",
     "ZeRO-2": "measured faster on ZeRO-2 (1 x H200, bf16: Pangu-350M 1.90x per step over eager in one call; "
               "Pangu-2.6B 1.84x across two consecutive calls)",
+    "ZeRO-2 + optimizer offload + coalesced reduction": "measured faster on ZeRO-2 + optimizer offload inside "
+                                                        "coalesce_grad_reduction() (1 x H200, bf16, same call: "
+                                                        "Pangu-2.6B 1.19x, Pangu-350M 2.17x per step over eager)",
     "--ds none": "measured faster on the plain loop (1 x H200, bf16, same call: Pangu-2.6B 1.59x, Pangu-350M 4.91x "
                  "per step over eager)",
 }
@@ -91,7 +95,8 @@ def check_mode(mode: str) -> None:
 
 
 def resolve(mode: str, *, on_cuda: bool, ds_cfg: dict | None, world_size: int,
-            compile_target: str, memory_mib: tuple[float, float, float] | None = None) -> tuple[bool, str]:
+            compile_target: str, memory_mib: tuple[float, float, float] | None = None,
+            coalescing: bool = False) -> tuple[bool, str]:
     """Whether to capture the micro-batch as CUDA graphs, and why (the meta record's ``cuda_graphs_why``).
 
     ``on`` applies wherever the parameters stay resident; where it cannot apply (ZeRO-3, parameter offload, a
@@ -100,7 +105,8 @@ def resolve(mode: str, *, on_cuda: bool, ds_cfg: dict | None, world_size: int,
     and ``--ds none``, not optimizer offload; docs/performance.md), and not where ``memory_mib`` (the memory
     predictor's GPU figure with and without the graphs, and the GPU's memory) says the graphed run does not fit:
     the eager run is the smaller one, so it is the run with a chance where both are predicted over (the predictor
-    errs by up to ±15%)."""
+    errs by up to ±15%). ``coalescing``: the loop will run inside DeepSpeed's ``coalesce_grad_reduction()``
+    (``speed.coalesce_expected``), under which optimizer offload was measured faster with the graphs."""
     check_mode(mode)
     if mode == "off":
         return False, "off: asked for"
@@ -128,7 +134,7 @@ def resolve(mode: str, *, on_cuda: bool, ds_cfg: dict | None, world_size: int,
     # Default only where a same-call measurement on a GPU showed it faster (docs/performance.md).
     kind = "--ds none" if stage is None else f"ZeRO-{stage}"
     if layout["offload_optimizer"]:
-        kind += " + optimizer offload"
+        kind += " + optimizer offload" + (" + coalesced reduction" if coalescing else "")
     if kind in MEASURED_FASTER:
         if memory_mib is not None:  # (predicted per GPU with the graphs, without them, the GPU's memory)
             with_graphs, eager, total = memory_mib
@@ -288,8 +294,9 @@ def fusable_projections(model) -> list:
 FUSE_MODES = ("auto", "on", "off")
 
 # ``auto`` leaves the fused residual kernels off: faster by the median on both models, but the step ranges overlap.
-FUSE_UNDECIDED = ("not decided by the steps (1 x H200, bf16, ZeRO-1, graphs: Pangu-2.6B ~1.02x, Pangu-350M ~1.03x, "
-                  "the step ranges overlapping; --graph-fuse on applies it)")
+FUSE_UNDECIDED = ("not decided by the steps (1 x H200, bf16, ZeRO-1, graphs, two calls of 30 and 60 measured steps: "
+                  "Pangu-2.6B ~1.02x both, Pangu-350M ~1.03x and ~1.01x, the step ranges overlapping; --graph-fuse "
+                  "on applies it)")
 
 
 def check_fuse_mode(mode: str) -> None:
@@ -580,12 +587,13 @@ class GraphedLoss:
 
 
 def prepare(mode: str, device, *, ds_cfg: dict | None, world_size: int, compile_target: str,
-            memory_mib: tuple[float, float, float] | None = None) -> tuple[bool, str]:
+            memory_mib: tuple[float, float, float] | None = None, coalescing: bool = False) -> tuple[bool, str]:
     """``resolve`` for this run's device, then, when on, the side stream every later tensor and autograd node of the
     run is created on (so call it before the model and engine are built). Raises GraphError where ``on`` cannot
     apply, as ``resolve`` does."""
     on, why = resolve(mode, on_cuda=getattr(device, "type", str(device)) == "cuda", ds_cfg=ds_cfg,
-                      world_size=world_size, compile_target=compile_target, memory_mib=memory_mib)
+                      world_size=world_size, compile_target=compile_target, memory_mib=memory_mib,
+                      coalescing=coalescing)
     if on:
         use_side_stream(device)
     return on, why

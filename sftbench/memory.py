@@ -656,7 +656,7 @@ def predict_both(model: ModelShape, run: RunShape, limits: Limits = Limits()) ->
 
 
 def graphs_memory_mib(model: str, ds_config: dict | None, world_size: int, precision: str, seq_len: int,
-                      micro_batch: int) -> tuple[float, float] | None:
+                      micro_batch: int, coalesce_reduction: bool = False) -> tuple[float, float] | None:
     """Predicted GPU MiB per rank with and without CUDA graphs, for a model preset or checkpoint folder, before the
     model is built (train.py's ``--cuda-graphs auto``); None where the model's shape cannot be read."""
     from sftbench.presets import model_shape
@@ -665,5 +665,6 @@ def graphs_memory_mib(model: str, ds_config: dict | None, world_size: int, preci
         shape = ModelShape.of(model_shape(model))
     except (ValueError, OSError, KeyError, TypeError):  # not a preset nor a folder with a readable config.json
         return None
-    both = predict_both(shape, RunShape(ds_config, world_size, precision, seq_len=seq_len, micro_batch=micro_batch))
+    both = predict_both(shape, RunShape(ds_config, world_size, precision, seq_len=seq_len, micro_batch=micro_batch,
+                                        coalesce_reduction=coalesce_reduction))
     return both[True].gpu_mib, both[False].gpu_mib

@@ -317,8 +317,14 @@ def apply_one_pass_levers(engine, grad_norm: str, overflow_check: str, on_cuda: 
 COALESCE_MODES = ("auto", "on", "off")
 
 # Where ``auto`` turns it on, by configuration kind: a same-call bench/levers.py measurement on one GPU with the two
-# runs' measured steps apart (docs/performance.md), and that evidence for the log's coalesce_reduction_why.
-COALESCE_MEASURED: dict[str, str] = {}
+# runs' measured steps apart (docs/performance.md), and that evidence for the log's coalesce_reduction_why. ZeRO-3
+# is not here: 1.15x on Pangu-2.6B, not decided by the steps; ZeRO-1 reduces at the boundary only already.
+COALESCE_MEASURED = {
+    "ZeRO-2": "measured faster on ZeRO-2 (1 x H200, bf16, with CUDA graphs, same call: Pangu-2.6B 2.43x, "
+              "Pangu-350M 6.08x per step; docs/performance.md)",
+    "ZeRO-2 + optimizer offload": "measured faster on ZeRO-2 + optimizer offload (1 x H200, bf16, eager, same call: "
+                                  "Pangu-2.6B 2.16x, Pangu-350M 2.02x per step; docs/performance.md)",
+}
 
 
 def check_coalesce(mode: str) -> None:
@@ -326,16 +332,39 @@ def check_coalesce(mode: str) -> None:
         raise SpeedError(f"--coalesce-reduction must be one of {', '.join(COALESCE_MODES)}, got {mode!r}")
 
 
-def coalesce_kind(engine) -> str:
+def coalesce_kind(stage: int, offload_optimizer: bool) -> str:
     """The configuration kind ``COALESCE_MEASURED`` is keyed by: ``ZeRO-<stage>``, plus optimizer offload."""
-    kind = f"ZeRO-{engine.zero_optimization_stage()}"
-    return kind + (" + optimizer offload" if engine.zero_cpu_offload() else "")
+    return f"ZeRO-{stage}" + (" + optimizer offload" if offload_optimizer else "")
+
+
+_DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "fp16": "fp16", "float16": "fp16",
+                "half": "fp16", "bf16": "bf16", "bfloat16": "bf16"}
+
+
+def coalesce_expected(mode: str, ds_cfg: dict | None, world_size: int, on_cuda: bool, precision: str) -> bool:
+    """Whether ``resolve_coalesce`` will turn the window on, read from the config before the engine exists (for
+    ``--cuda-graphs auto``, whose evidence on optimizer offload was measured inside the window; ``precision``: the
+    weights' dtype that runs). The engine can still refuse it (another optimizer) or ``auto`` drop it (memory);
+    the meta record says what ran."""
+    if ds_cfg is None or mode == "off":
+        return False
+    from sftbench.dsconfig import describe
+    layout = describe(ds_cfg)
+    stage = int(layout["zero_stage"] or 0)
+    accum = str((ds_cfg.get("data_types") or {}).get("grad_accum_dtype") or precision).lower()
+    if stage > 1 and _DTYPE_NAMES.get(accum, accum) != precision:  # coalesce_unfit refuses a wider accumulation
+        return False
+    if mode == "on":
+        return stage > 0
+    return on_cuda and world_size == 1 and coalesce_kind(stage, bool(layout["offload_optimizer"])) in \
+        COALESCE_MEASURED
 
 
 def coalesce_unfit(engine) -> str | None:
     """Why ``engine.coalesce_grad_reduction()`` cannot wrap the step's micro-batches (None: it can). DeepSpeed has
     it for its ZeRO-1/2/3 optimizers with the engine owning the accumulation boundary; not for ZeRO-0, its BF16 and
-    FP16 optimizer wrappers, pipeline parallelism or the plain loop."""
+    FP16 optimizer wrappers, pipeline parallelism or the plain loop. Refused here too: a ``grad_accum_dtype`` wider
+    than the weights on ZeRO-2/3, whose per-micro-batch sums the window would round to the weights' dtype."""
     if not hasattr(engine, "zero_optimization"):
         return "the plain loop (--ds none) reduces once per step already (DDP's no_sync)"
     if not hasattr(engine, "coalesce_grad_reduction"):
@@ -349,6 +378,14 @@ def coalesce_unfit(engine) -> str | None:
         return "pipeline parallelism (DeepSpeed does not coalesce it)"
     if not engine.managed_gradient_accumulation():
         return "managed_gradient_accumulation is false (the caller owns the boundary)"
+    weights, accum = engine.get_data_types()
+    if accum != weights and (stage > 1 or not getattr(engine.optimizer, "use_grad_accum_attribute", False)):
+        # ZeRO-2/3 add each micro-batch's reduced gradient into their grad_accum_dtype buffer; inside the window the
+        # micro-batches would first be summed in the weights' dtype by autograd (ZeRO-1 fills its buffer after
+        # every backward, window or not)
+        return (f"data_types.grad_accum_dtype is {str(accum).removeprefix('torch.')} while the weights are "
+                f"{str(weights).removeprefix('torch.')}: ZeRO-{stage} adds each micro-batch into a buffer of that "
+                "dtype, and inside the window the micro-batches would be summed in the weights' dtype first")
     return None
 
 
@@ -360,7 +397,8 @@ def resolve_coalesce(mode: str, engine, on_cuda: bool, world_size: int,
     Without it ZeRO-2 reduces and partitions every micro-batch's gradients through a hook per parameter, ZeRO-3
     reduce-scatters them, and optimizer offload adds each one into its host copy, 8 times per step at GA 8. Inside
     the window every backward only adds into ``param.grad`` (autograd's own accumulation, in the gradients' dtype,
-    as DeepSpeed's per-micro-batch sums are; ``grad_accum_dtype`` is still honoured), and one reduction pass runs
+    as DeepSpeed's per-micro-batch sums are; a wider ``grad_accum_dtype`` is refused on ZeRO-2/3, whose sums the
+    window would round, and honoured on ZeRO-1, which fills it after every backward), and one reduction pass runs
     at the window's exit; ``engine.step()`` then updates as before. The cost: every rank holds the full 16-bit
     gradients over the window, as ZeRO-1 does (``fits``: the memory predictor's answer for this run with it).
 
@@ -377,7 +415,7 @@ def resolve_coalesce(mode: str, engine, on_cuda: bool, world_size: int,
         return True, "on: asked for"
     if unfit:
         return False, f"auto: {unfit}"
-    kind = coalesce_kind(engine)
+    kind = coalesce_kind(engine.zero_optimization_stage(), bool(engine.zero_cpu_offload()))
     if not on_cuda:
         return False, "auto: CPU run (measured on the GPU only)"
     if world_size > 1:

@@ -56,6 +56,11 @@ def test_auto_is_on_only_where_measured_and_on_is_refused_where_it_cannot_apply(
     monkeypatch.undo()  # the shipped table: on where measured faster, eager for optimizer offload
     assert [graphs.resolve("auto", ds_cfg=Z[n], **kw)[0] for n in ("z0", "z1", "z2_5e8", "z2_offload_5e8")] == [
         True, True, True, False]
+    # ... except inside the coalesced window (--coalesce-reduction), where optimizer offload was measured faster
+    assert graphs.resolve("auto", ds_cfg=Z["z2_offload_5e8"], coalescing=True, **kw) == (
+        True, "auto: " + graphs.MEASURED_FASTER["ZeRO-2 + optimizer offload + coalesced reduction"])
+    assert graphs.resolve("auto", ds_cfg=Z["z1"], coalescing=True, **kw) == graphs.resolve("auto", ds_cfg=Z["z1"],
+                                                                                           **kw)
     assert graphs.resolve("auto", ds_cfg=None, **kw) == (True, f"auto: {graphs.MEASURED_FASTER['--ds none']}")
     assert graphs.resolve("auto", ds_cfg=None, **{**kw, "world_size": 2})[0] is False  # DDP's reducer
     for name in ("z3", "z3_offload_param"):
@@ -438,7 +443,7 @@ def test_gpu_moved_parameter_is_an_error_not_stale_weights():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ds", ["z1.json", "z2_5e8.json", "z0.json", "none", "z1.json+fuse"])
+@pytest.mark.parametrize("ds", ["z1.json", "z2_5e8.json", "z0.json", "none", "z1.json+fuse", "z2_5e8.json+coalesce"])
 def test_gpu_graphed_loss_curve_equals_eager_under_the_engine(tmp_path, ds):
     """train.py on one GPU, bf16, a dropout-free checkpoint, grad accumulation 2, 6 steps: the graphed run's loss
     curve equals eager's within 2e-3 relative (bf16 rounding; the same kernels run, the gradient sums may be
@@ -449,7 +454,8 @@ def test_gpu_graphed_loss_curve_equals_eager_under_the_engine(tmp_path, ds):
     torch.manual_seed(7)
     PanguForCausalLM._from_config(preset_config("pangu-tiny", hidden_size=256, num_layers=4, num_heads=4,
                                                 attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)).save_pretrained(ckpt)
-    ds, _, fuse = ds.partition("+")
+    ds, _, lever = ds.partition("+")
+    fuse, coalesce = lever == "fuse", lever == "coalesce"
     cfg = "none" if ds == "none" else str(write_overfit_config(ds, tmp_path / "cfg.json"))
     extra = ["--grad-accum", "2", "--lr", "3e-3", "--lr-warmup-steps", "1"] if ds == "none" else []
     env = {k: v for k, v in cpu_env().items() if k != "DS_ACCELERATOR"}
@@ -458,7 +464,8 @@ def test_gpu_graphed_loss_curve_equals_eager_under_the_engine(tmp_path, ds):
         p = _train(tmp_path, mode, "--ds", cfg, "--model", str(ckpt), "--seq-len", "128", "--max-steps", "6",
                    "--warmup-steps", "1", "--precision", "bf16", "--seed", "7", "--cuda-graphs", mode, *extra,
                    *(["--graph-qkv", "on"] if mode == "on" else []),
-                   *(["--graph-fuse", "on"] if mode == "on" and fuse else []), env=env)
+                   *(["--graph-fuse", "on"] if mode == "on" and fuse else []),
+                   "--coalesce-reduction", "on" if mode == "on" and coalesce else "off", env=env)
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
         recs = read_jsonl(tmp_path / mode / "rank0.jsonl")
         metas[mode] = recs[0]
@@ -474,6 +481,8 @@ def test_gpu_graphed_loss_curve_equals_eager_under_the_engine(tmp_path, ds):
     assert opt["graph_fuse"] is bool(fuse), opt
     if fuse:
         assert opt["graph_fuse_why"] == "on: asked for: 4 blocks", opt
+    # Inside the coalesced window ZeRO-2 leaves the accumulation to the graphs and reduces once per step.
+    assert opt["coalesce_reduction"] is coalesce and opt["graph_accum"] is (ds != "z2_5e8.json" or coalesce), opt
     assert metas["off"]["optimizations"]["cuda_graphs"] is False
     assert curves["off"][-1] < curves["off"][0] - 0.1, curves["off"]
     assert curves["on"] == pytest.approx(curves["off"], rel=2e-3), (curves["on"], curves["off"])
@@ -483,14 +492,15 @@ _VERDICTS = r'''
 import json, os, sys
 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
 import deepspeed, torch
-from sftbench import graphs
+from sftbench import graphs, speed
 from sftbench.pangu import PanguForCausalLM, preset_config
 deepspeed.init_distributed(dist_backend="gloo")
 out = {}
 for name, cfg in json.loads(sys.argv[2]).items():
     model = PanguForCausalLM._from_config(preset_config("pangu-tiny", hidden_size=64, num_layers=2, num_heads=2))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
-    out[name] = [*graphs.accumulates_locally(engine), type(engine.optimizer).__name__]
+    out[name] = [*graphs.accumulates_locally(engine), type(engine.optimizer).__name__,
+                 *graphs.accumulates_locally(engine, coalescing=True), speed.coalesce_unfit(engine)]
 print("VERDICTS " + json.dumps(out))
 '''
 
@@ -508,6 +518,8 @@ def test_accumulation_in_the_graphs_only_where_the_engine_just_adds_into_param_g
                 "zero_optimization": {"stage": stage}, **extra}
     configs = {"z0": cfg(0), "z1": cfg(1), "z2": cfg(2),
                "z1_acc32": cfg(1, data_types={"grad_accum_dtype": "fp32"}),
+               "z2_acc32": cfg(2, data_types={"grad_accum_dtype": "fp32"}),
+               "z2_offload": {**cfg(2), "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
                "z0_fp32": {**cfg(0), "bf16": {"enabled": False}}}
     p = subprocess.run([sys.executable, "-c", _VERDICTS, str(free_port()), json.dumps(configs)], cwd=REPO,
                        env=cpu_env(), capture_output=True, text=True, timeout=300)
@@ -518,6 +530,19 @@ def test_accumulation_in_the_graphs_only_where_the_engine_just_adds_into_param_g
     assert got["z1"][:2] == [True, "auto: ZeRO-1 adds each micro-batch into param.grad and reduces at the boundary"]
     assert got["z2"][:2] == [False, "auto: ZeRO-2/3 reduce and partition the gradients at every micro-batch"]
     assert got["z1_acc32"][0] is False and got["z1_acc32"][2] == "BF16_Optimizer", got["z1_acc32"]
+    assert got["z2_offload"][:2] == [False, "auto: ZeRO-2/3 reduce and partition the gradients at every micro-batch"]
+    # Inside DeepSpeed's coalesce_grad_reduction() window the hooks return until its one reduction: ZeRO-1/2 and
+    # offload leave the accumulation to the graphs; an fp32 grad_accum_dtype still moves each micro-batch (DeepSpeed
+    # fills grad_accum after every backward), and ZeRO-0 and the BF16 optimizer have no window.
+    for name in ("z1", "z2", "z2_offload"):
+        stage = 1 if name == "z1" else 2
+        assert got[name][3:] == [True, f"auto: ZeRO-{stage} inside coalesce_grad_reduction() adds each micro-batch "
+                                       "into param.grad and reduces once, at the window's exit", None], name
+    assert got["z2_acc32"][2] == "DeepSpeedZeroOptimizer" and got["z2_acc32"][5] == (
+        "data_types.grad_accum_dtype is float32 while the weights are bfloat16: ZeRO-2 adds each micro-batch into a "
+        "buffer of that dtype, and inside the window the micro-batches would be summed in the weights' dtype first")
+    assert got["z0"][5] == "ZeRO-0 reduces once per step already (at the boundary)"
+    assert got["z1_acc32"][5] == "the engine's optimizer is BF16_Optimizer, which DeepSpeed does not coalesce"
 
     class Plain:  # the --ds none loop has no ZeRO methods
         pass

@@ -368,3 +368,150 @@ def test_one_pass_overflow_check_gives_deepspeeds_answer(tmp_path):
         assert r["unfit"].startswith(f"the engine's optimizer is {r['optimizer']}, not one of ZeRO-0's FP16"), r
         assert r["auto"] == r["auto_gpu"] == [False, "auto: " + r["unfit"]]
         assert r["foreach_refused"] == f"--overflow-check foreach does not apply: {r['unfit']}; use auto or deepspeed"
+
+
+class _Zero:
+    """A stand-in for a DeepSpeed engine, with what ``resolve_coalesce`` reads (real engines: the tests below)."""
+
+    def __init__(self, stage: int, offload: bool = False, optimizer=None, managed: bool = True,
+                 accum=torch.bfloat16):
+        self.get_data_types = lambda: (torch.bfloat16, accum)
+        self.zero_optimization = lambda: stage > 0
+        self.zero_optimization_stage = lambda: stage
+        self.zero_cpu_offload = lambda: offload
+        self.managed_gradient_accumulation = lambda: managed
+        self.coalesce_grad_reduction = object()
+        self.optimizer = optimizer if optimizer is not None else type("DeepSpeedZeroOptimizer", (), {
+            "_coalesce_grad_reduction": False})()
+
+
+def test_coalesce_auto_is_on_only_on_one_gpu_where_measured_and_predicted_to_fit():
+    from sftbench.speed import COALESCE_MEASURED, check_coalesce, coalesce_expected, resolve_coalesce
+
+    assert parse_args([]).coalesce_reduction == "auto"
+    with pytest.raises(ArgsError, match="--coalesce-reduction must be one of auto, on, off, got 'yes'"):
+        HarnessArgs(coalesce_reduction="yes")
+    with pytest.raises(SpeedError, match="--coalesce-reduction must be one of"):
+        check_coalesce("1")
+    z2, off2, z3, z1 = _Zero(2), _Zero(2, offload=True), _Zero(3), _Zero(1)
+    assert resolve_coalesce("auto", z2, True, 1) == (True, "auto: " + COALESCE_MEASURED["ZeRO-2"])
+    assert resolve_coalesce("auto", off2, True, 1) == (True, "auto: " + COALESCE_MEASURED["ZeRO-2 + optimizer "
+                                                                                            "offload"])
+    assert resolve_coalesce("auto", z3, True, 1) == (
+        False, "auto: not measured faster on a GPU for ZeRO-3 yet (--coalesce-reduction on applies it)")
+    assert resolve_coalesce("auto", z1, True, 1)[0] is False
+    assert resolve_coalesce("auto", z2, False, 1) == (False, "auto: CPU run (measured on the GPU only)")
+    assert resolve_coalesce("auto", z2, True, 2)[1].startswith("auto: several ranks (measured on one GPU only;")
+    assert resolve_coalesce("auto", z2, True, 1, fits=False) == (
+        False, "auto: ZeRO-2 was measured faster with it, but the full 16-bit gradients it holds are predicted not "
+               "to fit this GPU")
+    assert resolve_coalesce("auto", z2, True, 1, fits=None)[0] is True  # no prediction: the measurement decides
+    for engine in (z1, z2, off2, z3):  # on applies it wherever DeepSpeed has it, several ranks and CPU included
+        assert resolve_coalesce("on", engine, False, 4) == (True, "on: asked for")
+        assert resolve_coalesce("off", engine, True, 1) == (False, "off: asked for")
+
+    class Plain:  # the --ds none engine
+        pass
+    refusals = {"the plain loop (--ds none) reduces once per step already": Plain(),
+                "ZeRO-0 reduces once per step already": _Zero(0),
+                "the engine's optimizer is BF16_Optimizer, which DeepSpeed does not coalesce":
+                    _Zero(1, optimizer=type("BF16_Optimizer", (), {})()),
+                "managed_gradient_accumulation is false": _Zero(2, managed=False),
+                "data_types.grad_accum_dtype is float32 while the weights are bfloat16: ZeRO-3 adds each micro-batch "
+                "into a buffer of that dtype, and inside the window the micro-batches would be summed in the "
+                "weights' dtype first": _Zero(3, accum=torch.float32)}
+    for why, engine in refusals.items():
+        assert resolve_coalesce("auto", engine, True, 1) == (False, f"auto: {why}" + (
+            " (DDP's no_sync)" if isinstance(engine, Plain) else " (at the boundary)" if "ZeRO-0" in why else
+            " (the caller owns the boundary)" if "managed" in why else ""))
+        with pytest.raises(SpeedError, match=re.escape(f"--coalesce-reduction on does not apply: {why}")):
+            resolve_coalesce("on", engine, True, 1)
+    old = _Zero(2)
+    del old.coalesce_grad_reduction
+    assert resolve_coalesce("auto", old, True, 1)[1] == (
+        "auto: this DeepSpeed has no engine.coalesce_grad_reduction() (DeepSpeed 0.19.2 added it)")
+
+    # Before the engine exists (--cuda-graphs auto): read from the config as resolve_coalesce will decide.
+    def cfg(stage, offload=False):
+        return {"zero_optimization": {"stage": stage, "offload_optimizer": {"device": "cpu" if offload else "none"}}}
+    assert coalesce_expected("auto", cfg(2), 1, True, "bf16") is True
+    assert coalesce_expected("auto", cfg(2, offload=True), 1, True, "bf16") is True
+    assert coalesce_expected("auto", cfg(3), 1, True, "bf16") is False
+    assert coalesce_expected("auto", cfg(2), 2, True, "bf16") is False
+    assert coalesce_expected("auto", cfg(2), 1, False, "bf16") is False
+    assert coalesce_expected("on", cfg(1), 3, False, "bf16") is True
+    assert coalesce_expected("on", cfg(0), 1, True, "bf16") is False
+    assert coalesce_expected("off", cfg(2), 1, True, "bf16") is False
+    assert coalesce_expected("on", None, 1, True, "bf16") is False
+    acc32 = {**cfg(2, offload=True), "data_types": {"grad_accum_dtype": "fp32"}}  # refused by the engine, see above
+    assert coalesce_expected("auto", acc32, 1, True, "bf16") is False
+    assert coalesce_expected("on", acc32, 1, True, "bf16") is False
+    assert coalesce_expected("auto", acc32, 1, True, "fp32") is True  # fp32 weights: the same dtype
+
+
+_COALESCE_CFGS = ("z2_5e8", "z2_offload_5e8", "z3")
+
+
+@pytest.mark.slow
+def test_coalesced_reduction_trains_like_deepspeeds_reduction_per_micro_batch_on_two_ranks(tmp_path):
+    """train.py through the launcher, two CPU ranks over gloo, fp32, grad accumulation 2 at a learning rate that
+    moves the loss: with --coalesce-reduction on, ZeRO-2, ZeRO-2 + optimizer offload and ZeRO-3 give the loss curve
+    of DeepSpeed's reduction per micro-batch on both ranks (rel 1e-5: the same gradients, summed before rather than
+    after the reduction) and the same learning rate at every step (the engine stepped once per step), and the log
+    and console say which ran."""
+    from conftest import SAMPLES, launch_cmd, read_jsonl, run, write_overfit_config
+
+    data = tmp_path / "tiny.jsonl"  # four samples, so the loss falls within the few steps
+    data.write_text("\n".join(json.dumps(s, ensure_ascii=False) for s in SAMPLES) + "\n")
+    curves, metas = {}, {}
+    for cfg in _COALESCE_CFGS:
+        ds = write_overfit_config(f"{cfg}.json", tmp_path / f"{cfg}.json")
+        for mode in ("off", "on"):
+            name = f"{cfg}_{mode}"
+            p = run(launch_cmd(2, "--ds", str(ds), "--run-dir", str(tmp_path / name), "--cache-dir",
+                               str(tmp_path / "cache"), "--data", str(data), "--model", "pangu-tiny",
+                               "--seq-len", "64", "--seed", "7", "--precision", "fp32", "--max-steps", "5",
+                               "--warmup-steps", "1", "--coalesce-reduction", mode), cpu_env())
+            assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+            for rank in (0, 1):
+                recs = read_jsonl(tmp_path / name / f"rank{rank}.jsonl")
+                assert recs[-1]["status"] == "ok", recs[-1]
+                curves[name, rank] = [(r["loss"], r["lr"]) for r in recs if r["type"] == "step"]
+            metas[name] = recs[0]["optimizations"]
+            if mode == "on":
+                assert "gradients reduced once per step (coalesce_grad_reduction) (on: asked for)" in p.stdout
+    for cfg in _COALESCE_CFGS:
+        assert (metas[f"{cfg}_on"]["coalesce_reduction"], metas[f"{cfg}_on"]["coalesce_reduction_why"]) == (
+            True, "on: asked for")
+        assert (metas[f"{cfg}_off"]["coalesce_reduction"], metas[f"{cfg}_off"]["coalesce_reduction_why"]) == (
+            False, "off: asked for")
+        for rank in (0, 1):
+            off, on = curves[f"{cfg}_off", rank], curves[f"{cfg}_on", rank]
+            assert off[-1][0] < off[0][0] - 0.1, (cfg, off)
+            assert [lr for _, lr in on] == [lr for _, lr in off], (cfg, rank)
+            assert [loss for loss, _ in on] == pytest.approx([loss for loss, _ in off], rel=1e-5), (cfg, rank)
+
+
+@pytest.mark.slow
+def test_coalesced_reduction_is_refused_where_deepspeed_has_no_window_and_auto_says_why(tmp_path):
+    """One process each: --coalesce-reduction on under ZeRO-0 or --ds none ends in an error naming why, with a
+    summary record; auto on a CPU run keeps DeepSpeed's reduction and the log says why."""
+    from conftest import read_jsonl, write_overfit_config
+
+    write_overfit_config("z0.json", tmp_path / "z0.json")
+    for name, ds, why in (("z0", str(tmp_path / "z0.json"), "ZeRO-0 reduces once per step already"),
+                          ("none", "none", "the plain loop (--ds none) reduces once per step already")):
+        p = _train(tmp_path, name, "--ds", ds, "--precision", "fp32", "--max-steps", "1",
+                   "--coalesce-reduction", "on")
+        assert p.returncode != 0
+        assert f"--coalesce-reduction on does not apply: {why}" in p.stderr, p.stderr[-2000:]
+        summary = read_jsonl(tmp_path / name / "rank0.jsonl")[-1]
+        assert summary["type"] == "summary" and summary["status"] == "error", summary
+    write_overfit_config("z2_5e8.json", tmp_path / "z2.json")
+    p = _train(tmp_path, "auto", "--ds", str(tmp_path / "z2.json"), "--precision", "fp32", "--max-steps", "2",
+               "--warmup-steps", "1")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    opt = read_jsonl(tmp_path / "auto" / "rank0.jsonl")[0]["optimizations"]
+    assert (opt["coalesce_reduction"], opt["coalesce_reduction_why"]) == (
+        False, "auto: CPU run (measured on the GPU only)")
+    assert "gradients reduced as DeepSpeed does (auto: CPU run (measured on the GPU only))" in p.stdout
