@@ -278,11 +278,11 @@ def read_flags(argv: list[str]) -> argparse.Namespace:
 
 
 def graphs_planned(flags: list[str], *, on_cuda: bool, ds_cfg: dict | None, world_size: int,
-                   memory_mib: tuple[float, float, float] | None = None) -> bool:
+                   memory_mib: tuple[float, float, float] | None = None, coalescing: bool = False) -> bool:
     """Whether a train.py run with these extra flags will run CUDA graphs, for predictions made before it starts
     (the sweep, the plan): ``--cuda-graphs`` and ``--compile`` read by train.py's parser and decided as train.py
-    decides them (``sftbench.speed.resolve_compile``, then ``sftbench.graphs.resolve`` with ``memory_mib``); a
-    combination train.py would refuse counts as eager."""
+    decides them (``sftbench.speed.resolve_compile``, then ``sftbench.graphs.resolve`` with ``memory_mib`` and
+    ``coalescing``, see ``coalesce_planned``); a combination train.py would refuse counts as eager."""
     from sftbench.graphs import GraphError, resolve
     from sftbench.speed import resolve_compile
 
@@ -290,22 +290,45 @@ def graphs_planned(flags: list[str], *, on_cuda: bool, ds_cfg: dict | None, worl
         ns = read_flags(list(flags))
         compile_target, _ = resolve_compile(ns.compile, not on_cuda, ds_cfg)
         return resolve(ns.cuda_graphs, on_cuda=on_cuda, ds_cfg=ds_cfg, world_size=world_size,
-                       compile_target=compile_target, memory_mib=memory_mib)[0]
+                       compile_target=compile_target, memory_mib=memory_mib, coalescing=coalescing)[0]
     except (GraphError, ValueError):  # ArgsError and SpeedError are ValueErrors: train.py would stop there
         return False
 
 
+def coalesce_planned(flags: list[str], run, limits, shape) -> bool:
+    """Whether a train.py run with these extra flags will run inside DeepSpeed's coalesced reduction window
+    (``--coalesce-reduction``, decided from the config as ``sftbench.speed.coalesce_expected`` reads it, and off
+    under ``auto`` where the run is predicted not to fit with it, as train.py decides)."""
+    from dataclasses import replace
+
+    from sftbench import memory
+    from sftbench.speed import coalesce_expected
+
+    try:
+        mode = read_flags(list(flags)).coalesce_reduction
+        if not coalesce_expected(mode, run.ds_config, run.world_size, run.cuda, run.precision):
+            return False
+    except ValueError:  # ArgsError and SpeedError: train.py would stop there
+        return False
+    return mode == "on" or memory.predict(shape, replace(run, coalesce_reduction=True), limits).fits is not False
+
+
 def planned_prediction(shape, run, limits, flags: list[str] = ()):
     """The memory prediction (``sftbench.memory.Prediction``) of the run train.py will make with these extra
-    flags: with or without CUDA graphs, as ``graphs_planned`` decides them against ``limits.gpu_total_mib``, for the
-    sweep's and the plan's predictions. ``run.ds_config`` is the loaded config dict (or None for ``--ds none``)."""
+    flags: inside the coalesced window or not (``coalesce_planned``), with or without CUDA graphs, as
+    ``graphs_planned`` decides them against ``limits.gpu_total_mib``, for the sweep's and the plan's predictions.
+    ``run.ds_config`` is the loaded config dict (or None for ``--ds none``)."""
+    from dataclasses import replace
+
     from sftbench import memory
 
+    coalescing = coalesce_planned(list(flags), run, memory.Limits(limits.gpu_total_mib, None), shape)
+    run = replace(run, coalesce_reduction=coalescing)
     preds = memory.predict_both(shape, run, limits)
     total = limits.gpu_total_mib
     fit = (preds[True].gpu_mib, preds[False].gpu_mib, total) if total else None
     return preds[graphs_planned(list(flags), on_cuda=run.cuda, ds_cfg=run.ds_config, world_size=run.world_size,
-                                memory_mib=fit)]
+                                memory_mib=fit, coalescing=coalescing)]
 
 
 def parse_args(argv: list[str] | None = None) -> HarnessArgs:

@@ -63,7 +63,8 @@ def run_shape(meta: dict) -> memory.RunShape:
     return memory.RunShape(meta.get("ds_config"), int(meta.get("world_size") or 1), meta["precision"],
                            seq_len=int(meta.get("seq_len") or 512), micro_batch=int(meta.get("micro_batch") or 1),
                            cuda=device.startswith("cuda"), flash_attention=not bool(opt.get("pad_mask")),
-                           dataset_samples=meta.get("dataset_samples"), cuda_graphs=bool(opt.get("cuda_graphs")))
+                           dataset_samples=meta.get("dataset_samples"), cuda_graphs=bool(opt.get("cuda_graphs")),
+                           coalesce_reduction=bool(opt.get("coalesce_reduction")))
 
 
 def as_number(v) -> float | None:

@@ -144,23 +144,33 @@ def check_grad_norm(mode: str) -> None:
     _check_one_pass("--grad-norm", mode)
 
 
+def _by_name_or_unfit(flag: str, mode: str, off: str, on: str, unfit_of, engine, on_cuda: bool,
+                      named: bool = False) -> tuple[bool, str] | None:
+    """What every engine lever decides alike: ``off`` keeps DeepSpeed's code; ``on`` applies the lever where it fits
+    (``unfit_of(engine)`` is None) and is refused (SpeedError) where it does not; ``auto`` keeps DeepSpeed's code
+    where it does not fit or on CPU (measured on the GPU only). None: ``auto`` on a GPU, for the lever's own rules.
+    ``named``: the why names the mode asked for (``on: asked for``)."""
+    if mode == off:
+        return False, f"{off}: asked for" if named else "asked for"
+    unfit = unfit_of(engine)
+    if mode == on:
+        if unfit:
+            raise SpeedError(f"{flag} {on} does not apply: {unfit}; use auto or {off}")
+        return True, f"{on}: asked for" if named else "asked for"
+    if unfit:
+        return False, f"auto: {unfit}"
+    if not on_cuda:
+        return False, "auto: CPU run (measured on the GPU only)"
+    return None
+
+
 def _resolve_one_pass(flag: str, mode: str, unfit_of, engine, on_cuda: bool, measured: str) -> tuple[bool, str]:
     """What both one-pass levers decide alike: ``deepspeed`` keeps DeepSpeed's code; ``foreach`` applies the lever
     where it fits (``unfit_of(engine)`` is None) and is refused (SpeedError) where it does not; ``auto`` applies it
     on a GPU where it fits (``measured``: the evidence, for the log) and keeps DeepSpeed's code elsewhere."""
     _check_one_pass(flag, mode)
-    if mode == "deepspeed":
-        return False, "asked for"
-    unfit = unfit_of(engine)
-    if mode == "foreach":
-        if unfit:
-            raise SpeedError(f"{flag} foreach does not apply: {unfit}; use auto or deepspeed")
-        return True, "asked for"
-    if unfit:
-        return False, f"auto: {unfit}"
-    if not on_cuda:
-        return False, "auto: CPU run (measured on the GPU only)"
-    return True, f"auto: {measured}"
+    decided = _by_name_or_unfit(flag, mode, "deepspeed", "foreach", unfit_of, engine, on_cuda)
+    return decided or (True, f"auto: {measured}")
 
 
 def _other_signature(method, expected: tuple[str, ...]) -> str | None:
@@ -346,6 +356,7 @@ def coalesce_expected(mode: str, ds_cfg: dict | None, world_size: int, on_cuda: 
     ``--cuda-graphs auto``, whose evidence on optimizer offload was measured inside the window; ``precision``: the
     weights' dtype that runs). The engine can still refuse it (another optimizer) or ``auto`` drop it (memory);
     the meta record says what ran."""
+    check_coalesce(mode)
     if ds_cfg is None or mode == "off":
         return False
     from sftbench.dsconfig import describe
@@ -406,18 +417,11 @@ def resolve_coalesce(mode: str, engine, on_cuda: bool, world_size: int,
     (SpeedError); ``auto`` applies it on one GPU where it was measured faster (``COALESCE_MEASURED``) and the run is
     predicted to fit with it; ``off`` keeps DeepSpeed's reduction per micro-batch."""
     check_coalesce(mode)
-    if mode == "off":
-        return False, "off: asked for"
-    unfit = coalesce_unfit(engine)
-    if mode == "on":
-        if unfit:
-            raise SpeedError(f"--coalesce-reduction on does not apply: {unfit}; use auto or off")
-        return True, "on: asked for"
-    if unfit:
-        return False, f"auto: {unfit}"
+    decided = _by_name_or_unfit("--coalesce-reduction", mode, "off", "on", coalesce_unfit, engine, on_cuda,
+                                named=True)
+    if decided:
+        return decided
     kind = coalesce_kind(engine.zero_optimization_stage(), bool(engine.zero_cpu_offload()))
-    if not on_cuda:
-        return False, "auto: CPU run (measured on the GPU only)"
     if world_size > 1:
         return False, ("auto: several ranks (measured on one GPU only; there it trades the partitioned gradients' "
                        "memory and the reduction's overlap with the backward for one pass; --coalesce-reduction on "

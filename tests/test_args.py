@@ -94,3 +94,30 @@ def test_graphs_planned_reads_the_flags_as_train_py_does():
     assert graphs_planned([], **{**z2, "on_cuda": False}) is False
     assert graphs_planned([], on_cuda=True, ds_cfg=Z["z2_offload_5e8"], world_size=1) is False
     assert graphs_planned([], memory_mib=(69_102, 64_095, 66_757), **z2) is False
+
+
+def test_planned_prediction_holds_the_coalesced_window_where_train_py_will_open_it():
+    """The sweep's and the plan's prediction: one-GPU ZeRO-2 offload opens the window under auto (and then the
+    graphs), so the prediction holds the full 16-bit gradients and the graphs' buffers; two GPUs, a flag turning it
+    off, a wider grad_accum_dtype and a GPU too small for the window predict without it, as train.py would run."""
+    from sftbench import memory
+    from sftbench.args import coalesce_planned, planned_prediction
+    from sftbench.presets import model_shape
+
+    shape = memory.ModelShape.of(model_shape("pangu-2.6b"))
+    off = json.loads((REPO / "ds_configs" / "z2_offload_5e8.json").read_text())
+    acc32 = json.loads((REPO / "ds_configs" / "z2_offload_5e8_acc32.json").read_text())
+
+    def planned(cfg, world=1, flags=(), gpu=143_771.0):
+        run = memory.RunShape(cfg, world, "bf16")
+        p = planned_prediction(shape, run, memory.Limits(gpu, None), list(flags)).run
+        return p.coalesce_reduction, p.cuda_graphs
+
+    assert planned(off) == (True, True)
+    assert planned(off, world=2) == (False, False)
+    assert planned(off, flags=["--coalesce-reduction", "off"]) == (False, False)
+    assert planned(off, flags=["--coalesce-reduction=on", "--cuda-graphs", "off"]) == (True, False)
+    assert planned(acc32) == (False, False)
+    assert planned(off, gpu=12_000.0) == (False, False)  # 10.8 GB eager fits, 15.5 GB with the window does not
+    assert coalesce_planned(["--coalesce-reduction", "sometimes"], memory.RunShape(off, 1, "bf16"),
+                            memory.Limits(None, None), shape) is False  # train.py's parser refuses it: no run

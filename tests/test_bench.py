@@ -354,3 +354,27 @@ def test_bare_engine_profile_cpu_leaves_the_writing_out_of_the_step_times(tmp_pa
     assert times[2] < 2 * plain[-1] + 0.05, times
     measured = times[1:]
     assert abs(res["step_s_wall"] - sum(measured) / len(measured)) < 0.25 * max(measured), (res["step_s_wall"], times)
+
+
+@pytest.mark.slow
+def test_bare_engine_runs_the_coalesced_window_as_train_py_does(tmp_path):
+    """bare_engine on CPU, ZeRO-2 fp32, two ranks: with --coalesce-reduction on its last loss is the one of
+    DeepSpeed's reduction per micro-batch (rel 1e-5), its summary says the window ran, and the profile times the
+    window's one reduction as its own phase, before the one step() of the step."""
+    from sftbench.buildenv import free_port
+    res = {}
+    for mode in ("off", "on"):
+        out, prof = tmp_path / f"bare_{mode}.json", tmp_path / f"prof_{mode}.md"
+        p = run([sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--master_port", str(free_port()),
+                 "--num_gpus", "2", "bench/bare_engine.py", "--ds", "ds_configs/z2_5e8.json", "--model",
+                 "pangu-tiny", "--precision", "fp32", "--steps", "3", "--warmup-steps", "1", "--seq-len", "32",
+                 "--data", "data/sample_sft.jsonl", "--cache-dir", str(tmp_path / "cache"), "--profile", str(prof),
+                 "--coalesce-reduction", mode, "--out", str(out)], cpu_env(), timeout=600)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        assert f"coalesced reduction {mode}" in p.stdout
+        res[mode] = json.loads(out.read_text())
+        assert res[mode]["coalesce_reduction"] is (mode == "on")
+    text = (tmp_path / "prof_on.md").read_text()
+    assert "| boundary.reduce | 1 |" in text and "| boundary.step | 1 |" in text and "| micro.step |" not in text
+    assert "| micro.step | 7 |" in (tmp_path / "prof_off.md").read_text()  # GA 8: 7 step() calls before the boundary
+    assert res["on"]["final_loss"] == pytest.approx(res["off"]["final_loss"], rel=1e-5)
