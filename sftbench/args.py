@@ -295,40 +295,40 @@ def graphs_planned(flags: list[str], *, on_cuda: bool, ds_cfg: dict | None, worl
         return False
 
 
-def coalesce_planned(flags: list[str], run, limits, shape) -> bool:
-    """Whether a train.py run with these extra flags will run inside DeepSpeed's coalesced reduction window
-    (``--coalesce-reduction``, decided from the config as ``sftbench.speed.coalesce_expected`` reads it, and off
-    under ``auto`` where the run is predicted not to fit with it, as train.py decides)."""
-    from dataclasses import replace
-
-    from sftbench import memory
+def coalesce_planned(flags: list[str], ds_cfg: dict | None, world_size: int, on_cuda: bool, precision: str) -> str:
+    """``--coalesce-reduction`` as a train.py run with these extra flags reads it, and whether it will open
+    DeepSpeed's coalesced reduction window before the memory check (``sftbench.speed.coalesce_expected``): the
+    mode ('' where train.py would refuse the flags) and the expectation."""
     from sftbench.speed import coalesce_expected
 
     try:
         mode = read_flags(list(flags)).coalesce_reduction
-        if not coalesce_expected(mode, run.ds_config, run.world_size, run.cuda, run.precision):
-            return False
+        return mode if coalesce_expected(mode, ds_cfg, world_size, on_cuda, precision) else ""
     except ValueError:  # ArgsError and SpeedError: train.py would stop there
-        return False
-    return mode == "on" or memory.predict(shape, replace(run, coalesce_reduction=True), limits).fits is not False
+        return ""
 
 
 def planned_prediction(shape, run, limits, flags: list[str] = ()):
     """The memory prediction (``sftbench.memory.Prediction``) of the run train.py will make with these extra
-    flags: inside the coalesced window or not (``coalesce_planned``), with or without CUDA graphs, as
-    ``graphs_planned`` decides them against ``limits.gpu_total_mib``, for the sweep's and the plan's predictions.
-    ``run.ds_config`` is the loaded config dict (or None for ``--ds none``)."""
+    flags, for the sweep's and the plan's predictions, decided in train.py's order: the coalesced window as expected
+    from the config (``coalesce_planned``), then CUDA graphs as ``graphs_planned`` decides them against
+    ``limits.gpu_total_mib``, then ``auto`` keeps the window only where the run with it (and those graphs) is
+    predicted to fit the GPU. ``run.ds_config`` is the loaded config dict (or None for ``--ds none``)."""
     from dataclasses import replace
 
     from sftbench import memory
 
-    coalescing = coalesce_planned(list(flags), run, memory.Limits(limits.gpu_total_mib, None), shape)
-    run = replace(run, coalesce_reduction=coalescing)
+    mode = coalesce_planned(list(flags), run.ds_config, run.world_size, run.cuda, run.precision)
+    run = replace(run, coalesce_reduction=bool(mode))
     preds = memory.predict_both(shape, run, limits)
     total = limits.gpu_total_mib
     fit = (preds[True].gpu_mib, preds[False].gpu_mib, total) if total else None
-    return preds[graphs_planned(list(flags), on_cuda=run.cuda, ds_cfg=run.ds_config, world_size=run.world_size,
-                                memory_mib=fit, coalescing=coalescing)]
+    graphed = graphs_planned(list(flags), on_cuda=run.cuda, ds_cfg=run.ds_config, world_size=run.world_size,
+                             memory_mib=fit, coalescing=bool(mode))
+    pred = preds[graphed]
+    if mode == "auto" and memory.predict(shape, pred.run, memory.Limits(total, None)).fits is False:
+        pred = memory.predict(shape, replace(pred.run, coalesce_reduction=False), limits)
+    return pred
 
 
 def parse_args(argv: list[str] | None = None) -> HarnessArgs:

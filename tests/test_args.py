@@ -119,5 +119,10 @@ def test_planned_prediction_holds_the_coalesced_window_where_train_py_will_open_
     assert planned(off, flags=["--coalesce-reduction=on", "--cuda-graphs", "off"]) == (True, False)
     assert planned(acc32) == (False, False)
     assert planned(off, gpu=12_000.0) == (False, False)  # 10.8 GB eager fits, 15.5 GB with the window does not
-    assert coalesce_planned(["--coalesce-reduction", "sometimes"], memory.RunShape(off, 1, "bf16"),
-                            memory.Limits(None, None), shape) is False  # train.py's parser refuses it: no run
+    # Just short of the window with the graphs (20.9 GB measured): the graphs' check, made first, counts the
+    # window's gradients and drops the graphs; the window alone fits and stays, as train.py decides
+    both = memory.predict(shape, memory.RunShape(off, 1, "bf16", cuda_graphs=True, coalesce_reduction=True)).gpu_mib
+    assert planned(off, gpu=both - 100) == (True, False)
+    assert coalesce_planned(["--coalesce-reduction", "sometimes"], off, 1, True, "bf16") == ""  # train.py refuses
+    assert coalesce_planned([], off, 1, True, "bf16") == "auto"
+    assert coalesce_planned(["--coalesce-reduction", "on"], off, 4, False, "bf16") == "on"
