@@ -378,3 +378,15 @@ def test_bare_engine_runs_the_coalesced_window_as_train_py_does(tmp_path):
     assert "| boundary.reduce | 1 |" in text and "| boundary.step | 1 |" in text and "| micro.step |" not in text
     assert "| micro.step | 7 |" in (tmp_path / "prof_off.md").read_text()  # GA 8: 7 step() calls before the boundary
     assert res["on"]["final_loss"] == pytest.approx(res["off"]["final_loss"], rel=1e-5)
+
+
+def test_committed_results_name_no_machine_folder():
+    """The committed results (summaries, tables, reports) name run folders relative to the repo, never a folder of
+    the machine that ran them (a --work-dir outside the repo is recorded as given, so it is cleaned before commit)."""
+    import re
+    absolute = re.compile(r"""["'(\s](/(?:root|tmp|home|work|mnt|scratch|Users)/[^"'\s)]*)""")
+    found = []
+    for f in sorted((REPO / "results").rglob("*")):
+        if f.suffix in (".json", ".md", ".csv", ".txt") and f.is_file():
+            found += [f"{f.relative_to(REPO)}: {m}" for m in absolute.findall(f.read_text(errors="replace"))[:3]]
+    assert not found, found[:10]
