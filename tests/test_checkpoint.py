@@ -262,6 +262,30 @@ def test_killed_run_resumes_on_the_same_curve(tmp_path, work):
 
 
 @pytest.mark.slow
+def test_a_coalesced_run_resumes_on_the_same_curve_with_or_without_the_window(tmp_path, work):
+    """ZeRO-2 on two ranks inside the coalesced reduction window (--coalesce-reduction on), checkpoint every 2 of 4
+    steps: resumed from step 2, with the window and without it, steps 3-4 give the uninterrupted run's losses and
+    learning rates (the window keeps no state of its own across steps: the engine steps once per step in both)."""
+    base = ["--ds", str(REPO / "ds_configs" / "z2_5e8.json"), "--model", str(work / "tiny"),
+            "--cache-dir", str(tmp_path / "cache"), *COMMON]
+    full = run(launch_cmd(2, *base, "--run-dir", str(tmp_path / "full"), "--max-steps", "4", "--coalesce-reduction",
+                          "on", "--save", str(tmp_path / "save"), "--save-every", "2"), cpu_env())
+    assert full.returncode == 0, full.stdout[-2000:] + full.stderr[-3000:]
+    _, full_steps, _, _ = records(tmp_path / "full")
+    assert full_steps[3]["loss"] < full_steps[0]["loss"] - 0.1  # the compared steps did train
+    for mode in ("on", "off"):
+        resumed = run(launch_cmd(2, *base, "--run-dir", str(tmp_path / mode), "--max-steps", "4",
+                                 "--coalesce-reduction", mode, "--resume", str(tmp_path / "save" / "checkpoint-2")),
+                      cpu_env())
+        assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+        meta, steps, _, summary = records(tmp_path / mode)
+        assert meta["optimizations"]["coalesce_reduction"] is (mode == "on")
+        assert [s["step"] for s in steps] == [3, 4] and summary["status"] == "ok"
+        assert [s["loss"] for s in steps] == pytest.approx([s["loss"] for s in full_steps[2:]], rel=1e-5), mode
+        assert [s["lr"] for s in steps] == pytest.approx([s["lr"] for s in full_steps[2:]], rel=1e-6), mode
+
+
+@pytest.mark.slow
 def test_missing_resume_folder_fails_before_training(tmp_path):
     """(An incomplete folder takes the same path: test_resolve_names_a_missing_or_incomplete_folder.)"""
     message = f"--resume: {tmp_path / 'nope'} does not exist"
