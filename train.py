@@ -259,8 +259,7 @@ def main() -> int:
         one_pass = speed.apply_one_pass_levers(engine, args.grad_norm, args.overflow_check, device.type == "cuda")
         micro_batch = engine.train_micro_batch_size_per_gpu()
         from sftbench import memory
-        model_shape = memory.ModelShape(n_params, config.hidden_size, config.num_layers, config.num_heads,
-                                        config.vocab_size, config.intermediate_size)
+        model_shape = memory.ModelShape.of_config(config, n_params)
 
         def run_shape(coalesced: bool) -> "memory.RunShape":
             return memory.RunShape(ds_cfg, world_size, precision, seq_len=args.seq_len, micro_batch=micro_batch,

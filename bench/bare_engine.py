@@ -84,7 +84,7 @@ def main(argv=None) -> int:
 
     from sftbench import data as sftdata
     from sftbench import metrics
-    from sftbench.pangu import build_model
+    from sftbench.pangu import build_model, count_params
     from sftbench.plain import param_groups
     from sftbench.shm import release_own_buffer
     from sftbench.tokenizer import PanguTokenizer
@@ -142,14 +142,13 @@ def main(argv=None) -> int:
         fits = None  # as train.py: the memory predictor's answer for this run with the coalesced window
         if device.type == "cuda":
             from sftbench import memory
-            c = model.config
+            from sftbench.fmt import MIB
             fits = memory.predict(
-                memory.ModelShape(sum(p.numel() for p in model.parameters()), c.hidden_size, c.num_layers,
-                                  c.num_heads, c.vocab_size, c.intermediate_size),
+                memory.ModelShape.of_config(model.config, count_params(model.config)),
                 memory.RunShape(cfg, world, precision, seq_len=args.seq_len,
                                 micro_batch=engine.train_micro_batch_size_per_gpu(), flash_attention=not use_pad_mask,
                                 cuda_graphs=use_graphs, coalesce_reduction=True),
-                memory.Limits(torch.cuda.get_device_properties(device).total_memory / 2**20)).fits
+                memory.Limits(torch.cuda.get_device_properties(device).total_memory / MIB)).fits
         coalesce, _ = speed.resolve_coalesce(args.coalesce_reduction, engine, device.type == "cuda", world, fits)
     except speed.SpeedError as e:
         sys.exit(f"error: {e}")

@@ -114,8 +114,7 @@ class HarnessArgs:
                             "by torch.compile and captured in the graphs; a few seconds of compilation at start): "
                             "'on', or 'auto' (default) and 'off', which leave it off (1.01-1.03x by the median "
                             "in two calls, not by the steps; with dropout the masks are inductor's own); 'on' is "
-                            "refused under "
-                            "the plain loop's autocast.", default="auto")
+                            "refused under the plain loop's autocast.", default="auto")
     grad_norm: str = _help("The gradient norm DeepSpeed's ZeRO-1/2 optimizer takes at every step (for clipping and "
                            "the log): 'auto' (default: on a GPU, one multi-tensor kernel that sums the gradients' "
                            "squares in fp64 as it reads them, where DeepSpeed copies each gradient to fp64 and "
@@ -296,9 +295,9 @@ def graphs_planned(flags: list[str], *, on_cuda: bool, ds_cfg: dict | None, worl
 
 
 def coalesce_planned(flags: list[str], ds_cfg: dict | None, world_size: int, on_cuda: bool, precision: str) -> str:
-    """``--coalesce-reduction`` as a train.py run with these extra flags reads it, and whether it will open
-    DeepSpeed's coalesced reduction window before the memory check (``sftbench.speed.coalesce_expected``): the
-    mode ('' where train.py would refuse the flags) and the expectation."""
+    """The ``--coalesce-reduction`` mode of a train.py run with these extra flags where that run is expected to
+    open DeepSpeed's coalesced reduction window before its memory check (``sftbench.speed.coalesce_expected``);
+    '' where it is not, or where train.py would refuse the flags."""
     from sftbench.speed import coalesce_expected
 
     try:
@@ -326,7 +325,7 @@ def planned_prediction(shape, run, limits, flags: list[str] = ()):
     graphed = graphs_planned(list(flags), on_cuda=run.cuda, ds_cfg=run.ds_config, world_size=run.world_size,
                              memory_mib=fit, coalescing=bool(mode))
     pred = preds[graphed]
-    if mode == "auto" and memory.predict(shape, pred.run, memory.Limits(total, None)).fits is False:
+    if mode == "auto" and total and pred.gpu_mib > total:  # train.py's memory check of the window
         pred = memory.predict(shape, replace(pred.run, coalesce_reduction=False), limits)
     return pred
 

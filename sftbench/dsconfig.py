@@ -101,6 +101,20 @@ def config_precision(cfg: dict) -> str:
     return "fp32"
 
 
+# DeepSpeed's spellings of the data types (its DtypeEnum), in this project's names.
+_DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "fp16": "fp16", "float16": "fp16",
+                "half": "fp16", "bf16": "bf16", "bfloat16": "bf16"}
+
+
+def grad_accum_dtype(cfg: dict | None) -> str | None:
+    """``data_types.grad_accum_dtype`` as fp32/fp16/bf16 (another value lower-cased as given); None where the config
+    leaves it to DeepSpeed, which then accumulates in the weights' dtype."""
+    value = ((cfg or {}).get("data_types") or {}).get("grad_accum_dtype")
+    if value is None:
+        return None
+    return _DTYPE_NAMES.get(str(value).lower(), str(value).lower())
+
+
 def apply_precision(cfg: dict, precision: str | None) -> dict:
     """Return a copy with exactly one precision block enabled (``precision`` None keeps the config's own)."""
     if precision is None:

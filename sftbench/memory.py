@@ -137,7 +137,7 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 
-from sftbench.dsconfig import offload_device
+from sftbench.dsconfig import grad_accum_dtype, offload_device
 from sftbench.fmt import MIB
 
 PRECISION_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -263,6 +263,13 @@ class ModelShape:
         """From ``presets.model_shape``'s dict."""
         return cls(shape["n_params"], shape["hidden"], shape["n_layers"], shape["n_heads"], shape["vocab"],
                    shape.get("intermediate"))
+
+    @classmethod
+    def of_config(cls, config, n_params: int) -> "ModelShape":
+        """From a built model's config (``PanguConfig``) and its parameter count (``pangu.count_params``: under
+        ZeRO-3 the model's own tensors are partitioned, so they cannot be counted)."""
+        return cls(n_params, config.hidden_size, config.num_layers, config.num_heads, config.vocab_size,
+                   config.intermediate_size)
 
 
 @dataclass(frozen=True)
@@ -424,7 +431,7 @@ def _states_stage12(stage: int, P: int, W: int, b: int, lowp: bool, off_opt, cfg
         st.host["offload_optimizer"] = 16 * P
         st.host["init_copies"] = (max(4 * W, 16) - 16) * P
         st.host["pinned_buffers"] = (k.additional_buffer_factor - 1) * max(4 * W, 16) * P
-        if lowp and str((cfg.get("data_types") or {}).get("grad_accum_dtype", "")).lower() in ("fp32", "float32"):
+        if lowp and grad_accum_dtype(cfg) == "fp32":
             # fp32 gradient accumulation keeps the rank's fp32 gradient partition on the GPU. Measured on
             # Pangu-2.6B (bf16, H100): +10.1 / +5.1 / +3.4 GB on 1 / 2 / 3 GPUs over z2_offload_5e8, i.e. 4*P/W.
             st.gpu["grads"] = 4 * P / W

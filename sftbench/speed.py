@@ -347,10 +347,6 @@ def coalesce_kind(stage: int, offload_optimizer: bool) -> str:
     return f"ZeRO-{stage}" + (" + optimizer offload" if offload_optimizer else "")
 
 
-_DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "fp16": "fp16", "float16": "fp16",
-                "half": "fp16", "bf16": "bf16", "bfloat16": "bf16"}
-
-
 def coalesce_expected(mode: str, ds_cfg: dict | None, world_size: int, on_cuda: bool, precision: str) -> bool:
     """Whether ``resolve_coalesce`` will turn the window on, read from the config before the engine exists (for
     ``--cuda-graphs auto``, whose evidence on optimizer offload was measured inside the window; ``precision``: the
@@ -359,11 +355,10 @@ def coalesce_expected(mode: str, ds_cfg: dict | None, world_size: int, on_cuda: 
     check_coalesce(mode)
     if ds_cfg is None or mode == "off":
         return False
-    from sftbench.dsconfig import describe
+    from sftbench.dsconfig import describe, grad_accum_dtype
     layout = describe(ds_cfg)
     stage = int(layout["zero_stage"] or 0)
-    accum = str((ds_cfg.get("data_types") or {}).get("grad_accum_dtype") or precision).lower()
-    if stage > 1 and _DTYPE_NAMES.get(accum, accum) != precision:  # coalesce_unfit refuses a wider accumulation
+    if stage > 1 and (grad_accum_dtype(ds_cfg) or precision) != precision:  # coalesce_unfit refuses it
         return False
     if mode == "on":
         return stage > 0

@@ -131,3 +131,12 @@ def test_an_override_the_config_has_no_place_for_is_refused():
     one_cycle = {**cfg, "scheduler": {"type": "OneCycle", "params": {}}}
     with pytest.raises(DSConfigError, match="scheduler.type 'OneCycle'"):
         apply_overrides(one_cycle, lr=1e-3)
+
+
+def test_grad_accum_dtype_reads_deepspeeds_spellings():
+    from sftbench.dsconfig import grad_accum_dtype
+    for spelled, name in (("fp32", "fp32"), ("FLOAT32", "fp32"), ("float", "fp32"), ("half", "fp16"),
+                          ("float16", "fp16"), ("bfloat16", "bf16"), ("bf16", "bf16"), ("int8", "int8")):
+        assert grad_accum_dtype({"data_types": {"grad_accum_dtype": spelled}}) == name, spelled
+    assert grad_accum_dtype({"data_types": {}}) is None and grad_accum_dtype({}) is None
+    assert grad_accum_dtype(None) is None
