@@ -79,7 +79,9 @@ def main() -> None:
         if name in have and name not in {"deepspeed", *SOURCE_ONLY}:
             w.unlink()
             dropped.append(name)
-    reqs = [DEEPSPEED, *SOURCE_ONLY, *[r for r in NEEDS if norm(re.split(r"[<>=!~; \[]", r)[0]) not in have]]
+    # SOURCE_ONLY wheels are always built here, so they are always listed, once.
+    reqs = [DEEPSPEED, *SOURCE_ONLY, *[r for r in NEEDS if norm(re.split(r"[<>=!~; \[]", r)[0])
+                                       not in have | {norm(s) for s in SOURCE_ONLY}]]
     (out / "requirements.txt").write_text("\n".join(reqs) + "\n")
     total = sum(w.stat().st_size for w in out.glob("*.whl")) / 2**20
     print(f"{len(list(out.glob('*.whl')))} wheels, {total:.1f} MiB in {out}; left out (target has them): "

@@ -390,3 +390,36 @@ def test_committed_results_name_no_machine_folder():
         if f.suffix in (".json", ".md", ".csv", ".txt") and f.is_file():
             found += [f"{f.relative_to(REPO)}: {m}" for m in absolute.findall(f.read_text(errors="replace"))[:3]]
     assert not found, found[:10]
+
+
+@pytest.mark.slow
+def test_offload_floor_cpu_times_the_host_parts_of_a_real_adamw_step(tmp_path):
+    """offload_floor for real on CPU: DeepSpeed's CPU Adam step, the host copy and the 16-bit cast are timed, the
+    update is checked against torch's AdamW, and the floor is the sum of the parts that run on this machine."""
+    out = tmp_path / "floor.json"
+    p = run([sys.executable, "bench/offload_floor.py", "--numel", "200000", "--repeats", "2", "--out", str(out)],
+            cpu_env(), timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["model"] is None and res["numel"] == 200000 and res["device"] == "cpu"
+    assert set(res["ms"]) == {"cpu_adam", "host_copy", "cast_bf16_host.pageable"}  # no GPU: no PCIe parts
+    assert res["adam_vs_torch_max_abs"] < 1e-6
+    assert res["host_floor_ms.pageable"] == pytest.approx(res["ms"]["cpu_adam"] + res["ms"]["cast_bf16_host.pageable"],
+                                                          abs=0.11)
+    assert "host_floor_ms.pageable" in p.stdout
+
+
+def test_offload_floor_fails_when_the_timed_step_is_not_adamw(monkeypatch):
+    """The agreement check can fail: an optimizer that is not the configured AdamW (here torch's with another lr,
+    standing in for DeepSpeed's) makes the script exit 1 instead of printing a floor for the wrong step."""
+    import torch
+    from deepspeed.ops import adam
+
+    floor = load("offload_floor")
+
+    def wrong(params, lr, **kw):
+        return torch.optim.AdamW(params, lr=lr * 10, **{k: v for k, v in kw.items() if k != "adamw_mode"})
+
+    monkeypatch.setattr(adam, "DeepSpeedCPUAdam", wrong)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert floor.main(["--numel", "5000", "--repeats", "1"]) == 1
