@@ -123,12 +123,13 @@ class HarnessArgs:
                            "'foreach' (the same, refused where it does not apply: ZeRO-0/3, the BF16 optimizer, "
                            "optimizer offload, --ds none), 'deepspeed' (DeepSpeed's own code).", default="auto")
     overflow_check: str = _help("The inf/NaN check of the gradients that ZeRO-0's FP16 optimizers (bf16 and fp16) "
-                                "run at every step, one gradient and one device sync at a time, with no config key "
-                                "to turn it off: 'auto' (default: on a GPU, one multi-tensor pass and one sync, the "
-                                "same answer: 1.21x on Pangu-2.6B, 1.75x on 350M per ZeRO-0 step; DeepSpeed's "
-                                "check elsewhere), 'foreach' (the same, refused where it does not apply: "
-                                "ZeRO-1/2/3, the BF16 optimizer, fp32, --ds none), 'deepspeed' (DeepSpeed's own "
-                                "code).", default="auto")
+                                "run at every step, and ZeRO-1/2 with optimizer offload as each gradient goes to "
+                                "the host, one gradient and one device sync at a time: 'auto' (default: on a GPU "
+                                "where measured faster, the same answer from one pass and one sync: ZeRO-0 1.21x on "
+                                "Pangu-2.6B, 1.75x on 350M per step; DeepSpeed's check elsewhere), 'foreach' (the "
+                                "same, refused where it does not apply: ZeRO-1/2 without offload, ZeRO-3, the BF16 "
+                                "optimizer, fp32 ZeRO-0, --ds none), 'deepspeed' (DeepSpeed's own code).",
+                                default="auto")
     coalesce_reduction: str = _help("Run each step's micro-batches inside DeepSpeed's own "
                                     "engine.coalesce_grad_reduction() window: ZeRO-2/3 and optimizer offload then "
                                     "reduce (and move to the host) once per step instead of once per micro-batch, "

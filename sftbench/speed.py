@@ -1,7 +1,7 @@
 """Speed levers that change how the model runs, not what it computes: torch.compile of the model, DeepSpeed's
 throughput timer next to CUDA graphs (``resolve_ds_timers``; the graphs themselves are in graphs.py), the
 gradient norm of DeepSpeed's ZeRO-1/2 optimizer in one multi-tensor kernel (``resolve_grad_norm``), and ZeRO-0's
-inf/NaN check of the gradients in one pass (``resolve_overflow_check``).
+inf/NaN check of the gradients in one pass, and optimizer offload's with one sync (``resolve_overflow_check``).
 
 ``--compile blocks`` compiles each transformer block in place (``nn.Module.compile``): the 24-40 identical blocks
 share one compiled graph, so compilation takes seconds, the parameter names and the module tree that DeepSpeed,
@@ -249,6 +249,8 @@ def foreach_grad_norm(opt) -> None:
 
 # What the one-pass inf/NaN check measured (docs/performance.md), for the log's overflow_check_why.
 OVERFLOW_CHECK_MEASURED = "measured faster on Pangu-2.6B/350M ZeRO-0, 1 x H200 (docs/performance.md)"
+# The same for ZeRO-1/2 + optimizer offload (``offload_overflow_check``); None: not measured, so auto keeps DeepSpeed's.
+OFFLOAD_OVERFLOW_MEASURED: str | None = None
 
 
 def check_overflow_check(mode: str) -> None:
@@ -258,28 +260,44 @@ def check_overflow_check(mode: str) -> None:
 def foreach_overflow_unfit(engine) -> str | None:
     """Why ``foreach_overflow_check`` cannot replace the engine's inf/NaN check of the gradients (None: it can). It
     covers ZeRO-0's FP16 optimizers (bf16 and fp16; DeepSpeed's ``CheckOverflow``), whose check no config key turns
-    off: ``bf16.check_grad_overflow`` is read by ZeRO-1/2 only, and the shipped ZeRO-1/2 configs set it false."""
+    off (``bf16.check_grad_overflow`` is read by ZeRO-1/2 only, and the shipped ZeRO-1/2 configs set it false), and
+    ZeRO-1/2 with optimizer offload, whose check runs per gradient as it goes to the host whatever that key says.
+    ZeRO-1/2 without offload check their partitions on the device already, with one sync."""
     if not hasattr(engine, "zero_optimization"):
         return "the plain loop (--ds none) has no per-gradient check (fp16: torch's GradScaler checks in one pass)"
     opt = getattr(engine, "optimizer", None)
     from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
     from deepspeed.runtime.utils import CheckOverflow
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    if isinstance(opt, DeepSpeedZeroOptimizer) and opt.cpu_offload:
+        return (_other_signature(opt.update_offload_overflow_tracker, ("grad",))
+                or _other_signature(opt.has_overflow, ("partition_gradients",)))
     if not isinstance(opt, (FP16_Optimizer, FP16_UnfusedOptimizer)):
-        return (f"the engine's optimizer is {type(opt).__name__}, not one of ZeRO-0's FP16 optimizers (ZeRO-1/2 "
-                "follow bf16.check_grad_overflow; ZeRO-3, the BF16 optimizer and fp32 have their own code or none)")
+        return (f"the engine's optimizer is {type(opt).__name__}, not one of ZeRO-0's FP16 optimizers nor ZeRO-1/2 "
+                "with optimizer offload (ZeRO-1/2 on the GPU check their partitions in one pass already; ZeRO-3, "
+                "the BF16 optimizer and fp32 have their own code or none)")
     checker = getattr(opt, "overflow_checker", None)
     if not isinstance(checker, CheckOverflow):
         return f"the optimizer's overflow checker is {type(checker).__name__}, not DeepSpeed's CheckOverflow"
     return _other_signature(checker.has_overflow_serial, ("params",))
 
 
+def _offloads(engine) -> bool:
+    opt = getattr(engine, "optimizer", None)
+    return bool(getattr(opt, "cpu_offload", False)) and hasattr(opt, "update_offload_overflow_tracker")
+
+
 def resolve_overflow_check(mode: str, engine, on_cuda: bool) -> tuple[bool, str]:
     """Whether to check the gradients for inf/NaN with ``foreach_overflow_check``, and why. ``auto``: on a GPU
-    wherever it fits the engine (``foreach_overflow_unfit``); ``foreach``: wherever it fits, refused (SpeedError)
-    where it does not; ``deepspeed``: DeepSpeed's own code."""
-    return _resolve_one_pass("--overflow-check", mode, foreach_overflow_unfit, engine, on_cuda,
-                             OVERFLOW_CHECK_MEASURED)
+    wherever it fits the engine (``foreach_overflow_unfit``) and was measured faster (ZeRO-0:
+    ``OVERFLOW_CHECK_MEASURED``; optimizer offload: ``OFFLOAD_OVERFLOW_MEASURED``, None until measured);
+    ``foreach``: wherever it fits, refused (SpeedError) where it does not; ``deepspeed``: DeepSpeed's own code."""
+    if _offloads(engine) and mode == "auto" and OFFLOAD_OVERFLOW_MEASURED is None:
+        _check_one_pass("--overflow-check", mode)
+        return False, "auto: not measured on optimizer offload"
+    measured = OFFLOAD_OVERFLOW_MEASURED if _offloads(engine) else OVERFLOW_CHECK_MEASURED
+    return _resolve_one_pass("--overflow-check", mode, foreach_overflow_unfit, engine, on_cuda, measured)
 
 
 def foreach_overflow_check(opt) -> None:
@@ -289,8 +307,14 @@ def foreach_overflow_check(opt) -> None:
     one ``torch._foreach_norm`` with fp64 sums reads every gradient: the squares of finite bf16, fp16 or fp32 values
     cannot overflow fp64 (at most ~1.2e77 each), so a norm is non-finite exactly when its gradient holds an inf or a
     NaN, and the answer is the same bool. Sparse gradients keep DeepSpeed's loop. The all-reduces of the overflow
-    flag that follow (``has_overflow``) are DeepSpeed's, unchanged."""
+    flag that follow (``has_overflow``) are DeepSpeed's, unchanged. ZeRO-1/2 with optimizer offload:
+    ``offload_overflow_check``."""
     import torch
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if isinstance(opt, DeepSpeedZeroOptimizer):
+        offload_overflow_check(opt)
+        return
 
     checker = opt.overflow_checker
     deepspeeds = checker.has_overflow_serial
@@ -306,6 +330,37 @@ def foreach_overflow_check(opt) -> None:
         return not bool(torch.stack(norms).isfinite().all())  # the one host sync
 
     checker.has_overflow_serial = has_overflow_serial
+
+
+def offload_overflow_check(opt) -> None:
+    """Replace the ZeRO-1/2 optimizer-offload check (``update_offload_overflow_tracker`` and ``has_overflow``, on
+    this instance) by one that syncs once per step. DeepSpeed checks each gradient as it is copied to the host and
+    turns each answer into a Python bool (``local_overflow``): on Pangu-2.6B 517 host syncs per step, each one
+    waiting for the previous gradient's copy to the host, so the copies and the host's launches take turns instead
+    of overlapping. Only ``has_overflow`` reads the answer, and ``step()`` calls it only where ``check_grad_overflow``
+    is set (fp16; bf16 where its config says so). Here each gradient's check (DeepSpeed's ``has_inf_or_nan``) is or-ed
+    into one flag on the device and ``has_overflow`` turns that into the bool once, before DeepSpeed's own
+    ``has_overflow`` (its all-reduces) runs unchanged; where ``check_grad_overflow`` is off nothing would read the
+    answer, so no check runs."""
+    import torch
+    from deepspeed.runtime.utils import has_inf_or_nan
+
+    pending = []  # at most one device flag: the or of every gradient's check since has_overflow last read it
+    deepspeeds = opt.has_overflow
+
+    def update_offload_overflow_tracker(grad):
+        if grad is None or not opt.check_grad_overflow:
+            return
+        flag = has_inf_or_nan(grad.data)
+        pending[:] = [torch.logical_or(pending[0], flag) if pending else flag]
+
+    def has_overflow(partition_gradients=True):
+        if pending:
+            opt.local_overflow = bool(opt.local_overflow) or bool(pending.pop())  # the one host sync
+        return deepspeeds(partition_gradients)
+
+    opt.update_offload_overflow_tracker = update_offload_overflow_tracker
+    opt.has_overflow = has_overflow
 
 
 def apply_one_pass_levers(engine, grad_norm: str, overflow_check: str, on_cuda: bool) -> dict:

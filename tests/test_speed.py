@@ -376,6 +376,80 @@ def test_one_pass_overflow_check_gives_deepspeeds_answer(tmp_path):
         assert r["foreach_refused"] == f"--overflow-check foreach does not apply: {r['unfit']}; use auto or deepspeed"
 
 
+_OFFLOAD_OVERFLOW = r"""
+import json, os, sys
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+import deepspeed, torch
+import deepspeed.runtime.utils as ds_utils
+from sftbench import speed
+from sftbench.pangu import PanguForCausalLM, preset_config
+deepspeed.init_distributed(dist_backend="gloo")
+checks = [0]
+deepspeeds_check = ds_utils.has_inf_or_nan
+def counted(x):
+    checks[0] += 1
+    return deepspeeds_check(x)
+import deepspeed.runtime.zero.stage_1_and_2 as ds_zero
+ds_utils.has_inf_or_nan = ds_zero.has_inf_or_nan = counted  # DeepSpeed's check and the lever's are counted alike
+out = {}
+for name, spec in json.loads(sys.argv[2]).items():
+    torch.manual_seed(0)
+    model = PanguForCausalLM._from_config(preset_config("pangu-tiny", hidden_size=64, num_layers=2, num_heads=2))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=spec["cfg"])
+    res = {"unfit": speed.foreach_overflow_unfit(engine),
+           "auto_gpu": speed.resolve_overflow_check("auto", engine, on_cuda=True)}
+    if spec["lever"]:
+        speed.foreach_overflow_check(engine.optimizer)
+    if spec["bad"]:
+        target = dict(model.named_parameters())["transformer.h.0.attn.k_proj.weight"]
+        target.register_hook(lambda g: g.index_fill(0, torch.tensor([1]), float("inf")))
+    checks[0] = 0
+    ids = torch.randint(10, 40000, (1, 32), generator=torch.Generator().manual_seed(1))
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    res["checks"] = checks[0]
+    res["deepspeeds_flag"] = bool(engine.optimizer.local_overflow)  # set at once by DeepSpeed's tracker only
+    engine.step()
+    res["skipped"] = engine.skipped_steps
+    res["param_sum"] = sum(float(p.detach().float().sum()) for p in model.parameters())
+    out[name] = res
+print("OFFLOAD " + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_offload_overflow_check_gives_deepspeeds_steps_with_one_sync(tmp_path):
+    """A real ZeRO-2 + CPU optimizer offload engine (bf16, CPU, one rank): with check_grad_overflow on, the one-sync
+    check checks every gradient on the device, leaves local_overflow alone until has_overflow reads it, and skips the
+    step with an inf gradient and takes it without one exactly as DeepSpeed's per-gradient check does (the same
+    weights after the step); with it off (the shipped configs) it runs no check at all and the step is DeepSpeed's.
+    auto keeps DeepSpeed's check until the lever is measured on offload."""
+    from sftbench.buildenv import free_port
+
+    def cfg(check):
+        return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                "bf16": {"enabled": True, "check_grad_overflow": check}, "gradient_clipping": 1.0,
+                "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+                "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+    specs = {f"{check}_{lever}_{bad}": {"cfg": cfg(check), "lever": lever, "bad": bad}
+             for check in (True, False) for lever in (False, True) for bad in (False, True) if not (bad and not check)}
+    p = subprocess.run([sys.executable, "-c", _OFFLOAD_OVERFLOW, str(free_port()), json.dumps(specs)], cwd=REPO,
+                       env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    got = json.loads(p.stdout.split("OFFLOAD ", 1)[1])
+    assert all(r["unfit"] is None for r in got.values()), got
+    assert all(r["auto_gpu"] == [False, "auto: not measured on optimizer offload"] for r in got.values())
+    # DeepSpeed's check runs once per gradient (each a host sync); the lever's too, but it syncs once, later.
+    assert got["True_True_False"]["checks"] == got["True_False_False"]["checks"] > 10
+    assert got["True_False_True"]["deepspeeds_flag"] is True and got["True_True_True"]["deepspeeds_flag"] is False
+    for bad in (False, True):
+        ds, ours = got[f"True_False_{bad}"], got[f"True_True_{bad}"]
+        assert (ds["skipped"], ours["skipped"]) == ((1, 1) if bad else (0, 0)), (ds, ours)
+        assert ours["param_sum"] == ds["param_sum"]
+    assert got["False_True_False"]["checks"] == 0 and got["False_False_False"]["checks"] > 10
+    assert got["False_True_False"]["param_sum"] == got["False_False_False"]["param_sum"]
+    assert got["False_True_False"]["skipped"] == 0
+
+
 class _Zero:
     """A stand-in for a DeepSpeed engine, with what ``resolve_coalesce`` reads (real engines: the tests below)."""
 
