@@ -392,7 +392,7 @@ def main() -> int:
             say(f"speed: gradient norm "
                 f"{'in one multi-tensor kernel' if one_pass['grad_norm'] == 'foreach' else 'by DeepSpeed'} "
                 f"({one_pass['grad_norm_why']}); inf/NaN check of the gradients "
-                f"{'in one pass' if one_pass['overflow_check'] == 'foreach' else 'by DeepSpeed'} "
+                f"{'with one sync' if one_pass['overflow_check'] == 'foreach' else 'by DeepSpeed'} "
                 f"({one_pass['overflow_check_why']}); gradients reduced "
                 f"{'once per step (coalesce_grad_reduction)' if coalesce else 'as DeepSpeed does'} ({coalesce_why})")
         for w in warnings:

@@ -14,8 +14,8 @@ import torch
 from sftbench.args import ArgsError, HarnessArgs, parse_args
 from sftbench.pangu import build_model
 from conftest import REPO, cpu_env
-from sftbench.speed import (GRAD_NORM_MEASURED, OVERFLOW_CHECK_MEASURED, SpeedError, blocks_of, check_compile,
-                            compile_blocks, resolve_compile)
+from sftbench.speed import (GRAD_NORM_MEASURED, OFFLOAD_OVERFLOW_MEASURED, OVERFLOW_CHECK_MEASURED, SpeedError,
+                            blocks_of, check_compile, compile_blocks, resolve_compile)
 
 
 def test_bare_compile_flag_means_model_and_bad_values_are_refused():
@@ -288,7 +288,7 @@ def test_train_py_one_pass_levers_train_like_deepspeeds_code_and_are_refused_whe
     assert metas["check_auto"]["grad_norm_why"].startswith("auto: the engine's optimizer is FP16_Optimizer,")
     assert (metas["check_foreach"]["overflow_check"], metas["check_foreach"]["overflow_check_why"]) == (
         "foreach", "asked for")
-    assert "inf/NaN check of the gradients in one pass (asked for)" in stdout["check_foreach"]
+    assert "inf/NaN check of the gradients with one sync (asked for)" in stdout["check_foreach"]
     assert curves["check_auto"][-1] < curves["check_auto"][0] - 0.1, curves["check_auto"]
     assert curves["check_foreach"] == curves["check_auto"]
 
@@ -422,7 +422,7 @@ def test_offload_overflow_check_gives_deepspeeds_steps_with_one_sync(tmp_path):
     check checks every gradient on the device, leaves local_overflow alone until has_overflow reads it, and skips the
     step with an inf gradient and takes it without one exactly as DeepSpeed's per-gradient check does (the same
     weights after the step); with it off (the shipped configs) it runs no check at all and the step is DeepSpeed's.
-    auto keeps DeepSpeed's check until the lever is measured on offload."""
+    auto runs it on a GPU, where it was measured faster."""
     from sftbench.buildenv import free_port
 
     def cfg(check):
@@ -437,7 +437,7 @@ def test_offload_overflow_check_gives_deepspeeds_steps_with_one_sync(tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     got = json.loads(p.stdout.split("OFFLOAD ", 1)[1])
     assert all(r["unfit"] is None for r in got.values()), got
-    assert all(r["auto_gpu"] == [False, "auto: not measured on optimizer offload"] for r in got.values())
+    assert all(r["auto_gpu"] == [True, "auto: " + OFFLOAD_OVERFLOW_MEASURED] for r in got.values())
     # DeepSpeed's check runs once per gradient (each a host sync); the lever's too, but it syncs once, later.
     assert got["True_True_False"]["checks"] == got["True_False_False"]["checks"] > 10
     assert got["True_False_True"]["deepspeeds_flag"] is True and got["True_True_True"]["deepspeeds_flag"] is False
