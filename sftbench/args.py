@@ -125,8 +125,10 @@ class HarnessArgs:
     overflow_check: str = _help("The inf/NaN check of the gradients that ZeRO-0's FP16 optimizers (bf16 and fp16) "
                                 "run at every step, and ZeRO-1/2 with optimizer offload as each gradient goes to "
                                 "the host, one gradient and one device sync at a time: 'auto' (default: on a GPU "
-                                "where measured faster, the same answer from one pass and one sync: ZeRO-0 1.21x on "
-                                "Pangu-2.6B, 1.75x on 350M per step; DeepSpeed's check elsewhere), 'foreach' (the "
+                                "where measured faster, the same answer with one sync: ZeRO-0 1.21x on Pangu-2.6B, "
+                                "1.75x on 350M per step; ZeRO-2 + offload ~1.08x and 1.29x, and no check at all "
+                                "where check_grad_overflow is off, since nothing reads it; DeepSpeed's check "
+                                "elsewhere), 'foreach' (the "
                                 "same, refused where it does not apply: ZeRO-1/2 without offload, ZeRO-3, the BF16 "
                                 "optimizer, fp32 ZeRO-0, --ds none), 'deepspeed' (DeepSpeed's own code).",
                                 default="auto")
