@@ -258,7 +258,8 @@ def _train(tmp_path, name: str, *extra: str):
 def test_train_py_one_pass_levers_train_like_deepspeeds_code_and_are_refused_where_they_do_not_apply(tmp_path):
     """train.py, CPU. ZeRO-1 fp32 with clipping at a learning rate that clips: --grad-norm foreach gives DeepSpeed's
     loss curve (rtol 1e-5; only the order of the norm's sums differs). ZeRO-0 bf16: --overflow-check foreach gives
-    exactly the curve of DeepSpeed's check (the same bool decides nothing else). The log and console say which ran;
+    exactly the curve of DeepSpeed's check (the same bool decides nothing else), and so does ZeRO-2 + optimizer
+    offload's check with one sync (bf16, check_grad_overflow off: no check at all). The log and console say which ran;
     each lever where it does not apply ends in a clear error in the log, not in other code."""
     from conftest import read_jsonl, write_overfit_config
 
@@ -266,8 +267,11 @@ def test_train_py_one_pass_levers_train_like_deepspeeds_code_and_are_refused_whe
     cfg["gradient_clipping"] = 0.1  # so that every step clips: the norm decides the update
     (tmp_path / "z1.json").write_text(json.dumps(cfg))
     write_overfit_config("z0.json", tmp_path / "z0.json", lr=3e-2)
+    write_overfit_config("z2_offload_5e8.json", tmp_path / "z2_offload_5e8.json", lr=3e-2)
     runs = {"norm_ds": ["z1", "--grad-norm", "deepspeed"], "norm_foreach": ["z1", "--grad-norm", "foreach"],
-            "check_auto": ["z0"], "check_foreach": ["z0", "--overflow-check", "foreach"]}
+            "check_auto": ["z0"], "check_foreach": ["z0", "--overflow-check", "foreach"],
+            "offload_ds": ["z2_offload_5e8", "--overflow-check", "deepspeed"],
+            "offload_foreach": ["z2_offload_5e8", "--overflow-check", "foreach"]}
     curves, metas, stdout = {}, {}, {}
     for name, (cfg_name, *flags) in runs.items():
         precision = "fp32" if cfg_name == "z1" else "bf16"
@@ -291,6 +295,10 @@ def test_train_py_one_pass_levers_train_like_deepspeeds_code_and_are_refused_whe
     assert "inf/NaN check of the gradients with one sync (asked for)" in stdout["check_foreach"]
     assert curves["check_auto"][-1] < curves["check_auto"][0] - 0.1, curves["check_auto"]
     assert curves["check_foreach"] == curves["check_auto"]
+    assert metas["offload_foreach"]["overflow_check"] == "foreach"
+    assert metas["offload_ds"]["overflow_check"] == "deepspeed"
+    assert curves["offload_ds"][-1] < curves["offload_ds"][0] - 0.1, curves["offload_ds"]
+    assert curves["offload_foreach"] == curves["offload_ds"]
 
     for name, cfg_name, flag in (("bad_norm", "z0", "--grad-norm"), ("bad_check", "z1", "--overflow-check")):
         p = _train(tmp_path, name, "--ds", str(tmp_path / f"{cfg_name}.json"), "--precision", "bf16",
