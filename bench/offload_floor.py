@@ -81,13 +81,12 @@ def measure(n: int, repeats: int, cuda: bool, dtype: torch.dtype = torch.bfloat1
     opt = DeepSpeedCPUAdam([master], lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01, adamw_mode=True)
     ms["cpu_adam"] = timed(opt.step, repeats, False) * 1e3
     # The measured update is a real AdamW step: its first element against torch's own over the same state.
-    steps = repeats + 1
-    ref = before.clone().requires_grad_(False)
-    ref_opt = torch.optim.AdamW([torch.nn.Parameter(ref)], lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
-    for _ in range(steps):
-        ref_opt.param_groups[0]["params"][0].grad = grad_head.clone()
+    ref = torch.nn.Parameter(before)
+    ref_opt = torch.optim.AdamW([ref], lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
+    for _ in range(repeats + 1):  # as many steps as timed() took: the warm-up and the repeats
+        ref.grad = grad_head.clone()
         ref_opt.step()
-    adam_err = (ref_opt.param_groups[0]["params"][0].detach() - master[:4096]).abs().max().item()
+    adam_err = (ref.detach() - master[:4096]).abs().max().item()
 
     ms["host_copy"] = host_copy(master, repeats)
     for pinned in (True, False) if cuda else (False,):

@@ -128,9 +128,9 @@ class HarnessArgs:
                                 "where measured faster, the same answer with one sync: ZeRO-0 1.21x on Pangu-2.6B, "
                                 "1.75x on 350M per step; ZeRO-2 + offload ~1.08x and 1.29x, and no check at all "
                                 "where check_grad_overflow is off, since nothing reads it; DeepSpeed's check "
-                                "elsewhere), 'foreach' (the "
-                                "same, refused where it does not apply: ZeRO-1/2 without offload, ZeRO-3, the BF16 "
-                                "optimizer, fp32 ZeRO-0, --ds none), 'deepspeed' (DeepSpeed's own code).",
+                                "elsewhere), 'foreach' (the same, refused where it does not apply: ZeRO-1/2 without "
+                                "offload, ZeRO-3, the BF16 optimizer, fp32 ZeRO-0, --ds none), 'deepspeed' "
+                                "(DeepSpeed's own code).",
                                 default="auto")
     coalesce_reduction: str = _help("Run each step's micro-batches inside DeepSpeed's own "
                                     "engine.coalesce_grad_reduction() window: ZeRO-2/3 and optimizer offload then "

@@ -272,8 +272,7 @@ def foreach_overflow_unfit(engine) -> str | None:
     from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
     from deepspeed.runtime.utils import CheckOverflow
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-    if isinstance(opt, DeepSpeedZeroOptimizer) and opt.cpu_offload:
+    if _offloading_zero(opt):
         return (_other_signature(opt.update_offload_overflow_tracker, ("grad",))
                 or _other_signature(opt.has_overflow, ("partition_gradients",)))
     if not isinstance(opt, (FP16_Optimizer, FP16_UnfusedOptimizer)):
@@ -286,9 +285,11 @@ def foreach_overflow_unfit(engine) -> str | None:
     return _other_signature(checker.has_overflow_serial, ("params",))
 
 
-def _offloads(engine) -> bool:
-    opt = getattr(engine, "optimizer", None)
-    return bool(getattr(opt, "cpu_offload", False)) and hasattr(opt, "update_offload_overflow_tracker")
+def _offloading_zero(opt) -> bool:
+    """Whether ``opt`` is DeepSpeed's ZeRO-1/2 optimizer with optimizer offload, whose check
+    ``offload_overflow_check`` replaces (the one place that tells it from ZeRO-0's FP16 optimizers)."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    return isinstance(opt, DeepSpeedZeroOptimizer) and bool(opt.cpu_offload)
 
 
 def resolve_overflow_check(mode: str, engine, on_cuda: bool) -> tuple[bool, str]:
@@ -296,7 +297,9 @@ def resolve_overflow_check(mode: str, engine, on_cuda: bool) -> tuple[bool, str]
     wherever it fits the engine (``foreach_overflow_unfit``), as measured faster there (ZeRO-0:
     ``OVERFLOW_CHECK_MEASURED``; optimizer offload: ``OFFLOAD_OVERFLOW_MEASURED``); ``foreach``: wherever it fits,
     refused (SpeedError) where it does not; ``deepspeed``: DeepSpeed's own code."""
-    measured = OFFLOAD_OVERFLOW_MEASURED if _offloads(engine) else OVERFLOW_CHECK_MEASURED
+    # The plain loop may run where DeepSpeed is not installed: only an engine's optimizer is looked at.
+    offload = hasattr(engine, "zero_optimization") and _offloading_zero(getattr(engine, "optimizer", None))
+    measured = OFFLOAD_OVERFLOW_MEASURED if offload else OVERFLOW_CHECK_MEASURED
     return _resolve_one_pass("--overflow-check", mode, foreach_overflow_unfit, engine, on_cuda, measured)
 
 
@@ -310,9 +313,8 @@ def foreach_overflow_check(opt) -> None:
     flag that follow (``has_overflow``) are DeepSpeed's, unchanged. ZeRO-1/2 with optimizer offload:
     ``offload_overflow_check``."""
     import torch
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    if isinstance(opt, DeepSpeedZeroOptimizer):
+    if _offloading_zero(opt):
         offload_overflow_check(opt)
         return
 
