@@ -1,13 +1,17 @@
 #!/usr/bin/env python
-"""Supervised fine-tuning of Pangu-alpha with a hand-written DeepSpeed loop, measured step by step.
+"""Supervised fine-tuning with a hand-written DeepSpeed loop, measured step by step.
 
     deepspeed --num_gpus 3 train.py --ds ds_configs/z2_offload_5e8.json --model pangu-2.6b
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 train.py --ds ds_configs/z3_offload_param.json --model pangu-tiny
     deepspeed --num_gpus 1 train.py --ds none --precision bf16          # plain PyTorch baseline
 
-Reads top to bottom: parse -> init -> build (data, model, engine) -> loop -> summary. Every rank writes
-runs/<run>/rank<k>.jsonl (schema: docs/log_schema.md); rank 0 prints. Fine-tuning (--save, --save-every, --resume,
---eval-data/--eval-split, --epochs) is done by sftbench/checkpoint.py and sftbench/evaluate.py, called between steps.
+Reads top to bottom: ``main()`` parses, places this rank (``Placement``), resolves the run (``RunConfig``: the
+DeepSpeed config, precision, model, run folder) and the speed levers before anything is built (``plan_levers``), then
+``Trainer.__init__`` builds the data, model, engine, the final lever plan, the schedule of steps, the probes, the saver
+and the evaluator, and writes the meta record; ``Trainer.train()`` is the loop, ``train_step()`` one optimizer step.
+Every rank writes runs/<run>/rank<k>.jsonl (schema: docs/log_schema.md); rank 0 prints. Fine-tuning (--save,
+--save-every, --resume, --eval-data/--eval-split, --epochs) is done by sftbench/checkpoint.py and
+sftbench/evaluate.py, called between steps.
 """
 from __future__ import annotations
 
@@ -17,24 +21,26 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from sftbench.args import parse_args, resolve_warmup
-from sftbench.buildenv import fix_cuda_arch_list, rank_device, single_process_env
 from sftbench import checkpoint
+from sftbench.args import HarnessArgs, parse_args, resolve_warmup
+from sftbench.buildenv import fix_cuda_arch_list, rank_device, single_process_env
 from sftbench.dsconfig import (DSConfigError, apply_overrides, apply_precision, config_precision, describe,
                                load_ds_config, peak_lr, resolve_config_path)
 from sftbench.failures import classify_exception
 from sftbench.fmt import MIB
+from sftbench.levers import Asked, LeverError, LeverPlan, decide
 from sftbench.nodes import NodeError, per_node_prediction, placement, rank0_value
-from sftbench.paths import REPO
 from sftbench.ops import check_locks as check_build_locks
+from sftbench.paths import REPO
 from sftbench.runlog import RunLog
 from sftbench.shm import release_own_buffer as release_shm_buffer
 
 # The one import-order constraint: DeepSpeed's op builders read TORCH_CUDA_ARCH_LIST when they are imported, and
 # this machine's value ("9.0a" on Hopper) breaks the fused-Adam build; main() fixes it (fix_cuda_arch_list) before
-# torch and DeepSpeed are imported, so both are imported inside main(), after the fix.
+# torch and DeepSpeed are imported, so both are imported inside functions, after the fix.
 
 
 def train_step(engine, ids, labels, mask=None, coalesce=False):
@@ -88,36 +94,34 @@ def git_commit() -> str | None:
     return p.stdout.strip() if p.returncode == 0 else None
 
 
-def main() -> int:
-    # ---------------------------------------------------------------- parse
-    args = parse_args()
-    arch_env = fix_cuda_arch_list()  # before anything imports DeepSpeed's op builders
-    try:
-        if args.deepspeed:
-            args.ds = resolve_config_path(args.ds or "z1")  # a file, or a ds_configs/ name as the sweep takes it
-        ds_cfg = load_ds_config(args.ds) if args.deepspeed else None
-    except DSConfigError as e:
-        sys.exit(f"error: {e}")
+# ==================================================================================================== setup
 
-    import torch  # after the arch-list fix on purpose (the import-order note above)
+@dataclass(frozen=True)
+class Placement:
+    """Where this rank runs: its device, rank and world, and its node (``sftbench.nodes.placement``)."""
+
+    device: object
+    on_cpu: bool
+    local_rank: int
+    rank: int
+    world_size: int
+    where: dict
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def multi_node(self) -> bool:
+        return (self.where["num_nodes"] or 1) > 1
+
+
+def init_distributed(args: HarnessArgs) -> Placement:
+    """Start the process group (DeepSpeed's, or torch's for ``--ds none`` on several ranks) and place this rank."""
+    import torch
 
     if args.deepspeed:
         import deepspeed
-
-    from sftbench import data as sftdata
-    from sftbench import engine_checks
-    from sftbench import graphs
-    from sftbench import metrics
-    from sftbench import speed
-    from sftbench.pangu import CheckpointError, build_model, count_params
-    from sftbench.plain import PlainEngine, param_groups
-    from sftbench.tokenizer import PanguTokenizer
-
-    if args.deepspeed:
-        engine_checks.silence_startup_noise()  # before initialize, whose scheduler start-up message says nothing
-
-    # ---------------------------------------------------------------- init distributed and device
-    if args.deepspeed:
         single_process_env()  # `python train.py` without a launcher: one rank, not DeepSpeed's MPI discovery
         if os.environ.get("LOCAL_RANK", "0") == "0":
             check_build_locks(say=lambda m: print(m, file=sys.stderr, flush=True))  # a killed op build hangs runs
@@ -136,16 +140,31 @@ def main() -> int:
         where = placement(rank, world_size, local_rank)  # node name, node rank and count, ranks per node (nodes.py)
     except NodeError as e:
         sys.exit(f"error: {e}")
+    return Placement(device, on_cpu, local_rank, rank, world_size, where)
 
 
-    def sync() -> None:
-        """Wait for the device to finish queued work, so the clock reads what the step really cost."""
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+@dataclass(frozen=True)
+class RunConfig:
+    """The run as resolved before anything is built: the DeepSpeed config with the flags' overrides (None for
+    ``--ds none``), the precision that runs, the model, and the run folder."""
+
+    ds_cfg: dict | None
+    precision: str
+    overrides: list = field(default_factory=list)  # the config keys the flags changed, for the log and the console
+    model_name: str = ""
+    run_dir: str = ""
+
+    @property
+    def layout(self) -> dict:
+        return describe(self.ds_cfg)  # ZeRO stage, offload devices (None for --ds none)
 
 
-    # Precision: the config's block, or the flag; --ds none defaults to bf16 where the GPU has it.
-    overrides: list[str] = []  # DeepSpeed config keys the flags changed, for the log and the console
+def resolve_run(args: HarnessArgs, place: Placement, ds_cfg: dict | None) -> RunConfig:
+    """Precision (the config's block, or the flag; --ds none: bf16 where the GPU has it), the flags' overrides of the
+    config, the model and the run folder (one folder for every node). Exits with a message on bad input."""
+    import torch
+
+    overrides: list[str] = []
     if ds_cfg is not None:
         ds_cfg = apply_precision(ds_cfg, args.precision)
         precision = config_precision(ds_cfg)
@@ -156,356 +175,534 @@ def main() -> int:
         except DSConfigError as e:
             sys.exit(f"error: {e}")
     else:
-        precision = args.precision or ("bf16" if not on_cpu and torch.cuda.is_bf16_supported() else "fp32")
-    if precision == "fp16" and on_cpu and args.deepspeed:
+        precision = args.precision or ("bf16" if place.cuda and torch.cuda.is_bf16_supported() else "fp32")
+    if precision == "fp16" and place.on_cpu and args.deepspeed:
         # The plain loop (--ds none) runs fp16 on CPU: torch's CPU autocast and GradScaler have it.
         sys.exit("error: fp16 with DeepSpeed is not supported on CPU (DeepSpeed's CPU accelerator refuses it); use "
                  "--precision bf16 or fp32, or --ds none for the plain PyTorch loop")
-    model_name = args.model or ("pangu-tiny" if on_cpu else "pangu-350m")
-    try:
-        compile_target, compile_why = speed.resolve_compile(args.compile, on_cpu, ds_cfg,
-                                                            args.ds if args.deepspeed else None)
-    except speed.SpeedError as e:
-        sys.exit(f"error: {e}")
-    # --coalesce-reduction as it will resolve once the engine exists (the graphs' evidence and memory depend on it)
-    coalescing = speed.coalesce_expected(args.coalesce_reduction, ds_cfg, world_size, device.type == "cuda",
-                                         precision)
-    graph_mem = None  # auto keeps the graphs off where only the eager run is predicted to fit on this GPU
-    if args.cuda_graphs == "auto" and device.type == "cuda":
-        from sftbench.memory import graphs_memory_mib
-        micro = (ds_cfg or {}).get("train_micro_batch_size_per_gpu") or args.micro_batch or 1
-        both = graphs_memory_mib(model_name, ds_cfg, world_size, precision, args.seq_len, int(micro), coalescing)
-        graph_mem = both and (*both, torch.cuda.get_device_properties(device).total_memory / MIB)
-    try:  # before the model and engine exist: with graphs on, they are built on the capture stream
-        use_graphs, graphs_why = graphs.prepare(args.cuda_graphs, device, ds_cfg=ds_cfg, world_size=world_size,
-                                                compile_target=compile_target, memory_mib=graph_mem,
-                                                coalescing=coalescing)
-    except graphs.GraphError as e:
-        sys.exit(f"error: {e}")
-    ds_cfg, timer_why = speed.resolve_ds_timers(ds_cfg, graphs_on=use_graphs)
-    run_dir = args.run_dir or rank0_value(args.default_run_dir(model_name, precision))  # one folder for every node
-    if rank == 0:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-    log = RunLog(run_dir, rank)
-    t_start = time.time()
-    torch.manual_seed(args.seed)
+    model_name = args.model or ("pangu-tiny" if place.on_cpu else "pangu-350m")
+    run_dir = args.run_dir or rank0_value(args.default_run_dir(model_name, precision))
+    return RunConfig(ds_cfg, precision, overrides, model_name, run_dir)
 
 
-    def say(msg: str) -> None:
-        if rank == 0:
+def plan_levers(args: HarnessArgs, run: RunConfig, place: Placement, engine_facts=None,
+                right_padded: bool = True, patches_why: str | None = None) -> LeverPlan:
+    """The lever plan for this run (sftbench/levers.py): before the engine exists (``engine_facts`` None: the
+    compile target, the CUDA graphs, which need their stream before the model is built, and DeepSpeed's timer) and
+    again once it does. LeverError where a lever asked for by name cannot apply."""
+    from sftbench import speed
+
+    micro = (run.ds_cfg or {}).get("train_micro_batch_size_per_gpu") or args.micro_batch or 1
+    situation = speed.situation(run.ds_cfg, precision=run.precision, world_size=place.world_size,
+                                device=place.device, seq_len=args.seq_len, micro_batch=int(micro),
+                                model=run.model_name, source=args.ds if args.deepspeed else None,
+                                right_padded=right_padded and args.pad_mask == "auto", patches_why=patches_why,
+                                engine_facts=engine_facts)
+    return decide(Asked.of(args), situation)
+
+
+@dataclass
+class Schedule:
+    """Which optimizer steps this process runs: ``start_step`` (a resumed run's) to ``max_steps``, the epoch's
+    length, and the first steps flagged warm-up."""
+
+    micro_batch: int
+    grad_accum: int
+    steps_per_epoch: int
+    max_steps: int
+    start_step: int
+    warmup_steps: int = 0
+    warmup_note: str | None = None
+
+    @property
+    def per_step(self) -> int:  # samples per rank per step
+        return self.micro_batch * self.grad_accum
+
+
+# ================================================================================================== trainer
+
+class Trainer:
+    """One run: ``build()`` builds everything and writes the meta record, ``train()`` runs the loop (``train_step``
+    per step), ``finish()`` writes the summary. Every rank makes the same calls in the same order."""
+
+    def __init__(self, args: HarnessArgs, run: RunConfig, place: Placement, plan: LeverPlan, log: RunLog,
+                 arch_env: dict):
+        from sftbench import metrics
+
+        self.args, self.run, self.place, self.plan, self.log, self.arch_env = args, run, place, plan, log, arch_env
+        self.t_start = time.time()
+        self.summary_extra: dict = {"epoch_s_measured": None, "eval_loss": None, "saved": None}
+        self.stop = checkpoint.StopFlag(saving=bool(args.save))  # with a save folder, a signal ends in a checkpoint
+        self.stats = metrics.StepStats(args.warmup_steps, run.precision)
+        self.schedule: Schedule | None = None
+        self.saver = self.evaluator = None
+
+    def build(self) -> None:
+        """Everything the loop needs, in order, then the meta record. Apart from ``__init__`` so that a failure
+        part-way still ends in a summary record (``finish``) with what the trainer holds by then."""
+        import torch
+
+        torch.manual_seed(self.args.seed)
+        # A missing or incomplete --resume folder fails here, before anything is built.
+        self.resume_dir, self.resume_state = (checkpoint.resolve(self.args.resume) if self.args.resume
+                                              else (None, None))
+        self.build_data()
+        self.build_model()
+        self.build_engine()
+        self.build_schedule()
+        self.capture_graphs()
+        self.build_saver_and_evaluator()
+        self.build_probes()
+        self.write_meta()
+        self.put_batches_on_device()
+
+    def say(self, msg: str) -> None:
+        if self.place.rank == 0:
             print(msg, flush=True)
 
+    def sync(self) -> None:
+        """Wait for the device to finish queued work, so the clock reads what the step really cost."""
+        import torch
 
-    stop = checkpoint.StopFlag(saving=bool(args.save))  # with a save folder, a signal ends in one last checkpoint
-    stats = metrics.StepStats(args.warmup_steps, precision)
-    summary_extra: dict = {"epoch_s_measured": None, "eval_loss": None, "saved": None}
-    steps_per_epoch = None
-    try:
-        # A missing or incomplete --resume folder fails here, before anything is built.
-        resume_dir, resume_state = checkpoint.resolve(args.resume) if args.resume else (None, None)
-        start_step = resume_state["step"] if resume_state else 0
-        # ------------------------------------------------------------ build: tokenizer and data
-        tok = PanguTokenizer.for_model(model_name, args.tokenizer)
-        dataset = sftdata.load_or_build_cache(args.data, tok, args.seq_len, args.cache_dir,
-                                              mask_prompt=args.mask_prompt, strict=args.strict_data,
-                                              local_rank=local_rank)
-        train_rows, eval_set, eval_rows = sftdata.training_and_eval_rows(
-            dataset, args.eval_data, args.eval_split, args.seed,
-            lambda path: sftdata.load_or_build_cache(path, tok, args.seq_len, args.cache_dir,
-                                                     mask_prompt=args.mask_prompt, strict=args.strict_data,
-                                                     local_rank=local_rank))
-        n_train = len(train_rows)
-        say(f"data: {dataset.n} samples from {args.data} ({'cache hit' if dataset.cache_hit else 'tokenised'}), "
-            f"{dataset.real_tokens} real + {dataset.pad_tokens} padding tokens"
-            + (f"; eval: {len(eval_rows)} samples ({args.eval_data or f'{args.eval_split:g} of the training file'})"
-               if eval_rows else ""))
+        if self.place.cuda:
+            torch.cuda.synchronize(self.place.device)
 
-        # ------------------------------------------------------------ build: model
-        ds_layout = describe(ds_cfg)  # ZeRO stage, offload devices (None for --ds none)
-        t_build = time.time()
-        if ds_layout["zero_stage"] == 3:
-            # Construct partitioned: no rank ever holds the whole model (how 2.6B+ fits with ZeRO-3). Through
-            # transformers' ZeRO-3 hook, so from_pretrained loads shards into partitions and the model's own init
-            # runs on gathered parameters (a bare zero.Init would leave torch's default init on every weight).
+    # ------------------------------------------------------------------------------------------------ build
+
+    def build_data(self) -> None:
+        """Tokeniser, the training rows and the evaluation rows (a held-out split or a file)."""
+        from sftbench import data as sftdata
+        from sftbench.tokenizer import PanguTokenizer
+
+        args = self.args
+        self.tok = PanguTokenizer.for_model(self.run.model_name, args.tokenizer)
+
+        def load(path):
+            return sftdata.load_or_build_cache(path, self.tok, args.seq_len, args.cache_dir,
+                                               mask_prompt=args.mask_prompt, strict=args.strict_data,
+                                               local_rank=self.place.local_rank)
+        self.dataset = load(args.data)
+        self.train_rows, self.eval_set, self.eval_rows = sftdata.training_and_eval_rows(
+            self.dataset, args.eval_data, args.eval_split, args.seed, load)
+        self.n_train = len(self.train_rows)
+        d = self.dataset
+        self.say(f"data: {d.n} samples from {args.data} ({'cache hit' if d.cache_hit else 'tokenised'}), "
+                 f"{d.real_tokens} real + {d.pad_tokens} padding tokens"
+                 + (f"; eval: {len(self.eval_rows)} samples "
+                    f"({args.eval_data or f'{args.eval_split:g} of the training file'})" if self.eval_rows else ""))
+        # Right-padded samples give real tokens identical results under the causal mask alone, which lets SDPA
+        # take the flash kernel; padded positions are -100 in the labels, so the loss is the same.
+        self.right_padded = bool((d.attention_mask[:, 1:] <= d.attention_mask[:, :-1]).all())
+
+    def build_model(self) -> None:
+        """The model, where its weights will live. ZeRO-3 constructs it partitioned, so no rank ever holds the
+        whole model (how 2.6B+ fits): through transformers' ZeRO-3 hook, so from_pretrained loads shards into
+        partitions and the model's own init runs on gathered parameters (a bare zero.Init would leave torch's
+        default init on every weight)."""
+        import torch
+
+        from sftbench import metrics
+        from sftbench.pangu import build_model, count_params
+
+        t = time.time()
+        if self.run.layout["zero_stage"] == 3:
             from transformers.integrations import HfDeepSpeedConfig
-            _hf_ds = HfDeepSpeedConfig(ds_cfg)  # must stay alive while the model is built
-            model = build_model(model_name)
+            self._hf_ds = HfDeepSpeedConfig(self.run.ds_cfg)  # must stay alive while the model is built
+            self.model = build_model(self.run.model_name)
         else:
-            with torch.device(device):  # weights created where they will live; no big CPU copy on GPU runs
-                model = build_model(model_name)
-        config = model.config
-        n_params = count_params(config)
-        flops_tok = metrics.flops_per_token(config, args.seq_len)
-        say(f"model: {model_name}, {n_params / 1e6:.1f}M parameters, built in {time.time() - t_build:.1f}s")
+            with torch.device(self.place.device):  # weights created where they will live: no big CPU copy on GPUs
+                self.model = build_model(self.run.model_name)
+        self.config = self.model.config
+        self.n_params = count_params(self.config)
+        self.flops_tok = metrics.flops_per_token(self.config, self.args.seq_len)
+        self.say(f"model: {self.run.model_name}, {self.n_params / 1e6:.1f}M parameters, built in "
+                 f"{time.time() - t:.1f}s")
 
-        # Right-padded samples give real tokens identical results under the causal mask alone, which lets
-        # SDPA take the flash kernel; padded positions are -100 in the labels, so the loss is the same.
-        right_padded = bool((dataset.attention_mask[:, 1:] <= dataset.attention_mask[:, :-1]).all())
-        use_pad_mask = args.pad_mask == "always" or not right_padded
+    def build_engine(self) -> None:
+        """DeepSpeed's engine (or the plain loop's), then the lever plan again with what DeepSpeed built, and the
+        patches it turns on."""
+        from sftbench import ds_patches, engine_checks, speed
+        from sftbench.plain import PlainEngine, param_groups
 
-        # ------------------------------------------------------------ build: engine
-        if compile_target == "blocks":  # in place, before the engine wraps the model: names and hooks stay as they are
-            speed.compile_blocks(model, args.compile_mode)
+        args, run, plan = self.args, self.run, self.plan
+        compile_target = plan["compile"].value
+        if compile_target == "blocks":  # in place, before the engine wraps the model: names and hooks stay
+            speed.compile_blocks(self.model, args.compile_mode)
         if args.deepspeed:
-            engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds_cfg)
-            engine_name = "deepspeed"
+            import deepspeed
+            self.engine, *_ = deepspeed.initialize(model=self.model, model_parameters=param_groups(self.model),
+                                                   config=run.ds_cfg)
+            self.engine_name = "deepspeed"
         else:
-            model.to(device)
-            engine = PlainEngine(model, device=device, precision=precision, grad_accum=args.grad_accum,
-                                 micro_batch=args.micro_batch, lr=args.lr, lr_warmup_steps=args.lr_warmup_steps,
-                                 world_size=world_size)
-            engine_name = "torch"
-        speed.compile_engine(engine, compile_target, args.compile_mode, args.deepspeed)
-        one_pass = speed.apply_one_pass_levers(engine, args.grad_norm, args.overflow_check, device.type == "cuda")
-        micro_batch = engine.train_micro_batch_size_per_gpu()
-        from sftbench import memory
-        model_shape = memory.ModelShape.of_config(config, n_params)
+            self.model.to(self.place.device)
+            self.engine = PlainEngine(self.model, device=self.place.device, precision=run.precision,
+                                      grad_accum=args.grad_accum, micro_batch=args.micro_batch, lr=args.lr,
+                                      lr_warmup_steps=args.lr_warmup_steps, world_size=self.place.world_size)
+            self.engine_name = "torch"
+        speed.compile_engine(self.engine, compile_target, args.compile_mode, args.deepspeed)
+        patches_why = ds_patches.patches_why() if args.deepspeed else None
+        self.plan = plan_levers(args, run, self.place, ds_patches.engine_facts(self.engine), self.right_padded,
+                                patches_why)
+        if args.deepspeed:
+            ds_patches.apply(self.engine, self.plan)
+        defect = engine_checks.fp16_zero0_scale_defect(self.engine) if args.deepspeed else None
+        self.warnings = [w for w in (defect, patches_why and f"speed levers: {patches_why}") if w]
+        self.engine.train()
 
-        def run_shape(coalesced: bool) -> "memory.RunShape":
-            return memory.RunShape(ds_cfg, world_size, precision, seq_len=args.seq_len, micro_batch=micro_batch,
-                                   cuda=device.type == "cuda", flash_attention=not use_pad_mask,
-                                   dataset_samples=dataset.n, cuda_graphs=use_graphs, coalesce_reduction=coalesced)
+    def build_schedule(self) -> None:
+        """The steps to run, read back from the engine (micro batch, accumulation), and a resume's state loaded."""
+        from sftbench import data as sftdata
 
-        # auto coalesces only where the full 16-bit gradients the window holds are predicted to fit this GPU
-        coalesce_fits = memory.predict(model_shape, run_shape(True), memory.Limits(
-            torch.cuda.get_device_properties(device).total_memory / MIB)).fits if device.type == "cuda" else None
-        coalesce, coalesce_why = speed.resolve_coalesce(args.coalesce_reduction, engine, device.type == "cuda",
-                                                        world_size, coalesce_fits)
-        defect = engine_checks.fp16_zero0_scale_defect(engine) if args.deepspeed else None
-        warnings = [defect] if defect else []  # into the meta record; the report never recommends such a run
-        engine.train()
-        grad_accum = engine.gradient_accumulation_steps()
+        args, eng, world = self.args, self.engine, self.place.world_size
+        micro, ga = eng.train_micro_batch_size_per_gpu(), eng.gradient_accumulation_steps()
         # The values that ran, into the harness record (None meant "the config's").
-        args.grad_accum, args.micro_batch = grad_accum, micro_batch
-        if ds_cfg is not None:
-            args.lr = peak_lr(ds_cfg)
-            args.lr_warmup_steps = (ds_cfg.get("scheduler") or {}).get("params", {}).get("warmup_num_steps")
-        steps_per_epoch = sftdata.steps_per_epoch(n_train, micro_batch, world_size, grad_accum)
+        args.grad_accum, args.micro_batch = ga, micro
+        if self.run.ds_cfg is not None:
+            args.lr = peak_lr(self.run.ds_cfg)
+            args.lr_warmup_steps = (self.run.ds_cfg.get("scheduler") or {}).get("params", {}).get("warmup_num_steps")
+        per_epoch = sftdata.steps_per_epoch(self.n_train, micro, world, ga)
         if args.epochs is not None:
-            max_steps = sftdata.steps_for_epochs(args.epochs, n_train, world_size, micro_batch * grad_accum)
+            max_steps = sftdata.steps_for_epochs(args.epochs, self.n_train, world, micro * ga)
         else:
-            max_steps = args.max_steps or steps_per_epoch  # --max-steps 0: one full epoch, its time measured
-        identity = {"world_size": world_size, "micro_batch": micro_batch, "grad_accum": grad_accum, "seed": args.seed,
-                    "train_samples": n_train, "seq_len": args.seq_len, "engine": engine_name,
-                    "eval_split": args.eval_split, "data": str(args.data), "model": model_name}
-        if resume_state is not None:
-            checkpoint.check_resumable(resume_dir, resume_state, identity, max_steps)
-            checkpoint.load_engine_state(engine, resume_dir, is_deepspeed=args.deepspeed, rank=rank)
-            say(f"resumed from step {start_step} ({resume_dir})")
-        graphs_pool_mib, graph_how = None, graphs.NOT_CAPTURED  # kept if capture fails
-        if use_graphs:  # after initialize (ZeRO re-points the weights into its flat buffers) and after any resume
-            first = slice(0, micro_batch)  # the first samples' shapes: every micro-batch of the loop has them
-            sample = {"input_ids": dataset.input_ids[first].to(device), "labels": dataset.labels[first].to(device),
-                      "attention_mask": dataset.attention_mask[first].to(device) if use_pad_mask else None}
-            try:
-                graphed, graph_how = graphs.graph_engine(engine, sample, args.graph_accum, args.graph_wgrad,
-                                                          args.graph_qkv, args.graph_fuse, coalescing=coalesce)
-                graphs_pool_mib = graphed.pool_mib
-            except graphs.GraphError as e:
-                if args.cuda_graphs == "on" or args.graph_fuse == "on":  # asked for by name: an error, not eager
-                    raise
-                use_graphs, graphs_why = False, f"auto: capture refused, eager ({e})"
-                warnings.append(f"CUDA graphs not used: {e}")
+            max_steps = args.max_steps or per_epoch  # --max-steps 0: one full epoch, its time measured
+        start = self.resume_state["step"] if self.resume_state else 0
+        self.schedule = s = Schedule(micro, ga, per_epoch, max_steps, start)
+        self.identity = {"world_size": world, "micro_batch": micro, "grad_accum": ga, "seed": args.seed,
+                         "train_samples": self.n_train, "seq_len": args.seq_len, "engine": self.engine_name,
+                         "eval_split": args.eval_split, "data": str(args.data), "model": self.run.model_name}
+        if self.resume_state is not None:
+            checkpoint.check_resumable(self.resume_dir, self.resume_state, self.identity, max_steps)
+            checkpoint.load_engine_state(eng, self.resume_dir, is_deepspeed=args.deepspeed, rank=self.place.rank)
+            self.say(f"resumed from step {start} ({self.resume_dir})")
         # The default warm-up leaves this process a measured step; args keep what was asked (the harness record).
-        warmup_steps, warmup_note = resolve_warmup(args.warmup_steps, max_steps - start_step)
-        stats.warmup_steps = warmup_steps
-        saver = (checkpoint.Saver(args.save, engine=engine, is_deepspeed=args.deepspeed,
-                                  zero_stage=ds_layout["zero_stage"], precision=precision, config=config, tok=tok,
-                                  rank=rank, keep=args.save_keep, say=say)
-                 if args.save else None)
-        evaluator = None
-        if eval_rows:
+        s.warmup_steps, s.warmup_note = resolve_warmup(args.warmup_steps, max_steps - start)
+        self.stats.warmup_steps = s.warmup_steps
+
+    def capture_graphs(self) -> None:
+        """The micro-batch as CUDA graphs where the plan says so: after initialize (ZeRO re-points the weights into
+        its flat buffers) and any resume, on the first samples' shapes (every micro-batch of the loop has them)."""
+        from sftbench import graphs
+
+        self.graphs_pool_mib, self.graph_found = None, {}
+        if not self.plan.on("cuda_graphs"):
+            return
+        d, dev, mb = self.dataset, self.place.device, self.schedule.micro_batch
+        sample = {"input_ids": d.input_ids[:mb].to(dev), "labels": d.labels[:mb].to(dev),
+                  "attention_mask": d.attention_mask[:mb].to(dev) if self.plan.on("pad_mask") else None}
+        try:
+            graphed, self.graph_found = graphs.graph_engine(self.engine, sample, self.plan)
+            self.graphs_pool_mib = graphed.pool_mib
+        except graphs.GraphError as e:
+            if self.args.cuda_graphs == "on" or self.args.graph_fuse == "on":  # asked for by name: an error
+                raise
+            why = f"auto: capture refused, eager ({e})"
+            self.plan = _with(self.plan, cuda_graphs=(False, why))
+            self.warnings.append(f"CUDA graphs not used: {e}")
+
+    def build_saver_and_evaluator(self) -> None:
+        from sftbench import data as sftdata
+
+        args, s, place = self.args, self.schedule, self.place
+        if args.save:
+            self.saver = checkpoint.Saver(args.save, engine=self.engine, is_deepspeed=args.deepspeed,
+                                          zero_stage=self.run.layout["zero_stage"], precision=self.run.precision,
+                                          config=self.config, tok=self.tok, rank=place.rank, keep=args.save_keep,
+                                          say=self.say)
+        if self.eval_rows:
             from sftbench.evaluate import Evaluator
-            evaluator = Evaluator(eval_set, eval_rows, rank=rank, world_size=world_size, micro_batch=micro_batch,
-                                  device=device, pad_token_id=config.pad_token_id, use_pad_mask=use_pad_mask)
-            eval_steps = ({max_steps} |
-                          set(sftdata.epoch_end_steps(n_train, world_size, micro_batch * grad_accum, max_steps)))
+            self.evaluator = Evaluator(self.eval_set, self.eval_rows, rank=place.rank, world_size=place.world_size,
+                                       micro_batch=s.micro_batch, device=place.device,
+                                       pad_token_id=self.config.pad_token_id, use_pad_mask=self.plan.on("pad_mask"))
+            self.eval_steps = ({s.max_steps} | set(sftdata.epoch_end_steps(self.n_train, place.world_size, s.per_step,
+                                                                           s.max_steps)))
             if args.eval_every:
-                eval_steps |= set(range(args.eval_every, max_steps + 1, args.eval_every))
+                self.eval_steps |= set(range(args.eval_every, s.max_steps + 1, args.eval_every))
 
-        # ------------------------------------------------------------ meta record
-        gpu_uuid = metrics.cuda_uuid(device.index) if device.type == "cuda" else None
-        gpu = metrics.GpuProbe(gpu_uuid)
-        host = metrics.HostProbe()
-        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        peak = metrics.peak_tflops(device_name, precision) if device.type == "cuda" else None
+    def build_probes(self) -> None:
+        """NVML for the GPU (as nvidia-smi shows it), psutil for the host, the GPU's peak FLOPS for MFU."""
+        import torch
 
-        import psutil
-        host_total = psutil.virtual_memory().total / MIB
-        multi_node = (where["num_nodes"] or 1) > 1
-        predicted = memory.predict(model_shape, run_shape(coalesce),
-                                   memory.Limits(gpu.total_mib(), None if multi_node else host_total)).to_json()
-        if multi_node:  # one node's RAM holds only its own ranks' share of the job's host memory
-            predicted = per_node_prediction(predicted, where["num_nodes"], where["local_world_size"] or 1, host_total)
-        import transformers
-        log.meta(
-            run=Path(run_dir).name, time=t_start, argv=sys.argv, ds_config_path=args.ds if args.deepspeed else None,
-            ds_config=ds_cfg, harness=vars(args), model=model_name, n_params=n_params, flops_per_token=flops_tok,
-            world_size=world_size, rank=rank, local_rank=local_rank, **where, host=socket.gethostname(),
-            pid=os.getpid(),
-            device=str(device), device_name=device_name if device.type == "cuda" else None, device_uuid=gpu_uuid,
-            gpu_index=gpu.index, peak_tflops=peak, precision=precision, zero_stage=ds_layout["zero_stage"],
-            offload_optimizer=ds_layout["offload_optimizer"], offload_param=ds_layout["offload_param"],
-            micro_batch=micro_batch, grad_accum=grad_accum, seq_len=args.seq_len, dataset_path=str(args.data),
-            dataset_samples=n_train,
-            real_tokens=dataset.real_tokens, pad_tokens=dataset.pad_tokens, steps_per_epoch=steps_per_epoch,
-            max_steps=max_steps, warmup_steps=warmup_steps,
-            optimizations={"engine": engine_name, "attention": "sdpa", "pad_mask": use_pad_mask,
-                           "compile": compile_target, "compile_why": compile_why,
-                           "compile_mode": args.compile_mode if compile_target != "off" else None,
-                           "cuda_graphs": use_graphs, "cuda_graphs_why": graphs_why,
-                           "cuda_graphs_pool_mib": graphs_pool_mib, **graph_how, "ds_throughput_timer": timer_why,
-                           **one_pass, "coalesce_reduction": coalesce, "coalesce_reduction_why": coalesce_why,
-                           "batches_on_device": True},
-            predicted=predicted,
-            versions={"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
-                      "deepspeed": deepspeed.__version__ if args.deepspeed else None,
-                      "transformers": transformers.__version__},
-            git_commit=git_commit(), warnings=warnings, lr=args.lr, overrides=overrides,
-            resumed_from={"path": str(resume_dir), "step": start_step} if resume_dir else None,
-            eval={"path": args.eval_data, "split": args.eval_split or None, "samples": len(eval_rows),
-                  "every": args.eval_every or None} if evaluator else None,
-            save_dir=args.save,
-            env={**arch_env, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR"),
-                 "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"), "gpu_probe_error": gpu.error},
-        )
-        for change in overrides:
-            say(f"override: {change}")
-        nodes_txt = f" on {where['num_nodes']} nodes" if multi_node else ""
-        say(f"engine: {engine_name}, ZeRO {ds_layout['zero_stage']}, {precision}, world {world_size}{nodes_txt}, "
-            f"micro batch {micro_batch}, grad accum {grad_accum}, lr {'-' if args.lr is None else f'{args.lr:g}'}, "
-            f"{steps_per_epoch} steps/epoch, {max_steps} steps; log: {run_dir}")
-        say(f"speed: compile {compile_target} ({compile_why}); cuda graphs {'on' if use_graphs else 'off'} "
-            f"({graphs_why})" + (f", graphs hold {graphs_pool_mib:.0f} MiB; gradients accumulated "
-                                 f"{'in the graphs' if graph_how['graph_accum'] else 'by the engine'} "
-                                 f"({graph_how['graph_accum_why']}); weight gradients added "
-                                 f"{'in the GEMMs' if graph_how['graph_wgrad'] else 'by autograd'} "
-                                 f"({graph_how['graph_wgrad_why']}); k/v/q projections "
-                                 f"{'in one GEMM' if graph_how['graph_qkv'] else 'one GEMM each'} "
-                                 f"({graph_how['graph_qkv_why']}); residual adds "
-                                 f"{'fused with dropout and LayerNorm' if graph_how['graph_fuse'] else 'apart'} "
-                                 f"({graph_how['graph_fuse_why']})"
-                                 if graphs_pool_mib is not None else ""))
-        if timer_why:
-            say(f"speed: {timer_why}")
-        if args.deepspeed:
-            say(f"speed: gradient norm "
-                f"{'in one multi-tensor kernel' if one_pass['grad_norm'] == 'foreach' else 'by DeepSpeed'} "
-                f"({one_pass['grad_norm_why']}); inf/NaN check of the gradients "
-                f"{'with one sync' if one_pass['overflow_check'] == 'foreach' else 'by DeepSpeed'} "
-                f"({one_pass['overflow_check_why']}); gradients reduced "
-                f"{'once per step (coalesce_grad_reduction)' if coalesce else 'as DeepSpeed does'} ({coalesce_why})")
-        for w in warnings:
-            say(f"warning: {w}")
-        if warmup_note:
-            say(f"note: {warmup_note}")
+        from sftbench import metrics
 
-        # ------------------------------------------------------------ batches, on the device before the clock starts
-        per_step = micro_batch * grad_accum
-        need = max_steps * per_step
+        cuda, dev = self.place.cuda, self.place.device
+        self.gpu_uuid = metrics.cuda_uuid(dev.index) if cuda else None
+        self.gpu = metrics.GpuProbe(self.gpu_uuid)
+        self.host = metrics.HostProbe()
+        self.device_name = torch.cuda.get_device_name(dev) if cuda else "cpu"
+        self.peak = metrics.peak_tflops(self.device_name, self.run.precision) if cuda else None
 
-        rows_t = torch.tensor(train_rows)
+    def write_meta(self) -> None:
+        """The meta record (one function builds it from the objects above) and the start-up lines."""
+        self.log.meta(**meta_record(self))
+        s, run, place = self.schedule, self.run, self.place
+        for change in run.overrides:
+            self.say(f"override: {change}")
+        nodes_txt = f" on {place.where['num_nodes']} nodes" if place.multi_node else ""
+        lr = "-" if self.args.lr is None else f"{self.args.lr:g}"
+        self.say(f"engine: {self.engine_name}, ZeRO {run.layout['zero_stage']}, {run.precision}, world "
+                 f"{place.world_size}{nodes_txt}, micro batch {s.micro_batch}, grad accum {s.grad_accum}, lr {lr}, "
+                 f"{s.steps_per_epoch} steps/epoch, {s.max_steps} steps; log: {run.run_dir}")
+        pool = f"; the graphs hold {self.graphs_pool_mib:.0f} MiB" if self.graphs_pool_mib is not None else ""
+        self.say(f"speed levers (--help-all; docs/performance.md){pool}:")
+        for line in self.plan.table():
+            self.say(line)
+        for w in self.warnings:
+            self.say(f"warning: {w}")
+        if s.warmup_note:
+            self.say(f"note: {s.warmup_note}")
 
-        def step_indices(r: int) -> torch.Tensor:
-            """Rank r's rows for steps start_step+1 .. max_steps as [steps, grad_accum, micro_batch]; epochs back to
-            back so every step has grad_accum full micro-batches, and a resumed run continues the order where its
-            checkpoint stopped."""
-            idx = sftdata.ShardedOrder(n_train, r, world_size, args.seed).take(need)
-            return rows_t[torch.tensor(idx)].view(max_steps, grad_accum, micro_batch)[start_step:]
+    def put_batches_on_device(self) -> None:
+        """Every step's micro-batches of this rank, on the device before the clock starts: rank r's rows for steps
+        start_step+1 .. max_steps as [steps, grad_accum, micro_batch]; epochs back to back so every step has
+        grad_accum full micro-batches, and a resumed run continues the order where its checkpoint stopped."""
+        import torch
 
-        idx_t = step_indices(rank)
-        dev_ids = dataset.input_ids[idx_t].to(device)
-        dev_labels = dataset.labels[idx_t].to(device)
-        dev_mask = dataset.attention_mask[idx_t].to(device) if use_pad_mask else None
+        from sftbench import data as sftdata
+
+        s, d, world, dev = self.schedule, self.dataset, self.place.world_size, self.place.device
+        rows_t = torch.tensor(self.train_rows)
+
+        def indices(r: int) -> torch.Tensor:
+            idx = sftdata.ShardedOrder(self.n_train, r, world, self.args.seed).take(s.max_steps * s.per_step)
+            return rows_t[torch.tensor(idx)].view(s.max_steps, s.grad_accum, s.micro_batch)[s.start_step:]
+
+        idx = indices(self.place.rank)
+        self.ids, self.labels = d.input_ids[idx].to(dev), d.labels[idx].to(dev)
+        self.mask = d.attention_mask[idx].to(dev) if self.plan.on("pad_mask") else None
         # Non-padding tokens of the whole job per step: every rank's order is known here, no collective needed.
-        real_per_step = sum(dataset.attention_mask[step_indices(r)].sum(dim=(1, 2, 3))
-                            for r in range(world_size)).tolist()
-        skipped_before = getattr(engine, "skipped_steps", 0)
+        self.real_per_step = sum(d.attention_mask[indices(r)].sum(dim=(1, 2, 3)) for r in range(world)).tolist()
+        self.skipped_before = getattr(self.engine, "skipped_steps", 0)
+        self.tokens_per_step = s.per_step * self.args.seq_len * world  # whole job
 
-        def train_state(done: int) -> dict:
-            """What a checkpoint after step ``done`` records besides the engine: the run and its data position."""
-            return {"identity": identity, "max_steps": max_steps, "run": Path(run_dir).name,
-                    "data_position": {"samples_per_rank": done * per_step,
-                                      "epoch": done * per_step / -(-n_train // world_size)}}
+    # ------------------------------------------------------------------------------------------------ the loop
 
-        def record(step: int, i: int, step_s: float, loss: float) -> dict:
-            """Step ``step`` (0-based; ``i`` in this process) as this rank's log record: throughput, memory, scale."""
-            nonlocal skipped_before
-            tflops = flops_tok * per_step * args.seq_len / step_s / 1e12
-            skipped_now = getattr(engine, "skipped_steps", 0)
-            skipped, skipped_before = skipped_now > skipped_before, skipped_now
-            if args.deepspeed:
-                scale = engine_checks.loss_scale(engine) if precision == "fp16" else None
-            else:
-                scale = engine.loss_scale()
-            cuda = device.type == "cuda"
-            return log.step(
-                step=step + 1, time=time.time(), elapsed_s=time.perf_counter() - t_loop, step_s=step_s,
-                warmup=i < warmup_steps,  # counted from this process's first step (a resumed run warms up again)
-                samples_per_s=per_step * world_size / step_s, tokens_per_s=tokens_per_step / step_s,
-                real_tokens_per_s=real_per_step[i] / step_s, loss=loss, lr=engine.get_lr()[0],
-                loss_scale=scale, skipped=skipped, tflops=tflops, mfu_pct=100.0 * tflops / peak if peak else None,
-                gpu_mem_used_mib=gpu.used_mib(),
-                torch_peak_alloc_mib=torch.cuda.max_memory_allocated(device) / MIB if cuda else None,
-                torch_peak_reserved_mib=torch.cuda.max_memory_reserved(device) / MIB if cuda else None,
-                host_rss_mib=host.rss_mib(), host_rss_peak_mib=host.peak_rss_mib(), host_used_mib=host.used_mib(),
-            )
+    def train(self) -> None:
+        """The loop: each step timed between two device syncs, logged, then evaluation and checkpoints."""
+        import torch
 
-        def between_steps(done: int) -> None:
-            """After a step's clock stopped: evaluation, checkpoints, and a stop request every rank agreed on."""
-            if evaluator is not None and done in eval_steps:
-                ev = evaluator.run(engine, is_deepspeed=args.deepspeed)
-                log.eval(step=done, epoch=done * per_step / -(-n_train // world_size), time=time.time(), **ev)
-                summary_extra["eval_loss"] = ev["eval_loss"]
-                say(f"eval step {done}: loss {ev['eval_loss']:.4f} over {ev['eval_tokens']} tokens of "
-                    f"{ev['eval_samples']} samples ({ev['eval_s']:.1f}s)")
-            if saver is not None and args.save_every and done % args.save_every == 0 and done < max_steps:
-                say(f"checkpoint saved to {saver.save(done, train_state(done), final=False)}")
-            if stop.agreed(device):
-                if saver.last_saved_step != done:
-                    say(f"checkpoint saved to {saver.save(done, train_state(done), final=False)}")
-                summary_extra["saved"] = {"path": str(saver.root), "step": saver.last_saved_step}
-                raise checkpoint.Interrupted(f"terminated by signal {stop.signum or 'on another rank'} after step "
-                                             f"{done}; resume with --resume {saver.root}")
+        from sftbench import engine_checks, metrics
 
-        # ------------------------------------------------------------ loop
-        tokens_per_step = per_step * args.seq_len * world_size  # whole job
+        s, args, cuda = self.schedule, self.args, self.place.cuda
         tty = sys.stdout.isatty()
-        sync()
-        t_loop = time.perf_counter()
-        for step in range(start_step, max_steps):
-            i = step - start_step  # this process's step index (the device tensors hold the remaining steps only)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            host.reset_peak()  # the step's own host peak (CPU Adam's and a CPU run's transients), like the GPU's
-            sync()
+        self.sync()
+        self.t_loop = time.perf_counter()
+        for step in range(s.start_step, s.max_steps):
+            i = step - s.start_step  # this process's step index (the device tensors hold the remaining steps only)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(self.place.device)
+            self.host.reset_peak()  # the step's own host peak (CPU Adam's and a CPU run's transients), like the GPU's
+            self.sync()
             t0 = time.perf_counter()
-            loss_t = train_step(engine, dev_ids[i], dev_labels[i], dev_mask[i] if dev_mask is not None else None,
-                                coalesce)
-            sync()
+            loss_t = train_step(self.engine, self.ids[i], self.labels[i], self.mask[i] if self.mask is not None
+                                else None, self.plan.on("coalesce_reduction"))
+            self.sync()
             step_s = time.perf_counter() - t0
-            rec = record(step, i, step_s, loss_t.item())  # one host read per optimizer step, after the clock stopped
-            stats.add(rec)
-            if step + 1 == steps_per_epoch and start_step == 0:
-                summary_extra["epoch_s_measured"] = rec["elapsed_s"]
-            if rank == 0 and ((step + 1) % args.log_every == 0 or step + 1 == max_steps):
-                eta = (max_steps - step - 1) * (metrics.median([r["step_s"] for r in stats.records[-10:]]) or step_s)
-                print(step_line(rec, max_steps, eta, bar=tty), flush=True)
-            engine_checks.check_finite_update(step + 1, rec["loss"], rec["skipped"], ds_cfg, args.ds)
-            between_steps(step + 1)
+            rec = self.record(step, i, step_s, loss_t.item())  # one host read per step, after the clock stopped
+            self.stats.add(rec)
+            if step + 1 == s.steps_per_epoch and s.start_step == 0:
+                self.summary_extra["epoch_s_measured"] = rec["elapsed_s"]
+            if self.place.rank == 0 and ((step + 1) % args.log_every == 0 or step + 1 == s.max_steps):
+                recent = metrics.median([r["step_s"] for r in self.stats.records[-10:]]) or step_s
+                print(step_line(rec, s.max_steps, (s.max_steps - step - 1) * recent, bar=tty), flush=True)
+            engine_checks.check_finite_update(step + 1, rec["loss"], rec["skipped"], self.run.ds_cfg, args.ds)
+            self.between_steps(step + 1)
+        if self.saver is not None:
+            self.saver.save(s.max_steps, self.train_state(s.max_steps), final=True)
+            self.summary_extra["saved"] = {"path": str(self.saver.root), "step": s.max_steps}
+            self.say(f"model saved to {self.saver.root} (from_pretrained after `import sftbench`; --resume continues "
+                     "from it)")
 
-        # ------------------------------------------------------------ summary
-        if saver is not None:
-            saver.save(max_steps, train_state(max_steps), final=True)
-            summary_extra["saved"] = {"path": str(saver.root), "step": max_steps}
-            say(f"model saved to {saver.root} (from_pretrained after `import sftbench`; --resume continues from it)")
+    def record(self, step: int, i: int, step_s: float, loss: float) -> dict:
+        """Step ``step`` (0-based; ``i`` in this process) as this rank's log record: throughput, memory, scale."""
+        import torch
+
+        from sftbench import engine_checks
+
+        s, dev, cuda, eng = self.schedule, self.place.device, self.place.cuda, self.engine
+        tflops = self.flops_tok * s.per_step * self.args.seq_len / step_s / 1e12
+        skipped_now = getattr(eng, "skipped_steps", 0)
+        skipped, self.skipped_before = skipped_now > self.skipped_before, skipped_now
+        if self.args.deepspeed:
+            scale = engine_checks.loss_scale(eng) if self.run.precision == "fp16" else None
+        else:
+            scale = eng.loss_scale()
+        return self.log.step(
+            step=step + 1, time=time.time(), elapsed_s=time.perf_counter() - self.t_loop, step_s=step_s,
+            warmup=i < s.warmup_steps,  # counted from this process's first step (a resumed run warms up again)
+            samples_per_s=s.per_step * self.place.world_size / step_s, tokens_per_s=self.tokens_per_step / step_s,
+            real_tokens_per_s=self.real_per_step[i] / step_s, loss=loss, lr=eng.get_lr()[0],
+            loss_scale=scale, skipped=skipped, tflops=tflops, mfu_pct=100.0 * tflops / self.peak if self.peak else None,
+            gpu_mem_used_mib=self.gpu.used_mib(),
+            torch_peak_alloc_mib=torch.cuda.max_memory_allocated(dev) / MIB if cuda else None,
+            torch_peak_reserved_mib=torch.cuda.max_memory_reserved(dev) / MIB if cuda else None,
+            host_rss_mib=self.host.rss_mib(), host_rss_peak_mib=self.host.peak_rss_mib(),
+            host_used_mib=self.host.used_mib(),
+        )
+
+    def train_state(self, done: int) -> dict:
+        """What a checkpoint after step ``done`` records besides the engine: the run and its data position."""
+        per_step = self.schedule.per_step
+        return {"identity": self.identity, "max_steps": self.schedule.max_steps, "run": Path(self.run.run_dir).name,
+                "data_position": {"samples_per_rank": done * per_step,
+                                  "epoch": done * per_step / -(-self.n_train // self.place.world_size)}}
+
+    def between_steps(self, done: int) -> None:
+        """After a step's clock stopped: evaluation, checkpoints, and a stop request every rank agreed on."""
+        s, saver = self.schedule, self.saver
+        if self.evaluator is not None and done in self.eval_steps:
+            ev = self.evaluator.run(self.engine, is_deepspeed=self.args.deepspeed)
+            epoch = done * s.per_step / -(-self.n_train // self.place.world_size)
+            self.log.eval(step=done, epoch=epoch, time=time.time(), **ev)
+            self.summary_extra["eval_loss"] = ev["eval_loss"]
+            self.say(f"eval step {done}: loss {ev['eval_loss']:.4f} over {ev['eval_tokens']} tokens of "
+                     f"{ev['eval_samples']} samples ({ev['eval_s']:.1f}s)")
+        if saver is not None and self.args.save_every and done % self.args.save_every == 0 and done < s.max_steps:
+            self.say(f"checkpoint saved to {saver.save(done, self.train_state(done), final=False)}")
+        if self.stop.agreed(self.place.device):
+            if saver.last_saved_step != done:
+                self.say(f"checkpoint saved to {saver.save(done, self.train_state(done), final=False)}")
+            self.summary_extra["saved"] = {"path": str(saver.root), "step": saver.last_saved_step}
+            raise checkpoint.Interrupted(f"terminated by signal {self.stop.signum or 'on another rank'} after step "
+                                         f"{done}; resume with --resume {saver.root}")
+
+
+def _with(plan: LeverPlan, **changes: tuple[bool, str]) -> LeverPlan:
+    """The plan with some levers' decisions replaced (a capture refused at run time)."""
+    from sftbench.levers import Decision
+
+    return replace(plan, decisions=tuple((n, Decision(*changes[n]) if n in changes else d) for n, d in plan.decisions))
+
+
+def meta_record(t: Trainer) -> dict:
+    """The meta record's fields (docs/log_schema.md), from the trainer's objects."""
+    import psutil
+    import torch
+    import transformers
+
+    from sftbench import memory
+
+    args, run, place, s = t.args, t.run, t.place, t.schedule
+    shape = memory.ModelShape.of_config(t.config, t.n_params)
+    host_total = psutil.virtual_memory().total / MIB
+    run_shape = memory.RunShape(run.ds_cfg, place.world_size, run.precision, seq_len=args.seq_len,
+                                micro_batch=s.micro_batch, cuda=place.cuda, flash_attention=not t.plan.on("pad_mask"),
+                                dataset_samples=t.dataset.n, cuda_graphs=t.plan.on("cuda_graphs"),
+                                coalesce_reduction=t.plan.on("coalesce_reduction"))
+    predicted = memory.predict(shape, run_shape, memory.Limits(t.gpu.total_mib(),
+                                                               None if place.multi_node else host_total)).to_json()
+    if place.multi_node:  # one node's RAM holds only its own ranks' share of the job's host memory
+        predicted = per_node_prediction(predicted, place.where["num_nodes"], place.where["local_world_size"] or 1,
+                                        host_total)
+    layout = run.layout
+    deepspeed_version = None
+    if args.deepspeed:
+        import deepspeed
+        deepspeed_version = deepspeed.__version__
+    optimizations = {"engine": t.engine_name, "attention": "sdpa", **t.plan.to_log(), **t.graph_found,
+                     "compile_mode": args.compile_mode if t.plan["compile"].on else None,
+                     "cuda_graphs_pool_mib": t.graphs_pool_mib, "batches_on_device": True}
+    return dict(
+        run=Path(run.run_dir).name, time=t.t_start, argv=sys.argv, ds_config_path=args.ds if args.deepspeed else None,
+        ds_config=run.ds_cfg, harness=vars(args), model=run.model_name, n_params=t.n_params,
+        flops_per_token=t.flops_tok, world_size=place.world_size, rank=place.rank, local_rank=place.local_rank,
+        **place.where, host=socket.gethostname(), pid=os.getpid(), device=str(place.device),
+        device_name=t.device_name if place.cuda else None, device_uuid=t.gpu_uuid, gpu_index=t.gpu.index,
+        peak_tflops=t.peak, precision=run.precision, zero_stage=layout["zero_stage"],
+        offload_optimizer=layout["offload_optimizer"], offload_param=layout["offload_param"],
+        micro_batch=s.micro_batch, grad_accum=s.grad_accum, seq_len=args.seq_len, dataset_path=str(args.data),
+        dataset_samples=t.n_train, real_tokens=t.dataset.real_tokens, pad_tokens=t.dataset.pad_tokens,
+        steps_per_epoch=s.steps_per_epoch, max_steps=s.max_steps, warmup_steps=s.warmup_steps,
+        optimizations=optimizations, predicted=predicted,
+        versions={"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
+                  "deepspeed": deepspeed_version, "transformers": transformers.__version__},
+        git_commit=git_commit(), warnings=t.warnings, lr=args.lr, overrides=run.overrides,
+        resumed_from={"path": str(t.resume_dir), "step": s.start_step} if t.resume_dir else None,
+        eval={"path": args.eval_data, "split": args.eval_split or None, "samples": len(t.eval_rows),
+              "every": args.eval_every or None} if t.evaluator else None,
+        save_dir=args.save,
+        env={**t.arch_env, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR"),
+             "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"), "gpu_probe_error": t.gpu.error},
+    )
+
+
+# ===================================================================================================== main
+
+def finish(trainer: Trainer, status: str, error: str | None) -> int:
+    """The summary record (every run ends in one), rank 0's last line, and the process group's teardown."""
+    import torch
+
+    from sftbench import metrics
+
+    s, stats, extra, place, log = trainer.schedule, trainer.stats, trainer.summary_extra, trainer.place, trainer.log
+    fields = stats.summary_fields(place.world_size, s.steps_per_epoch) if s else {}
+    log.summary(status=status, error=error, time=time.time(), wall_s=time.time() - trainer.t_start,
+                synthesized=False, **fields, **extra)
+    log.close()
+    if status != "ok":
+        print(f"error (rank {place.rank}): run ended with status {status}: {error}", file=sys.stderr, flush=True)
+    elif place.rank == 0 and fields.get("step_s_median") is not None:
+        gpu_peak = fields.get("gpu_mem_used_mib_peak")
+        print(f"done: {fields['measured_steps']} measured steps, median {fields['step_s_median']:.3f} s/it, "
+              f"{fields['tokens_per_s']:.0f} tok/s, epoch {metrics.epoch_text(extra['epoch_s_measured'], fields)}, "
+              + (f"peak GPU {gpu_peak:.0f} MiB, " if gpu_peak is not None else "")
+              + f"peak RSS {fields.get('host_rss_step_peak_mib') or fields['host_rss_mib_peak']:.0f} MiB", flush=True)
+        if fields.get("skipped_steps"):
+            print(f"note: {fields['skipped_steps']} overflow step(s) skipped their optimizer update and are left out "
+                  "of the statistics", flush=True)
+    elif place.rank == 0:
+        print(f"done ({stats.no_statistics_reason()})", flush=True)
+    if torch.distributed.is_initialized():
+        try:
+            torch.distributed.destroy_process_group()
+        except (RuntimeError, ValueError):
+            pass  # a dead peer can make teardown fail; the summary is already written
+    return 0 if status == "ok" else 1
+
+
+def load_config(args: HarnessArgs) -> dict | None:
+    """The DeepSpeed config (None for --ds none), read before anything starts: a bad file stops here."""
+    if not args.deepspeed:
+        return None
+    try:
+        args.ds = resolve_config_path(args.ds or "z1")  # a file, or a ds_configs/ name as the sweep takes it
+        return load_ds_config(args.ds)
+    except DSConfigError as e:
+        sys.exit(f"error: {e}")
+
+
+def main() -> int:
+    args = parse_args()
+    arch_env = fix_cuda_arch_list()  # before anything imports DeepSpeed's op builders
+    ds_cfg = load_config(args)
+    import torch  # after the arch-list fix on purpose (the import-order note above)
+
+    from sftbench import data as sftdata
+    from sftbench import engine_checks, graphs, speed
+    from sftbench.pangu import CheckpointError
+
+    if args.deepspeed:
+        engine_checks.silence_startup_noise()  # before initialize, whose scheduler start-up message says nothing
+    place = init_distributed(args)
+    run = resolve_run(args, place, ds_cfg)
+    try:  # before the model and engine exist: with graphs on, they are built on the capture stream
+        plan = plan_levers(args, run, place)
+    except LeverError as e:
+        sys.exit(f"error: {e}")
+    graphs.prepare(plan, place.device)
+    run = replace(run, ds_cfg=speed.apply_timer(run.ds_cfg, plan))
+    if place.rank == 0:
+        Path(run.run_dir).mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(args, run, place, plan, RunLog(run.run_dir, place.rank), arch_env)
+    try:
+        trainer.build()
+        trainer.train()
         status, error = "ok", None
     except checkpoint.Interrupted as e:
         status, error = "interrupted", str(e)
     except KeyboardInterrupt as e:
         status, error = classify_exception(e)
     except (sftdata.DataError, CheckpointError, checkpoint.ResumeError, FileNotFoundError, TimeoutError,
-            graphs.GraphError, speed.SpeedError, engine_checks.NonFiniteUpdate) as e:
+            graphs.GraphError, LeverError, engine_checks.NonFiniteUpdate) as e:
         # Bad input: the message names the file/key/line; a traceback would only bury it.
         status, error = "error", str(e)
     except Exception as e:  # every failure still ends in a summary record, then a non-zero exit
@@ -513,30 +710,7 @@ def main() -> int:
             import traceback
             traceback.print_exc()
         status, error = classify_exception(e)  # the rules the sweep follows too (sftbench/failures.py)
-
-    fields = stats.summary_fields(world_size, steps_per_epoch) if steps_per_epoch else {}
-    log.summary(status=status, error=error, time=time.time(), wall_s=time.time() - t_start, synthesized=False,
-                **fields, **summary_extra)
-    log.close()
-    if status == "ok":
-        s = fields
-        gpu_peak = s.get("gpu_mem_used_mib_peak")
-        say(f"done: {s['measured_steps']} measured steps, median {s['step_s_median']:.3f} s/it, "
-            f"{s['tokens_per_s']:.0f} tok/s, epoch {metrics.epoch_text(summary_extra['epoch_s_measured'], s)}, "
-            + (f"peak GPU {gpu_peak:.0f} MiB, " if gpu_peak is not None else "")
-            + f"peak RSS {s.get('host_rss_step_peak_mib') or s['host_rss_mib_peak']:.0f} MiB"
-            if s.get("step_s_median") is not None else f"done ({stats.no_statistics_reason()})")
-        if s.get("step_s_median") is not None and s.get("skipped_steps"):
-            say(f"note: {s['skipped_steps']} overflow step(s) skipped their optimizer update and are left out of "
-                "the statistics")
-    else:
-        print(f"error (rank {rank}): run ended with status {status}: {error}", file=sys.stderr, flush=True)
-    if torch.distributed.is_initialized():
-        try:
-            torch.distributed.destroy_process_group()
-        except (RuntimeError, ValueError):
-            pass  # a dead peer can make teardown fail; the summary is already written
-    return 0 if status == "ok" else 1
+    return finish(trainer, status, error)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sftbench.paths import BENCH_DATA, REPO, SAMPLE_DATA  # noqa: E402
 from sftbench.buildenv import fix_cuda_arch_list, rank_device, single_process_env  # noqa: E402
-from sftbench import graphs, speed  # noqa: E402  (torch-free at import)
+from sftbench import graphs, levers, speed  # noqa: E402  (torch-free at import)
 
 fix_cuda_arch_list()  # as train.py: before anything imports DeepSpeed's op builders
 
@@ -50,18 +50,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None,
                    help="override the JSON's fp16/bf16 blocks, as train.py --precision")
     p.add_argument("--pad-mask", choices=("auto", "always"), default="auto", help="as train.py --pad-mask")
-    p.add_argument("--compile", nargs="?", const="model", default="auto", choices=speed.COMPILE_TARGETS,
+    p.add_argument("--compile", nargs="?", const="model", default="auto", choices=levers.COMPILE_TARGETS,
                    help="as train.py --compile")
     p.add_argument("--compile-mode", default="default", help="as train.py --compile-mode")
-    p.add_argument("--cuda-graphs", default="auto", choices=graphs.GRAPH_MODES, help="as train.py --cuda-graphs")
-    p.add_argument("--graph-accum", default="auto", choices=graphs.ACCUM_MODES, help="as train.py --graph-accum")
-    p.add_argument("--graph-wgrad", default="auto", choices=graphs.WGRAD_MODES, help="as train.py --graph-wgrad")
-    p.add_argument("--graph-qkv", default="auto", choices=graphs.QKV_MODES, help="as train.py --graph-qkv")
-    p.add_argument("--graph-fuse", default="auto", choices=graphs.FUSE_MODES, help="as train.py --graph-fuse")
-    p.add_argument("--grad-norm", default="auto", choices=speed.ONE_PASS_MODES, help="as train.py --grad-norm")
-    p.add_argument("--overflow-check", default="auto", choices=speed.ONE_PASS_MODES,
+    p.add_argument("--cuda-graphs", default="auto", choices=levers.GRAPH_MODES, help="as train.py --cuda-graphs")
+    p.add_argument("--graph-accum", default="auto", choices=levers.ACCUM_MODES, help="as train.py --graph-accum")
+    p.add_argument("--graph-wgrad", default="auto", choices=levers.WGRAD_MODES, help="as train.py --graph-wgrad")
+    p.add_argument("--graph-qkv", default="auto", choices=levers.QKV_MODES, help="as train.py --graph-qkv")
+    p.add_argument("--graph-fuse", default="auto", choices=levers.FUSE_MODES, help="as train.py --graph-fuse")
+    p.add_argument("--grad-norm", default="auto", choices=levers.ONE_PASS_MODES, help="as train.py --grad-norm")
+    p.add_argument("--overflow-check", default="auto", choices=levers.ONE_PASS_MODES,
                    help="as train.py --overflow-check")
-    p.add_argument("--coalesce-reduction", default="auto", choices=speed.COALESCE_MODES,
+    p.add_argument("--coalesce-reduction", default="auto", choices=levers.COALESCE_MODES,
                    help="as train.py --coalesce-reduction")
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="profile the first measured step (torch.profiler, CPU + CUDA) and write its tables here "
@@ -74,17 +74,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        speed.check_compile(args.compile, args.compile_mode)
+        levers.check_compile(args.compile, args.compile_mode)
         cfg = apply_precision(load_ds_config(args.ds), args.precision)
-    except (DSConfigError, speed.SpeedError) as e:
+    except (DSConfigError, levers.LeverError) as e:
         sys.exit(f"error: {e}")
     precision = config_precision(cfg)
 
     import deepspeed
 
     from sftbench import data as sftdata
-    from sftbench import metrics
-    from sftbench.pangu import build_model, count_params
+    from sftbench import ds_patches, metrics
+    from sftbench.pangu import build_model
     from sftbench.plain import param_groups
     from sftbench.shm import release_own_buffer
     from sftbench.tokenizer import PanguTokenizer
@@ -98,18 +98,21 @@ def main(argv=None) -> int:
     if on_cpu:
         release_own_buffer(rank, world)  # as train.py: DeepSpeed leaves its shm file behind on CPU
     model_name = args.model or ("pangu-tiny" if on_cpu else "pangu-350m")
-    try:
-        target, _ = speed.resolve_compile(args.compile, device.type != "cuda", cfg, args.ds)  # as train.py decides
-    except speed.SpeedError as e:
-        sys.exit(f"error: {e}")
+    asked = levers.Asked.of(args)
+    micro = cfg.get("train_micro_batch_size_per_gpu") or 1
+
+    def plan_for(engine_facts=None, right_padded=True, patches_why=None):  # as train.py's plan_levers
+        return levers.decide(asked, speed.situation(cfg, precision=precision, world_size=world, device=device,
+                                                    seq_len=args.seq_len, micro_batch=int(micro), model=model_name,
+                                                    source=args.ds, right_padded=right_padded,
+                                                    patches_why=patches_why, engine_facts=engine_facts))
     try:  # as train.py: before the model and engine are built
-        use_graphs, graphs_why = graphs.prepare(
-            args.cuda_graphs, device, ds_cfg=cfg, world_size=world, compile_target=target,
-            coalescing=speed.coalesce_expected(args.coalesce_reduction, cfg, world, device.type == "cuda",
-                                                precision))
-    except graphs.GraphError as e:
+        plan = plan_for()
+    except levers.LeverError as e:
         sys.exit(f"error: {e}")
-    cfg, _ = speed.resolve_ds_timers(cfg, graphs_on=use_graphs)  # as train.py
+    graphs.prepare(plan, device)
+    cfg = speed.apply_timer(cfg, plan)  # as train.py
+    target = plan["compile"].value
     data_path = args.data or str(BENCH_DATA if BENCH_DATA.is_file() else SAMPLE_DATA)
     torch.manual_seed(args.seed)
 
@@ -131,36 +134,25 @@ def main(argv=None) -> int:
             model = build_model(model_name)
     flops_tok = metrics.flops_per_token(model.config, args.seq_len)
     right_padded = bool((enc.attention_mask[:, 1:] <= enc.attention_mask[:, :-1]).all())
-    use_pad_mask = args.pad_mask == "always" or not right_padded
 
     if target == "blocks":
         speed.compile_blocks(model, args.compile_mode)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=cfg)
     speed.compile_engine(engine, target, args.compile_mode, deepspeed=True)
-    try:  # as train.py
-        one_pass = speed.apply_one_pass_levers(engine, args.grad_norm, args.overflow_check, device.type == "cuda")
-        fits = None  # as train.py: the memory predictor's answer for this run with the coalesced window
-        if device.type == "cuda":
-            from sftbench import memory
-            from sftbench.fmt import MIB
-            fits = memory.predict(
-                memory.ModelShape.of_config(model.config, count_params(model.config)),
-                memory.RunShape(cfg, world, precision, seq_len=args.seq_len,
-                                micro_batch=engine.train_micro_batch_size_per_gpu(), flash_attention=not use_pad_mask,
-                                cuda_graphs=use_graphs, coalesce_reduction=True),
-                memory.Limits(torch.cuda.get_device_properties(device).total_memory / MIB)).fits
-        coalesce, _ = speed.resolve_coalesce(args.coalesce_reduction, engine, device.type == "cuda", world, fits)
-    except speed.SpeedError as e:
+    try:  # as train.py: the plan again with what DeepSpeed built, then its patches
+        plan = plan_for(ds_patches.engine_facts(engine), right_padded and args.pad_mask == "auto",
+                        ds_patches.patches_why())
+    except levers.LeverError as e:
         sys.exit(f"error: {e}")
+    ds_patches.apply(engine, plan)
+    use_pad_mask, use_graphs, coalesce = plan.on("pad_mask"), plan.on("cuda_graphs"), plan.on("coalesce_reduction")
     engine.train()
     ga = engine.gradient_accumulation_steps()
     mb = engine.train_micro_batch_size_per_gpu()
-    graph_how = graphs.NOT_CAPTURED
     if use_graphs:  # as train.py: captured after initialize, on the first samples' shapes
-        _, graph_how = graphs.graph_engine(
+        graphs.graph_engine(
             engine, {"input_ids": enc.input_ids[:mb].to(device), "labels": enc.labels[:mb].to(device),
-                     "attention_mask": enc.attention_mask[:mb].to(device) if use_pad_mask else None}, args.graph_accum,
-            args.graph_wgrad, args.graph_qkv, args.graph_fuse, coalescing=coalesce)
+                     "attention_mask": enc.attention_mask[:mb].to(device) if use_pad_mask else None}, plan)
 
     # ---- batches on the device before the clock starts (train.py's step_indices)
     need = args.steps * mb * ga
@@ -170,9 +162,8 @@ def main(argv=None) -> int:
     dev_mask = enc.attention_mask[idx_t].to(device) if use_pad_mask else None
     if rank == 0:
         print(f"bare_engine: {model_name}, {args.ds} (ZeRO {zero_stage}, {precision}), world {world}, micro batch "
-              f"{mb}, grad accum {ga}, seq {args.seq_len}, pad mask {'on' if use_pad_mask else 'off'}, cuda graphs "
-              f"{'on' if use_graphs else 'off'} ({graphs_why}), gradient norm {one_pass['grad_norm']}, overflow "
-              f"check {one_pass['overflow_check']}, coalesced reduction {'on' if coalesce else 'off'}", flush=True)
+              f"{mb}, grad accum {ga}, seq {args.seq_len}; speed levers:", flush=True)
+        print("\n".join(plan.table()), flush=True)
 
     # ---- the bare loop
     w = args.warmup_steps
@@ -253,11 +244,8 @@ def main(argv=None) -> int:
         host = metrics.HostProbe()
         res = summarize("bare_engine", model_name, args.ds, args, device, device_name, flops_tok, step_times,
                         step_times, [], [host.rss_mib()], mb, ga, world,
-                        extra={"step_s_wall": wall / (args.steps - w), "pad_mask": use_pad_mask,
-                               "cuda_graphs": use_graphs, "graph_accum": graph_how["graph_accum"],
-                               "graph_wgrad": graph_how["graph_wgrad"], "graph_qkv": graph_how["graph_qkv"],
-                               "graph_fuse": graph_how["graph_fuse"], "coalesce_reduction": coalesce,
-                               **one_pass,
+                        extra={"step_s_wall": wall / (args.steps - w),
+                               **{k: v for k, v in plan.to_log().items() if not k.endswith("_why")},
                                "zero_stage": zero_stage, "dataset_path": data_path, "dataset_samples": enc.n})
         res["final_loss"] = final_loss
         report(res, args.out)

@@ -78,70 +78,40 @@ class HarnessArgs:
     run_dir: str | None = _help("Directory for rank<k>.jsonl. Default: runs/<model>__<config>__<precision>__<time>.",
                                 default=None)
     cache_dir: str = _help("Where the pre-tokenised dataset is cached.", default=str(REPO / ".cache" / "data"))
-    pad_mask: str = _help("'auto': skip the attention padding mask when every sample is right-padded (the causal mask "
-                          "alone then gives real tokens exactly the same result, and the flash kernel applies); "
-                          "'always': always pass it.", default="auto")
-    compile: str = _help("torch.compile: 'auto' (default: 'off', since no configuration was measured faster compiled "
-                         "with >= 20 measured steps); 'off'; 'model' (the whole model, engine.compile() under "
-                         "DeepSpeed; a bare --compile means this); 'blocks' (each transformer block in place, one "
-                         "shared graph).", default="auto")
-    compile_mode: str = _help("torch.compile mode for --compile: default or max-autotune-no-cudagraphs (the CUDA-graph "
-                              "modes are refused: they fail with gradient accumulation).", default="default")
-    cuda_graphs: str = _help("CUDA graphs for the micro-batch (the model's forward and backward captured once, then "
-                             "replayed; DeepSpeed's per-parameter gradient hooks still run): 'auto' (default: on "
-                             "where measured faster on a GPU: ZeRO-0/1/2 and --ds none, not optimizer offload), "
-                             "'on' (wherever the parameters stay resident: ZeRO-0/1/2, optimizer offload, --ds none "
-                             "on one rank; refused for ZeRO-3, parameter offload, --compile; eager without CUDA), "
+    # ---- Advanced performance: each lever's 'auto' is decided by the lever plan (sftbench/levers.py), printed at
+    # start-up and logged; it is on only where it was measured faster on that configuration, GPU class and world size
+    # (docs/performance.md). A lever asked for by name is applied where it can be and refused where it cannot.
+    pad_mask: str = _help("Attention padding mask: 'auto' skips it when every sample is right-padded (the causal mask "
+                          "alone then gives real tokens the same result, and SDPA's flash kernel applies); 'always' "
+                          "passes it.", default="auto")
+    compile: str = _help("torch.compile: 'auto' (off: never measured faster with >= 20 steps; on for a config with "
+                         "compile.deepcompile), 'off', 'model' (the whole model, engine.compile(); a bare --compile "
+                         "means this), 'blocks' (each transformer block in place).", default="auto")
+    compile_mode: str = _help("torch.compile's mode for --compile (the CUDA-graph modes are refused: they fail with "
+                              "gradient accumulation).", default="default")
+    cuda_graphs: str = _help("CUDA graphs of the micro-batch's forward and backward, replayed each micro-batch "
+                             "(DeepSpeed's gradient hooks still run): 'auto', 'on' (where the parameters stay "
+                             "resident: ZeRO-0/1/2, optimizer offload, --ds none on one rank), 'off'.", default="auto")
+    graph_accum: str = _help("With CUDA graphs: add the micro-batches' gradients up inside the graphs where the engine "
+                             "would only add them into param.grad (the same additions in the same order): 'auto' or "
                              "'off'.", default="auto")
-    graph_accum: str = _help("With CUDA graphs on: add the micro-batches' gradients up inside the graphs and hand "
-                             "the engine the sum at the accumulation boundary: 'auto' (default: where the engine "
-                             "would only add them into param.grad before the boundary: ZeRO-0/1 without offload, "
-                             "--ds none; the same additions in the same order, the per-parameter work once per "
-                             "step) or 'off' (hand every micro-batch's gradients over, as eager mode does).",
-                             default="auto")
-    graph_wgrad: str = _help("With CUDA graphs on: each linear layer adds its weight gradient into the gradient "
-                             "buffer inside the weight-gradient GEMM (and its bias gradient in one matrix-vector "
-                             "product) instead of a separate add per parameter per micro-batch: 'auto' (default: "
-                             "where the weights and the GEMM share a dtype, i.e. not the plain loop's autocast) or "
-                             "'off'.", default="auto")
-    graph_qkv: str = _help("With CUDA graphs on: compute each attention's k, v (and q) projections in one GEMM over "
-                           "their weights where these lie side by side in memory (DeepSpeed's flat parameter buffers "
-                           "of ZeRO-0/1/2 place them so): 'on', or 'auto' (default) and 'off', which leave it off "
-                           "(on Pangu-2.6B ZeRO-1 it was faster by the median, 1.03-1.06x, but not by the steps).",
+    graph_wgrad: str = _help("With CUDA graphs: each linear layer adds its weight gradient inside its GEMM instead of "
+                             "a separate add per micro-batch: 'auto' or 'off'.", default="auto")
+    graph_qkv: str = _help("With CUDA graphs, Pangu-alpha only: k/v/q projections in one GEMM where their weights lie "
+                           "side by side: 'on' (opt-in; not decided by the steps), 'auto'/'off' leave it off.",
                            default="auto")
-    graph_fuse: str = _help("With CUDA graphs on: each block's residual additions run fused with the dropout "
-                            "before them, the first also with the LayerNorm after it (two small functions compiled "
-                            "by torch.compile and captured in the graphs; a few seconds of compilation at start): "
-                            "'on', or 'auto' (default) and 'off', which leave it off (1.01-1.03x by the median "
-                            "in two calls, not by the steps; with dropout the masks are inductor's own); 'on' is "
-                            "refused under the plain loop's autocast.", default="auto")
-    grad_norm: str = _help("The gradient norm DeepSpeed's ZeRO-1/2 optimizer takes at every step (for clipping and "
-                           "the log): 'auto' (default: on a GPU, one multi-tensor kernel that sums the gradients' "
-                           "squares in fp64 as it reads them, where DeepSpeed copies each gradient to fp64 and "
-                           "reduces it alone: the same norm up to the order of the sums; DeepSpeed's own code "
-                           "elsewhere), "
-                           "'foreach' (the same, refused where it does not apply: ZeRO-0/3, the BF16 optimizer, "
-                           "optimizer offload, --ds none), 'deepspeed' (DeepSpeed's own code).", default="auto")
-    overflow_check: str = _help("The inf/NaN check of the gradients that ZeRO-0's FP16 optimizers (bf16 and fp16) "
-                                "run at every step, and ZeRO-1/2 with optimizer offload as each gradient goes to "
-                                "the host, one gradient and one device sync at a time: 'auto' (default: on a GPU "
-                                "where measured faster, the same answer with one sync: ZeRO-0 1.21x on Pangu-2.6B, "
-                                "1.75x on 350M per step; ZeRO-2 + offload ~1.08x and 1.29x, and no check at all "
-                                "where check_grad_overflow is off, since nothing reads it; DeepSpeed's check "
-                                "elsewhere), 'foreach' (the same, refused where it does not apply: ZeRO-1/2 without "
-                                "offload, ZeRO-3, the BF16 optimizer, fp32 ZeRO-0, --ds none), 'deepspeed' "
-                                "(DeepSpeed's own code).",
-                                default="auto")
-    coalesce_reduction: str = _help("Run each step's micro-batches inside DeepSpeed's own "
-                                    "engine.coalesce_grad_reduction() window: ZeRO-2/3 and optimizer offload then "
-                                    "reduce (and move to the host) once per step instead of once per micro-batch, "
-                                    "and every rank holds the full 16-bit gradients over the window, as ZeRO-1 "
-                                    "does. 'on' (refused where DeepSpeed has no such window: ZeRO-0, --ds none, "
-                                    "its BF16 optimizer; and on ZeRO-2/3 with a grad_accum_dtype wider than the "
-                                    "weights), 'auto' (default: on, on one GPU, where it was measured faster and the "
-                                    "run is predicted to fit: ZeRO-2, 2.43x on Pangu-2.6B and 6.08x on 350M per "
-                                    "step, and ZeRO-2 + optimizer offload, 2.16x and 2.02x), 'off' (DeepSpeed's "
-                                    "reduction per micro-batch).", default="auto")
+    graph_fuse: str = _help("With CUDA graphs, Pangu-alpha only: dropout, residual add and LayerNorm fused (compiled): "
+                            "'on' (opt-in; not decided by the steps), 'auto'/'off' leave it off.", default="auto")
+    grad_norm: str = _help("ZeRO-1/2's gradient norm in one multi-tensor kernel with fp64 sums (DeepSpeed's own "
+                           "result up to the order of the sums): 'auto', 'foreach' (refused where it does not "
+                           "apply), 'deepspeed' (DeepSpeed's code).", default="auto")
+    overflow_check: str = _help("The gradients' inf/NaN check of ZeRO-0's FP16 optimizers and of ZeRO-1/2 optimizer "
+                                "offload with one device sync per step instead of one per gradient: 'auto', "
+                                "'foreach' (refused where it does not apply), 'deepspeed'.", default="auto")
+    coalesce_reduction: str = _help("Run each step's micro-batches inside DeepSpeed's engine.coalesce_grad_reduction() "
+                                    "window: ZeRO-1/2/3 and optimizer offload reduce once per step, and each rank "
+                                    "holds the full 16-bit gradients meanwhile: 'auto' (also checks the memory "
+                                    "prediction), 'on', 'off'.", default="auto")
     save: str | None = _help("Save folder: at the end the model is saved here as a transformers folder "
                              "(from_pretrained after `import sftbench`) that also holds the state to resume from. "
                              "Nothing is saved without it.", default=None)
@@ -199,22 +169,10 @@ class HarnessArgs:
             raise ArgsError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         if self.pad_mask not in ("auto", "always"):
             raise ArgsError(f"--pad-mask must be auto or always, got {self.pad_mask!r}")
-        from sftbench.speed import SpeedError, check_coalesce, check_compile, check_grad_norm, check_overflow_check
+        from sftbench.levers import Asked, LeverError
         try:
-            check_compile(self.compile, self.compile_mode)
-            check_grad_norm(self.grad_norm)
-            check_overflow_check(self.overflow_check)
-            check_coalesce(self.coalesce_reduction)
-        except SpeedError as e:
-            raise ArgsError(str(e)) from None
-        from sftbench.graphs import check_accum_mode, check_fuse_mode, check_mode, check_qkv_mode, check_wgrad_mode
-        try:
-            check_mode(self.cuda_graphs)
-            check_accum_mode(self.graph_accum)
-            check_wgrad_mode(self.graph_wgrad)
-            check_qkv_mode(self.graph_qkv)
-            check_fuse_mode(self.graph_fuse)
-        except ValueError as e:
+            Asked.of(self).check()
+        except LeverError as e:
             raise ArgsError(str(e)) from None
         if self.data is not None and not os.path.isfile(self.data):
             raise ArgsError(f"--data: file not found: {self.data}")
@@ -249,9 +207,39 @@ def resolve_warmup(asked: int | None, max_steps: int) -> tuple[int, str | None]:
     return n, None
 
 
-def _parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Supervised fine-tuning of Pangu-alpha under DeepSpeed, measured.",
-                                exit_on_error=exit_on_error)
+# --help's groups, in its order; a field not named here is a Training option.
+ADVANCED = "Advanced performance"
+GROUPS = {
+    "Model & data": ("model", "tokenizer", "data", "seq_len", "mask_prompt", "strict_data", "cache_dir"),
+    "Training": ("ds", "precision", "max_steps", "epochs", "grad_accum", "micro_batch", "lr", "lr_warmup_steps",
+                 "seed"),
+    "Saving & evaluation": ("save", "save_every", "save_keep", "resume", "eval_data", "eval_split", "eval_every"),
+    "Logging": ("run_dir", "log_every", "warmup_steps"),
+    ADVANCED: ("pad_mask", "compile", "compile_mode", "cuda_graphs", "graph_accum", "graph_wgrad", "graph_qkv",
+               "graph_fuse", "grad_norm", "overflow_check", "coalesce_reduction"),
+}
+
+
+def _group_of(name: str) -> str:
+    return next((g for g, names in GROUPS.items() if name in names), "Training")
+
+
+def _parser(exit_on_error: bool = True, show_advanced: bool = True) -> argparse.ArgumentParser:
+    """train.py's parser, built from the dataclass. ``show_advanced`` False: --help lists the Advanced performance
+    flags by name only (``--help-all`` lists them in full); they parse the same either way."""
+    from sftbench.levers import CHOICES
+
+    p = argparse.ArgumentParser(
+        description="Supervised fine-tuning of a causal LM under DeepSpeed, measured step by step.",
+        epilog="The speed levers are decided per run by the lever plan, printed at start-up; --help-all lists their "
+               "flags. docs/performance.md says what runs by default and why.", exit_on_error=exit_on_error)
+    p.add_argument("--help-all", action="store_true", help="Show every flag, the Advanced performance ones too.")
+    groups = {}
+    for title in GROUPS:
+        desc = None
+        if title == ADVANCED and not show_advanced:
+            desc = "  ".join("--" + n.replace("_", "-") for n in GROUPS[ADVANCED]) + "  (see --help-all)"
+        groups[title] = p.add_argument_group(title, desc)
     for f in dataclasses.fields(HarnessArgs):
         flag = "--" + f.name.replace("_", "-")
         names = [flag]
@@ -259,14 +247,23 @@ def _parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
             names += ["--deepspeed_config", "--deepspeed-config"]  # DeepSpeed's own flag name
         if f.name == "local_rank":
             names = ["--local_rank", "--local-rank"]
-        kw = {"dest": f.name, "help": f.metadata.get("help"), "default": f.default}
+        text = f.metadata.get("help") or ""
+        if "Default" not in text and f.default is not None and not isinstance(f.default, bool):
+            text += f" Default: {repo_relative(f.default) if isinstance(f.default, str) else f.default}."
+        kw = {"dest": f.name, "help": text, "default": f.default}
+        if f.name == "local_rank":
+            kw["help"] = argparse.SUPPRESS  # the launcher's
+        elif _group_of(f.name) == ADVANCED and not show_advanced:
+            kw["help"] = argparse.SUPPRESS
         if f.type in ("bool", bool):
             kw["action"] = argparse.BooleanOptionalAction
-        elif f.name == "compile":  # a bare --compile means the faster target measured (docs/performance.md)
-            kw.update(nargs="?", const="model")
         else:
             kw["type"] = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
-        p.add_argument(*names, **kw)
+        if f.name in CHOICES:
+            kw["choices"] = CHOICES[f.name]
+        if f.name == "compile":  # a bare --compile means the whole model (engine.compile())
+            kw.update(nargs="?", const="model")
+        groups[_group_of(f.name)].add_argument(*names, **kw)
     return p
 
 
@@ -279,65 +276,60 @@ def read_flags(argv: list[str]) -> argparse.Namespace:
         raise ArgsError(str(e)) from None
 
 
-def graphs_planned(flags: list[str], *, on_cuda: bool, ds_cfg: dict | None, world_size: int,
-                   memory_mib: tuple[float, float, float] | None = None, coalescing: bool = False) -> bool:
-    """Whether a train.py run with these extra flags will run CUDA graphs, for predictions made before it starts
-    (the sweep, the plan): ``--cuda-graphs`` and ``--compile`` read by train.py's parser and decided as train.py
-    decides them (``sftbench.speed.resolve_compile``, then ``sftbench.graphs.resolve`` with ``memory_mib`` and
-    ``coalescing``, see ``coalesce_planned``); a combination train.py would refuse counts as eager."""
-    from sftbench.graphs import GraphError, resolve
-    from sftbench.speed import resolve_compile
+def planned_levers(run, limits, flags: list[str] = (), gpu: str | None = None, gpu_mib=None):
+    """The lever plan (``sftbench.levers.LeverPlan``) of the run train.py will make with these extra flags, decided
+    before it starts as train.py decides it before its engine exists (the sweep's and the plan's predictions):
+    ``run`` is the memory predictor's ``RunShape`` (``run.ds_config`` the loaded config, None for ``--ds none``),
+    ``gpu`` the GPU class (``levers.gpu_class_of``), ``gpu_mib`` the memory oracle (graphs, window) -> MiB. None
+    where train.py would refuse the flags (its parser, or a lever asked for by name that cannot apply)."""
+    from sftbench.levers import Asked, LeverError, Situation, decide
 
     try:
-        ns = read_flags(list(flags))
-        compile_target, _ = resolve_compile(ns.compile, not on_cuda, ds_cfg)
-        return resolve(ns.cuda_graphs, on_cuda=on_cuda, ds_cfg=ds_cfg, world_size=world_size,
-                       compile_target=compile_target, memory_mib=memory_mib, coalescing=coalescing)[0]
-    except (GraphError, ValueError):  # ArgsError and SpeedError are ValueErrors: train.py would stop there
-        return False
+        asked = Asked.of(read_flags(list(flags)))
+        situation = Situation.of_config(run.ds_config, world_size=run.world_size, cuda=run.cuda, gpu=gpu,
+                                        precision=run.precision, gpu_mib=gpu_mib,
+                                        gpu_total_mib=limits.gpu_total_mib, right_padded=run.flash_attention)
+        return decide(asked, situation)
+    except (ArgsError, LeverError):
+        return None
 
 
-def coalesce_planned(flags: list[str], ds_cfg: dict | None, world_size: int, on_cuda: bool, precision: str) -> str:
-    """The ``--coalesce-reduction`` mode of a train.py run with these extra flags where that run is expected to
-    open DeepSpeed's coalesced reduction window before its memory check (``sftbench.speed.coalesce_expected``);
-    '' where it is not, or where train.py would refuse the flags."""
-    from sftbench.speed import coalesce_expected
-
-    try:
-        mode = read_flags(list(flags)).coalesce_reduction
-        return mode if coalesce_expected(mode, ds_cfg, world_size, on_cuda, precision) else ""
-    except ValueError:  # ArgsError and SpeedError: train.py would stop there
-        return ""
-
-
-def planned_prediction(shape, run, limits, flags: list[str] = ()):
-    """The memory prediction (``sftbench.memory.Prediction``) of the run train.py will make with these extra
-    flags, for the sweep's and the plan's predictions, decided in train.py's order: the coalesced window as expected
-    from the config (``coalesce_planned``), then CUDA graphs as ``graphs_planned`` decides them against
-    ``limits.gpu_total_mib``, then ``auto`` keeps the window only where the run with it (and those graphs) is
-    predicted to fit the GPU. ``run.ds_config`` is the loaded config dict (or None for ``--ds none``)."""
+def planned_prediction(shape, run, limits, flags: list[str] = (), gpu: str | None = None):
+    """The memory prediction (``sftbench.memory.Prediction``) of the run train.py will make with these extra flags
+    on a GPU of class ``gpu`` (``levers.gpu_class_of``; None: unknown, where ``auto`` turns no lever on): the CUDA
+    graphs and DeepSpeed's coalesced reduction window as the lever plan decides them against ``limits.gpu_total_mib``
+    (``planned_levers``); a run train.py would refuse is predicted eager."""
     from dataclasses import replace
 
     from sftbench import memory
 
-    mode = coalesce_planned(list(flags), run.ds_config, run.world_size, run.cuda, run.precision)
-    run = replace(run, coalesce_reduction=bool(mode))
-    preds = memory.predict_both(shape, run, limits)
-    total = limits.gpu_total_mib
-    fit = (preds[True].gpu_mib, preds[False].gpu_mib, total) if total else None
-    graphed = graphs_planned(list(flags), on_cuda=run.cuda, ds_cfg=run.ds_config, world_size=run.world_size,
-                             memory_mib=fit, coalescing=bool(mode))
-    pred = preds[graphed]
-    if mode == "auto" and total and pred.gpu_mib > total:  # train.py's memory check of the window
-        pred = memory.predict(shape, replace(pred.run, coalesce_reduction=False), limits)
-    return pred
+    preds: dict = {}
+
+    def gpu_mib(graphs: bool, coalesce: bool) -> float:
+        if (graphs, coalesce) not in preds:
+            preds[graphs, coalesce] = memory.predict(shape, replace(run, cuda_graphs=graphs,
+                                                                    coalesce_reduction=coalesce), limits)
+        return preds[graphs, coalesce].gpu_mib
+
+    plan = planned_levers(run, limits, flags, gpu, gpu_mib)
+    graphs = bool(plan and plan.on("cuda_graphs"))
+    coalesce = bool(plan and plan.on("coalesce_reduction"))
+    gpu_mib(graphs, coalesce)
+    return preds[graphs, coalesce]
 
 
 def parse_args(argv: list[str] | None = None) -> HarnessArgs:
-    p = _parser()
-    ns = p.parse_args(argv)
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help-all" in argv:
+        _parser().print_help()
+        raise SystemExit(0)
+    p = _parser(show_advanced=False)
+    ns = vars(p.parse_args(argv))
+    ns.pop("help_all")
     try:
-        return HarnessArgs(**vars(ns))
+        return HarnessArgs(**ns)
     except ArgsError as e:
         p.error(str(e))
         raise  # unreachable: p.error exits

@@ -14,7 +14,8 @@ What is captured, and what is not (so DeepSpeed computes exactly what it is told
   each parameter, which adds the handed-over gradient into ``param.grad`` and fires ZeRO's gradient hooks
   (bucketing, partitioning, offload copies). The boundary step (``engine.step()``) is untouched.
 * Where the engine would only add each micro-batch into ``param.grad`` before the boundary (ZeRO-0/1 without
-  offload, the plain loop, any stage inside DeepSpeed's ``coalesce_grad_reduction()``: ``accumulates_locally``),
+  offload, the plain loop, any stage inside DeepSpeed's ``coalesce_grad_reduction()``: the lever plan's
+  ``graph_accum``, from ``ds_patches.accum_unfit`` and ``accum_per_micro``),
   the graphs do those additions themselves and hand the sum over
   at the boundary micro-batch, so the ~400 per-parameter adds and hooks run once per step instead of once per
   micro-batch (same additions, same order). Before the boundary the replay's only autograd input is one anchor
@@ -56,95 +57,9 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from sftbench.dsconfig import describe
-
-GRAPH_MODES = ("auto", "on", "off")
-
 
 class GraphError(RuntimeError):
     """The model cannot be captured as asked (hooks, moved parameters, a capture failure)."""
-
-
-# Where ``auto`` turns the graphs on: configurations measured faster with them on a GPU in bench/levers.py calls
-# (graphs off, then on, 20-30 measured steps each, the two runs' step ranges apart; docs/performance.md), and the
-# evidence, for the meta record. Optimizer offload with DeepSpeed's reduction per micro-batch is not here: on
-# Pangu-350M its ratio (1.34x) was not decided by the steps (the ranges overlap), and on Pangu-2.6B the two runs fell
-# in different calls; inside the coalesced window (--coalesce-reduction) it was decided on both.
-MEASURED_FASTER = {
-    "ZeRO-0": "measured faster on ZeRO-0 (1 x H200, bf16, same call: Pangu-2.6B 1.76x, Pangu-350M 3.44x per step "
-              "over eager)",
-    "ZeRO-1": "measured faster on ZeRO-1 (1 x H200, bf16, graphs with accumulation inside: Pangu-2.6B 1.92x, "
-              "Pangu-350M 3.55x per step over eager)",
-    "ZeRO-2": "measured faster on ZeRO-2 (1 x H200, bf16: Pangu-350M 1.90x per step over eager in one call; "
-              "Pangu-2.6B 1.84x across two consecutive calls)",
-    "ZeRO-2 + optimizer offload + coalesced reduction": "measured faster on ZeRO-2 + optimizer offload inside "
-                                                        "coalesce_grad_reduction() (1 x H200, bf16, same call: "
-                                                        "Pangu-2.6B 1.19x, Pangu-350M 2.17x per step over eager)",
-    "--ds none": "measured faster on the plain loop (1 x H200, bf16, same call: Pangu-2.6B 1.59x, Pangu-350M 4.91x "
-                 "per step over eager)",
-}
-
-
-def _check_choice(flag: str, mode: str, modes: tuple[str, ...]) -> None:
-    if mode not in modes:
-        raise ValueError(f"{flag} must be one of {', '.join(modes)}, got {mode!r}")
-
-
-def check_mode(mode: str) -> None:
-    _check_choice("--cuda-graphs", mode, GRAPH_MODES)
-
-
-def resolve(mode: str, *, on_cuda: bool, ds_cfg: dict | None, world_size: int,
-            compile_target: str, memory_mib: tuple[float, float, float] | None = None,
-            coalescing: bool = False) -> tuple[bool, str]:
-    """Whether to capture the micro-batch as CUDA graphs, and why (the meta record's ``cuda_graphs_why``).
-
-    ``on`` applies wherever the parameters stay resident; where it cannot apply (ZeRO-3, parameter offload, a
-    compiled model, several ranks without DeepSpeed) it is refused with the reason; without CUDA the run is eager and
-    the reason says so. ``auto`` turns it on only where it was measured faster (``MEASURED_FASTER``: ZeRO-0/1/2
-    and ``--ds none``, not optimizer offload; docs/performance.md), and not where ``memory_mib`` (the memory
-    predictor's GPU figure with and without the graphs, and the GPU's memory) says the graphed run does not fit:
-    the eager run is the smaller one, so it is the run with a chance where both are predicted over (the predictor
-    errs by up to ±15%). ``coalescing``: the loop will run inside DeepSpeed's ``coalesce_grad_reduction()``
-    (``speed.coalesce_expected``), under which optimizer offload was measured faster with the graphs."""
-    check_mode(mode)
-    if mode == "off":
-        return False, "off: asked for"
-    asked = mode == "on"
-    layout = describe(ds_cfg)  # ZeRO stage and offload devices, read as the log and the report read them
-    stage = None if ds_cfg is None else int(layout["zero_stage"] or 0)
-
-    def no(why: str) -> tuple[bool, str]:
-        if asked:
-            raise GraphError(f"--cuda-graphs on: {why}")
-        return False, f"auto: {why}"
-
-    if not on_cuda:  # the same command on a machine without a GPU runs eager, and says so
-        return False, f"{mode}: no CUDA device, eager"
-    if stage == 3 or layout["offload_param"]:
-        return no("ZeRO-3 / parameter offload gathers and frees parameters inside the forward, so their addresses "
-                  "are not fixed between replays")
-    if compile_target != "off":
-        return no(f"--compile {compile_target} is on (torch.compile and these graphs both take over the forward; "
-                  "use --compile off)")
-    if ds_cfg is None and world_size > 1:
-        return no("--ds none on several ranks (DDP's reducer is not captured; use a DeepSpeed config)")
-    if asked:
-        return True, "on: asked for"
-    # Default only where a same-call measurement on a GPU showed it faster (docs/performance.md).
-    kind = "--ds none" if stage is None else f"ZeRO-{stage}"
-    if layout["offload_optimizer"]:
-        kind += " + optimizer offload" + (" + coalesced reduction" if coalescing else "")
-    if kind in MEASURED_FASTER:
-        if memory_mib is not None:  # (predicted per GPU with the graphs, without them, the GPU's memory)
-            with_graphs, eager, total = memory_mib
-            if with_graphs > total:  # the graphs' buffers and pool would cost memory the run does not have
-                return False, (f"auto: eager, although {kind} was measured faster with graphs: with them this run is "
-                               f"predicted at {with_graphs:,.0f} MiB per GPU, over the GPU's {total:,.0f} MiB "
-                               f"(eager {eager:,.0f} MiB{'' if eager <= total else ', over too'}; "
-                               "--cuda-graphs on forces them)")
-        return True, f"auto: {MEASURED_FASTER[kind]}"
-    return False, f"auto: not measured faster on a GPU for {kind} yet (--cuda-graphs on applies it)"
 
 
 def _submodule_hooks(model) -> list[str]:
@@ -154,33 +69,6 @@ def _submodule_hooks(model) -> list[str]:
                      or getattr(m, "_backward_pre_hooks", None)):
             found.append(name)
     return found
-
-
-WGRAD_MODES = ("auto", "off")
-
-
-def check_wgrad_mode(mode: str) -> None:
-    _check_choice("--graph-wgrad", mode, WGRAD_MODES)
-
-
-def resolve_wgrad(mode: str, amp_dtype) -> tuple[bool, str]:
-    """Whether the graphs' linear layers add their weight and bias gradients inside the GEMM (``fused_wgrad``), and
-    why (the meta record's ``graph_wgrad_why``)."""
-    check_wgrad_mode(mode)
-    if mode == "off":
-        return False, "off: asked for"
-    if amp_dtype is not None:  # autocast: the GEMM runs in the autocast dtype, the gradient buffers are the weights'
-        return False, "auto: the plain loop's autocast computes in another dtype than the gradient buffers"
-    return True, f"auto: {WGRAD_MEASURED}"
-
-
-# The evidence for ``auto`` (bench/levers.py, same call, graphs on, the lever off then auto; docs/performance.md).
-WGRAD_MEASURED = ("measured faster with the graphs (1 x H200, bf16, ZeRO-1, same call: Pangu-2.6B 1.11x, Pangu-350M "
-                  "1.15x and 1.23x per step)")
-# ``auto`` leaves the one-GEMM projections off: faster by the median in every 2.6B call, but no call's step ranges
-# came apart.
-QKV_UNDECIDED = ("not decided by the steps (1 x H200, bf16, ZeRO-1, graphs: Pangu-2.6B ~1.06x and ~1.03x in two "
-                 "calls, Pangu-350M ~0.95x, the step ranges overlapping; --graph-qkv on applies it)")
 
 
 def _accum_linear():
@@ -255,13 +143,6 @@ def fused_wgrad(model):
             del m.forward  # back to the class's forward
 
 
-QKV_MODES = ("auto", "on", "off")
-
-
-def check_qkv_mode(mode: str) -> None:
-    _check_choice("--graph-qkv", mode, QKV_MODES)
-
-
 def _side_by_side(tensors) -> bool:
     """Whether ``tensors`` (contiguous, one dtype and storage) lie one after another in memory, in this order."""
     first = tensors[0]
@@ -289,35 +170,6 @@ def fusable_projections(model) -> list:
         if _side_by_side([lin.weight for lin in lins]) and _side_by_side([lin.bias for lin in lins]):
             found.append((m, names))
     return found
-
-
-FUSE_MODES = ("auto", "on", "off")
-
-# ``auto`` leaves the fused residual kernels off: faster by the median on both models, but the step ranges overlap.
-FUSE_UNDECIDED = ("not decided by the steps (1 x H200, bf16, ZeRO-1, graphs, two calls of 30 and 60 measured steps: "
-                  "Pangu-2.6B ~1.02x both, Pangu-350M ~1.03x and ~1.01x, the step ranges overlapping; --graph-fuse "
-                  "on applies it)")
-
-
-def check_fuse_mode(mode: str) -> None:
-    _check_choice("--graph-fuse", mode, FUSE_MODES)
-
-
-def resolve_fuse(mode: str, amp_dtype) -> tuple[bool, str]:
-    """Whether the graphs run each block's dropout, residual add and LayerNorm fused (``fused_pointwise``), and why
-    (the meta record's ``graph_fuse_why``). ``on`` under the plain loop's autocast is refused (GraphError): the
-    compiled functions are traced for the weights' dtype, and the autocast residual stream is another."""
-    check_fuse_mode(mode)
-    if mode == "off":
-        return False, "off: asked for"
-    if amp_dtype is not None:
-        if mode == "on":
-            raise GraphError("--graph-fuse on: the plain loop's autocast mixes dtypes in the residual stream; use "
-                             "--graph-fuse off or a DeepSpeed config")
-        return False, "auto: the plain loop's autocast mixes dtypes in the residual stream"
-    if mode == "on":
-        return True, "on: asked for"
-    return False, f"auto: off, {FUSE_UNDECIDED}"
 
 
 def _pointwise_fns(compiled: bool):
@@ -396,7 +248,7 @@ class GraphedLoss:
     ``boundary`` (``engine.is_gradient_accumulation_boundary``) turns on accumulation inside the graphs: the
     micro-batches before the boundary add their gradients into the static buffers and hand nothing to autograd, and
     the boundary micro-batch hands over the sum. Pass it only where the engine itself would just add each micro-batch
-    into ``param.grad`` (``accumulates_locally``): the sums are then the same additions in the same order (with
+    into ``param.grad`` (the lever plan's ``graph_accum``): the sums are then the same additions in the same order (with
     ``wgrad``, added inside the GEMMs before the rounding to the weights' dtype), while the
     per-parameter work (an add kernel and DeepSpeed's hook for each of ~400 parameters) runs once per step instead
     of once per micro-batch. Without it every micro-batch hands its gradients over."""
@@ -586,17 +438,11 @@ class GraphedLoss:
         return self.static_loss.detach().clone()
 
 
-def prepare(mode: str, device, *, ds_cfg: dict | None, world_size: int, compile_target: str,
-            memory_mib: tuple[float, float, float] | None = None, coalescing: bool = False) -> tuple[bool, str]:
-    """``resolve`` for this run's device, then, when on, the side stream every later tensor and autograd node of the
-    run is created on (so call it before the model and engine are built). Raises GraphError where ``on`` cannot
-    apply, as ``resolve`` does."""
-    on, why = resolve(mode, on_cuda=getattr(device, "type", str(device)) == "cuda", ds_cfg=ds_cfg,
-                      world_size=world_size, compile_target=compile_target, memory_mib=memory_mib,
-                      coalescing=coalescing)
-    if on:
+def prepare(plan, device) -> None:
+    """Where the lever plan turned the graphs on, make the side stream every later tensor and autograd node of the
+    run is created on (so call it before the model and engine are built)."""
+    if plan.on("cuda_graphs"):
         use_side_stream(device)
-    return on, why
 
 
 def use_side_stream(device) -> Any:
@@ -626,89 +472,33 @@ def graph_model(model, sample: dict, amp_dtype=None, boundary=None, wgrad: bool 
     return g
 
 
-def graph_engine(engine, sample: dict, accum_mode: str = "auto", wgrad_mode: str = "auto",
-                 qkv_mode: str = "auto", fuse_mode: str = "auto",
-                 coalescing: bool = False) -> tuple[GraphedLoss, dict]:
-    """Capture an engine's model as train.py and the bare loop do: after ``deepspeed.initialize`` (ZeRO re-points
-    the weights into its flat buffers) and any resume, accumulating inside the graphs where the engine allows it
-    (``accumulates_locally``), in the GEMMs where ``resolve_wgrad`` says and, with ``--graph-qkv on``, one GEMM per
-    attention's projections where their weights lie side by side, and the blocks' residual kernels fused where
-    ``resolve_fuse`` says. Returns the installed ``GraphedLoss`` and what ran and why, as the meta record's keys
-    (``graph_accum``, ``graph_accum_why``, ``graph_wgrad``, ``graph_wgrad_why``, ``graph_qkv``, ``graph_qkv_why``,
-    ``graph_fuse``, ``graph_fuse_why``). ``coalescing``: the loop runs each step's micro-batches inside
-    ``engine.coalesce_grad_reduction()`` (``accumulates_locally``)."""
-    accum, why = accumulates_locally(engine, accum_mode, coalescing)
+def graph_engine(engine, sample: dict, plan) -> tuple[GraphedLoss, dict]:
+    """Capture an engine's model as train.py and the bare loop do, after ``deepspeed.initialize`` (ZeRO re-points
+    the weights into its flat buffers) and any resume, with the graph levers the plan decided (``graph_accum``:
+    accumulate inside the graphs and hand the sum over at the boundary; ``graph_wgrad``: ``fused_wgrad``;
+    ``graph_qkv``: one GEMM per attention's side-by-side projections; ``graph_fuse``: ``fused_pointwise``). Returns
+    the installed ``GraphedLoss`` and what the capture found, as meta-record keys that refine the plan's:
+    ``graph_qkv`` (how many attentions got one GEMM) and ``graph_fuse_why`` (how many blocks run fused)."""
     amp_dtype = getattr(engine, "amp_dtype", None)  # the plain loop's autocast dtype
-    wgrad, wgrad_why = resolve_wgrad(wgrad_mode, amp_dtype)
-    check_qkv_mode(qkv_mode)
-    fuse, fuse_why = resolve_fuse(fuse_mode, amp_dtype)
+    accum = plan.on("graph_accum")
     g = graph_model(engine.module, sample, amp_dtype,
-                    boundary=engine.is_gradient_accumulation_boundary if accum else None, wgrad=wgrad,
-                    qkv=qkv_mode == "on", fuse=fuse)
-    n_attn = sum(1 for m in engine.module.modules() if hasattr(m, "fused_proj"))
-    if fuse:
-        fuse_why += f": {g.fused_blocks} blocks"
-    return g, {"graph_accum": accum, "graph_accum_why": why, "graph_wgrad": wgrad, "graph_wgrad_why": wgrad_why,
-               "graph_qkv": g.fused_qkv > 0, "graph_qkv_why": qkv_why(qkv_mode, g.fused_qkv, n_attn),
-               "graph_fuse": fuse, "graph_fuse_why": fuse_why}
+                    boundary=engine.is_gradient_accumulation_boundary if accum else None,
+                    wgrad=plan.on("graph_wgrad"), qkv=plan.on("graph_qkv"), fuse=plan.on("graph_fuse"))
+    found: dict = {}
+    if plan.on("graph_qkv"):
+        n_attn = sum(1 for m in engine.module.modules() if hasattr(m, "fused_proj"))
+        found["graph_qkv"], found["graph_qkv_why"] = g.fused_qkv > 0, qkv_why(g.fused_qkv, n_attn)
+    if plan.on("graph_fuse"):
+        found["graph_fuse_why"] = f"{plan.why('graph_fuse')}: {g.fused_blocks} blocks"
+    return g, found
 
 
-def qkv_why(mode: str, fused: int, attentions: int) -> str:
-    """The meta record's ``graph_qkv_why``: ``fused`` of the model's ``attentions`` got one GEMM."""
-    check_qkv_mode(mode)
-    if mode == "off":
-        return "off: asked for"
-    if mode == "auto":
-        return f"auto: off, {QKV_UNDECIDED}"
+def qkv_why(fused: int, attentions: int) -> str:
+    """The meta record's ``graph_qkv_why`` under ``--graph-qkv on``: ``fused`` of the model's ``attentions`` got one
+    GEMM."""
     if fused:
         return (f"on: {fused} of {attentions} attentions' k/v(/q) weights lie side by side in the engine's flat "
                 "buffer: one GEMM each")
     # applied where it can be, which is nowhere here: said, not hidden
     return ("on: no attention's k/v/q weights lie side by side (separately allocated parameters), so each projection "
             "is its own GEMM as without the flag")
-
-
-# The meta record's graph keys where no graph was captured (graphs off, refused, or the capture failed).
-NOT_CAPTURED = {"graph_accum": False, "graph_accum_why": "off: no CUDA graphs", "graph_wgrad": False,
-                "graph_wgrad_why": "off: no CUDA graphs", "graph_qkv": False, "graph_qkv_why": "off: no CUDA graphs",
-                "graph_fuse": False, "graph_fuse_why": "off: no CUDA graphs"}
-
-ACCUM_MODES = ("auto", "off")
-
-
-def check_accum_mode(mode: str) -> None:
-    _check_choice("--graph-accum", mode, ACCUM_MODES)
-
-
-def accumulates_locally(engine, mode: str = "auto", coalescing: bool = False) -> tuple[bool, str]:
-    """Whether the graphs may add the micro-batches' gradients up themselves and hand the sum over at the boundary
-    (``GraphedLoss``'s ``boundary``), and why (the meta record's ``graph_accum_why``).
-
-    Only where the engine, before the boundary, would do nothing with a micro-batch's gradients but add them into
-    ``param.grad`` in the weights' dtype: ZeRO-0/1, the plain loop, and any ZeRO stage inside DeepSpeed's
-    ``coalesce_grad_reduction()`` window (``coalescing``: train.py's ``--coalesce-reduction``), whose gradient hooks
-    return at once until the window's one reduction. There the sums are the same additions in the same order. Not
-    where the engine does more per micro-batch: ZeRO-2 reduces and partitions every micro-batch, DeepSpeed's BF16
-    optimizer and a ``grad_accum_dtype`` other than the weights' add into fp32 copies, optimizer offload moves
-    gradients to the host."""
-    check_accum_mode(mode)
-    if mode == "off":
-        return False, "off: asked for"
-    if not hasattr(engine, "zero_optimization_stage"):  # the plain loop (--ds none, one rank)
-        return True, "auto: the plain loop adds each micro-batch into param.grad"
-    opt = engine.optimizer
-    if type(opt).__name__ == "BF16_Optimizer":
-        return False, "auto: DeepSpeed's BF16 optimizer adds each micro-batch into its fp32 gradient copy"
-    if getattr(opt, "use_grad_accum_attribute", False):
-        return False, "auto: grad_accum_dtype differs from the weights' dtype (ZeRO accumulates in its own buffer)"
-    if getattr(engine, "zenflow", False) or not engine.managed_gradient_accumulation():
-        return False, "auto: the engine does not own the accumulation boundary"
-    if coalescing:
-        return True, (f"auto: ZeRO-{engine.zero_optimization_stage()} inside coalesce_grad_reduction() adds each "
-                      "micro-batch into param.grad and reduces once, at the window's exit")
-    if engine.zero_optimization_partition_gradients():
-        return False, "auto: ZeRO-2/3 reduce and partition the gradients at every micro-batch"
-    if engine.zero_cpu_offload():
-        return False, "auto: optimizer offload moves the gradients to the host"
-    return True, (f"auto: ZeRO-{engine.zero_optimization_stage()} adds each micro-batch into param.grad and "
-                  "reduces at the boundary")

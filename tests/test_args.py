@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from sftbench.args import ArgsError, HarnessArgs, graphs_planned, parse_args, repo_relative
+from sftbench.args import ArgsError, HarnessArgs, parse_args, planned_levers, repo_relative
 from sftbench.paths import REPO
 
 
@@ -77,9 +77,23 @@ def test_batch_and_lr_flags_default_to_the_config_and_to_the_plain_loop_s_own():
     assert (c.lr, c.grad_accum, c.micro_batch, c.epochs) == (1e-3, 1, 4, 1.5)
 
 
+def graphs_planned(flags, *, on_cuda, ds_cfg, world_size, memory_mib=None):
+    """Whether the lever plan made before the run (``planned_levers``, on an sm_90 GPU) turns the graphs on;
+    ``memory_mib``: (predicted with graphs, without, the GPU's MiB)."""
+    from sftbench import memory
+
+    oracle, total = None, None
+    if memory_mib:
+        with_graphs, eager, total = memory_mib
+        oracle = lambda graphs, window: with_graphs if graphs else eager  # noqa: E731
+    plan = planned_levers(memory.RunShape(ds_cfg, world_size, "bf16", cuda=on_cuda), memory.Limits(total), flags,
+                          gpu="sm_90", gpu_mib=oracle)
+    return bool(plan and plan.on("cuda_graphs"))
+
+
 def test_graphs_planned_reads_the_flags_as_train_py_does():
     """What the sweep and the plan predict with: --cuda-graphs and --compile read by train.py's parser and decided
-    by speed.resolve_compile and graphs.resolve (memory-aware auto included); what train.py would refuse is eager."""
+    by the lever plan (memory-aware auto included); what train.py would refuse is eager."""
     Z = {n: json.loads((REPO / "ds_configs" / f"{n}.json").read_text()) for n in ("z2_5e8", "z2_offload_5e8")}
     z2 = dict(on_cuda=True, ds_cfg=Z["z2_5e8"], world_size=1)
     assert graphs_planned([], **z2) is True
@@ -92,7 +106,9 @@ def test_graphs_planned_reads_the_flags_as_train_py_does():
     dc = {**Z["z2_5e8"], "compile": {"deepcompile": True}}  # compiled through engine.compile(): no graphs
     assert graphs_planned([], on_cuda=True, ds_cfg=dc, world_size=1) is False
     assert graphs_planned([], **{**z2, "on_cuda": False}) is False
-    assert graphs_planned([], on_cuda=True, ds_cfg=Z["z2_offload_5e8"], world_size=1) is False
+    # optimizer offload: graphs only inside the coalesced window (where their evidence was measured)
+    assert graphs_planned(["--coalesce-reduction", "off"], on_cuda=True, ds_cfg=Z["z2_offload_5e8"], world_size=1) \
+        is False
     assert graphs_planned([], memory_mib=(69_102, 64_095, 66_757), **z2) is False
 
 
@@ -101,7 +117,7 @@ def test_planned_prediction_holds_the_coalesced_window_where_train_py_will_open_
     graphs), so the prediction holds the full 16-bit gradients and the graphs' buffers; two GPUs, a flag turning it
     off, a wider grad_accum_dtype and a GPU too small for the window predict without it, as train.py would run."""
     from sftbench import memory
-    from sftbench.args import coalesce_planned, planned_prediction
+    from sftbench.args import planned_prediction
     from sftbench.presets import model_shape
 
     shape = memory.ModelShape.of(model_shape("pangu-2.6b"))
@@ -110,7 +126,7 @@ def test_planned_prediction_holds_the_coalesced_window_where_train_py_will_open_
 
     def planned(cfg, world=1, flags=(), gpu=143_771.0):
         run = memory.RunShape(cfg, world, "bf16")
-        p = planned_prediction(shape, run, memory.Limits(gpu, None), list(flags)).run
+        p = planned_prediction(shape, run, memory.Limits(gpu, None), list(flags), gpu="sm_90").run
         return p.coalesce_reduction, p.cuda_graphs
 
     assert planned(off) == (True, True)
@@ -123,6 +139,9 @@ def test_planned_prediction_holds_the_coalesced_window_where_train_py_will_open_
     # window's gradients and drops the graphs; the window alone fits and stays, as train.py decides
     both = memory.predict(shape, memory.RunShape(off, 1, "bf16", cuda_graphs=True, coalesce_reduction=True)).gpu_mib
     assert planned(off, gpu=both - 100) == (True, False)
-    assert coalesce_planned(["--coalesce-reduction", "sometimes"], off, 1, True, "bf16") == ""  # train.py refuses
-    assert coalesce_planned([], off, 1, True, "bf16") == "auto"
-    assert coalesce_planned(["--coalesce-reduction", "on"], off, 4, False, "bf16") == "on"
+    def coalesce_planned(flags, cfg, world, cuda):
+        plan = planned_levers(memory.RunShape(cfg, world, "bf16", cuda=cuda), memory.Limits(), flags, gpu="sm_90")
+        return plan and plan.on("coalesce_reduction")
+    assert coalesce_planned(["--coalesce-reduction", "sometimes"], off, 1, True) is None  # train.py refuses
+    assert coalesce_planned([], off, 1, True) is True
+    assert coalesce_planned(["--coalesce-reduction", "on"], off, 4, False) is True
