@@ -205,7 +205,8 @@ def evidence_for(lever: str, kind: str, gpu: str | None, world_size: int) -> Evi
     return None
 
 
-def _measured(e: Evidence) -> str:
+def evidence_text(e: Evidence) -> str:
+    """The evidence row as the plan's reasons cite it."""
     how = "" if e.decided else ", not decided by the steps"
     where = f"{e.gpu_class} ({H200}), world {e.world_size}"
     return f"measured faster on {e.kind}, {where}: {e.ratio}{how} ({e.results})"
@@ -375,12 +376,13 @@ class LeverPlan:
 
 
 def _by_name(flag: str, mode: str, off: str, on: str, unfit: str | None, patches_why: str | None,
-             patch: bool, cuda: bool) -> Decision | None:
+             patch: bool, cuda: bool, named: bool = False) -> Decision | None:
     """What every engine lever decides alike: ``off`` keeps DeepSpeed's code, ``on`` applies where it fits and is
     refused where not, ``auto`` is off where it does not fit, DeepSpeed is outside the tested range, or on CPU. None:
     ``auto`` on a GPU where it fits, for the evidence to decide."""
+    asked = (lambda m: f"{m}: asked for") if named else (lambda m: "asked for")  # the window names its mode
     if mode == off:
-        return Decision(False, f"{off}: asked for")
+        return Decision(False, asked(off))
     if patch and patches_why:
         if mode == on:
             raise LeverError(f"--{flag} {on} does not apply: {patches_why}; use auto or {off}")
@@ -388,7 +390,7 @@ def _by_name(flag: str, mode: str, off: str, on: str, unfit: str | None, patches
     if mode == on:
         if unfit:
             raise LeverError(f"--{flag} {on} does not apply: {unfit}; use auto or {off}")
-        return Decision(True, f"{on}: asked for")
+        return Decision(True, asked(on))
     if unfit:
         return Decision(False, f"auto: {unfit}")
     if not cuda:
@@ -403,7 +405,7 @@ def _not_measured(lever: str, kind: str, s: Situation, flag_on: str) -> Decision
 
 def _auto_by_evidence(lever: str, kind: str, s: Situation, flag_on: str) -> Decision:
     e = evidence_for(lever, kind, s.gpu, s.world_size)
-    return Decision(True, f"auto: {_measured(e)}") if e else _not_measured(lever, kind, s, flag_on)
+    return Decision(True, f"auto: {evidence_text(e)}") if e else _not_measured(lever, kind, s, flag_on)
 
 
 def _pad_mask(a: Asked, s: Situation) -> Decision:
@@ -448,7 +450,8 @@ def _coalesce_config_unfit(s: Situation) -> str | None:
 def _coalesce(a: Asked, s: Situation, graphs_on: bool | None) -> Decision:
     """``graphs_on`` None: the graphs are not decided yet (the window's expectation, before the memory check)."""
     unfit = _coalesce_config_unfit(s) or (s.engine.coalesce_unfit if s.engine else None)
-    decided = _by_name("coalesce-reduction", a.coalesce_reduction, "off", "on", unfit, s.patches_why, True, s.cuda)
+    decided = _by_name("coalesce-reduction", a.coalesce_reduction, "off", "on", unfit, s.patches_why, True, s.cuda,
+                       named=True)
     if decided:
         return decided
     kind = config_kind(s.stage, s.offload_optimizer, s.offload_param)
@@ -540,7 +543,16 @@ def _wgrad(a: Asked, s: Situation, graphs_on: bool, coalescing: bool) -> Decisio
     kind = config_kind(s.stage, s.offload_optimizer, s.offload_param, coalescing and s.offload_optimizer)
     e = evidence_for("graph_wgrad", kind, s.gpu, s.world_size) or evidence_for("graph_wgrad", "ZeRO-1", s.gpu,
                                                                                 s.world_size)
-    return Decision(True, f"auto: {_measured(e)}") if e else _not_measured("graph_wgrad", kind, s, "auto")
+    return Decision(True, f"auto: {evidence_text(e)}") if e else _not_measured("graph_wgrad", kind, s, "auto")
+
+
+def _undecided(lever: str) -> str:
+    """Why an opt-in lever stays off under ``auto``: its measurements, none of them decided by the steps."""
+    rows = [e for e in EVIDENCE if e.lever == lever]
+    flag = f"--{lever.replace('_', '-')} on applies it"
+    if not rows:
+        return f"not measured ({flag})"
+    return "not decided by the steps (" + "; ".join(f"{e.ratio}, {e.results}" for e in rows) + f"; {flag})"
 
 
 def _qkv(a: Asked, s: Situation, graphs_on: bool) -> Decision:
@@ -554,8 +566,7 @@ def _qkv(a: Asked, s: Situation, graphs_on: bool) -> Decision:
         return Decision(False, "auto: not available for this model")
     if a.graph_qkv == "on":
         return Decision(True, "on: asked for (where the weights lie side by side)")
-    e = next(e for e in EVIDENCE if e.lever == "graph_qkv")
-    return Decision(False, f"auto: off, not decided by the steps ({e.ratio}; {e.results}; --graph-qkv on applies it)")
+    return Decision(False, f"auto: off, {_undecided('graph_qkv')}")
 
 
 def _fuse(a: Asked, s: Situation, graphs_on: bool) -> Decision:
@@ -574,9 +585,7 @@ def _fuse(a: Asked, s: Situation, graphs_on: bool) -> Decision:
         return Decision(False, "auto: the plain loop's autocast mixes dtypes in the residual stream")
     if a.graph_fuse == "on":
         return Decision(True, "on: asked for")
-    e = next(e for e in EVIDENCE if e.lever == "graph_fuse")
-    return Decision(False, f"auto: off, not decided by the steps ({e.ratio}; {e.results}; --graph-fuse on applies "
-                           "it)")
+    return Decision(False, f"auto: off, {_undecided('graph_fuse')}")
 
 
 def _grad_norm(a: Asked, s: Situation, coalescing: bool) -> Decision:

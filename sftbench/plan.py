@@ -31,6 +31,7 @@ from pathlib import Path
 
 from sftbench import memory
 from sftbench.args import planned_prediction
+from sftbench.levers import gpu_class_of
 from sftbench.paths import REPO
 from sftbench.dsconfig import DSConfigError, apply_precision, describe, load_ds_config
 from sftbench.fmt import MIB
@@ -125,7 +126,7 @@ def plan(model: str, hw: Hardware, precision: str = "bf16", seq_len: int = 512, 
         # train.py's defaults on a GPU: CUDA graphs where --cuda-graphs auto turns them on, which it does not where
         # the graphed run is predicted over the GPU's memory
         pred = planned_prediction(shape, memory.RunShape(cfg, world, precision, seq_len=seq_len, micro_batch=micro),
-                                  memory.Limits(hw.gpu_mib, None))
+                                  memory.Limits(hw.gpu_mib, None), gpu=gpu_class_of(hw.gpu_name))
         host_node = per_node_prediction(pred.to_json(), hw.nodes, hw.gpus_per_node, None)["host_mib_per_node"]
         gpu_margin = hw.gpu_mib - pred.gpu_mib if hw.gpu_mib else None
         host_margin = hw.host_mib - host_node if hw.host_mib else None

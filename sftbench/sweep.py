@@ -52,6 +52,7 @@ from sftbench.hardware import (Gpu, bf16_supported, cpu_affinity, detect_gpus, g
 from sftbench.presets import model_shape
 from sftbench.reference import RefRow, read_reference_map, reference_precisions, reference_rows
 from sftbench.args import planned_prediction, repo_relative
+from sftbench.levers import gpu_class_of
 from sftbench.paths import REPO
 from sftbench.buildenv import free_port
 from sftbench.dsconfig import DSConfigError, load_ds_config
@@ -302,9 +303,10 @@ def predict_entry(entry: PlanEntry, gpus: list[Gpu]) -> dict:
         run = memory.RunShape(cfg, entry.world_size, entry.precision, seq_len=entry.seq_len, micro_batch=micro,
                               cuda=cuda, dataset_samples=_count_lines(data))
         # what train.py will run: the graphs where --cuda-graphs auto (or the entry's flags) turns them on
+        gpu = gpu_class_of(gpus[0].name, gpus[0].compute_cap) if (cuda and gpus) else None
         pred = planned_prediction(memory.ModelShape.of(shape), run,
                                   memory.Limits(gpu_total, host_total if entry.num_nodes == 1 else None),
-                                  entry.extra_args).to_json()
+                                  entry.extra_args, gpu=gpu).to_json()
         if entry.num_nodes > 1:  # one node's RAM holds its own ranks' share, not the whole job's host memory
             pred = nodes_mod.per_node_prediction(pred, entry.num_nodes, entry.num_gpus, host_total)
         return pred

@@ -9,8 +9,17 @@ import sys
 
 import pytest
 
+import lever_calls
 from conftest import REPO, cpu_env, read_jsonl, write_overfit_config
-from sftbench import graphs
+from sftbench import graphs, levers
+from sftbench.levers import LeverError
+
+
+resolve = lever_calls.cuda_graphs  # --cuda-graphs as the lever plan decides it before the engine exists
+
+
+def _evidence(kind: str, lever: str = "cuda_graphs") -> str:
+    return levers.evidence_text(levers.evidence_for(lever, kind, "sm_90", 1))
 
 Z = {n: json.loads((REPO / "ds_configs" / f"{n}.json").read_text())
      for n in ("z0", "z1", "z2_5e8", "z2_offload_5e8", "z3", "z3_offload_param")}
@@ -18,14 +27,18 @@ Z = {n: json.loads((REPO / "ds_configs" / f"{n}.json").read_text())
 
 def test_throughput_timer_goes_off_only_where_graphs_run_and_a_timers_block_is_kept():
     from sftbench import speed
+
+    def timers(cfg, graphs_on):
+        plan = levers.decide(levers.Asked(cuda_graphs="on" if graphs_on else "off"), lever_calls._situation(cfg))
+        return speed.apply_timer(cfg, plan), plan.to_log()["ds_throughput_timer"]
     cfg = Z["z1"]
-    off, why = speed.resolve_ds_timers(cfg, graphs_on=True)
+    off, why = timers(cfg, graphs_on=True)
     assert off["timers"] == {"throughput": {"enabled": False}} and "timers" not in cfg  # the input is not changed
     assert why.startswith("DeepSpeed's throughput timer off")
-    assert speed.resolve_ds_timers(cfg, graphs_on=False) == (cfg, None)
+    assert timers(cfg, graphs_on=False) == (cfg, None)
     kept = {**cfg, "timers": {"throughput": {"enabled": True, "synchronized": True}}}
-    assert speed.resolve_ds_timers(kept, graphs_on=True) == (kept, None)
-    assert speed.resolve_ds_timers(None, graphs_on=True) == (None, None)  # --ds none
+    assert timers(kept, graphs_on=True) == (kept, None)
+    assert timers(None, graphs_on=True) == (None, None)  # --ds none
 
 
 def test_auto_stays_eager_where_only_the_eager_run_fits():
@@ -33,55 +46,56 @@ def test_auto_stays_eager_where_only_the_eager_run_fits():
     the figures in the reason when it does not (the eager run is smaller: where both are predicted over, it is the
     one with a chance); on forces them."""
     kw = dict(on_cuda=True, world_size=1, compile_target="off", ds_cfg=Z["z0"])
-    assert graphs.resolve("auto", memory_mib=(69_102, 64_095, 81_559), **kw)[0] is True
-    on, why = graphs.resolve("auto", memory_mib=(69_102, 64_095, 66_757), **kw)
+    assert resolve("auto", memory_mib=(69_102, 64_095, 81_559), **kw)[0] is True
+    on, why = resolve("auto", memory_mib=(69_102, 64_095, 66_757), **kw)
     assert on is False and why.startswith("auto: eager, although ZeRO-0 was measured faster with graphs")
     assert "69,102 MiB per GPU, over the GPU's 66,757 MiB (eager 64,095 MiB" in why
-    on, why = graphs.resolve("auto", memory_mib=(69_102, 64_095, 50_000), **kw)  # both predicted over
+    on, why = resolve("auto", memory_mib=(69_102, 64_095, 50_000), **kw)  # both predicted over
     assert on is False and "(eager 64,095 MiB, over too;" in why
-    assert graphs.resolve("on", memory_mib=(69_102, 64_095, 66_757), **kw) == (True, "on: asked for")
+    assert resolve("on", memory_mib=(69_102, 64_095, 66_757), **kw) == (True, "on: asked for")
 
 
 def test_auto_is_on_only_where_measured_and_on_is_refused_where_it_cannot_apply(monkeypatch):
     kw = dict(on_cuda=True, world_size=1, compile_target="off")
     kinds = {"z0": "ZeRO-0", "z1": "ZeRO-1", "z2_5e8": "ZeRO-2", "z2_offload_5e8": "ZeRO-2 + optimizer offload"}
-    monkeypatch.setattr(graphs, "MEASURED_FASTER", {"ZeRO-1": "measured faster (evidence)"})
+    one = levers.Evidence("cuda_graphs", "ZeRO-1", "2x", True, "results/x.md")
+    monkeypatch.setattr(levers, "EVIDENCE", (one,))
     for name, kind in kinds.items():
-        want = ((True, "auto: measured faster (evidence)") if kind == "ZeRO-1" else
-                (False, f"auto: not measured faster on a GPU for {kind} yet (--cuda-graphs on applies it)"))
-        assert graphs.resolve("auto", ds_cfg=Z[name], **kw) == want, name
-        assert graphs.resolve("on", ds_cfg=Z[name], **kw) == (True, "on: asked for"), name
-    assert graphs.resolve("auto", ds_cfg=None, **kw)[1].endswith("for --ds none yet (--cuda-graphs on applies it)")
-    assert graphs.resolve("on", ds_cfg=None, **kw) == (True, "on: asked for")  # --ds none on one GPU
+        want = ((True, "auto: " + levers.evidence_text(one)) if kind == "ZeRO-1" else
+                (False, f"auto: not measured here ({kind} on sm_90, world 1; --cuda-graphs on applies it)"))
+        assert resolve("auto", ds_cfg=Z[name], **kw) == want, name
+        assert resolve("on", ds_cfg=Z[name], **kw) == (True, "on: asked for"), name
+    assert resolve("auto", ds_cfg=None, **kw)[1].endswith("(--ds none on sm_90, world 1; --cuda-graphs on applies "
+                                                          "it)")
+    assert resolve("on", ds_cfg=None, **kw) == (True, "on: asked for")  # --ds none on one GPU
     monkeypatch.undo()  # the shipped table: on where measured faster, eager for optimizer offload
-    assert [graphs.resolve("auto", ds_cfg=Z[n], **kw)[0] for n in ("z0", "z1", "z2_5e8", "z2_offload_5e8")] == [
+    assert [resolve("auto", ds_cfg=Z[n], **kw)[0] for n in ("z0", "z1", "z2_5e8", "z2_offload_5e8")] == [
         True, True, True, False]
     # ... except inside the coalesced window (--coalesce-reduction), where optimizer offload was measured faster
-    assert graphs.resolve("auto", ds_cfg=Z["z2_offload_5e8"], coalescing=True, **kw) == (
-        True, "auto: " + graphs.MEASURED_FASTER["ZeRO-2 + optimizer offload + coalesced reduction"])
-    assert graphs.resolve("auto", ds_cfg=Z["z1"], coalescing=True, **kw) == graphs.resolve("auto", ds_cfg=Z["z1"],
-                                                                                           **kw)
-    assert graphs.resolve("auto", ds_cfg=None, **kw) == (True, f"auto: {graphs.MEASURED_FASTER['--ds none']}")
-    assert graphs.resolve("auto", ds_cfg=None, **{**kw, "world_size": 2})[0] is False  # DDP's reducer
+    assert resolve("auto", ds_cfg=Z["z2_offload_5e8"], coalescing=True, **kw) == (
+        True, "auto: " + _evidence("ZeRO-2 + optimizer offload + coalesced reduction"))
+    assert resolve("auto", ds_cfg=Z["z1"], coalescing=True, **kw) == resolve("auto", ds_cfg=Z["z1"], **kw)
+    assert resolve("auto", ds_cfg=None, **kw) == (True, f"auto: {_evidence('--ds none')}")
+    assert resolve("auto", ds_cfg=None, **{**kw, "world_size": 2})[0] is False  # DDP's reducer
     for name in ("z3", "z3_offload_param"):
-        assert graphs.resolve("auto", ds_cfg=Z[name], **kw) == (
+        assert resolve("auto", ds_cfg=Z[name], **kw) == (
             False, "auto: ZeRO-3 / parameter offload gathers and frees parameters inside the forward, so their "
                    "addresses are not fixed between replays")
-        with pytest.raises(graphs.GraphError, match="--cuda-graphs on: ZeRO-3"):
-            graphs.resolve("on", ds_cfg=Z[name], **kw)
-    assert graphs.resolve("on", ds_cfg=Z["z1"], **{**kw, "world_size": 2}) == (True, "on: asked for")
-    with pytest.raises(graphs.GraphError, match="--compile model"):
-        graphs.resolve("on", ds_cfg=Z["z1"], **{**kw, "compile_target": "model"})
-    assert graphs.resolve("auto", ds_cfg=Z["z1"], **{**kw, "compile_target": "blocks"})[1].startswith(
+        with pytest.raises(LeverError, match="--cuda-graphs on: ZeRO-3"):
+            resolve("on", ds_cfg=Z[name], **kw)
+    assert resolve("on", ds_cfg=Z["z1"], **{**kw, "world_size": 2}) == (True, "on: asked for")
+    with pytest.raises(LeverError, match="--compile model"):
+        resolve("on", ds_cfg=Z["z1"], **{**kw, "compile_target": "model"})
+    assert resolve("auto", ds_cfg=Z["z1"], **{**kw, "compile_target": "blocks"})[1].startswith(
         "auto: --compile blocks is on")
-    with pytest.raises(graphs.GraphError, match="DDP"):
-        graphs.resolve("on", ds_cfg=None, **{**kw, "world_size": 2})
-    assert graphs.resolve("off", ds_cfg=Z["z1"], **kw) == (False, "off: asked for")
-    assert graphs.resolve("on", ds_cfg=Z["z1"], **{**kw, "on_cuda": False}) == (False, "on: no CUDA device, eager")
-    assert graphs.resolve("auto", ds_cfg=Z["z1"], **{**kw, "on_cuda": False}) == (
+    with pytest.raises(LeverError, match="DDP"):
+        resolve("on", ds_cfg=None, **{**kw, "world_size": 2})
+    assert resolve("off", ds_cfg=Z["z1"], **kw) == (False, "off: asked for")
+    assert resolve("on", ds_cfg=Z["z1"], **{**kw, "on_cuda": False}) == (False, "on: no CUDA device, eager")
+    assert resolve("auto", ds_cfg=Z["z1"], **{**kw, "on_cuda": False}) == (
         False, "auto: no CUDA device, eager")
     with pytest.raises(ValueError, match="--cuda-graphs must be one of auto, on, off"):
-        graphs.check_mode("yes")
+        levers.check_choice("cuda_graphs", "yes")
 
 
 def _train(tmp_path, name: str, *extra: str, env=None) -> subprocess.CompletedProcess:
@@ -110,11 +124,11 @@ def test_without_cuda_the_flag_runs_eager_and_says_so(tmp_path):
     assert "residual adds" not in p.stdout  # the graph details are printed only where graphs were captured
     # DeepSpeed's throughput timer is left as the config has it where no graphs run.
     assert meta["optimizations"]["ds_throughput_timer"] is None and "timers" not in meta["ds_config"]
-    assert "cuda graphs off (on: no CUDA device, eager)" in p.stdout
+    assert "CUDA graphs                 off                       on: no CUDA device, eager" in p.stdout
     assert "cuda_graphs" not in meta["predicted"]["gpu_breakdown_mib"]
     # ZeRO-3 on a GPU would be refused; on CPU the flag degrades first, so the refusal is checked where it is made.
-    with pytest.raises(graphs.GraphError):
-        graphs.resolve("on", on_cuda=True, ds_cfg=Z["z3"], world_size=1, compile_target="off")
+    with pytest.raises(LeverError):
+        resolve("on", on_cuda=True, ds_cfg=Z["z3"], world_size=1, compile_target="off")
 
 
 def _twin_tiny_models(torch, seed: int, num_layers: int, dropout: float, **overrides):
@@ -193,22 +207,30 @@ def test_projections_fuse_only_where_their_weights_lie_side_by_side():
     attn0.q_proj.weight.data = attn0.q_proj.weight.data.clone()
     assert [attn for attn, _ in graphs.fusable_projections(model)] == [b.attn for b in model.transformer.h[1:]]
     with pytest.raises(ValueError, match="--graph-qkv must be one of auto, on, off"):
-        graphs.check_qkv_mode("yes")
+        levers.check_choice("graph_qkv", "yes")
     # What the log says: auto leaves it off with the evidence, on says how many attentions fused or that none could.
-    assert graphs.qkv_why("auto", 0, 3) == f"auto: off, {graphs.QKV_UNDECIDED}"
-    assert graphs.qkv_why("on", 3, 3).startswith("on: 3 of 3 attentions' k/v(/q) weights lie side by side")
-    assert graphs.qkv_why("on", 0, 3).startswith("on: no attention's k/v/q weights lie side by side")
-    assert graphs.qkv_why("off", 0, 3) == "off: asked for"
+    assert _graph_lever("graph_qkv", "auto")[1].startswith("auto: off, not decided by the steps (Pangu-2.6B ~1.06x")
+    assert graphs.qkv_why(3, 3).startswith("on: 3 of 3 attentions' k/v(/q) weights lie side by side")
+    assert graphs.qkv_why(0, 3).startswith("on: no attention's k/v/q weights lie side by side")
+    assert _graph_lever("graph_qkv", "off") == (False, "off: asked for")
+
+
+def _graph_lever(lever: str, mode: str, autocast: bool = False) -> tuple[bool, str]:
+    """A graph lever's decision with the graphs on (ZeRO-1; the plain loop's autocast where asked)."""
+    s = lever_calls._situation(None if autocast else Z["z1"],
+                               facts=levers.EngineFacts(plain=autocast, autocast=autocast))
+    d = levers.decide(levers.Asked(cuda_graphs="on", **{lever: mode}), s)[lever]
+    return d.on, d.why
 
 
 def test_wgrad_mode_resolves_and_refuses_unknown_values():
-    assert graphs.resolve_wgrad("off", None) == (False, "off: asked for")
-    on, why = graphs.resolve_wgrad("auto", None)
-    assert on is True and why == f"auto: {graphs.WGRAD_MEASURED}"
-    on, why = graphs.resolve_wgrad("auto", "bf16-autocast")
+    assert _graph_lever("graph_wgrad", "off") == (False, "off: asked for")
+    on, why = _graph_lever("graph_wgrad", "auto")
+    assert on is True and why == f"auto: {_evidence('ZeRO-1', 'graph_wgrad')}"
+    on, why = _graph_lever("graph_wgrad", "auto", autocast=True)
     assert on is False and "autocast" in why
     with pytest.raises(ValueError, match="--graph-wgrad must be one of auto, off"):
-        graphs.resolve_wgrad("on", None)
+        _graph_lever("graph_wgrad", "on")
 
 
 def test_fused_pointwise_blocks_compute_the_blocks_own_operations_in_their_order(monkeypatch):
@@ -270,15 +292,16 @@ def test_fused_pointwise_compiled_traces_in_one_graph_and_matches_eager():
 
 
 def test_fuse_mode_resolves_and_refuses_where_it_cannot_apply():
-    assert graphs.resolve_fuse("off", None) == (False, "off: asked for")
-    assert graphs.resolve_fuse("auto", None) == (False, f"auto: off, {graphs.FUSE_UNDECIDED}")
-    assert graphs.resolve_fuse("on", None) == (True, "on: asked for")
-    on, why = graphs.resolve_fuse("auto", "bf16-autocast")
+    assert _graph_lever("graph_fuse", "off") == (False, "off: asked for")
+    on, why = _graph_lever("graph_fuse", "auto")
+    assert on is False and why.startswith("auto: off, not decided by the steps (Pangu-2.6B ~1.02x twice")
+    assert _graph_lever("graph_fuse", "on") == (True, "on: asked for")
+    on, why = _graph_lever("graph_fuse", "auto", autocast=True)
     assert on is False and "autocast" in why
-    with pytest.raises(graphs.GraphError, match="--graph-fuse on: the plain loop's autocast"):
-        graphs.resolve_fuse("on", "bf16-autocast")
+    with pytest.raises(LeverError, match="--graph-fuse on: the plain loop's autocast"):
+        _graph_lever("graph_fuse", "on", autocast=True)
     with pytest.raises(ValueError, match="--graph-fuse must be one of auto, on, off"):
-        graphs.check_fuse_mode("yes")
+        levers.check_choice("graph_fuse", "yes")
 
 
 # ---------------------------------------------------------------------------------------------------- on a GPU
@@ -492,15 +515,16 @@ _VERDICTS = r'''
 import json, os, sys
 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
 import deepspeed, torch
-from sftbench import graphs, speed
+import lever_calls
+from sftbench import ds_patches
 from sftbench.pangu import PanguForCausalLM, preset_config
 deepspeed.init_distributed(dist_backend="gloo")
 out = {}
 for name, cfg in json.loads(sys.argv[2]).items():
     model = PanguForCausalLM._from_config(preset_config("pangu-tiny", hidden_size=64, num_layers=2, num_heads=2))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
-    out[name] = [*graphs.accumulates_locally(engine), type(engine.optimizer).__name__,
-                 *graphs.accumulates_locally(engine, coalescing=True), speed.coalesce_unfit(engine)]
+    out[name] = [*lever_calls.graph_accum(engine), type(engine.optimizer).__name__,
+                 *lever_calls.graph_accum(engine, coalescing=True), ds_patches.coalesce_unfit(engine)]
 print("VERDICTS " + json.dumps(out))
 '''
 
@@ -521,8 +545,9 @@ def test_accumulation_in_the_graphs_only_where_the_engine_just_adds_into_param_g
                "z2_acc32": cfg(2, data_types={"grad_accum_dtype": "fp32"}),
                "z2_offload": {**cfg(2), "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
                "z0_fp32": {**cfg(0), "bf16": {"enabled": False}}}
+    env = {**cpu_env(), "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}  # lever_calls, beside this test
     p = subprocess.run([sys.executable, "-c", _VERDICTS, str(free_port()), json.dumps(configs)], cwd=REPO,
-                       env=cpu_env(), capture_output=True, text=True, timeout=300)
+                       env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     got = json.loads(p.stdout.split("VERDICTS ", 1)[1])
     assert got["z0"][:2] == [True, "auto: ZeRO-0 adds each micro-batch into param.grad and reduces at the boundary"]
@@ -546,7 +571,7 @@ def test_accumulation_in_the_graphs_only_where_the_engine_just_adds_into_param_g
 
     class Plain:  # the --ds none loop has no ZeRO methods
         pass
-    assert graphs.accumulates_locally(Plain()) == (True, "auto: the plain loop adds each micro-batch into param.grad")
-    assert graphs.accumulates_locally(Plain(), "off") == (False, "off: asked for")
+    assert lever_calls.graph_accum(Plain()) == (True, "auto: the plain loop adds each micro-batch into param.grad")
+    assert lever_calls.graph_accum(Plain(), "off") == (False, "off: asked for")
     with pytest.raises(ValueError, match="--graph-accum must be one of auto, off"):
-        graphs.accumulates_locally(Plain(), "on")
+        levers.check_choice("graph_accum", "on")

@@ -3,6 +3,7 @@ loss without a host read; step_line is the console line of a step record."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from sftbench.plain import PlainEngine
 def _train_module():
     spec = importlib.util.spec_from_file_location("train_entry", REPO / "train.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["train_entry"] = mod  # its dataclasses look their module up while being defined
     spec.loader.exec_module(mod)  # defines main(), runs nothing
     return mod
 
