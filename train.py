@@ -109,9 +109,9 @@ def main() -> int:
     from sftbench import graphs
     from sftbench import metrics
     from sftbench import speed
-    from sftbench.pangu import CheckpointError, build_model, count_params
+    from sftbench.models.resolve import resolve as resolve_model
+    from sftbench.models.spec import ModelError
     from sftbench.plain import PlainEngine, param_groups
-    from sftbench.tokenizer import PanguTokenizer
 
     if args.deepspeed:
         engine_checks.silence_startup_noise()  # before initialize, whose scheduler start-up message says nothing
@@ -162,6 +162,15 @@ def main() -> int:
         sys.exit("error: fp16 with DeepSpeed is not supported on CPU (DeepSpeed's CPU accelerator refuses it); use "
                  "--precision bf16 or fp32, or --ds none for the plain PyTorch loop")
     model_name = args.model or ("pangu-tiny" if on_cpu else "pangu-350m")
+    try:  # which model (preset, folder, Hub name) and its checks, before any data work (sftbench/models)
+        spec = resolve_model(model_name, args.tokenizer, args.trust_remote_code)
+        spec.check_seq_len(args.seq_len)
+        for flag, cap in (("graph_qkv", "pangu_qkv"), ("graph_fuse", "pangu_fuse")):
+            if getattr(args, flag) == "on" and cap not in spec.capabilities:
+                raise ModelError(f"--{flag.replace('_', '-')} on: not available for {model_name} (it replaces "
+                                 "Pangu-α's own modules)")
+    except ValueError as e:  # ModelError, or a mixture-of-experts config
+        sys.exit(f"error: {e}")
     try:
         compile_target, compile_why = speed.resolve_compile(args.compile, on_cpu, ds_cfg,
                                                             args.ds if args.deepspeed else None)
@@ -205,7 +214,7 @@ def main() -> int:
         resume_dir, resume_state = checkpoint.resolve(args.resume) if args.resume else (None, None)
         start_step = resume_state["step"] if resume_state else 0
         # ------------------------------------------------------------ build: tokenizer and data
-        tok = PanguTokenizer.for_model(model_name, args.tokenizer)
+        tok = spec.tokenizer()
         dataset = sftdata.load_or_build_cache(args.data, tok, args.seq_len, args.cache_dir,
                                               mask_prompt=args.mask_prompt, strict=args.strict_data,
                                               local_rank=local_rank)
@@ -229,14 +238,17 @@ def main() -> int:
             # runs on gathered parameters (a bare zero.Init would leave torch's default init on every weight).
             from transformers.integrations import HfDeepSpeedConfig
             _hf_ds = HfDeepSpeedConfig(ds_cfg)  # must stay alive while the model is built
-            model = build_model(model_name)
+            model = spec.build()
         else:
             with torch.device(device):  # weights created where they will live; no big CPU copy on GPU runs
-                model = build_model(model_name)
+                model = spec.build()
+        if args.grad_checkpointing:
+            spec.enable_grad_checkpointing(model)
         config = model.config
-        n_params = count_params(config)
-        flops_tok = metrics.flops_per_token(config, args.seq_len)
-        say(f"model: {model_name}, {n_params / 1e6:.1f}M parameters, built in {time.time() - t_build:.1f}s")
+        n_params = spec.count_params(config)
+        flops_tok = spec.flops_per_token(config, args.seq_len)
+        say(f"model: {model_name}, {n_params / 1e6:.1f}M parameters, built in {time.time() - t_build:.1f}s"
+            + ("; RANDOM WEIGHTS (a preset: for benchmarking, not a model to keep)" if spec.random_weights else ""))
 
         # Right-padded samples give real tokens identical results under the causal mask alone, which lets
         # SDPA take the flash kernel; padded positions are -100 in the labels, so the loss is the same.
@@ -259,12 +271,13 @@ def main() -> int:
         one_pass = speed.apply_one_pass_levers(engine, args.grad_norm, args.overflow_check, device.type == "cuda")
         micro_batch = engine.train_micro_batch_size_per_gpu()
         from sftbench import memory
-        model_shape = memory.ModelShape.of_config(config, n_params)
+        model_shape = memory.ModelShape.of(spec.shape_of(config, n_params))
 
         def run_shape(coalesced: bool) -> "memory.RunShape":
             return memory.RunShape(ds_cfg, world_size, precision, seq_len=args.seq_len, micro_batch=micro_batch,
                                    cuda=device.type == "cuda", flash_attention=not use_pad_mask,
-                                   dataset_samples=dataset.n, cuda_graphs=use_graphs, coalesce_reduction=coalesced)
+                                   dataset_samples=dataset.n, cuda_graphs=use_graphs, coalesce_reduction=coalesced,
+                                   grad_checkpointing=args.grad_checkpointing)
 
         # auto coalesces only where the full 16-bit gradients the window holds are predicted to fit this GPU
         coalesce_fits = memory.predict(model_shape, run_shape(True), memory.Limits(
@@ -273,6 +286,9 @@ def main() -> int:
                                                         world_size, coalesce_fits)
         defect = engine_checks.fp16_zero0_scale_defect(engine) if args.deepspeed else None
         warnings = [defect] if defect else []  # into the meta record; the report never recommends such a run
+        if args.save and spec.random_weights:
+            warnings.append(f"--save: {model_name} is a preset with RANDOM weights; the saved model is a benchmark "
+                            "artefact, not a fine-tuned pretrained model (give a model folder or Hub name)")
         engine.train()
         grad_accum = engine.gradient_accumulation_steps()
         # The values that ran, into the harness record (None meant "the config's").
@@ -311,13 +327,13 @@ def main() -> int:
         stats.warmup_steps = warmup_steps
         saver = (checkpoint.Saver(args.save, engine=engine, is_deepspeed=args.deepspeed,
                                   zero_stage=ds_layout["zero_stage"], precision=precision, config=config, tok=tok,
-                                  rank=rank, keep=args.save_keep, say=say)
+                                  rank=rank, keep=args.save_keep, say=say, write_folder=spec.write_folder)
                  if args.save else None)
         evaluator = None
         if eval_rows:
             from sftbench.evaluate import Evaluator
             evaluator = Evaluator(eval_set, eval_rows, rank=rank, world_size=world_size, micro_batch=micro_batch,
-                                  device=device, pad_token_id=config.pad_token_id, use_pad_mask=use_pad_mask)
+                                  device=device, pad_token_id=spec.loss_pad_id(config), use_pad_mask=use_pad_mask)
             eval_steps = ({max_steps} |
                           set(sftdata.epoch_end_steps(n_train, world_size, micro_batch * grad_accum, max_steps)))
             if args.eval_every:
@@ -365,7 +381,8 @@ def main() -> int:
             resumed_from={"path": str(resume_dir), "step": start_step} if resume_dir else None,
             eval={"path": args.eval_data, "split": args.eval_split or None, "samples": len(eval_rows),
                   "every": args.eval_every or None} if evaluator else None,
-            save_dir=args.save,
+            save_dir=args.save, model_info=spec.describe(), model_weights=spec.describe()["weights"],
+            sample_layout=sftdata.sample_layout(tok).to_json(),
             env={**arch_env, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR"),
                  "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"), "gpu_probe_error": gpu.error},
         )
@@ -498,13 +515,14 @@ def main() -> int:
         if saver is not None:
             saver.save(max_steps, train_state(max_steps), final=True)
             summary_extra["saved"] = {"path": str(saver.root), "step": max_steps}
-            say(f"model saved to {saver.root} (from_pretrained after `import sftbench`; --resume continues from it)")
+            after = " after `import sftbench`" if spec.family == "pangu" else ""
+            say(f"model saved to {saver.root} (from_pretrained{after}; --resume continues from it)")
         status, error = "ok", None
     except checkpoint.Interrupted as e:
         status, error = "interrupted", str(e)
     except KeyboardInterrupt as e:
         status, error = classify_exception(e)
-    except (sftdata.DataError, CheckpointError, checkpoint.ResumeError, FileNotFoundError, TimeoutError,
+    except (sftdata.DataError, ModelError, checkpoint.ResumeError, FileNotFoundError, TimeoutError,
             graphs.GraphError, speed.SpeedError, engine_checks.NonFiniteUpdate) as e:
         # Bad input: the message names the file/key/line; a traceback would only bury it.
         status, error = "error", str(e)

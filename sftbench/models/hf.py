@@ -198,6 +198,9 @@ class HFSpec(ModelSpec):
         from transformers import GenerationConfig
 
         folder = Path(folder)
+        # The saver's dict holds every buffer; a submodule's non-persistent ones (rotary tables) are not the model's
+        keep = set(module.state_dict())
+        state_dict = {k: v for k, v in state_dict.items() if k in keep}
         dtypes = {t.dtype for t in state_dict.values() if t.is_floating_point()}
         cfg = module.config
         if len(dtypes) == 1:
