@@ -245,7 +245,7 @@ def main() -> int:
         if args.grad_checkpointing:
             spec.enable_grad_checkpointing(model)
         config = model.config
-        n_params = spec.count_params(config)
+        n_params = spec.count_params(model)
         flops_tok = spec.flops_per_token(config, args.seq_len)
         say(f"model: {model_name}, {n_params / 1e6:.1f}M parameters, built in {time.time() - t_build:.1f}s"
             + ("; RANDOM WEIGHTS (a preset: for benchmarking, not a model to keep)" if spec.random_weights else ""))

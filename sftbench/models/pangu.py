@@ -39,10 +39,10 @@ class PanguSpec(ModelSpec):
         except CheckpointError as e:
             raise ModelError(str(e)) from e
 
-    def count_params(self, config) -> int:
+    def count_params(self, model) -> int:
         from sftbench.pangu import count_params
 
-        return count_params(config)
+        return count_params(model.config)  # from the architecture: a ZeRO-3 model's tensors are partitioned
 
     def shape_of(self, config, n_params: int) -> dict:
         return {"n_params": n_params, "hidden": config.hidden_size, "n_layers": config.num_layers,

@@ -19,7 +19,7 @@ them); the others import torch and transformers inside.
 ``check_seq_len(n)``      torch-free: ``ModelError`` naming both numbers when ``n`` is over ``max_positions``
 ``tokenizer()``           what ``sftbench.data`` encodes with: ``encode``, ``pad_id``, ``fingerprint``, ``layout``
 ``build()``               the model (random weights for a preset, else the folder's / Hub's); ZeRO-3 partitions it
-``count_params(config)``  distinct trainable parameters, from the config (a ZeRO-3 model's tensors are partitioned)
+``count_params(model)``   distinct trainable parameters of the built model (ZeRO-3 partitions counted whole)
 ``shape_of(config, n)``   ``shape()`` of a built model's config, with ``n`` parameters
 ``flops_per_token``       training FLOPs per token of a built model's config (``sftbench.metrics``)
 ``blocks(model)``         the repeated decoder layers (``torch.compile`` per block, the graphs' per-block levers)
@@ -83,7 +83,7 @@ class ModelSpec(ABC):
         """See the module doc."""
 
     @abstractmethod
-    def count_params(self, config) -> int:
+    def count_params(self, model) -> int:
         """See the module doc."""
 
     @abstractmethod
