@@ -152,6 +152,7 @@ class RunConfig:
     precision: str
     overrides: list = field(default_factory=list)  # the config keys the flags changed, for the log and the console
     model_name: str = ""
+    spec: object = None  # the model seam (sftbench/models): build, tokenizer, shape, blocks, capabilities, save
     run_dir: str = ""
 
     @property
@@ -161,8 +162,11 @@ class RunConfig:
 
 def resolve_run(args: HarnessArgs, place: Placement, ds_cfg: dict | None) -> RunConfig:
     """Precision (the config's block, or the flag; --ds none: bf16 where the GPU has it), the flags' overrides of the
-    config, the model and the run folder (one folder for every node). Exits with a message on bad input."""
+    config, the model (preset, folder or Hub name, checked before any data work) and the run folder (one folder for
+    every node). Exits with a message on bad input."""
     import torch
+
+    from sftbench.models.resolve import resolve as resolve_model
 
     overrides: list[str] = []
     if ds_cfg is not None:
@@ -181,8 +185,13 @@ def resolve_run(args: HarnessArgs, place: Placement, ds_cfg: dict | None) -> Run
         sys.exit("error: fp16 with DeepSpeed is not supported on CPU (DeepSpeed's CPU accelerator refuses it); use "
                  "--precision bf16 or fp32, or --ds none for the plain PyTorch loop")
     model_name = args.model or ("pangu-tiny" if place.on_cpu else "pangu-350m")
+    try:
+        spec = resolve_model(model_name, args.tokenizer, args.trust_remote_code)
+        spec.check_seq_len(args.seq_len)
+    except ValueError as e:  # ModelError, or a mixture-of-experts config
+        sys.exit(f"error: {e}")
     run_dir = args.run_dir or rank0_value(args.default_run_dir(model_name, precision))
-    return RunConfig(ds_cfg, precision, overrides, model_name, run_dir)
+    return RunConfig(ds_cfg, precision, overrides, model_name, spec, run_dir)
 
 
 def plan_levers(args: HarnessArgs, run: RunConfig, place: Placement, engine_facts=None,
@@ -195,9 +204,9 @@ def plan_levers(args: HarnessArgs, run: RunConfig, place: Placement, engine_fact
     micro = (run.ds_cfg or {}).get("train_micro_batch_size_per_gpu") or args.micro_batch or 1
     situation = speed.situation(run.ds_cfg, precision=run.precision, world_size=place.world_size,
                                 device=place.device, seq_len=args.seq_len, micro_batch=int(micro),
-                                model=run.model_name, source=args.ds if args.deepspeed else None,
+                                spec=run.spec, source=args.ds if args.deepspeed else None,
                                 right_padded=right_padded and args.pad_mask == "auto", patches_why=patches_why,
-                                engine_facts=engine_facts)
+                                engine_facts=engine_facts, grad_checkpointing=args.grad_checkpointing)
     return decide(Asked.of(args), situation)
 
 
@@ -272,10 +281,9 @@ class Trainer:
     def build_data(self) -> None:
         """Tokeniser, the training rows and the evaluation rows (a held-out split or a file)."""
         from sftbench import data as sftdata
-        from sftbench.tokenizer import PanguTokenizer
 
         args = self.args
-        self.tok = PanguTokenizer.for_model(self.run.model_name, args.tokenizer)
+        self.tok = self.run.spec.tokenizer()
 
         def load(path):
             return sftdata.load_or_build_cache(path, self.tok, args.seq_len, args.cache_dir,
@@ -301,22 +309,22 @@ class Trainer:
         default init on every weight)."""
         import torch
 
-        from sftbench import metrics
-        from sftbench.pangu import build_model, count_params
-
-        t = time.time()
+        spec, t = self.run.spec, time.time()
         if self.run.layout["zero_stage"] == 3:
             from transformers.integrations import HfDeepSpeedConfig
             self._hf_ds = HfDeepSpeedConfig(self.run.ds_cfg)  # must stay alive while the model is built
-            self.model = build_model(self.run.model_name)
+            self.model = spec.build()
         else:
             with torch.device(self.place.device):  # weights created where they will live: no big CPU copy on GPUs
-                self.model = build_model(self.run.model_name)
+                self.model = spec.build()
+        if self.args.grad_checkpointing:
+            spec.enable_grad_checkpointing(self.model)
         self.config = self.model.config
-        self.n_params = count_params(self.config)
-        self.flops_tok = metrics.flops_per_token(self.config, self.args.seq_len)
+        self.n_params = spec.count_params(self.model)  # the built model's (ZeRO-3: its partitions' full sizes)
+        self.flops_tok = spec.flops_per_token(self.config, self.args.seq_len)
         self.say(f"model: {self.run.model_name}, {self.n_params / 1e6:.1f}M parameters, built in "
-                 f"{time.time() - t:.1f}s")
+                 f"{time.time() - t:.1f}s" + ("; RANDOM WEIGHTS (a preset: for benchmarking, not a model to keep)"
+                                              if spec.random_weights else ""))
 
     def build_engine(self) -> None:
         """DeepSpeed's engine (or the plain loop's), then the lever plan again with what DeepSpeed built, and the
@@ -327,7 +335,7 @@ class Trainer:
         args, run, plan = self.args, self.run, self.plan
         compile_target = plan["compile"].value
         if compile_target == "blocks":  # in place, before the engine wraps the model: names and hooks stay
-            speed.compile_blocks(self.model, args.compile_mode)
+            speed.compile_blocks(run.spec.blocks(self.model), args.compile_mode)
         if args.deepspeed:
             import deepspeed
             self.engine, *_ = deepspeed.initialize(model=self.model, model_parameters=param_groups(self.model),
@@ -347,6 +355,10 @@ class Trainer:
             ds_patches.apply(self.engine, self.plan)
         defect = engine_checks.fp16_zero0_scale_defect(self.engine) if args.deepspeed else None
         self.warnings = [w for w in (defect, patches_why and f"speed levers: {patches_why}") if w]
+        if args.save and run.spec.random_weights:
+            self.warnings.append(f"--save: {run.model_name} is a preset with RANDOM weights; the saved model is a "
+                                 "benchmark artefact, not a fine-tuned pretrained model (give a model folder or Hub "
+                                 "name)")
         self.engine.train()
 
     def build_schedule(self) -> None:
@@ -407,12 +419,13 @@ class Trainer:
             self.saver = checkpoint.Saver(args.save, engine=self.engine, is_deepspeed=args.deepspeed,
                                           zero_stage=self.run.layout["zero_stage"], precision=self.run.precision,
                                           config=self.config, tok=self.tok, rank=place.rank, keep=args.save_keep,
-                                          say=self.say)
+                                          say=self.say, write_folder=self.run.spec.write_folder)
         if self.eval_rows:
             from sftbench.evaluate import Evaluator
             self.evaluator = Evaluator(self.eval_set, self.eval_rows, rank=place.rank, world_size=place.world_size,
                                        micro_batch=s.micro_batch, device=place.device,
-                                       pad_token_id=self.config.pad_token_id, use_pad_mask=self.plan.on("pad_mask"))
+                                       pad_token_id=self.run.spec.loss_pad_id(self.config),
+                                       use_pad_mask=self.plan.on("pad_mask"))
             self.eval_steps = ({s.max_steps} | set(sftdata.epoch_end_steps(self.n_train, place.world_size, s.per_step,
                                                                            s.max_steps)))
             if args.eval_every:
@@ -509,8 +522,8 @@ class Trainer:
         if self.saver is not None:
             self.saver.save(s.max_steps, self.train_state(s.max_steps), final=True)
             self.summary_extra["saved"] = {"path": str(self.saver.root), "step": s.max_steps}
-            self.say(f"model saved to {self.saver.root} (from_pretrained after `import sftbench`; --resume continues "
-                     "from it)")
+            after = " after `import sftbench`" if self.run.spec.family == "pangu" else ""
+            self.say(f"model saved to {self.saver.root} (from_pretrained{after}; --resume continues from it)")
 
     def record(self, step: int, i: int, step_s: float, loss: float) -> dict:
         """Step ``step`` (0-based; ``i`` in this process) as this rank's log record: throughput, memory, scale."""
@@ -579,15 +592,17 @@ def meta_record(t: Trainer) -> dict:
     import torch
     import transformers
 
+    from sftbench import data as sftdata
     from sftbench import memory
 
     args, run, place, s = t.args, t.run, t.place, t.schedule
-    shape = memory.ModelShape.of_config(t.config, t.n_params)
+    shape = memory.ModelShape.of(run.spec.shape_of(t.config, t.n_params))
     host_total = psutil.virtual_memory().total / MIB
     run_shape = memory.RunShape(run.ds_cfg, place.world_size, run.precision, seq_len=args.seq_len,
                                 micro_batch=s.micro_batch, cuda=place.cuda, flash_attention=not t.plan.on("pad_mask"),
                                 dataset_samples=t.dataset.n, cuda_graphs=t.plan.on("cuda_graphs"),
-                                coalesce_reduction=t.plan.on("coalesce_reduction"))
+                                coalesce_reduction=t.plan.on("coalesce_reduction"),
+                                grad_checkpointing=args.grad_checkpointing)
     predicted = memory.predict(shape, run_shape, memory.Limits(t.gpu.total_mib(),
                                                                None if place.multi_node else host_total)).to_json()
     if place.multi_node:  # one node's RAM holds only its own ranks' share of the job's host memory
@@ -619,7 +634,8 @@ def meta_record(t: Trainer) -> dict:
         resumed_from={"path": str(t.resume_dir), "step": s.start_step} if t.resume_dir else None,
         eval={"path": args.eval_data, "split": args.eval_split or None, "samples": len(t.eval_rows),
               "every": args.eval_every or None} if t.evaluator else None,
-        save_dir=args.save,
+        save_dir=args.save, model_info=run.spec.describe(), model_weights=run.spec.describe()["weights"],
+        sample_layout=sftdata.sample_layout(t.tok).to_json(),
         env={**t.arch_env, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR"),
              "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"), "gpu_probe_error": t.gpu.error},
     )
@@ -678,7 +694,7 @@ def main() -> int:
 
     from sftbench import data as sftdata
     from sftbench import engine_checks, graphs, speed
-    from sftbench.pangu import CheckpointError
+    from sftbench.models.spec import ModelError
 
     if args.deepspeed:
         engine_checks.silence_startup_noise()  # before initialize, whose scheduler start-up message says nothing
@@ -701,7 +717,7 @@ def main() -> int:
         status, error = "interrupted", str(e)
     except KeyboardInterrupt as e:
         status, error = classify_exception(e)
-    except (sftdata.DataError, CheckpointError, checkpoint.ResumeError, FileNotFoundError, TimeoutError,
+    except (sftdata.DataError, ModelError, checkpoint.ResumeError, FileNotFoundError, TimeoutError,
             graphs.GraphError, LeverError, engine_checks.NonFiniteUpdate) as e:
         # Bad input: the message names the file/key/line; a traceback would only bury it.
         status, error = "error", str(e)

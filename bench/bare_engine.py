@@ -84,10 +84,9 @@ def main(argv=None) -> int:
 
     from sftbench import data as sftdata
     from sftbench import ds_patches, metrics
-    from sftbench.pangu import build_model
+    from sftbench.models.resolve import resolve as resolve_model
     from sftbench.plain import param_groups
     from sftbench.shm import release_own_buffer
-    from sftbench.tokenizer import PanguTokenizer
 
     single_process_env()  # as train.py: without a launcher, one rank
     on_cpu, local_rank, device = rank_device(args.local_rank)
@@ -98,12 +97,17 @@ def main(argv=None) -> int:
     if on_cpu:
         release_own_buffer(rank, world)  # as train.py: DeepSpeed leaves its shm file behind on CPU
     model_name = args.model or ("pangu-tiny" if on_cpu else "pangu-350m")
+    try:
+        spec = resolve_model(model_name, args.tokenizer)  # as train.py: the model seam
+        spec.check_seq_len(args.seq_len)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     asked = levers.Asked.of(args)
     micro = cfg.get("train_micro_batch_size_per_gpu") or 1
 
     def plan_for(engine_facts=None, right_padded=True, patches_why=None):  # as train.py's plan_levers
         return levers.decide(asked, speed.situation(cfg, precision=precision, world_size=world, device=device,
-                                                    seq_len=args.seq_len, micro_batch=int(micro), model=model_name,
+                                                    seq_len=args.seq_len, micro_batch=int(micro), spec=spec,
                                                     source=args.ds, right_padded=right_padded,
                                                     patches_why=patches_why, engine_facts=engine_facts))
     try:  # as train.py: before the model and engine are built
@@ -121,22 +125,22 @@ def main(argv=None) -> int:
             torch.cuda.synchronize(device)
 
     # ---- data and model, as train.py builds them
-    tok = PanguTokenizer.for_model(model_name, args.tokenizer)
+    tok = spec.tokenizer()
     enc = sftdata.load_or_build_cache(data_path, tok, args.seq_len, args.cache_dir, local_rank=local_rank)
     zero_stage = cfg.get("zero_optimization", {}).get("stage", 0)
     if zero_stage == 3:
         # as train.py: partitioned construction through transformers' ZeRO-3 hook
         from transformers.integrations import HfDeepSpeedConfig
         _hf_ds = HfDeepSpeedConfig(cfg)  # noqa: F841  (must stay alive while the model is built)
-        model = build_model(model_name)
+        model = spec.build()
     else:
         with torch.device(device):
-            model = build_model(model_name)
-    flops_tok = metrics.flops_per_token(model.config, args.seq_len)
+            model = spec.build()
+    flops_tok = spec.flops_per_token(model.config, args.seq_len)
     right_padded = bool((enc.attention_mask[:, 1:] <= enc.attention_mask[:, :-1]).all())
 
     if target == "blocks":
-        speed.compile_blocks(model, args.compile_mode)
+        speed.compile_blocks(spec.blocks(model), args.compile_mode)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=cfg)
     speed.compile_engine(engine, target, args.compile_mode, deepspeed=True)
     try:  # as train.py: the plan again with what DeepSpeed built, then its patches

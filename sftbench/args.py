@@ -44,10 +44,21 @@ def _help(text: str, **kw):
 class HarnessArgs:
     ds: str | None = _help("DeepSpeed JSON config, or 'none' for the plain PyTorch loop (DDP when several ranks).",
                            default=None)
-    model: str | None = _help("Model preset (pangu-350m, pangu-2.6b, pangu-13b, pangu-tiny) or a checkpoint folder. "
-                              "Default: pangu-350m on GPU, pangu-tiny on CPU.", default=None)
-    tokenizer: str | None = _help("vocab.model or a folder holding it. Default: the checkpoint folder's vocab.model, "
-                                  "else the small tokenizer shipped in data/tokenizer/.", default=None)
+    model: str | None = _help("A preset (pangu-350m, pangu-2.6b, pangu-13b, pangu-tiny; llama-3.2-1b, llama-3.1-8b, "
+                              "qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b, mistral-7b, llama-tiny, qwen2-tiny, "
+                              "gpt2-tiny: random weights, for benchmarking), a model folder (Pangu-α or any "
+                              "transformers causal LM), or a Hub name (owner/name). Default: pangu-350m on GPU, "
+                              "pangu-tiny on CPU.", default=None)
+    tokenizer: str | None = _help("Pangu: vocab.model or a folder holding it (default: the checkpoint folder's "
+                                  "vocab.model, else the small tokenizer shipped in data/tokenizer/); other models: a "
+                                  "transformers tokenizer folder or Hub name (default: the model's own; presets: the "
+                                  "small one shipped in sftbench/models/presets/tokenizer/).", default=None)
+    trust_remote_code: bool = _help("Allow a model whose config.json names its own code (auto_map) to run that code.",
+                                    default=False)
+    grad_checkpointing: bool = _help("Activation checkpointing (transformers' gradient_checkpointing_enable, "
+                                     "non-reentrant): each block keeps only its input and recomputes the rest in the "
+                                     "backward; the memory predictor counts it. Off by default, as in the reference.",
+                                     default=False)
     data: str | None = _help("SFT JSONL file. Default: data/bench_10k.jsonl if generated, else data/sample_sft.jsonl.",
                              default=None)
     precision: str | None = _help("fp32, fp16 or bf16; overrides the config's fp16/bf16 blocks. Default: the "
@@ -210,9 +221,10 @@ def resolve_warmup(asked: int | None, max_steps: int) -> tuple[int, str | None]:
 # --help's groups, in its order; a field not named here is a Training option.
 ADVANCED = "Advanced performance"
 GROUPS = {
-    "Model & data": ("model", "tokenizer", "data", "seq_len", "mask_prompt", "strict_data", "cache_dir"),
+    "Model & data": ("model", "tokenizer", "trust_remote_code", "data", "seq_len", "mask_prompt", "strict_data",
+                     "cache_dir"),
     "Training": ("ds", "precision", "max_steps", "epochs", "grad_accum", "micro_batch", "lr", "lr_warmup_steps",
-                 "seed"),
+                 "grad_checkpointing", "seed"),
     "Saving & evaluation": ("save", "save_every", "save_keep", "resume", "eval_data", "eval_split", "eval_every"),
     "Logging": ("run_dir", "log_every", "warmup_steps"),
     ADVANCED: ("pad_mask", "compile", "compile_mode", "cuda_graphs", "graph_accum", "graph_wgrad", "graph_qkv",

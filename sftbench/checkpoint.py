@@ -209,8 +209,12 @@ class Saver:
     """Writes save folders of one run (see the module doc). Every rank makes the same calls in the same order."""
 
     def __init__(self, root: str | os.PathLike, *, engine, is_deepspeed: bool, zero_stage: int | None,
-                 precision: str, config, tok, rank: int, keep: int, say: Callable[[str], None]):
+                 precision: str, config, tok, rank: int, keep: int, say: Callable[[str], None],
+                 write_folder: Callable | None = None):
         self.root = Path(root)
+        # The model and tokenizer files: write_folder(folder, state_dict, module, tok) (the model seam's
+        # ModelSpec.write_folder); None writes the Pangu-α folder (write_model_folder).
+        self.write_folder = write_folder
         self.engine, self.is_deepspeed, self.zero_stage = engine, is_deepspeed, zero_stage
         self.precision, self.config, self.tok = precision, config, tok
         self.rank, self.keep, self.say = rank, keep, say
@@ -237,7 +241,9 @@ class Saver:
             self.engine.save_checkpoint(str(eng_dir))
         torch.save(rng_state(), eng_dir / f"rng_state_rank{self.rank}.pt")
         sd = full_state_dict(self.engine.module, self.zero_stage, self.rank)
-        if self.rank == 0:
+        if self.rank == 0 and self.write_folder is not None:
+            self.write_folder(partial, sd, self.engine.module, self.tok)
+        elif self.rank == 0:
             write_model_folder(partial, sd, self.config, self.tok)
         _barrier()  # every rank's files are written before the state file marks the folder complete
         out = self.root if final else self.root / name

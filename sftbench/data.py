@@ -127,7 +127,7 @@ logger = logging.getLogger("sftbench.data")
 
 CACHE_FORMAT = 2  # 2: Alpaca and chat lines are read (a file cached before skipped them)
 IGNORE_INDEX = -100
-N_SPECIAL = 3  # <s> <sep> <eot>
+N_SPECIAL = 3  # <s> <sep> <eot>: the Pangu layout's own tokens (SampleLayout.n_special for any layout)
 BAD_KINDS = ("bad_encoding", "bad_json", "not_object", "missing_prompt", "no_answer", "bad_type", "empty_text",
              "bad_messages")
 _N_SHOWN = 5  # line numbers named in the one warning
@@ -366,15 +366,48 @@ def truncate_pair(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
     return len_a - ra, len_b - rb
 
 
+@dataclass(frozen=True)
+class SampleLayout:
+    """How one sample becomes ids: ``head + prompt + mid + answer + tail``. The prompt and the answer are truncated
+    (``truncate_pair``); head, mid and tail never are. Pangu: ``<s>``, ``<sep>``, ``<eot>``; a transformers
+    tokenizer with a chat template: the template's text around one user turn and one assistant turn; without one:
+    its BOS (when it adds one), nothing, its EOS (``sftbench/models/hf.py`` builds these)."""
+
+    name: str
+    head: tuple[int, ...]
+    mid: tuple[int, ...]
+    tail: tuple[int, ...]
+    text: tuple[str, str, str] = ("", "", "")  # head, mid and tail as text, for the log and the saved model
+
+    @property
+    def n_special(self) -> int:
+        return len(self.head) + len(self.mid) + len(self.tail)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "head": self.text[0], "mid": self.text[1], "tail": self.text[2],
+                "head_ids": list(self.head), "mid_ids": list(self.mid), "tail_ids": list(self.tail)}
+
+
+def sample_layout(tok) -> SampleLayout:
+    """``tok.layout`` where the tokenizer carries one (the transformers models' adapter), else the Pangu layout
+    ``<s> prompt <sep> answer <eot>`` from its ``bos_id``, ``sep_id`` and ``eot_id``."""
+    own = getattr(tok, "layout", None)
+    if own is not None:
+        return own
+    return SampleLayout("pangu", (tok.bos_id,), (tok.sep_id,), (tok.eot_id,), ("<s>", "<sep>", "<eot>"))
+
+
 def _encode_ids(tok, prompt: str, answer: str, seq_len: int) -> tuple[list[int], int, int]:
-    """(unpadded ids <s> p <sep> a <eot>, prompt part length incl. <s> and <sep>, length before truncation)."""
-    if seq_len < N_SPECIAL:
-        raise ValueError(f"seq_len must be >= {N_SPECIAL}, got {seq_len}")
+    """(unpadded ids head p mid a tail, prompt part length incl. head and mid, length before truncation)."""
+    lay = sample_layout(tok)
+    n_special = lay.n_special
+    if seq_len < n_special:
+        raise ValueError(f"seq_len must be >= {n_special} (the {lay.name} layout's own tokens), got {seq_len}")
     p = tok.encode(prompt)
     a = tok.encode(answer)
-    kp, ka = truncate_pair(len(p), len(a), seq_len - N_SPECIAL)
-    ids = [tok.bos_id, *p[:kp], tok.sep_id, *a[:ka], tok.eot_id]
-    return ids, kp + 2, len(p) + len(a) + N_SPECIAL
+    kp, ka = truncate_pair(len(p), len(a), seq_len - n_special)
+    ids = [*lay.head, *p[:kp], *lay.mid, *a[:ka], *lay.tail]
+    return ids, len(lay.head) + kp + len(lay.mid), len(p) + len(a) + n_special
 
 
 def encode_example(tok, prompt: str, answer: str, seq_len: int = 512, mask_prompt: bool = False) -> dict:

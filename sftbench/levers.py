@@ -234,9 +234,9 @@ class EngineFacts:
 class Situation:
     """The run the levers are decided for. ``stage`` None: ``--ds none``. ``gpu``: the GPU class (``gpu_class``),
     None on CPU. ``gpu_mib``: the memory predictor's GPU MiB per rank for (cuda graphs, coalesced window), and
-    ``gpu_total_mib`` the GPU's memory (either None: not checked). ``capabilities``: the model's (``graph_qkv``,
-    ``graph_fuse``: the Pangu modules those levers rewrite). ``patches_why``: why DeepSpeed's internals may not be
-    patched (None: they may). ``engine``: None before the engine is built."""
+    ``gpu_total_mib`` the GPU's memory (either None: not checked). ``capabilities``: the model seam's (``pangu_qkv``,
+    ``pangu_fuse``: the Pangu modules ``--graph-qkv`` and ``--graph-fuse`` rewrite). ``patches_why``: why DeepSpeed's
+    internals may not be patched (None: they may). ``engine``: None before the engine is built."""
 
     stage: int | None
     offload_optimizer: bool = False
@@ -250,7 +250,7 @@ class Situation:
     has_timers_block: bool = False    # the config has a 'timers' block (it keeps what it says)
     config_source: str = "the DeepSpeed config"
     right_padded: bool = True
-    capabilities: frozenset = frozenset({"graph_qkv", "graph_fuse"})
+    capabilities: frozenset = frozenset({"pangu_qkv", "pangu_fuse"})  # Pangu-α's, the model the sweep runs
     gpu_mib: Callable[[bool, bool], float] | None = field(default=None, compare=False, repr=False)
     gpu_total_mib: float | None = None
     patches_why: str | None = None
@@ -560,7 +560,7 @@ def _qkv(a: Asked, s: Situation, graphs_on: bool) -> Decision:
         return Decision(False, "off: no CUDA graphs")
     if a.graph_qkv == "off":
         return Decision(False, "off: asked for")
-    if "graph_qkv" not in s.capabilities:
+    if "pangu_qkv" not in s.capabilities:
         if a.graph_qkv == "on":
             raise LeverError("--graph-qkv on: not available for this model (it rewrites Pangu-alpha's attention)")
         return Decision(False, "auto: not available for this model")
@@ -574,7 +574,7 @@ def _fuse(a: Asked, s: Situation, graphs_on: bool) -> Decision:
         return Decision(False, "off: no CUDA graphs")
     if a.graph_fuse == "off":
         return Decision(False, "off: asked for")
-    if "graph_fuse" not in s.capabilities:
+    if "pangu_fuse" not in s.capabilities:
         if a.graph_fuse == "on":
             raise LeverError("--graph-fuse on: not available for this model (it rewrites Pangu-alpha's blocks)")
         return Decision(False, "auto: not available for this model")

@@ -55,7 +55,12 @@ Buffers and the rest (our additions; DeepSpeed's estimators leave them out):
 ``activations``
     Saved for the backward, one micro-batch (no activation checkpointing), per block ``s*m*h*(16*b_act + 2)``
     bytes: the block input and both LayerNorm inputs/outputs, q, k, v and the attention output, the MLP's 4h
-    input and GELU output (16 elements of ``b_act`` bytes) and two 1-byte dropout masks. That is Korthikanti et
+    input and GELU output (16 elements of ``b_act`` bytes) and two 1-byte dropout masks. In general
+    (``ModelShape.block_elements``): the two norms' inputs and outputs ``4h``, q and the attention output ``2q``,
+    k and v ``2kv`` (grouped-query attention: kv = key/value heads x head size), the MLP's ``2I`` (up, activation) or
+    ``4I`` gated (gate, up, activation, product), and the masks only where the model has dropout (Llama, Qwen2 and
+    Mistral have none). With ``grad_checkpointing`` (``--grad-checkpointing``) each block keeps only its input
+    ``s*m*h*b_act``, and one block's activations are recomputed at a time in the backward. That is Korthikanti et
     al.'s ``34*s*m*h`` for 16-bit activations, without the ``5*a*s^2*m`` attention-score term because the
     flash/memory-efficient SDPA kernel keeps no score matrix (``flash_attention=False`` adds
     ``a*s^2*m*(2*b_act + 1)``). Autocast (``--ds none`` with fp16/bf16) keeps the residual stream and the
@@ -249,7 +254,10 @@ def _load_config(ds_config: dict | str | os.PathLike | None) -> dict | None:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the model contributes: its parameter count and the dimensions activations scale with."""
+    """What the model contributes: its parameter count and the dimensions activations scale with. The last four
+    default to a Pangu-α / GPT-2 block (multi-head attention, a two-matrix MLP, dropout); a transformers model's
+    shape (``sftbench.models.shape.hf_shape``) gives its own: key/value heads (grouped-query attention), the head
+    size, a gated MLP (gate, up, down) and whether its blocks keep dropout masks."""
 
     n_params: int
     hidden: int
@@ -257,12 +265,17 @@ class ModelShape:
     n_heads: int
     vocab: int
     intermediate: int | None = None
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    gated_mlp: bool = False
+    dropout: bool = True
 
     @classmethod
     def of(cls, shape: dict) -> "ModelShape":
-        """From ``presets.model_shape``'s dict."""
+        """From ``presets.model_shape``'s or ``sftbench.models``' shape dict."""
         return cls(shape["n_params"], shape["hidden"], shape["n_layers"], shape["n_heads"], shape["vocab"],
-                   shape.get("intermediate"))
+                   shape.get("intermediate"), shape.get("n_kv_heads"), shape.get("head_dim"),
+                   bool(shape.get("gated_mlp", False)), bool(shape.get("dropout", True)))
 
     @classmethod
     def of_config(cls, config, n_params: int) -> "ModelShape":
@@ -270,6 +283,13 @@ class ModelShape:
         ZeRO-3 the model's own tensors are partitioned, so they cannot be counted)."""
         return cls(n_params, config.hidden_size, config.num_layers, config.num_heads, config.vocab_size,
                    config.intermediate_size)
+
+    def block_elements(self) -> tuple[int, int]:
+        """Elements per token one block saves for the backward: (the norms' inputs and outputs, the rest)."""
+        hd = self.head_dim or self.hidden // self.n_heads
+        q, kv = self.n_heads * hd, (self.n_kv_heads or self.n_heads) * hd
+        inter = self.intermediate or 4 * self.hidden
+        return 4 * self.hidden, 2 * q + 2 * kv + (4 if self.gated_mlp else 2) * inter
 
 
 @dataclass(frozen=True)
@@ -290,6 +310,7 @@ class RunShape:
     dataset_samples: int | None = None
     cuda_graphs: bool = False
     coalesce_reduction: bool = False
+    grad_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISION_BYTES:
@@ -396,7 +417,9 @@ class Prediction:
                 "seq_len": r.seq_len, "micro_batch": r.micro_batch, "hidden": m.hidden, "n_layers": m.n_layers,
                 "n_heads": m.n_heads, "vocab": m.vocab, "cuda": r.cuda, "flash_attention": r.flash_attention,
                 "zero_init": r.zero_init, "dataset_samples": r.dataset_samples, "cuda_graphs": r.cuda_graphs,
-                "coalesce_reduction": r.coalesce_reduction,
+                "coalesce_reduction": r.coalesce_reduction, "n_kv_heads": m.n_kv_heads, "head_dim": m.head_dim,
+                "intermediate": m.intermediate, "gated_mlp": m.gated_mlp, "dropout": m.dropout,
+                "grad_checkpointing": r.grad_checkpointing,
             },
             "notes": list(self.states.notes),
         }
@@ -491,16 +514,23 @@ def _coalesced_grads(st: ModelStates, stage: int, P: int, W: int, b: int, off_op
 
 
 def _activation_terms(m: ModelShape, r: RunShape, stage: int | None, lowp: bool) -> tuple[float, float]:
-    """(activations, logits) bytes of one micro-batch, no checkpointing."""
+    """(activations, logits) bytes of one micro-batch (with ``grad_checkpointing``: each block's input, and one
+    block's activations recomputed in the backward)."""
     tokens = r.seq_len * r.micro_batch
     b_act = 2 if lowp else 4
+    norms, rest = m.block_elements()
+    masks = 2 * m.hidden if m.dropout else 0  # two 1-byte dropout masks per block
     if stage is None and lowp:
-        per_block = tokens * m.hidden * (4 * 4 + 12 * 2 + 2)  # autocast: residual + LayerNorms stay fp32
+        per_block = tokens * (4 * norms + 2 * rest + masks)  # autocast: residual + LayerNorms stay fp32
     else:
-        per_block = tokens * m.hidden * (16 * b_act + 2)
+        per_block = tokens * (b_act * (norms + rest) + masks)
     if not r.flash_attention:
         per_block += m.n_heads * r.seq_len * r.seq_len * r.micro_batch * (2 * b_act + 1)
-    activations = m.n_layers * per_block + tokens * m.hidden * (b_act + 1)
+    embedding = tokens * m.hidden * (b_act + (1 if m.dropout else 0))
+    if r.grad_checkpointing:
+        activations = m.n_layers * tokens * m.hidden * b_act + per_block + embedding
+    else:
+        activations = m.n_layers * per_block + embedding
     logits = tokens * m.vocab * (14 if lowp else 16)
     return activations, logits
 
@@ -666,11 +696,11 @@ def graphs_memory_mib(model: str, ds_config: dict | None, world_size: int, preci
                       micro_batch: int, coalesce_reduction: bool = False) -> tuple[float, float] | None:
     """Predicted GPU MiB per rank with and without CUDA graphs, for a model preset or checkpoint folder, before the
     model is built (train.py's ``--cuda-graphs auto``); None where the model's shape cannot be read."""
-    from sftbench.presets import model_shape
+    from sftbench.models.resolve import model_shape
 
     try:
         shape = ModelShape.of(model_shape(model))
-    except (ValueError, OSError, KeyError, TypeError):  # not a preset nor a folder with a readable config.json
+    except (ValueError, OSError, KeyError, TypeError):  # not a preset, folder or Hub model with a readable config
         return None
     both = predict_both(shape, RunShape(ds_config, world_size, precision, seq_len=seq_len, micro_batch=micro_batch,
                                         coalesce_reduction=coalesce_reduction))

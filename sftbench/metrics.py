@@ -8,6 +8,12 @@ LayerNorms and biases are not matmuls and are left out), d is the hidden size an
 term is the attention score and value products (QK^T and AV: 2 * 2 * S * d multiply-adds per token per layer
 forward, x3 for forward+backward), counted without the causal half, as in the PaLM paper's appendix B. MFU =
 achieved FLOP/s / the device's dense peak for the precision run, from PEAK_TFLOPS below.
+
+Any transformers causal LM (``linear_flops_per_token``, from ``sftbench.models.shape``'s dict) by the same rule,
+from the model's own linear layers: with H hidden, I intermediate, V vocabulary, q = heads x head_dim and kv =
+key/value heads x head_dim (grouped-query attention), per layer H*q (q) + 2*H*kv (k, v) + q*H (o) and 3*H*I for a
+gated MLP (gate, up, down) or 2*H*I, plus the head V*H (tied or not, it is a matmul); x6 per token; plus the
+attention scores and context 12 * L * q * S. For Pangu (q = kv = H, two-matrix MLP) it is ``flops_per_token``.
 """
 from __future__ import annotations
 
@@ -66,6 +72,15 @@ def flops_per_token(config: Any, seq_len: int) -> float:
     d = _cfg(config, "hidden_size", "n_embd")
     layers = _cfg(config, "num_layers", "n_layer", "num_hidden_layers")
     return 6.0 * matmul_params(config) + 12.0 * layers * d * seq_len
+
+
+def linear_flops_per_token(shape: dict, seq_len: int) -> float:
+    """Training FLOPs per token of a transformers causal LM from its shape dict (see the module doc)."""
+    h, layers, inter, vocab = shape["hidden"], shape["n_layers"], shape["intermediate"], shape["vocab"]
+    q = shape["n_heads"] * shape["head_dim"]
+    kv = shape["n_kv_heads"] * shape["head_dim"]
+    per_layer = 2 * h * q + 2 * h * kv + (3 if shape["gated_mlp"] else 2) * h * inter
+    return 6.0 * (layers * per_layer + vocab * h) + 12.0 * layers * q * seq_len
 
 
 def median(xs: list[float]) -> float | None:

@@ -90,7 +90,7 @@ __all__ = [
     "register",
 ]
 
-MODEL_TYPES = ("gpt_pangu", "pangu")
+MODEL_TYPES = presets.MODEL_TYPES
 WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",

@@ -5,6 +5,9 @@ for that GPU exists.
     python -m sftbench.plan --model pangu-13b --gpus 8 --gpu-mem 80 --host-mem 512
     python -m sftbench.plan --model pangu-2.6b --gpus 3 --gpu-mem 16 --precision fp16 --gpu-name V100
     python -m sftbench.plan --model path/to/checkpoint           # the visible GPUs and this machine's RAM
+    python -m sftbench.plan --model llama-3.1-8b --gpus 8 --gpu-mem 80 --host-mem 512 --seq-len 4096 \
+        --grad-checkpointing                                      # any transformers causal LM: preset, folder, Hub
+
     ./run_all.sh --dry-run                                       # the sweep's own plan, with these predictions
 
 Memory comes from ``sftbench/memory.py`` (DeepSpeed's model-state formulas plus buffers, activations, logits, CUDA
@@ -19,7 +22,9 @@ GPU whose name contains ``--gpu-name`` (default: the visible GPU's short name): 
 same; otherwise ``estimated`` from the nearest GPU count (at micro batch 1 a step costs about the same on 1, 2 or 3
 GPUs, README), with the folder it came from. Nothing is shown where no table exists.
 
-Torch-free: reads configs, presets and CSVs only.
+``--model`` takes what train.py takes: a preset, a folder of any transformers causal LM or Pangu-α, or a Hub name
+(only its config.json is fetched, into transformers' cache); the shape comes from config.json alone
+(``sftbench/models/shape.py``). Torch-free: reads configs, presets and CSVs only.
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ from sftbench.dsconfig import DSConfigError, apply_precision, describe, load_ds_
 from sftbench.fmt import MIB
 from sftbench.hardware import detect_gpus, gpu_slug, host_total_mib
 from sftbench.nodes import per_node_prediction
-from sftbench.presets import model_shape
+from sftbench.models.resolve import model_shape
 
 CONFIG_DIR = REPO / "ds_configs"
 RESULTS_DIR = REPO / "results"
@@ -114,18 +119,24 @@ def step_time(rows: list[dict], model: str, config: str, precision: str, seq_len
 
 
 def plan(model: str, hw: Hardware, precision: str = "bf16", seq_len: int = 512, configs: list[str] | None = None,
-         results: list[dict] | None = None) -> list[PlanRow]:
-    shape = memory.ModelShape.of(model_shape(model))
+         results: list[dict] | None = None, micro_batch: int | None = None,
+         grad_checkpointing: bool = False) -> list[PlanRow]:
+    """One row per configuration; ``micro_batch`` None takes each config's (1 for none), as train.py does."""
+    shape_dict = model_shape(model)
+    if seq_len > shape_dict["max_positions"]:
+        raise ValueError(f"--seq-len {seq_len} is longer than {model}'s {shape_dict['max_positions']} positions")
+    shape = memory.ModelShape.of(shape_dict)
     world = hw.gpus_per_node * hw.nodes
     out = []
     for name in configs or config_names():
         cfg = None if name == "none" else apply_precision(load_ds_config(CONFIG_DIR / f"{name}.json"), precision)
-        micro = (cfg or {}).get("train_micro_batch_size_per_gpu", 1) or 1
+        micro = micro_batch or (cfg or {}).get("train_micro_batch_size_per_gpu", 1) or 1
         if cfg is None and world > 1 and hw.nodes > 1:
             continue  # --ds none is DDP on one node here
         # train.py's defaults on a GPU: CUDA graphs where --cuda-graphs auto turns them on, which it does not where
         # the graphed run is predicted over the GPU's memory
-        pred = planned_prediction(shape, memory.RunShape(cfg, world, precision, seq_len=seq_len, micro_batch=micro),
+        pred = planned_prediction(shape, memory.RunShape(cfg, world, precision, seq_len=seq_len, micro_batch=micro,
+                                                         grad_checkpointing=grad_checkpointing),
                                   memory.Limits(hw.gpu_mib, None), gpu=gpu_class_of(hw.gpu_name))
         host_node = per_node_prediction(pred.to_json(), hw.nodes, hw.gpus_per_node, None)["host_mib_per_node"]
         gpu_margin = hw.gpu_mib - pred.gpu_mib if hw.gpu_mib else None
@@ -148,12 +159,26 @@ def _fmt_margin(m: float | None, lim: float | None) -> str:
     return f"{m:+,.0f} ({100 * m / lim:+.0f}%)"
 
 
-def render(rows: list[PlanRow], model: str, hw: Hardware, precision: str, seq_len: int) -> str:
+def describe_model(shape: dict) -> str:
+    """One line on the model the plan is for: parameters and the shape terms the predictor reads."""
+    kind = shape.get("model_type") or "pangu"
+    kv = shape.get("n_kv_heads") or shape["n_heads"]
+    return (f"model: {kind}, {shape['n_params'] / 1e9:.3f}B parameters, {shape['n_layers']} layers, hidden "
+            f"{shape['hidden']}, {shape['n_heads']} heads ({kv} key/value), MLP {shape['intermediate'] or '4h'}"
+            f"{' gated' if shape.get('gated_mlp') else ''}, vocab {shape['vocab']}, "
+            f"{'untied' if shape.get('tied') is False else 'tied'} head, {shape['max_positions']} positions"
+            + (f" ({shape['rule']})" if str(shape.get("rule", "")).startswith("generic") else ""))
+
+
+def render(rows: list[PlanRow], model: str, hw: Hardware, precision: str, seq_len: int,
+           micro_batch: int | None = None, grad_checkpointing: bool = False) -> str:
     gpu = f"{hw.gpu_mib:,.0f} MiB" if hw.gpu_mib else "unknown"
     host = f"{hw.host_mib:,.0f} MiB" if hw.host_mib else "unknown"
-    lines = [f"plan: {model}, {precision}, seq {seq_len}, micro batch from each config; {hw.nodes} node(s) x "
+    micro = f"micro batch {micro_batch}" if micro_batch else "micro batch from each config"
+    lines = [f"plan: {model}, {precision}, seq {seq_len}, {micro}"
+             f"{', activation checkpointing' if grad_checkpointing else ''}; {hw.nodes} node(s) x "
              f"{hw.gpus_per_node} GPU(s){' ' + hw.gpu_name if hw.gpu_name else ''}; GPU {gpu} each, host {host} "
-             "per node", "",
+             "per node", describe_model(model_shape(model)), "",
              "| config | ZeRO | offload | CUDA graphs | GPU MiB/rank | margin | host MiB/node | margin | fits | "
              "s/step |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -180,8 +205,9 @@ def render(rows: list[PlanRow], model: str, hw: Hardware, precision: str, seq_le
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sftbench.plan", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--model", required=True, help="a preset (pangu-350m, pangu-2.6b, pangu-13b, pangu-tiny) or a "
-                                                  "checkpoint folder with config.json")
+    p.add_argument("--model", required=True, help="a preset (pangu-350m, pangu-2.6b, pangu-13b, pangu-tiny, "
+                                                  "llama-3.2-1b, llama-3.1-8b, qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b, "
+                                                  "mistral-7b, ...), a model folder with config.json, or a Hub name")
     p.add_argument("--gpus", type=int, default=None, help="GPUs per node (default: the visible GPUs)")
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     p.add_argument("--gpu-mem", type=float, default=None, help="GB per GPU (default: the visible GPU's memory)")
@@ -190,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "the visible GPU's)")
     p.add_argument("--precision", default="bf16", choices=("fp32", "fp16", "bf16"))
     p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--micro-batch", type=int, default=None, help="micro batch per rank (default: each config's)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing, as train.py's flag")
     p.add_argument("--configs", default=None, help="comma-separated config names (default: none + every "
                                                    "ds_configs/ file)")
     return p
@@ -217,10 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         if c not in known:
             raise SystemExit(f"plan: --configs: unknown config {c!r} (known: {', '.join(known)})")
     try:
-        rows = plan(args.model, hw, args.precision, args.seq_len, configs, measured_steps())
+        rows = plan(args.model, hw, args.precision, args.seq_len, configs, measured_steps(), args.micro_batch,
+                    args.grad_checkpointing)
     except (ValueError, DSConfigError) as e:
         raise SystemExit(f"plan: {e}") from None
-    print(render(rows, args.model, hw, args.precision, args.seq_len))
+    print(render(rows, args.model, hw, args.precision, args.seq_len, args.micro_batch, args.grad_checkpointing))
     return 0
 
 

@@ -13,6 +13,8 @@ from typing import Any
 from sftbench.paths import REPO
 
 
+MODEL_TYPES = ("gpt_pangu", "pangu")  # the config.json model types of Pangu-α folders
+
 PRESETS: dict[str, dict[str, Any]] = {
     # num_layers counts the query layer: 350M = 23 + 1, 2.6B = 31 + 1, 13B = 39 + 1 blocks.
     "pangu-350m": dict(vocab_size=40000, hidden_size=1024, num_layers=24, num_heads=16, max_position_embeddings=1024),

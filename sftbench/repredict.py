@@ -33,7 +33,7 @@ from pathlib import Path
 
 from sftbench import memory, runlog
 from sftbench.dsconfig import describe
-from sftbench.presets import model_shape
+from sftbench.models.resolve import model_shape
 
 def _load_metas(path: Path) -> dict:
     """run name -> meta record of a summaries.jsonl (read as every log reader reads JSONL: a broken line is
@@ -52,8 +52,7 @@ def _shape(meta: dict) -> memory.ModelShape:
         return memory.ModelShape.of(model_shape(str(meta.get("model"))))
     except (ValueError, OSError, TypeError, KeyError):
         inp = (meta.get("predicted") or {}).get("inputs") or {}
-        return memory.ModelShape(int(meta.get("n_params") or inp["n_params"]), int(inp["hidden"]),
-                                 int(inp["n_layers"]), int(inp["n_heads"]), int(inp["vocab"]))
+        return memory.ModelShape.of({**inp, "n_params": int(meta.get("n_params") or inp["n_params"])})
 
 
 def run_shape(meta: dict) -> memory.RunShape:

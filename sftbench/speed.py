@@ -16,8 +16,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sftbench.levers import LeverError
-
 if TYPE_CHECKING:
     import torch
 
@@ -31,19 +29,10 @@ def apply_timer(ds_cfg: dict | None, plan) -> dict | None:
     return {**ds_cfg, "timers": {"throughput": {"enabled": False}}}
 
 
-def blocks_of(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The transformer blocks (the last one is the query layer): the units compiled by ``--compile blocks``."""
-    core = getattr(model, "transformer", model)
-    blocks = list(getattr(core, "h", []))
-    if not blocks:
-        raise LeverError(f"{type(model).__name__} has no transformer blocks (expected .transformer.h)")
-    return blocks
-
-
-def compile_blocks(model: torch.nn.Module, mode: str = "default") -> int:
-    """Compile every block in place before the engine wraps the model; returns how many were compiled."""
+def compile_blocks(blocks: list[torch.nn.Module], mode: str = "default") -> int:
+    """Compile every block (the model seam's ``blocks(model)``: its repeated decoder layers) in place before the
+    engine wraps the model; returns how many were compiled."""
     kwargs = {} if mode == "default" else {"mode": mode}
-    blocks = blocks_of(model)
     for b in blocks:
         b.compile(dynamic=False, **kwargs)
     return len(blocks)
@@ -62,8 +51,8 @@ def compile_engine(engine, target: str, mode: str, deepspeed: bool) -> None:
 
 
 def situation(ds_cfg: dict | None, *, precision: str, world_size: int, device, seq_len: int, micro_batch: int,
-              model: str, source: str | None = None, right_padded: bool = True, patches_why: str | None = None,
-              engine_facts=None):
+              spec, source: str | None = None, right_padded: bool = True, patches_why: str | None = None,
+              engine_facts=None, grad_checkpointing: bool = False):
     """The lever plan's ``Situation`` for a run on this rank's ``device`` (train.py's and the bare loop's): its GPU
     class from the device's compute capability, the GPU's memory, and the memory predictor as the oracle (GPU MiB
     per rank with and without the CUDA graphs and the coalesced window, from ``model``'s shape before it is built;
@@ -73,23 +62,20 @@ def situation(ds_cfg: dict | None, *, precision: str, world_size: int, device, s
     from sftbench import memory
     from sftbench.fmt import MIB
     from sftbench.levers import Situation, gpu_class
-    from sftbench.presets import model_shape
 
     cuda = device.type == "cuda"
     oracle = None
     if cuda:
-        try:
-            shape = memory.ModelShape.of(model_shape(model))
-        except (ValueError, OSError, KeyError, TypeError):  # not a preset nor a folder with a readable config.json
-            shape = None
+        shape = memory.ModelShape.of(spec.shape())
 
         def gpu_mib(graphs: bool, window: bool) -> float:
             return memory.predict(shape, memory.RunShape(ds_cfg, world_size, precision, seq_len=seq_len,
                                                          micro_batch=micro_batch, flash_attention=right_padded,
-                                                         cuda_graphs=graphs, coalesce_reduction=window)).gpu_mib
-        oracle = gpu_mib if shape is not None else None
+                                                         cuda_graphs=graphs, coalesce_reduction=window,
+                                                         grad_checkpointing=grad_checkpointing)).gpu_mib
+        oracle = gpu_mib
     return Situation.of_config(
         ds_cfg, world_size=world_size, cuda=cuda, precision=precision, source=source, right_padded=right_padded,
         gpu=gpu_class(torch.cuda.get_device_capability(device)) if cuda else None, gpu_mib=oracle,
         gpu_total_mib=torch.cuda.get_device_properties(device).total_memory / MIB if cuda else None,
-        patches_why=patches_why, engine=engine_facts)
+        patches_why=patches_why, engine=engine_facts, capabilities=frozenset(spec.capabilities))

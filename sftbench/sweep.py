@@ -49,7 +49,7 @@ from sftbench import failures, memory, runlog
 from sftbench import nodes as nodes_mod
 from sftbench.hardware import (Gpu, bf16_supported, cpu_affinity, detect_gpus, gpu_slug, host_tag,
                                host_total_mib)
-from sftbench.presets import model_shape
+from sftbench.models.resolve import model_shape
 from sftbench.reference import RefRow, read_reference_map, reference_precisions, reference_rows
 from sftbench.args import planned_prediction, repo_relative
 from sftbench.levers import gpu_class_of

@@ -17,7 +17,9 @@ from conftest import REPO, cpu_env
 import lever_calls
 from sftbench import levers
 from sftbench.levers import LeverError, check_compile
-from sftbench.speed import blocks_of, compile_blocks
+from sftbench.models.resolve import resolve
+from sftbench.models.spec import ModelError
+from sftbench.speed import compile_blocks
 
 resolve_compile = lever_calls.compile_target  # --compile as the lever plan decides it
 
@@ -74,9 +76,9 @@ def test_a_config_asking_for_deepcompile_gets_engine_compile_or_a_clear_refusal(
 
 def test_blocks_are_the_transformer_layers_including_the_query_layer():
     m = build_model("pangu-tiny")
-    assert blocks_of(m) == list(m.transformer.h)
-    with pytest.raises(LeverError, match="no transformer blocks"):
-        blocks_of(torch.nn.Linear(2, 2))
+    assert resolve("pangu-tiny").blocks(m) == list(m.transformer.h)
+    with pytest.raises(ModelError, match="no list of decoder layers found"):
+        resolve("llama-tiny").blocks(torch.nn.Linear(2, 2))
 
 
 @pytest.mark.slow
@@ -95,7 +97,7 @@ def _compiled_blocks_train_like_eager():
     eager = build_model("pangu-tiny")
     compiled = copy.deepcopy(eager)
     keys = list(compiled.state_dict())
-    assert compile_blocks(compiled) == len(compiled.transformer.h)
+    assert compile_blocks(list(compiled.transformer.h)) == len(compiled.transformer.h)
     assert list(compiled.state_dict()) == keys
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(10, 40000, (6, 1, 48), generator=g)
