@@ -249,16 +249,26 @@ def read_ours(run_dir: Path) -> dict:
             "step_times_s": [r.get("step_s") for r in all_steps], "warmup_steps": len(all_steps) - len(steps)}
 
 
-def model_config(model: str):
-    """The model's config for the FLOPs formula: a preset's, or a checkpoint folder's config.json."""
+def flops_per_token(model: str, seq_len: int) -> float:
+    """The model's training FLOPs per token (the model seam's count, from its config; torch-free)."""
+    from sftbench.metrics import flops_per_token as pangu_flops, linear_flops_per_token
+    from sftbench.models.resolve import resolve
+    from sftbench.presets import MODEL_TYPES, PRESETS
+
+    folder = Path(model)
+    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8")) if folder.is_dir() else None
+    if model in PRESETS or (cfg is not None and cfg.get("model_type", MODEL_TYPES[0]) in MODEL_TYPES):
+        return pangu_flops(_pangu_config(model), seq_len)  # Pangu-α (a folder without model_type is one)
+    return linear_flops_per_token(resolve(model).shape(), seq_len)  # each linear layer x6, attention scores+context
+
+
+def _pangu_config(model: str):
     from types import SimpleNamespace
 
     folder = Path(model)
     if folder.is_dir():
         return SimpleNamespace(**json.loads((folder / "config.json").read_text(encoding="utf-8")))
     from sftbench.presets import PRESETS  # torch-free, like the rest of this process (pangu.py would load torch)
-    if model not in PRESETS:
-        raise ValueError(f"unknown Pangu-alpha preset {model!r}; known presets: {', '.join(PRESETS)}")
     return SimpleNamespace(**PRESETS[model])
 
 
@@ -298,7 +308,6 @@ def resolved(a: dict | None, b: dict | None) -> bool | None:
 
 
 def build_rows(args, jobs: list[dict], results: dict) -> list[dict]:
-    from sftbench.metrics import flops_per_token
 
     rows = []
     pairs = []
@@ -309,7 +318,7 @@ def build_rows(args, jobs: list[dict], results: dict) -> list[dict]:
         pairs = [(j["model"], None) for j in jobs]
     for m, c in pairs:
         try:
-            flops_tok = flops_per_token(model_config(m), args.seq_len)
+            flops_tok = flops_per_token(m, args.seq_len)
         except Exception:  # noqa: BLE001  (an unreadable folder: the table shows MFU as n/a)
             flops_tok = None
         ours, bare = results.get(("ours", m, c)), results.get(("bare", m, c))

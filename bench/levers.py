@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sftbench.paths import REPO  # noqa: E402
 from compare import (caller_paths, child_env, config_path, cuda_visible, launcher, measured_steps, mfu,  # noqa: E402
-                     model_config, read_ours, rel, resolved, run_job, shown, table_paths)
+                     flops_per_token, read_ours, rel, resolved, run_job, shown, table_paths)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -245,9 +245,7 @@ def main(argv=None) -> int:
             common += [f"--{flag}", getattr(args, flag)]
     rows = []
     deadline = time.time() + 60 * args.max_minutes if args.max_minutes else None
-    from sftbench.metrics import flops_per_token
     for m in models:
-        model_cfg = model_config(m)
         base_of: dict[str, dict] = {}
         for i, v in enumerate(args.parsed):
             row = {"model": Path(m).name, "variant": v["text"], "config": v["config"]}
@@ -257,7 +255,7 @@ def main(argv=None) -> int:
                 rows.append({**row, **res})
                 continue
             # the run's own sequence length (a collected run's may not be this machine's default)
-            res["mfu_pct"] = mfu(res, flops_per_token(model_cfg, res.get("seq_len") or seq), "bf16")
+            res["mfu_pct"] = mfu(res, flops_per_token(m, res.get("seq_len") or seq), "bf16")
             res.update(row)
             if v["config"] not in base_of:  # the first variant of a config is its baseline
                 base_of[v["config"]] = res

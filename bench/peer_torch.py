@@ -37,14 +37,13 @@ from sftbench import metrics  # noqa: E402
 from sftbench.args import repo_relative  # noqa: E402
 from sftbench.fmt import MIB  # noqa: E402
 from sftbench.buildenv import rank_device  # noqa: E402
-from sftbench.pangu import build_model  # noqa: E402
-from sftbench.tokenizer import PanguTokenizer  # noqa: E402
+from sftbench.models.resolve import resolve as resolve_model  # noqa: E402
 
 
 def run_parser(description: str, steps_help: str) -> argparse.ArgumentParser:
     """The flags every bench script shares, with train.py's names and defaults."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--model", default=None, help="Pangu-α preset or checkpoint folder "
+    p.add_argument("--model", default=None, help="model preset, folder or Hub name "
                                                  "(default: pangu-350m on GPU, pangu-tiny on CPU)")
     p.add_argument("--steps", "--max-steps", dest="steps", type=int, default=20, help=steps_help)
     p.add_argument("--warmup-steps", type=int, default=3, help="first steps left out of the statistics")
@@ -104,6 +103,7 @@ def main(argv=None) -> int:
     if args.precision == "fp16" and on_cpu:
         sys.exit("error: fp16 autocast is not supported on CPU here; use --precision bf16 or fp32")
     model_name = args.model or ("pangu-tiny" if on_cpu else "pangu-350m")
+    spec = resolve_model(model_name, args.tokenizer)  # as train.py: the model seam
     data_path = args.data or str(BENCH_DATA if BENCH_DATA.is_file() else SAMPLE_DATA)
 
     def sync() -> None:
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
             torch.cuda.synchronize(device)
 
     # ---- data: the same tokenizer, file, cache and order as train.py
-    tok = PanguTokenizer.for_model(model_name, args.tokenizer)
+    tok = spec.tokenizer()
     enc = sftdata.load_or_build_cache(data_path, tok, args.seq_len, args.cache_dir)
     ga, mb = args.grad_accum, 1
     order = sample_order(enc.n, args.steps * ga * mb, args.seed)
@@ -121,7 +121,8 @@ def main(argv=None) -> int:
     # ---- model and optimizer, fp32 weights on the device
     torch.manual_seed(args.seed)
     t0 = time.time()
-    model = build_model(model_name, dtype=torch.float32, device=device)
+    with torch.device(device):
+        model = spec.build().float()  # fp32 weights, autocast below: the loop a typical user writes
     model.train()
     try:
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01,
@@ -134,7 +135,7 @@ def main(argv=None) -> int:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
-    flops_tok = metrics.flops_per_token(model.config, args.seq_len)
+    flops_tok = spec.flops_per_token(model.config, args.seq_len)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"peer_torch: {model_name} on {device_name} ({args.precision} autocast, fused AdamW={fused}), "
           f"{enc.n} samples, seq {args.seq_len}, micro batch {mb}, grad accum {ga}; built in {time.time() - t0:.1f}s",

@@ -46,7 +46,7 @@ from sftbench import data as sftdata  # noqa: E402
 from sftbench import metrics  # noqa: E402
 from sftbench.args import repo_relative  # noqa: E402
 from sftbench.dsconfig import DSConfigError, apply_precision, config_precision, load_ds_config  # noqa: E402
-from sftbench.tokenizer import PanguTokenizer  # noqa: E402
+from sftbench.models.resolve import resolve as resolve_model  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -134,7 +134,6 @@ def main(argv=None) -> int:
     import transformers
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from sftbench.pangu import build_model
     from sftbench.shm import release_own_buffer
 
     ta = ds_trainer_args(cfg)
@@ -147,7 +146,8 @@ def main(argv=None) -> int:
     mb, ga = targs.per_device_train_batch_size, targs.gradient_accumulation_steps
 
     # ---- data: the same tokenizer, file, cache and order as train.py
-    tok = PanguTokenizer.for_model(model_name, args.tokenizer)
+    spec = resolve_model(model_name, args.tokenizer)  # as train.py: the model seam
+    tok = spec.tokenizer()
     enc = sftdata.load_or_build_cache(data_path, tok, args.seq_len, args.cache_dir, local_rank=local_rank)
     sampler = OrderSampler(enc.n, world, args.steps * ga * mb, mb, args.seed)
     train_ds = RecordingDataset(enc)
@@ -155,8 +155,8 @@ def main(argv=None) -> int:
     # ---- model: built after TrainingArguments, so a ZeRO-3 config constructs it partitioned (as for users)
     torch.manual_seed(args.seed)
     t0 = time.time()
-    model = build_model(model_name)
-    flops_tok = metrics.flops_per_token(model.config, args.seq_len)
+    model = spec.build()
+    flops_tok = spec.flops_per_token(model.config, args.seq_len)
 
     def sync() -> None:
         if device.type == "cuda":

@@ -107,7 +107,7 @@ class HarnessArgs:
                              "would only add them into param.grad (the same additions in the same order): 'auto' or "
                              "'off'.", default="auto")
     graph_wgrad: str = _help("With CUDA graphs: each linear layer adds its weight gradient inside its GEMM instead of "
-                             "a separate add per micro-batch: 'auto' or 'off'.", default="auto")
+                             "a separate add per micro-batch: 'auto', 'on' or 'off'.", default="auto")
     graph_qkv: str = _help("With CUDA graphs, Pangu-alpha only: k/v/q projections in one GEMM where their weights lie "
                            "side by side: 'on' (opt-in; not decided by the steps), 'auto'/'off' leave it off.",
                            default="auto")
@@ -288,25 +288,28 @@ def read_flags(argv: list[str]) -> argparse.Namespace:
         raise ArgsError(str(e)) from None
 
 
-def planned_levers(run, limits, flags: list[str] = (), gpu: str | None = None, gpu_mib=None):
+def planned_levers(run, limits, flags: list[str] = (), gpu: str | None = None, gpu_mib=None,
+                   family: str = "pangu"):
     """The lever plan (``sftbench.levers.LeverPlan``) of the run train.py will make with these extra flags, decided
     before it starts as train.py decides it before its engine exists (the sweep's and the plan's predictions):
     ``run`` is the memory predictor's ``RunShape`` (``run.ds_config`` the loaded config, None for ``--ds none``),
-    ``gpu`` the GPU class (``levers.gpu_class_of``), ``gpu_mib`` the memory oracle (graphs, window) -> MiB. None
-    where train.py would refuse the flags (its parser, or a lever asked for by name that cannot apply)."""
+    ``gpu`` the GPU class (``levers.gpu_class_of``), ``gpu_mib`` the memory oracle (graphs, window) -> MiB,
+    ``family`` the model seam's family (evidence holds per family). None where train.py would refuse the flags (its
+    parser, or a lever asked for by name that cannot apply)."""
     from sftbench.levers import Asked, LeverError, Situation, decide
 
     try:
         asked = Asked.of(read_flags(list(flags)))
         situation = Situation.of_config(run.ds_config, world_size=run.world_size, cuda=run.cuda, gpu=gpu,
                                         precision=run.precision, gpu_mib=gpu_mib,
-                                        gpu_total_mib=limits.gpu_total_mib, right_padded=run.flash_attention)
+                                        gpu_total_mib=limits.gpu_total_mib, right_padded=run.flash_attention,
+                                        family=family)
         return decide(asked, situation)
     except (ArgsError, LeverError):
         return None
 
 
-def planned_prediction(shape, run, limits, flags: list[str] = (), gpu: str | None = None):
+def planned_prediction(shape, run, limits, flags: list[str] = (), gpu: str | None = None, family: str = "pangu"):
     """The memory prediction (``sftbench.memory.Prediction``) of the run train.py will make with these extra flags
     on a GPU of class ``gpu`` (``levers.gpu_class_of``; None: unknown, where ``auto`` turns no lever on): the CUDA
     graphs and DeepSpeed's coalesced reduction window as the lever plan decides them against ``limits.gpu_total_mib``
@@ -323,7 +326,7 @@ def planned_prediction(shape, run, limits, flags: list[str] = (), gpu: str | Non
                                                                     coalesce_reduction=coalesce), limits)
         return preds[graphs, coalesce].gpu_mib
 
-    plan = planned_levers(run, limits, flags, gpu, gpu_mib)
+    plan = planned_levers(run, limits, flags, gpu, gpu_mib, family)
     graphs = bool(plan and plan.on("cuda_graphs"))
     coalesce = bool(plan and plan.on("coalesce_reduction"))
     gpu_mib(graphs, coalesce)

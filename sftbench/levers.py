@@ -34,7 +34,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "ma
 CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 GRAPH_MODES = ("auto", "on", "off")
 ACCUM_MODES = ("auto", "off")
-WGRAD_MODES = ("auto", "off")
+WGRAD_MODES = ("auto", "on", "off")
 QKV_MODES = ("auto", "on", "off")
 FUSE_MODES = ("auto", "on", "off")
 ONE_PASS_MODES = ("auto", "foreach", "deepspeed")
@@ -85,6 +85,7 @@ class Evidence:
     gpu_class: str = "sm_90"
     world_size: int = 1
     note: str = ""
+    family: str = "pangu"  # the model seam's family it was measured on (sftbench/models)
 
 
 H200 = "1 x H200"
@@ -197,10 +198,11 @@ def config_kind(stage: int | None, offload_optimizer: bool = False, offload_para
     return kind
 
 
-def evidence_for(lever: str, kind: str, gpu: str | None, world_size: int) -> Evidence | None:
-    """The adopted evidence row for ``lever`` on this kind, GPU class and world size, or None."""
+def evidence_for(lever: str, kind: str, gpu: str | None, world_size: int, family: str = "pangu") -> Evidence | None:
+    """The adopted evidence row for ``lever`` on this kind, GPU class, world size and model family, or None."""
     for e in EVIDENCE:
-        if e.lever == lever and e.kind == kind and e.gpu_class == gpu and e.world_size == world_size and e.adopted:
+        if (e.lever, e.kind, e.gpu_class, e.world_size, e.family) == (lever, kind, gpu, world_size, family) and \
+                e.adopted:
             return e
     return None
 
@@ -208,7 +210,7 @@ def evidence_for(lever: str, kind: str, gpu: str | None, world_size: int) -> Evi
 def evidence_text(e: Evidence) -> str:
     """The evidence row as the plan's reasons cite it."""
     how = "" if e.decided else ", not decided by the steps"
-    where = f"{e.gpu_class} ({H200}), world {e.world_size}"
+    where = f"{e.gpu_class} ({H200}), world {e.world_size}" + ("" if e.family == "pangu" else f", {e.family} models")
     return f"measured faster on {e.kind}, {where}: {e.ratio}{how} ({e.results})"
 
 
@@ -255,6 +257,7 @@ class Situation:
     gpu_total_mib: float | None = None
     patches_why: str | None = None
     engine: EngineFacts | None = None
+    family: str = "pangu"  # the model seam's family: evidence holds for the family it was measured on
 
     @property
     def plain(self) -> bool:
@@ -399,12 +402,12 @@ def _by_name(flag: str, mode: str, off: str, on: str, unfit: str | None, patches
 
 
 def _not_measured(lever: str, kind: str, s: Situation, flag_on: str) -> Decision:
-    where = f"{kind} on {s.gpu}, world {s.world_size}"
+    where = f"{kind} on {s.gpu}, world {s.world_size}" + ("" if s.family == "pangu" else f", {s.family} models")
     return Decision(False, f"auto: not measured here ({where}; --{lever.replace('_', '-')} {flag_on} applies it)")
 
 
 def _auto_by_evidence(lever: str, kind: str, s: Situation, flag_on: str) -> Decision:
-    e = evidence_for(lever, kind, s.gpu, s.world_size)
+    e = evidence_for(lever, kind, s.gpu, s.world_size, s.family)
     return Decision(True, f"auto: {evidence_text(e)}") if e else _not_measured(lever, kind, s, flag_on)
 
 
@@ -505,7 +508,7 @@ def _timer(s: Situation, graphs_on: bool) -> Decision:
         return Decision(False, "as configured (no graphs to stall)")
     if s.has_timers_block:
         return Decision(False, "as configured: the config has a 'timers' block")
-    e = evidence_for("ds_throughput_timer", "graphed", s.gpu, s.world_size)
+    e = evidence_for("ds_throughput_timer", "graphed", s.gpu, s.world_size, s.family)
     if e is None:
         return Decision(False, f"as configured: not measured here ({s.gpu}, world {s.world_size})")
     return Decision(True, "DeepSpeed's throughput timer off (timers.throughput.enabled=false: its two device syncs "
@@ -539,10 +542,15 @@ def _wgrad(a: Asked, s: Situation, graphs_on: bool, coalescing: bool) -> Decisio
     if a.graph_wgrad == "off":
         return Decision(False, "off: asked for")
     if s.engine and s.engine.autocast:  # the GEMM runs in the autocast dtype, the gradient buffers are the weights'
+        if a.graph_wgrad == "on":
+            raise LeverError("--graph-wgrad on: the plain loop's autocast computes in another dtype than the gradient "
+                             "buffers; use a DeepSpeed config")
         return Decision(False, "auto: the plain loop's autocast computes in another dtype than the gradient buffers")
+    if a.graph_wgrad == "on":
+        return Decision(True, "on: asked for")
     kind = config_kind(s.stage, s.offload_optimizer, s.offload_param, coalescing and s.offload_optimizer)
-    e = evidence_for("graph_wgrad", kind, s.gpu, s.world_size) or evidence_for("graph_wgrad", "ZeRO-1", s.gpu,
-                                                                                s.world_size)
+    e = (evidence_for("graph_wgrad", kind, s.gpu, s.world_size, s.family)
+         or evidence_for("graph_wgrad", "ZeRO-1", s.gpu, s.world_size, s.family))
     return Decision(True, f"auto: {evidence_text(e)}") if e else _not_measured("graph_wgrad", kind, s, "auto")
 
 

@@ -42,7 +42,7 @@ from sftbench.dsconfig import DSConfigError, apply_precision, describe, load_ds_
 from sftbench.fmt import MIB
 from sftbench.hardware import detect_gpus, gpu_slug, host_total_mib
 from sftbench.nodes import per_node_prediction
-from sftbench.models.resolve import model_shape
+from sftbench.models.resolve import model_shape, resolve as resolve_model
 
 CONFIG_DIR = REPO / "ds_configs"
 RESULTS_DIR = REPO / "results"
@@ -137,7 +137,8 @@ def plan(model: str, hw: Hardware, precision: str = "bf16", seq_len: int = 512, 
         # the graphed run is predicted over the GPU's memory
         pred = planned_prediction(shape, memory.RunShape(cfg, world, precision, seq_len=seq_len, micro_batch=micro,
                                                          grad_checkpointing=grad_checkpointing),
-                                  memory.Limits(hw.gpu_mib, None), gpu=gpu_class_of(hw.gpu_name))
+                                  memory.Limits(hw.gpu_mib, None), gpu=gpu_class_of(hw.gpu_name),
+                                  family=resolve_model(model).family)
         host_node = per_node_prediction(pred.to_json(), hw.nodes, hw.gpus_per_node, None)["host_mib_per_node"]
         gpu_margin = hw.gpu_mib - pred.gpu_mib if hw.gpu_mib else None
         host_margin = hw.host_mib - host_node if hw.host_mib else None

@@ -78,4 +78,4 @@ def situation(ds_cfg: dict | None, *, precision: str, world_size: int, device, s
         ds_cfg, world_size=world_size, cuda=cuda, precision=precision, source=source, right_padded=right_padded,
         gpu=gpu_class(torch.cuda.get_device_capability(device)) if cuda else None, gpu_mib=oracle,
         gpu_total_mib=torch.cuda.get_device_properties(device).total_memory / MIB if cuda else None,
-        patches_why=patches_why, engine=engine_facts, capabilities=frozenset(spec.capabilities))
+        patches_why=patches_why, engine=engine_facts, capabilities=frozenset(spec.capabilities), family=spec.family)

@@ -49,7 +49,7 @@ from sftbench import failures, memory, runlog
 from sftbench import nodes as nodes_mod
 from sftbench.hardware import (Gpu, bf16_supported, cpu_affinity, detect_gpus, gpu_slug, host_tag,
                                host_total_mib)
-from sftbench.models.resolve import model_shape
+from sftbench.models.resolve import model_shape, resolve as resolve_model
 from sftbench.reference import RefRow, read_reference_map, reference_precisions, reference_rows
 from sftbench.args import planned_prediction, repo_relative
 from sftbench.levers import gpu_class_of
@@ -306,7 +306,7 @@ def predict_entry(entry: PlanEntry, gpus: list[Gpu]) -> dict:
         gpu = gpu_class_of(gpus[0].name, gpus[0].compute_cap) if (cuda and gpus) else None
         pred = planned_prediction(memory.ModelShape.of(shape), run,
                                   memory.Limits(gpu_total, host_total if entry.num_nodes == 1 else None),
-                                  entry.extra_args, gpu=gpu).to_json()
+                                  entry.extra_args, gpu=gpu, family=resolve_model(entry.model).family).to_json()
         if entry.num_nodes > 1:  # one node's RAM holds its own ranks' share, not the whole job's host memory
             pred = nodes_mod.per_node_prediction(pred, entry.num_nodes, entry.num_gpus, host_total)
         return pred

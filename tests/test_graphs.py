@@ -229,8 +229,11 @@ def test_wgrad_mode_resolves_and_refuses_unknown_values():
     assert on is True and why == f"auto: {_evidence('ZeRO-1', 'graph_wgrad')}"
     on, why = _graph_lever("graph_wgrad", "auto", autocast=True)
     assert on is False and "autocast" in why
-    with pytest.raises(ValueError, match="--graph-wgrad must be one of auto, off"):
-        _graph_lever("graph_wgrad", "on")
+    with pytest.raises(ValueError, match="--graph-wgrad must be one of auto, on, off"):
+        _graph_lever("graph_wgrad", "yes")
+    assert _graph_lever("graph_wgrad", "on") == (True, "on: asked for")
+    with pytest.raises(LeverError, match="--graph-wgrad on: the plain loop's autocast"):
+        _graph_lever("graph_wgrad", "on", autocast=True)
 
 
 def test_fused_pointwise_blocks_compute_the_blocks_own_operations_in_their_order(monkeypatch):

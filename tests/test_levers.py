@@ -219,3 +219,14 @@ def test_before_the_engine_its_levers_are_pending():
     plan = decide(Asked(), s)
     assert plan.pending == ("graph_accum", "graph_wgrad", "graph_qkv", "graph_fuse", "grad_norm", "overflow_check")
     assert plan.on("cuda_graphs")
+
+
+def test_evidence_holds_for_the_model_family_it_was_measured_on():
+    """The evidence rows were measured on Pangu-α: a transformers model (family hf) gets no lever under auto until a
+    row for its family exists, and levers asked for by name still apply."""
+    s = replace(_situation("z1/bf16", 1, "cuda", "sm_90"), family="hf", capabilities=frozenset())
+    plan = decide(Asked(), s)
+    assert [n for n, d in plan.decisions if d.on] == []
+    assert plan.why("cuda_graphs") == ("auto: not measured here (ZeRO-1 on sm_90, world 1, hf models; --cuda-graphs "
+                                       "on applies it)")
+    assert decide(Asked(cuda_graphs="on", grad_norm="foreach"), s).on("grad_norm")
