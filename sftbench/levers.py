@@ -105,7 +105,7 @@ EVIDENCE: tuple[Evidence, ...] = (
              "results/perf_h200/levers_graphs_configs.md"),
     # DeepSpeed's throughput timer off next to the graphs (its two device syncs per micro-batch stall the replays).
     Evidence("ds_throughput_timer", "graphed", "Pangu-2.6B 1.11x, Pangu-350M 1.08x by the median", False,
-             "docs/performance.md (CUDA graphs of the micro-batch)",
+             "docs/history/performance-calls.md (CUDA graphs of the micro-batch)",
              note="adopted by the median: it removes two device syncs per micro-batch and changes nothing computed"),
     # Weight and bias gradients added inside the GEMMs (graphs on). Measured alone on ZeRO-1; on the other graphed
     # kinds it was on in every later measurement of their graphs (levers_stages, the coalesced window).
@@ -123,10 +123,10 @@ EVIDENCE: tuple[Evidence, ...] = (
     Evidence("graph_fuse", "ZeRO-1", "Pangu-2.6B ~1.02x twice, Pangu-350M ~1.03x and ~1.01x (ranges overlap)", False,
              "results/perf_h200/levers_fuse60_2.6b.md", adopted=False),
     # The boundary's gradient norm in one multi-tensor kernel (ZeRO-1/2 GPU partitions).
-    Evidence("grad_norm", "ZeRO-1", "Pangu-2.6B and Pangu-350M faster (docs/performance.md: the boundary's gradient "
-             "norm in one kernel)", True, "results/perf_h200/levers_gradnorm_2.6b.md"),
-    Evidence("grad_norm", "ZeRO-2", "not measured alone: on in the coalesced-window calls", False,
-             "results/perf_h200/levers_coalesce_z2_2.6b.md", note="extends the ZeRO-1 evidence"),
+    Evidence("grad_norm", "ZeRO-1", "Pangu-2.6B 1.09x, Pangu-350M 1.19x", True,
+             "results/perf_h200/levers_gradnorm_2.6b.md"),
+    Evidence("grad_norm", "ZeRO-2", "Pangu-2.6B ~1.14x (ranges overlap)", False,
+             "results/perf_h200/levers_gradnorm_2.6b.md", note="adopted by the median"),
     Evidence("grad_norm", "ZeRO-2 + coalesced reduction", "not measured alone: on in the coalesced-window calls",
              False, "results/perf_h200/levers_coalesce_z2_2.6b.md", note="extends the ZeRO-1 evidence"),
     Evidence("grad_norm", "ZeRO-1 + coalesced reduction", "not measured alone", False,
@@ -152,7 +152,7 @@ EVIDENCE: tuple[Evidence, ...] = (
              "results/perf_h200/levers_coalesce_z3_2.6b.md", adopted=False),
     # torch.compile: no configuration measured faster with >= 20 measured steps.
     Evidence("compile", "ZeRO-1", "1.43-1.47x with 3 measured steps on shared hosts; nothing with 20+ on the H200",
-             False, "docs/performance.md (levers measured alone)", adopted=False),
+             False, "docs/history/performance-calls.md (levers measured alone)", adopted=False),
 )
 
 
@@ -644,3 +644,18 @@ def decide(asked: Asked, s: Situation) -> LeverPlan:
     else:
         pending = ("graph_accum", "graph_wgrad", "graph_qkv", "graph_fuse", "grad_norm", "overflow_check")
     return LeverPlan(tuple(out), pending)
+
+
+def evidence_markdown() -> str:
+    """``EVIDENCE`` as the markdown table docs/performance.md carries (``python -m sftbench.levers`` prints it)."""
+    lines = ["| lever | configuration | GPU class | world | family | measured (s/step off ÷ on, same call) "
+             "| decided by the steps | on under auto | results |", "|---|---|---|---|---|---|---|---|---|"]
+    for e in EVIDENCE:
+        note = f" ({e.note})" if e.note else ""
+        lines.append(f"| `{e.lever}` | {e.kind} | {e.gpu_class} | {e.world_size} | {e.family} | {e.ratio}{note} | "
+                     f"{'yes' if e.decided else 'no'} | {'yes' if e.adopted else 'no'} | `{e.results}` |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(evidence_markdown(), end="")

@@ -230,3 +230,9 @@ def test_evidence_holds_for_the_model_family_it_was_measured_on():
     assert plan.why("cuda_graphs") == ("auto: not measured here (ZeRO-1 on sm_90, world 1, hf models; --cuda-graphs "
                                        "on applies it)")
     assert decide(Asked(cuda_graphs="on", grad_norm="foreach"), s).on("grad_norm")
+
+
+def test_the_performance_page_carries_the_evidence_table_as_the_plan_holds_it():
+    page = (REPO / "docs" / "performance.md").read_text()
+    table = page.split("<!-- evidence:start -->\n", 1)[1].split("<!-- evidence:end -->", 1)[0]
+    assert table == levers.evidence_markdown()
