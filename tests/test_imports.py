@@ -132,7 +132,7 @@ def test_no_private_names_across_modules():
                                  "sftbench.monitor.rows", "sftbench.monitor.table", "sftbench.nodes",
                                  "sftbench.fmt", "sftbench.paths", "sftbench.models", "sftbench.models.spec",
                                  "sftbench.models.shape", "sftbench.models.resolve", "sftbench.models.pangu",
-                                 "sftbench.models.hf"])
+                                 "sftbench.models.hf", "sftbench.levers", "sftbench.ds_patches"])
 def test_shared_modules_import_without_torch(mod):
     code = f"import sys, {mod}; sys.exit(1 if 'torch' in sys.modules or 'deepspeed' in sys.modules else 0)"
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
