@@ -255,6 +255,11 @@ class GraphedLoss:
 
     def __init__(self, model, sample: dict, *, warmup_iters: int = 3, amp_dtype=None, boundary=None,
                  wgrad: bool = False, qkv: bool = False, fuse: bool = False):
+        """Capture the forward and the backward. One long function on purpose (~150 lines): the steps are one
+        sequence whose order is the correctness argument (checks, shadow leaves sharing the parameters' storage,
+        warm-up on the side stream, the static gradient buffers, the forward capture, the backward capture into
+        those buffers, the handed-over references), read top to bottom; split into methods, that order would be
+        spread over the class."""
         import torch
 
         self.model = model
