@@ -34,14 +34,6 @@ def real_vocab() -> Path | None:
     return None
 
 
-@pytest.fixture
-def pangu_vocab() -> Path:
-    p = real_vocab()
-    if p is None:
-        pytest.skip("real PanGu vocab.model not available (set PANGU_VOCAB)")
-    return p
-
-
 def cpu_env(**extra: str) -> dict:
     env = dict(os.environ)
     env.update({

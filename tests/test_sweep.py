@@ -347,7 +347,10 @@ def test_failure_becomes_oom_and_the_sweep_goes_on(tmp_path):
     rd = tmp_path / es[0].run
     s = json.loads((rd / "summary.json").read_text())
     assert s["status"] == "oom" and s["synthesized"] is True and "CUDA out of memory" in s["error"]
-    assert set(s) == set(runlog.SUMMARY_KEYS)
+    # The script wrote no rank file: no step, no statistic, no loss; only the process's wall time is known.
+    assert (s["type"], s["steps"], s["measured_steps"], s["step_s_median"], s["final_loss"], s["saved"]) == (
+        "summary", 0, 0, None, None, None)
+    assert 0 < s["wall_s"] < 60  # the sweep's timeout_s
     assert "CUDA out of memory" in (rd / "console.log").read_text()
     assert json.loads((rd / "plan_entry.json").read_text())["run"] == es[0].run
     assert "gpu_mib" in json.loads((rd / "predicted.json").read_text())
