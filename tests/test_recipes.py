@@ -17,65 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, cpu_env, launch_cmd, read_jsonl, run
+from conftest import (DATA, GRAD_ACCUM, MICRO_BATCH, MODEL, RECIPES, REPO, SEED, SEQ_LEN, STEPS, TOKENIZER,
+                      curve, recipe_args)
 
-FIX = REPO / "tests" / "fixtures"
-MODEL = FIX / "tiny-pangu"
-DATA = FIX / "recipe_sft.jsonl"
-TOKENIZER = REPO / "data" / "tokenizer" / "spm.model"
-RECORDED = FIX / "recipe_losses.json"
+RECORDED = REPO / "tests" / "fixtures" / "recipe_losses.json"
 RECORD_ENV = "SFTBENCH_RECORD_RECIPES"  # =1: write the values of the runs into RECORDED instead of comparing
-
-SEED, SEQ_LEN, GRAD_ACCUM, MICRO_BATCH, STEPS, LR = 3, 64, 2, 1, 8, 3e-3
-
-# name -> (ranks, --ds, prompt mask flag). Both mask settings are pinned: the default is being changed.
-RECIPES = {
-    "z1": (2, str(FIX / "recipe_z1.json"), "--mask-prompt"),
-    "z2_offload": (2, str(FIX / "recipe_z2_offload.json"), "--mask-prompt"),
-    "z3": (2, str(FIX / "recipe_z3.json"), "--no-mask-prompt"),
-    "none": (1, "none", "--no-mask-prompt"),
-}
-
-
-def recipe_args(name: str) -> list[str]:
-    """The recipe's train.py flags, every one that decides the loss (no run folder, cache or step count)."""
-    _, ds, mask = RECIPES[name]
-    return ["--ds", ds, "--model", str(MODEL), "--tokenizer", str(TOKENIZER), "--data", str(DATA),
-            "--seq-len", str(SEQ_LEN), "--seed", str(SEED), "--precision", "fp32", "--lr", str(LR),
-            "--lr-warmup-steps", "1", "--grad-accum", str(GRAD_ACCUM), "--micro-batch", str(MICRO_BATCH), mask,
-            "--eval-split", "0", "--pad-mask", "auto", "--compile", "off", "--cuda-graphs", "off",
-            "--coalesce-reduction", "off", "--grad-norm", "deepspeed", "--overflow-check", "deepspeed",
-            "--warmup-steps", "1"]
-
-
-def recipe_cmd(name: str, *extra: str) -> list[str]:
-    """The launcher on the recipe's ranks, or one process for --ds none (a world of one: no launcher needed)."""
-    ranks = RECIPES[name][0]
-    if ranks == 1:
-        import sys
-        return [sys.executable, str(REPO / "train.py"), *recipe_args(name), *extra]
-    return launch_cmd(ranks, *recipe_args(name), *extra)
-
-
-def curve(run_dir: Path, rank: int) -> tuple[list[float], list[float]]:
-    steps = [r for r in read_jsonl(run_dir / f"rank{rank}.jsonl") if r["type"] == "step"]
-    return [s["loss"] for s in steps], [s["lr"] for s in steps]
-
-
-@pytest.fixture(scope="session")
-def recipe_run(tmp_path_factory):
-    """Each recipe trained once per session, STEPS steps: its run folder (the recipe and resume tests read it)."""
-    done: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in done:
-            root = tmp_path_factory.mktemp(f"recipe_{name}")
-            p = run(recipe_cmd(name, "--max-steps", str(STEPS), "--run-dir", str(root / "run"),
-                               "--cache-dir", str(root / "cache")), cpu_env(), timeout=500)
-            assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-            done[name] = root / "run"
-        return done[name]
-    return get
 
 
 def first_step_rows(name: str) -> dict[int, list[int]]:
