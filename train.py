@@ -28,6 +28,7 @@ from sftbench.failures import classify_exception
 from sftbench.fmt import MIB
 from sftbench.nodes import NodeError, per_node_prediction, placement, rank0_value
 from sftbench.paths import REPO
+from sftbench.presets import check_seq_len
 from sftbench.ops import check_locks as check_build_locks
 from sftbench.runlog import RunLog
 from sftbench.shm import release_own_buffer as release_shm_buffer
@@ -91,6 +92,10 @@ def git_commit() -> str | None:
 def main() -> int:
     # ---------------------------------------------------------------- parse
     args = parse_args()
+    try:  # before anything is built or trained: a re-run must not replace a saved model (sftbench/checkpoint.py)
+        checkpoint.check_save_target(args.save, args.resume, args.overwrite)
+    except checkpoint.SaveTargetError as e:
+        sys.exit(f"error: {e}")
     arch_env = fix_cuda_arch_list()  # before anything imports DeepSpeed's op builders
     try:
         if args.deepspeed:
@@ -162,6 +167,10 @@ def main() -> int:
         sys.exit("error: fp16 with DeepSpeed is not supported on CPU (DeepSpeed's CPU accelerator refuses it); use "
                  "--precision bf16 or fp32, or --ds none for the plain PyTorch loop")
     model_name = args.model or ("pangu-tiny" if on_cpu else "pangu-350m")
+    try:  # before the data is tokenised: a longer sample has no position row (an IndexError mid-step)
+        check_seq_len(model_name, args.seq_len)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     try:
         compile_target, compile_why = speed.resolve_compile(args.compile, on_cpu, ds_cfg,
                                                             args.ds if args.deepspeed else None)
@@ -311,7 +320,7 @@ def main() -> int:
         stats.warmup_steps = warmup_steps
         saver = (checkpoint.Saver(args.save, engine=engine, is_deepspeed=args.deepspeed,
                                   zero_stage=ds_layout["zero_stage"], precision=precision, config=config, tok=tok,
-                                  rank=rank, keep=args.save_keep, say=say)
+                                  rank=rank, keep=args.save_keep, say=say, overwrite=args.overwrite)
                  if args.save else None)
         evaluator = None
         if eval_rows:

@@ -147,6 +147,10 @@ class HarnessArgs:
                              "Nothing is saved without it.", default=None)
     save_every: int = _help("Also write DIR/checkpoint-<step>/ (same layout) every N steps; 0 = never.", default=0)
     save_keep: int = _help("Keep the last K checkpoint-<step> folders (0 = all).", default=3)
+    overwrite: bool = _help("Let --save replace a folder that already holds a saved model or checkpoints (its "
+                            "state and checkpoint-<step> folders are removed when saving starts). Without it such a "
+                            "folder is refused before anything trains, unless --resume continues it.",
+                            default=False)
     resume: str | None = _help("Resume from a save folder or a checkpoint-<step> folder (of a folder holding "
                                "several, the latest): weights, optimizer, LR schedule, loss scale, RNG and the "
                                "position in the data order; step numbers continue.", default=None)
@@ -181,6 +185,8 @@ class HarnessArgs:
         for name in ("save_every", "save_keep", "eval_every"):
             if getattr(self, name) < 0:
                 raise ArgsError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.overwrite and not self.save:
+            raise ArgsError("--overwrite applies to --save DIR only (the folder it lets a run replace)")
         if self.save_every and not self.save:
             raise ArgsError("--save-every needs --save DIR (the folder the checkpoints go into)")
         if not 0.0 <= self.eval_split < 1.0:

@@ -62,6 +62,10 @@ class ResumeError(ValueError):
     """A --resume path that cannot be resumed from (names the folder and what is wrong)."""
 
 
+class SaveTargetError(ValueError):
+    """A --save folder that already holds a model or checkpoints this run would replace (names the folder)."""
+
+
 class Interrupted(Exception):
     """The run was stopped by a signal."""
 
@@ -119,6 +123,38 @@ def check_resumable(folder: Path, state: dict, identity: dict, max_steps: int) -
     if state["step"] >= max_steps:
         raise ResumeError(f"--resume: {folder} is at step {state['step']}, and this run stops at step {max_steps} "
                           f"(--max-steps and --epochs count from the start of the first run): nothing to train")
+
+
+def saved_contents(folder: str | os.PathLike) -> list[str]:
+    """What in ``folder`` a save would replace: its own model or state files and its ``checkpoint-<step>``
+    folders (names, sorted); empty when the folder is missing or holds none of them."""
+    p = Path(folder)
+    if not p.is_dir():
+        return []
+    own = [name for name in (STATE_FILE, "model.safetensors", "config.json", ENGINE_DIR) if (p / name).exists()]
+    ckpts = sorted(c.name for c in p.iterdir() if CHECKPOINT_RE.match(c.name) and c.is_dir())
+    return own + ckpts
+
+
+def check_save_target(save: str | None, resume: str | None, overwrite: bool) -> None:
+    """Refuse ``--save DIR`` when DIR already holds a model or checkpoints and the run neither continues it
+    (``--resume`` DIR or one of its ``checkpoint-<step>`` folders) nor was told ``--overwrite``: a re-run of the same
+    command must not replace a trained model. Called before anything is built or trained (the Trainer and
+    LLaMA-Factory refuse a non-empty output folder the same way)."""
+    if not save or overwrite:
+        return
+    found = saved_contents(save)
+    if not found:
+        return
+    target = Path(save).resolve()
+    if resume:
+        r = Path(resume).resolve()
+        if r == target or r.parent == target:  # continuing this folder's own run
+            return
+    shown = ", ".join(found[:4]) + (f" (+{len(found) - 4} more)" if len(found) > 4 else "")
+    raise SaveTargetError(f"--save: {save} already holds a saved model or checkpoints ({shown}); this run would "
+                          f"replace them. Continue that run with --resume {save}, save elsewhere, or pass "
+                          "--overwrite to replace them")
 
 
 # ------------------------------------------------------------------------------------------------ weights
@@ -209,7 +245,8 @@ class Saver:
     """Writes save folders of one run (see the module doc). Every rank makes the same calls in the same order."""
 
     def __init__(self, root: str | os.PathLike, *, engine, is_deepspeed: bool, zero_stage: int | None,
-                 precision: str, config, tok, rank: int, keep: int, say: Callable[[str], None]):
+                 precision: str, config, tok, rank: int, keep: int, say: Callable[[str], None],
+                 overwrite: bool = False):
         self.root = Path(root)
         self.engine, self.is_deepspeed, self.zero_stage = engine, is_deepspeed, zero_stage
         self.precision, self.config, self.tok = precision, config, tok
@@ -219,6 +256,12 @@ class Saver:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob(".partial-*"):  # a save killed part-way: never complete, safe to drop
                 _remove(stale)
+            if overwrite:  # --overwrite: the old run's state and checkpoints go, so resume never takes one of them
+                old = saved_contents(self.root)
+                for name in old:
+                    _remove(self.root / name)
+                if old:
+                    say(f"--overwrite: removed {', '.join(old)} from {self.root}")
         _barrier()
 
     def save(self, step: int, state: dict, *, final: bool) -> Path:

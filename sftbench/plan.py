@@ -36,7 +36,7 @@ from sftbench.dsconfig import DSConfigError, apply_precision, describe, load_ds_
 from sftbench.fmt import MIB
 from sftbench.hardware import detect_gpus, gpu_slug, host_total_mib
 from sftbench.nodes import per_node_prediction
-from sftbench.presets import model_shape
+from sftbench.presets import check_seq_len, model_shape
 
 CONFIG_DIR = REPO / "ds_configs"
 RESULTS_DIR = REPO / "results"
@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         if c not in known:
             raise SystemExit(f"plan: --configs: unknown config {c!r} (known: {', '.join(known)})")
     try:
+        check_seq_len(args.model, args.seq_len)
         rows = plan(args.model, hw, args.precision, args.seq_len, configs, measured_steps())
     except (ValueError, DSConfigError) as e:
         raise SystemExit(f"plan: {e}") from None

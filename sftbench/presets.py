@@ -48,7 +48,8 @@ def model_shape(model: str) -> dict:
         c = json.loads((p / "config.json").read_text(encoding="utf-8"))
         d = {"hidden_size": c.get("hidden_size", c.get("n_embd")), "num_layers": c.get("num_layers", c.get("n_layer")),
              "num_heads": c.get("num_heads", c.get("n_head")), "vocab_size": c.get("vocab_size"),
-             "max_position_embeddings": c.get("max_position_embeddings", 1024),
+             # the position table's length under its transformers spellings (GPT-2 style configs: n_positions)
+             "max_position_embeddings": c.get("max_position_embeddings", c.get("n_positions", 1024)),
              "intermediate_size": c.get("intermediate_size"),
              "tie_word_embeddings": c.get("tie_word_embeddings", True)}
     else:
@@ -61,3 +62,18 @@ def model_shape(model: str) -> dict:
     shape["n_params"] = param_count(shape["hidden"], shape["n_layers"], shape["vocab"], shape["max_positions"],
                                     shape["intermediate"], bool(d.get("tie_word_embeddings", True)))
     return shape
+
+
+class SeqLenError(ValueError):
+    """A --seq-len longer than the model's position table (names both numbers)."""
+
+
+def check_seq_len(model: str, seq_len: int) -> int:
+    """The model's positions (``max_position_embeddings`` / ``n_positions`` of its config); SeqLenError when
+    ``seq_len`` exceeds them: the position embedding has no row past them (the step would fail deep inside the model
+    with an index error). ValueError for a model neither a preset nor a folder with config.json."""
+    positions = model_shape(model)["max_positions"]
+    if seq_len > positions:
+        raise SeqLenError(f"--seq-len {seq_len} is longer than {model}'s {positions} positions "
+                          f"(max_position_embeddings in its config): use --seq-len {positions} or less")
+    return positions

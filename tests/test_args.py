@@ -126,3 +126,9 @@ def test_planned_prediction_holds_the_coalesced_window_where_train_py_will_open_
     assert coalesce_planned(["--coalesce-reduction", "sometimes"], off, 1, True, "bf16") == ""  # train.py refuses
     assert coalesce_planned([], off, 1, True, "bf16") == "auto"
     assert coalesce_planned(["--coalesce-reduction", "on"], off, 4, False, "bf16") == "on"
+
+
+def test_overwrite_needs_a_save_folder():
+    with pytest.raises(ArgsError, match=r"--overwrite applies to --save DIR only"):
+        HarnessArgs(overwrite=True)
+    assert HarnessArgs(overwrite=True, save="out").overwrite is True
