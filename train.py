@@ -21,7 +21,7 @@ from pathlib import Path
 
 from sftbench.args import parse_args, resolve_warmup
 from sftbench.buildenv import fix_cuda_arch_list, rank_device, single_process_env
-from sftbench import checkpoint
+from sftbench import checkpoint, schedule
 from sftbench.dsconfig import (DSConfigError, apply_overrides, apply_precision, config_precision, describe,
                                load_ds_config, peak_lr, resolve_config_path)
 from sftbench.failures import classify_exception
@@ -229,6 +229,13 @@ def main() -> int:
             + (f"; eval: {len(eval_rows)} samples ({args.eval_data or f'{args.eval_split:g} of the training file'})"
                if eval_rows else ""))
 
+        # --lr-schedule over the run's length, known now that the data is (sftbench/schedule.py)
+        ds_cfg, schedule_steps, schedule_changes, schedule_note = schedule.for_run(
+            ds_cfg, args.lr_schedule, max_steps=args.max_steps, epochs=args.epochs, n_train=n_train,
+            world_size=world_size, micro_batch=args.micro_batch, grad_accum=args.grad_accum, source=args.ds)
+        overrides += schedule_changes
+        say(schedule_note)
+
         # ------------------------------------------------------------ build: model
         ds_layout = describe(ds_cfg)  # ZeRO stage, offload devices (None for --ds none)
         t_build = time.time()
@@ -262,7 +269,7 @@ def main() -> int:
             model.to(device)
             engine = PlainEngine(model, device=device, precision=precision, grad_accum=args.grad_accum,
                                  micro_batch=args.micro_batch, lr=args.lr, lr_warmup_steps=args.lr_warmup_steps,
-                                 world_size=world_size)
+                                 world_size=world_size, lr_schedule=args.lr_schedule, total_steps=schedule_steps)
             engine_name = "torch"
         speed.compile_engine(engine, compile_target, args.compile_mode, args.deepspeed)
         one_pass = speed.apply_one_pass_levers(engine, args.grad_norm, args.overflow_check, device.type == "cuda")
@@ -513,7 +520,8 @@ def main() -> int:
         status, error = "interrupted", str(e)
     except KeyboardInterrupt as e:
         status, error = classify_exception(e)
-    except (sftdata.DataError, CheckpointError, checkpoint.ResumeError, FileNotFoundError, TimeoutError,
+    except (sftdata.DataError, CheckpointError, checkpoint.ResumeError, schedule.ScheduleError, FileNotFoundError,
+            TimeoutError,
             graphs.GraphError, speed.SpeedError, engine_checks.NonFiniteUpdate) as e:
         # Bad input: the message names the file/key/line; a traceback would only bury it.
         status, error = "error", str(e)

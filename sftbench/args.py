@@ -71,8 +71,16 @@ class HarnessArgs:
     lr_warmup_steps: int | None = _help("Linear LR warm-up steps. DeepSpeed runs: overrides the scheduler's "
                                         "warmup_num_steps (logged). Default: the config's; 100 for --ds none.",
                                         default=None)
+    lr_schedule: str = _help("LR schedule after the warm-up, over the run's length (--max-steps or --epochs): "
+                             "'cosine' (DeepSpeed's WarmupCosineLR, to 0 at the last step), 'linear' "
+                             "(WarmupDecayLR, to 0), 'constant' (WarmupLR), 'config' (the config's scheduler block "
+                             "as written; for --ds none the reference's constant), 'auto' (default: cosine, unless "
+                             "the config's scheduler already decays, which is then kept). Changes are logged.",
+                             default="auto")
     seq_len: int = _help("Tokens per sample: truncated longest-first and padded to this.", default=512)
-    mask_prompt: bool = _help("Also leave the prompt tokens out of the loss (the reference did not).", default=False)
+    mask_prompt: bool = _help("Leave the prompt tokens out of the loss, train on the answers only (default, as "
+                              "axolotl and LLaMA-Factory do); --no-mask-prompt trains on every token, the "
+                              "reference's layout (the sweep and the bench scripts pass it).", default=True)
     strict_data: bool = _help("Fail on the first broken JSONL line instead of skipping it.", default=False)
     seed: int = _help("Seed for weights, data order and dropout.", default=1234)
     run_dir: str | None = _help("Directory for rank<k>.jsonl. Default: runs/<model>__<config>__<precision>__<time>.",
@@ -203,6 +211,11 @@ class HarnessArgs:
                     setattr(self, name, value)
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ArgsError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        from sftbench.schedule import ScheduleError, check as check_schedule
+        try:
+            check_schedule(self.lr_schedule)
+        except ScheduleError as e:
+            raise ArgsError(str(e)) from None
         if self.pad_mask not in ("auto", "always"):
             raise ArgsError(f"--pad-mask must be auto or always, got {self.pad_mask!r}")
         from sftbench.speed import SpeedError, check_coalesce, check_compile, check_grad_norm, check_overflow_check

@@ -397,6 +397,11 @@ def launcher_command(num_gpus: int, cuda: bool, env: Mapping[str, str], nodes: N
     return cmd + ["--num_gpus", str(num_gpus)]
 
 
+# The reference's training layout, which train.py's defaults no longer are: every token in the loss and its WarmupLR
+# schedule (constant after the warm-up). The same FLOPs and steps either way: timings do not depend on them.
+REFERENCE_LAYOUT = ("--no-mask-prompt", "--lr-schedule", "config")
+
+
 def train_command(entry: PlanEntry, run_dir: Path, env: dict) -> list[str]:
     """deepspeed launcher -> train.py."""
     nodes = (NodeLaunch(entry.hostfile, entry.num_nodes, entry.master_addr, entry.launcher) if entry.hostfile
@@ -405,7 +410,7 @@ def train_command(entry: PlanEntry, run_dir: Path, env: dict) -> list[str]:
     cmd += ["train.py", "--ds", entry.ds_config or "none", "--model", entry.model, "--precision", entry.precision,
             "--max-steps", str(entry.max_steps), "--warmup-steps", str(entry.warmup_steps),
             "--run-dir", repo_relative(run_dir), "--data", entry.data, "--seq-len", str(entry.seq_len),
-            *entry.extra_args]
+            *REFERENCE_LAYOUT, *entry.extra_args]
     return cmd
 
 
