@@ -30,6 +30,7 @@ from sftbench.nodes import NodeError, per_node_prediction, placement, rank0_valu
 from sftbench.paths import REPO
 from sftbench.presets import check_seq_len
 from sftbench.ops import check_locks as check_build_locks
+from sftbench.report_to import open_sinks
 from sftbench.runlog import RunLog
 from sftbench.shm import release_own_buffer as release_shm_buffer
 
@@ -195,7 +196,7 @@ def main() -> int:
     run_dir = args.run_dir or rank0_value(args.default_run_dir(model_name, precision))  # one folder for every node
     if rank == 0:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-    log = RunLog(run_dir, rank)
+    log = RunLog(run_dir, rank, sinks=open_sinks(args.report_to, run_dir, rank))
     t_start = time.time()
     torch.manual_seed(args.seed)
 

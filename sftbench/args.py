@@ -167,6 +167,10 @@ class HarnessArgs:
     eval_split: float = _help("Hold out this fraction of the training file for evaluation instead (e.g. 0.05; a "
                               "seeded draw).", default=0.0)
     eval_every: int = _help("Evaluate every N steps as well (0 = only at epoch ends and at the end).", default=0)
+    report_to: str | None = _help("Also write the log's step, eval and summary numbers, under the log's key names, "
+                                  "to 'tensorboard' (<run>/tensorboard/), 'wandb' (when installed), or both "
+                                  "(comma-separated); the JSONL log stays the source of truth. Default: none.",
+                                  default=None)
     log_every: int = _help("Print a console line every N steps (rank 0).", default=1)
     local_rank: int = _help("Set by the launcher.", default=-1)
 
@@ -211,6 +215,11 @@ class HarnessArgs:
                     setattr(self, name, value)
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ArgsError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        from sftbench.report_to import ReportToError, parse as parse_report_to
+        try:
+            parse_report_to(self.report_to)
+        except ReportToError as e:
+            raise ArgsError(str(e)) from None
         from sftbench.schedule import ScheduleError, check as check_schedule
         try:
             check_schedule(self.lr_schedule)
