@@ -19,16 +19,16 @@ import sys
 import time
 from pathlib import Path
 
-from sftbench.args import parse_args, resolve_warmup
+from sftbench.args import PLAIN_DEFAULTS, parse_args, resolve_warmup, save_config_file
 from sftbench.buildenv import fix_cuda_arch_list, rank_device, single_process_env
 from sftbench import checkpoint, schedule
 from sftbench.dsconfig import (DSConfigError, apply_overrides, apply_precision, config_precision, describe,
-                               load_ds_config, peak_lr, resolve_config_path)
+                               load_ds_config, peak_lr, resolve_auto, resolve_config_path)
 from sftbench.failures import classify_exception
 from sftbench.fmt import MIB
 from sftbench.nodes import NodeError, per_node_prediction, placement, rank0_value
 from sftbench.paths import REPO
-from sftbench.presets import check_seq_len
+from sftbench.presets import check_seq_len, model_shape as shape_of
 from sftbench.ops import check_locks as check_build_locks
 from sftbench.report_to import open_sinks
 from sftbench.runlog import RunLog
@@ -150,9 +150,19 @@ def main() -> int:
             torch.cuda.synchronize(device)
 
 
+    model_name = args.model or ("pangu-tiny" if on_cpu else "pangu-350m")
+    try:  # before the data is tokenised: a longer sample has no position row (an IndexError mid-step)
+        check_seq_len(model_name, args.seq_len)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     # Precision: the config's block, or the flag; --ds none defaults to bf16 where the GPU has it.
     overrides: list[str] = []  # DeepSpeed config keys the flags changed, for the log and the console
     if ds_cfg is not None:
+        # a config written for the transformers Trainer: its "auto" values filled in as the Trainer does
+        ds_cfg, auto_filled = resolve_auto(
+            ds_cfg, world_size=world_size, micro_batch=args.micro_batch, grad_accum=args.grad_accum, lr=args.lr,
+            lr_warmup_steps=args.lr_warmup_steps, hidden=shape_of(model_name)["hidden"], defaults=PLAIN_DEFAULTS,
+            precision=args.precision or ("bf16" if not on_cpu and torch.cuda.is_bf16_supported() else "fp32"))
         ds_cfg = apply_precision(ds_cfg, args.precision)
         precision = config_precision(ds_cfg)
         try:
@@ -161,17 +171,13 @@ def main() -> int:
                                                 source=args.ds)
         except DSConfigError as e:
             sys.exit(f"error: {e}")
+        overrides = auto_filled + overrides
     else:
         precision = args.precision or ("bf16" if not on_cpu and torch.cuda.is_bf16_supported() else "fp32")
     if precision == "fp16" and on_cpu and args.deepspeed:
         # The plain loop (--ds none) runs fp16 on CPU: torch's CPU autocast and GradScaler have it.
         sys.exit("error: fp16 with DeepSpeed is not supported on CPU (DeepSpeed's CPU accelerator refuses it); use "
                  "--precision bf16 or fp32, or --ds none for the plain PyTorch loop")
-    model_name = args.model or ("pangu-tiny" if on_cpu else "pangu-350m")
-    try:  # before the data is tokenised: a longer sample has no position row (an IndexError mid-step)
-        check_seq_len(model_name, args.seq_len)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
     try:
         compile_target, compile_why = speed.resolve_compile(args.compile, on_cpu, ds_cfg,
                                                             args.ds if args.deepspeed else None)
@@ -196,6 +202,7 @@ def main() -> int:
     run_dir = args.run_dir or rank0_value(args.default_run_dir(model_name, precision))  # one folder for every node
     if rank == 0:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
+        save_config_file(args, run_dir)  # --config: the run folder names every flag it was given
     log = RunLog(run_dir, rank, sinks=open_sinks(args.report_to, run_dir, rank))
     t_start = time.time()
     torch.manual_seed(args.seed)

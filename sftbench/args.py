@@ -42,6 +42,9 @@ def _help(text: str, **kw):
 
 @dataclass
 class HarnessArgs:
+    config: str | None = _help("A YAML or JSON file of train.py's flags (keys as the flags without '--', e.g. "
+                               "'ds: z1', 'lr-schedule: cosine', 'mask-prompt: false'); flags on the command line "
+                               "override it. Copied into the run folder.", default=None)
     ds: str | None = _help("DeepSpeed JSON config, or 'none' for the plain PyTorch loop (DDP when several ranks).",
                            default=None)
     model: str | None = _help("Model preset (pangu-350m, pangu-2.6b, pangu-13b, pangu-tiny) or a checkpoint folder. "
@@ -361,8 +364,74 @@ def planned_prediction(shape, run, limits, flags: list[str] = ()):
     return pred
 
 
+def config_file_argv(path: str) -> list[str]:
+    """The flags of a --config file (YAML or JSON: one mapping of flag names, with '-' or '_', to values) as command
+    line tokens, so train.py's parser checks them as it checks typed flags. ArgsError names the file and the key."""
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        raise ArgsError(f"--config: file not found: {path}")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ArgsError(f"--config {path}: not valid JSON at line {e.lineno}: {e.msg}") from None
+    else:
+        import yaml  # PyYAML, which transformers requires
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:  # its message names the line and column
+            raise ArgsError(f"--config {path}: not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ArgsError(f"--config {path}: the top level must be a mapping of flags, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(HarnessArgs)}
+    out: list[str] = []
+    for key, value in data.items():
+        name = str(key).lstrip("-").replace("-", "_")
+        if name not in fields or name in ("config", "local_rank"):
+            raise ArgsError(f"--config {path}: key {key!r} is not a train.py flag (train.py --help lists them)")
+        flag = "--" + name.replace("_", "-")
+        if fields[name].type in ("bool", bool):
+            if not isinstance(value, bool):
+                raise ArgsError(f"--config {path}: key {key!r} must be true or false, got {value!r}")
+            out.append(flag if value else "--no-" + flag[2:])
+        elif value is None:
+            continue  # the flag's default, as if not given
+        elif isinstance(value, (dict, list)):
+            raise ArgsError(f"--config {path}: key {key!r} must be one value, got {type(value).__name__}")
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def save_config_file(args: HarnessArgs, run_dir: str | os.PathLike) -> Path | None:
+    """Copy the --config file into the run folder (``run_config.yaml`` or ``.json``), so the run names every flag
+    it was given; None without --config."""
+    if not args.config:
+        return None
+    import shutil
+    dst = Path(run_dir) / ("run_config" + (Path(args.config).suffix or ".yaml"))
+    shutil.copyfile(args.config, dst)
+    return dst
+
+
 def parse_args(argv: list[str] | None = None) -> HarnessArgs:
+    import sys
+
     p = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--config", default=None)
+    path = first.parse_known_args(argv)[0].config
+    if path:
+        try:
+            argv = config_file_argv(path) + argv  # later tokens win: the command line overrides the file
+        except ArgsError as e:
+            p.error(str(e))
     ns = p.parse_args(argv)
     try:
         return HarnessArgs(**vars(ns))

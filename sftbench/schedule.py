@@ -132,6 +132,10 @@ def for_run(cfg: dict | None, kind: str, *, max_steps: int | None, epochs: float
     micro, ga = batch_shape(cfg, world_size)
     total = run_steps(max_steps, epochs, n_train, world_size, micro, ga)
     out, changes = apply(cfg, kind, total, source)
+    params = (out.get("scheduler") or {}).get("params") or {}
+    if params.get("total_num_steps") == "auto":  # a Trainer-style config: the run's length, as the Trainer sets it
+        params["total_num_steps"] = total
+        changes.append(f'scheduler.params.total_num_steps: "auto" -> {total} (the run\'s steps)')
     sched = out.get("scheduler") or {}
     resolved = resolve(kind, cfg)
     if resolved in ("linear", "cosine"):
