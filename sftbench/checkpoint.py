@@ -187,17 +187,20 @@ def write_model_folder(folder: Path, state_dict: dict, config, tok) -> None:
 
     cfg = copy.deepcopy(config)
     cfg.architectures = ["PanguForCausalLM"]
+    # The special ids of the tokenizer the model was trained with, in config.json and generation_config.json alike:
+    # an answer starts after <s> prompt <sep> and ends at <eot>.
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_id, tok.eot_id, tok.pad_id
     dtypes = {t.dtype for t in state_dict.values() if t.is_floating_point()}
     if len(dtypes) == 1:
         cfg.dtype = next(iter(dtypes))  # what the weights are stored in; from_pretrained keeps it by default
     cfg.save_pretrained(folder)
     save_file(state_dict, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    # Greedy answers that stop at <eot>, the end of an answer in the training layout. Ids past the tokenizer's
-    # vocabulary (the 40,000-row embedding with the shipped small tokenizer) are never generated: they decode to
-    # nothing.
-    extra = list(range(tok.vocab_size, config.vocab_size))
-    GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eot_id, pad_token_id=tok.pad_id, max_new_tokens=128,
-                     suppress_tokens=extra or None).save_pretrained(folder)
+    # Greedy answers that stop at <eot>. Ids past the tokenizer's vocabulary (the 40,000-row embedding with the
+    # shipped small tokenizer) are not listed as suppress_tokens: tens of thousands of ids made a 394 KB file, and
+    # training never targets those rows, so their logits only fall.
+    gen = GenerationConfig.from_model_config(cfg)
+    gen.max_new_tokens = 128
+    gen.save_pretrained(folder)
     PanguHFTokenizer(tok.vocab_file, model_max_length=config.max_position_embeddings).save_pretrained(folder)
 
 

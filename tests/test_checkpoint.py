@@ -348,3 +348,24 @@ def test_a_rerun_into_a_saved_folder_stops_before_training_and_overwrite_replace
     assert checkpoint.read_state(save)["step"] == 1 and not (save / "checkpoint-2").exists()
     assert f"--overwrite: removed sftbench_state.json, model.safetensors, config.json, engine, checkpoint-2 from " \
            f"{save}" in over.stdout
+
+
+def test_the_saved_folder_has_a_small_generation_config_with_the_tokenizers_ids(tmp_path):
+    """config.json and generation_config.json name the same special ids, the tokenizer's (<s>, <eot>, <pad>), and
+    the generation config is a few hundred bytes, not a list of every id past the small tokenizer's vocabulary."""
+    import torch
+    from sftbench.pangu import build_model
+    from sftbench.tokenizer import PanguTokenizer
+
+    torch.manual_seed(0)
+    model = build_model("pangu-tiny")
+    tok = PanguTokenizer.for_model("pangu-tiny", None)
+    sd = checkpoint.full_state_dict(model, None, 0)
+    checkpoint.write_model_folder(tmp_path, sd, model.config, tok)
+    gen = json.loads((tmp_path / "generation_config.json").read_text())
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert (tmp_path / "generation_config.json").stat().st_size < 1024
+    assert "suppress_tokens" not in gen and gen["max_new_tokens"] == 128
+    ids = (tok.bos_id, tok.eot_id, tok.pad_id)
+    assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == ids
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == ids
