@@ -54,11 +54,14 @@ LAST_PORT = {"port": 29500}
 
 
 def launch_cmd(nranks: int, *train_args: str) -> list[str]:
-    """The real launcher, as a user types it (with a free rendezvous port)."""
+    """The real launcher, as a user types it (with a free rendezvous port). The multi-rank tests' loss curves are
+    the reference's layout (every token in the loss, the config's WarmupLR), as the sweep runs it: the flags come
+    first, so a test's own flags override them."""
     from sftbench.buildenv import free_port
+    from sftbench.sweep import REFERENCE_LAYOUT
     LAST_PORT["port"] = free_port()
     return [str(BIN / "deepspeed"), "--num_gpus", str(nranks), "--master_port", str(LAST_PORT["port"]),
-            str(REPO / "train.py"), *train_args]
+            str(REPO / "train.py"), *REFERENCE_LAYOUT, *train_args]
 
 
 def write_overfit_config(src: str, dst: Path, lr: float = 3e-3, ga: int = 2) -> Path:
@@ -147,7 +150,7 @@ def recipe_args(name: str) -> list[str]:
             "--lr-warmup-steps", "1", "--grad-accum", str(GRAD_ACCUM), "--micro-batch", str(MICRO_BATCH), mask,
             "--eval-split", "0", "--pad-mask", "auto", "--compile", "off", "--cuda-graphs", "off",
             "--coalesce-reduction", "off", "--grad-norm", "deepspeed", "--overflow-check", "deepspeed",
-            "--warmup-steps", "1"]
+            "--warmup-steps", "1", "--lr-schedule", "config"]  # the recorded curves: the config's WarmupLR
 
 
 def recipe_cmd(name: str, *extra: str) -> list[str]:

@@ -38,6 +38,7 @@ def test_compare_dry_run_prints_every_command():
         ours, bare, trainer = block
         assert "train.py" in ours and f"--ds ds_configs/{cfg}.json" in ours and "--max-steps 3" in ours
         assert "--run-dir runs/compare-test/" in ours
+        assert "--no-mask-prompt --lr-schedule config" in ours  # the reference's layout, as the peers train it
         assert "bench/bare_engine.py" in bare and "bench/peer_trainer.py" in trainer
         for c in block:
             assert "deepspeed.launcher.runner" in c and "--num_gpus 1" in c

@@ -400,3 +400,75 @@ def test_a_double_sigint_saves_once_and_stops(tmp_path):
     assert sorted(d.name for d in save.iterdir()) == [f"checkpoint-{k}"]  # one save, no .partial- left
     folder, state = checkpoint.resolve(save)
     assert folder == save / f"checkpoint-{k}" and state["step"] == k
+
+
+# ---------------------------------------------------------------------------------------------- --save's folder
+def test_a_save_folder_holding_a_model_is_refused_unless_resumed_or_overwritten(tmp_path):
+    from sftbench.checkpoint import SaveTargetError, check_save_target
+    save = tmp_path / "out"
+    check_save_target(str(save), None, False)  # missing: a fresh folder
+    save.mkdir()
+    (save / "notes.txt").write_text("mine")
+    check_save_target(str(save), None, False)  # holds no model or checkpoint
+    _fake_checkpoint(save / "checkpoint-4", 4)
+    with pytest.raises(SaveTargetError, match=f"--save: {save} already holds a saved model or checkpoints "
+                                              r"\(checkpoint-4\)"):
+        check_save_target(str(save), None, False)
+    _fake_checkpoint(save, 8)
+    with pytest.raises(SaveTargetError, match=r"\(sftbench_state.json, engine, checkpoint-4\)"):
+        check_save_target(str(save), None, False)
+    check_save_target(str(save), str(save), False)  # continuing its own run
+    check_save_target(str(save), str(save / "checkpoint-4"), False)
+    check_save_target(str(save), None, True)  # --overwrite
+    other = _fake_checkpoint(tmp_path / "other", 2)
+    with pytest.raises(SaveTargetError, match="--overwrite"):  # resuming another run's folder into this one
+        check_save_target(str(save), str(other), False)
+
+
+def _plain_run(tmp_path, save: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
+    """One process, --ds none (the cheapest engine): the save-folder rules do not depend on the engine."""
+    return run([sys.executable, str(REPO / "train.py"), "--ds", "none", "--model", "pangu-tiny", "--seq-len", "32",
+                "--precision", "fp32", "--data", str(SAMPLE), "--cache-dir", str(tmp_path / "cache"),
+                "--max-steps", str(steps), "--grad-accum", "1", "--run-dir", str(tmp_path / f"run{steps}{len(extra)}"),
+                "--save", str(save), *extra], cpu_env())
+
+
+def test_a_rerun_into_a_saved_folder_stops_before_training_and_overwrite_replaces_it(tmp_path):
+    """The same command twice must not replace an 8-step model with a fresh one: the second run stops before it
+    builds anything (no run folder), naming the folder; --overwrite replaces the model and drops the old
+    checkpoints, so a later --resume never takes one of them."""
+    save = tmp_path / "out"
+    first = _plain_run(tmp_path, save, 3, "--save-every", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert checkpoint.read_state(save)["step"] == 3 and (save / "checkpoint-2").is_dir()
+    again = _plain_run(tmp_path, save, 1)
+    assert again.returncode != 0
+    assert f"error: --save: {save} already holds a saved model or checkpoints" in again.stderr
+    assert not (tmp_path / "run10").exists()  # stopped before the run folder, the data and the model
+    assert checkpoint.read_state(save)["step"] == 3
+    over = _plain_run(tmp_path, save, 1, "--overwrite")
+    assert over.returncode == 0, over.stderr[-3000:]
+    assert checkpoint.read_state(save)["step"] == 1 and not (save / "checkpoint-2").exists()
+    assert f"--overwrite: removed sftbench_state.json, model.safetensors, config.json, engine, checkpoint-2 from " \
+           f"{save}" in over.stdout
+
+
+def test_the_saved_folder_has_a_small_generation_config_with_the_tokenizers_ids(tmp_path):
+    """config.json and generation_config.json name the same special ids, the tokenizer's (<s>, <eot>, <pad>), and
+    the generation config is a few hundred bytes, not a list of every id past the small tokenizer's vocabulary."""
+    import torch
+    from sftbench.pangu import build_model
+    from sftbench.tokenizer import PanguTokenizer
+
+    torch.manual_seed(0)
+    model = build_model("pangu-tiny")
+    tok = PanguTokenizer.for_model("pangu-tiny", None)
+    sd = checkpoint.full_state_dict(model, None, 0)
+    checkpoint.write_model_folder(tmp_path, sd, model.config, tok)
+    gen = json.loads((tmp_path / "generation_config.json").read_text())
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert (tmp_path / "generation_config.json").stat().st_size < 1024
+    assert "suppress_tokens" not in gen and gen["max_new_tokens"] == 128
+    ids = (tok.bos_id, tok.eot_id, tok.pad_id)
+    assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == ids
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == ids

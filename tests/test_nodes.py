@@ -158,7 +158,8 @@ def two_node_commands(tmp_path, run_dirs, ranks_per_node: int = 2):
                "--num_nodes", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
                str(REPO / "train.py"), "--ds", str(ds), "--data", str(data), "--run-dir", str(run_dirs[r]),
                "--cache-dir", str(tmp_path / f"cache{r}"), "--model", "pangu-tiny", "--seq-len", "64",
-               "--max-steps", "8", "--warmup-steps", "2", "--precision", "fp32", "--seed", "7"]
+               "--max-steps", "8", "--warmup-steps", "2", "--precision", "fp32", "--seed", "7",
+               "--no-mask-prompt", "--lr-schedule", "config"]  # the reference's layout, whose loss falls by > 1
         cmds.append((cmd, cpu_env(SFTBENCH_NODE_NAME=f"node{r}")))
     return cmds, port
 

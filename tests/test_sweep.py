@@ -671,3 +671,23 @@ def test_the_prediction_counts_the_graphs_where_train_py_runs_them(monkeypatch):
                          "--extra-args", "--cuda-graphs off"]).entries
     pred, eager = sweep.predict_entry(off, h100), sweep.predict_entry(e, small)
     assert pred["inputs"]["cuda_graphs"] is False and pred["gpu_mib"] == eager["gpu_mib"]
+
+
+def test_the_dry_run_shows_the_plans_recommendation():
+    """./run_all.sh --dry-run on 1 x H100: after the sweep's table, the recommendation python -m sftbench.plan
+    gives for each model of the sweep on that GPU (the same function: sftbench.plan.recommend)."""
+    res = plan(H100, ["--models", "pangu-2.6b", "--precisions", "bf16", "--configs", "z0,z1,z3_offload_param"])
+    lines: list[str] = []
+    sweep.print_plan(res, lines.append)
+    text = "\n".join(lines)
+    assert "plan for pangu-2.6b, bf16, seq 512 on 1 node(s) x 1 GPU(s)" in text
+    assert "recommended (fastest that fits): z0: fastest by measured, eager s/step in results/h100x1" in text
+
+
+def test_the_sweep_runs_the_reference_layout_explicitly():
+    """train.py's defaults train on the answers with a cosine schedule; the sweep's runs measure the reference's
+    layout (every token in the loss, the config's WarmupLR), named on the command line."""
+    res = plan(H100, ["--models", "pangu-350m", "--precisions", "bf16", "--configs", "z1"])
+    cmd = sweep.train_command(res.entries[0], Path("runs/x"), {})
+    assert cmd[cmd.index("--no-mask-prompt"):cmd.index("--no-mask-prompt") + 3] == [
+        "--no-mask-prompt", "--lr-schedule", "config"]

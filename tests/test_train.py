@@ -164,14 +164,46 @@ def test_single_process_without_launcher(tmp_path, overfit_data):
 
 
 def test_auto_value_is_refused_naming_the_key(tmp_path):
+    """An "auto" that neither the Trainer's rules nor DeepSpeed resolve stops the run before it starts."""
     cfg = json.loads((REPO / "ds_configs" / "z2_5e8.json").read_text())
-    cfg["train_micro_batch_size_per_gpu"] = "auto"
+    cfg["zero_optimization"]["stage"] = "auto"
     p = tmp_path / "auto.json"
     p.write_text(json.dumps(cfg))
     r = _single(["--ds", str(p), "--run-dir", str(tmp_path / "run")])
     assert r.returncode != 0
-    assert "auto.json" in r.stderr and "train_micro_batch_size_per_gpu" in r.stderr and '"auto"' in r.stderr
+    assert "auto.json" in r.stderr and "zero_optimization.stage" in r.stderr and '"auto"' in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_trainer_config_and_a_run_config_file_run_with_every_auto_named(tmp_path, overfit_data):
+    """The transformers documentation's ZeRO-2 config with its "auto" values, given through a --config YAML file of
+    train.py's flags (one flag overridden on the command line): the run fills each "auto" in, prints and logs it,
+    DeepSpeed runs the filled-in config, and the YAML file is in the run folder."""
+    from test_dsconfig import TRAINER_ZERO2
+    ds = tmp_path / "trainer_zero2.json"
+    ds.write_text(json.dumps(TRAINER_ZERO2))
+    run_dir = tmp_path / "run"
+    conf = tmp_path / "run.yaml"
+    conf.write_text(f"ds: {ds}\nmodel: pangu-tiny\ndata: {overfit_data}\nseq-len: 64\nmax_steps: 9\n"
+                    f"precision: fp32\nlr: 0.001\ngrad-accum: 2\nlr-warmup-steps: 2\nmask-prompt: false\n"
+                    f"run-dir: {run_dir}\ncache-dir: {tmp_path / 'cache'}\n")
+    p = _single(["--config", str(conf), "--max-steps", "3"], timeout=900)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    meta, steps, summary = check_schema(read_jsonl(run_dir / "rank0.jsonl"))
+    assert len(steps) == 3 and meta["harness"]["mask_prompt"] is False  # the command line's --max-steps won
+    assert (run_dir / "run_config.yaml").read_text() == conf.read_text()
+    assert '"auto"' not in json.dumps(meta["ds_config"])
+    assert meta["ds_config"]["scheduler"]["params"] == {
+        "warmup_min_lr": 0, "warmup_max_lr": 0.001, "warmup_num_steps": 2, "total_num_steps": 3}
+    for line in ('train_micro_batch_size_per_gpu: "auto" -> 1 (--micro-batch not given: the harness\'s default)',
+                 'gradient_accumulation_steps: "auto" -> 2 (--grad-accum)',
+                 'train_batch_size: "auto" -> 2 (world 1 x micro batch 1 x accumulation 2)',
+                 'optimizer.params.lr: "auto" -> 0.001 (--lr)',
+                 'bf16.enabled: "auto" -> False (precision fp32)',
+                 'zero_optimization.reduce_bucket_size: "auto" -> 4096 (hidden size 64 squared, as the Trainer)',
+                 'scheduler.params.total_num_steps: "auto" -> 3 (the run\'s steps)'):
+        assert line in meta["overrides"], (line, meta["overrides"])
+        assert f"override: {line}" in p.stdout
 
 
 def test_missing_config_and_data_are_clear(tmp_path):
