@@ -86,9 +86,9 @@ class Evidence:
     world_size: int = 1
     note: str = ""
     family: str = "pangu"  # the model seam's family it was measured on (sftbench/models)
+    card: str = "1 x H200"  # the machine it ran on
 
 
-H200 = "1 x H200"
 EVIDENCE: tuple[Evidence, ...] = (
     # CUDA graphs of the micro-batch, graphs off then on (bench/levers.py).
     Evidence("cuda_graphs", "ZeRO-0", "Pangu-2.6B 1.76x, Pangu-350M 3.44x", True,
@@ -150,6 +150,12 @@ EVIDENCE: tuple[Evidence, ...] = (
              "results/perf_h200/levers_coalesce_offload_2.6b.md"),
     Evidence("coalesce_reduction", "ZeRO-3", "Pangu-2.6B ~1.15x (10 steps, ranges overlap)", False,
              "results/perf_h200/levers_coalesce_z3_2.6b.md", adopted=False),
+    # Transformers models (the model seam's hf family): the graphs with the weight gradients in the GEMMs and the
+    # one-kernel norm, together against eager (1 x H100 80GB, ZeRO-1, bf16, 30 measured steps each, one call).
+    *(Evidence(lever, "ZeRO-1", "Llama-3.2-1B 3.85x, Qwen2.5-1.5B 4.15x (the graphs, the GEMMs' gradient adds and "
+               "the one-kernel norm together, against eager)", True, "results/perf_h100/levers_hf_z1.md", family="hf",
+               card="1 x H100 80GB")
+      for lever in ("cuda_graphs", "graph_wgrad", "grad_norm")),
     # torch.compile: no configuration measured faster with >= 20 measured steps.
     Evidence("compile", "ZeRO-1", "1.43-1.47x with 3 measured steps on shared hosts; nothing with 20+ on the H200",
              False, "docs/history/performance-calls.md (levers measured alone)", adopted=False),
@@ -210,7 +216,7 @@ def evidence_for(lever: str, kind: str, gpu: str | None, world_size: int, family
 def evidence_text(e: Evidence) -> str:
     """The evidence row as the plan's reasons cite it."""
     how = "" if e.decided else ", not decided by the steps"
-    where = f"{e.gpu_class} ({H200}), world {e.world_size}" + ("" if e.family == "pangu" else f", {e.family} models")
+    where = f"{e.gpu_class} ({e.card}), world {e.world_size}" + ("" if e.family == "pangu" else f", {e.family} models")
     return f"measured faster on {e.kind}, {where}: {e.ratio}{how} ({e.results})"
 
 

@@ -224,12 +224,17 @@ def test_before_the_engine_its_levers_are_pending():
 def test_evidence_holds_for_the_model_family_it_was_measured_on():
     """The evidence rows were measured on Pangu-α: a transformers model (family hf) gets no lever under auto until a
     row for its family exists, and levers asked for by name still apply."""
-    s = replace(_situation("z1/bf16", 1, "cuda", "sm_90"), family="hf", capabilities=frozenset())
+    s = replace(_situation("z2_5e8/bf16", 1, "cuda", "sm_90"), family="hf", capabilities=frozenset())
     plan = decide(Asked(), s)
     assert [n for n, d in plan.decisions if d.on] == []
-    assert plan.why("cuda_graphs") == ("auto: not measured here (ZeRO-1 on sm_90, world 1, hf models; --cuda-graphs "
+    assert plan.why("cuda_graphs") == ("auto: not measured here (ZeRO-2 on sm_90, world 1, hf models; --cuda-graphs "
                                        "on applies it)")
     assert decide(Asked(cuda_graphs="on", grad_norm="foreach"), s).on("grad_norm")
+    # ZeRO-1 was measured on the family (1 x H100): the graphs, the GEMMs' adds and the norm, not the timer
+    z1 = replace(_situation("z1/bf16", 1, "cuda", "sm_90"), family="hf", capabilities=frozenset())
+    plan = decide(Asked(), z1)
+    assert [n for n, d in plan.decisions if d.on] == ["cuda_graphs", "graph_accum", "graph_wgrad", "grad_norm"]
+    assert "sm_90 (1 x H100 80GB), world 1, hf models: Llama-3.2-1B 3.85x" in plan.why("cuda_graphs")
 
 
 def test_the_performance_page_carries_the_evidence_table_as_the_plan_holds_it():
