@@ -349,15 +349,16 @@ PACK_ARGS = ["--model", "pangu-tiny", "--seq-len", "128", "--warmup-steps", "1",
              "--data", str(REPO / "data" / "sample_sft.jsonl"), "--pack"]
 
 
-def _packed_rows(cache_dir):
-    """The packed set and its rows' order per rank as train.py builds them (the cache the run wrote, same rule)."""
-    from sftbench.data import load_or_build_cache
+def _packed_rows(cache_dir, eval_split: float = 0.0):
+    """The encoded file and its packed training rows as train.py builds them (the cache the run wrote, same rule)."""
+    from sftbench.data import holdout_split, load_or_build_cache
     from sftbench.models.resolve import resolve
     from sftbench.pack import PackedSet, pack
 
     tok = resolve("pangu-tiny").tokenizer()
     ds = load_or_build_cache(REPO / "data" / "sample_sft.jsonl", tok, 128, cache_dir, local_rank=0)
-    return ds, PackedSet(ds, pack(ds.lengths.tolist(), range(ds.n), 128), tok.pad_id)
+    train = holdout_split(ds.n, eval_split, 7)[0] if eval_split else range(ds.n)
+    return ds, PackedSet(ds, pack(ds.lengths.tolist(), train, 128), tok.pad_id)
 
 
 def test_packed_two_rank_run_logs_real_tokens_and_the_packed_epoch(tmp_path):
@@ -391,6 +392,29 @@ def test_packed_two_rank_run_logs_real_tokens_and_the_packed_epoch(tmp_path):
     assert f"packed: 231 samples into {packed.n} rows of 128 tokens" in p.stdout
     assert f"{rows_per_epoch} steps/epoch (packed; 58 unpacked)" in p.stdout
     assert "tok/s (" in p.stdout and " real)" in p.stdout
+
+
+@pytest.mark.parametrize("cfg", ["z0", "z2_5e8", "z2_offload_5e8", "z3", "z3_offload_param", "none"])
+def test_packed_rows_run_on_every_stage(cfg, tmp_path):
+    """--pack under every ZeRO stage (ZeRO-3 gathers the parameters inside the forward) and the plain loop, with
+    evaluation (one sample per row) after the last step: two steps, the rows' real tokens counted."""
+    from sftbench.data import ShardedOrder
+
+    ds = "none" if cfg == "none" else str(write_overfit_config(f"{cfg}.json", tmp_path / f"{cfg}.json"))
+    extra = ["--grad-accum", "2", "--lr", "3e-3", "--lr-warmup-steps", "1"] if cfg == "none" else []
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    p = run(launch_cmd(2, "--ds", ds, "--run-dir", str(run_dir), "--cache-dir", str(cache), "--max-steps", "2",
+                       "--eval-split", "0.05", *PACK_ARGS, *extra), cpu_env())
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    meta, steps, summary = check_schema(read_jsonl(run_dir / "rank0.jsonl"))
+    _, packed = _packed_rows(cache, eval_split=0.05)
+    assert meta["packing"]["packed"] is True and meta["packing"]["samples"] == 219  # 12 of 231 held out
+    assert meta["packing"]["rows"] == packed.n and summary["status"] == "ok" and len(steps) == 2
+    first = [i for r in (0, 1) for i in ShardedOrder(packed.n, r, 2, 7).take(2)]  # step 1: two rows per rank
+    assert steps[0]["real_tokens_per_s"] * steps[0]["step_s"] == pytest.approx(
+        int(packed.attention_mask[first].sum()), rel=1e-9)
+    evals = [r for r in read_jsonl(run_dir / "rank0.jsonl") if r["type"] == "eval"]
+    assert [e["eval_samples"] for e in evals] == [12] and evals[0]["eval_loss"] > 0
 
 
 def test_packed_resume_continues_the_same_rows(tmp_path):
