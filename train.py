@@ -24,17 +24,18 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from sftbench import checkpoint
-from sftbench.args import HarnessArgs, parse_args, resolve_warmup
+from sftbench import checkpoint, schedule
+from sftbench.args import PLAIN_DEFAULTS, HarnessArgs, parse_args, resolve_warmup, save_config_file
 from sftbench.buildenv import fix_cuda_arch_list, rank_device, single_process_env
 from sftbench.dsconfig import (DSConfigError, apply_overrides, apply_precision, config_precision, describe,
-                               load_ds_config, peak_lr, resolve_config_path)
+                               load_ds_config, peak_lr, resolve_auto, resolve_config_path)
 from sftbench.failures import classify_exception
 from sftbench.fmt import MIB
 from sftbench.levers import Asked, LeverError, LeverPlan, decide
 from sftbench.nodes import NodeError, per_node_prediction, placement, rank0_value
 from sftbench.ops import check_locks as check_build_locks
 from sftbench.paths import REPO
+from sftbench.report_to import open_sinks
 from sftbench.runlog import RunLog
 from sftbench.shm import release_own_buffer as release_shm_buffer
 
@@ -171,28 +172,35 @@ def resolve_run(args: HarnessArgs, place: Placement, ds_cfg: dict | None) -> Run
 
     from sftbench.models.resolve import resolve as resolve_model
 
+    model_name = args.model or ("pangu-tiny" if place.on_cpu else "pangu-350m")
+    try:  # before any data work: a longer sample has no position row (an IndexError mid-step)
+        spec = resolve_model(model_name, args.tokenizer, args.trust_remote_code)
+        spec.check_seq_len(args.seq_len)
+    except ValueError as e:  # ModelError, or a mixture-of-experts config
+        sys.exit(f"error: {e}")
     overrides: list[str] = []
     if ds_cfg is not None:
-        ds_cfg = apply_precision(ds_cfg, args.precision)
-        precision = config_precision(ds_cfg)
         try:
-            ds_cfg, overrides = apply_overrides(ds_cfg, lr=args.lr, grad_accum=args.grad_accum,
-                                                micro_batch=args.micro_batch, lr_warmup_steps=args.lr_warmup_steps,
-                                                source=args.ds)
+            # a config written for the transformers Trainer: its "auto" values filled in as the Trainer does
+            ds_cfg, overrides = resolve_auto(
+                ds_cfg, world_size=place.world_size, micro_batch=args.micro_batch, grad_accum=args.grad_accum,
+                lr=args.lr, lr_warmup_steps=args.lr_warmup_steps, hidden=spec.shape()["hidden"],
+                defaults=PLAIN_DEFAULTS,
+                precision=args.precision or ("bf16" if place.cuda and torch.cuda.is_bf16_supported() else "fp32"))
+            ds_cfg = apply_precision(ds_cfg, args.precision)
+            precision = config_precision(ds_cfg)
+            ds_cfg, flagged = apply_overrides(ds_cfg, lr=args.lr, grad_accum=args.grad_accum,
+                                              micro_batch=args.micro_batch, lr_warmup_steps=args.lr_warmup_steps,
+                                              source=args.ds)
         except DSConfigError as e:
             sys.exit(f"error: {e}")
+        overrides += flagged
     else:
         precision = args.precision or ("bf16" if place.cuda and torch.cuda.is_bf16_supported() else "fp32")
     if precision == "fp16" and place.on_cpu and args.deepspeed:
         # The plain loop (--ds none) runs fp16 on CPU: torch's CPU autocast and GradScaler have it.
         sys.exit("error: fp16 with DeepSpeed is not supported on CPU (DeepSpeed's CPU accelerator refuses it); use "
                  "--precision bf16 or fp32, or --ds none for the plain PyTorch loop")
-    model_name = args.model or ("pangu-tiny" if place.on_cpu else "pangu-350m")
-    try:
-        spec = resolve_model(model_name, args.tokenizer, args.trust_remote_code)
-        spec.check_seq_len(args.seq_len)
-    except ValueError as e:  # ModelError, or a mixture-of-experts config
-        sys.exit(f"error: {e}")
     run_dir = args.run_dir or rank0_value(args.default_run_dir(model_name, precision))
     return RunConfig(ds_cfg, precision, overrides, model_name, spec, run_dir)
 
@@ -260,6 +268,7 @@ class Trainer:
         self.resume_dir, self.resume_state = (checkpoint.resolve(self.args.resume) if self.args.resume
                                               else (None, None))
         self.build_data()
+        self.build_lr_schedule()
         self.build_model()
         self.build_engine()
         self.build_schedule()
@@ -321,6 +330,17 @@ class Trainer:
         self.train_rows = list(range(packed.n))
         return packed
 
+    def build_lr_schedule(self) -> None:
+        """--lr-schedule over the run's length, known now that the data is (sftbench/schedule.py); before the engine,
+        whose scheduler's length is fixed in the config."""
+        args, run = self.args, self.run
+        ds_cfg, self.schedule_steps, changes, note = schedule.for_run(
+            run.ds_cfg, args.lr_schedule, max_steps=args.max_steps, epochs=args.epochs, n_train=self.n_train,
+            world_size=self.place.world_size, micro_batch=args.micro_batch, grad_accum=args.grad_accum,
+            source=args.ds)
+        self.run = replace(run, ds_cfg=ds_cfg, overrides=run.overrides + changes)
+        self.say(note)
+
     def build_model(self) -> None:
         """The model, where its weights will live. ZeRO-3 constructs it partitioned, so no rank ever holds the
         whole model (how 2.6B+ fits): through transformers' ZeRO-3 hook, so from_pretrained loads shards into
@@ -364,7 +384,8 @@ class Trainer:
             self.model.to(self.place.device)
             self.engine = PlainEngine(self.model, device=self.place.device, precision=run.precision,
                                       grad_accum=args.grad_accum, micro_batch=args.micro_batch, lr=args.lr,
-                                      lr_warmup_steps=args.lr_warmup_steps, world_size=self.place.world_size)
+                                      lr_warmup_steps=args.lr_warmup_steps, world_size=self.place.world_size,
+                                      lr_schedule=args.lr_schedule, total_steps=self.schedule_steps)
             self.engine_name = "torch"
         speed.compile_engine(self.engine, compile_target, args.compile_mode, args.deepspeed)
         patches_why = ds_patches.patches_why() if args.deepspeed else None
@@ -442,7 +463,8 @@ class Trainer:
             self.saver = checkpoint.Saver(args.save, engine=self.engine, is_deepspeed=args.deepspeed,
                                           zero_stage=self.run.layout["zero_stage"], precision=self.run.precision,
                                           config=self.config, tok=self.tok, rank=place.rank, keep=args.save_keep,
-                                          say=self.say, write_folder=self.run.spec.write_folder)
+                                          say=self.say, write_folder=self.run.spec.write_folder,
+                                          overwrite=args.overwrite)
         if self.eval_rows:
             from sftbench.evaluate import Evaluator
             self.evaluator = Evaluator(self.eval_set, self.eval_rows, rank=place.rank, world_size=place.world_size,
@@ -724,6 +746,10 @@ def load_config(args: HarnessArgs) -> dict | None:
 
 def main() -> int:
     args = parse_args()
+    try:  # before anything is built or trained: a re-run must not replace a saved model (sftbench/checkpoint.py)
+        checkpoint.check_save_target(args.save, args.resume, args.overwrite)
+    except checkpoint.SaveTargetError as e:
+        sys.exit(f"error: {e}")
     arch_env = fix_cuda_arch_list()  # before anything imports DeepSpeed's op builders
     ds_cfg = load_config(args)
     import torch  # after the arch-list fix on purpose (the import-order note above)
@@ -744,7 +770,9 @@ def main() -> int:
     run = replace(run, ds_cfg=speed.apply_timer(run.ds_cfg, plan))
     if place.rank == 0:
         Path(run.run_dir).mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(args, run, place, plan, RunLog(run.run_dir, place.rank), arch_env)
+        save_config_file(args, run.run_dir)  # --config: the run folder names every flag it was given
+    log = RunLog(run.run_dir, place.rank, sinks=open_sinks(args.report_to, run.run_dir, place.rank))
+    trainer = Trainer(args, run, place, plan, log, arch_env)
     try:
         trainer.build()
         trainer.train()
@@ -753,8 +781,8 @@ def main() -> int:
         status, error = "interrupted", str(e)
     except KeyboardInterrupt as e:
         status, error = classify_exception(e)
-    except (sftdata.DataError, ModelError, checkpoint.ResumeError, FileNotFoundError, TimeoutError,
-            graphs.GraphError, LeverError, engine_checks.NonFiniteUpdate) as e:
+    except (sftdata.DataError, ModelError, checkpoint.ResumeError, schedule.ScheduleError, FileNotFoundError,
+            TimeoutError, graphs.GraphError, LeverError, engine_checks.NonFiniteUpdate) as e:
         # Bad input: the message names the file/key/line; a traceback would only bury it.
         status, error = "error", str(e)
     except Exception as e:  # every failure still ends in a summary record, then a non-zero exit

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, fo
 
 from sftbench.paths import REPO  # noqa: E402
 from sftbench.args import repo_relative as rel  # noqa: E402
-from sftbench.sweep import launcher_command  # noqa: E402  (no torch import: the children do the real work)
+from sftbench.sweep import REFERENCE_LAYOUT, launcher_command  # noqa: E402  (no torch import: the children do the real work)
 
 TOOLS = ("ours", "bare", "peer_torch", "peer_trainer")
 
@@ -157,7 +157,8 @@ def plan(args, gpu: bool, work: Path) -> list[dict]:
             if "ours" in args.tools:
                 run_dir = Path(f"{base}__ours")
                 cmd = [*launcher(gpu), "train.py", "--ds", cpath, "--model", m, "--max-steps", str(args.steps),
-                       *steps, "--run-dir", rel(run_dir), *common, *prec, *shlex.split(args.ours_args)]
+                       *steps, "--run-dir", rel(run_dir), *common, *prec, *REFERENCE_LAYOUT,
+                       *shlex.split(args.ours_args)]
                 jobs.append({"tool": "ours", "model": m, "config": ctag, "cmd": cmd, "out": run_dir,
                              "log": Path(f"{base}__ours.log")})
             if "bare" in args.tools:

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, fo
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sftbench.paths import REPO  # noqa: E402
+from sftbench.sweep import REFERENCE_LAYOUT  # noqa: E402
 from compare import (caller_paths, child_env, config_path, cuda_visible, launcher, measured_steps, mfu,  # noqa: E402
                      flops_per_token, read_ours, rel, resolved, run_job, shown, table_paths)
 
@@ -199,7 +200,8 @@ def run_variant(args, v: dict, m: str, name: str, work: Path, gpu: bool, common:
     else:
         ds = config_path(v["config"])
     run_dir = work / name
-    cmd = [*launcher(gpu), "train.py", "--ds", ds, "--model", m, "--run-dir", rel(run_dir), *common, *v["flags"]]
+    cmd = [*launcher(gpu), "train.py", "--ds", ds, "--model", m, "--run-dir", rel(run_dir), *common, *REFERENCE_LAYOUT,
+           *v["flags"]]
     env = {**child_env(gpu), **v["env"]}
     job = {"cmd": cmd, "log": work / f"{name}.log"}
     left = deadline - time.time() if deadline else None

@@ -42,6 +42,9 @@ def _help(text: str, **kw):
 
 @dataclass
 class HarnessArgs:
+    config: str | None = _help("A YAML or JSON file of train.py's flags (keys as the flags without '--', e.g. "
+                               "'ds: z1', 'lr-schedule: cosine', 'mask-prompt: false'); flags on the command line "
+                               "override it. Copied into the run folder.", default=None)
     ds: str | None = _help("DeepSpeed JSON config, or 'none' for the plain PyTorch loop (DDP when several ranks).",
                            default=None)
     model: str | None = _help("A preset (pangu-350m, pangu-2.6b, pangu-13b, pangu-tiny; llama-3.2-1b, llama-3.1-8b, "
@@ -82,8 +85,16 @@ class HarnessArgs:
     lr_warmup_steps: int | None = _help("Linear LR warm-up steps. DeepSpeed runs: overrides the scheduler's "
                                         "warmup_num_steps (logged). Default: the config's; 100 for --ds none.",
                                         default=None)
+    lr_schedule: str = _help("LR schedule after the warm-up, over the run's length (--max-steps or --epochs): "
+                             "'cosine' (DeepSpeed's WarmupCosineLR, to 0 at the last step), 'linear' "
+                             "(WarmupDecayLR, to 0), 'constant' (WarmupLR), 'config' (the config's scheduler block "
+                             "as written; for --ds none the reference's constant), 'auto' (default: cosine, unless "
+                             "the config's scheduler already decays, which is then kept). Changes are logged.",
+                             default="auto")
     seq_len: int = _help("Tokens per sample: truncated longest-first and padded to this.", default=512)
-    mask_prompt: bool = _help("Also leave the prompt tokens out of the loss (the reference did not).", default=False)
+    mask_prompt: bool = _help("Leave the prompt tokens out of the loss, train on the answers only (default, as "
+                              "axolotl and LLaMA-Factory do); --no-mask-prompt trains on every token, the "
+                              "reference's layout (the sweep and the bench scripts pass it).", default=True)
     pack: bool = _help("Pack several samples into each --seq-len row (each attends only to itself: per-sample "
                        "positions, a block-diagonal causal mask, no label across samples): fewer, fuller rows, so "
                        "fewer steps per epoch. Evaluation stays one sample per row. Off by default (the sweep's and "
@@ -132,6 +143,10 @@ class HarnessArgs:
                              "Nothing is saved without it.", default=None)
     save_every: int = _help("Also write DIR/checkpoint-<step>/ (same layout) every N steps; 0 = never.", default=0)
     save_keep: int = _help("Keep the last K checkpoint-<step> folders (0 = all).", default=3)
+    overwrite: bool = _help("Let --save replace a folder that already holds a saved model or checkpoints (its "
+                            "state and checkpoint-<step> folders are removed when saving starts). Without it such a "
+                            "folder is refused before anything trains, unless --resume continues it.",
+                            default=False)
     resume: str | None = _help("Resume from a save folder or a checkpoint-<step> folder (of a folder holding "
                                "several, the latest): weights, optimizer, LR schedule, loss scale, RNG and the "
                                "position in the data order; step numbers continue.", default=None)
@@ -140,6 +155,10 @@ class HarnessArgs:
     eval_split: float = _help("Hold out this fraction of the training file for evaluation instead (e.g. 0.05; a "
                               "seeded draw).", default=0.0)
     eval_every: int = _help("Evaluate every N steps as well (0 = only at epoch ends and at the end).", default=0)
+    report_to: str | None = _help("Also write the log's step, eval and summary numbers, under the log's key names, "
+                                  "to 'tensorboard' (<run>/tensorboard/), 'wandb' (when installed), or both "
+                                  "(comma-separated); the JSONL log stays the source of truth. Default: none.",
+                                  default=None)
     log_every: int = _help("Print a console line every N steps (rank 0).", default=1)
     local_rank: int = _help("Set by the launcher.", default=-1)
 
@@ -166,6 +185,8 @@ class HarnessArgs:
         for name in ("save_every", "save_keep", "eval_every"):
             if getattr(self, name) < 0:
                 raise ArgsError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.overwrite and not self.save:
+            raise ArgsError("--overwrite applies to --save DIR only (the folder it lets a run replace)")
         if self.save_every and not self.save:
             raise ArgsError("--save-every needs --save DIR (the folder the checkpoints go into)")
         if not 0.0 <= self.eval_split < 1.0:
@@ -182,6 +203,16 @@ class HarnessArgs:
                     setattr(self, name, value)
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ArgsError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        from sftbench.report_to import ReportToError, parse as parse_report_to
+        try:
+            parse_report_to(self.report_to)
+        except ReportToError as e:
+            raise ArgsError(str(e)) from None
+        from sftbench.schedule import ScheduleError, check as check_schedule
+        try:
+            check_schedule(self.lr_schedule)
+        except ScheduleError as e:
+            raise ArgsError(str(e)) from None
         if self.pad_mask not in ("auto", "always"):
             raise ArgsError(f"--pad-mask must be auto or always, got {self.pad_mask!r}")
         from sftbench.levers import Asked, LeverError
@@ -227,10 +258,11 @@ ADVANCED = "Advanced performance"
 GROUPS = {
     "Model & data": ("model", "tokenizer", "trust_remote_code", "data", "seq_len", "mask_prompt", "pack",
                      "strict_data", "cache_dir"),
-    "Training": ("ds", "precision", "max_steps", "epochs", "grad_accum", "micro_batch", "lr", "lr_warmup_steps",
-                 "grad_checkpointing", "seed"),
-    "Saving & evaluation": ("save", "save_every", "save_keep", "resume", "eval_data", "eval_split", "eval_every"),
-    "Logging": ("run_dir", "log_every", "warmup_steps"),
+    "Training": ("config", "ds", "precision", "max_steps", "epochs", "grad_accum", "micro_batch", "lr",
+                 "lr_warmup_steps", "lr_schedule", "grad_checkpointing", "seed"),
+    "Saving & evaluation": ("save", "overwrite", "save_every", "save_keep", "resume", "eval_data", "eval_split",
+                            "eval_every"),
+    "Logging": ("run_dir", "report_to", "log_every", "warmup_steps"),
     ADVANCED: ("pad_mask", "compile", "compile_mode", "cuda_graphs", "graph_accum", "graph_wgrad", "graph_qkv",
                "graph_fuse", "grad_norm", "overflow_check", "coalesce_reduction"),
 }
@@ -337,14 +369,77 @@ def planned_prediction(shape, run, limits, flags: list[str] = (), gpu: str | Non
     return preds[graphs, coalesce]
 
 
+def config_file_argv(path: str) -> list[str]:
+    """The flags of a --config file (YAML or JSON: one mapping of flag names, with '-' or '_', to values) as command
+    line tokens, so train.py's parser checks them as it checks typed flags. ArgsError names the file and the key."""
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        raise ArgsError(f"--config: file not found: {path}")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ArgsError(f"--config {path}: not valid JSON at line {e.lineno}: {e.msg}") from None
+    else:
+        import yaml  # PyYAML, which transformers requires
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:  # its message names the line and column
+            raise ArgsError(f"--config {path}: not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ArgsError(f"--config {path}: the top level must be a mapping of flags, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(HarnessArgs)}
+    out: list[str] = []
+    for key, value in data.items():
+        name = str(key).lstrip("-").replace("-", "_")
+        if name not in fields or name in ("config", "local_rank"):
+            raise ArgsError(f"--config {path}: key {key!r} is not a train.py flag (train.py --help lists them)")
+        flag = "--" + name.replace("_", "-")
+        if fields[name].type in ("bool", bool):
+            if not isinstance(value, bool):
+                raise ArgsError(f"--config {path}: key {key!r} must be true or false, got {value!r}")
+            out.append(flag if value else "--no-" + flag[2:])
+        elif value is None:
+            continue  # the flag's default, as if not given
+        elif isinstance(value, (dict, list)):
+            raise ArgsError(f"--config {path}: key {key!r} must be one value, got {type(value).__name__}")
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def save_config_file(args: HarnessArgs, run_dir: str | os.PathLike) -> Path | None:
+    """Copy the --config file into the run folder (``run_config.yaml`` or ``.json``), so the run names every flag
+    it was given; None without --config."""
+    if not args.config:
+        return None
+    import shutil
+    dst = Path(run_dir) / ("run_config" + (Path(args.config).suffix or ".yaml"))
+    shutil.copyfile(args.config, dst)
+    return dst
+
+
 def parse_args(argv: list[str] | None = None) -> HarnessArgs:
     import sys
 
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
     if "--help-all" in argv:
         _parser().print_help()
         raise SystemExit(0)
     p = _parser(show_advanced=False)
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--config", default=None)
+    path = first.parse_known_args(argv)[0].config
+    if path:
+        try:
+            argv = config_file_argv(path) + argv  # later tokens win: the command line overrides the file
+        except ArgsError as e:
+            p.error(str(e))
     ns = vars(p.parse_args(argv))
     ns.pop("help_all")
     try:

@@ -63,6 +63,10 @@ class ResumeError(ValueError):
     """A --resume path that cannot be resumed from (names the folder and what is wrong)."""
 
 
+class SaveTargetError(ValueError):
+    """A --save folder that already holds a model or checkpoints this run would replace (names the folder)."""
+
+
 class Interrupted(Exception):
     """The run was stopped by a signal."""
 
@@ -122,6 +126,38 @@ def check_resumable(folder: Path, state: dict, identity: dict, max_steps: int) -
                           f"(--max-steps and --epochs count from the start of the first run): nothing to train")
 
 
+def saved_contents(folder: str | os.PathLike) -> list[str]:
+    """What in ``folder`` a save would replace: its own model or state files and its ``checkpoint-<step>``
+    folders (names, sorted); empty when the folder is missing or holds none of them."""
+    p = Path(folder)
+    if not p.is_dir():
+        return []
+    own = [name for name in (STATE_FILE, "model.safetensors", "config.json", ENGINE_DIR) if (p / name).exists()]
+    ckpts = sorted(c.name for c in p.iterdir() if CHECKPOINT_RE.match(c.name) and c.is_dir())
+    return own + ckpts
+
+
+def check_save_target(save: str | None, resume: str | None, overwrite: bool) -> None:
+    """Refuse ``--save DIR`` when DIR already holds a model or checkpoints and the run neither continues it
+    (``--resume`` DIR or one of its ``checkpoint-<step>`` folders) nor was told ``--overwrite``: a re-run of the same
+    command must not replace a trained model. Called before anything is built or trained (the Trainer and
+    LLaMA-Factory refuse a non-empty output folder the same way)."""
+    if not save or overwrite:
+        return
+    found = saved_contents(save)
+    if not found:
+        return
+    target = Path(save).resolve()
+    if resume:
+        r = Path(resume).resolve()
+        if r == target or r.parent == target:  # continuing this folder's own run
+            return
+    shown = ", ".join(found[:4]) + (f" (+{len(found) - 4} more)" if len(found) > 4 else "")
+    raise SaveTargetError(f"--save: {save} already holds a saved model or checkpoints ({shown}); this run would "
+                          f"replace them. Continue that run with --resume {save}, save elsewhere, or pass "
+                          "--overwrite to replace them")
+
+
 # ------------------------------------------------------------------------------------------------ weights
 def full_state_dict(module, zero_stage: int | None, rank: int) -> dict | None:
     """Every parameter once (a tied weight under its first name) as CPU tensors on rank 0; None on other ranks.
@@ -152,17 +188,20 @@ def write_model_folder(folder: Path, state_dict: dict, config, tok) -> None:
 
     cfg = copy.deepcopy(config)
     cfg.architectures = ["PanguForCausalLM"]
+    # The special ids of the tokenizer the model was trained with, in config.json and generation_config.json alike:
+    # an answer starts after <s> prompt <sep> and ends at <eot>.
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_id, tok.eot_id, tok.pad_id
     dtypes = {t.dtype for t in state_dict.values() if t.is_floating_point()}
     if len(dtypes) == 1:
         cfg.dtype = next(iter(dtypes))  # what the weights are stored in; from_pretrained keeps it by default
     cfg.save_pretrained(folder)
     save_file(state_dict, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    # Greedy answers that stop at <eot>, the end of an answer in the training layout. Ids past the tokenizer's
-    # vocabulary (the 40,000-row embedding with the shipped small tokenizer) are never generated: they decode to
-    # nothing.
-    extra = list(range(tok.vocab_size, config.vocab_size))
-    GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eot_id, pad_token_id=tok.pad_id, max_new_tokens=128,
-                     suppress_tokens=extra or None).save_pretrained(folder)
+    # Greedy answers that stop at <eot>. Ids past the tokenizer's vocabulary (the 40,000-row embedding with the
+    # shipped small tokenizer) are not listed as suppress_tokens: tens of thousands of ids made a 394 KB file, and
+    # training never targets those rows, so their logits only fall.
+    gen = GenerationConfig.from_model_config(cfg)
+    gen.max_new_tokens = 128
+    gen.save_pretrained(folder)
     PanguHFTokenizer(tok.vocab_file, model_max_length=config.max_position_embeddings).save_pretrained(folder)
 
 
@@ -211,7 +250,7 @@ class Saver:
 
     def __init__(self, root: str | os.PathLike, *, engine, is_deepspeed: bool, zero_stage: int | None,
                  precision: str, config, tok, rank: int, keep: int, say: Callable[[str], None],
-                 write_folder: Callable | None = None):
+                 write_folder: Callable | None = None, overwrite: bool = False):
         self.root = Path(root)
         # The model and tokenizer files: write_folder(folder, state_dict, module, tok) (the model seam's
         # ModelSpec.write_folder); None writes the Pangu-α folder (write_model_folder).
@@ -224,6 +263,12 @@ class Saver:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob(".partial-*"):  # a save killed part-way: never complete, safe to drop
                 _remove(stale)
+            if overwrite:  # --overwrite: the old run's state and checkpoints go, so resume never takes one of them
+                old = saved_contents(self.root)
+                for name in old:
+                    _remove(self.root / name)
+                if old:
+                    say(f"--overwrite: removed {', '.join(old)} from {self.root}")
         _barrier()
 
     def save(self, step: int, state: dict, *, final: bool) -> Path:

@@ -71,26 +71,109 @@ def load_ds_config(path: str | os.PathLike) -> dict:
     return cfg
 
 
+# "auto" values DeepSpeed itself reads and decides: passed through as written.
+DS_AUTO_KEYS = ("zero_optimization.zenflow.select_strategy", "zero_optimization.zenflow.select_interval",
+                "zero_optimization.zenflow.update_interval", "data_types.keep_in_fp32_modules")
+# "auto" values the transformers Trainer fills in (its HfTrainerDeepSpeedConfig), filled in here the same way from
+# the flags (resolve_auto); scheduler.params.total_num_steps once the run's length is known (sftbench.schedule).
+TRAINER_AUTO_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+                     "gradient_clipping", "optimizer.params.lr", "optimizer.params.betas", "optimizer.params.eps",
+                     "optimizer.params.weight_decay", "scheduler.params.warmup_min_lr",
+                     "scheduler.params.warmup_max_lr", "scheduler.params.warmup_num_steps",
+                     "scheduler.params.total_num_steps", "fp16.enabled", "bf16.enabled",
+                     "zero_optimization.reduce_bucket_size", "zero_optimization.stage3_prefetch_bucket_size",
+                     "zero_optimization.stage3_param_persistence_threshold")
+# The transformers Trainer's own defaults (TrainingArguments) for what the harness has no flag for.
+TRAINER_DEFAULTS = {"gradient_clipping": 1.0, "optimizer.params.betas": [0.9, 0.999], "optimizer.params.eps": 1e-8,
+                    "optimizer.params.weight_decay": 0.0, "scheduler.params.warmup_min_lr": 0}
+
+
 def check_ds_config(cfg: dict, source: str = "<config>") -> None:
-    auto = _find_auto(cfg)
+    auto = [k for k in _find_auto(cfg) if k not in DS_AUTO_KEYS + TRAINER_AUTO_KEYS]
     if auto:
-        # "auto" is a transformers-Trainer convention: DeepSpeed itself either ignores it or fails deep inside.
+        # the Trainer's "auto" keys are filled in (resolve_auto) and DeepSpeed's own pass through; any other would
+        # be dropped or crash deep inside DeepSpeed
         raise DSConfigError(
-            f"{source}: key {auto[0]!r} is \"auto\"; \"auto\" is filled in only by the transformers Trainer and "
-            f"DeepSpeed does not understand it. Write an explicit value"
+            f"{source}: key {auto[0]!r} is \"auto\", which neither the harness (the keys the transformers Trainer "
+            f"fills in) nor DeepSpeed resolves. Write an explicit value"
             + (f" (also: {', '.join(auto[1:])})" if len(auto) > 1 else "")
         )
-    if cfg.get("fp16", {}).get("enabled") and cfg.get("bf16", {}).get("enabled"):
+    if cfg.get("fp16", {}).get("enabled") is True and cfg.get("bf16", {}).get("enabled") is True:  # not "auto"
         raise DSConfigError(f"{source}: both fp16.enabled and bf16.enabled are true; enable at most one")
     mb = cfg.get("train_micro_batch_size_per_gpu")
-    if mb is not None and (not isinstance(mb, int) or mb < 1):
+    if mb is not None and mb != "auto" and (not isinstance(mb, int) or mb < 1):
         raise DSConfigError(f"{source}: train_micro_batch_size_per_gpu must be a positive integer, got {mb!r}")
     ga = cfg.get("gradient_accumulation_steps")
-    if ga is not None and (not isinstance(ga, int) or ga < 1):
+    if ga is not None and ga != "auto" and (not isinstance(ga, int) or ga < 1):
         raise DSConfigError(f"{source}: gradient_accumulation_steps must be a positive integer, got {ga!r}")
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise DSConfigError(f"{source}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+
+
+def _get(cfg: dict, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _set(cfg: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    node = cfg
+    for part in parents:
+        node = node[part]
+    node[last] = value
+
+
+def resolve_auto(cfg: dict, *, world_size: int, micro_batch: int | None, grad_accum: int | None, lr: float | None,
+                 lr_warmup_steps: int | None, precision: str, hidden: int, defaults: dict) -> tuple[dict, list[str]]:
+    """A copy of ``cfg`` with every "auto" the transformers Trainer fills in filled in as it does, from the harness's
+    flags (``defaults``, the ``--ds none`` defaults of sftbench.args.PLAIN_DEFAULTS, where a flag is not given)
+    and the Trainer's own defaults where the harness has no flag (``TRAINER_DEFAULTS``), and one line per key for
+    the log (``'train_batch_size: "auto" -> 16 (world 2 x micro batch 1 x accumulation 8)'``). The batch keys
+    follow DeepSpeed's rule (train_batch_size = world x micro x accumulation), the bucket sizes the model's hidden
+    size as the Trainer sets them. ``scheduler.params.total_num_steps`` waits for the run's length
+    (``sftbench.schedule.for_run``); DeepSpeed's own "auto" keys pass through."""
+    out = copy.deepcopy(cfg)
+    lines: list[str] = []
+    auto = set(_find_auto(out))
+
+    def fill(key: str, value, why: str) -> None:
+        if key in auto:
+            _set(out, key, value)
+            lines.append(f'{key}: "auto" -> {value!r} ({why})')
+
+    def flag(value, name: str, default_key: str):
+        return (value, f"--{name}") if value is not None else (defaults[default_key],
+                                                               f"--{name} not given: the harness's default")
+
+    mb, mb_why = flag(micro_batch, "micro-batch", "micro_batch")
+    if "train_micro_batch_size_per_gpu" not in auto and isinstance(out.get("train_micro_batch_size_per_gpu"), int):
+        mb, mb_why = out["train_micro_batch_size_per_gpu"], "the config's"
+    ga, ga_why = flag(grad_accum, "grad-accum", "grad_accum")
+    if "gradient_accumulation_steps" not in auto and isinstance(out.get("gradient_accumulation_steps"), int):
+        ga, ga_why = out["gradient_accumulation_steps"], "the config's"
+    peak, lr_why = flag(lr, "lr", "lr")
+    warm, warm_why = flag(lr_warmup_steps, "lr-warmup-steps", "lr_warmup_steps")
+    fill("train_micro_batch_size_per_gpu", mb, mb_why)
+    fill("gradient_accumulation_steps", ga, ga_why)
+    fill("train_batch_size", world_size * mb * ga, f"world {world_size} x micro batch {mb} x accumulation {ga}")
+    fill("optimizer.params.lr", peak, lr_why)
+    fill("scheduler.params.warmup_max_lr", peak, lr_why)
+    fill("scheduler.params.warmup_num_steps", warm, warm_why)
+    for key, value in TRAINER_DEFAULTS.items():
+        fill(key, value, "the transformers Trainer's default")
+    fill("fp16.enabled", precision == "fp16", f"precision {precision}")
+    fill("bf16.enabled", precision == "bf16", f"precision {precision}")
+    fill("zero_optimization.reduce_bucket_size", hidden * hidden, f"hidden size {hidden} squared, as the Trainer")
+    fill("zero_optimization.stage3_prefetch_bucket_size", int(0.9 * hidden * hidden),
+         f"0.9 x hidden size {hidden} squared, as the Trainer")
+    fill("zero_optimization.stage3_param_persistence_threshold", 10 * hidden,
+         f"10 x hidden size {hidden}, as the Trainer")
+    return out, lines
 
 
 def config_precision(cfg: dict) -> str:

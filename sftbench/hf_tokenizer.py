@@ -84,6 +84,10 @@ class PanguHFTokenizer(PreTrainedTokenizer):
         # (the base class) would not.
         if isinstance(token_ids, int):
             token_ids = [token_ids]
+        # Ids past the vocabulary (a 40,000-row embedding with a smaller tokenizer, e.g. the shipped one) decode to
+        # nothing, where SentencePiece would raise: a model may generate them (the saved generation config does
+        # not list them all as suppress_tokens, which made it hundreds of KB).
+        token_ids = [int(i) for i in token_ids if int(i) < self.pangu.vocab_size]
         return self.pangu.decode(token_ids, skip_special=skip_special_tokens)
 
     def build_inputs_with_special_tokens(self, token_ids_0: list[int], token_ids_1: list[int] | None = None

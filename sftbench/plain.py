@@ -10,6 +10,8 @@ import contextlib
 
 import torch
 
+from sftbench.schedule import lr_factor
+
 
 def param_groups(model: torch.nn.Module, weight_decay: float | None = None) -> list[dict]:
     """Decay matrices, not biases or LayerNorm weights (what the Trainer the reference used does).
@@ -28,7 +30,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float | None = None) -> l
 class PlainEngine:
     def __init__(self, model: torch.nn.Module, *, device: torch.device, precision: str, grad_accum: int,
                  micro_batch: int, lr: float, lr_warmup_steps: int, world_size: int, clip: float = 1.0,
-                 betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.01):
+                 betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.01, lr_schedule: str = "config",
+                 total_steps: int | None = None):
         self.device, self.precision, self.clip = device, precision, clip
         self._ga, self._mb = grad_accum, micro_batch
         self.module = model
@@ -39,8 +42,13 @@ class PlainEngine:
         fused = device.type == "cuda"
         self.optimizer = torch.optim.AdamW(param_groups(self.module, weight_decay), lr=lr, betas=betas, eps=eps,
                                            fused=fused)
-        warm = max(1, lr_warmup_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm))
+        # --lr-schedule in DeepSpeed's shapes (sftbench.schedule; 'config' = the reference's warm-up, then constant);
+        # 'auto' is cosine here: the plain loop has no config schedule that decays
+        kind = "cosine" if lr_schedule == "auto" else lr_schedule
+        total = total_steps or 1
+        self.lr_schedule = kind
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(kind, s, lr_warmup_steps, total))
         self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self.micro_steps = 0

@@ -50,7 +50,8 @@ def model_shape(model: str) -> dict:
         c = json.loads((p / "config.json").read_text(encoding="utf-8"))
         d = {"hidden_size": c.get("hidden_size", c.get("n_embd")), "num_layers": c.get("num_layers", c.get("n_layer")),
              "num_heads": c.get("num_heads", c.get("n_head")), "vocab_size": c.get("vocab_size"),
-             "max_position_embeddings": c.get("max_position_embeddings", 1024),
+             # the position table's length under its transformers spellings (GPT-2 style configs: n_positions)
+             "max_position_embeddings": c.get("max_position_embeddings", c.get("n_positions", 1024)),
              "intermediate_size": c.get("intermediate_size"),
              "tie_word_embeddings": c.get("tie_word_embeddings", True)}
     else:

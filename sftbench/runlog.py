@@ -84,7 +84,9 @@ def clean(value: Any) -> Any:
 class RunLog:
     """Appends records to one rank's file. Each record is one line, written with a single write() and flushed."""
 
-    def __init__(self, run_dir: str | os.PathLike, rank: int):
+    def __init__(self, run_dir: str | os.PathLike, rank: int, sinks=None):
+        # sinks: called with (record type, record) after each record is written (--report-to: sftbench/report_to.py)
+        self.sinks = sinks
         self.path = rank_file(run_dir, rank)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Line-buffered text file: one write() per record, flushed at the newline.
@@ -100,6 +102,8 @@ class RunLog:
         rec["type"] = rtype
         self._f.write(json.dumps(clean(rec), ensure_ascii=False, default=str) + "\n")
         self._f.flush()
+        if self.sinks is not None:  # after the JSONL line: the log stays the source of truth
+            self.sinks(rtype, clean(rec))
         return rec
 
     def meta(self, **fields: Any) -> dict:
@@ -117,6 +121,9 @@ class RunLog:
     def close(self) -> None:
         if not self._f.closed:
             self._f.close()
+        if self.sinks is not None:
+            self.sinks.close()
+            self.sinks = None
 
 
 def parse_lines(lines: Iterable[str]) -> tuple[list[dict], list[int]]:

@@ -399,6 +399,11 @@ def launcher_command(num_gpus: int, cuda: bool, env: Mapping[str, str], nodes: N
     return cmd + ["--num_gpus", str(num_gpus)]
 
 
+# The reference's training layout, which train.py's defaults no longer are: every token in the loss and its WarmupLR
+# schedule (constant after the warm-up). The same FLOPs and steps either way: timings do not depend on them.
+REFERENCE_LAYOUT = ("--no-mask-prompt", "--lr-schedule", "config")
+
+
 def train_command(entry: PlanEntry, run_dir: Path, env: dict) -> list[str]:
     """deepspeed launcher -> train.py."""
     nodes = (NodeLaunch(entry.hostfile, entry.num_nodes, entry.master_addr, entry.launcher) if entry.hostfile
@@ -407,7 +412,7 @@ def train_command(entry: PlanEntry, run_dir: Path, env: dict) -> list[str]:
     cmd += ["train.py", "--ds", entry.ds_config or "none", "--model", entry.model, "--precision", entry.precision,
             "--max-steps", str(entry.max_steps), "--warmup-steps", str(entry.warmup_steps),
             "--run-dir", repo_relative(run_dir), "--data", entry.data, "--seq-len", str(entry.seq_len),
-            *entry.extra_args]
+            *REFERENCE_LAYOUT, *entry.extra_args]
     return cmd
 
 
@@ -923,6 +928,34 @@ def print_plan(res: Resolved, say: Callable[[str], None] = print) -> None:
             state = f"{state} ({summ.get('status')})" if state != "ok" else "done"
         rows = ",".join(str(r) for r in e.ref_rows) or "-"
         say(f"{i:>3}  {e.run:<52} {rows:<10} {gpu:>18} {host:>{hw_host}}  {fits:<4}  {state}")
+    for line in recommendations(res):
+        say(line)
+
+
+def recommendations(res: Resolved) -> list[str]:
+    """On GPUs: ``python -m sftbench.plan``'s recommendation (sftbench.plan.recommend) for each model, GPU count,
+    precision and sequence length of the sweep, among the sweep's own ds_configs/ configurations, on these GPUs and
+    this machine's RAM: the same lines the plan prints for that hardware."""
+    from sftbench import plan as plan_mod
+
+    if res.accelerator != "cuda" or not res.gpus:
+        return []
+    known = set(plan_mod.config_names())
+    groups: dict[tuple, list[str]] = {}
+    for e in res.entries:
+        if e.config_name in known:
+            key = (e.model, e.num_gpus, e.num_nodes, e.precision, e.seq_len)
+            groups.setdefault(key, []).append(e.config_name)
+    out: list[str] = []
+    results = plan_mod.measured_steps()
+    for (model, n, nodes, precision, seq_len), names in groups.items():
+        hw = plan_mod.Hardware(n, nodes, res.gpus[0].memory_mib, host_total_mib(), gpu_slug(res.gpus[0].name))
+        rows = plan_mod.plan(model, hw, precision, seq_len, names, results)
+        rec = plan_mod.recommend(rows, model, hw, precision, seq_len, results)
+        out += ["", f"plan for {model}, {precision}, seq {seq_len} on {nodes} node(s) x {n} GPU(s) (python -m "
+                    f"sftbench.plan, among this sweep's {len(names)} configuration(s)):"]
+        out += plan_mod.render_recommendation(rec)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,14 +34,6 @@ def real_vocab() -> Path | None:
     return None
 
 
-@pytest.fixture
-def pangu_vocab() -> Path:
-    p = real_vocab()
-    if p is None:
-        pytest.skip("real PanGu vocab.model not available (set PANGU_VOCAB)")
-    return p
-
-
 def cpu_env(**extra: str) -> dict:
     env = dict(os.environ)
     env.update({
@@ -62,11 +54,14 @@ LAST_PORT = {"port": 29500}
 
 
 def launch_cmd(nranks: int, *train_args: str) -> list[str]:
-    """The real launcher, as a user types it (with a free rendezvous port)."""
+    """The real launcher, as a user types it (with a free rendezvous port). The multi-rank tests' loss curves are
+    the reference's layout (every token in the loss, the config's WarmupLR), as the sweep runs it: the flags come
+    first, so a test's own flags override them."""
     from sftbench.buildenv import free_port
+    from sftbench.sweep import REFERENCE_LAYOUT
     LAST_PORT["port"] = free_port()
     return [str(BIN / "deepspeed"), "--num_gpus", str(nranks), "--master_port", str(LAST_PORT["port"]),
-            str(REPO / "train.py"), *train_args]
+            str(REPO / "train.py"), *REFERENCE_LAYOUT, *train_args]
 
 
 def write_overfit_config(src: str, dst: Path, lr: float = 3e-3, ga: int = 2) -> Path:
@@ -81,6 +76,21 @@ def write_overfit_config(src: str, dst: Path, lr: float = 3e-3, ga: int = 2) -> 
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# The keys a finished fp32/bf16 CPU run leaves null (docs/log_schema.md: a field that does not apply is null): the
+# GPU's, and those of options these runs do not use. Every other key holds a value: a key train.py stops filling
+# fails here (comparing key sets could not see it: RunLog.write fills every schema key, with null if not given).
+META_NULL = {"device_name", "device_uuid", "gpu_index", "peak_tflops", "resumed_from", "eval", "save_dir",
+             "offload_optimizer", "offload_param"}
+NO_DS_NULL = {"ds_config_path", "ds_config", "zero_stage"}  # --ds none
+STEP_NULL = {"gpu_mem_used_mib", "loss_scale", "mfu_pct", "torch_peak_alloc_mib", "torch_peak_reserved_mib"}
+SUMMARY_NULL = {"error", "eval_loss", "gpu_mem_used_mib_peak", "mfu_pct", "saved", "torch_peak_alloc_mib",
+                "torch_peak_reserved_mib"}
+
+
+def nulls(rec: dict) -> set[str]:
+    return {k for k, v in rec.items() if v is None}
 
 
 def leftover_shm(nranks: int, port: int | None = None) -> list[str]:
@@ -111,3 +121,62 @@ def run(cmd: list[str], env: dict, timeout: int = 600, cwd: Path = REPO) -> subp
         out, err = proc.communicate()
         pytest.fail(f"timed out after {timeout} s: {shlex.join(cmd)}\n{out[-2000:]}\n{err[-3000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+# The recipes of tests/test_recipes.py (recorded losses) and tests/test_checkpoint.py (exact resume): a committed
+# seeded dropout-free tiny Pangu trained STEPS steps with every flag that decides the loss on the command line.
+FIX = REPO / "tests" / "fixtures"
+MODEL = FIX / "tiny-pangu"
+DATA = FIX / "recipe_sft.jsonl"
+TOKENIZER = REPO / "data" / "tokenizer" / "spm.model"
+
+SEED, SEQ_LEN, GRAD_ACCUM, MICRO_BATCH, STEPS, LR = 3, 64, 2, 1, 8, 3e-3
+
+# name -> (ranks, --ds, prompt mask flag). Both mask settings are pinned: the default is being changed.
+RECIPES = {
+    "z1": (2, str(FIX / "recipe_z1.json"), "--mask-prompt"),
+    "z2_offload": (2, str(FIX / "recipe_z2_offload.json"), "--mask-prompt"),
+    "z3": (2, str(FIX / "recipe_z3.json"), "--no-mask-prompt"),
+    "none": (1, "none", "--no-mask-prompt"),
+}
+
+
+def recipe_args(name: str) -> list[str]:
+    """The recipe's train.py flags, every one that decides the loss (no run folder, cache or step count)."""
+    _, ds, mask = RECIPES[name]
+    return ["--ds", ds, "--model", str(MODEL), "--tokenizer", str(TOKENIZER), "--data", str(DATA),
+            "--seq-len", str(SEQ_LEN), "--seed", str(SEED), "--precision", "fp32", "--lr", str(LR),
+            "--lr-warmup-steps", "1", "--grad-accum", str(GRAD_ACCUM), "--micro-batch", str(MICRO_BATCH), mask,
+            "--eval-split", "0", "--pad-mask", "auto", "--compile", "off", "--cuda-graphs", "off",
+            "--coalesce-reduction", "off", "--grad-norm", "deepspeed", "--overflow-check", "deepspeed",
+            "--warmup-steps", "1", "--lr-schedule", "config"]  # the recorded curves: the config's WarmupLR
+
+
+def recipe_cmd(name: str, *extra: str) -> list[str]:
+    """The launcher on the recipe's ranks, or one process for --ds none (a world of one: no launcher needed)."""
+    ranks = RECIPES[name][0]
+    if ranks == 1:
+        return [sys.executable, str(REPO / "train.py"), *recipe_args(name), *extra]
+    return launch_cmd(ranks, *recipe_args(name), *extra)
+
+
+def curve(run_dir: Path, rank: int) -> tuple[list[float], list[float]]:
+    steps = [r for r in read_jsonl(run_dir / f"rank{rank}.jsonl") if r["type"] == "step"]
+    return [s["loss"] for s in steps], [s["lr"] for s in steps]
+
+
+@pytest.fixture(scope="session")
+def recipe_run(tmp_path_factory):
+    """Each recipe trained once per session, STEPS steps: its run folder (the recipe and resume tests read it)."""
+    done: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in done:
+            root = tmp_path_factory.mktemp(f"recipe_{name}")
+            p = run(recipe_cmd(name, "--max-steps", str(STEPS), "--run-dir", str(root / "run"),
+                               "--cache-dir", str(root / "cache")), cpu_env(), timeout=500)
+            assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+            done[name] = root / "run"
+        return done[name]
+    return get

@@ -145,3 +145,34 @@ def test_planned_prediction_holds_the_coalesced_window_where_train_py_will_open_
     assert coalesce_planned(["--coalesce-reduction", "sometimes"], off, 1, True) is None  # train.py refuses
     assert coalesce_planned([], off, 1, True) is True
     assert coalesce_planned(["--coalesce-reduction", "on"], off, 4, False) is True
+
+
+def test_overwrite_needs_a_save_folder():
+    with pytest.raises(ArgsError, match=r"--overwrite applies to --save DIR only"):
+        HarnessArgs(overwrite=True)
+    assert HarnessArgs(overwrite=True, save="out").overwrite is True
+
+
+def test_a_config_file_holds_the_flags_and_the_command_line_overrides_it(tmp_path):
+    conf = tmp_path / "run.yaml"
+    conf.write_text("ds: none\nlr-schedule: linear\nmax_steps: 40\nmask-prompt: false\nlr: 2.0e-5\n")
+    args = parse_args(["--config", str(conf), "--max-steps", "7"])
+    assert (args.ds, args.lr_schedule, args.max_steps, args.mask_prompt, args.lr) == ("none", "linear", 7, False, 2e-5)
+    js = tmp_path / "run.json"
+    js.write_text('{"ds": "none", "seq-len": 128}')
+    assert parse_args(["--config", str(js)]).seq_len == 128
+
+
+@pytest.mark.parametrize("text, message", [
+    ("ds: none\nlearning_rate: 1e-5\n", "key 'learning_rate' is not a train.py flag"),
+    ("mask-prompt: maybe\n", "key 'mask-prompt' must be true or false, got 'maybe'"),
+    ("- ds\n", "the top level must be a mapping of flags, got list"),
+    ("ds: [none\n", "not valid YAML"),
+])
+def test_a_bad_config_file_is_refused_naming_file_and_key(tmp_path, text, message):
+    from sftbench.args import config_file_argv
+    conf = tmp_path / "bad.yaml"
+    conf.write_text(text)
+    with pytest.raises(ArgsError, match=f"--config {conf}: .*" if message == "not valid YAML" else
+                       f"--config {conf}: {message}".replace("[", r"\[").replace("(", r"\(")):
+        config_file_argv(str(conf))

@@ -38,6 +38,7 @@ def test_compare_dry_run_prints_every_command():
         ours, bare, trainer = block
         assert "train.py" in ours and f"--ds ds_configs/{cfg}.json" in ours and "--max-steps 3" in ours
         assert "--run-dir runs/compare-test/" in ours
+        assert "--no-mask-prompt --lr-schedule config" in ours  # the reference's layout, as the peers train it
         assert "bench/bare_engine.py" in bare and "bench/peer_trainer.py" in trainer
         for c in block:
             assert "deepspeed.launcher.runner" in c and "--num_gpus 1" in c
@@ -349,11 +350,14 @@ def test_bare_engine_profile_cpu_leaves_the_writing_out_of_the_step_times(tmp_pa
     res = json.loads(out.read_text())
     times = res["step_times_s"]
     assert len(times) == 5  # one per step: the writing is no interval of its own
-    # Step 2 (profiled) is slowed by the profiler itself; step 3 came right after the writing and is a plain step.
-    plain = sorted(times[3:])
-    assert times[2] < 2 * plain[-1] + 0.05, times
+    # On CPU the step times are the wall clock between step boundaries, the writing's interval left out: the
+    # wall-clock figure over the 4 measured steps is their sum to the clock's resolution (a busy machine slows the
+    # steps, in both figures alike), so the writing (its tables take far longer than 50 ms) is in neither or both ...
     measured = times[1:]
-    assert abs(res["step_s_wall"] - sum(measured) / len(measured)) < 0.25 * max(measured), (res["step_s_wall"], times)
+    assert res["step_s_wall"] * len(measured) == pytest.approx(sum(measured), abs=0.05), (res["step_s_wall"], times)
+    # ... and not in the step after it (step 2 came right after the writing): no slower than the plain steps by the
+    # time the writing takes. (Step 1, profiled, is slowed by the profiler itself.)
+    assert times[2] < max(times[3:]) + 0.5, times
 
 
 @pytest.mark.slow

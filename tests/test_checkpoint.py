@@ -105,6 +105,9 @@ from sftbench.tokenizer import PanguTokenizer
 
 folder, data, split, seed, seq_len = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+with open(folder + "/model.safetensors", "rb") as f:  # the file's own header: the dtype each tensor is stored in
+    header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+stored = sorted({v["dtype"] for k, v in header.items() if k != "__metadata__"})
 tok = AutoTokenizer.from_pretrained(folder)
 model.eval()
 # The eval loss the run logged, recomputed from this model's logits on the same held-out rows.
@@ -125,7 +128,8 @@ print(json.dumps({
     "cls": [type(model).__name__, type(tok).__name__], "version": importlib.metadata.version("sftbench"),
     "missing": sorted(info["missing_keys"]), "unexpected": sorted(info["unexpected_keys"]),
     "tied": model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr(),
-    "eval_loss": loss.item(), "sftbench_file": sftbench.__file__,
+    "eval_loss": loss.item(), "sftbench_file": sftbench.__file__, "dtype": str(model.dtype),
+    "stored_dtypes": stored,
     "prompt_ids": enc["input_ids"][0].tolist(), "pair_ids": tok(prompt, answer)["input_ids"],
     "want_prompt_ids": [pangu.bos_id, *pangu.encode(prompt), pangu.sep_id],
     "want_pair_ids": pangu.encode_pair(prompt, answer), "generated": out[0].tolist(),
@@ -150,17 +154,23 @@ def records(run_dir: Path, rank: int = 0) -> tuple[dict, list[dict], list[dict],
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cfg", ["z1", "z3"])
-def test_finetune_saves_a_folder_transformers_loads(cfg, tmp_path, work):
+@pytest.mark.parametrize("cfg,precision", [("z1", "fp32"), ("z3", "fp32"), ("z1", "bf16"), ("z3", "bf16")])
+def test_finetune_saves_a_folder_transformers_loads(cfg, precision, tmp_path, work):
     """Fine-tune on the shipped sample with a held-out eval split and flags that override the JSON; the saved
-    folder loads outside the repo with no missing key, its logits give the eval loss the engine logged, generate()
-    answers a prompt of the data in the training layout."""
+    folder loads outside the repo with no missing key, its weights are stored in the precision the run trained in
+    (bf16: the 16-bit save users take on GPUs), its logits give the eval loss the engine logged, generate()
+    answers a prompt of the data in the training layout. ZeRO-1 bf16 also saves every step with --save-keep 2:
+    only the last two checkpoint folders are left."""
     save = tmp_path / "save"
     run_dir = tmp_path / "run"
     extra = ["--micro-batch", "2"] if cfg == "z3" else []
+    keep = cfg == "z1" and precision == "bf16"
+    if keep:
+        extra += ["--save-every", "1", "--save-keep", "2"]
+    common = [a if a != "fp32" else precision for a in COMMON]  # --precision's value
     p = run(launch_cmd(2, "--ds", str(REPO / "ds_configs" / f"{cfg}.json"), "--model", str(work / "tiny"),
                        "--run-dir", str(run_dir), "--cache-dir", str(tmp_path / "cache"), "--max-steps", "4",
-                       "--save", str(save), *COMMON, *extra), cpu_env())
+                       "--save", str(save), *common, *extra), cpu_env())
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     meta, steps, evals, summary = records(run_dir)
     # The flags are applied to the DeepSpeed config, read back from the engine and logged.
@@ -182,7 +192,15 @@ def test_finetune_saves_a_folder_transformers_loads(cfg, tmp_path, work):
     assert got["cls"] == ["PanguForCausalLM", "PanguHFTokenizer"] and got["version"]
     assert not got["sftbench_file"].startswith(str(REPO))
     assert got["missing"] == [] and got["unexpected"] == [] and got["tied"]
-    assert got["eval_loss"] == pytest.approx(evals[0]["eval_loss"], rel=1e-5)
+    assert meta["precision"] == precision
+    stored, loaded = {"fp32": ("F32", "torch.float32"), "bf16": ("BF16", "torch.bfloat16")}[precision]
+    assert got["stored_dtypes"] == [stored] and got["dtype"] == loaded  # from_pretrained keeps the stored dtype
+    # The same weights in the same precision: bf16 logits on the CPU give the engine's eval loss to bf16 rounding.
+    assert got["eval_loss"] == pytest.approx(evals[0]["eval_loss"], rel=1e-5 if precision == "fp32" else 2e-3)
+    if keep:  # periodic saves after steps 1, 2, 3 (the last step is the final save into the folder itself)
+        assert sorted(d.name for d in save.iterdir() if d.name.startswith("checkpoint-")) == [
+            "checkpoint-2", "checkpoint-3"]
+        assert checkpoint.resolve(save)[1]["step"] == 4 and checkpoint.resolve(save / "checkpoint-3")[1]["step"] == 3
     assert got["prompt_ids"] == got["want_prompt_ids"] and got["pair_ids"] == got["want_pair_ids"]
     assert got["eos"] == got["eot"]
     assert got["generated"][:len(got["prompt_ids"])] == got["prompt_ids"] and len(got["generated"]) > len(
@@ -297,3 +315,160 @@ def test_missing_resume_folder_fails_before_training(tmp_path):
     recs = read_jsonl(run_dir / "rank0.jsonl")
     assert [r["type"] for r in recs] == ["summary"] and recs[0]["status"] == "error"  # no meta: nothing was built
     assert message in recs[0]["error"]
+
+
+def _pids_of_ranks(run_dir: Path, ranks: int, proc: subprocess.Popen, timeout: float = 400) -> list[int]:
+    """The ranks' process ids from their meta records, once every rank has logged a step."""
+    deadline = time.time() + timeout
+    while True:
+        files = [run_dir / f"rank{r}.jsonl" for r in range(ranks)]
+        if all(f.exists() and f.read_text().count('"type": "step"') >= 1 for f in files):
+            return [read_jsonl(f)[0]["pid"] for f in files]
+        if proc.poll() is not None:
+            pytest.fail(f"run ended (rc {proc.returncode}) before every rank logged a step")
+        if time.time() > deadline:
+            pytest.fail(f"no step logged by every rank in {timeout} s")
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["z2_offload", "z3", "none"])
+def test_killed_recipe_resumes_on_the_recorded_curve(name, tmp_path, recipe_run):
+    """The recipe (tests/test_recipes.py, the same flags) SIGKILLed after its step-3 checkpoint, then resumed from
+    it: steps 4-8 of every rank give the uninterrupted run's losses (rtol 1e-5) and learning rates. Losing the
+    optimizer state (Adam's moments, ZeRO-2's offloaded partitions, ZeRO-3's shards), the LR schedule's position or
+    the data position would move them. (ZeRO-1: test_killed_run_resumes_on_the_same_curve.)"""
+    from conftest import RECIPES, STEPS, curve, recipe_cmd
+
+    full = recipe_run(name)
+    save = tmp_path / "save"
+    # --save-keep 0: checkpoint-3 stays whatever the run reached before the kill
+    proc = subprocess.Popen(recipe_cmd(name, "--max-steps", str(STEPS), "--run-dir", str(tmp_path / "killed"),
+                                       "--cache-dir", str(tmp_path / "cache"), "--save", str(save), "--save-every",
+                                       "3", "--save-keep", "0"),
+                            env=cpu_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        _wait_for(save / "checkpoint-3" / STATE_FILE, proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    resumed = run(recipe_cmd(name, "--max-steps", str(STEPS), "--run-dir", str(tmp_path / "resumed"),
+                             "--cache-dir", str(tmp_path / "cache"), "--resume", str(save / "checkpoint-3")),
+                  cpu_env())
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert f"resumed from step 3 ({save / 'checkpoint-3'})" in resumed.stdout
+    for rank in range(RECIPES[name][0]):
+        full_loss, full_lr = curve(full, rank)
+        loss, lr = curve(tmp_path / "resumed", rank)
+        assert [s["step"] for s in records(tmp_path / "resumed", rank)[1]] == [4, 5, 6, 7, 8]
+        assert loss == pytest.approx(full_loss[3:], rel=1e-5), (name, rank)
+        assert lr == pytest.approx(full_lr[3:], rel=1e-6), (name, rank)
+    assert full_loss[-1] < full_loss[3] - 0.1  # the compared steps train
+
+
+@pytest.mark.slow
+def test_a_double_sigint_saves_once_and_stops(tmp_path):
+    """Ctrl-C pressed twice in quick succession on a 2-rank run that saves (the ranks get SIGINT twice, 0.3 s apart):
+    the second is the same request, so each rank says once that it will save, the ranks agree on a step k, save
+    checkpoint-k once, and stop with status interrupted naming the step and how to resume."""
+    from conftest import recipe_cmd
+
+    save, run_dir = tmp_path / "save", tmp_path / "run"
+    proc = subprocess.Popen(recipe_cmd("z1", "--max-steps", "100000", "--run-dir", str(run_dir), "--cache-dir",
+                                       str(tmp_path / "cache"), "--save", str(save)),
+                            env=cpu_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        pids = _pids_of_ranks(run_dir, 2, proc)
+        for _ in range(2):
+            for pid in pids:
+                os.kill(pid, signal.SIGINT)
+            time.sleep(0.3)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert out.count("signal 2: saving a checkpoint after this step, then stopping (again to stop at once)") == 2
+    summaries = [read_jsonl(run_dir / f"rank{r}.jsonl")[-1] for r in (0, 1)]
+    k = summaries[0]["saved"]["step"]
+    for summ in summaries:
+        assert summ["type"] == "summary" and summ["status"] == "interrupted", out[-3000:]
+        assert summ["saved"] == {"path": str(save), "step": k}
+        assert summ["error"] == f"terminated by signal 2 after step {k}; resume with --resume {save}"
+    assert sorted(d.name for d in save.iterdir()) == [f"checkpoint-{k}"]  # one save, no .partial- left
+    folder, state = checkpoint.resolve(save)
+    assert folder == save / f"checkpoint-{k}" and state["step"] == k
+
+
+# ---------------------------------------------------------------------------------------------- --save's folder
+def test_a_save_folder_holding_a_model_is_refused_unless_resumed_or_overwritten(tmp_path):
+    from sftbench.checkpoint import SaveTargetError, check_save_target
+    save = tmp_path / "out"
+    check_save_target(str(save), None, False)  # missing: a fresh folder
+    save.mkdir()
+    (save / "notes.txt").write_text("mine")
+    check_save_target(str(save), None, False)  # holds no model or checkpoint
+    _fake_checkpoint(save / "checkpoint-4", 4)
+    with pytest.raises(SaveTargetError, match=f"--save: {save} already holds a saved model or checkpoints "
+                                              r"\(checkpoint-4\)"):
+        check_save_target(str(save), None, False)
+    _fake_checkpoint(save, 8)
+    with pytest.raises(SaveTargetError, match=r"\(sftbench_state.json, engine, checkpoint-4\)"):
+        check_save_target(str(save), None, False)
+    check_save_target(str(save), str(save), False)  # continuing its own run
+    check_save_target(str(save), str(save / "checkpoint-4"), False)
+    check_save_target(str(save), None, True)  # --overwrite
+    other = _fake_checkpoint(tmp_path / "other", 2)
+    with pytest.raises(SaveTargetError, match="--overwrite"):  # resuming another run's folder into this one
+        check_save_target(str(save), str(other), False)
+
+
+def _plain_run(tmp_path, save: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
+    """One process, --ds none (the cheapest engine): the save-folder rules do not depend on the engine."""
+    return run([sys.executable, str(REPO / "train.py"), "--ds", "none", "--model", "pangu-tiny", "--seq-len", "32",
+                "--precision", "fp32", "--data", str(SAMPLE), "--cache-dir", str(tmp_path / "cache"),
+                "--max-steps", str(steps), "--grad-accum", "1", "--run-dir", str(tmp_path / f"run{steps}{len(extra)}"),
+                "--save", str(save), *extra], cpu_env())
+
+
+def test_a_rerun_into_a_saved_folder_stops_before_training_and_overwrite_replaces_it(tmp_path):
+    """The same command twice must not replace an 8-step model with a fresh one: the second run stops before it
+    builds anything (no run folder), naming the folder; --overwrite replaces the model and drops the old
+    checkpoints, so a later --resume never takes one of them."""
+    save = tmp_path / "out"
+    first = _plain_run(tmp_path, save, 3, "--save-every", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert checkpoint.read_state(save)["step"] == 3 and (save / "checkpoint-2").is_dir()
+    again = _plain_run(tmp_path, save, 1)
+    assert again.returncode != 0
+    assert f"error: --save: {save} already holds a saved model or checkpoints" in again.stderr
+    assert not (tmp_path / "run10").exists()  # stopped before the run folder, the data and the model
+    assert checkpoint.read_state(save)["step"] == 3
+    over = _plain_run(tmp_path, save, 1, "--overwrite")
+    assert over.returncode == 0, over.stderr[-3000:]
+    assert checkpoint.read_state(save)["step"] == 1 and not (save / "checkpoint-2").exists()
+    assert f"--overwrite: removed sftbench_state.json, model.safetensors, config.json, engine, checkpoint-2 from " \
+           f"{save}" in over.stdout
+
+
+def test_the_saved_folder_has_a_small_generation_config_with_the_tokenizers_ids(tmp_path):
+    """config.json and generation_config.json name the same special ids, the tokenizer's (<s>, <eot>, <pad>), and
+    the generation config is a few hundred bytes, not a list of every id past the small tokenizer's vocabulary."""
+    import torch
+    from sftbench.pangu import build_model
+    from sftbench.tokenizer import PanguTokenizer
+
+    torch.manual_seed(0)
+    model = build_model("pangu-tiny")
+    tok = PanguTokenizer.for_model("pangu-tiny", None)
+    sd = checkpoint.full_state_dict(model, None, 0)
+    checkpoint.write_model_folder(tmp_path, sd, model.config, tok)
+    gen = json.loads((tmp_path / "generation_config.json").read_text())
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert (tmp_path / "generation_config.json").stat().st_size < 1024
+    assert "suppress_tokens" not in gen and gen["max_new_tokens"] == 128
+    ids = (tok.bos_id, tok.eot_id, tok.pad_id)
+    assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == ids
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == ids

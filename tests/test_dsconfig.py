@@ -3,7 +3,8 @@ import os
 
 import pytest
 
-from sftbench.dsconfig import DSConfigError, apply_precision, config_precision, describe, load_ds_config
+from sftbench.dsconfig import (DSConfigError, apply_precision, check_ds_config, config_precision, describe,
+                               load_ds_config)
 from conftest import REPO
 
 CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
@@ -50,12 +51,13 @@ def test_names_match_contents():
         assert ("overlap" in p.stem) == bool(d["overlap_comm"])
 
 
-def test_auto_is_refused_naming_file_and_key(tmp_path):
+def test_an_auto_no_one_resolves_is_refused_naming_file_and_key(tmp_path):
+    """"auto" where neither the Trainer's rules (filled in) nor DeepSpeed (passed through) give a value."""
     cfg = json.loads((REPO / "ds_configs" / "z2_offload_5e8.json").read_text())
-    cfg["zero_optimization"]["reduce_bucket_size"] = "auto"
+    cfg["zero_optimization"]["offload_optimizer"]["pin_memory"] = "auto"
     p = tmp_path / "bad.json"
     p.write_text(json.dumps(cfg))
-    with pytest.raises(DSConfigError, match=r"bad\.json.*zero_optimization\.reduce_bucket_size.*auto"):
+    with pytest.raises(DSConfigError, match=r"bad\.json.*zero_optimization\.offload_optimizer\.pin_memory.*auto"):
         load_ds_config(p)
 
 
@@ -140,3 +142,46 @@ def test_grad_accum_dtype_reads_deepspeeds_spellings():
         assert grad_accum_dtype({"data_types": {"grad_accum_dtype": spelled}}) == name, spelled
     assert grad_accum_dtype({"data_types": {}}) is None and grad_accum_dtype({}) is None
     assert grad_accum_dtype(None) is None
+
+
+# ---------------------------------------------------------------------------------------------- Trainer "auto"
+# The transformers documentation's ZeRO-2 config, as users have it: every value the Trainer fills in is "auto".
+TRAINER_ZERO2 = {
+    "fp16": {"enabled": "auto", "loss_scale": 0, "initial_scale_power": 16},
+    "bf16": {"enabled": "auto"},
+    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+    "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
+                                                       "warmup_num_steps": "auto", "total_num_steps": "auto"}},
+    "zero_optimization": {"stage": 2, "allgather_bucket_size": 2e8, "overlap_comm": True,
+                          "reduce_bucket_size": "auto", "contiguous_gradients": True},
+    "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "steps_per_print": 2000,
+    "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "wall_clock_breakdown": False,
+}
+
+
+def test_trainer_auto_values_are_filled_in_as_the_trainer_does_and_each_is_named():
+    from sftbench.args import PLAIN_DEFAULTS
+    from sftbench.dsconfig import resolve_auto
+
+    check_ds_config(TRAINER_ZERO2, "trainer.json")  # loads: every "auto" is one the Trainer fills in
+    cfg, lines = resolve_auto(TRAINER_ZERO2, world_size=2, micro_batch=4, grad_accum=None, lr=2e-5,
+                              lr_warmup_steps=None, precision="bf16", hidden=64, defaults=PLAIN_DEFAULTS)
+    assert cfg["train_micro_batch_size_per_gpu"] == 4 and cfg["gradient_accumulation_steps"] == 8
+    assert cfg["train_batch_size"] == 64 and cfg["gradient_clipping"] == 1.0
+    assert cfg["optimizer"]["params"] == {"lr": 2e-5, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
+    assert cfg["scheduler"]["params"] == {"warmup_min_lr": 0, "warmup_max_lr": 2e-5, "warmup_num_steps": 100,
+                                          "total_num_steps": "auto"}  # the run's length: sftbench.schedule
+    assert cfg["fp16"]["enabled"] is False and cfg["bf16"]["enabled"] is True
+    assert cfg["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    assert 'train_batch_size: "auto" -> 64 (world 2 x micro batch 4 x accumulation 8)' in lines
+    assert 'gradient_accumulation_steps: "auto" -> 8 (--grad-accum not given: the harness\'s default)' in lines
+    assert 'optimizer.params.betas: "auto" -> [0.9, 0.999] (the transformers Trainer\'s default)' in lines
+    assert len(lines) == 14  # one per "auto" (15) but total_num_steps
+
+
+def test_deepspeeds_own_auto_passes_and_any_other_auto_is_refused_naming_the_key():
+    zenflow = {"zero_optimization": {"stage": 2, "zenflow": {"topk_ratio": 0.1, "select_strategy": "auto",
+                                                             "update_interval": "auto"}}}
+    check_ds_config(zenflow, "zf.json")
+    with pytest.raises(DSConfigError, match=r"zf.json: key 'zero_optimization.stage' is \"auto\", which neither"):
+        check_ds_config({"zero_optimization": {"stage": "auto"}}, "zf.json")

@@ -88,9 +88,20 @@ def test_kernel_log_lines_name_only_the_runs_pids(monkeypatch):
     assert failures.kernel_oom_lines([6]) == [] and failures.kernel_oom_lines([]) == []
 
 
-def test_oom_kill_count_reads_this_hosts_cgroup():
-    n = failures.oom_kill_count()
-    assert n is None or n >= 0
+def test_oom_kill_count_reads_the_cgroups_counter(tmp_path, monkeypatch):
+    """cgroup v2's memory.events and v1's memory.oom_control give their oom_kill line; the first readable file
+    that has one wins; none readable: None."""
+    v2 = tmp_path / "memory.events"
+    v2.write_text("low 0\nhigh 0\nmax 4\noom 3\noom_kill 2\noom_group_kill 0\n")
+    v1 = tmp_path / "memory.oom_control"
+    v1.write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 5\n")
+    missing = tmp_path / "nope" / "memory.events"
+    files = {"v2": [missing, v2, v1], "v1": [missing, v1], "none": [missing]}
+    got = {}
+    for case, paths in files.items():
+        monkeypatch.setattr(failures, "_own_memory_cgroup_files", lambda paths=paths: paths)
+        got[case] = failures.oom_kill_count()
+    assert got == {"v2": 2, "v1": 5, "none": None}
 
 
 class FakeOOM(Exception):

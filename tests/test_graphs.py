@@ -271,6 +271,7 @@ def test_fused_pointwise_blocks_compute_the_blocks_own_operations_in_their_order
     assert not any("forward" in vars(b) for b in fused.transformer.h)
 
 
+@pytest.mark.slow  # an inductor compile: ~1 min on 2 CPU cores
 def test_fused_pointwise_compiled_traces_in_one_graph_and_matches_eager():
     """The compiled functions (torch.compile, full graph: a graph break would fail here, not slow a GPU run down
     unseen), run here by inductor's CPU backend on a dropout-free model: loss and gradients equal eager's within

@@ -46,3 +46,10 @@ def test_save_and_load_with_auto_tokenizer(tmp_path, toks):
     back = AutoTokenizer.from_pretrained(tmp_path)
     assert type(back) is PanguHFTokenizer and (tmp_path / "vocab.model").read_bytes() == SHIPPED_MODEL.read_bytes()
     assert [back(t)["input_ids"] for t in TEXTS] == [hf(t)["input_ids"] for t in TEXTS]
+
+
+def test_ids_past_the_vocabulary_decode_to_nothing(toks):
+    """A 40,000-row model with the shipped smaller tokenizer can generate such ids; decoding skips them."""
+    hf = toks[0]
+    ids = hf("床前明月光", add_special_tokens=False)["input_ids"]
+    assert hf.decode(ids + [hf.vocab_size, 39_999]) == hf.decode(ids) != ""

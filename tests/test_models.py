@@ -279,3 +279,31 @@ def test_two_rank_fine_tune_saves_a_plain_transformers_folder(tmp_path, family, 
     assert got["dtype"] == ("torch.bfloat16" if precision == "bf16" else "torch.float32")
     # the trained engine's eval loss (logged after the last step) from the saved folder with plain transformers
     assert got["loss"] == pytest.approx(eval_loss, rel=1e-2 if precision == "bf16" else 1e-5)
+
+
+def test_seq_len_within_the_positions_passes_and_beyond_is_refused_naming_both(tmp_path):
+    from sftbench.models.resolve import resolve
+    from sftbench.models.spec import ModelError
+
+    resolve("pangu-2.6b").check_seq_len(1024)
+    with pytest.raises(ModelError, match="--seq-len 4096 is longer than pangu-2.6b's 1024 positions"):
+        resolve("pangu-2.6b").check_seq_len(4096)
+    folder = tmp_path / "gpt2-like"  # a config that spells the table n_positions
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4,
+                                                    "vocab_size": 100, "n_positions": 256}))
+    with pytest.raises(ModelError, match="--seq-len 512 is longer than .*'s 256 positions"):
+        resolve(str(folder)).check_seq_len(512)
+
+
+def test_train_and_plan_refuse_a_seq_len_beyond_the_positions_before_any_work(tmp_path):
+    p = run([sys.executable, str(REPO / "train.py"), "--ds", "none", "--model", "pangu-tiny", "--seq-len", "4096",
+             "--run-dir", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")], cpu_env())
+    assert p.returncode != 0
+    assert "error: --seq-len 4096 is longer than pangu-tiny's 1024 positions" in p.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()  # before the data is tokenised
+    q = subprocess.run([sys.executable, "-m", "sftbench.plan", "--model", "pangu-2.6b", "--gpus", "1", "--gpu-mem",
+                        "80", "--host-mem", "64", "--seq-len", "4096"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert q.returncode != 0
+    assert "plan: --seq-len 4096 is longer than pangu-2.6b's 1024 positions" in q.stderr

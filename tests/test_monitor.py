@@ -416,7 +416,8 @@ def test_follow_moves_to_next_run(tmp_path):
     runs = tmp_path / "runs"
     make_run(runs / "old", steps=5, summary="ok")
     s = session_for(runs, scan_interval=0.0, table_interval=0.0)
-    assert s.target.kind == "follow" or s.target.kind == "results"
+    # a folder of runs named on the command line is a results table; following is what no argument gives
+    assert s.target == Target("results", runs) and resolve_target(None, runs) == Target("follow", runs)
     s = Session(Target("follow", runs), FakeGpuSource(fake_gpus()), FakeHostSource(hostname=HOST),
                 scan_interval=0.0, table_interval=0.0)
     s.poll()
@@ -679,7 +680,8 @@ def test_once_run_and_sweep(tmp_path):
     for word in ("done", "OOM", "running", "queued", "timeout"):
         assert word in out
     out = _once("--runs-root", str(tmp_path / "empty"), "--no-gpu")
-    assert "waiting" in out or "no run found" in out
+    assert out.splitlines()[0] == f"no run found under {tmp_path / 'empty'}"
+    assert f"RUNS runs under {tmp_path / 'empty'}: 0 entries\n(no entries)" in out and "waiting" not in out
 
 
 def test_once_a_path_that_does_not_exist_is_an_error(tmp_path):

@@ -42,7 +42,8 @@ def test_host_ram_is_a_limit_too_and_tight_margins_are_marked():
 
 def test_step_times_are_measured_or_estimated_and_name_their_table():
     rows = _rows("pangu-2.6b", 1, 80, 512, name="H100", configs=["z0", "z1"])
-    assert rows["z0"].step_kind == "measured" and rows["z0"].step_source == "results/h100x1"
+    # the plan predicts the graphs on (train.py's default) where the H100 table ran eager, and says so
+    assert rows["z0"].step_kind == "measured, eager" and rows["z0"].step_source == "results/h100x1"
     assert rows["z0"].step_s == pytest.approx(0.443, abs=0.01)  # the README's 1 x H100 pick
     four = _rows("pangu-2.6b", 4, 80, 512, name="H100", configs=["z1"])
     assert four["z1"].step_kind.startswith("estimated from ") and four["z1"].step_s > 0
@@ -71,3 +72,60 @@ def test_a_fit_whose_figure_is_known_to_be_low_says_so():
     text = plan.render(rows, "pangu-13b", hw, "bf16", 512)
     assert "| yes (low¹) |" in text and text.count("(low¹)") == 1
     assert "¹ The GPU figure is known to be low: ZeRO-3 `overlap_comm`" in text
+
+
+# ---------------------------------------------------------------------------------------------- recommendation
+def _h100_csv_fastest(fitting: set[str]) -> tuple[str, float]:
+    """The H100 table's own fastest 2.6B bf16 one-GPU row among ``fitting``, read from the CSV directly."""
+    import csv
+    with open(REPO / "results" / "h100x1" / "results.csv", newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r["model"] == "pangu-2.6b" and r["precision"] == "bf16"
+                and r["num_gpus"] == "1" and r["status"] == "ok" and r["config"] in fitting]
+    best = min(rows, key=lambda r: float(r["step_s_median"]))
+    return best["config"], float(best["step_s_median"])
+
+
+def test_on_one_h100_it_recommends_what_the_h100_table_measured_fastest_among_the_fitting():
+    """Pangu-2.6B on 1 x H100 80GB (its real 81,559 MiB, from the name) and 120 GiB of RAM: the recommendation is the
+    H100 table's fastest configuration among those that fit with margin (ZeRO-0, 0.443 s/step, measured eager)."""
+    args = plan.build_parser().parse_args(["--model", "pangu-2.6b", "--gpus", "1", "--gpu-name", "H100-80GB",
+                                           "--host-mem", "120"])
+    hw = plan.resolve_hardware(args)
+    assert hw.gpu_mib == 81_559.0 and hw.host_mib == 120 * 1024
+    results = plan.measured_steps()
+    rows = plan.plan("pangu-2.6b", hw, "bf16", 512, None, results)
+    rec = plan.recommend(rows, "pangu-2.6b", hw, "bf16", 512, results)
+    want, want_s = _h100_csv_fastest({r.config for r in rows if r.fits and not r.tight})
+    assert (want, round(want_s, 3)) == ("z0", 0.443)
+    assert rec.fastest.config == want
+    assert rec.fastest_basis == "fastest by measured, eager s/step in results/h100x1 (0.44 s/step)"
+    assert rec.would_fit == []
+    # the least GPU memory among figures not known to be low (the overlap_comm rows' are)
+    assert rec.least_memory.config == "z3_offload_param" and not rec.least_memory.known_low
+
+
+def test_a_24_gib_gpu_with_64_gib_of_ram_is_told_what_would_fit():
+    """1 x 24 GiB with 64 GiB of RAM: only optimizer-offload rows fit, all with under 15% host margin, so the plan
+    recommends one (by the heuristic order: no table for this GPU) and says what would give a margin: more RAM
+    (how much), more GPUs (how many), the closest configuration; with 48 GiB of RAM nothing fits at all."""
+    cmd = [sys.executable, "-m", "sftbench.plan", "--model", "pangu-2.6b", "--gpus", "1", "--gpu-mem", "24",
+           "--host-mem", "64"]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert "GPU 24,576 MiB = 24.0 GiB each, host 65,536 MiB = 64.0 GiB per node" in out
+    assert "recommended (fastest that fits): z2_offload_1e9: no table measured on this GPU" in out
+    assert "nothing fits with a margin; what would:" in out
+    assert ("  - more host RAM: z2_offload_1e9 has a 15% margin on this GPU and needs 60.6 GiB of host RAM per node "
+            "(predicted), 71.3 GiB for a 15% margin; this machine has 64.0 GiB") in out
+    assert "  - more GPUs: 4 GPUs of 24.0 GiB on this node fit 2 configuration(s) with margin, e.g. z3 " in out
+    assert "  - closest to fitting: z3_offload_param, over host RAM by 3.9 GiB (6% of the limit)" in out
+    small = subprocess.run(cmd[:-1] + ["48"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "0 of 19 configurations fit." in small.stdout and "\nnothing fits; what would:" in small.stdout
+    assert "recommended" not in small.stdout
+
+
+def test_an_unknown_gpu_name_without_memory_is_refused():
+    args = plan.build_parser().parse_args(["--model", "pangu-2.6b", "--gpus", "1", "--gpu-name", "T4"])
+    with pytest.raises(SystemExit, match="--gpu-name T4: its capacity is not known here .*--gpu-mem in GiB"):
+        plan.resolve_hardware(args)

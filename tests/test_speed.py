@@ -245,17 +245,47 @@ def test_foreach_grad_norm_equals_deepspeeds_on_two_ranks(tmp_path):
         assert ranks[0][z]["norms"][1] == pytest.approx(ranks[1][z]["norms"][1], rel=1e-6)
 
 
-def test_gpu_foreach_norm_sums_in_fp64_like_deepspeed():
-    """On a GPU the multi-tensor kernel with fp64 sums gives DeepSpeed's fp64 norm over bf16 gradients of several
-    sizes (rtol 1e-9), where fp32 sums would not be guaranteed that close."""
-    if not torch.cuda.is_available():
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_foreach_norm_sums_in_fp64_like_deepspeed(device, monkeypatch):
+    """On a GPU (and on the CPU) sftbench's one-kernel norm (ds_patches.foreach_grad_norm, fp64 sums) gives DeepSpeed's
+    fp64 norm over bf16 gradients of several sizes (rtol 1e-6: the float32 result), where fp32 sums would drift on
+    26M values; it
+    reduces over the data-parallel group and the model-parallel ranks, and leaves other norms to DeepSpeed's code.
+    One process: the stand-in optimizer has the attributes of DeepSpeed's ZeRO-1/2 optimizer that the norm reads,
+    and the data-parallel all-reduce is recorded (a sum over one rank is the value itself)."""
+    if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+    from deepspeed import comm as dist
+
+    from sftbench import ds_patches
+
+    reduced = []
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op=None, group=None: reduced.append((op, group)))
+
+    class ZeroOptimizer:  # what foreach_grad_norm reads of DeepSpeed's DeepSpeedZeroOptimizer
+        model_parallel_rank = 0
+        dp_process_group = "the dp group"
+
+        def __init__(self):
+            self.mp_reduced = []
+
+        def get_grad_norm_direct(self, gradients, params, norm_type=2):
+            return f"deepspeed's norm {norm_type}"
+
+        def _model_parallel_all_reduce(self, tensor, op):
+            self.mp_reduced.append(op)
+
     torch.manual_seed(0)
-    grads = [(torch.randn(n, device="cuda") * s).bfloat16() for n, s in ((2560 * 10240, 1e-3), (2560, 1.0), (7, 5.0))]
-    ds = torch.stack([torch.linalg.vector_norm(g.double()) for g in grads]).pow(2).sum()
-    ours = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).square().sum()
-    assert ours.dtype == torch.float64
-    assert ours.item() == pytest.approx(ds.item(), rel=1e-9)
+    grads = [(torch.randn(n, device=device) * s).bfloat16() for n, s in ((2560 * 10240, 1e-3), (2560, 1.0), (7, 5.0))]
+    params = [torch.nn.Parameter(torch.empty_like(g)) for g in grads]
+    opt = ZeroOptimizer()
+    opt.device = torch.device(device)
+    ds_patches.foreach_grad_norm(opt)
+    got = opt.get_grad_norm_direct(grads, params)
+    want = torch.stack([torch.linalg.vector_norm(g.double()) for g in grads]).pow(2).sum().sqrt()  # DeepSpeed's
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(want.item(), rel=1e-6)
+    assert reduced == [(dist.ReduceOp.SUM, "the dp group")] and opt.mp_reduced == [dist.ReduceOp.SUM]
+    assert opt.get_grad_norm_direct(grads, params, float("inf")) == "deepspeed's norm inf"
 
 
 def _train(tmp_path, name: str, *extra: str):

@@ -201,6 +201,7 @@ def test_jieba_is_quiet(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- shipped artefacts
+@pytest.mark.slow  # retrains the tokenizer
 def test_train_tokenizer_reproduces_shipped_model(tmp_path):
     out = tmp_path / "spm.model"
     res = subprocess.run([sys.executable, str(ROOT / "data" / "train_tokenizer.py"), "--out", str(out)],
