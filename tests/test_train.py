@@ -437,14 +437,15 @@ def test_packed_rows_run_on_every_stage(cfg, tmp_path):
     p = run(launch_cmd(2, "--ds", ds, "--run-dir", str(run_dir), "--cache-dir", str(cache), "--max-steps", "2",
                        "--eval-split", "0.05", *PACK_ARGS, *extra), cpu_env())
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    meta, steps, summary = check_schema(read_jsonl(run_dir / "rank0.jsonl"))
+    recs = read_jsonl(run_dir / "rank0.jsonl")
+    meta, summary, steps = recs[0], recs[-1], [r for r in recs if r["type"] == "step"]
     _, packed = _packed_rows(cache, eval_split=0.05)
     assert meta["packing"]["packed"] is True and meta["packing"]["samples"] == 219  # 12 of 231 held out
     assert meta["packing"]["rows"] == packed.n and summary["status"] == "ok" and len(steps) == 2
     first = [i for r in (0, 1) for i in ShardedOrder(packed.n, r, 2, 7).take(2)]  # step 1: two rows per rank
     assert steps[0]["real_tokens_per_s"] * steps[0]["step_s"] == pytest.approx(
         int(packed.attention_mask[first].sum()), rel=1e-9)
-    evals = [r for r in read_jsonl(run_dir / "rank0.jsonl") if r["type"] == "eval"]
+    evals = [r for r in recs if r["type"] == "eval"]
     assert [e["eval_samples"] for e in evals] == [12] and evals[0]["eval_loss"] > 0
 
 
