@@ -323,10 +323,10 @@ class Trainer:
         from sftbench import pack
 
         d = self.dataset
-        packed = pack.PackedSet(d, pack.pack(d.lengths.tolist(), self.train_rows, self.args.seq_len), self.tok.pad_id)
-        share = sum(int(d.lengths[i]) for i in self.train_rows) / (len(self.train_rows) * self.args.seq_len)
-        self.say(f"packed: {self.n_samples} samples into {packed.n} rows of {self.args.seq_len} tokens, "
-                 f"{100 * packed.packing.real_share:.1f}% real tokens (one sample per row: {100 * share:.1f}%)")
+        p = pack.pack(d.lengths.tolist(), self.train_rows, self.args.seq_len)
+        self.say(f"packed: {self.n_samples} samples into {p.n} rows of {self.args.seq_len} tokens, "
+                 f"{100 * p.real_share:.1f}% real tokens (one sample per row: {100 * p.unpacked_share:.1f}%)")
+        packed = pack.PackedSet(d, p, self.tok.pad_id)
         self.train_rows = list(range(packed.n))
         return packed
 

@@ -62,6 +62,11 @@ class Packing:
         """Real tokens over the rows' tokens (1.0: no padding left)."""
         return self.real_tokens / (self.n * self.seq_len) if self.rows else 0.0
 
+    @property
+    def unpacked_share(self) -> float:
+        """The same samples' real-token share at one sample per row."""
+        return self.real_tokens / (self.n_samples * self.seq_len) if self.rows else 0.0
+
 
 def pack(lengths: Sequence[int], samples: Sequence[int], seq_len: int) -> Packing:
     """Best-fit decreasing of ``samples`` (indices) whose token counts are ``lengths[i]`` into rows of ``seq_len``

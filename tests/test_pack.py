@@ -33,7 +33,7 @@ def test_best_fit_decreasing_by_hand():
     p = pack([3, 7, 1, 6, 4, 2], range(6), 10)
     assert p.rows == ((1, 0), (3, 4), (5, 2))
     assert p.real_tokens == 23 and p.n == 3 and p.n_samples == 6
-    assert p.real_share == pytest.approx(23 / 30)
+    assert p.real_share == pytest.approx(23 / 30) and p.unpacked_share == pytest.approx(23 / 60)
 
 
 def test_packing_only_the_given_samples_and_every_one_once():
