@@ -44,21 +44,23 @@ from sftbench.shm import release_own_buffer as release_shm_buffer
 # torch and DeepSpeed are imported, so both are imported inside functions, after the fix.
 
 
-def train_step(engine, ids, labels, mask=None, coalesce=False):
-    """One optimizer step: ``ids``, ``labels`` (and ``mask``) hold the step's micro-batches as [GA, micro batch,
-    seq]. The engine's three calls per micro-batch, as DeepSpeed is told (``engine.step()`` at every micro-batch:
-    DeepSpeed updates only at the accumulation boundary). With ``coalesce`` (--coalesce-reduction) the micro-batches
-    run inside DeepSpeed's ``engine.coalesce_grad_reduction()`` window, which reduces once at its exit, and
-    ``engine.step()`` follows once. Returns the mean micro-batch loss as a device tensor, so the caller reads it
-    once, after its clock stopped."""
-    n = ids.shape[0]
+def train_step(engine, batch: dict, coalesce=False):
+    """One optimizer step: ``batch`` holds the step's micro-batches as [GA, micro batch, seq] tensors
+    (``input_ids``, ``labels``, and ``attention_mask`` or, packed, ``position_ids`` and ``segment_ids``: the model's
+    inputs by ``sftbench.pack.model_inputs``). The engine's three calls per micro-batch, as DeepSpeed is told
+    (``engine.step()`` at every micro-batch: DeepSpeed updates only at the accumulation boundary). With ``coalesce``
+    (--coalesce-reduction) the micro-batches run inside DeepSpeed's ``engine.coalesce_grad_reduction()`` window,
+    which reduces once at its exit, and ``engine.step()`` follows once. Returns the mean micro-batch loss as a device
+    tensor, so the caller reads it once, after its clock stopped."""
+    from sftbench.pack import model_inputs
+
+    n = batch["input_ids"].shape[0]
     loss_sum = 0.0
     with engine.coalesce_grad_reduction() if coalesce else contextlib.nullcontext():
         for micro in range(n):
             if coalesce:  # step() (which moves the engine's micro-step count) waits until after the window
                 engine.set_gradient_accumulation_boundary(micro == n - 1)
-            out = engine(input_ids=ids[micro], labels=labels[micro], attention_mask=mask[micro] if mask is not None
-                         else None)
+            out = engine(**model_inputs({k: v[micro] for k, v in batch.items()}))
             engine.backward(out.loss)
             if not coalesce:
                 engine.step()
@@ -80,8 +82,9 @@ def step_line(rec: dict, max_steps: int, eta_s: float, bar: bool = False) -> str
     mfu = f" | mfu {rec['mfu_pct']:.1f}%" if rec.get("mfu_pct") is not None else ""
     flag = " (warm-up)" if rec["warmup"] else ""
     flag += " (overflow: update skipped)" if rec.get("skipped") else ""  # fp16, or non-finite bf16 gradients
+    real = f" ({rec['real_tokens_per_s']:.0f} real)" if rec.get("real_tokens_per_s") is not None else ""
     return (f"{head}step {done}/{max_steps}{flag} | loss {rec['loss']:.4f} | {rec['step_s']:.3f} s/it | "
-            f"{rec['tokens_per_s']:.0f} tok/s{mfu}{mem} | rss {rec['host_rss_mib']:.0f} MiB | eta {eta_s:.0f}s")
+            f"{rec['tokens_per_s']:.0f} tok/s{real}{mfu}{mem} | rss {rec['host_rss_mib']:.0f} MiB | eta {eta_s:.0f}s")
 
 
 def git_commit() -> str | None:
@@ -214,7 +217,8 @@ def plan_levers(args: HarnessArgs, run: RunConfig, place: Placement, engine_fact
                                 device=place.device, seq_len=args.seq_len, micro_batch=int(micro),
                                 spec=run.spec, source=args.ds if args.deepspeed else None,
                                 right_padded=right_padded and args.pad_mask == "auto", patches_why=patches_why,
-                                engine_facts=engine_facts, grad_checkpointing=args.grad_checkpointing)
+                                engine_facts=engine_facts, grad_checkpointing=args.grad_checkpointing,
+                                packed=args.pack)
     return decide(Asked.of(args), situation)
 
 
@@ -301,15 +305,30 @@ class Trainer:
         self.dataset = load(args.data)
         self.train_rows, self.eval_set, self.eval_rows = sftdata.training_and_eval_rows(
             self.dataset, args.eval_data, args.eval_split, args.seed, load)
-        self.n_train = len(self.train_rows)
-        d = self.dataset
+        d, self.n_samples = self.dataset, len(self.train_rows)
         self.say(f"data: {d.n} samples from {args.data} ({'cache hit' if d.cache_hit else 'tokenised'}), "
                  f"{d.real_tokens} real + {d.pad_tokens} padding tokens"
                  + (f"; eval: {len(self.eval_rows)} samples "
                     f"({args.eval_data or f'{args.eval_split:g} of the training file'})" if self.eval_rows else ""))
+        self.packed = self.pack_rows() if args.pack else None
+        self.source = d if self.packed is None else self.packed  # where the loop's rows come from (train_rows)
+        self.n_train = len(self.train_rows)
         # Right-padded samples give real tokens identical results under the causal mask alone, which lets SDPA
         # take the flash kernel; padded positions are -100 in the labels, so the loss is the same.
         self.right_padded = bool((d.attention_mask[:, 1:] <= d.attention_mask[:, :-1]).all())
+
+    def pack_rows(self):
+        """--pack: the training samples packed into rows (sftbench/pack.py), which then take the samples' place
+        in the data order and the epochs (evaluation stays one sample per row)."""
+        from sftbench import pack
+
+        d = self.dataset
+        p = pack.pack(d.lengths.tolist(), self.train_rows, self.args.seq_len)
+        self.say(f"packed: {self.n_samples} samples into {p.n} rows of {self.args.seq_len} tokens, "
+                 f"{100 * p.real_share:.1f}% real tokens (one sample per row: {100 * p.unpacked_share:.1f}%)")
+        packed = pack.PackedSet(d, p, self.tok.pad_id)
+        self.train_rows = list(range(packed.n))
+        return packed
 
     def build_lr_schedule(self) -> None:
         """--lr-schedule over the run's length, known now that the data is (sftbench/schedule.py); before the engine,
@@ -393,7 +412,8 @@ class Trainer:
         if self.run.ds_cfg is not None:
             args.lr = peak_lr(self.run.ds_cfg)
             args.lr_warmup_steps = (self.run.ds_cfg.get("scheduler") or {}).get("params", {}).get("warmup_num_steps")
-        per_epoch = sftdata.steps_per_epoch(self.n_train, micro, world, ga)
+        per_epoch = sftdata.steps_per_epoch(self.n_train, micro, world, ga)  # packed: over the rows
+        self.unpacked_per_epoch = sftdata.steps_per_epoch(self.n_samples, micro, world, ga)
         if args.epochs is not None:
             max_steps = sftdata.steps_for_epochs(args.epochs, self.n_train, world, micro * ga)
         else:
@@ -401,8 +421,10 @@ class Trainer:
         start = self.resume_state["step"] if self.resume_state else 0
         self.schedule = s = Schedule(micro, ga, per_epoch, max_steps, start)
         self.identity = {"world_size": world, "micro_batch": micro, "grad_accum": ga, "seed": args.seed,
-                         "train_samples": self.n_train, "seq_len": args.seq_len, "engine": self.engine_name,
+                         "train_samples": self.n_samples, "seq_len": args.seq_len, "engine": self.engine_name,
                          "eval_split": args.eval_split, "data": str(args.data), "model": self.run.model_name}
+        if self.packed is not None:  # only then: an unpacked checkpoint of before --pack has no such key
+            self.identity["packed_rows"] = self.packed.n
         if self.resume_state is not None:
             checkpoint.check_resumable(self.resume_dir, self.resume_state, self.identity, max_steps)
             checkpoint.load_engine_state(eng, self.resume_dir, is_deepspeed=args.deepspeed, rank=self.place.rank)
@@ -419,9 +441,10 @@ class Trainer:
         self.graphs_pool_mib, self.graph_found = None, {}
         if not self.plan.on("cuda_graphs"):
             return
-        d, dev, mb = self.dataset, self.place.device, self.schedule.micro_batch
-        sample = {"input_ids": d.input_ids[:mb].to(dev), "labels": d.labels[:mb].to(dev),
-                  "attention_mask": d.attention_mask[:mb].to(dev) if self.plan.on("pad_mask") else None}
+        from sftbench import pack
+
+        dev, mb = self.place.device, self.schedule.micro_batch
+        sample = pack.model_inputs({k: getattr(self.source, k)[:mb].to(dev) for k in self.batch_keys()})
         try:
             graphed, self.graph_found = graphs.graph_engine(self.engine, sample, self.plan)
             self.graphs_pool_mib = graphed.pool_mib
@@ -474,9 +497,10 @@ class Trainer:
             self.say(f"override: {change}")
         nodes_txt = f" on {place.where['num_nodes']} nodes" if place.multi_node else ""
         lr = "-" if self.args.lr is None else f"{self.args.lr:g}"
+        packed = f" (packed; {self.unpacked_per_epoch} unpacked)" if self.packed is not None else ""
         self.say(f"engine: {self.engine_name}, ZeRO {run.layout['zero_stage']}, {run.precision}, world "
                  f"{place.world_size}{nodes_txt}, micro batch {s.micro_batch}, grad accum {s.grad_accum}, lr {lr}, "
-                 f"{s.steps_per_epoch} steps/epoch, {s.max_steps} steps; log: {run.run_dir}")
+                 f"{s.steps_per_epoch} steps/epoch{packed}, {s.max_steps} steps; log: {run.run_dir}")
         pool = f"; the graphs hold {self.graphs_pool_mib:.0f} MiB" if self.graphs_pool_mib is not None else ""
         self.say(f"speed levers (--help-all; docs/performance.md){pool}:")
         for line in self.plan.table():
@@ -494,7 +518,7 @@ class Trainer:
 
         from sftbench import data as sftdata
 
-        s, d, world, dev = self.schedule, self.dataset, self.place.world_size, self.place.device
+        s, src, world, dev = self.schedule, self.source, self.place.world_size, self.place.device
         rows_t = torch.tensor(self.train_rows)
 
         def indices(r: int) -> torch.Tensor:
@@ -502,12 +526,19 @@ class Trainer:
             return rows_t[torch.tensor(idx)].view(s.max_steps, s.grad_accum, s.micro_batch)[s.start_step:]
 
         idx = indices(self.place.rank)
-        self.ids, self.labels = d.input_ids[idx].to(dev), d.labels[idx].to(dev)
-        self.mask = d.attention_mask[idx].to(dev) if self.plan.on("pad_mask") else None
+        self.batches = {k: getattr(src, k)[idx].to(dev) for k in self.batch_keys()}
         # Non-padding tokens of the whole job per step: every rank's order is known here, no collective needed.
-        self.real_per_step = sum(d.attention_mask[indices(r)].sum(dim=(1, 2, 3)) for r in range(world)).tolist()
+        self.real_per_step = sum(src.attention_mask[indices(r)].sum(dim=(1, 2, 3)) for r in range(world)).tolist()
         self.skipped_before = getattr(self.engine, "skipped_steps", 0)
         self.tokens_per_step = s.per_step * self.args.seq_len * world  # whole job
+
+    def batch_keys(self) -> tuple[str, ...]:
+        """The tensors each micro-batch holds on the device (``sftbench.pack.model_inputs`` makes the model's)."""
+        from sftbench import pack
+
+        if self.packed is not None:
+            return ("input_ids", "labels", *pack.PACKED_KEYS)
+        return ("input_ids", "labels", "attention_mask") if self.plan.on("pad_mask") else ("input_ids", "labels")
 
     # ------------------------------------------------------------------------------------------------ the loop
 
@@ -528,8 +559,8 @@ class Trainer:
             self.host.reset_peak()  # the step's own host peak (CPU Adam's and a CPU run's transients), like the GPU's
             self.sync()
             t0 = time.perf_counter()
-            loss_t = train_step(self.engine, self.ids[i], self.labels[i], self.mask[i] if self.mask is not None
-                                else None, self.plan.on("coalesce_reduction"))
+            loss_t = train_step(self.engine, {k: v[i] for k, v in self.batches.items()},
+                                self.plan.on("coalesce_reduction"))
             self.sync()
             step_s = time.perf_counter() - t0
             rec = self.record(step, i, step_s, loss_t.item())  # one host read per step, after the clock stopped
@@ -577,8 +608,9 @@ class Trainer:
     def train_state(self, done: int) -> dict:
         """What a checkpoint after step ``done`` records besides the engine: the run and its data position."""
         per_step = self.schedule.per_step
+        unit = "samples_per_rank" if self.packed is None else "packed_rows_per_rank"
         return {"identity": self.identity, "max_steps": self.schedule.max_steps, "run": Path(self.run.run_dir).name,
-                "data_position": {"samples_per_rank": done * per_step,
+                "data_position": {unit: done * per_step,
                                   "epoch": done * per_step / -(-self.n_train // self.place.world_size)}}
 
     def between_steps(self, done: int) -> None:
@@ -616,6 +648,7 @@ def meta_record(t: Trainer) -> dict:
 
     from sftbench import data as sftdata
     from sftbench import memory
+    from sftbench import pack as sftpack
 
     args, run, place, s = t.args, t.run, t.place, t.schedule
     shape = memory.ModelShape.of(run.spec.shape_of(t.config, t.n_params))
@@ -647,7 +680,7 @@ def meta_record(t: Trainer) -> dict:
         peak_tflops=t.peak, precision=run.precision, zero_stage=layout["zero_stage"],
         offload_optimizer=layout["offload_optimizer"], offload_param=layout["offload_param"],
         micro_batch=s.micro_batch, grad_accum=s.grad_accum, seq_len=args.seq_len, dataset_path=str(args.data),
-        dataset_samples=t.n_train, real_tokens=t.dataset.real_tokens, pad_tokens=t.dataset.pad_tokens,
+        dataset_samples=t.n_samples, real_tokens=t.dataset.real_tokens, pad_tokens=t.dataset.pad_tokens,
         steps_per_epoch=s.steps_per_epoch, max_steps=s.max_steps, warmup_steps=s.warmup_steps,
         optimizations=optimizations, predicted=predicted,
         versions={"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -658,6 +691,8 @@ def meta_record(t: Trainer) -> dict:
               "every": args.eval_every or None} if t.evaluator else None,
         save_dir=args.save, model_info=run.spec.describe(), model_weights=run.spec.describe()["weights"],
         sample_layout=sftdata.sample_layout(t.tok).to_json(),
+        packing=(t.packed.to_log(t.unpacked_per_epoch) if t.packed is not None
+                 else sftpack.unpacked_log(t.dataset, t.train_rows, s.steps_per_epoch)),
         env={**t.arch_env, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR"),
              "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"), "gpu_probe_error": t.gpu.error},
     )
@@ -681,7 +716,8 @@ def finish(trainer: Trainer, status: str, error: str | None) -> int:
     elif place.rank == 0 and fields.get("step_s_median") is not None:
         gpu_peak = fields.get("gpu_mem_used_mib_peak")
         print(f"done: {fields['measured_steps']} measured steps, median {fields['step_s_median']:.3f} s/it, "
-              f"{fields['tokens_per_s']:.0f} tok/s, epoch {metrics.epoch_text(extra['epoch_s_measured'], fields)}, "
+              f"{fields['tokens_per_s']:.0f} tok/s ({fields['real_tokens_per_s']:.0f} real), "
+              f"epoch {metrics.epoch_text(extra['epoch_s_measured'], fields)}, "
               + (f"peak GPU {gpu_peak:.0f} MiB, " if gpu_peak is not None else "")
               + f"peak RSS {fields.get('host_rss_step_peak_mib') or fields['host_rss_mib_peak']:.0f} MiB", flush=True)
         if fields.get("skipped_steps"):

@@ -95,6 +95,10 @@ class HarnessArgs:
     mask_prompt: bool = _help("Leave the prompt tokens out of the loss, train on the answers only (default, as "
                               "axolotl and LLaMA-Factory do); --no-mask-prompt trains on every token, the "
                               "reference's layout (the sweep and the bench scripts pass it).", default=True)
+    pack: bool = _help("Pack several samples into each --seq-len row (each attends only to itself: per-sample "
+                       "positions, a block-diagonal causal mask, no label across samples): fewer, fuller rows, so "
+                       "fewer steps per epoch. Evaluation stays one sample per row. Off by default (the sweep's and "
+                       "the reference table's rows are padded).", default=False)
     strict_data: bool = _help("Fail on the first broken JSONL line instead of skipping it.", default=False)
     seed: int = _help("Seed for weights, data order and dropout.", default=1234)
     run_dir: str | None = _help("Directory for rank<k>.jsonl. Default: runs/<model>__<config>__<precision>__<time>.",
@@ -252,8 +256,8 @@ def resolve_warmup(asked: int | None, max_steps: int) -> tuple[int, str | None]:
 # --help's groups, in its order; a field not named here is a Training option.
 ADVANCED = "Advanced performance"
 GROUPS = {
-    "Model & data": ("model", "tokenizer", "trust_remote_code", "data", "seq_len", "mask_prompt", "strict_data",
-                     "cache_dir"),
+    "Model & data": ("model", "tokenizer", "trust_remote_code", "data", "seq_len", "mask_prompt", "pack",
+                     "strict_data", "cache_dir"),
     "Training": ("config", "ds", "precision", "max_steps", "epochs", "grad_accum", "micro_batch", "lr",
                  "lr_warmup_steps", "lr_schedule", "grad_checkpointing", "seed"),
     "Saving & evaluation": ("save", "overwrite", "save_every", "save_keep", "resume", "eval_data", "eval_split",

@@ -54,8 +54,9 @@ STATE_FORMAT = 1
 # Signals this close to the first are the same request: Ctrl-C reaches every process of the terminal's group, and
 # DeepSpeed's launcher then sends each rank a SIGTERM of its own.
 REPEAT_WINDOW_S = 3.0
+# packed_rows: --pack's row count (absent unpacked, so checkpoints written before --pack existed still resume)
 ORDER_KEYS = ("world_size", "micro_batch", "grad_accum", "seed", "train_samples", "seq_len", "engine",
-              "eval_split")
+              "eval_split", "packed_rows")
 
 
 class ResumeError(ValueError):

@@ -239,7 +239,7 @@ def fused_pointwise(model, compiled: bool = True):
 
 
 class GraphedLoss:
-    """The captured forward+backward of ``model(input_ids, labels[, attention_mask]) -> loss``.
+    """The captured forward+backward of ``model(input_ids, labels[, attention_mask][, position_ids]) -> loss``.
 
     Installed as the model's ``forward`` (an instance attribute, so ``nn.Module.__call__``, DeepSpeed's engine and
     its hooks on the top module work as before). Calls that match the captured signature replay the graphs; any
@@ -264,7 +264,9 @@ class GraphedLoss:
 
         self.model = model
         self.eager_forward = model.forward  # the bound class method, kept for calls the graph does not cover
-        self.keys = tuple(k for k in ("input_ids", "labels", "attention_mask") if sample.get(k) is not None)
+        # position_ids: packed rows (--pack, sftbench/pack.py), whose attention_mask is their [micro, 1, seq, seq] one
+        self.keys = tuple(k for k in ("input_ids", "labels", "attention_mask", "position_ids")
+                          if sample.get(k) is not None)
         if "input_ids" not in self.keys or "labels" not in self.keys:
             raise GraphError("the captured call needs input_ids and labels (the loss is what the graph returns)")
         hooked = _submodule_hooks(model)

@@ -258,6 +258,7 @@ class Situation:
     has_timers_block: bool = False    # the config has a 'timers' block (it keeps what it says)
     config_source: str = "the DeepSpeed config"
     right_padded: bool = True
+    packed: bool = False  # --pack: rows of several samples, whose block-diagonal mask is always passed
     capabilities: frozenset = frozenset({"pangu_qkv", "pangu_fuse"})  # Pangu-α's, the model the sweep runs
     gpu_mib: Callable[[bool, bool], float] | None = field(default=None, compare=False, repr=False)
     gpu_total_mib: float | None = None
@@ -418,6 +419,8 @@ def _auto_by_evidence(lever: str, kind: str, s: Situation, flag_on: str) -> Deci
 
 
 def _pad_mask(a: Asked, s: Situation) -> Decision:
+    if s.packed:  # the mask is what keeps each packed sample to itself: never left out
+        return Decision(True, "packed rows (--pack): each sample's block-diagonal causal mask is passed")
     if a.pad_mask == "always":
         return Decision(True, "always: asked for")
     if not s.right_padded:

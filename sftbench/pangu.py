@@ -41,7 +41,10 @@ Attention and masks:
   causal rule alone, so its logits are identical with ``attention_mask=None``. The training loop may rely on
   this and skip the mask for speed, provided padded targets are excluded from the loss.
 * ``position_ids`` default to ``0 .. seq-1`` for every row (as in the original ``forward``);
-  ``prepare_inputs_for_generation`` derives them from the attention mask (cumsum - 1) like the original.
+  ``prepare_inputs_for_generation`` derives them from the attention mask (cumsum - 1) like the original. Given as
+  ``[batch, seq]`` they index both the position embeddings and the query layer's query embeddings per row.
+* Packed rows (``--pack``, ``sftbench/pack.py``): a boolean ``[batch, 1, seq, seq]`` ``attention_mask`` (True =
+  may attend; block-diagonal causal) is used as the SDPA mask as it is, with per-sample ``position_ids``.
 
 Loss: the original's shifted cross-entropy (logits[:, :-1] predict labels[:, 1:]) that ignores every target
 equal to ``config.pad_token_id`` (6 for Pangu-α); targets equal to -100 are ignored as well. It is computed in
@@ -258,7 +261,15 @@ def build_attention_mask(attention_mask: torch.Tensor, seq_len: int) -> torch.Te
 
     Allowed = (j <= i and key j is real) or j == i. The diagonal keeps padded query rows non-empty (no NaN);
     for real queries it changes nothing because a real query's own key is real. Pure tensor ops, no sync.
+
+    A boolean ``[batch, 1, seq, seq]`` mask is already that (packed rows' block-diagonal causal mask,
+    ``sftbench.pack.block_causal_mask``) and is returned as it is.
     """
+    if attention_mask.dim() == 4:
+        if attention_mask.dtype != torch.bool or tuple(attention_mask.shape[1:]) != (1, seq_len, seq_len):
+            raise ValueError(f"a 4D attention_mask must be boolean [batch, 1, {seq_len}, {seq_len}], got "
+                             f"{attention_mask.dtype} {tuple(attention_mask.shape)}")
+        return attention_mask
     if attention_mask.dim() != 2 or attention_mask.shape[-1] != seq_len:
         raise ValueError(
             f"attention_mask must have shape [batch, {seq_len}], got {tuple(attention_mask.shape)}"

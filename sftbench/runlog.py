@@ -34,6 +34,7 @@ META_KEYS = (
     "grad_accum", "seq_len", "dataset_path", "dataset_samples", "real_tokens", "pad_tokens", "steps_per_epoch",
     "max_steps", "warmup_steps", "optimizations", "predicted", "versions", "git_commit", "warnings", "env",
     "lr", "overrides", "resumed_from", "eval", "save_dir", "model_info", "model_weights", "sample_layout",
+    "packing",
 )
 STEP_KEYS = (
     "type", "step", "time", "elapsed_s", "step_s", "warmup", "samples_per_s", "tokens_per_s",

@@ -52,7 +52,7 @@ def compile_engine(engine, target: str, mode: str, deepspeed: bool) -> None:
 
 def situation(ds_cfg: dict | None, *, precision: str, world_size: int, device, seq_len: int, micro_batch: int,
               spec, source: str | None = None, right_padded: bool = True, patches_why: str | None = None,
-              engine_facts=None, grad_checkpointing: bool = False):
+              engine_facts=None, grad_checkpointing: bool = False, packed: bool = False):
     """The lever plan's ``Situation`` for a run on this rank's ``device`` (train.py's and the bare loop's): its GPU
     class from the device's compute capability, the GPU's memory, and the memory predictor as the oracle (GPU MiB
     per rank with and without the CUDA graphs and the coalesced window, from ``model``'s shape before it is built;
@@ -64,13 +64,14 @@ def situation(ds_cfg: dict | None, *, precision: str, world_size: int, device, s
     from sftbench.levers import Situation, gpu_class
 
     cuda = device.type == "cuda"
+    flash = right_padded and not packed  # packed rows always pass their block-diagonal mask
     oracle = None
     if cuda:
         shape = memory.ModelShape.of(spec.shape())
 
         def gpu_mib(graphs: bool, window: bool) -> float:
             return memory.predict(shape, memory.RunShape(ds_cfg, world_size, precision, seq_len=seq_len,
-                                                         micro_batch=micro_batch, flash_attention=right_padded,
+                                                         micro_batch=micro_batch, flash_attention=flash,
                                                          cuda_graphs=graphs, coalesce_reduction=window,
                                                          grad_checkpointing=grad_checkpointing)).gpu_mib
         oracle = gpu_mib
@@ -78,4 +79,5 @@ def situation(ds_cfg: dict | None, *, precision: str, world_size: int, device, s
         ds_cfg, world_size=world_size, cuda=cuda, precision=precision, source=source, right_padded=right_padded,
         gpu=gpu_class(torch.cuda.get_device_capability(device)) if cuda else None, gpu_mib=oracle,
         gpu_total_mib=torch.cuda.get_device_properties(device).total_memory / MIB if cuda else None,
-        patches_why=patches_why, engine=engine_facts, capabilities=frozenset(spec.capabilities), family=spec.family)
+        patches_why=patches_why, engine=engine_facts, capabilities=frozenset(spec.capabilities), family=spec.family,
+        packed=packed)

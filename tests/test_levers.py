@@ -214,6 +214,19 @@ def test_console_table_has_one_line_per_lever_and_the_log_keeps_every_reason():
                         "overflow_check_why"}
 
 
+def test_packed_rows_always_pass_their_mask_and_keep_the_other_levers():
+    """--pack: the block-diagonal mask is what keeps each sample to itself, so it is passed under auto too (the rows
+    are right-padded at most at their end, which would otherwise drop it); every other lever decides as unpacked."""
+    s = _situation("z1/bf16", 1, "cuda", "sm_90")
+    padded, packed = decide(Asked(), s), decide(Asked(), replace(s, packed=True))
+    assert not padded.on("pad_mask")
+    assert packed.on("pad_mask") and packed.why("pad_mask") == ("packed rows (--pack): each sample's block-diagonal "
+                                                                "causal mask is passed")
+    assert [(n, d.on) for n, d in packed.decisions if n != "pad_mask"] == [
+        (n, d.on) for n, d in padded.decisions if n != "pad_mask"]
+    assert packed.on("cuda_graphs")
+
+
 def test_before_the_engine_its_levers_are_pending():
     s = replace(_situation("z1/bf16", 1, "cuda", "sm_90"), engine=None)
     plan = decide(Asked(), s)

@@ -373,3 +373,100 @@ def test_a_deepcompile_config_on_cpu_is_refused_naming_the_key(tmp_path, overfit
     assert p.returncode != 0
     assert f"{path} sets compile.deepcompile, which DeepSpeed runs on CUDA GPUs only" in p.stderr, p.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------------------- --pack
+PACK_ARGS = ["--model", "pangu-tiny", "--seq-len", "128", "--warmup-steps", "1", "--precision", "fp32", "--seed", "7",
+             "--data", str(REPO / "data" / "sample_sft.jsonl"), "--pack"]
+
+
+def _packed_rows(cache_dir, eval_split: float = 0.0):
+    """The encoded file and its packed training rows as train.py builds them (the cache the run wrote, same rule)."""
+    from sftbench.data import holdout_split, load_or_build_cache
+    from sftbench.models.resolve import resolve
+    from sftbench.pack import PackedSet, pack
+
+    tok = resolve("pangu-tiny").tokenizer()
+    ds = load_or_build_cache(REPO / "data" / "sample_sft.jsonl", tok, 128, cache_dir, local_rank=0)
+    train = holdout_split(ds.n, eval_split, 7)[0] if eval_split else range(ds.n)
+    return ds, PackedSet(ds, pack(ds.lengths.tolist(), train, 128), tok.pad_id)
+
+
+def test_packed_two_rank_run_logs_real_tokens_and_the_packed_epoch(tmp_path):
+    """--pack on 2 ranks (ZeRO-1): 231 samples of the shipped file in fuller rows of 128 tokens, each step's real
+    tokens exactly those of the rows it ran (rank 0's and rank 1's order), the packed epoch's steps and the loss
+    falling."""
+    from sftbench.data import ShardedOrder
+
+    ds = str(write_overfit_config("z1.json", tmp_path / "cfg.json"))  # lr 3e-3, GA 2: 4 rows per step
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    p = run(launch_cmd(2, "--ds", ds, "--run-dir", str(run_dir), "--cache-dir", str(cache), "--max-steps", "8",
+                       *PACK_ARGS), cpu_env())
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    data, packed = _packed_rows(cache)
+    assert data.n == 231 and packed.packing.real_share > 0.9  # one sample per row: 71% real at 128 tokens
+    rows_per_epoch = -(-packed.n // 4)
+    order = [ShardedOrder(packed.n, r, 2, 7).take(8 * 2) for r in (0, 1)]
+    for rank in (0, 1):
+        # 8 steps of a longer epoch: its time is not measured
+        meta, steps, summary = check_schema(read_jsonl(run_dir / f"rank{rank}.jsonl"),
+                                            summary_null=SUMMARY_NULL | {"epoch_s_measured"})
+        assert meta["packing"] == {"packed": True, "rows": packed.n, "samples": 231,
+                                   "real_share": round(packed.packing.real_share, 6), "steps_per_epoch_unpacked": 58}
+        assert meta["steps_per_epoch"] == summary["steps_per_epoch"] == rows_per_epoch  # fewer than 58
+        assert meta["dataset_samples"] == 231
+        assert meta["optimizations"]["pad_mask"] is True and "packed rows" in meta["optimizations"]["pad_mask_why"]
+        for k, s in enumerate(steps):
+            rows = [i for r in (0, 1) for i in order[r][2 * k:2 * k + 2]]
+            assert s["real_tokens_per_s"] * s["step_s"] == pytest.approx(
+                int(packed.attention_mask[rows].sum()), rel=1e-9)
+            assert s["tokens_per_s"] * s["step_s"] == pytest.approx(4 * 128, rel=1e-9)
+        assert summary["status"] == "ok" and summary["final_loss"] < summary["first_loss"] - 1.0, summary
+    assert f"packed: 231 samples into {packed.n} rows of 128 tokens" in p.stdout
+    assert f"{rows_per_epoch} steps/epoch (packed; 58 unpacked)" in p.stdout
+    assert "tok/s (" in p.stdout and " real)" in p.stdout
+
+
+@pytest.mark.parametrize("cfg", ["z0", "z2_5e8", "z2_offload_5e8", "z3", "z3_offload_param", "none"])
+def test_packed_rows_run_on_every_stage(cfg, tmp_path):
+    """--pack under every ZeRO stage (ZeRO-3 gathers the parameters inside the forward) and the plain loop, with
+    evaluation (one sample per row) after the last step: two steps, the rows' real tokens counted."""
+    from sftbench.data import ShardedOrder
+
+    ds = "none" if cfg == "none" else str(write_overfit_config(f"{cfg}.json", tmp_path / f"{cfg}.json"))
+    extra = ["--grad-accum", "2", "--lr", "3e-3", "--lr-warmup-steps", "1"] if cfg == "none" else []
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    p = run(launch_cmd(2, "--ds", ds, "--run-dir", str(run_dir), "--cache-dir", str(cache), "--max-steps", "2",
+                       "--eval-split", "0.05", *PACK_ARGS, *extra), cpu_env())
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    recs = read_jsonl(run_dir / "rank0.jsonl")
+    meta, summary, steps = recs[0], recs[-1], [r for r in recs if r["type"] == "step"]
+    _, packed = _packed_rows(cache, eval_split=0.05)
+    assert meta["packing"]["packed"] is True and meta["packing"]["samples"] == 219  # 12 of 231 held out
+    assert meta["packing"]["rows"] == packed.n and summary["status"] == "ok" and len(steps) == 2
+    first = [i for r in (0, 1) for i in ShardedOrder(packed.n, r, 2, 7).take(2)]  # step 1: two rows per rank
+    assert steps[0]["real_tokens_per_s"] * steps[0]["step_s"] == pytest.approx(
+        int(packed.attention_mask[first].sum()), rel=1e-9)
+    evals = [r for r in recs if r["type"] == "eval"]
+    assert [e["eval_samples"] for e in evals] == [12] and evals[0]["eval_loss"] > 0
+
+
+def test_packed_resume_continues_the_same_rows(tmp_path):
+    """A packed run saved at step 3 and resumed runs steps 4-6 on the same rows with the same engine state: the same
+    losses as the run that went through. Refused when resumed unpacked (the data order would not continue)."""
+    ds = str(write_overfit_config("z1.json", tmp_path / "cfg.json"))
+    base = ["--ds", ds, "--cache-dir", str(tmp_path / "cache"), "--max-steps", "6", *PACK_ARGS]
+    whole = run(launch_cmd(2, *base, "--run-dir", str(tmp_path / "a"), "--save", str(tmp_path / "ck"),
+                           "--save-every", "3"), cpu_env())
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    resumed = run(launch_cmd(2, *base, "--run-dir", str(tmp_path / "b"), "--resume",
+                             str(tmp_path / "ck" / "checkpoint-3")), cpu_env())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = [r for r in read_jsonl(tmp_path / "a" / "rank0.jsonl") if r["type"] == "step"]
+    b = [r for r in read_jsonl(tmp_path / "b" / "rank0.jsonl") if r["type"] == "step"]
+    assert [r["step"] for r in b] == [4, 5, 6]
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a[3:]], rel=1e-5, abs=1e-5)
+    unpacked = run(launch_cmd(2, *[x for x in base if x != "--pack"], "--run-dir", str(tmp_path / "c"), "--resume",
+                              str(tmp_path / "ck" / "checkpoint-3")), cpu_env())
+    assert unpacked.returncode != 0
+    assert "packed_rows" in unpacked.stderr and "checkpoint-3" in unpacked.stderr
