@@ -137,6 +137,11 @@ def for_run(cfg: dict | None, kind: str, *, max_steps: int | None, epochs: float
         params["total_num_steps"] = total
         changes.append(f'scheduler.params.total_num_steps: "auto" -> {total} (the run\'s steps)')
     sched = out.get("scheduler") or {}
+    warm = (sched.get("params") or {}).get("warmup_num_steps")
+    if str(sched.get("type", "")).startswith("Warmup") and isinstance(warm, int) and warm < 2:
+        # DeepSpeed's Warmup* schedulers take max(2, warmup_num_steps): said, since the config cannot say it
+        changes.append(f"scheduler.params.warmup_num_steps: {warm} runs as 2 (DeepSpeed's {sched['type']} warms up "
+                       "over at least 2 steps; step 1 trains at the warm-up's start value)")
     resolved = resolve(kind, cfg)
     if resolved in ("linear", "cosine"):
         what = f"{sched['type']} to 0 at step {total}"

@@ -71,3 +71,20 @@ def test_a_run_reaches_the_schedules_floor_at_its_last_step(tmp_path, ds, kind):
         assert f"lr schedule: {want} to 0 at step 5 (--lr-schedule {kind})" in p.stdout
     else:
         assert "lr schedule: cosine to 0 at step 5 (--lr-schedule cosine)" in p.stdout
+
+
+def test_a_one_step_warmup_is_said_to_run_as_two_under_deepspeed():
+    """DeepSpeed's Warmup* schedulers warm up over max(2, warmup_num_steps) steps: the run says so in its overrides
+    rather than silently training step 1 at the start value."""
+    from sftbench.schedule import for_run
+
+    cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+           "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 1e-3,
+                                                        "warmup_num_steps": 1}}}
+    _, _, changes, _ = for_run(cfg, "config", max_steps=8, epochs=None, n_train=16, world_size=1, micro_batch=None,
+                               grad_accum=None, source="x.json")
+    assert changes == ["scheduler.params.warmup_num_steps: 1 runs as 2 (DeepSpeed's WarmupLR warms up over at least "
+                       "2 steps; step 1 trains at the warm-up's start value)"]
+    cfg["scheduler"]["params"]["warmup_num_steps"] = 5
+    assert for_run(cfg, "config", max_steps=8, epochs=None, n_train=16, world_size=1, micro_batch=None,
+                   grad_accum=None, source="x.json")[2] == []
