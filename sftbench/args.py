@@ -296,8 +296,10 @@ def _parser(exit_on_error: bool = True, show_advanced: bool = True) -> argparse.
         if f.name == "local_rank":
             names = ["--local_rank", "--local-rank"]
         text = f.metadata.get("help") or ""
-        if "Default" not in text and f.default is not None and not isinstance(f.default, bool):
-            text += f" Default: {repo_relative(f.default) if isinstance(f.default, str) else f.default}."
+        if "Default" not in text and "default" not in text and f.default is not None:
+            shown = ("on" if f.default else "off") if isinstance(f.default, bool) else (
+                repo_relative(f.default) if isinstance(f.default, str) else f.default)
+            text += f" Default: {shown}."
         kw = {"dest": f.name, "help": text, "default": f.default}
         if f.name == "local_rank":
             kw["help"] = argparse.SUPPRESS  # the launcher's
@@ -309,6 +311,11 @@ def _parser(exit_on_error: bool = True, show_advanced: bool = True) -> argparse.
             kw["type"] = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
         if f.name in CHOICES:
             kw["choices"] = CHOICES[f.name]
+        elif f.name == "precision":
+            kw["choices"] = ("fp32", "fp16", "bf16")
+        elif f.name == "lr_schedule":
+            from sftbench.schedule import SCHEDULES
+            kw["choices"] = SCHEDULES
         if f.name == "compile":  # a bare --compile means the whole model (engine.compile())
             kw.update(nargs="?", const="model")
         groups[_group_of(f.name)].add_argument(*names, **kw)
