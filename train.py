@@ -269,6 +269,7 @@ class Trainer:
                                               else (None, None))
         self.build_data()
         self.build_lr_schedule()
+        self.prepare_resume()
         self.build_model()
         self.build_engine()
         self.build_schedule()
@@ -340,6 +341,25 @@ class Trainer:
             source=args.ds)
         self.run = replace(run, ds_cfg=ds_cfg, overrides=run.overrides + changes)
         self.say(note)
+
+    def prepare_resume(self) -> None:
+        """A resume on another number of ranks than its checkpoint's: refused unless each step keeps its size
+        (before anything is built), else the checkpoint converted once into DeepSpeed's universal form and the
+        engine told to load that (``checkpoint.load_universal``)."""
+        self.universal = None
+        if self.resume_state is None or not checkpoint.reshards(self.resume_state, self.place.world_size):
+            return
+        world = self.place.world_size
+        micro, ga = schedule.batch_shape(self.run.ds_cfg, world) if self.run.ds_cfg is not None else (1, 1)
+        checkpoint.check_reshard(self.resume_dir, self.resume_state, world, micro, ga)
+        if self.place.rank == 0:
+            self.universal = checkpoint.make_universal(self.resume_dir, self.say)
+        checkpoint.barrier()
+        self.universal = checkpoint.universal_dir(self.resume_dir)
+        ds_cfg = {**self.run.ds_cfg, "checkpoint": {**self.run.ds_cfg.get("checkpoint", {}), "load_universal": True}}
+        self.run = replace(self.run, ds_cfg=ds_cfg, overrides=self.run.overrides + [
+            f"checkpoint.load_universal: true (resuming {self.resume_state['identity']['world_size']}-rank "
+            f"checkpoint on {world} ranks)"])
 
     def build_model(self) -> None:
         """The model, where its weights will live. ZeRO-3 constructs it partitioned, so no rank ever holds the
@@ -427,8 +447,12 @@ class Trainer:
             self.identity["packed_rows"] = self.packed.n
         if self.resume_state is not None:
             checkpoint.check_resumable(self.resume_dir, self.resume_state, self.identity, max_steps)
-            checkpoint.load_engine_state(eng, self.resume_dir, is_deepspeed=args.deepspeed, rank=self.place.rank)
-            self.say(f"resumed from step {start} ({self.resume_dir})")
+            checkpoint.load_engine_state(eng, self.resume_dir, is_deepspeed=args.deepspeed, rank=self.place.rank,
+                                         universal=self.universal is not None, seed=args.seed)
+            saved_world = self.resume_state["identity"]["world_size"]
+            self.say(f"resumed from step {start} ({self.resume_dir})" + (
+                f", written on {saved_world} rank(s), on {world} through {self.universal}" if self.universal else ""))
+        self.data_start = self.resumed_position() if self.resume_state is not None else 0
         # The default warm-up leaves this process a measured step; args keep what was asked (the harness record).
         s.warmup_steps, s.warmup_note = resolve_warmup(args.warmup_steps, max_steps - start)
         self.stats.warmup_steps = s.warmup_steps
@@ -510,6 +534,21 @@ class Trainer:
         if s.warmup_note:
             self.say(f"note: {s.warmup_note}")
 
+    def resumed_position(self) -> int:
+        """Where in the job's sample stream (``ShardedOrder.take``) the resumed run starts: the checkpoint's own
+        position (or, written before positions were stored, its step x its step's samples), moved to this world
+        size's stream when the number of ranks changed."""
+        from sftbench import data as sftdata
+
+        saved = self.resume_state["identity"]
+        pos = self.resume_state.get("data_position", {}).get("stream_position")
+        if pos is None:
+            pos = self.resume_state["step"] * checkpoint.samples_per_step(saved)
+        if saved["world_size"] == self.place.world_size:
+            return pos
+        return sftdata.ShardedOrder(self.n_train, 0, self.place.world_size, self.args.seed).continue_from(
+            pos, saved["world_size"])
+
     def put_batches_on_device(self) -> None:
         """Every step's micro-batches of this rank, on the device before the clock starts: rank r's rows for steps
         start_step+1 .. max_steps as [steps, grad_accum, micro_batch]; epochs back to back so every step has
@@ -522,8 +561,10 @@ class Trainer:
         rows_t = torch.tensor(self.train_rows)
 
         def indices(r: int) -> torch.Tensor:
-            idx = sftdata.ShardedOrder(self.n_train, r, world, self.args.seed).take(s.max_steps * s.per_step)
-            return rows_t[torch.tensor(idx)].view(s.max_steps, s.grad_accum, s.micro_batch)[s.start_step:]
+            left = s.max_steps - s.start_step
+            idx = sftdata.ShardedOrder(self.n_train, r, world, self.args.seed).take(left * s.per_step,
+                                                                                     start=self.data_start)
+            return rows_t[torch.tensor(idx)].view(left, s.grad_accum, s.micro_batch)
 
         idx = indices(self.place.rank)
         self.batches = {k: getattr(src, k)[idx].to(dev) for k in self.batch_keys()}
@@ -607,11 +648,14 @@ class Trainer:
 
     def train_state(self, done: int) -> dict:
         """What a checkpoint after step ``done`` records besides the engine: the run and its data position."""
-        per_step = self.schedule.per_step
+        s, world = self.schedule, self.place.world_size
         unit = "samples_per_rank" if self.packed is None else "packed_rows_per_rank"
-        return {"identity": self.identity, "max_steps": self.schedule.max_steps, "run": Path(self.run.run_dir).name,
-                "data_position": {unit: done * per_step,
-                                  "epoch": done * per_step / -(-self.n_train // self.place.world_size)}}
+        # stream_position: where the next step's samples start in the job's order (ShardedOrder.take), which a
+        # resume on any number of ranks continues from
+        position = self.data_start + (done - s.start_step) * s.per_step * world
+        return {"identity": self.identity, "max_steps": s.max_steps, "run": Path(self.run.run_dir).name,
+                "data_position": {unit: done * s.per_step, "stream_position": position,
+                                  "epoch": position / (-(-self.n_train // world) * world)}}
 
     def between_steps(self, done: int) -> None:
         """After a step's clock stopped: evaluation, checkpoints, and a stop request every rank agreed on."""
@@ -686,7 +730,9 @@ def meta_record(t: Trainer) -> dict:
         versions={"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
                   "deepspeed": deepspeed_version, "transformers": transformers.__version__},
         git_commit=git_commit(), warnings=t.warnings, lr=args.lr, overrides=run.overrides,
-        resumed_from={"path": str(t.resume_dir), "step": s.start_step} if t.resume_dir else None,
+        resumed_from={"path": str(t.resume_dir), "step": s.start_step,
+                      "world_size": t.resume_state["identity"]["world_size"],
+                      "universal": str(t.universal) if t.universal else None} if t.resume_dir else None,
         eval={"path": args.eval_data, "split": args.eval_split or None, "samples": len(t.eval_rows),
               "every": args.eval_every or None} if t.evaluator else None,
         save_dir=args.save, model_info=run.spec.describe(), model_weights=run.spec.describe()["weights"],

@@ -40,6 +40,7 @@ import random
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,8 @@ from typing import Callable
 STATE_FILE = "sftbench_state.json"
 ENGINE_DIR = "engine"
 DS_TAG = "state"
+UNIVERSAL_TAG = "state_universal"  # engine/<this>: DS_TAG's state converted for another number of ranks
+UNIVERSAL_DONE = "sftbench_universal.json"  # written last into a finished conversion
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FORMAT = 1
 # What must match for the data order of a resumed run to continue the checkpoint's (harness keys).
@@ -113,10 +116,46 @@ def resolve(path: str | os.PathLike) -> tuple[Path, dict]:
     return folder, state
 
 
-def check_resumable(folder: Path, state: dict, identity: dict, max_steps: int) -> None:
-    """Refuse a resume whose data order or step count cannot continue the checkpoint (names key and values)."""
+def samples_per_step(identity: dict) -> int:
+    """Samples (packed: rows) per optimizer step of the whole job: micro batch x accumulation x ranks."""
+    return identity["micro_batch"] * identity["grad_accum"] * identity["world_size"]
+
+
+def reshards(state: dict, world_size: int) -> bool:
+    """Whether resuming ``state`` on ``world_size`` ranks goes through DeepSpeed's universal checkpoint."""
+    return state.get("identity", {}).get("world_size") != world_size
+
+
+def check_reshard(folder: Path, state: dict, world_size: int, micro_batch: int, grad_accum: int) -> None:
+    """Refuse, before anything is built, a resume on another number of ranks that cannot continue the run: the
+    plain loop (no universal checkpoint), or a step of another size (the step count, the LR schedule and the data
+    position all count steps, so a step must take the same samples; names the accumulation that would)."""
     saved = state.get("identity", {})
+    old_world = saved.get("world_size")
+    if saved.get("engine") != "deepspeed":
+        raise ResumeError(f"--resume: {folder} was written by the plain loop (--ds none) on {old_world} rank(s); "
+                          f"it resumes only on {old_world} (this run has {world_size})")
+    had, has = samples_per_step(saved), micro_batch * grad_accum * world_size
+    if had != has:
+        fit = had // (micro_batch * world_size) if had % (micro_batch * world_size) == 0 else None
+        hint = (f"pass --grad-accum {fit}" if fit else
+                f"no accumulation gives {had} with micro batch {micro_batch} on {world_size} ranks")
+        raise ResumeError(f"--resume: {folder} took {had} samples per step ({old_world} ranks x micro batch "
+                          f"{saved.get('micro_batch')} x accumulation {saved.get('grad_accum')}); this run takes "
+                          f"{has} ({world_size} x {micro_batch} x {grad_accum}). A resume on another number of "
+                          f"GPUs keeps the step's size: {hint}")
+
+
+def check_resumable(folder: Path, state: dict, identity: dict, max_steps: int) -> None:
+    """Refuse a resume whose data order or step count cannot continue the checkpoint (names key and values). A
+    checkpoint of another number of ranks continues when each step takes as many samples (``check_reshard``)."""
+    saved = state.get("identity", {})
+    reshard = reshards(state, identity["world_size"])
+    if reshard:  # the engine's own micro batch and accumulation, read back
+        check_reshard(folder, state, identity["world_size"], identity["micro_batch"], identity["grad_accum"])
     for key in ORDER_KEYS:
+        if reshard and key in ("world_size", "micro_batch", "grad_accum"):
+            continue
         if saved.get(key) != identity.get(key):
             raise ResumeError(f"--resume: {folder} was written with {key} = {saved.get(key)!r}, this run has "
                               f"{identity.get(key)!r}; the data order (and the engine state) can only continue "
@@ -223,7 +262,7 @@ def set_rng_state(st: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ saving
-def _barrier() -> None:
+def barrier() -> None:
     import torch
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -269,7 +308,7 @@ class Saver:
                     _remove(self.root / name)
                 if old:
                     say(f"--overwrite: removed {', '.join(old)} from {self.root}")
-        _barrier()
+        barrier()
 
     def save(self, step: int, state: dict, *, final: bool) -> Path:
         """Write the checkpoint of ``step`` (``final``: into the root folder itself, else checkpoint-<step>)."""
@@ -278,7 +317,7 @@ class Saver:
         if self.rank == 0:
             _remove(partial)
             (partial / ENGINE_DIR).mkdir(parents=True)
-        _barrier()
+        barrier()
         import torch
         eng_dir = partial / ENGINE_DIR
         if self.is_deepspeed:
@@ -291,7 +330,7 @@ class Saver:
             self.write_folder(partial, sd, self.engine.module, self.tok)
         elif self.rank == 0:
             write_model_folder(partial, sd, self.config, self.tok)
-        _barrier()  # every rank's files are written before the state file marks the folder complete
+        barrier()  # every rank's files are written before the state file marks the folder complete
         out = self.root if final else self.root / name
         if self.rank == 0:
             # Every file and its size: resume checks them all (each rank's partition included).
@@ -305,7 +344,7 @@ class Saver:
                 _remove(out)
                 os.replace(partial, out)
                 self._prune()
-        _barrier()
+        barrier()
         self.last_saved_step = step
         return out
 
@@ -325,18 +364,62 @@ class Saver:
             _remove(p)
 
 
-def load_engine_state(engine, folder: Path, *, is_deepspeed: bool, rank: int) -> None:
-    """Restore the engine (weights, optimizer, LR schedule, loss scale) and this rank's RNG from ``folder``."""
+def universal_dir(folder: Path) -> Path:
+    """Where ``make_universal`` writes ``folder``'s engine state as a universal checkpoint."""
+    return folder / ENGINE_DIR / UNIVERSAL_TAG
+
+
+def make_universal(folder: Path, say: Callable[[str], None], python: str = sys.executable) -> Path:
+    """``folder``'s DeepSpeed state as a universal checkpoint (DeepSpeed's ``ds_to_universal``: every parameter's
+    fp32 weights and optimizer moments whole, which any number of ranks can load), written once beside the state it
+    comes from and reused by later resumes. Call on one process (global rank 0), then a barrier; the folder must be
+    on a filesystem every rank reads. Nothing the checkpoint holds is changed."""
+    out = universal_dir(folder)
+    if (out / UNIVERSAL_DONE).is_file():
+        say(f"resume: reusing the universal checkpoint {out}")
+        return out
+    partial = out.with_name(f".partial-{UNIVERSAL_TAG}")
+    _remove(partial)
+    say(f"resume: converting {folder / ENGINE_DIR / DS_TAG} to a universal checkpoint (another number of ranks)")
+    t = time.time()
+    # --inject_missing_state: the engine saves no universal_checkpoint_info for a model that sets none (ours)
+    p = subprocess.run([python, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                        str(folder / ENGINE_DIR / DS_TAG), "--output_folder", str(partial), "--inject_missing_state",
+                        "--num_extract_workers", str(min(4, os.cpu_count() or 1))],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        _remove(partial)
+        raise ResumeError(f"--resume: DeepSpeed's ds_to_universal could not convert {folder / ENGINE_DIR / DS_TAG} "
+                          f"(rc {p.returncode}): {(p.stderr or p.stdout).strip()[-1500:]}")
+    (partial / UNIVERSAL_DONE).write_text(json.dumps({"from": str(folder / ENGINE_DIR / DS_TAG),
+                                                      "seconds": round(time.time() - t, 1)}))
+    _remove(out)
+    os.replace(partial, out)
+    say(f"resume: universal checkpoint written in {time.time() - t:.1f}s: {out}")
+    return out
+
+
+def load_engine_state(engine, folder: Path, *, is_deepspeed: bool, rank: int, universal: bool = False,
+                      seed: int = 0) -> None:
+    """Restore the engine (weights, optimizer, LR schedule, loss scale) and this rank's RNG from ``folder``;
+    ``universal``: from its universal checkpoint (``make_universal``; the engine built with
+    ``checkpoint.load_universal``), where a rank the checkpoint did not have draws from a seeded RNG."""
     import torch
     eng_dir = folder / ENGINE_DIR
     if is_deepspeed:
-        path, _ = engine.load_checkpoint(str(eng_dir), tag=DS_TAG, load_optimizer_states=True,
+        tag = UNIVERSAL_TAG if universal else DS_TAG
+        path, _ = engine.load_checkpoint(str(eng_dir), tag=tag, load_optimizer_states=True,
                                          load_lr_scheduler_states=True)
         if path is None:  # DeepSpeed only warns and trains from scratch
-            raise ResumeError(f"--resume: DeepSpeed could not load {eng_dir / DS_TAG}")
+            raise ResumeError(f"--resume: DeepSpeed could not load {eng_dir / tag}")
     else:
         engine.load_checkpoint(str(eng_dir))
-    set_rng_state(torch.load(eng_dir / f"rng_state_rank{rank}.pt", weights_only=False))
+    rng = eng_dir / f"rng_state_rank{rank}.pt"
+    if universal and not rng.is_file():  # dropout only: the data order does not come from this RNG
+        torch.manual_seed(seed * 1_000_003 + rank)
+        random.seed(seed * 1_000_003 + rank)
+        return
+    set_rng_state(torch.load(rng, weights_only=False))
 
 
 # ------------------------------------------------------------------------------------------------ signals

@@ -734,14 +734,39 @@ class ShardedOrder:
             perm = (perm * (-(-self.total // self.n)))[:self.total]
         return perm[self.rank:self.total:self.world_size]
 
-    def take(self, count: int) -> list[int]:
-        """The first ``count`` indices of this rank's order over epochs 0, 1, 2, ... back to back (how train.py and
-        the bench scripts fill a fixed number of steps with full micro-batches)."""
-        idx, epoch = [], 0
-        while len(idx) < count:
-            idx += self.indices(epoch)
-            epoch += 1
-        return idx[:count]
+    def take(self, count: int, start: int = 0) -> list[int]:
+        """``count`` indices of this rank's order over epochs 0, 1, 2, ... back to back (how train.py and the bench
+        scripts fill a fixed number of steps with full micro-batches), from the job's stream position ``start``:
+        the stream is the epochs' wrapped permutations back to back, rank r takes positions start + r,
+        start + r + world, ... (``start`` 0: the rank's order from its beginning; k steps of ``per_rank`` samples
+        leave the job at ``k * per_rank * world``)."""
+        if start % self.world_size == 0:
+            skip = start // self.world_size  # whole rounds: this rank's own order, ``skip`` in
+            idx, epoch = [], skip // self.num_samples
+            skip -= epoch * self.num_samples
+            while len(idx) < skip + count:
+                idx += self.indices(epoch)
+                epoch += 1
+            return idx[skip:skip + count]
+        out, pos = [], start + self.rank
+        epoch, perm = None, []
+        for _ in range(count):
+            e, at = divmod(pos, self.total)
+            if e != epoch:
+                epoch = e
+                perm = self.permutation(e)
+                perm = (perm * (-(-self.total // self.n)))[:self.total]
+            out.append(perm[at])
+            pos += self.world_size
+        return out
+
+    def continue_from(self, position: int, world_size: int) -> int:
+        """This order's stream position that continues a job of ``world_size`` ranks stopped at ``position`` of its
+        own stream: the same epoch and the same offset in its permutation (the stream of another world size pads
+        its epochs differently); a position inside an epoch's wrap-around padding moves to the next epoch."""
+        total = -(-self.n // world_size) * world_size
+        epoch, at = divmod(position, total)
+        return (epoch + 1) * self.total if at >= self.n else epoch * self.total + at
 
     def micro_batches(self, epoch: int, micro_batch: int) -> list[list[int]]:
         if micro_batch < 1:

@@ -70,6 +70,27 @@ def test_check_resumable_refuses_another_data_order(tmp_path):
         checkpoint.check_resumable(tmp_path, state, dict(ident), max_steps=3)
 
 
+def test_a_resume_on_another_number_of_ranks_keeps_the_step_size(tmp_path):
+    """Another world size resumes only through DeepSpeed (universal checkpoint), with as many samples a step."""
+    ident = {"world_size": 2, "micro_batch": 1, "grad_accum": 2, "seed": 5, "train_samples": 9, "seq_len": 64,
+             "engine": "deepspeed", "eval_split": 0.0}
+    state = {"step": 3, "identity": ident}
+    assert not checkpoint.reshards(state, 2) and checkpoint.reshards(state, 1)
+    checkpoint.check_reshard(tmp_path, state, world_size=1, micro_batch=1, grad_accum=4)
+    checkpoint.check_reshard(tmp_path, state, world_size=4, micro_batch=1, grad_accum=1)
+    checkpoint.check_resumable(tmp_path, state, {**ident, "world_size": 1, "grad_accum": 4}, max_steps=6)
+    with pytest.raises(ResumeError, match=r"took 4 samples per step \(2 ranks x micro batch 1 x accumulation 2\); "
+                                          r"this run takes 2 \(1 x 1 x 2\).*pass --grad-accum 4"):
+        checkpoint.check_reshard(tmp_path, state, world_size=1, micro_batch=1, grad_accum=2)
+    with pytest.raises(ResumeError, match="no accumulation gives 4 with micro batch 1 on 3 ranks"):
+        checkpoint.check_reshard(tmp_path, state, world_size=3, micro_batch=1, grad_accum=1)
+    with pytest.raises(ResumeError, match="this run takes 2"):  # the engine's read-back values, after it is built
+        checkpoint.check_resumable(tmp_path, state, {**ident, "world_size": 1}, max_steps=6)
+    plain = {"step": 3, "identity": {**ident, "engine": "torch"}}
+    with pytest.raises(ResumeError, match=r"plain loop \(--ds none\) on 2 rank\(s\); it resumes only on 2"):
+        checkpoint.check_reshard(tmp_path, plain, world_size=1, micro_batch=1, grad_accum=4)
+
+
 # ---------------------------------------------------------------------------------------------- real runs
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
@@ -224,8 +245,9 @@ def test_killed_run_resumes_on_the_same_curve(tmp_path, work):
     Then SIGTERM during a resumed run: one last checkpoint, status interrupted."""
     base = ["--ds", str(REPO / "ds_configs" / "z1.json"), "--model", str(work / "tiny"),
             "--cache-dir", str(tmp_path / "cache"), *COMMON]
+    full_save = tmp_path / "save_full"
     full = run(launch_cmd(2, *base, "--run-dir", str(tmp_path / "full"), "--max-steps", "6",
-                          "--save", str(tmp_path / "save_full"), "--save-every", "3"), cpu_env())
+                          "--save", str(full_save), "--save-every", "3"), cpu_env())
     assert full.returncode == 0, full.stderr[-3000:]
 
     killed_save = tmp_path / "save_killed"
@@ -245,13 +267,34 @@ def test_killed_run_resumes_on_the_same_curve(tmp_path, work):
     assert f"resumed from step 3 ({killed_save / 'checkpoint-3'})" in resumed.stdout
     _, full_steps, full_evals, _ = records(tmp_path / "full")
     meta, steps, evals, summary = records(tmp_path / "resumed")
-    assert meta["resumed_from"] == {"path": str(killed_save / "checkpoint-3"), "step": 3}
+    assert meta["resumed_from"] == {"path": str(killed_save / "checkpoint-3"), "step": 3, "world_size": 2,
+                                    "universal": None}
     assert [s["step"] for s in steps] == [4, 5, 6]
     assert [s["loss"] for s in steps] == pytest.approx([s["loss"] for s in full_steps[3:]], rel=1e-5)
     assert [s["lr"] for s in steps] == pytest.approx([s["lr"] for s in full_steps[3:]], rel=1e-6)
     assert full_steps[5]["loss"] < full_steps[0]["loss"] - 0.1  # the compared steps did train
     assert evals[-1]["eval_loss"] == pytest.approx(full_evals[-1]["eval_loss"], rel=1e-5)
     assert summary["status"] == "ok" and summary["steps"] == 3
+
+    # The same checkpoint on ONE rank: refused while a step would take half the samples, then, with the
+    # accumulation doubled, converted to DeepSpeed's universal checkpoint and continued: each step takes the two
+    # ranks' samples, so its loss is the mean of theirs in the uninterrupted run.
+    from sftbench.sweep import REFERENCE_LAYOUT  # the layout launch_cmd gives the 2-rank runs
+    one = [sys.executable, str(REPO / "train.py"), *REFERENCE_LAYOUT, *base, "--max-steps", "6", "--resume",
+           str(full_save / "checkpoint-3")]
+    p = run([*one, "--run-dir", str(tmp_path / "one_refused")], cpu_env())
+    assert p.returncode != 0 and "this run takes 2 (1 x 1 x 2)" in p.stderr and "pass --grad-accum 4" in p.stderr, \
+        p.stderr[-2000:]
+    p = run([*one, "--run-dir", str(tmp_path / "one"), "--grad-accum", "4"], cpu_env())
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    universal = full_save / "checkpoint-3" / "engine" / checkpoint.UNIVERSAL_TAG
+    assert f"written on 2 rank(s), on 1 through {universal}" in p.stdout
+    meta, steps, _, _ = records(tmp_path / "one")
+    assert meta["resumed_from"]["universal"] == str(universal) and meta["resumed_from"]["world_size"] == 2
+    full_r1 = records(tmp_path / "full", rank=1)[1]
+    assert [s["loss"] for s in steps] == pytest.approx(
+        [(a["loss"] + b["loss"]) / 2 for a, b in zip(full_steps[3:], full_r1[3:])], rel=1e-5)
+    assert [s["lr"] for s in steps] == pytest.approx([s["lr"] for s in full_steps[3:]], rel=1e-6)
 
     # SIGTERM to every process of the job (what a scheduler sends): the ranks agree on a step, save it, and stop.
     term_dir = tmp_path / "term"

@@ -290,6 +290,27 @@ def test_take_runs_epochs_back_to_back():
     assert o.take(10) == o.indices(0) + o.indices(1) + o.indices(2)[:2]
 
 
+def test_take_from_a_stream_position_continues_the_job_on_any_number_of_ranks():
+    """k steps of p samples a rank leave a job of w ranks at stream position k*p*w; the ranks of any world size
+    taking from there get, between them, the next samples of the same epoch's permutation."""
+    n, seed = 7, 4
+    two = [ShardedOrder(n, r, 2, seed) for r in (0, 1)]  # 8 positions an epoch: sample 0 of the permutation twice
+    assert two[1].take(3, start=2 * 2) == two[1].take(5)[2:]  # same world: the rank's own order, 2 in
+    perm0, perm1 = two[0].permutation(0), two[0].permutation(1)
+    # 3 samples a rank after one step on 2 ranks: 6 of epoch 0 done; one rank goes on with the 7th, then epoch 1
+    one = ShardedOrder(n, 0, 1, seed)
+    at = one.continue_from(6, world_size=2)
+    assert at == 6 and one.take(4, start=at) == [perm0[6], *perm1[:3]]
+    # position 7 of the 2-rank stream is its wrap-around (perm0[0] again): a single rank starts epoch 1 instead
+    assert one.continue_from(7, world_size=2) == 7 and one.take(2, start=7) == perm1[:2]
+    # the other way: 1 rank stopped at 5; two ranks split the rest of epoch 0 and its wrap-around round-robin
+    at = two[0].continue_from(5, world_size=1)
+    assert at == 5
+    assert [o.take(2, start=at) for o in two] == [[perm0[5], perm0[0]], [perm0[6], perm1[0]]]
+    # epoch 2 of a 3-rank job (9 positions an epoch) maps to epoch 2 of a 2-rank one (8)
+    assert two[0].continue_from(2 * 9 + 4, world_size=3) == 2 * 8 + 4
+
+
 def test_steps_per_epoch_and_micro_batches():
     assert steps_per_epoch(10000, 1, 1, 8) == 1250
     assert steps_per_epoch(10000, 1, 3, 8) == 417
