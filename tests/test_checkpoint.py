@@ -228,14 +228,21 @@ def test_finetune_saves_a_folder_transformers_loads(cfg, precision, tmp_path, wo
         got["prompt_ids"])
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 400) -> None:
+def _until(ready, proc: subprocess.Popen, what: str, timeout: float = 400):
+    """Poll ``ready()`` until it returns something truthy (returned), failing when ``proc`` ends first or after
+    ``timeout`` s; ``what`` names the awaited event in the failure."""
     deadline = time.time() + timeout
-    while not path.exists():
+    while not (got := ready()):
         if proc.poll() is not None:
-            pytest.fail(f"run ended (rc {proc.returncode}) before {path} appeared")
+            pytest.fail(f"run ended (rc {proc.returncode}) before {what}")
         if time.time() > deadline:
-            pytest.fail(f"{path} did not appear in {timeout} s")
+            pytest.fail(f"no {what} in {timeout} s")
         time.sleep(0.2)
+    return got
+
+
+def _wait_for(path: Path, proc: subprocess.Popen) -> None:
+    _until(path.exists, proc, str(path))
 
 
 @pytest.mark.slow
@@ -360,18 +367,15 @@ def test_missing_resume_folder_fails_before_training(tmp_path):
     assert message in recs[0]["error"]
 
 
-def _pids_of_ranks(run_dir: Path, ranks: int, proc: subprocess.Popen, timeout: float = 400) -> list[int]:
+def _pids_of_ranks(run_dir: Path, ranks: int, proc: subprocess.Popen) -> list[int]:
     """The ranks' process ids from their meta records, once every rank has logged a step."""
-    deadline = time.time() + timeout
-    while True:
-        files = [run_dir / f"rank{r}.jsonl" for r in range(ranks)]
+    files = [run_dir / f"rank{r}.jsonl" for r in range(ranks)]
+
+    def pids():
         if all(f.exists() and f.read_text().count('"type": "step"') >= 1 for f in files):
             return [read_jsonl(f)[0]["pid"] for f in files]
-        if proc.poll() is not None:
-            pytest.fail(f"run ended (rc {proc.returncode}) before every rank logged a step")
-        if time.time() > deadline:
-            pytest.fail(f"no step logged by every rank in {timeout} s")
-        time.sleep(0.2)
+        return None
+    return _until(pids, proc, "step logged by every rank")
 
 
 @pytest.mark.slow
