@@ -107,6 +107,15 @@ def ds_shm_names() -> set[str]:
     return {p.name for p in own_buffers()}
 
 
+def leaked_shm(before: set[str]) -> set[str]:
+    """The DeepSpeed shm buffers that appeared since ``before`` (``ds_shm_names()``) and that no process maps: what
+    a finished run left behind. A buffer a run of another test worker still maps is not one."""
+    from sftbench.shm import mapped_files, own_buffers
+    new = [p for p in own_buffers() if p.name not in before]
+    mapped = mapped_files() if new else set()
+    return {p.name for p in new if str(p) not in mapped and p.exists()}
+
+
 def run(cmd: list[str], env: dict, timeout: int = 600, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run a command in its own process group; on timeout kill the whole group and fail the test.
 
@@ -180,3 +189,11 @@ def recipe_run(tmp_path_factory):
             done[name] = root / "run"
         return done[name]
     return get
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``./run_tests.sh`` runs two workers): the tests that read the session's recipe runs share
+    one worker, so each recipe trains once per session rather than once per worker."""
+    for item in items:
+        if "recipe_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("recipes"))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, cpu_env, ds_shm_names, run
+from conftest import REPO, cpu_env, ds_shm_names, leaked_shm, run
 
 BENCH = REPO / "bench"
 
@@ -222,7 +222,7 @@ def test_compare_cpu_smoke(tmp_path):
         assert row[k] > 0
     assert "| pangu-tiny | z1 |" in out.read_text()
     # Each tool ran on a fresh port: none of them left DeepSpeed's CPU shm buffer behind.
-    assert ds_shm_names() - shm_before == set()
+    assert leaked_shm(shm_before) == set()
 
 
 def test_lever_variants_parse_and_derive_configs(tmp_path):

@@ -416,9 +416,10 @@ def test_killed_recipe_resumes_on_the_recorded_curve(name, tmp_path, recipe_run)
 
 @pytest.mark.slow
 def test_a_double_sigint_saves_once_and_stops(tmp_path):
-    """Ctrl-C pressed twice in quick succession on a 2-rank run that saves (the ranks get SIGINT twice, 0.05 s apart: a rank that saved a tiny model may be gone 0.3 s later):
-    the second is the same request, so each rank says once that it will save, the ranks agree on a step k, save
-    checkpoint-k once, and stop with status interrupted naming the step and how to resume."""
+    """Ctrl-C pressed twice in quick succession on a 2-rank run that saves (the ranks get SIGINT twice, 0.05 s
+    apart: a rank that saved the tiny model may be gone 0.3 s later): the second is the same request, so each rank
+    says once that it will save, the ranks agree on a step k, save checkpoint-k once, and stop with status
+    interrupted naming the step and how to resume."""
     from conftest import recipe_cmd
 
     save, run_dir = tmp_path / "save", tmp_path / "run"

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import (META_NULL, NO_DS_NULL, REPO, SAMPLES, STEP_NULL, SUMMARY_NULL, cpu_env, ds_shm_names,
+from conftest import (META_NULL, NO_DS_NULL, REPO, SAMPLES, STEP_NULL, SUMMARY_NULL, cpu_env, ds_shm_names, leaked_shm,
                       launch_cmd, leftover_shm, nulls, read_jsonl, run, write_overfit_config)
 from sftbench.runlog import parse_lines
 
@@ -160,7 +160,7 @@ def test_single_process_without_launcher(tmp_path, overfit_data):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     meta, steps, summary = check_schema(read_jsonl(run_dir / "rank0.jsonl"))
     assert meta["world_size"] == 1 and meta["zero_stage"] == 1 and summary["status"] == "ok" and len(steps) == 2
-    assert ds_shm_names() - shm_before == set()
+    assert leaked_shm(shm_before) == set()
 
 
 def test_auto_value_is_refused_naming_the_key(tmp_path):
