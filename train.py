@@ -26,7 +26,7 @@ from pathlib import Path
 
 from sftbench import checkpoint, schedule
 from sftbench.args import PLAIN_DEFAULTS, HarnessArgs, parse_args, resolve_warmup, save_config_file
-from sftbench.buildenv import fix_cuda_arch_list, rank_device, single_process_env
+from sftbench.buildenv import prepare_op_builds, rank_device, single_process_env
 from sftbench.dsconfig import (DSConfigError, apply_overrides, apply_precision, config_precision, describe,
                                load_ds_config, peak_lr, resolve_auto, resolve_config_path)
 from sftbench.failures import classify_exception
@@ -796,7 +796,7 @@ def main() -> int:
         checkpoint.check_save_target(args.save, args.resume, args.overwrite)
     except checkpoint.SaveTargetError as e:
         sys.exit(f"error: {e}")
-    arch_env = fix_cuda_arch_list()  # before anything imports DeepSpeed's op builders
+    arch_env = prepare_op_builds()  # before anything imports DeepSpeed's op builders
     ds_cfg = load_config(args)
     import torch  # after the arch-list fix on purpose (the import-order note above)
 

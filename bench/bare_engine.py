@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, fo
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sftbench.paths import BENCH_DATA, REPO, SAMPLE_DATA  # noqa: E402
-from sftbench.buildenv import fix_cuda_arch_list, rank_device, single_process_env  # noqa: E402
+from sftbench.buildenv import prepare_op_builds, rank_device, single_process_env  # noqa: E402
 from sftbench import graphs, levers, speed  # noqa: E402  (torch-free at import)
 
-fix_cuda_arch_list()  # as train.py: before anything imports DeepSpeed's op builders
+prepare_op_builds()  # as train.py: before anything imports DeepSpeed's op builders
 
 import torch  # noqa: E402
 

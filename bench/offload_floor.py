@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sftbench.buildenv import fix_cuda_arch_list  # noqa: E402
+from sftbench.buildenv import prepare_op_builds  # noqa: E402
 
-fix_cuda_arch_list()  # before DeepSpeed's op builders are imported
+prepare_op_builds()  # before DeepSpeed's op builders are imported
 
 import torch  # noqa: E402
 

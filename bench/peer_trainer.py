@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, fo
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sftbench.paths import BENCH_DATA, REPO, SAMPLE_DATA  # noqa: E402
-from sftbench.buildenv import fix_cuda_arch_list, rank_device  # noqa: E402
+from sftbench.buildenv import prepare_op_builds, rank_device  # noqa: E402
 
-fix_cuda_arch_list()  # before DeepSpeed's op builders are imported (an environment fix, not a speed lever)
+prepare_op_builds()  # before DeepSpeed's op builders are imported (an environment fix, not a speed lever)
 
 import torch  # noqa: E402
 

@@ -41,6 +41,74 @@ def fix_cuda_arch_list(env: MutableMapping[str, str] = os.environ) -> dict:
     return {"TORCH_CUDA_ARCH_LIST": before, "changed_from": None}
 
 
+# /proc/cpuinfo lines that describe the processor (not its clock, which changes from one read to the next)
+_CPU_KEYS = ("vendor_id", "cpu family", "model", "model name", "stepping", "flags", "Features", "CPU implementer",
+             "CPU architecture", "CPU part")
+
+
+def cpu_fingerprint(cpuinfo_text: str, machine: str, version: str) -> str:
+    """What py-cpuinfo's answer depends on: the processor's identity lines, the architecture, py-cpuinfo's
+    version (sha256, 16 hex digits)."""
+    import hashlib
+    keep = sorted({line.strip() for line in cpuinfo_text.splitlines()
+                   if line.split(":", 1)[0].strip() in _CPU_KEYS})
+    return hashlib.sha256("\n".join([machine, version, *keep]).encode()).hexdigest()[:16]
+
+
+def cache_cpu_info(cache_dir: str | os.PathLike | None = None) -> str | None:
+    """Make py-cpuinfo's ``get_cpu_info()`` answer from a cache. DeepSpeed's op builders call it twice for every op
+    they load (for ``-march`` and the SIMD width of the build flags, even when the op is built), CPU Adam once more,
+    and each call starts a Python subprocess: ~1.4 s of CPU, four times per rank of a CPU run. The answer depends on
+    the processor only, so it is kept for the process and in a file beside the compiled ops (``cache_dir``, default
+    the extensions folder), keyed by ``cpu_fingerprint``. Returns the file, or None without py-cpuinfo."""
+    import json
+    import platform
+    from pathlib import Path
+
+    try:
+        import cpuinfo
+    except ImportError:
+        return None
+    if getattr(cpuinfo.get_cpu_info, "sftbench_cache", None):
+        return cpuinfo.get_cpu_info.sftbench_cache
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        text = ""
+    root = Path(cache_dir) if cache_dir else Path(os.environ.get("TORCH_EXTENSIONS_DIR") or
+                                                   Path.home() / ".cache" / "torch_extensions")
+    path = root / f"sftbench_cpuinfo_{cpu_fingerprint(text, platform.machine(), cpuinfo.CPUINFO_VERSION_STRING)}.json"
+    original = cpuinfo.get_cpu_info
+    held: dict = {}
+
+    def get_cpu_info() -> dict:
+        if not held:
+            try:
+                held.update(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                held.update(original())
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+                    tmp.write_text(json.dumps(held))
+                    os.replace(tmp, path)
+                except OSError:
+                    pass  # a read-only cache folder: this process still keeps its answer
+        return dict(held)
+
+    get_cpu_info.sftbench_cache = str(path)
+    cpuinfo.get_cpu_info = get_cpu_info
+    return str(path)
+
+
+def prepare_op_builds() -> dict:
+    """Before anything imports DeepSpeed's op builders: ``fix_cuda_arch_list`` (returned, for the log) and
+    ``cache_cpu_info``."""
+    info = fix_cuda_arch_list()
+    cache_cpu_info()
+    return info
+
+
 def rank_device(local_rank_arg: int = -1):
     """(on_cpu, local_rank, device) for this process; makes a CUDA device the current one.
 

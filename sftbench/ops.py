@@ -84,9 +84,9 @@ def check_locks(roots: list[Path] | None = None, *, stale_after_s: float = STALE
 
 def build(names: tuple[str, ...] | None = None, say: Callable[[str], None] = print) -> dict[str, float]:
     """Compile (or load, when built) the ops this accelerator's runs use. Returns seconds per op."""
-    from sftbench.buildenv import fix_cuda_arch_list
+    from sftbench.buildenv import prepare_op_builds
 
-    fix_cuda_arch_list()  # before DeepSpeed reads it: '9.0a' breaks its CUDA builds (see buildenv)
+    prepare_op_builds()  # before DeepSpeed reads it: '9.0a' breaks its CUDA builds (see buildenv)
     check_locks(say=say)
     from deepspeed.accelerator import get_accelerator
 

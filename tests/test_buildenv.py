@@ -60,3 +60,32 @@ def test_single_process_env_leaves_launched_processes_alone():
     env = {"MASTER_PORT": "29999", "LOCAL_RANK": "1"}  # a user's own choices are kept
     single_process_env(env)
     assert env["MASTER_PORT"] == "29999" and env["LOCAL_RANK"] == "1"
+
+
+def test_cpu_info_is_asked_once_per_machine_and_kept_beside_the_ops(tmp_path, monkeypatch):
+    """DeepSpeed's op builders call py-cpuinfo's get_cpu_info (a subprocess, ~1.4 s) twice per op load: after
+    cache_cpu_info the first call asks, writes the answer into the folder, and every later call (this process or a
+    new one) reads it."""
+    import json
+
+    import cpuinfo
+
+    from sftbench.buildenv import cache_cpu_info, cpu_fingerprint
+
+    asked = []
+    monkeypatch.setattr(cpuinfo, "get_cpu_info", lambda: asked.append(1) or {"arch": "X86_64", "flags": ["avx2"]})
+    path = cache_cpu_info(tmp_path)
+    assert cache_cpu_info(tmp_path) == path  # installed once
+    assert cpuinfo.get_cpu_info() == {"arch": "X86_64", "flags": ["avx2"]} and len(asked) == 1
+    assert cpuinfo.get_cpu_info()["flags"] == ["avx2"] and len(asked) == 1
+    assert json.loads(open(path).read()) == {"arch": "X86_64", "flags": ["avx2"]}
+    # A new process: the wrapper is installed afresh over py-cpuinfo's own function, and reads the file.
+    monkeypatch.setattr(cpuinfo, "get_cpu_info", lambda: asked.append(1) or {"arch": "other"})
+    assert cache_cpu_info(tmp_path) == path
+    assert cpuinfo.get_cpu_info()["arch"] == "X86_64" and len(asked) == 1
+    # The key is the processor, not its clock; another processor or py-cpuinfo version is another file.
+    a = "model name\t: Xeon\nflags\t\t: avx2 fma\ncpu MHz\t\t: 2100.000\n"
+    assert cpu_fingerprint(a, "x86_64", "9.0.0") == cpu_fingerprint(a.replace("2100.000", "3400.5"), "x86_64",
+                                                                       "9.0.0")
+    assert cpu_fingerprint(a, "x86_64", "9.0.0") != cpu_fingerprint(a.replace("fma", "avx512f"), "x86_64", "9.0.0")
+    assert cpu_fingerprint(a, "x86_64", "9.0.0") != cpu_fingerprint(a, "x86_64", "9.0.1")
