@@ -352,9 +352,15 @@ class Trainer:
         world = self.place.world_size
         micro, ga = schedule.batch_shape(self.run.ds_cfg, world) if self.run.ds_cfg is not None else (1, 1)
         checkpoint.check_reshard(self.resume_dir, self.resume_state, world, micro, ga)
-        if self.place.rank == 0:
-            self.universal = checkpoint.make_universal(self.resume_dir, self.say)
-        checkpoint.barrier()
+        failed = None
+        if self.place.rank == 0:  # one conversion for the job (the folder is on a filesystem every rank reads)
+            try:
+                checkpoint.make_universal(self.resume_dir, self.say)
+            except checkpoint.ResumeError as e:
+                failed = str(e)
+        failed = checkpoint.from_rank0(failed)  # every rank fails alike, none waits on a rank that stopped
+        if failed:
+            raise checkpoint.ResumeError(failed)
         self.universal = checkpoint.universal_dir(self.resume_dir)
         ds_cfg = {**self.run.ds_cfg, "checkpoint": {**self.run.ds_cfg.get("checkpoint", {}), "load_universal": True}}
         self.run = replace(self.run, ds_cfg=ds_cfg, overrides=self.run.overrides + [

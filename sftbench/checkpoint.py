@@ -262,6 +262,17 @@ def set_rng_state(st: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ saving
+def from_rank0(value):
+    """Rank 0's ``value`` on every rank (a collective: every rank calls it); the value itself without a process
+    group."""
+    import torch
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     import torch
     if torch.distributed.is_initialized():
