@@ -358,7 +358,7 @@ class Trainer:
                 checkpoint.make_universal(self.resume_dir, self.say)
             except checkpoint.ResumeError as e:
                 failed = str(e)
-        failed = checkpoint.from_rank0(failed)  # every rank fails alike, none waits on a rank that stopped
+        failed = rank0_value(failed)  # every rank fails alike, none waits on a rank that stopped
         if failed:
             raise checkpoint.ResumeError(failed)
         self.universal = checkpoint.universal_dir(self.resume_dir)
@@ -550,7 +550,7 @@ class Trainer:
         pos = self.resume_state.get("data_position", {}).get("stream_position")
         if pos is None:
             pos = self.resume_state["step"] * checkpoint.samples_per_step(saved)
-        if saved["world_size"] == self.place.world_size:
+        if not checkpoint.reshards(self.resume_state, self.place.world_size):
             return pos
         return sftdata.ShardedOrder(self.n_train, 0, self.place.world_size, self.args.seed).continue_from(
             pos, saved["world_size"])

@@ -41,6 +41,16 @@ def fix_cuda_arch_list(env: MutableMapping[str, str] = os.environ) -> dict:
     return {"TORCH_CUDA_ARCH_LIST": before, "changed_from": None}
 
 
+def extensions_dir(env: MutableMapping[str, str] = os.environ):
+    """The folder torch builds JIT extensions in: ``TORCH_EXTENSIONS_DIR``, else its per-user cache (which holds one
+    folder per Python and CUDA version)."""
+    from pathlib import Path
+
+    if env.get("TORCH_EXTENSIONS_DIR"):
+        return Path(env["TORCH_EXTENSIONS_DIR"])
+    return Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch_extensions"
+
+
 # /proc/cpuinfo lines that describe the processor (not its clock, which changes from one read to the next)
 _CPU_KEYS = ("vendor_id", "cpu family", "model", "model name", "stepping", "flags", "Features", "CPU implementer",
              "CPU architecture", "CPU part")
@@ -75,8 +85,7 @@ def cache_cpu_info(cache_dir: str | os.PathLike | None = None) -> str | None:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
         text = ""
-    root = Path(cache_dir) if cache_dir else Path(os.environ.get("TORCH_EXTENSIONS_DIR") or
-                                                   Path.home() / ".cache" / "torch_extensions")
+    root = Path(cache_dir) if cache_dir else extensions_dir()
     path = root / f"sftbench_cpuinfo_{cpu_fingerprint(text, platform.machine(), cpuinfo.CPUINFO_VERSION_STRING)}.json"
     original = cpuinfo.get_cpu_info
     held: dict = {}

@@ -262,17 +262,6 @@ def set_rng_state(st: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ saving
-def from_rank0(value):
-    """Rank 0's ``value`` on every rank (a collective: every rank calls it); the value itself without a process
-    group."""
-    import torch
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return value
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def barrier() -> None:
     import torch
     if torch.distributed.is_initialized():
@@ -380,7 +369,7 @@ def universal_dir(folder: Path) -> Path:
     return folder / ENGINE_DIR / UNIVERSAL_TAG
 
 
-def make_universal(folder: Path, say: Callable[[str], None], python: str = sys.executable) -> Path:
+def make_universal(folder: Path, say: Callable[[str], None]) -> Path:
     """``folder``'s DeepSpeed state as a universal checkpoint (DeepSpeed's ``ds_to_universal``: every parameter's
     fp32 weights and optimizer moments whole, which any number of ranks can load), written once beside the state it
     comes from and reused by later resumes. Call on one process (global rank 0), then a barrier; the folder must be
@@ -394,7 +383,7 @@ def make_universal(folder: Path, say: Callable[[str], None], python: str = sys.e
     say(f"resume: converting {folder / ENGINE_DIR / DS_TAG} to a universal checkpoint (another number of ranks)")
     t = time.time()
     # --inject_missing_state: the engine saves no universal_checkpoint_info for a model that sets none (ours)
-    p = subprocess.run([python, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+    p = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                         str(folder / ENGINE_DIR / DS_TAG), "--output_folder", str(partial), "--inject_missing_state",
                         "--num_extract_workers", str(min(4, os.cpu_count() or 1))],
                        capture_output=True, text=True)

@@ -728,11 +728,13 @@ class ShardedOrder:
         random.Random(int.from_bytes(digest[:8], "big")).shuffle(order)
         return order
 
-    def indices(self, epoch: int) -> list[int]:
+    def stream(self, epoch: int) -> list[int]:
+        """The epoch's permutation extended by wrapping around to ``total`` positions (every rank's, round-robin)."""
         perm = self.permutation(epoch)
-        if self.total > self.n:
-            perm = (perm * (-(-self.total // self.n)))[:self.total]
-        return perm[self.rank:self.total:self.world_size]
+        return (perm * (-(-self.total // self.n)))[:self.total] if self.total > self.n else perm
+
+    def indices(self, epoch: int) -> list[int]:
+        return self.stream(epoch)[self.rank::self.world_size]
 
     def take(self, count: int, start: int = 0) -> list[int]:
         """``count`` indices of this rank's order over epochs 0, 1, 2, ... back to back (how train.py and the bench
@@ -740,24 +742,11 @@ class ShardedOrder:
         the stream is the epochs' wrapped permutations back to back, rank r takes positions start + r,
         start + r + world, ... (``start`` 0: the rank's order from its beginning; k steps of ``per_rank`` samples
         leave the job at ``k * per_rank * world``)."""
-        if start % self.world_size == 0:
-            skip = start // self.world_size  # whole rounds: this rank's own order, ``skip`` in
-            idx, epoch = [], skip // self.num_samples
-            skip -= epoch * self.num_samples
-            while len(idx) < skip + count:
-                idx += self.indices(epoch)
-                epoch += 1
-            return idx[skip:skip + count]
         out, pos = [], start + self.rank
-        epoch, perm = None, []
-        for _ in range(count):
-            e, at = divmod(pos, self.total)
-            if e != epoch:
-                epoch = e
-                perm = self.permutation(e)
-                perm = (perm * (-(-self.total // self.n)))[:self.total]
-            out.append(perm[at])
-            pos += self.world_size
+        while len(out) < count:
+            epoch, at = divmod(pos, self.total)
+            out += self.stream(epoch)[at::self.world_size][:count - len(out)]
+            pos = (epoch + 1) * self.total + at % self.world_size  # total is a multiple of world: same offset
         return out
 
     def continue_from(self, position: int, world_size: int) -> int:

@@ -30,9 +30,11 @@ CUDA_OPS = ("FusedAdamBuilder", "CPUAdamBuilder")
 def ext_roots(env=os.environ) -> list[Path]:
     """Where torch builds extensions: ``TORCH_EXTENSIONS_DIR``, else its per-user cache (one folder per Python and
     CUDA version below it)."""
+    from sftbench.buildenv import extensions_dir
+
+    cache = extensions_dir(env)
     if env.get("TORCH_EXTENSIONS_DIR"):
-        return [Path(env["TORCH_EXTENSIONS_DIR"])]
-    cache = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch_extensions"
+        return [cache]
     return [cache] + (sorted(p for p in cache.iterdir() if p.is_dir()) if cache.is_dir() else [])
 
 
@@ -82,6 +84,13 @@ def check_locks(roots: list[Path] | None = None, *, stale_after_s: float = STALE
     return removed
 
 
+def default_ops() -> tuple[str, ...]:
+    """The ops this accelerator's runs use: ``CPU_OPS`` with ``DS_ACCELERATOR=cpu`` (or no GPU), else ``CUDA_OPS``."""
+    from deepspeed.accelerator import get_accelerator
+
+    return CPU_OPS if get_accelerator().device_name() == "cpu" else CUDA_OPS
+
+
 def build(names: tuple[str, ...] | None = None, say: Callable[[str], None] = print) -> dict[str, float]:
     """Compile (or load, when built) the ops this accelerator's runs use. Returns seconds per op."""
     from sftbench.buildenv import prepare_op_builds
@@ -91,7 +100,7 @@ def build(names: tuple[str, ...] | None = None, say: Callable[[str], None] = pri
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
-    names = names or (CPU_OPS if acc.device_name() == "cpu" else CUDA_OPS)
+    names = names or default_ops()
     took: dict[str, float] = {}
     for name in names:
         builder = acc.create_op_builder(name)
@@ -114,10 +123,9 @@ def build_concurrently(names: tuple[str, ...], jobs: int) -> int:
     pending, running, status = list(names), [], 0
     while pending or running:
         while pending and len(running) < jobs:
-            name = pending.pop(0)
-            running.append((name, subprocess.Popen([sys.executable, "-m", "sftbench.ops", "build", name],
-                                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
-        name, proc = running.pop(0)
+            running.append(subprocess.Popen([sys.executable, "-m", "sftbench.ops", "build", pending.pop(0)],
+                                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        proc = running.pop(0)
         out, _ = proc.communicate()
         print(out.rstrip(), flush=True)
         status = status or proc.returncode
@@ -139,10 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "locks":
         check_locks(stale_after_s=args.stale_after_s)
         return 0
-    names = tuple(args.ops)
-    if not names:
-        from deepspeed.accelerator import get_accelerator
-        names = CPU_OPS if get_accelerator().device_name() == "cpu" else CUDA_OPS
+    from sftbench.buildenv import prepare_op_builds
+
+    prepare_op_builds()  # before DeepSpeed's accelerator (and its op builders) is imported, as build() does
+    names = tuple(args.ops) or default_ops()
     if len(names) > 1 and args.jobs > 1:
         return build_concurrently(names, args.jobs)
     try:
