@@ -117,44 +117,20 @@ def build(names: tuple[str, ...] | None = None, say: Callable[[str], None] = pri
     return took
 
 
-def build_concurrently(names: tuple[str, ...], jobs: int) -> int:
-    """``python -m sftbench.ops build <name>`` for every op, ``jobs`` at a time (each op has its own build folder and
-    lock); every op's output is printed, and the exit status is the first failure's (0 when all built)."""
-    pending, running, status = list(names), [], 0
-    while pending or running:
-        while pending and len(running) < jobs:
-            running.append(subprocess.Popen([sys.executable, "-m", "sftbench.ops", "build", pending.pop(0)],
-                                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        proc = running.pop(0)
-        out, _ = proc.communicate()
-        print(out.rstrip(), flush=True)
-        status = status or proc.returncode
-    return status
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sftbench.ops", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="compile the ops this accelerator's runs use (DS_ACCELERATOR=cpu for CPU)")
     b.add_argument("ops", nargs="*", help=f"builder names (default: {', '.join(CPU_OPS)} on CPU, "
                                           f"{', '.join(CUDA_OPS)} on CUDA)")
-    b.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
-                   help="ops compiled at once, each in its own process (default: the CPU count; a compile is "
-                        "mostly one g++ process, so two cores build three ops in about half the time)")
     locks = sub.add_parser("locks", help="remove stale build locks, name held ones")
     locks.add_argument("--stale-after-s", type=float, default=STALE_AFTER_S)
     args = ap.parse_args(argv)
     if args.command == "locks":
         check_locks(stale_after_s=args.stale_after_s)
         return 0
-    from sftbench.buildenv import prepare_op_builds
-
-    prepare_op_builds()  # before DeepSpeed's accelerator (and its op builders) is imported, as build() does
-    names = tuple(args.ops) or default_ops()
-    if len(names) > 1 and args.jobs > 1:
-        return build_concurrently(names, args.jobs)
     try:
-        build(names)
+        build(tuple(args.ops) or None)
     except (RuntimeError, OSError, ImportError, ValueError, subprocess.SubprocessError) as e:
         # torch reports a failed compile as RuntimeError; the arch-list trap is a ValueError: one line, no traceback
         print(f"error: building DeepSpeed's ops failed: {type(e).__name__}: {e}", file=sys.stderr)
