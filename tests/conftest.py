@@ -177,7 +177,8 @@ def curve(run_dir: Path, rank: int) -> tuple[list[float], list[float]]:
 
 @pytest.fixture(scope="session")
 def recipe_run(tmp_path_factory):
-    """Each recipe trained once per session, STEPS steps: its run folder (the recipe and resume tests read it)."""
+    """Each recipe trained once per session, STEPS steps: its run folder (the recipe, schema, coalesced-reduction
+    and resume tests read it); the console output and rendezvous port lie beside it (``run.parent``)."""
     done: dict[str, Path] = {}
 
     def get(name: str) -> Path:
@@ -186,6 +187,11 @@ def recipe_run(tmp_path_factory):
             p = run(recipe_cmd(name, "--max-steps", str(STEPS), "--run-dir", str(root / "run"),
                                "--cache-dir", str(root / "cache")), cpu_env(), timeout=500)
             assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+            # What the launch printed and its rendezvous port, beside the run folder, for the tests that read them
+            # (tests/test_train.py::test_recipe_runs_log_every_field_on_every_rank).
+            (root / "stdout.txt").write_text(p.stdout)
+            (root / "stderr.txt").write_text(p.stderr)
+            (root / "port.txt").write_text(str(LAST_PORT["port"]) if RECIPES[name][0] > 1 else "")
             done[name] = root / "run"
         return done[name]
     return get
