@@ -430,9 +430,13 @@ class Trainer:
     def build_schedule(self) -> None:
         """The steps to run, read back from the engine (micro batch, accumulation), and a resume's state loaded."""
         from sftbench import data as sftdata
+        from sftbench import ds_patches
 
         args, eng, world = self.args, self.engine, self.place.world_size
         micro, ga = eng.train_micro_batch_size_per_gpu(), eng.gradient_accumulation_steps()
+        if self.run.ds_cfg is not None and (taken := ds_patches.accumulation_taken_by(
+                eng, self.run.ds_cfg.get("gradient_accumulation_steps"))):
+            self.warnings.append(f"{taken}; a step here is {ga} micro-batches")
         # The values that ran, into the harness record (None meant "the config's").
         args.grad_accum, args.micro_batch = ga, micro
         if self.run.ds_cfg is not None:
@@ -845,8 +849,26 @@ def main() -> int:
     return finish(trainer, status, error)
 
 
+def stop_child_processes(wait_s: float = 10.0) -> None:
+    """Stop the processes this one started through multiprocessing (DeepSpeed's ZenFlow with overlap_step runs its
+    CPU optimizer in one, a daemon): os._exit skips the interpreter's exit handlers that would stop them, and left
+    running they hold the host memory of the optimizer state and the launcher's output pipes (the job would not
+    end for whoever reads them)."""
+    import multiprocessing
+
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.join(wait_s)
+        if child.is_alive():
+            child.kill()
+            child.join(wait_s)
+
+
 if __name__ == "__main__":
     code = main()
+    stop_child_processes()
     sys.stdout.flush()
     sys.stderr.flush()
     # Skip interpreter teardown: native destructors of the comm backends can abort (SIGABRT) after a finished run

@@ -5,8 +5,11 @@
         --warmup-steps 5 --out results/compare.md
     python bench/compare.py --models pangu-tiny --configs z1 --seq-len 64 --steps 3 --warmup-steps 1   # on CPU
 
-For every model: ``bench/peer_torch.py`` (the plain PyTorch loop; it does not depend on the DeepSpeed config, so it
-runs once per model). For every (model, config), one after another, each through ``deepspeed --num_gpus 1``:
+For every model: ``bench/peer_torch.py`` (the plain PyTorch loop a typical user writes) and, as ``peer_compiled``,
+the same script with ``COMPILED_FLAGS`` (the loop a performance engineer writes: ``torch.compile`` with inductor's
+CUDA graphs, no attention mask, batches on the GPU, gradients pre-allocated); neither depends on the DeepSpeed
+config, so each runs once per model. For every (model, config), one after another, each through
+``deepspeed --num_gpus 1``:
 
 * ours: ``train.py --ds <cfg> --model <m> --max-steps S --warmup-steps W --run-dir <dir>``; its rank-0 summary
   (``sftbench.runlog.load_run``) gives ``step_s_median`` and ``tokens_per_s``;
@@ -39,7 +42,9 @@ from sftbench.paths import REPO  # noqa: E402
 from sftbench.args import repo_relative as rel  # noqa: E402
 from sftbench.sweep import REFERENCE_LAYOUT, launcher_command  # noqa: E402  (no torch import: the children do the real work)
 
-TOOLS = ("ours", "bare", "peer_torch", "peer_trainer")
+TOOLS = ("ours", "bare", "peer_torch", "peer_compiled", "peer_trainer")
+# peer_compiled: bench/peer_torch.py as a performance engineer runs it (its module doc says why each flag)
+COMPILED_FLAGS = ("--compile", "reduce-overhead", "--no-attention-mask", "--batches-on-device", "--grads-preallocated")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ours-args", default="", help="more train.py arguments for ours and the bare loop, one "
                                                    "shell-quoted string (e.g. --ours-args='--compile')")
     p.add_argument("--tools", default=",".join(TOOLS), help=f"which to run, of {','.join(TOOLS)}")
+    p.add_argument("--compiled-backend", default="inductor",
+                   help="peer_compiled's torch.compile backend (aot_eager: its loop without code generation, a "
+                        "check on CPU; the timings then are not a compiled loop's)")
     p.add_argument("--work-dir", default=None, help="run logs and result JSONs (default: runs/compare-<time>)")
     p.add_argument("--out", default=None, help="write the table here: X.md and X.json (default: "
                                                "<work-dir>/compare.md)")
@@ -145,12 +153,15 @@ def plan(args, gpu: bool, work: Path) -> list[dict]:
     jobs = []
     for m in models:
         mtag = Path(m).name
-        if "peer_torch" in args.tools:
-            out = work / f"{mtag}__peer_torch.json"
+        for tool, flags in (("peer_torch", ()), ("peer_compiled", (*COMPILED_FLAGS, "--compile-backend",
+                                                                   args.compiled_backend))):
+            if tool not in args.tools:
+                continue
+            out = work / f"{mtag}__{tool}.json"
             cmd = [sys.executable, "-u", "bench/peer_torch.py", "--model", m, "--steps", str(args.steps), *steps,
-                   *common, *prec, "--out", rel(out)]
-            jobs.append({"tool": "peer_torch", "model": m, "config": None, "cmd": cmd, "out": out,
-                         "log": work / f"{mtag}__peer_torch.log"})
+                   *common, *prec, *flags, "--out", rel(out)]
+            jobs.append({"tool": tool, "model": m, "config": None, "cmd": cmd, "out": out,
+                         "log": work / f"{mtag}__{tool}.log"})
         for c in configs:
             cpath, ctag = config_path(c), config_label(c)
             base = work / f"{mtag}__{ctag}"
@@ -315,7 +326,7 @@ def build_rows(args, jobs: list[dict], results: dict) -> list[dict]:
     for j in jobs:
         if j["config"] is not None and (j["model"], j["config"]) not in pairs:
             pairs.append((j["model"], j["config"]))
-    if not pairs:  # only peer_torch was run
+    if not pairs:  # only the plain PyTorch loops were run
         pairs = [(j["model"], None) for j in jobs]
     for m, c in pairs:
         try:
@@ -324,7 +335,8 @@ def build_rows(args, jobs: list[dict], results: dict) -> list[dict]:
             flops_tok = None
         ours, bare = results.get(("ours", m, c)), results.get(("bare", m, c))
         pt, tr = results.get(("peer_torch", m, None)), results.get(("peer_trainer", m, c))
-        for r in (ours, bare, pt, tr):
+        pc = results.get(("peer_compiled", m, None))
+        for r in (ours, bare, pt, pc, tr):
             if r and r.get("status") == "ok":
                 r["mfu_pct"] = mfu(r, flops_tok, args.precision)
         o_tok, o_step = _ok(ours, "tokens_per_s"), _ok(ours, "step_s_median")
@@ -340,11 +352,13 @@ def build_rows(args, jobs: list[dict], results: dict) -> list[dict]:
             "bare_step_s": b_step, "bare_tokens_per_s": _ok(bare, "tokens_per_s"),
             "harness_overhead_pct": 100.0 * (o_step / b_step - 1.0) if o_step and b_step else None,
             "peer_torch_tokens_per_s": _ok(pt, "tokens_per_s"),
+            "peer_compiled_tokens_per_s": _ok(pc, "tokens_per_s"), "peer_compiled_compile_s": _ok(pc, "compile_s"),
             "peer_trainer_tokens_per_s": _ok(tr, "tokens_per_s"),
-            "ours_over_peer_torch": ratio(pt), "ours_over_peer_trainer": ratio(tr),
+            "ours_over_peer_torch": ratio(pt), "ours_over_peer_compiled": ratio(pc),
+            "ours_over_peer_trainer": ratio(tr),
             "overhead_resolved": resolved(ours, bare), "peer_torch_resolved": resolved(ours, pt),
-            "peer_trainer_resolved": resolved(ours, tr),
-            "results": {"ours": ours, "bare": bare, "peer_torch": pt, "peer_trainer": tr},
+            "peer_compiled_resolved": resolved(ours, pc), "peer_trainer_resolved": resolved(ours, tr),
+            "results": {"ours": ours, "bare": bare, "peer_torch": pt, "peer_compiled": pc, "peer_trainer": tr},
         })
     return rows
 
@@ -372,7 +386,8 @@ def _approx(ok: bool | None) -> str:
 
 def markdown(args, rows: list[dict], device: str) -> str:
     head = ["model", "config", "ours s/step", "ours tok/s", "ours MFU", "bare tok/s", "harness overhead",
-            "peer_torch tok/s", "peer_trainer tok/s", "ours / peer_torch", "ours / peer_trainer"]
+            "peer_torch tok/s", "peer_compiled tok/s (compile s)", "peer_trainer tok/s", "ours / peer_torch",
+            "ours / peer_compiled", "ours / peer_trainer"]
     lines = [f"# train.py against its peers ({device})", "",
              f"{args.steps} steps ({args.warmup_steps} warm-up, left out), micro batch 1 x grad accum 8, "
              f"seq {args.seq_len}, precision {args.precision or 'of the config (peer_torch: bf16 autocast)'}; "
@@ -391,9 +406,13 @@ def markdown(args, rows: list[dict], device: str) -> str:
             _approx(r.get("overhead_resolved")) + _f(r["harness_overhead_pct"], "+.1f")
             + ("%" if r["harness_overhead_pct"] is not None else ""),
             _cell(res["peer_torch"], r["peer_torch_tokens_per_s"], ",.0f"),
+            _cell(res["peer_compiled"], r["peer_compiled_tokens_per_s"], ",.0f")
+            + (f" ({r['peer_compiled_compile_s']:.0f})" if r["peer_compiled_compile_s"] is not None else ""),
             _cell(res["peer_trainer"], r["peer_trainer_tokens_per_s"], ",.0f"),
             _approx(r.get("peer_torch_resolved")) + _f(r["ours_over_peer_torch"], ".2f")
             + ("x" if r["ours_over_peer_torch"] is not None else ""),
+            _approx(r.get("peer_compiled_resolved")) + _f(r["ours_over_peer_compiled"], ".2f")
+            + ("x" if r["ours_over_peer_compiled"] is not None else ""),
             _approx(r.get("peer_trainer_resolved")) + _f(r["ours_over_peer_trainer"], ".2f")
             + ("x" if r["ours_over_peer_trainer"] is not None else ""),
         ]) + " |")
@@ -403,9 +422,12 @@ def markdown(args, rows: list[dict], device: str) -> str:
         lines += ["", "Failed runs:"] + [f"- {t} {Path(m).name} {c or ''}: {e}" for t, m, c, e in fails]
     lines += ["", "harness overhead = ours' median step time / the bare loop's (same engine and batches, no "
                   "logging, probes or per-step synchronisation) - 1. peer_torch: plain PyTorch loop (fp32 weights, "
-                  "bf16 autocast, fused AdamW, attention mask passed); peer_trainer: transformers Trainer with the "
-                  "same DeepSpeed JSON. peer_torch does not use the DeepSpeed config: the same run is shown on "
-                  "every row of a model."]
+                  "bf16 autocast, fused AdamW, attention mask passed); peer_compiled: that loop as a performance "
+                  "engineer writes it (torch.compile mode reduce-overhead: inductor's CUDA graphs; no attention "
+                  "mask; batches on the GPU; gradients pre-allocated), its compile time (the warm-up steps' time "
+                  "beyond as many measured steps) in brackets; peer_trainer: transformers Trainer with the "
+                  "same DeepSpeed JSON. peer_torch and peer_compiled do not use the DeepSpeed config: the same run "
+                  "is shown on every row of a model."]
     return "\n".join(lines) + "\n"
 
 

@@ -14,6 +14,15 @@ What it shares with train.py, so the comparison is like for like: the model clas
 (``sftbench.data.load_or_build_cache``), and the sample order (``sftbench.data.ShardedOrder(n, 0, 1, seed)``,
 epochs back to back), micro batch 1, sequence length and accumulation.
 
+``--compile reduce-overhead --no-attention-mask --batches-on-device`` is the loop a performance engineer writes
+(``bench/compare.py`` runs it as ``peer_compiled``): the model under ``torch.compile`` (inductor, its CUDA graphs),
+causal attention with no mask (flash attention; every sample is right-padded, so the causal mask alone gives the
+real tokens the same result), every micro-batch of the run moved to the GPU before the clock starts, and the
+gradients allocated once so that accumulation adds into them in place (``zero_grad(set_to_none=False)``): with
+``set_to_none`` autograd would adopt the backward graph's own output as ``.grad``, which the next replay of the CUDA
+graph overwrites ("accessing tensor output of CUDAGraphs that has been overwritten"). The compile happens inside the
+warm-up steps; ``compile_s`` reports what the warm-up steps took beyond as many measured (median) steps.
+
 Timing: each optimizer step (all its micro-batches, data loading included) between two ``torch.cuda.synchronize()``;
 the loss is read after the clock stopped. ``--steps`` counts every step, the first ``--warmup-steps`` are left out
 of the statistics. Prints one line per step and a summary; ``--out FILE.json`` writes the summary.
@@ -77,8 +86,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attention-mask", action=argparse.BooleanOptionalAction, default=True,
                    help="pass attention_mask to the model, as users do (--no-attention-mask: what train.py does "
                         "for right-padded samples, to tell that lever's share of a speed difference)")
+    p.add_argument("--compile", choices=COMPILE_MODES, default="off",
+                   help="torch.compile the model in this mode (reduce-overhead: inductor with its CUDA graphs); the "
+                        "result is then named peer_compiled")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile's backend (aot_eager: the same graphs without code generation, for a check "
+                        "of the loop on CPU)")
+    p.add_argument("--batches-on-device", action=argparse.BooleanOptionalAction, default=False,
+                   help="move every micro-batch of the run to the device before the clock starts (no DataLoader)")
+    p.add_argument("--grads-preallocated", action=argparse.BooleanOptionalAction, default=None,
+                   help="allocate the gradients once and accumulate into them in place (default: on with --compile)")
     p.add_argument("--out", default=None, help="write the summary JSON here")
-    return parse_checked(p, argv)
+    a = parse_checked(p, argv)
+    if a.grads_preallocated is None:
+        a.grads_preallocated = a.compile != "off"
+    return a
+
+
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 def sample_order(n: int, need: int, seed: int) -> list[int]:
@@ -115,8 +140,14 @@ def main(argv=None) -> int:
     enc = sftdata.load_or_build_cache(data_path, tok, args.seq_len, args.cache_dir)
     ga, mb = args.grad_accum, 1
     order = sample_order(enc.n, args.steps * ga * mb, args.seed)
-    loader = torch.utils.data.DataLoader(SFTDataset(enc), batch_size=mb, sampler=order, num_workers=0,
-                                         pin_memory=device.type == "cuda", drop_last=False)
+    keys = ("input_ids", "labels") + (("attention_mask",) if args.attention_mask else ())
+    if args.batches_on_device:  # every micro-batch of the run on the device up front, in the same order
+        rows = torch.tensor(order)
+        on_device = {k: getattr(enc, k)[rows].to(device) for k in keys}
+        loader = [{k: v[i:i + mb] for k, v in on_device.items()} for i in range(0, len(order), mb)]
+    else:
+        loader = torch.utils.data.DataLoader(SFTDataset(enc), batch_size=mb, sampler=order, num_workers=0,
+                                             pin_memory=device.type == "cuda", drop_last=False)
 
     # ---- model and optimizer, fp32 weights on the device
     torch.manual_seed(args.seed)
@@ -124,6 +155,14 @@ def main(argv=None) -> int:
     with torch.device(device):
         model = spec.build().float()  # fp32 weights, autocast below: the loop a typical user writes
     model.train()
+    if args.grads_preallocated:  # accumulation adds into these; zero_grad keeps them (set_to_none=False)
+        for prm in model.parameters():
+            prm.grad = torch.zeros_like(prm)
+    forward = model
+    if args.compile != "off":
+        forward = torch.compile(model, backend=args.compile_backend,
+                                **({} if args.compile_backend != "inductor" else {"mode": args.compile}))
+    graphs = args.compile == "reduce-overhead" and args.compile_backend == "inductor" and device.type == "cuda"
     try:
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01,
                                 fused=True)
@@ -137,7 +176,12 @@ def main(argv=None) -> int:
     scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
     flops_tok = spec.flops_per_token(model.config, args.seq_len)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"peer_torch: {model_name} on {device_name} ({args.precision} autocast, fused AdamW={fused}), "
+    tool = "peer_torch" if args.compile == "off" else "peer_compiled"
+    how = (f"torch.compile {args.compile} ({args.compile_backend}), " if args.compile != "off" else "") + (
+        "batches on the device, " if args.batches_on_device else "") + (
+        "no attention mask, " if not args.attention_mask else "") + (
+        "gradients pre-allocated, " if args.grads_preallocated else "")
+    print(f"{tool}: {model_name} on {device_name} ({how}{args.precision} autocast, fused AdamW={fused}), "
           f"{enc.n} samples, seq {args.seq_len}, micro batch {mb}, grad accum {ga}; built in {time.time() - t0:.1f}s",
           flush=True)
 
@@ -156,10 +200,11 @@ def main(argv=None) -> int:
         loss_sum = torch.zeros((), device=device)
         for _ in range(ga):
             batch = next(it)
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()
-                     if k != "attention_mask" or args.attention_mask}
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in keys}
+            if graphs:  # a new micro-batch: the graphs' previous outputs may be overwritten (read before this)
+                torch.compiler.cudagraph_mark_step_begin()
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                out = model(**batch)
+                out = forward(**batch)
             loss = out.loss / ga
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -175,7 +220,7 @@ def main(argv=None) -> int:
         else:
             opt.step()
         sched.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=not args.grads_preallocated)
         sync()
         t1 = time.perf_counter()
         step_s = t1 - t0
@@ -188,8 +233,15 @@ def main(argv=None) -> int:
         periods.append(time.perf_counter() - t_prev)  # end to end, printing included
         t_prev = time.perf_counter()
 
-    res = summarize("peer_torch", model_name, None, args, device, device_name, flops_tok, step_times, periods,
+    meas = step_times[args.warmup_steps:]
+    compile_s = (sum(step_times[:args.warmup_steps]) - args.warmup_steps * statistics.median(meas)
+                 if args.compile != "off" and meas else None)
+    res = summarize(tool, model_name, None, args, device, device_name, flops_tok, step_times, periods,
                     losses, rss, mb, ga, 1, extra={"fused_adamw": fused, "attention_mask": args.attention_mask,
+                                                    "compile": args.compile, "compile_backend": args.compile_backend
+                                                    if args.compile != "off" else None, "compile_s": compile_s,
+                                                    "batches_on_device": args.batches_on_device,
+                                                    "grads_preallocated": args.grads_preallocated,
                                                     "dataset_path": data_path, "dataset_samples": enc.n})
     report(res, args.out)
     return 0

@@ -79,6 +79,13 @@ def _other_signature(method, expected: tuple[str, ...]) -> str | None:
     return None
 
 
+# ZenFlow (``zero_optimization.zenflow``) subclasses the ZeRO-1/2 optimizer and replaces its reduction
+# (``average_tensor``: the selected gradient columns) and its step (the selective GPU update, the CPU update every
+# few steps): the patches and the window were checked against DeepSpeed's own code, not against these.
+ZENFLOW_UNCHECKED = ("ZenFlow's optimizer replaces DeepSpeed's reduction and step with its own (zero_optimization."
+                     "zenflow), which this was not checked against")
+
+
 def offloading_zero(opt) -> bool:
     """Whether ``opt`` is DeepSpeed's ZeRO-1/2 optimizer with optimizer offload (the one place that tells it from
     ZeRO-0's FP16 optimizers)."""
@@ -111,6 +118,8 @@ def overflow_unfit(engine) -> str | None:
     from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
     from deepspeed.runtime.utils import CheckOverflow
+    if getattr(engine, "zenflow", False):
+        return ZENFLOW_UNCHECKED
     if offloading_zero(opt):
         return (_other_signature(opt.update_offload_overflow_tracker, ("grad",))
                 or _other_signature(opt.has_overflow, ("partition_gradients",)))
@@ -134,6 +143,8 @@ def coalesce_unfit(engine) -> str | None:
     stage = engine.zero_optimization_stage()
     if stage == 0:
         return "ZeRO-0 reduces once per step already (at the boundary)"
+    if getattr(engine, "zenflow", False):
+        return ZENFLOW_UNCHECKED
     if not hasattr(engine.optimizer, "_coalesce_grad_reduction"):
         return f"the engine's optimizer is {type(engine.optimizer).__name__}, which DeepSpeed does not coalesce"
     if getattr(engine, "pipeline_parallelism", False):
@@ -174,6 +185,23 @@ def accum_per_micro(engine) -> str | None:
     if engine.zero_cpu_offload():
         return "optimizer offload moves the gradients to the host"
     return None
+
+
+def accumulation_taken_by(engine, configured: int | None) -> str | None:
+    """Why the engine accumulates another number of micro-batches per step than the config's
+    ``gradient_accumulation_steps`` (None: it does not). ZenFlow sets the engine's accumulation to its
+    ``update_interval`` (``deepspeed/runtime/zenflow/engine.py``, ``configure_zenflow``): each micro-batch then
+    updates the selected gradient columns on the GPU, and the rest are applied on the CPU every ``update_interval``
+    micro-batches."""
+    ga = engine.gradient_accumulation_steps()
+    if configured is None or ga == configured:
+        return None
+    if getattr(engine, "zenflow", False):
+        return (f"DeepSpeed's ZenFlow runs {ga} micro-batches per optimizer step, not the config's "
+                f"gradient_accumulation_steps {configured}: it takes zero_optimization.zenflow.update_interval as the "
+                "accumulation, and updates the selected gradient columns at every micro-batch")
+    return (f"DeepSpeed runs {ga} micro-batches per optimizer step, not the config's gradient_accumulation_steps "
+            f"{configured}")
 
 
 # ---------------------------------------------------------------- the patches

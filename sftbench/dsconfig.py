@@ -37,19 +37,22 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 
 def resolve_config_path(spec: str | os.PathLike, config_dir: str | os.PathLike = CONFIG_DIR) -> str:
     """A DeepSpeed config as train.py's --ds and the sweep's --configs take it: a JSON file, or the name of one in
-    ds_configs/ (``z1``, ``z1.json``). Raises DSConfigError naming what was given and the names there are."""
+    ds_configs/ (``z1``, ``z1.json``, ``engines/z1_deepcompile``). Raises DSConfigError naming what was given and
+    the names there are."""
     spec = os.fspath(spec)
     if os.path.isfile(spec):
         return spec
-    base = os.path.basename(spec)
-    if base == spec:  # a bare name, not a path that happens to be missing
-        cand = os.path.join(os.fspath(config_dir), base if base.endswith(".json") else base + ".json")
+    if not os.path.isabs(spec):  # a name inside ds_configs/, not a path that happens to be missing
+        cand = os.path.join(os.fspath(config_dir), spec if spec.endswith(".json") else spec + ".json")
         if os.path.isfile(cand):
             return cand
-    try:
-        names = sorted(f[:-5] for f in os.listdir(config_dir) if f.endswith(".json"))
-    except OSError:
-        names = []
+    names = []
+    for sub in ("", "engines"):
+        try:
+            names += sorted(os.path.join(sub, f[:-5]) for f in os.listdir(os.path.join(config_dir, sub))
+                            if f.endswith(".json"))
+        except OSError:
+            pass
     raise DSConfigError(f"DeepSpeed config not found: {spec} (neither a file nor a name in "
                         f"{os.path.basename(os.fspath(config_dir))}/: {', '.join(names) or 'none there'})")
 
@@ -109,6 +112,14 @@ def check_ds_config(cfg: dict, source: str = "<config>") -> None:
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise DSConfigError(f"{source}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    zenflow = _get(cfg, "zero_optimization.zenflow")
+    if isinstance(zenflow, dict) and not isinstance(zenflow.get("update_interval"), int):
+        given = (f"is {zenflow['update_interval']!r}" if "update_interval" in zenflow
+                 else "is not given (DeepSpeed's default: \"auto\")")
+        raise DSConfigError(f"{source}: zero_optimization.zenflow.update_interval {given}: ZenFlow then ends each "
+                            "optimizer step when it decides (the engine's gradient_accumulation_steps becomes 0), and "
+                            "the steps here are a fixed number of micro-batches; give that number (DeepSpeed's "
+                            "tutorial: 4)")
 
 
 def _get(cfg: dict, dotted: str):

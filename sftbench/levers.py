@@ -189,14 +189,16 @@ def gpu_class_of(name: str | None = None, compute_cap: str | None = None) -> str
 
 
 def config_kind(stage: int | None, offload_optimizer: bool = False, offload_param: bool = False,
-                coalesced: bool = False) -> str:
-    """The configuration kind evidence is kept by: ``--ds none``, or ``ZeRO-<stage>`` with its offloads and the
-    coalesced reduction window."""
+                coalesced: bool = False, zenflow: bool = False) -> str:
+    """The configuration kind evidence is kept by: ``--ds none``, or ``ZeRO-<stage>`` with its offloads, ZenFlow
+    (another optimizer: what was measured on ZeRO-Offload says nothing of it) and the coalesced reduction window."""
     if stage is None:
         return "--ds none"
     kind = f"ZeRO-{stage}"
     if offload_optimizer:
         kind += " + optimizer offload"
+    if zenflow:
+        kind += " + ZenFlow"
     if offload_param:
         kind += " + parameter offload"
     if coalesced:
@@ -255,6 +257,7 @@ class Situation:
     precision: str = "bf16"
     grad_accum_wider: bool = False    # data_types.grad_accum_dtype is wider than the weights
     deepcompile: bool = False         # the config sets compile.deepcompile
+    zenflow: bool = False             # the config has a zero_optimization.zenflow block
     has_timers_block: bool = False    # the config has a 'timers' block (it keeps what it says)
     config_source: str = "the DeepSpeed config"
     right_padded: bool = True
@@ -284,6 +287,7 @@ class Situation:
                    world_size=world_size, cuda=cuda, gpu=gpu if cuda else None, precision=precision,
                    grad_accum_wider=(grad_accum_dtype(ds_cfg) or precision) != precision,
                    deepcompile=isinstance(block, dict) and bool(block.get("deepcompile")),
+                   zenflow=isinstance(((ds_cfg or {}).get("zero_optimization") or {}).get("zenflow"), dict),
                    has_timers_block="timers" in (ds_cfg or {}),
                    config_source=source or "the DeepSpeed config", **more)
 
@@ -466,7 +470,7 @@ def _coalesce(a: Asked, s: Situation, graphs_on: bool | None) -> Decision:
                        named=True)
     if decided:
         return decided
-    kind = config_kind(s.stage, s.offload_optimizer, s.offload_param)
+    kind = config_kind(s.stage, s.offload_optimizer, s.offload_param, zenflow=s.zenflow)
     d = _auto_by_evidence("coalesce_reduction", kind, s, "on")
     if d.on and graphs_on is not None and s.gpu_mib and s.gpu_total_mib:
         need = s.gpu_mib(graphs_on, True)
@@ -500,7 +504,8 @@ def _graphs(a: Asked, s: Situation, compile_on: bool, compile_target: str, coale
         return no("--ds none on several ranks (DDP's reducer is not captured; use a DeepSpeed config)")
     if asked:
         return Decision(True, "on: asked for")
-    kind = config_kind(s.stage, s.offload_optimizer, s.offload_param, coalescing and s.offload_optimizer)
+    kind = config_kind(s.stage, s.offload_optimizer, s.offload_param, coalescing and s.offload_optimizer,
+                       s.zenflow)
     d = _auto_by_evidence("cuda_graphs", kind, s, "on")
     if d.on and s.gpu_mib and s.gpu_total_mib:
         with_graphs, eager = s.gpu_mib(True, coalescing), s.gpu_mib(False, coalescing)
@@ -557,7 +562,8 @@ def _wgrad(a: Asked, s: Situation, graphs_on: bool, coalescing: bool) -> Decisio
         return Decision(False, "auto: the plain loop's autocast computes in another dtype than the gradient buffers")
     if a.graph_wgrad == "on":
         return Decision(True, "on: asked for")
-    kind = config_kind(s.stage, s.offload_optimizer, s.offload_param, coalescing and s.offload_optimizer)
+    kind = config_kind(s.stage, s.offload_optimizer, s.offload_param, coalescing and s.offload_optimizer,
+                       s.zenflow)
     e = (evidence_for("graph_wgrad", kind, s.gpu, s.world_size, s.family)
          or evidence_for("graph_wgrad", "ZeRO-1", s.gpu, s.world_size, s.family))
     return Decision(True, f"auto: {evidence_text(e)}") if e else _not_measured("graph_wgrad", kind, s, "auto")
@@ -611,7 +617,7 @@ def _grad_norm(a: Asked, s: Situation, coalescing: bool) -> Decision:
              else f.norm_unfit)
     d = _by_name("grad-norm", a.grad_norm, "deepspeed", "foreach", unfit, s.patches_why, True, s.cuda)
     return d or _auto_by_evidence("grad_norm", config_kind(s.stage, s.offload_optimizer, s.offload_param,
-                                                           coalescing), s, "foreach")
+                                                           coalescing, s.zenflow), s, "foreach")
 
 
 def _overflow(a: Asked, s: Situation, coalescing: bool) -> Decision:
@@ -620,7 +626,8 @@ def _overflow(a: Asked, s: Situation, coalescing: bool) -> Decision:
              if s.plain else f.overflow_unfit)
     d = _by_name("overflow-check", a.overflow_check, "deepspeed", "foreach", unfit, s.patches_why, True, s.cuda)
     return d or _auto_by_evidence("overflow_check", config_kind(s.stage, s.offload_optimizer, s.offload_param,
-                                                                coalescing and s.offload_optimizer), s, "foreach")
+                                                                coalescing and s.offload_optimizer, s.zenflow),
+                                 s, "foreach")
 
 
 def decide(asked: Asked, s: Situation) -> LeverPlan:

@@ -198,8 +198,11 @@ def recipe_run(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (``./run_tests.sh`` runs two workers): the tests that read the session's recipe runs share
-    one worker, so each recipe trains once per session rather than once per worker."""
+    """Under pytest-xdist (``./run_tests.sh`` runs workers in parallel): the tests that read the session's recipe
+    runs share one worker, so each recipe trains once per session rather than once per worker; and the slow tests
+    (the real processes, up to minutes each) go first and the unit tests (seconds) last, so that no worker is left
+    with a multi-minute test while the others have run out of work."""
     for item in items:
         if "recipe_run" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("recipes"))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order within each kind

@@ -33,9 +33,11 @@ def test_compare_dry_run_prints_every_command():
              "--work-dir", "runs/compare-test"], cpu_env(), timeout=120)
     assert p.returncode == 0, p.stderr
     cmds = [ln for ln in p.stdout.splitlines() if ln and not ln.startswith("#")]
-    assert len(cmds) == 1 + 3 * 2  # peer_torch once per model; ours, bare, peer_trainer per config
-    assert "bench/peer_torch.py" in cmds[0]
-    for cfg, block in (("z1", cmds[1:4]), ("z2_offload_5e8", cmds[4:7])):
+    assert len(cmds) == 2 + 3 * 2  # peer_torch, peer_compiled once per model; ours, bare, peer_trainer per config
+    assert "bench/peer_torch.py" in cmds[0] and "--compile" not in cmds[0] and "--attention-mask" not in cmds[0]
+    assert "bench/peer_torch.py" in cmds[1] and ("--compile reduce-overhead --no-attention-mask --batches-on-device "
+                                                 "--grads-preallocated --compile-backend inductor") in cmds[1]
+    for cfg, block in (("z1", cmds[2:5]), ("z2_offload_5e8", cmds[5:8])):
         ours, bare, trainer = block
         assert "train.py" in ours and f"--ds ds_configs/{cfg}.json" in ours and "--max-steps 3" in ours
         assert "--run-dir runs/compare-test/" in ours
@@ -74,7 +76,7 @@ def test_compare_table_ratios_and_overhead(tmp_path):
     args = cmp.parse_args(["--models", str(folder), "--configs", "z1", "--seq-len", "64", "--steps", "4",
                            "--warmup-steps", "1"])
     jobs = cmp.plan(args, gpu=True, work=tmp_path)
-    assert [j["tool"] for j in jobs] == ["peer_torch", "ours", "bare", "peer_trainer"]
+    assert [j["tool"] for j in jobs] == ["peer_torch", "peer_compiled", "ours", "bare", "peer_trainer"]
     h100 = "NVIDIA H100 80GB HBM3"
     m = str(folder)
     results = {
@@ -83,6 +85,8 @@ def test_compare_table_ratios_and_overhead(tmp_path):
         ("bare", m, "z1"): {"status": "ok", "step_s_median": 1.0, "tokens_per_s": 4400.0, "device_name": h100},
         ("peer_torch", m, None): {"status": "ok", "step_s_median": 2.0, "tokens_per_s": 2000.0,
                                   "device_name": h100},
+        ("peer_compiled", m, None): {"status": "ok", "step_s_median": 1.6, "tokens_per_s": 3200.0,
+                                     "device_name": h100, "compile_s": 61.4},
         ("peer_trainer", m, "z1"): {"status": "error", "error": "boom"},
     }
     rows = cmp.build_rows(args, jobs, results)
@@ -90,6 +94,7 @@ def test_compare_table_ratios_and_overhead(tmp_path):
     r = rows[0]
     assert r["harness_overhead_pct"] == pytest.approx(10.0)
     assert r["ours_over_peer_torch"] == pytest.approx(2.0)
+    assert r["ours_over_peer_compiled"] == pytest.approx(1.25) and r["peer_compiled_compile_s"] == 61.4
     assert r["ours_over_peer_trainer"] is None
     from sftbench.metrics import flops_per_token, peak_tflops
     from types import SimpleNamespace
@@ -98,6 +103,7 @@ def test_compare_table_ratios_and_overhead(tmp_path):
     md = cmp.markdown(args, rows, h100)
     line = next(ln for ln in md.splitlines() if ln.startswith("| m |"))
     assert "2.00x" in line and "+10.0%" in line and "error" in line
+    assert "| 3,200 (61) |" in line and "| 1.25x |" in line  # peer_compiled's tok/s with its compile seconds
     assert "boom" in md
 
 
@@ -126,7 +132,8 @@ def test_compare_marks_ratios_its_steps_do_not_decide(tmp_path):
     line = next(ln for ln in cmp.markdown(args, [r], h100).splitlines() if ln.startswith("| pangu-tiny |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[2] == "0.520 (0.500-0.550)"
-    assert cells[6].startswith("~") and not cells[9].startswith("~") and cells[9].endswith("x")
+    assert cells[6].startswith("~") and not cells[10].startswith("~") and cells[10].endswith("x")
+    assert (cells[8], cells[11]) == ("—", "n/a")  # peer_compiled did not run
     # the warm-up step of 0.1 s would have made the peer's range overlap ours
     assert cmp.resolved(results[("ours", "pangu-tiny", "z1")], dict(results[("peer_torch", "pangu-tiny", None)],
                                                                      warmup_steps=0)) is False
@@ -206,9 +213,12 @@ def test_compare_cpu_smoke(tmp_path):
     pytest.importorskip("accelerate")
     out = tmp_path / "cmp.md"
     shm_before = ds_shm_names()
-    p = run([sys.executable, "bench/compare.py", "--cpu", "--models", "pangu-tiny", "--configs", "z1",
-             "--seq-len", "32", "--steps", "2", "--warmup-steps", "1", "--data", "data/sample_sft.jsonl",
-             "--cache-dir", str(tmp_path / "cache"), "--work-dir", str(tmp_path / "work"), "--out", str(out)],
+    # the committed dropout-free tiny checkpoint in fp32: peer_compiled's losses can be compared with peer_torch's
+    p = run([sys.executable, "bench/compare.py", "--cpu", "--models", "tests/fixtures/tiny-pangu", "--configs", "z1",
+             "--precision", "fp32", "--seq-len", "32", "--steps", "2", "--warmup-steps", "1",
+             "--data", "data/sample_sft.jsonl",
+             "--cache-dir", str(tmp_path / "cache"), "--work-dir", str(tmp_path / "work"), "--out", str(out),
+             "--compiled-backend", "aot_eager"],  # inductor's code generation on CPU: minutes, not what is checked
             cpu_env(), timeout=900)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     res = json.loads(out.with_suffix(".json").read_text())
@@ -218,9 +228,19 @@ def test_compare_cpu_smoke(tmp_path):
     ours = row["results"]["ours"]
     assert len(ours["step_times_s"]) == 2 and ours["warmup_steps"] == 1  # every tool's steps, read alike
     assert all(row[k] in (True, False) for k in ("overhead_resolved", "peer_torch_resolved", "peer_trainer_resolved"))
-    for k in ("ours_tokens_per_s", "bare_tokens_per_s", "peer_torch_tokens_per_s", "peer_trainer_tokens_per_s"):
+    for k in ("ours_tokens_per_s", "bare_tokens_per_s", "peer_torch_tokens_per_s", "peer_compiled_tokens_per_s",
+              "peer_trainer_tokens_per_s"):
         assert row[k] > 0
-    assert "| pangu-tiny | z1 |" in out.read_text()
+    compiled = row["results"]["peer_compiled"]
+    assert (compiled["tool"], compiled["compile"], compiled["compile_backend"]) == (
+        "peer_compiled", "reduce-overhead", "aot_eager")
+    assert (compiled["attention_mask"], compiled["batches_on_device"], compiled["grads_preallocated"]) == (
+        False, True, True)
+    # the same model, batches, order and update rule as peer_torch: the same losses (fp32, no dropout; the causal
+    # mask alone and the padding mask give right-padded rows' real tokens the same attention)
+    assert compiled["first_loss"] == pytest.approx(row["results"]["peer_torch"]["first_loss"], rel=1e-5)
+    assert compiled["final_loss"] == pytest.approx(row["results"]["peer_torch"]["final_loss"], rel=1e-5)
+    assert "| tiny-pangu | z1 |" in out.read_text()
     # Each tool ran on a fresh port: none of them left DeepSpeed's CPU shm buffer behind.
     assert leaked_shm(shm_before) == set()
 

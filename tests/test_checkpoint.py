@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -247,10 +248,11 @@ def _wait_for(path: Path, proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_on_the_same_curve(tmp_path, work):
-    """An uninterrupted 6-step run against one SIGKILLed after its step-3 checkpoint and resumed: steps 4-6 give
-    the same losses, learning rates and eval loss; the resumed run logs steps 4-6 only and says where it resumed.
-    Then SIGTERM during a resumed run: one last checkpoint, status interrupted."""
+def test_a_zero1_run_resumes_on_the_same_curve_on_two_ranks_or_one(tmp_path, work):
+    """An uninterrupted 6-step ZeRO-1 run that saved at step 3, resumed from that checkpoint: steps 4-6 give the same
+    losses, learning rates and eval loss; the resumed run logs steps 4-6 only and says where it resumed. Then on one
+    rank (DeepSpeed's universal checkpoint), and SIGTERM during a resumed run: one last checkpoint, status
+    interrupted. (A checkpoint left by a SIGKILLed run: test_killed_recipe_resumes_on_the_recorded_curve.)"""
     base = ["--ds", str(REPO / "ds_configs" / "z1.json"), "--model", str(work / "tiny"),
             "--cache-dir", str(tmp_path / "cache"), *COMMON]
     full_save = tmp_path / "save_full"
@@ -258,25 +260,14 @@ def test_killed_run_resumes_on_the_same_curve(tmp_path, work):
                           "--save", str(full_save), "--save-every", "3"), cpu_env())
     assert full.returncode == 0, full.stderr[-3000:]
 
-    killed_save = tmp_path / "save_killed"
-    proc = subprocess.Popen(launch_cmd(2, *base, "--run-dir", str(tmp_path / "killed"), "--max-steps", "100000",
-                                       "--save", str(killed_save), "--save-every", "3"),
-                            env=cpu_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        _wait_for(killed_save / "checkpoint-3" / STATE_FILE, proc)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
+    at3 = full_save / "checkpoint-3"
     resumed = run(launch_cmd(2, *base, "--run-dir", str(tmp_path / "resumed"), "--max-steps", "6",
-                             "--resume", str(killed_save)), cpu_env())
+                             "--resume", str(at3)), cpu_env())
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
-    assert f"resumed from step 3 ({killed_save / 'checkpoint-3'})" in resumed.stdout
+    assert f"resumed from step 3 ({at3})" in resumed.stdout
     _, full_steps, full_evals, _ = records(tmp_path / "full")
     meta, steps, evals, summary = records(tmp_path / "resumed")
-    assert meta["resumed_from"] == {"path": str(killed_save / "checkpoint-3"), "step": 3, "world_size": 2,
-                                    "universal": None}
+    assert meta["resumed_from"] == {"path": str(at3), "step": 3, "world_size": 2, "universal": None}
     assert [s["step"] for s in steps] == [4, 5, 6]
     assert [s["loss"] for s in steps] == pytest.approx([s["loss"] for s in full_steps[3:]], rel=1e-5)
     assert [s["lr"] for s in steps] == pytest.approx([s["lr"] for s in full_steps[3:]], rel=1e-6)
@@ -289,13 +280,13 @@ def test_killed_run_resumes_on_the_same_curve(tmp_path, work):
     # ranks' samples, so its loss is the mean of theirs in the uninterrupted run.
     from sftbench.sweep import REFERENCE_LAYOUT  # the layout launch_cmd gives the 2-rank runs
     one = [sys.executable, str(REPO / "train.py"), *REFERENCE_LAYOUT, *base, "--max-steps", "6", "--resume",
-           str(full_save / "checkpoint-3")]
+           str(at3)]
     p = run([*one, "--run-dir", str(tmp_path / "one_refused")], cpu_env())
     assert p.returncode != 0 and "this run takes 2 (1 x 1 x 2)" in p.stderr and "pass --grad-accum 4" in p.stderr, \
         p.stderr[-2000:]
     p = run([*one, "--run-dir", str(tmp_path / "one"), "--grad-accum", "4"], cpu_env())
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    universal = full_save / "checkpoint-3" / "engine" / checkpoint.UNIVERSAL_TAG
+    universal = at3 / "engine" / checkpoint.UNIVERSAL_TAG
     assert f"written on 2 rank(s), on 1 through {universal}" in p.stdout
     meta, steps, _, _ = records(tmp_path / "one")
     assert meta["resumed_from"]["universal"] == str(universal) and meta["resumed_from"]["world_size"] == 2
@@ -305,9 +296,9 @@ def test_killed_run_resumes_on_the_same_curve(tmp_path, work):
     assert [s["lr"] for s in steps] == pytest.approx([s["lr"] for s in full_steps[3:]], rel=1e-6)
 
     # SIGTERM to every process of the job (what a scheduler sends): the ranks agree on a step, save it, and stop.
-    term_dir = tmp_path / "term"
+    term_dir, term_save = tmp_path / "term", tmp_path / "save_term"
     proc = subprocess.Popen(launch_cmd(2, *base, "--run-dir", str(term_dir), "--max-steps", "100000",
-                                       "--resume", str(killed_save), "--save", str(killed_save)),
+                                       "--resume", str(at3), "--save", str(term_save)),
                             env=cpu_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -326,20 +317,36 @@ def test_killed_run_resumes_on_the_same_curve(tmp_path, work):
     assert summ["type"] == "summary" and summ["status"] == "interrupted", out[-3000:]
     k = summ["saved"]["step"]
     assert k > 3 and f"after step {k}" in summ["error"]
-    folder, state = checkpoint.resolve(killed_save)
-    assert folder == killed_save / f"checkpoint-{k}" and state["step"] == k
+    folder, state = checkpoint.resolve(term_save)
+    assert folder == term_save / f"checkpoint-{k}" and state["step"] == k
 
 
 @pytest.mark.slow
-def test_a_coalesced_run_resumes_on_the_same_curve_with_or_without_the_window(tmp_path, work):
-    """ZeRO-2 on two ranks inside the coalesced reduction window (--coalesce-reduction on), checkpoint every 2 of 4
-    steps: resumed from step 2, with the window and without it, steps 3-4 give the uninterrupted run's losses and
-    learning rates (the window keeps no state of its own across steps: the engine steps once per step in both)."""
+def test_a_coalesced_run_trains_and_resumes_like_deepspeeds_reduction(tmp_path, work):
+    """ZeRO-2 on two ranks, four steps of grad accumulation 2, with the coalesced reduction window
+    (--coalesce-reduction on) and with DeepSpeed's reduction per micro-batch (off): the same losses on both ranks
+    (rel 1e-5: the same gradients, summed before rather than after the reduction) and the same learning rates, and
+    the log and console say which ran. The windowed run's step-2 checkpoint, resumed with the window and without
+    it: steps 3-4 give its losses and learning rates (the window keeps no state of its own across steps: the engine
+    steps once per step in both). (ZeRO-2 + offload and ZeRO-3: tests/test_speed.py.)"""
     base = ["--ds", str(REPO / "ds_configs" / "z2_5e8.json"), "--model", str(work / "tiny"),
             "--cache-dir", str(tmp_path / "cache"), *COMMON]
     full = run(launch_cmd(2, *base, "--run-dir", str(tmp_path / "full"), "--max-steps", "4", "--coalesce-reduction",
                           "on", "--save", str(tmp_path / "save"), "--save-every", "2"), cpu_env())
     assert full.returncode == 0, full.stdout[-2000:] + full.stderr[-3000:]
+    assert re.search(r"gradient reduction +once per step +on: asked for", full.stdout), full.stdout[-3000:]
+    per_micro = run(launch_cmd(2, *base, "--run-dir", str(tmp_path / "per_micro"), "--max-steps", "4",
+                               "--coalesce-reduction", "off"), cpu_env())
+    assert per_micro.returncode == 0, per_micro.stdout[-2000:] + per_micro.stderr[-3000:]
+    for rank in (0, 1):
+        (on_meta, on, _, _), (off_meta, off, _, _) = records(tmp_path / "full", rank), records(tmp_path / "per_micro",
+                                                                                             rank)
+        assert (on_meta["optimizations"]["coalesce_reduction"], on_meta["optimizations"]["coalesce_reduction_why"]) \
+            == (True, "on: asked for")
+        assert (off_meta["optimizations"]["coalesce_reduction"],
+                off_meta["optimizations"]["coalesce_reduction_why"]) == (False, "off: asked for")
+        assert [s["lr"] for s in on] == [s["lr"] for s in off]
+        assert [s["loss"] for s in on] == pytest.approx([s["loss"] for s in off], rel=1e-5), rank
     _, full_steps, _, _ = records(tmp_path / "full")
     assert full_steps[3]["loss"] < full_steps[0]["loss"] - 0.1  # the compared steps did train
     for mode in ("on", "off"):
@@ -385,7 +392,8 @@ def test_killed_recipe_resumes_on_the_recorded_curve(name, tmp_path, recipe_run)
     """The recipe (tests/test_recipes.py, the same flags) SIGKILLed after its step-3 checkpoint, then resumed from
     it: steps 4-8 of every rank give the uninterrupted run's losses (rtol 1e-5) and learning rates. Losing the
     optimizer state (Adam's moments, ZeRO-2's offloaded partitions, ZeRO-3's shards), the LR schedule's position or
-    the data position would move them. (ZeRO-1: test_killed_run_resumes_on_the_same_curve.)"""
+    the data position would move them. (ZeRO-1, from a checkpoint of a run that went on:
+    test_a_zero1_run_resumes_on_the_same_curve_on_two_ranks_or_one.)"""
     from conftest import RECIPES, STEPS, curve, recipe_cmd
 
     full = recipe_run(name)

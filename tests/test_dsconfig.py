@@ -8,6 +8,12 @@ from sftbench.dsconfig import (DSConfigError, apply_precision, check_ds_config, 
 from conftest import REPO
 
 CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
+# DeepSpeed's newer engines on a shipped setting (ds_configs/README.md, "DeepSpeed's newer engines"): not reference
+# rows, so not in the sweep's default plan.
+ENGINES = sorted((REPO / "ds_configs" / "engines").glob("*.json"))
+ENGINE_BASE = {"z2_offload_zenflow": ("z2_offload_5e8", "zero_optimization.zenflow"),
+               "z1_deepcompile": ("z1", "compile"), "z3_deepcompile": ("z3", "compile"),
+               "z3_deepcompile_offload_opt": ("z3", "compile")}
 
 
 def test_there_is_a_config_per_reference_setting():
@@ -28,7 +34,28 @@ def test_acc32_variant_changes_only_the_gradient_accumulation_dtype():
     assert var == base
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_each_engine_file_is_a_shipped_setting_plus_its_engine_block():
+    """What an engine's row is compared with: its base file, which differs from it by the engine's block alone
+    (ZenFlow: DeepSpeed's tutorial values; DeepCompile: on, and with its own optimizer-state offload)."""
+    assert {p.stem for p in ENGINES} == set(ENGINE_BASE)
+    blocks = {}
+    for p in ENGINES:
+        base_name, key = ENGINE_BASE[p.stem]
+        cfg, base = load_ds_config(p), load_ds_config(REPO / "ds_configs" / f"{base_name}.json")
+        *parents, leaf = key.split(".")
+        holder = cfg
+        for k in parents:
+            holder = holder[k]
+        blocks[p.stem] = holder.pop(leaf)
+        assert cfg == base, p.stem
+    assert blocks == {
+        "z2_offload_zenflow": {"topk_ratio": 0.05, "select_strategy": "auto", "select_interval": "auto",
+                               "update_interval": 4, "full_warm_up_rounds": 0, "overlap_step": True},
+        "z1_deepcompile": {"deepcompile": True}, "z3_deepcompile": {"deepcompile": True},
+        "z3_deepcompile_offload_opt": {"deepcompile": True, "offload_opt_states": True}}
+
+
+@pytest.mark.parametrize("path", CONFIGS + ENGINES, ids=lambda p: p.stem)
 def test_deepspeed_own_parser_accepts(path):
     from deepspeed.runtime.config import DeepSpeedConfig
     for precision in ("bf16", "fp16", "fp32"):
@@ -49,6 +76,23 @@ def test_names_match_contents():
         assert ("offload" in p.stem) == (d["offload_optimizer"] == "cpu")
         assert ("param" in p.stem) == (d["offload_param"] == "cpu")
         assert ("overlap" in p.stem) == bool(d["overlap_comm"])
+
+
+def test_zenflow_without_a_fixed_update_interval_is_refused_naming_the_key(tmp_path):
+    """With update_interval "auto" (DeepSpeed's default) ZenFlow ends each optimizer step when it decides; the
+    loop's steps are a fixed number of micro-batches, so the file is refused before anything is built."""
+    cfg = json.loads((REPO / "ds_configs" / "engines" / "z2_offload_zenflow.json").read_text())
+    p = tmp_path / "zf.json"
+    for value in ("auto", None):
+        if value is None:
+            del cfg["zero_optimization"]["zenflow"]["update_interval"]
+        else:
+            cfg["zero_optimization"]["zenflow"]["update_interval"] = value
+        p.write_text(json.dumps(cfg))
+        given = "is 'auto'" if value else "is not given \\(DeepSpeed's default: \"auto\"\\)"
+        with pytest.raises(DSConfigError, match=rf"zf\.json: zero_optimization\.zenflow\.update_interval {given}: "
+                                                r"ZenFlow then ends each optimizer step when it decides"):
+            load_ds_config(p)
 
 
 def test_an_auto_no_one_resolves_is_refused_naming_file_and_key(tmp_path):
@@ -96,8 +140,9 @@ def test_a_config_is_a_file_or_a_ds_configs_name(tmp_path):
     own = tmp_path / "mine.json"
     own.write_text("{}")
     assert resolve_config_path(str(own)) == str(own)
+    assert resolve_config_path("engines/z1_deepcompile") == os.path.join(CONFIG_DIR, "engines", "z1_deepcompile.json")
     with pytest.raises(DSConfigError, match=r"DeepSpeed config not found: z9 \(neither a file nor a name in "
-                                            r"ds_configs/: z0, z1, "):
+                                            r"ds_configs/: z0, z1, .*, engines/z1_deepcompile, "):
         resolve_config_path("z9")
     with pytest.raises(DSConfigError, match="not found: .*nope/z1"):  # a path is not looked up by its base name
         resolve_config_path(str(tmp_path / "nope" / "z1"))
@@ -181,7 +226,7 @@ def test_trainer_auto_values_are_filled_in_as_the_trainer_does_and_each_is_named
 
 def test_deepspeeds_own_auto_passes_and_any_other_auto_is_refused_naming_the_key():
     zenflow = {"zero_optimization": {"stage": 2, "zenflow": {"topk_ratio": 0.1, "select_strategy": "auto",
-                                                             "update_interval": "auto"}}}
-    check_ds_config(zenflow, "zf.json")
+                                                             "select_interval": "auto", "update_interval": 4}}}
+    check_ds_config(zenflow, "zf.json")  # (update_interval "auto": test_zenflow_without_a_fixed_update_interval...)
     with pytest.raises(DSConfigError, match=r"zf.json: key 'zero_optimization.stage' is \"auto\", which neither"):
         check_ds_config({"zero_optimization": {"stage": "auto"}}, "zf.json")

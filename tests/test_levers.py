@@ -155,6 +155,33 @@ def test_offload_graphs_follow_the_window_the_engine_grants():
     assert plan.why("cuda_graphs").startswith("auto: not measured here (ZeRO-2 + optimizer offload on sm_90")
 
 
+def test_zenflow_is_its_own_kind_so_no_offload_evidence_turns_a_lever_on_for_it():
+    """ds_configs/engines/z2_offload_zenflow.json is ZeRO-2 + offload plus ZenFlow's block: on the GPU and world size
+    where ZeRO-2 + offload turns the window, the graphs and the one-pass check on, ZenFlow (another optimizer) gets
+    none of them under auto, each saying it was not measured on that kind; the engine's facts refuse the patched
+    check and the window by name (ZenFlow replaces DeepSpeed's reduction and step)."""
+    from sftbench import ds_patches
+
+    base = _situation("z2_offload_5e8/bf16", 1, "cuda", "sm_90")
+    cfg = apply_precision(load_ds_config(resolve_config_path("engines/z2_offload_zenflow")), "bf16")
+    s = Situation.of_config(cfg, world_size=1, cuda=True, gpu="sm_90", precision="bf16", engine=base.engine)
+    assert s.zenflow and not base.zenflow and (s.stage, s.offload_optimizer) == (2, True)
+    assert [n for n, d in decide(Asked(), base).decisions if d.on and n in ("cuda_graphs", "coalesce_reduction",
+                                                                             "overflow_check")] == [
+        "cuda_graphs", "coalesce_reduction", "overflow_check"]
+    plan = decide(Asked(), s)
+    for lever in ("cuda_graphs", "coalesce_reduction", "overflow_check", "grad_norm"):
+        assert not plan.on(lever), lever
+    assert plan.why("coalesce_reduction").startswith(
+        "auto: not measured here (ZeRO-2 + optimizer offload + ZenFlow on sm_90, world 1")
+    zenflow_facts = replace(base.engine, overflow_unfit=ds_patches.ZENFLOW_UNCHECKED,
+                            coalesce_unfit=ds_patches.ZENFLOW_UNCHECKED)
+    for flag, lever in (("overflow_check", "overflow-check"), ("coalesce_reduction", "coalesce-reduction")):
+        mode = "foreach" if flag == "overflow_check" else "on"
+        with pytest.raises(LeverError, match=f"--{lever} {mode} does not apply: ZenFlow's optimizer replaces"):
+            decide(Asked(**{flag: mode}), replace(s, engine=zenflow_facts))
+
+
 def test_a_deepspeed_outside_the_tested_range_turns_every_patch_off_and_refuses_them_by_name():
     from sftbench import ds_patches
 

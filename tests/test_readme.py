@@ -25,6 +25,7 @@ def python_blocks(text: str) -> list[tuple[str, bool]]:
     return out
 
 
+@pytest.mark.slow
 def test_the_readmes_python_snippets_run_on_the_tiny_model(tmp_path):
     import torch
 

@@ -24,6 +24,7 @@ def test_numbers_keep_the_logs_names_and_leave_out_flags_and_nulls():
     assert report_to.numbers(rec) == {"loss": 2.5, "lr": 1e-5}
 
 
+@pytest.mark.slow
 def test_a_tensorboard_event_file_holds_the_jsonl_values(tmp_path):
     """A real 4-step run with an eval split and --report-to tensorboard: every number of every step, eval and
     summary record of rank 0's JSONL is in the event file, under <type>/<key>, at its step (float32, as TensorBoard

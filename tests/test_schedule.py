@@ -46,6 +46,7 @@ def test_the_plain_loops_factor_reaches_zero_at_the_last_step():
     assert [schedule.lr_factor("linear", s, 1, 4) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ds, kind", [("z1", "cosine"), ("z1", "linear"), ("none", "cosine")])
 def test_a_run_reaches_the_schedules_floor_at_its_last_step(tmp_path, ds, kind):
     """A real 5-step run (one process, DeepSpeed's engine or the plain loop) with a 2-step warm-up (DeepSpeed's

@@ -593,43 +593,28 @@ def test_coalesce_auto_is_on_only_on_one_gpu_where_measured_and_predicted_to_fit
 @pytest.mark.slow
 def test_coalesced_reduction_trains_like_deepspeeds_reduction_per_micro_batch_on_two_ranks(tmp_path, recipe_run):
     """train.py through the launcher, two CPU ranks over gloo, fp32, grad accumulation 2 at a learning rate that
-    moves the loss: with --coalesce-reduction on, ZeRO-2, ZeRO-2 + optimizer offload and ZeRO-3 give the loss curve
-    of DeepSpeed's reduction per micro-batch on both ranks (rel 1e-5: the same gradients, summed before rather than
+    moves the loss: with --coalesce-reduction on, ZeRO-2 + optimizer offload and ZeRO-3 give the loss curve of
+    DeepSpeed's reduction per micro-batch on both ranks (rel 1e-5: the same gradients, summed before rather than
     after the reduction) and the same learning rate at every step (the engine stepped once per step), and the log
-    and console say which ran. ZeRO-2 + offload and ZeRO-3 are the recipes (tests/test_recipes.py, which pin
-    --coalesce-reduction off): their session runs are the reference; ZeRO-2 runs both ways here."""
-    from conftest import SAMPLES, launch_cmd, read_jsonl, recipe_cmd, run, write_overfit_config
+    and console say which ran. The reference curves are the recipes' (tests/test_recipes.py, which pin
+    --coalesce-reduction off). (ZeRO-2 without offload, and a resume across the window:
+    tests/test_checkpoint.py::test_a_coalesced_run_trains_and_resumes_like_deepspeeds_reduction.)"""
+    from conftest import read_jsonl, recipe_cmd, run
 
-    data = tmp_path / "tiny.jsonl"  # four samples, so the loss falls within the few steps
-    data.write_text("\n".join(json.dumps(s, ensure_ascii=False) for s in SAMPLES) + "\n")
-    ds = write_overfit_config("z2_5e8.json", tmp_path / "z2_5e8.json")
-    runs = {}  # (name, mode) -> (run folder, console output)
-    for mode in ("off", "on"):
-        name = f"z2_5e8_{mode}"
-        cmd = launch_cmd(2, "--ds", str(ds), "--run-dir", str(tmp_path / name), "--cache-dir", str(tmp_path / "cache"),
-                         "--data", str(data), "--model", "pangu-tiny", "--seq-len", "64", "--seed", "7",
-                         "--precision", "fp32", "--max-steps", "5", "--warmup-steps", "1", "--coalesce-reduction", mode)
-        runs["z2_5e8", mode] = (tmp_path / name, run(cmd, cpu_env()))
     for recipe in ("z2_offload", "z3"):
-        runs[recipe, "off"] = (recipe_run(recipe), None)
-        runs[recipe, "on"] = (tmp_path / recipe, run(recipe_cmd(recipe, "--max-steps", "8", "--run-dir",
-                                                                str(tmp_path / recipe), "--cache-dir",
-                                                                str(tmp_path / "cache_r"), "--coalesce-reduction",
-                                                                "on"), cpu_env()))
-    for (cfg, mode), (run_dir, p) in runs.items():
-        if p is not None:
-            assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-        if mode == "on":
-            assert re.search(r"gradient reduction +once per step +on: asked for", p.stdout), p.stdout[-3000:]
-        opt = read_jsonl(run_dir / "rank0.jsonl")[0]["optimizations"]
-        assert (opt["coalesce_reduction"], opt["coalesce_reduction_why"]) == (mode == "on", f"{mode}: asked for")
-    for cfg in ("z2_5e8", "z2_offload", "z3"):
+        p = run(recipe_cmd(recipe, "--max-steps", "8", "--run-dir", str(tmp_path / recipe), "--cache-dir",
+                           str(tmp_path / "cache"), "--coalesce-reduction", "on"), cpu_env())
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+        assert re.search(r"gradient reduction +once per step +on: asked for", p.stdout), p.stdout[-3000:]
+        for mode, run_dir in (("on", tmp_path / recipe), ("off", recipe_run(recipe))):
+            opt = read_jsonl(run_dir / "rank0.jsonl")[0]["optimizations"]
+            assert (opt["coalesce_reduction"], opt["coalesce_reduction_why"]) == (mode == "on", f"{mode}: asked for")
         for rank in (0, 1):
-            off, on = ([(r["loss"], r["lr"]) for r in read_jsonl(runs[cfg, m][0] / f"rank{rank}.jsonl")
-                        if r["type"] == "step"] for m in ("off", "on"))
-            assert off[-1][0] < off[0][0] - 0.1, (cfg, off)
-            assert [lr for _, lr in on] == [lr for _, lr in off], (cfg, rank)
-            assert [loss for loss, _ in on] == pytest.approx([loss for loss, _ in off], rel=1e-5), (cfg, rank)
+            off, on = ([(r["loss"], r["lr"]) for r in read_jsonl(d / f"rank{rank}.jsonl") if r["type"] == "step"]
+                       for d in (recipe_run(recipe), tmp_path / recipe))
+            assert off[-1][0] < off[0][0] - 0.1, (recipe, off)
+            assert [lr for _, lr in on] == [lr for _, lr in off], (recipe, rank)
+            assert [loss for loss, _ in on] == pytest.approx([loss for loss, _ in off], rel=1e-5), (recipe, rank)
 
 
 @pytest.mark.slow

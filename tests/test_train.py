@@ -78,6 +78,40 @@ def test_two_rank_cpu_run(cfg, tmp_path, overfit_data):
 
 
 @pytest.mark.slow
+def test_zenflow_runs_its_own_accumulation_and_says_so(tmp_path, overfit_data):
+    """ds_configs/engines/z2_offload_zenflow.json on two CPU ranks: DeepSpeed's ZenFlow takes its update_interval (4)
+    as the accumulation whatever the file's gradient_accumulation_steps (8) says; the run steps 4 micro-batches at a
+    time, logs that accumulation, and says why on the console; the levers that patch DeepSpeed's ZeRO-2 optimizer
+    stay off, naming ZenFlow. ZenFlow's CPU optimizer process ends with the run (left running, it would hold the
+    launcher's output pipes: the job would never end for this test, which then fails on its time limit)."""
+    import psutil
+
+    started = time.time()
+    run_dir = tmp_path / "run"
+    p = run(launch_cmd(2, "--ds", "engines/z2_offload_zenflow", "--data", str(overfit_data), "--run-dir",
+                       str(run_dir), "--cache-dir", str(tmp_path / "cache"), "--model", "pangu-tiny", "--seq-len", "64",
+                       "--max-steps", "2", "--warmup-steps", "1", "--precision", "fp32", "--seed", "7"), cpu_env(),
+            timeout=400)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    left = [q.pid for q in psutil.process_iter(["cmdline", "create_time"])
+            if q.info["create_time"] >= started and "spawn_main" in " ".join(q.info["cmdline"] or [])]
+    assert left == []
+    assert ("warning: DeepSpeed's ZenFlow runs 4 micro-batches per optimizer step, not the config's "
+            "gradient_accumulation_steps 8") in p.stdout
+    for rank in (0, 1):
+        recs = read_jsonl(run_dir / f"rank{rank}.jsonl")
+        meta, summary = recs[0], recs[-1]
+        assert meta["grad_accum"] == 4 and meta["ds_config"]["gradient_accumulation_steps"] == 8
+        assert meta["ds_config"]["zero_optimization"]["zenflow"]["update_interval"] == 4
+        assert summary["status"] == "ok" and [r["step"] for r in recs if r["type"] == "step"] == [1, 2]
+        opt = meta["optimizations"]
+        for lever in ("coalesce_reduction", "overflow_check"):
+            assert opt[f"{lever}_why"] == (
+                "auto: ZenFlow's optimizer replaces DeepSpeed's reduction and step with its own "
+                "(zero_optimization.zenflow), which this was not checked against"), lever
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["z1", "z2_offload", "z3", "none"])
 def test_recipe_runs_log_every_field_on_every_rank(name, recipe_run):
     """The recipes' runs (tests/test_recipes.py: 8 steps, the first a warm-up) read for what every run's log holds:
@@ -207,6 +241,7 @@ def test_auto_value_is_refused_naming_the_key(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_trainer_config_and_a_run_config_file_run_with_every_auto_named(tmp_path, overfit_data):
     """The transformers documentation's ZeRO-2 config with its "auto" values, given through a --config YAML file of
     train.py's flags (one flag overridden on the command line): the run fills each "auto" in, prints and logs it,
@@ -424,6 +459,7 @@ def _packed_rows(cache_dir, eval_split: float = 0.0):
     return ds, PackedSet(ds, pack(ds.lengths.tolist(), train, 128), tok.pad_id)
 
 
+@pytest.mark.slow
 def test_packed_two_rank_run_logs_real_tokens_and_the_packed_epoch(tmp_path):
     """--pack on 2 ranks (ZeRO-1): 231 samples of the shipped file in fuller rows of 128 tokens, each step's real
     tokens exactly those of the rows it ran (rank 0's and rank 1's order), the packed epoch's steps and the loss
@@ -459,6 +495,7 @@ def test_packed_two_rank_run_logs_real_tokens_and_the_packed_epoch(tmp_path):
     assert "tok/s (" in p.stdout and " real)" in p.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", ["z3_offload_param", "none"])
 def test_packed_rows_run_under_zero3_and_the_plain_loop(cfg, tmp_path):
     """--pack under ZeRO-3 with its parameters offloaded (gathered inside the forward, where the packed rows'
@@ -485,6 +522,7 @@ def test_packed_rows_run_under_zero3_and_the_plain_loop(cfg, tmp_path):
     assert [e["eval_samples"] for e in evals] == [12] and evals[0]["eval_loss"] > 0
 
 
+@pytest.mark.slow
 def test_packed_resume_continues_the_same_rows(tmp_path):
     """A packed run saved at step 3 and resumed runs steps 4-6 on the same rows with the same engine state: the same
     losses as the run that went through. Refused when resumed unpacked (the data order would not continue)."""
