@@ -384,6 +384,12 @@ def _approx(ok: bool | None) -> str:
     return "~" if ok is False else ""
 
 
+def _ratio_cell(row: dict, peer: str) -> str:
+    """ours / peer as the table shows it: "2.32x", "~" in front where the steps do not decide it, n/a without one."""
+    ratio = row[f"ours_over_{peer}"]
+    return _approx(row.get(f"{peer}_resolved")) + _f(ratio, ".2f") + ("x" if ratio is not None else "")
+
+
 def markdown(args, rows: list[dict], device: str) -> str:
     head = ["model", "config", "ours s/step", "ours tok/s", "ours MFU", "bare tok/s", "harness overhead",
             "peer_torch tok/s", "peer_compiled tok/s (compile s)", "peer_trainer tok/s", "ours / peer_torch",
@@ -409,12 +415,7 @@ def markdown(args, rows: list[dict], device: str) -> str:
             _cell(res["peer_compiled"], r["peer_compiled_tokens_per_s"], ",.0f")
             + (f" ({r['peer_compiled_compile_s']:.0f})" if r["peer_compiled_compile_s"] is not None else ""),
             _cell(res["peer_trainer"], r["peer_trainer_tokens_per_s"], ",.0f"),
-            _approx(r.get("peer_torch_resolved")) + _f(r["ours_over_peer_torch"], ".2f")
-            + ("x" if r["ours_over_peer_torch"] is not None else ""),
-            _approx(r.get("peer_compiled_resolved")) + _f(r["ours_over_peer_compiled"], ".2f")
-            + ("x" if r["ours_over_peer_compiled"] is not None else ""),
-            _approx(r.get("peer_trainer_resolved")) + _f(r["ours_over_peer_trainer"], ".2f")
-            + ("x" if r["ours_over_peer_trainer"] is not None else ""),
+            _ratio_cell(r, "peer_torch"), _ratio_cell(r, "peer_compiled"), _ratio_cell(r, "peer_trainer"),
         ]) + " |")
     fails = [(t, r["model"], r["config"], v.get("error")) for r in rows for t, v in r["results"].items()
              if v and v.get("status") != "ok"]

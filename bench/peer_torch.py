@@ -158,8 +158,9 @@ def main(argv=None) -> int:
     if args.grads_preallocated:  # accumulation adds into these; zero_grad keeps them (set_to_none=False)
         for prm in model.parameters():
             prm.grad = torch.zeros_like(prm)
+    compiled = args.compile != "off"
     forward = model
-    if args.compile != "off":
+    if compiled:
         forward = torch.compile(model, backend=args.compile_backend,
                                 **({} if args.compile_backend != "inductor" else {"mode": args.compile}))
     graphs = args.compile == "reduce-overhead" and args.compile_backend == "inductor" and device.type == "cuda"
@@ -176,8 +177,8 @@ def main(argv=None) -> int:
     scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
     flops_tok = spec.flops_per_token(model.config, args.seq_len)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    tool = "peer_torch" if args.compile == "off" else "peer_compiled"
-    how = (f"torch.compile {args.compile} ({args.compile_backend}), " if args.compile != "off" else "") + (
+    tool = "peer_compiled" if compiled else "peer_torch"
+    how = (f"torch.compile {args.compile} ({args.compile_backend}), " if compiled else "") + (
         "batches on the device, " if args.batches_on_device else "") + (
         "no attention mask, " if not args.attention_mask else "") + (
         "gradients pre-allocated, " if args.grads_preallocated else "")
@@ -235,11 +236,11 @@ def main(argv=None) -> int:
 
     meas = step_times[args.warmup_steps:]
     compile_s = (sum(step_times[:args.warmup_steps]) - args.warmup_steps * statistics.median(meas)
-                 if args.compile != "off" and meas else None)
+                 if compiled and meas else None)
     res = summarize(tool, model_name, None, args, device, device_name, flops_tok, step_times, periods,
                     losses, rss, mb, ga, 1, extra={"fused_adamw": fused, "attention_mask": args.attention_mask,
                                                     "compile": args.compile, "compile_backend": args.compile_backend
-                                                    if args.compile != "off" else None, "compile_s": compile_s,
+                                                    if compiled else None, "compile_s": compile_s,
                                                     "batches_on_device": args.batches_on_device,
                                                     "grads_preallocated": args.grads_preallocated,
                                                     "dataset_path": data_path, "dataset_samples": enc.n})

@@ -86,6 +86,11 @@ ZENFLOW_UNCHECKED = ("ZenFlow's optimizer replaces DeepSpeed's reduction and ste
                      "zenflow), which this was not checked against")
 
 
+def runs_zenflow(engine) -> bool:
+    """Whether the engine runs ZenFlow (DeepSpeed sets ``engine.zenflow`` from the config's block)."""
+    return bool(getattr(engine, "zenflow", False))
+
+
 def offloading_zero(opt) -> bool:
     """Whether ``opt`` is DeepSpeed's ZeRO-1/2 optimizer with optimizer offload (the one place that tells it from
     ZeRO-0's FP16 optimizers)."""
@@ -118,7 +123,7 @@ def overflow_unfit(engine) -> str | None:
     from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
     from deepspeed.runtime.utils import CheckOverflow
-    if getattr(engine, "zenflow", False):
+    if runs_zenflow(engine):
         return ZENFLOW_UNCHECKED
     if offloading_zero(opt):
         return (_other_signature(opt.update_offload_overflow_tracker, ("grad",))
@@ -143,7 +148,7 @@ def coalesce_unfit(engine) -> str | None:
     stage = engine.zero_optimization_stage()
     if stage == 0:
         return "ZeRO-0 reduces once per step already (at the boundary)"
-    if getattr(engine, "zenflow", False):
+    if runs_zenflow(engine):
         return ZENFLOW_UNCHECKED
     if not hasattr(engine.optimizer, "_coalesce_grad_reduction"):
         return f"the engine's optimizer is {type(engine.optimizer).__name__}, which DeepSpeed does not coalesce"
@@ -172,7 +177,7 @@ def accum_unfit(engine) -> str | None:
         return "DeepSpeed's BF16 optimizer adds each micro-batch into its fp32 gradient copy"
     if getattr(opt, "use_grad_accum_attribute", False):
         return "grad_accum_dtype differs from the weights' dtype (ZeRO accumulates in its own buffer)"
-    if getattr(engine, "zenflow", False) or not engine.managed_gradient_accumulation():
+    if runs_zenflow(engine) or not engine.managed_gradient_accumulation():
         return "the engine does not own the accumulation boundary"
     return None
 
@@ -196,7 +201,7 @@ def accumulation_taken_by(engine, configured: int | None) -> str | None:
     ga = engine.gradient_accumulation_steps()
     if configured is None or ga == configured:
         return None
-    if getattr(engine, "zenflow", False):
+    if runs_zenflow(engine):
         return (f"DeepSpeed's ZenFlow runs {ga} micro-batches per optimizer step, not the config's "
                 f"gradient_accumulation_steps {configured}: it takes zero_optimization.zenflow.update_interval as the "
                 "accumulation, and updates the selected gradient columns at every micro-batch")

@@ -112,8 +112,8 @@ def check_ds_config(cfg: dict, source: str = "<config>") -> None:
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise DSConfigError(f"{source}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
-    zenflow = _get(cfg, "zero_optimization.zenflow")
-    if isinstance(zenflow, dict) and not isinstance(zenflow.get("update_interval"), int):
+    zenflow = zenflow_block(cfg)
+    if zenflow is not None and not isinstance(zenflow.get("update_interval"), int):
         given = (f"is {zenflow['update_interval']!r}" if "update_interval" in zenflow
                  else "is not given (DeepSpeed's default: \"auto\")")
         raise DSConfigError(f"{source}: zero_optimization.zenflow.update_interval {given}: ZenFlow then ends each "
@@ -198,6 +198,12 @@ def config_precision(cfg: dict) -> str:
 # DeepSpeed's spellings of the data types (its DtypeEnum), in this project's names.
 _DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "fp16": "fp16", "float16": "fp16",
                 "half": "fp16", "bf16": "bf16", "bfloat16": "bf16"}
+
+
+def zenflow_block(cfg: dict | None) -> dict | None:
+    """The config's ``zero_optimization.zenflow`` block, the one that turns DeepSpeed's ZenFlow on (None: none)."""
+    block = _get(cfg or {}, "zero_optimization.zenflow")
+    return block if isinstance(block, dict) else None
 
 
 def grad_accum_dtype(cfg: dict | None) -> str | None:

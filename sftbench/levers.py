@@ -273,12 +273,16 @@ class Situation:
     def plain(self) -> bool:
         return self.stage is None
 
+    def kind(self, coalesced: bool = False) -> str:
+        """This run's configuration kind (``config_kind``), inside the coalesced window or not."""
+        return config_kind(self.stage, self.offload_optimizer, self.offload_param, coalesced, self.zenflow)
+
     @classmethod
     def of_config(cls, ds_cfg: dict | None, *, world_size: int, cuda: bool, gpu: str | None, precision: str,
                   source: str | None = None, **more) -> "Situation":
         """The situation as the (resolved) DeepSpeed config says it (None: ``--ds none``); ``more``: the other
         fields."""
-        from sftbench.dsconfig import describe, grad_accum_dtype
+        from sftbench.dsconfig import describe, grad_accum_dtype, zenflow_block
 
         layout = describe(ds_cfg)
         block = (ds_cfg or {}).get("compile")
@@ -287,7 +291,7 @@ class Situation:
                    world_size=world_size, cuda=cuda, gpu=gpu if cuda else None, precision=precision,
                    grad_accum_wider=(grad_accum_dtype(ds_cfg) or precision) != precision,
                    deepcompile=isinstance(block, dict) and bool(block.get("deepcompile")),
-                   zenflow=isinstance(((ds_cfg or {}).get("zero_optimization") or {}).get("zenflow"), dict),
+                   zenflow=zenflow_block(ds_cfg) is not None,
                    has_timers_block="timers" in (ds_cfg or {}),
                    config_source=source or "the DeepSpeed config", **more)
 
@@ -470,7 +474,7 @@ def _coalesce(a: Asked, s: Situation, graphs_on: bool | None) -> Decision:
                        named=True)
     if decided:
         return decided
-    kind = config_kind(s.stage, s.offload_optimizer, s.offload_param, zenflow=s.zenflow)
+    kind = s.kind()
     d = _auto_by_evidence("coalesce_reduction", kind, s, "on")
     if d.on and graphs_on is not None and s.gpu_mib and s.gpu_total_mib:
         need = s.gpu_mib(graphs_on, True)
@@ -504,8 +508,7 @@ def _graphs(a: Asked, s: Situation, compile_on: bool, compile_target: str, coale
         return no("--ds none on several ranks (DDP's reducer is not captured; use a DeepSpeed config)")
     if asked:
         return Decision(True, "on: asked for")
-    kind = config_kind(s.stage, s.offload_optimizer, s.offload_param, coalescing and s.offload_optimizer,
-                       s.zenflow)
+    kind = s.kind(coalescing and s.offload_optimizer)
     d = _auto_by_evidence("cuda_graphs", kind, s, "on")
     if d.on and s.gpu_mib and s.gpu_total_mib:
         with_graphs, eager = s.gpu_mib(True, coalescing), s.gpu_mib(False, coalescing)
@@ -562,8 +565,7 @@ def _wgrad(a: Asked, s: Situation, graphs_on: bool, coalescing: bool) -> Decisio
         return Decision(False, "auto: the plain loop's autocast computes in another dtype than the gradient buffers")
     if a.graph_wgrad == "on":
         return Decision(True, "on: asked for")
-    kind = config_kind(s.stage, s.offload_optimizer, s.offload_param, coalescing and s.offload_optimizer,
-                       s.zenflow)
+    kind = s.kind(coalescing and s.offload_optimizer)
     e = (evidence_for("graph_wgrad", kind, s.gpu, s.world_size, s.family)
          or evidence_for("graph_wgrad", "ZeRO-1", s.gpu, s.world_size, s.family))
     return Decision(True, f"auto: {evidence_text(e)}") if e else _not_measured("graph_wgrad", kind, s, "auto")
@@ -616,8 +618,7 @@ def _grad_norm(a: Asked, s: Situation, coalescing: bool) -> Decision:
     unfit = ("the plain loop (--ds none), whose clip_grad_norm_ is torch's multi-tensor norm already" if s.plain
              else f.norm_unfit)
     d = _by_name("grad-norm", a.grad_norm, "deepspeed", "foreach", unfit, s.patches_why, True, s.cuda)
-    return d or _auto_by_evidence("grad_norm", config_kind(s.stage, s.offload_optimizer, s.offload_param,
-                                                           coalescing, s.zenflow), s, "foreach")
+    return d or _auto_by_evidence("grad_norm", s.kind(coalescing), s, "foreach")
 
 
 def _overflow(a: Asked, s: Situation, coalescing: bool) -> Decision:
@@ -625,9 +626,8 @@ def _overflow(a: Asked, s: Situation, coalescing: bool) -> Decision:
     unfit = ("the plain loop (--ds none) has no per-gradient check (fp16: torch's GradScaler checks in one pass)"
              if s.plain else f.overflow_unfit)
     d = _by_name("overflow-check", a.overflow_check, "deepspeed", "foreach", unfit, s.patches_why, True, s.cuda)
-    return d or _auto_by_evidence("overflow_check", config_kind(s.stage, s.offload_optimizer, s.offload_param,
-                                                                coalescing and s.offload_optimizer, s.zenflow),
-                                 s, "foreach")
+    return d or _auto_by_evidence("overflow_check", s.kind(coalescing and s.offload_optimizer), s,
+                                  "foreach")
 
 
 def decide(asked: Asked, s: Situation) -> LeverPlan:

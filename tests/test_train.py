@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from conftest import (META_NULL, NO_DS_NULL, REPO, SAMPLES, STEP_NULL, SUMMARY_NULL, cpu_env, ds_shm_names, leaked_shm,
-                      launch_cmd, leftover_shm, nulls, read_jsonl, run, write_overfit_config)
+from conftest import (LAST_PORT, META_NULL, NO_DS_NULL, REPO, SAMPLES, STEP_NULL, SUMMARY_NULL, cpu_env, ds_shm_names,
+                      leaked_shm, launch_cmd, leftover_shm, nulls, read_jsonl, run, write_overfit_config)
 from sftbench.runlog import parse_lines
 
 COMMON = ["--model", "pangu-tiny", "--seq-len", "64", "--max-steps", "8", "--warmup-steps", "2",
@@ -41,6 +41,37 @@ def check_schema(recs: list[dict], meta_null: set[str] = META_NULL, step_null: s
     return recs[0], steps, recs[-1]
 
 
+def check_run_logs(run_dir, out: str, *, ranks: int, stage: int | None, offload: str | None, meta_null: set[str],
+                   grad_accum: int, steps: int, warmup: int, steps_per_epoch: int, port: int | None) -> list[dict]:
+    """What every finished multi-step run leaves, read on each rank: the meta, step and summary records with exactly
+    ``meta_null`` (and the steps' and summary's CPU fields) null, the engine that ran, every step logged and the
+    first ``warmup`` flagged; rank 0 alone prints a line per step (``out``: the launch's stdout and stderr);
+    DeepSpeed's start-up noise silenced and its shm buffers released (``port``: the launch's, None for one process).
+    Returns each rank's summary."""
+    summaries = []
+    for rank in range(ranks):
+        meta, recs, summary = check_schema(read_jsonl(run_dir / f"rank{rank}.jsonl"), meta_null)
+        assert (meta["rank"], meta["world_size"]) == (rank, ranks)
+        assert meta["zero_stage"] == stage
+        assert (meta["grad_accum"], meta["micro_batch"], meta["precision"]) == (grad_accum, 1, "fp32")
+        assert meta["offload_optimizer"] == offload
+        assert meta["steps_per_epoch"] == steps_per_epoch
+        assert [s["step"] for s in recs] == list(range(1, steps + 1))
+        assert [s["warmup"] for s in recs] == [True] * warmup + [False] * (steps - warmup)
+        assert all(s["step_s"] > 0 and s["gpu_mem_used_mib"] is None for s in recs)
+        assert summary["status"] == "ok" and summary["measured_steps"] == steps - warmup
+        if stage is not None:
+            assert meta["ds_config"]["zero_optimization"]["stage"] == stage
+        summaries.append(summary)
+    assert out.count(f"step {steps}/{steps}") == 1  # rank 0 prints one line per step; rank 1 none of them
+    # DeepSpeed's start-up noise is silenced on every rank (sftbench.engine_checks.silence_startup_noise)
+    assert "Attempting to get learning rate from scheduler" not in out
+    assert "all_gather_into_tensor` is deprecated" not in out
+    if port is not None:  # DeepSpeed's 66 MB shm file per CPU rank is released, not left in RAM (sftbench/shm.py)
+        assert leftover_shm(ranks, port) == []
+    return summaries
+
+
 # ZeRO-1, ZeRO-2 + optimizer offload, ZeRO-3 and --ds none run as the recipes (their schema:
 # test_recipe_runs_log_every_field_on_every_rank); these are the other engines.
 @pytest.mark.slow
@@ -52,29 +83,15 @@ def test_two_rank_cpu_run(cfg, tmp_path, overfit_data):
                        "--cache-dir", str(tmp_path / "cache"), *COMMON), cpu_env())
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     meta_null = META_NULL - {"offload_param", "offload_optimizer"} if cfg == "z3_offload_param" else META_NULL
-    for rank in (0, 1):
-        meta, steps, summary = check_schema(read_jsonl(run_dir / f"rank{rank}.jsonl"), meta_null)
-        assert meta["rank"] == rank and meta["world_size"] == 2
-        assert meta["zero_stage"] == int(cfg[1])
-        assert meta["grad_accum"] == 2 and meta["micro_batch"] == 1 and meta["precision"] == "fp32"
-        assert meta["steps_per_epoch"] == 1  # ceil(4 / (1 * 2 * 2))
-        assert [s["step"] for s in steps] == list(range(1, 9))
-        assert [s["warmup"] for s in steps] == [True, True] + [False] * 6
-        assert all(s["step_s"] > 0 and s["gpu_mem_used_mib"] is None for s in steps)
-        assert summary["status"] == "ok" and summary["measured_steps"] == 6
+    summaries = check_run_logs(run_dir, p.stdout + p.stderr, ranks=2, stage=int(cfg[1]),
+                               offload="cpu" if "offload" in cfg else None, meta_null=meta_null, grad_accum=2,
+                               steps=8, warmup=2, steps_per_epoch=1,  # ceil(4 / (1 * 2 * 2))
+                               port=LAST_PORT["port"])
+    for summary in summaries:
         # The model's own init ran (under ZeRO-3 too): the first loss is near ln(vocab), not in the hundreds.
         assert 9.5 < summary["first_loss"] < 11.5, summary["first_loss"]
         # Overfitting four samples: the loss must fall clearly (it starts near ln(40000) = 10.6).
         assert summary["final_loss"] < summary["first_loss"] - 1.0, (summary["first_loss"], summary["final_loss"])
-    assert meta["ds_config"]["zero_optimization"]["stage"] == int(cfg[1])
-    assert meta["offload_optimizer"] == ("cpu" if "offload" in cfg else None)
-    # Rank 0 prints one line per step; rank 1 prints none of them.
-    assert p.stdout.count("step 8/8") == 1
-    # DeepSpeed's start-up noise is silenced on every rank (sftbench.engine_checks.silence_startup_noise)
-    assert "Attempting to get learning rate from scheduler" not in p.stdout + p.stderr
-    assert "all_gather_into_tensor` is deprecated" not in p.stdout + p.stderr
-    # DeepSpeed's 66 MB shm file per CPU rank is released, not left in RAM (sftbench/shm.py).
-    assert leftover_shm(2) == []
 
 
 @pytest.mark.slow
@@ -122,28 +139,13 @@ def test_recipe_runs_log_every_field_on_every_rank(name, recipe_run):
 
     run_dir = recipe_run(name)
     ranks, ds, _ = RECIPES[name]
-    stdout, stderr = (run_dir.parent / "stdout.txt").read_text(), (run_dir.parent / "stderr.txt").read_text()
+    out = (run_dir.parent / "stdout.txt").read_text() + (run_dir.parent / "stderr.txt").read_text()
     offload = "cpu" if name == "z2_offload" else None
     meta_null = (META_NULL - {"offload_optimizer"} if offload else META_NULL) | (NO_DS_NULL if ds == "none" else set())
-    for rank in range(ranks):
-        meta, steps, summary = check_schema(read_jsonl(run_dir / f"rank{rank}.jsonl"), meta_null)
-        assert (meta["rank"], meta["world_size"]) == (rank, ranks)
-        assert meta["zero_stage"] == (None if ds == "none" else int(name[1]))
-        assert (meta["grad_accum"], meta["micro_batch"], meta["precision"]) == (GRAD_ACCUM, 1, "fp32")
-        assert meta["offload_optimizer"] == offload
-        assert meta["steps_per_epoch"] == -(-12 // (ranks * GRAD_ACCUM))  # 12 samples, no eval split
-        assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
-        assert [s["warmup"] for s in steps] == [True] + [False] * (STEPS - 1)
-        assert all(s["step_s"] > 0 and s["gpu_mem_used_mib"] is None for s in steps)
-        assert summary["status"] == "ok" and summary["measured_steps"] == STEPS - 1
-    if ds != "none":
-        assert meta["ds_config"]["zero_optimization"]["stage"] == int(name[1])
-    assert stdout.count(f"step {STEPS}/{STEPS}") == 1  # rank 0 prints one line per step; rank 1 none
-    # DeepSpeed's start-up noise is silenced on every rank (sftbench.engine_checks.silence_startup_noise)
-    assert "Attempting to get learning rate from scheduler" not in stdout + stderr
-    assert "all_gather_into_tensor` is deprecated" not in stdout + stderr
-    if ranks > 1:  # DeepSpeed's 66 MB shm file per CPU rank is released, not left in RAM (sftbench/shm.py)
-        assert leftover_shm(ranks, int((run_dir.parent / "port.txt").read_text())) == []
+    check_run_logs(run_dir, out, ranks=ranks, stage=None if ds == "none" else int(name[1]), offload=offload,
+                   meta_null=meta_null, grad_accum=GRAD_ACCUM, steps=STEPS, warmup=1,
+                   steps_per_epoch=-(-12 // (ranks * GRAD_ACCUM)),  # 12 samples, no eval split
+                   port=int((run_dir.parent / "port.txt").read_text()) if ranks > 1 else None)
 
 
 @pytest.mark.slow
