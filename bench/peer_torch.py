@@ -122,6 +122,55 @@ class SFTDataset(torch.utils.data.Dataset):
         return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i], "labels": self.labels[i]}
 
 
+def micro_batches(enc, order: list[int], keys: tuple[str, ...], mb: int, device, on_device: bool):
+    """The run's micro-batches in ``order``: a DataLoader (each batch moved to the device in the loop, as users
+    write it), or with ``on_device`` every one of them on the device up front (the loop then moves nothing)."""
+    if not on_device:
+        return torch.utils.data.DataLoader(SFTDataset(enc), batch_size=mb, sampler=order, num_workers=0,
+                                           pin_memory=device.type == "cuda", drop_last=False)
+    rows = torch.tensor(order)
+    held = {k: getattr(enc, k)[rows].to(device) for k in keys}
+    return [{k: v[i:i + mb] for k, v in held.items()} for i in range(0, len(order), mb)]
+
+
+def compiled_forward(model, args, device):
+    """(the module to call, whether it runs as inductor's CUDA graphs): the model itself without --compile; a
+    backend other than inductor takes no mode."""
+    if args.compile == "off":
+        return model, False
+    mode = {"mode": args.compile} if args.compile_backend == "inductor" else {}
+    graphs = args.compile == "reduce-overhead" and args.compile_backend == "inductor" and device.type == "cuda"
+    return torch.compile(model, backend=args.compile_backend, **mode), graphs
+
+
+def adamw(model, lr: float):
+    """(torch's AdamW as a typical user sets it, whether it is the fused kernel)."""
+    kw = dict(lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
+    try:
+        return torch.optim.AdamW(model.parameters(), fused=True, **kw), True
+    except (RuntimeError, ValueError):  # a torch build without the fused kernel for this device
+        return torch.optim.AdamW(model.parameters(), **kw), False
+
+
+def how_it_runs(args) -> str:
+    """The start line's account of the performance flags that are on."""
+    return (f"torch.compile {args.compile} ({args.compile_backend}), " if args.compile != "off" else "") + (
+        "batches on the device, " if args.batches_on_device else "") + (
+        "no attention mask, " if not args.attention_mask else "") + (
+        "gradients pre-allocated, " if args.grads_preallocated else "")
+
+
+def loop_settings(args, step_times: list[float]) -> dict:
+    """The loop's performance flags for the result record, and ``compile_s``: what the warm-up steps (where the
+    compile happens) took beyond as many median measured steps."""
+    compiled, meas = args.compile != "off", step_times[args.warmup_steps:]
+    compile_s = (sum(step_times[:args.warmup_steps]) - args.warmup_steps * statistics.median(meas)
+                 if compiled and meas else None)
+    return {"attention_mask": args.attention_mask, "compile": args.compile,
+            "compile_backend": args.compile_backend if compiled else None, "compile_s": compile_s,
+            "batches_on_device": args.batches_on_device, "grads_preallocated": args.grads_preallocated}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     on_cpu, _, device = rank_device()
@@ -141,13 +190,7 @@ def main(argv=None) -> int:
     ga, mb = args.grad_accum, 1
     order = sample_order(enc.n, args.steps * ga * mb, args.seed)
     keys = ("input_ids", "labels") + (("attention_mask",) if args.attention_mask else ())
-    if args.batches_on_device:  # every micro-batch of the run on the device up front, in the same order
-        rows = torch.tensor(order)
-        on_device = {k: getattr(enc, k)[rows].to(device) for k in keys}
-        loader = [{k: v[i:i + mb] for k, v in on_device.items()} for i in range(0, len(order), mb)]
-    else:
-        loader = torch.utils.data.DataLoader(SFTDataset(enc), batch_size=mb, sampler=order, num_workers=0,
-                                             pin_memory=device.type == "cuda", drop_last=False)
+    loader = micro_batches(enc, order, keys, mb, device, args.batches_on_device)
 
     # ---- model and optimizer, fp32 weights on the device
     torch.manual_seed(args.seed)
@@ -158,31 +201,16 @@ def main(argv=None) -> int:
     if args.grads_preallocated:  # accumulation adds into these; zero_grad keeps them (set_to_none=False)
         for prm in model.parameters():
             prm.grad = torch.zeros_like(prm)
-    compiled = args.compile != "off"
-    forward = model
-    if compiled:
-        forward = torch.compile(model, backend=args.compile_backend,
-                                **({} if args.compile_backend != "inductor" else {"mode": args.compile}))
-    graphs = args.compile == "reduce-overhead" and args.compile_backend == "inductor" and device.type == "cuda"
-    try:
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01,
-                                fused=True)
-        fused = True
-    except (RuntimeError, ValueError):  # a torch build without the fused kernel for this device
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
-        fused = False
+    forward, graphs = compiled_forward(model, args, device)
+    opt, fused = adamw(model, args.lr)
     warm = max(1, args.lr_warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
     flops_tok = spec.flops_per_token(model.config, args.seq_len)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    tool = "peer_compiled" if compiled else "peer_torch"
-    how = (f"torch.compile {args.compile} ({args.compile_backend}), " if compiled else "") + (
-        "batches on the device, " if args.batches_on_device else "") + (
-        "no attention mask, " if not args.attention_mask else "") + (
-        "gradients pre-allocated, " if args.grads_preallocated else "")
-    print(f"{tool}: {model_name} on {device_name} ({how}{args.precision} autocast, fused AdamW={fused}), "
+    tool = "peer_torch" if args.compile == "off" else "peer_compiled"
+    print(f"{tool}: {model_name} on {device_name} ({how_it_runs(args)}{args.precision} autocast, fused AdamW={fused}), "
           f"{enc.n} samples, seq {args.seq_len}, micro batch {mb}, grad accum {ga}; built in {time.time() - t0:.1f}s",
           flush=True)
 
@@ -234,15 +262,8 @@ def main(argv=None) -> int:
         periods.append(time.perf_counter() - t_prev)  # end to end, printing included
         t_prev = time.perf_counter()
 
-    meas = step_times[args.warmup_steps:]
-    compile_s = (sum(step_times[:args.warmup_steps]) - args.warmup_steps * statistics.median(meas)
-                 if compiled and meas else None)
     res = summarize(tool, model_name, None, args, device, device_name, flops_tok, step_times, periods,
-                    losses, rss, mb, ga, 1, extra={"fused_adamw": fused, "attention_mask": args.attention_mask,
-                                                    "compile": args.compile, "compile_backend": args.compile_backend
-                                                    if compiled else None, "compile_s": compile_s,
-                                                    "batches_on_device": args.batches_on_device,
-                                                    "grads_preallocated": args.grads_preallocated,
+                    losses, rss, mb, ga, 1, extra={"fused_adamw": fused, **loop_settings(args, step_times),
                                                     "dataset_path": data_path, "dataset_samples": enc.n})
     report(res, args.out)
     return 0
