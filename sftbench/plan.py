@@ -60,7 +60,7 @@ GIB_MIB = 1024.0  # MiB in a GiB: --gpu-mem and --host-mem are GiB
 TIGHT = 0.15  # margins under this share of the limit are within the predictor's error
 # The real capacity of the GPUs the committed tables ran on, as nvidia-smi reports it (their NOTES.md), by
 # hardware.gpu_slug: --gpu-name H100 (or H100-80GB) then needs no --gpu-mem.
-GPU_MIB = {"h100": 81_559.0,  # results/h100x1/NOTES.md: NVIDIA H100 80GB HBM3
+GPU_MIB = {"h100": 81_559.0,  # results/h100x1-eager/NOTES.md: NVIDIA H100 80GB HBM3
            "h200": 143_771.0}  # results/h200x1/NOTES.md: NVIDIA H200
 MAX_GPUS_TRIED = 8  # "GPUs needed" looks at one node of up to this many GPUs
 

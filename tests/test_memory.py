@@ -225,7 +225,7 @@ def test_prediction_against_measured_h200_runs(name):
 
 
 # Measured by the sweeps on H100 (torch 2.11, CUDA 13, DeepSpeed 0.19.8, NVML v2): pangu-2.6b, bf16,
-# z2_offload_5e8_acc32, NVML used peak MiB per GPU on 1, 2 and 3 GPUs (results/h100x1, h100x2, h100x3).
+# z2_offload_5e8_acc32, NVML used peak MiB per GPU on 1, 2 and 3 GPUs (results/h100x1-eager, h100x2, h100x3).
 MEASURED_ACC32_26B = {1: 21436, 2: 16876, 3: 15189}
 
 
@@ -239,7 +239,7 @@ def test_fp32_gradient_accumulation_with_offload_keeps_a_gradient_partition_on_t
     assert acc["host_mib"] == plain["host_mib"]  # the optimizer states stay offloaded
 
 
-# Measured host RSS per rank, MiB, without offload (results/h100x1, h100x2, h200x1: torch 2.11, CUDA 13,
+# Measured host RSS per rank, MiB, without offload (results/h100x1-eager, h100x2, h200x1: torch 2.11, CUDA 13,
 # DeepSpeed 0.19.8), 10,000-sample set: (model, config or None, ranks) -> RSS per rank.
 MEASURED_RSS = {("pangu-350m", None, 1): 1774, ("pangu-2.6b", None, 1): 1712, ("pangu-350m", None, 2): 2053,
                 ("pangu-2.6b", None, 2): 1998, ("pangu-350m", "z0", 1): 2106, ("pangu-2.6b", "z1", 1): 2251,

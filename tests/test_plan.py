@@ -43,7 +43,7 @@ def test_host_ram_is_a_limit_too_and_tight_margins_are_marked():
 def test_step_times_are_measured_or_estimated_and_name_their_table():
     rows = _rows("pangu-2.6b", 1, 80, 512, name="H100", configs=["z0", "z1"])
     # the plan predicts the graphs on (train.py's default) where the H100 table ran eager, and says so
-    assert rows["z0"].step_kind == "measured, eager" and rows["z0"].step_source == "results/h100x1"
+    assert rows["z0"].step_kind == "measured, eager" and rows["z0"].step_source == "results/h100x1-eager"
     assert rows["z0"].step_s == pytest.approx(0.443, abs=0.01)  # the README's 1 x H100 pick
     four = _rows("pangu-2.6b", 4, 80, 512, name="H100", configs=["z1"])
     assert four["z1"].step_kind.startswith("estimated from ") and four["z1"].step_s > 0
@@ -78,7 +78,7 @@ def test_a_fit_whose_figure_is_known_to_be_low_says_so():
 def _h100_csv_fastest(fitting: set[str]) -> tuple[str, float]:
     """The H100 table's own fastest 2.6B bf16 one-GPU row among ``fitting``, read from the CSV directly."""
     import csv
-    with open(REPO / "results" / "h100x1" / "results.csv", newline="", encoding="utf-8") as f:
+    with open(REPO / "results" / "h100x1-eager" / "results.csv", newline="", encoding="utf-8") as f:
         rows = [r for r in csv.DictReader(f) if r["model"] == "pangu-2.6b" and r["precision"] == "bf16"
                 and r["num_gpus"] == "1" and r["status"] == "ok" and r["config"] in fitting]
     best = min(rows, key=lambda r: float(r["step_s_median"]))
@@ -98,7 +98,7 @@ def test_on_one_h100_it_recommends_what_the_h100_table_measured_fastest_among_th
     want, want_s = _h100_csv_fastest({r.config for r in rows if r.fits and not r.tight})
     assert (want, round(want_s, 3)) == ("z0", 0.443)
     assert rec.fastest.config == want
-    assert rec.fastest_basis == "fastest by measured, eager s/step in results/h100x1 (0.44 s/step)"
+    assert rec.fastest_basis == "fastest by measured, eager s/step in results/h100x1-eager (0.44 s/step)"
     assert rec.would_fit == []
     # the least GPU memory among figures not known to be low (the overlap_comm rows' are)
     assert rec.least_memory.config == "z3_offload_param" and not rec.least_memory.known_low

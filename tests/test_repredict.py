@@ -12,7 +12,7 @@ from conftest import REPO
 from sftbench import memory, repredict
 from sftbench.presets import model_shape
 
-SOURCE = REPO / "results" / "h100x1" / "summaries.jsonl"
+SOURCE = REPO / "results" / "h100x1-eager" / "summaries.jsonl"
 RUN = "pangu-350m__z3_offload_param__bf16__g1"
 COLUMNS = ["run", "config", "status", "gpu_mem_used_mib_max_over_ranks", "host_rss_mib_sum_over_ranks",
            "predicted_gpu_mib", "predicted_host_mib"]

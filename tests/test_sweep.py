@@ -681,7 +681,7 @@ def test_the_dry_run_shows_the_plans_recommendation():
     sweep.print_plan(res, lines.append)
     text = "\n".join(lines)
     assert "plan for pangu-2.6b, bf16, seq 512 on 1 node(s) x 1 GPU(s)" in text
-    assert "recommended (fastest that fits): z0: fastest by measured, eager s/step in results/h100x1" in text
+    assert "recommended (fastest that fits): z0: fastest by measured, eager s/step in results/h100x1-eager" in text
 
 
 def test_the_sweep_runs_the_reference_layout_explicitly():
