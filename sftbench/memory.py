@@ -78,8 +78,8 @@ Buffers and the rest (our additions; DeepSpeed's estimators leave them out):
     / CUDA 13: eager fp32/fp16 751-767 MiB (H100), graphed bf16 843-845 MiB (H200).
 ``nccl``
     NCCL's communicator memory on the GPU, by the process groups the run has (the same measurement, per class of
-    rows, medians; the NVML v1 rows of ``results/h100x1-eager`` left out, which count ~480 MiB of driver reserve as used):
-    a group of one rank, every DeepSpeed run on one GPU (DeepSpeed creates one even then), ``nccl_mib`` 570 MiB
+    rows, medians; the NVML v1 rows of ``results/h100x1-eager`` left out, which count ~480 MiB of driver reserve as
+    used): a group of one rank, every DeepSpeed run on one GPU (DeepSpeed creates one even then), ``nccl_mib`` 570 MiB
     (1,327-1,419 MiB outside the pool, 24 rows of h100x1-eager and h200x1, minus the context); a group with peers,
     ``--ds none`` on ``W > 1`` GPUs (DDP), ``nccl_peers_mib`` 855 MiB (1,615-1,621, 5 rows of h100x2/x3 and
     h200x2); DeepSpeed on ``W > 1`` GPUs, ``deepspeed_groups_mib`` 200 MiB more (1,813-2,101, median 1,821-1,825, 91
