@@ -384,6 +384,12 @@ class Trainer:
                 self.model = spec.build()
         if self.args.grad_checkpointing:
             spec.enable_grad_checkpointing(self.model)
+        self.fused_found = {}
+        if self.plan.on("fused_kernels"):  # before the engine wraps the model: its modules' forwards rebound
+            from sftbench import fused
+            what = fused.apply_liger(self.model)
+            self.fused_found = {"fused_kernels_why": f"{self.plan.why('fused_kernels')}; {what}"}
+            self.say(f"fused kernels: {what}")
         self.config = self.model.config
         self.n_params = spec.count_params(self.model)  # the built model's (ZeRO-3: its partitions' full sizes)
         self.flops_tok = spec.flops_per_token(self.config, self.args.seq_len)
@@ -722,7 +728,7 @@ def meta_record(t: Trainer) -> dict:
     if args.deepspeed:
         import deepspeed
         deepspeed_version = deepspeed.__version__
-    optimizations = {"engine": t.engine_name, "attention": "sdpa", **t.plan.to_log(), **t.graph_found,
+    optimizations = {"engine": t.engine_name, "attention": "sdpa", **t.plan.to_log(), **t.graph_found, **t.fused_found,
                      "compile_mode": args.compile_mode if t.plan["compile"].on else None,
                      "cuda_graphs_pool_mib": t.graphs_pool_mib, "batches_on_device": True}
     return dict(

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sftbench.paths import BENCH_DATA, REPO, SAMPLE_DATA  # noqa: E402
 from sftbench.buildenv import prepare_op_builds, rank_device, single_process_env  # noqa: E402
-from sftbench import graphs, levers, speed  # noqa: E402  (torch-free at import)
+from sftbench import fused, graphs, levers, speed  # noqa: E402  (torch-free at import)
 
 prepare_op_builds()  # as train.py: before anything imports DeepSpeed's op builders
 
@@ -53,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", nargs="?", const="model", default="auto", choices=levers.COMPILE_TARGETS,
                    help="as train.py --compile")
     p.add_argument("--compile-mode", default="default", help="as train.py --compile-mode")
+    p.add_argument("--fused-kernels", default="auto", choices=levers.FUSED_MODES, help="as train.py --fused-kernels")
     p.add_argument("--cuda-graphs", default="auto", choices=levers.GRAPH_MODES, help="as train.py --cuda-graphs")
     p.add_argument("--graph-accum", default="auto", choices=levers.ACCUM_MODES, help="as train.py --graph-accum")
     p.add_argument("--graph-wgrad", default="auto", choices=levers.WGRAD_MODES, help="as train.py --graph-wgrad")
@@ -136,6 +137,8 @@ def main(argv=None) -> int:
     else:
         with torch.device(device):
             model = spec.build()
+    if plan.on("fused_kernels"):  # as train.py: before the engine wraps the model
+        print(f"fused kernels: {fused.apply_liger(model)}", flush=True)
     flops_tok = spec.flops_per_token(model.config, args.seq_len)
     right_padded = bool((enc.attention_mask[:, 1:] <= enc.attention_mask[:, :-1]).all())
 

@@ -24,7 +24,8 @@ from pathlib import Path
 
 DEEPSPEED = "deepspeed==0.19.8"
 # What train.py and the monitor need on a GPU machine beyond torch (the report runs anywhere, from the logs).
-NEEDS = ["jieba", "sentencepiece", "transformers==5.17.0", "safetensors", "psutil", "nvidia-ml-py", "textual"]
+NEEDS = ["jieba", "sentencepiece", "transformers==5.17.0", "safetensors", "psutil", "nvidia-ml-py", "textual",
+         "liger-kernel==0.8.5"]  # liger: --fused-kernels liger (pure Python over the target's Triton)
 SOURCE_ONLY = ["jieba"]
 NEVER = {"torch", "triton"}  # must match the target's CUDA: never shipped
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",

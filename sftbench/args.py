@@ -115,6 +115,10 @@ class HarnessArgs:
                          "means this), 'blocks' (each transformer block in place).", default="auto")
     compile_mode: str = _help("torch.compile's mode for --compile (the CUDA-graph modes are refused: they fail with "
                               "gradient accumulation).", default="default")
+    fused_kernels: str = _help("Transformers models on a GPU: 'liger' runs the Liger Kernel library's fused RMSNorm, "
+                               "rotary embedding and gated-MLP kernels (pip install liger-kernel) in place of the "
+                               "model's own; 'auto' (on only where measured faster for the family) or 'off'.",
+                               default="auto")
     cuda_graphs: str = _help("CUDA graphs of the micro-batch's forward and backward, replayed each micro-batch "
                              "(DeepSpeed's gradient hooks still run): 'auto', 'on' (where the parameters stay "
                              "resident: ZeRO-0/1/2, optimizer offload, --ds none on one rank), 'off'.", default="auto")
@@ -263,8 +267,8 @@ GROUPS = {
     "Saving & evaluation": ("save", "overwrite", "save_every", "save_keep", "resume", "eval_data", "eval_split",
                             "eval_every"),
     "Logging": ("run_dir", "report_to", "log_every", "warmup_steps"),
-    ADVANCED: ("pad_mask", "compile", "compile_mode", "cuda_graphs", "graph_accum", "graph_wgrad", "graph_qkv",
-               "graph_fuse", "grad_norm", "overflow_check", "coalesce_reduction"),
+    ADVANCED: ("pad_mask", "compile", "compile_mode", "fused_kernels", "cuda_graphs", "graph_accum", "graph_wgrad",
+               "graph_qkv", "graph_fuse", "grad_norm", "overflow_check", "coalesce_reduction"),
 }
 
 

@@ -33,6 +33,7 @@ COMPILE_TARGETS = ("auto", "off", "blocks", "model")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 GRAPH_MODES = ("auto", "on", "off")
+FUSED_MODES = ("auto", "off", "liger")  # liger: sftbench/fused.py
 ACCUM_MODES = ("auto", "off")
 WGRAD_MODES = ("auto", "on", "off")
 QKV_MODES = ("auto", "on", "off")
@@ -45,7 +46,7 @@ PAD_MASK_MODES = ("auto", "always")
 CHOICES = {"pad_mask": PAD_MASK_MODES, "compile": COMPILE_TARGETS, "compile_mode": COMPILE_MODES,
            "cuda_graphs": GRAPH_MODES, "graph_accum": ACCUM_MODES, "graph_wgrad": WGRAD_MODES,
            "graph_qkv": QKV_MODES, "graph_fuse": FUSE_MODES, "grad_norm": ONE_PASS_MODES,
-           "overflow_check": ONE_PASS_MODES, "coalesce_reduction": COALESCE_MODES}
+           "overflow_check": ONE_PASS_MODES, "coalesce_reduction": COALESCE_MODES, "fused_kernels": FUSED_MODES}
 
 # The levers that replace DeepSpeed methods or read its internals (sftbench/ds_patches.py), gated by its version.
 PATCH_LEVERS = ("grad_norm", "overflow_check", "graph_accum", "coalesce_reduction")
@@ -263,6 +264,7 @@ class Situation:
     right_padded: bool = True
     packed: bool = False  # --pack: rows of several samples, whose block-diagonal mask is always passed
     capabilities: frozenset = frozenset({"pangu_qkv", "pangu_fuse"})  # Pangu-α's, the model the sweep runs
+    fused_unfit: str | None = "not available for this model"  # why Liger's kernels cannot run (fused.liger_unfit)
     gpu_mib: Callable[[bool, bool], float] | None = field(default=None, compare=False, repr=False)
     gpu_total_mib: float | None = None
     patches_why: str | None = None
@@ -311,6 +313,7 @@ class Asked:
     grad_norm: str = "auto"
     overflow_check: str = "auto"
     coalesce_reduction: str = "auto"
+    fused_kernels: str = "auto"
 
     @classmethod
     def of(cls, ns) -> "Asked":
@@ -334,13 +337,14 @@ class Decision:
     value: str = ""  # the lever's own word for what runs where on/off says too little (compile target, modes)
 
 
-LEVERS = ("pad_mask", "compile", "cuda_graphs", "ds_throughput_timer", "coalesce_reduction", "graph_accum",
-          "graph_wgrad", "graph_qkv", "graph_fuse", "grad_norm", "overflow_check")
+LEVERS = ("pad_mask", "compile", "fused_kernels", "cuda_graphs", "ds_throughput_timer", "coalesce_reduction",
+          "graph_accum", "graph_wgrad", "graph_qkv", "graph_fuse", "grad_norm", "overflow_check")
 
 # The console's words for each lever, on and off.
 WORDS = {
     "pad_mask": ("attention padding mask", "passed", "causal mask alone (flash)"),
     "compile": ("torch.compile", "on", "off"),
+    "fused_kernels": ("norm/rotary/MLP kernels", "Liger's fused ones", "the model's own"),
     "cuda_graphs": ("CUDA graphs", "on", "off"),
     "ds_throughput_timer": ("DeepSpeed throughput timer", "off", "as configured"),
     "coalesce_reduction": ("gradient reduction", "once per step", "as DeepSpeed does"),
@@ -372,8 +376,8 @@ class LeverPlan:
         value is its target; the timer's is the why, or None where it was left as configured)."""
         out: dict = {}
         for name, d in self.decisions:
-            if name == "compile":
-                out["compile"], out["compile_why"] = d.value, d.why
+            if name in ("compile", "fused_kernels"):
+                out[name], out[f"{name}_why"] = d.value, d.why
             elif name == "ds_throughput_timer":
                 out["ds_throughput_timer"] = d.why if d.on else None
             elif name in ("grad_norm", "overflow_check"):
@@ -452,6 +456,21 @@ def _compile(a: Asked, s: Situation) -> Decision:
     if not s.cuda:
         return Decision(False, "auto: CPU run", "off")
     return Decision(False, "auto: not measured faster with >= 20 measured steps (docs/performance.md)", "off")
+
+
+def _fused(a: Asked, s: Situation) -> Decision:
+    """Liger's fused RMSNorm, rotary and gated-MLP kernels (sftbench/fused.py): where the model seam, the GPU and the
+    installed library allow them (``s.fused_unfit``), and under auto only with evidence for the family."""
+    if a.fused_kernels == "off":
+        return Decision(False, "asked for", "off")
+    if a.fused_kernels == "liger":
+        if s.fused_unfit:
+            raise LeverError(f"--fused-kernels liger does not apply: {s.fused_unfit}; use auto or off")
+        return Decision(True, "asked for", "liger")
+    if s.fused_unfit:
+        return Decision(False, f"auto: {s.fused_unfit}", "off")
+    d = _auto_by_evidence("fused_kernels", s.kind(), s, "liger")
+    return replace(d, value="liger" if d.on else "off")
 
 
 def _coalesce_config_unfit(s: Situation) -> str | None:
@@ -646,7 +665,8 @@ def decide(asked: Asked, s: Situation) -> LeverPlan:
     if graphs_d.on and expected.on and not coalesce_d.on and asked.cuda_graphs == "auto":
         # the graphs' evidence on this kind was measured inside the window: without it, decide them again
         graphs_d = _graphs(asked, s, compile_d.on, compile_d.value, False)
-    out = [("pad_mask", _pad_mask(asked, s)), ("compile", compile_d), ("cuda_graphs", graphs_d),
+    out = [("pad_mask", _pad_mask(asked, s)), ("compile", compile_d), ("fused_kernels", _fused(asked, s)),
+           ("cuda_graphs", graphs_d),
            ("ds_throughput_timer", _timer(s, graphs_d.on)), ("coalesce_reduction", coalesce_d)]
     pending: tuple[str, ...] = ()
     if s.engine is not None or s.plain:

@@ -59,7 +59,7 @@ def situation(ds_cfg: dict | None, *, precision: str, world_size: int, device, s
     none where the shape cannot be read)."""
     import torch
 
-    from sftbench import memory
+    from sftbench import fused, memory
     from sftbench.fmt import MIB
     from sftbench.levers import Situation, gpu_class
 
@@ -80,4 +80,4 @@ def situation(ds_cfg: dict | None, *, precision: str, world_size: int, device, s
         gpu=gpu_class(torch.cuda.get_device_capability(device)) if cuda else None, gpu_mib=oracle,
         gpu_total_mib=torch.cuda.get_device_properties(device).total_memory / MIB if cuda else None,
         patches_why=patches_why, engine=engine_facts, capabilities=frozenset(spec.capabilities), family=spec.family,
-        packed=packed)
+        packed=packed, fused_unfit=fused.liger_unfit(spec.family, spec.model_type, cuda))

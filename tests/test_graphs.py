@@ -122,6 +122,8 @@ def test_without_cuda_the_flag_runs_eager_and_says_so(tmp_path):
     assert meta["optimizations"]["graph_wgrad_why"] == "off: no CUDA graphs"
     assert meta["optimizations"]["graph_qkv"] is False
     assert meta["optimizations"]["graph_fuse"] is False
+    assert (meta["optimizations"]["fused_kernels"], meta["optimizations"]["fused_kernels_why"]) == (
+        "off", "auto: not available for this model (Liger Kernel replaces transformers' modules, not Pangu-α's)")
     # the levers inside the graphs are off with them, and the table says why
     assert re.search(r"residual adds +apart +off: no CUDA graphs", p.stdout), p.stdout[-3000:]
     # DeepSpeed's throughput timer is left as the config has it where no graphs run.

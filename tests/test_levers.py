@@ -230,11 +230,14 @@ def test_console_table_has_one_line_per_lever_and_the_log_keeps_every_reason():
     plan = decide(Asked(), _situation("z1/bf16", 1, "cuda", "sm_90"))
     lines = plan.table()
     assert len(lines) == len(levers.LEVERS)
-    assert lines[2].split()[:3] == ["CUDA", "graphs", "on"]
+    assert lines[3].split()[:3] == ["CUDA", "graphs", "on"]
+    assert lines[2].split()[:4] == ["norm/rotary/MLP", "kernels", "the", "model's"]
     log = plan.to_log()
     assert log["cuda_graphs"] is True and log["grad_norm"] == "foreach" and log["compile"] == "off"
     assert log["ds_throughput_timer"].startswith("DeepSpeed's throughput timer off")
-    assert set(log) == {"pad_mask", "pad_mask_why", "compile", "compile_why", "cuda_graphs", "cuda_graphs_why",
+    assert log["fused_kernels"] == "off" and log["fused_kernels_why"] == "auto: not available for this model"
+    assert set(log) == {"pad_mask", "pad_mask_why", "compile", "compile_why", "fused_kernels", "fused_kernels_why",
+                        "cuda_graphs", "cuda_graphs_why",
                         "ds_throughput_timer", "coalesce_reduction", "coalesce_reduction_why", "graph_accum",
                         "graph_accum_why", "graph_wgrad", "graph_wgrad_why", "graph_qkv", "graph_qkv_why",
                         "graph_fuse", "graph_fuse_why", "grad_norm", "grad_norm_why", "overflow_check",

@@ -264,6 +264,8 @@ def test_two_rank_fine_tune_saves_a_plain_transformers_folder(tmp_path, family, 
     meta = read_jsonl(run_dir / "rank0.jsonl")[0]
     assert meta["model_weights"] == "pretrained" and meta["model_info"]["family"] == "hf"
     assert meta["sample_layout"]["name"] == "chat_template" and meta["sample_layout"]["mid"] == "[end][assistant]"
+    assert meta["optimizations"]["fused_kernels_why"] == ("auto: Liger Kernel's kernels are Triton GPU kernels "
+                                                          "(CUDA only)")
     eval_loss = [r for r in read_jsonl(run_dir / "rank0.jsonl") if r["type"] == "eval"][-1]["eval_loss"]
 
     spec = resolve(str(folder))

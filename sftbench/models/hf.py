@@ -104,6 +104,10 @@ class HFSpec(ModelSpec):
     def shape(self) -> dict:
         return hf_shape(self.config)
 
+    @property
+    def model_type(self) -> str | None:
+        return self.config.get("model_type")
+
     def _source(self) -> str:
         return str(PRESET_TOKENIZER) if self.source == "preset" else str(self.location)
 

@@ -15,6 +15,7 @@ them); the others import torch and transformers inside.
 ``capabilities``          levers that only this model's modules allow: ``pangu_qkv`` (``--graph-qkv``),
                           ``pangu_fuse`` (``--graph-fuse``); ``grad_checkpointing`` where the model has it
 ``shape()``               torch-free: the dict ``memory.ModelShape.of`` reads, from config.json / the preset alone
+``model_type``            torch-free: config.json's ``model_type`` (None for Pangu-α's own code)
 ``max_positions``         torch-free: the longest sequence the model's positions allow
 ``check_seq_len(n)``      torch-free: ``ModelError`` naming both numbers when ``n`` is over ``max_positions``
 ``tokenizer()``           what ``sftbench.data`` encodes with: ``encode``, ``pad_id``, ``fingerprint``, ``layout``
@@ -54,6 +55,11 @@ class ModelSpec(ABC):
     @property
     def random_weights(self) -> bool:
         return self.source == "preset"
+
+    @property
+    def model_type(self) -> str | None:
+        """torch-free: config.json's ``model_type`` (None where the model has no transformers config)."""
+        return None
 
     @property
     def max_positions(self) -> int:
