@@ -53,15 +53,24 @@ def cpu_env(**extra: str) -> dict:
 LAST_PORT = {"port": 29500}
 
 
-def launch_cmd(nranks: int, *train_args: str) -> list[str]:
-    """The real launcher, as a user types it (with a free rendezvous port). The multi-rank tests' loss curves are
-    the reference's layout (every token in the loss, the config's WarmupLR), as the sweep runs it: the flags come
-    first, so a test's own flags override them."""
+def launch_cmd(nranks: int, *train_args: str, launcher: str = "torchrun") -> list[str]:
+    """train.py on ``nranks`` ranks of this machine (with a free rendezvous port). ``launcher="deepspeed"`` is
+    DeepSpeed's launcher as a user types it (the README's command), whose ranks stay in its process group: the tests
+    that signal or kill a job's process group use it. The default, torchrun, is the other launcher train.py supports
+    (docs/multinode.md) and starts the same ranks with about 10 s less CPU a launch (one launcher process that
+    imports torch, where DeepSpeed's runner and its per-node launcher each import DeepSpeed); it starts each rank in
+    a session of its own, so a signal to its process group reaches torchrun alone. The multi-rank tests' loss
+    curves are the reference's layout (every token in the loss, the config's WarmupLR), as the sweep runs it: the
+    flags come first, so a test's own flags override them."""
     from sftbench.buildenv import free_port
     from sftbench.sweep import REFERENCE_LAYOUT
-    LAST_PORT["port"] = free_port()
-    return [str(BIN / "deepspeed"), "--num_gpus", str(nranks), "--master_port", str(LAST_PORT["port"]),
-            str(REPO / "train.py"), *REFERENCE_LAYOUT, *train_args]
+    LAST_PORT["port"] = port = free_port()
+    if launcher == "deepspeed":
+        start = [str(BIN / "deepspeed"), "--num_gpus", str(nranks), "--master_port", str(port)]
+    else:
+        start = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nranks),
+                 "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    return [*start, str(REPO / "train.py"), *REFERENCE_LAYOUT, *train_args]
 
 
 def write_overfit_config(src: str, dst: Path, lr: float = 3e-3, ga: int = 2) -> Path:
@@ -116,6 +125,22 @@ def leaked_shm(before: set[str]) -> set[str]:
     return {p.name for p in new if str(p) not in mapped and p.exists()}
 
 
+def kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL a launched job: its process group (DeepSpeed's launcher and its ranks) and every descendant of the
+    launcher (torchrun's ranks run in sessions of their own)."""
+    import psutil
+    try:
+        kids = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        kids = []
+    os.killpg(proc.pid, signal.SIGKILL)
+    for k in kids:
+        try:
+            k.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def run(cmd: list[str], env: dict, timeout: int = 600, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run a command in its own process group; on timeout kill the whole group and fail the test.
 
@@ -126,7 +151,7 @@ def run(cmd: list[str], env: dict, timeout: int = 600, cwd: Path = REPO) -> subp
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_job(proc)
         out, err = proc.communicate()
         pytest.fail(f"timed out after {timeout} s: {shlex.join(cmd)}\n{out[-2000:]}\n{err[-3000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
@@ -162,12 +187,13 @@ def recipe_args(name: str) -> list[str]:
             "--warmup-steps", "1", "--lr-schedule", "config"]  # the recorded curves: the config's WarmupLR
 
 
-def recipe_cmd(name: str, *extra: str) -> list[str]:
-    """The launcher on the recipe's ranks, or one process for --ds none (a world of one: no launcher needed)."""
+def recipe_cmd(name: str, *extra: str, launcher: str = "torchrun") -> list[str]:
+    """A launcher (``launch_cmd``'s) on the recipe's ranks, or one process for --ds none (a world of one: no
+    launcher needed)."""
     ranks = RECIPES[name][0]
     if ranks == 1:
         return [sys.executable, str(REPO / "train.py"), *recipe_args(name), *extra]
-    return launch_cmd(ranks, *recipe_args(name), *extra)
+    return launch_cmd(ranks, *recipe_args(name), *extra, launcher=launcher)
 
 
 def curve(run_dir: Path, rank: int) -> tuple[list[float], list[float]]:

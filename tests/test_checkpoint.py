@@ -298,7 +298,7 @@ def test_a_zero1_run_resumes_on_the_same_curve_on_two_ranks_or_one(tmp_path, wor
     # SIGTERM to every process of the job (what a scheduler sends): the ranks agree on a step, save it, and stop.
     term_dir, term_save = tmp_path / "term", tmp_path / "save_term"
     proc = subprocess.Popen(launch_cmd(2, *base, "--run-dir", str(term_dir), "--max-steps", "100000",
-                                       "--resume", str(at3), "--save", str(term_save)),
+                                       "--resume", str(at3), "--save", str(term_save), launcher="deepspeed"),
                             env=cpu_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -401,7 +401,7 @@ def test_killed_recipe_resumes_on_the_recorded_curve(name, tmp_path, recipe_run)
     # --save-keep 0: checkpoint-3 stays whatever the run reached before the kill
     proc = subprocess.Popen(recipe_cmd(name, "--max-steps", str(STEPS), "--run-dir", str(tmp_path / "killed"),
                                        "--cache-dir", str(tmp_path / "cache"), "--save", str(save), "--save-every",
-                                       "3", "--save-keep", "0"),
+                                       "3", "--save-keep", "0", launcher="deepspeed"),
                             env=cpu_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
@@ -433,7 +433,7 @@ def test_a_double_sigint_saves_once_and_stops(tmp_path):
 
     save, run_dir = tmp_path / "save", tmp_path / "run"
     proc = subprocess.Popen(recipe_cmd("z1", "--max-steps", "100000", "--run-dir", str(run_dir), "--cache-dir",
-                                       str(tmp_path / "cache"), "--save", str(save)),
+                                       str(tmp_path / "cache"), "--save", str(save), launcher="deepspeed"),
                             env=cpu_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:

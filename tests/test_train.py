@@ -153,7 +153,7 @@ def test_killed_run_leaves_parseable_logs_without_summary(tmp_path, overfit_data
     run_dir = tmp_path / "run"
     cmd = launch_cmd(2, "--ds", str(REPO / "ds_configs" / "z1.json"), "--data", str(overfit_data),
                      "--run-dir", str(run_dir), "--cache-dir", str(tmp_path / "cache"), "--model", "pangu-tiny",
-                     "--seq-len", "64", "--max-steps", "100000", "--precision", "fp32")
+                     "--seq-len", "64", "--max-steps", "100000", "--precision", "fp32", launcher="deepspeed")
     proc = subprocess.Popen(cmd, env=cpu_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
