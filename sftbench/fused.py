@@ -39,7 +39,10 @@ def liger_unfit(family: str, model_type: str | None, cuda: bool,
         return "not available for this model (Liger Kernel replaces transformers' modules, not Pangu-α's)"
     if not cuda:
         return "Liger Kernel's kernels are Triton GPU kernels (CUDA only)"
-    types = supported()
+    try:
+        types = supported()
+    except ImportError as e:  # installed, but it (or the Triton it needs) does not import here
+        return f"liger-kernel does not import ({type(e).__name__}: {e})"
     if types is None:
         return "liger-kernel is not installed (pip install liger-kernel)"
     if model_type not in types:

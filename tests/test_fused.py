@@ -28,6 +28,13 @@ def test_the_first_reason_against_liger_is_named():
     assert fused.liger_unfit("hf", "llama", True, LLAMA_ONLY) is None
 
 
+def test_a_library_that_does_not_import_is_a_reason_not_a_crash():
+    def broken():
+        raise ImportError("cannot import name 'libdevice' from 'triton.language.math'")
+    assert fused.liger_unfit("hf", "llama", True, broken) == (
+        "liger-kernel does not import (ImportError: cannot import name 'libdevice' from 'triton.language.math')")
+
+
 def test_liger_is_never_imported_to_refuse_a_pangu_or_a_cpu_run():
     def must_not_be_asked():
         raise AssertionError("the library was asked")
